@@ -1,0 +1,184 @@
+"""Cameras in the papers' convention (Magic123 §3.2, stable-dreamfusion's coordinates).
+
+World frame: y is up. A camera sits on a sphere around the origin, at polar angle θ measured from
++y (θ = 90° is the equator), azimuth φ around +y with φ = 0 on the +z axis, radius r, and looks at
+the origin. So the reference view (θ = 90°, φ = 0°, r = 1.8, FOV 40°) is the *front*: it sits on
++z and looks down −z. Camera axes follow OpenGL: x right, y up, the camera looks along −z.
+All angles crossing this module's interface are in degrees.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+UP = (0.0, 1.0, 0.0)
+
+
+def spherical_to_cartesian(polar: torch.Tensor, azimuth: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Degrees in, (…, 3) positions out."""
+    th, ph = torch.deg2rad(polar), torch.deg2rad(azimuth)
+    return torch.stack(
+        [radius * torch.sin(th) * torch.sin(ph), radius * torch.cos(th), radius * torch.sin(th) * torch.cos(ph)],
+        dim=-1,
+    )
+
+
+def cartesian_to_spherical(xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(…, 3) positions → polar, azimuth (degrees, azimuth in (−180, 180]), radius."""
+    r = xyz.norm(dim=-1)
+    polar = torch.rad2deg(torch.acos((xyz[..., 1] / r.clamp_min(1e-12)).clamp(-1.0, 1.0)))
+    azimuth = torch.rad2deg(torch.atan2(xyz[..., 0], xyz[..., 2]))
+    return polar, azimuth, r
+
+
+def look_at(eye: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Camera-to-world matrices (B, 4, 4) for cameras at `eye` (B, 3) looking at `target`."""
+    target = torch.zeros_like(eye) if target is None else target.expand_as(eye)
+    back = torch.nn.functional.normalize(eye - target, dim=-1)  # camera +z points away from the scene
+    up = torch.tensor(UP, dtype=eye.dtype, device=eye.device).expand_as(eye)
+    right = torch.cross(up, back, dim=-1)
+    # at the poles up ∥ back: pick +z·sign as the right-vector reference instead
+    degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
+    alt = torch.tensor((0.0, 0.0, -1.0), dtype=eye.dtype, device=eye.device).expand_as(eye)
+    right = torch.where(degenerate, torch.cross(alt, back, dim=-1), right)
+    right = torch.nn.functional.normalize(right, dim=-1)
+    true_up = torch.cross(back, right, dim=-1)
+    c2w = torch.eye(4, dtype=eye.dtype, device=eye.device).repeat(eye.shape[0], 1, 1)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, true_up, back, eye
+    return c2w
+
+
+@dataclass
+class Cameras:
+    """A batch of B cameras on the viewing sphere. Tensors of shape (B,), degrees."""
+
+    polar: torch.Tensor
+    azimuth: torch.Tensor
+    radius: torch.Tensor
+    fovy: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.polar.shape[0]
+        for name in ("azimuth", "radius", "fovy"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"Cameras.{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
+
+    @classmethod
+    def make(cls, polar, azimuth, radius, fovy, device="cpu") -> "Cameras":
+        vals = [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1) for v in (polar, azimuth, radius, fovy)]
+        n = max(v.numel() for v in vals)
+        vals = [v.expand(n).clone() if v.numel() == 1 else v for v in vals]
+        return cls(*vals)
+
+    def __len__(self) -> int:
+        return self.polar.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.polar.device
+
+    def to(self, device) -> "Cameras":
+        return Cameras(*(t.to(device) for t in (self.polar, self.azimuth, self.radius, self.fovy)))
+
+    def __getitem__(self, idx) -> "Cameras":
+        sel = [t[idx] for t in (self.polar, self.azimuth, self.radius, self.fovy)]
+        return Cameras(*(s.reshape(-1) for s in sel))
+
+    @property
+    def centers(self) -> torch.Tensor:
+        return spherical_to_cartesian(self.polar, self.azimuth, self.radius)
+
+    def c2w(self) -> torch.Tensor:
+        return look_at(self.centers)
+
+    def w2c(self) -> torch.Tensor:
+        return torch.linalg.inv(self.c2w())
+
+    def focal(self, height: int) -> torch.Tensor:
+        """Focal length in pixels for an image `height` pixels tall."""
+        return 0.5 * height / torch.tan(0.5 * torch.deg2rad(self.fovy))
+
+    def rays(self, height: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """World-space ray origins and unit directions, each (B, H, W, 3), through pixel centres."""
+        width = width or height
+        dev = self.device
+        j = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
+        i = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
+        ii, jj = torch.meshgrid(i, j, indexing="ij")
+        f = self.focal(height)[:, None, None]
+        x = (jj[None] - 0.5 * width) / f
+        y = -(ii[None] - 0.5 * height) / f
+        d_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
+        c2w = self.c2w()
+        d = torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], d_cam)
+        d = torch.nn.functional.normalize(d, dim=-1)
+        o = c2w[:, None, None, :3, 3].expand_as(d)
+        return o, d
+
+    def projection(self, near: float = 0.1, far: float = 100.0, aspect: float = 1.0) -> torch.Tensor:
+        """OpenGL perspective projection matrices (B, 4, 4)."""
+        t = torch.tan(0.5 * torch.deg2rad(self.fovy))
+        p = torch.zeros(len(self), 4, 4, device=self.device)
+        p[:, 0, 0] = 1.0 / (t * aspect)
+        p[:, 1, 1] = 1.0 / t
+        p[:, 2, 2] = -(far + near) / (far - near)
+        p[:, 2, 3] = -2.0 * far * near / (far - near)
+        p[:, 3, 2] = -1.0
+        return p
+
+    def mvp(self, near: float = 0.1, far: float = 100.0) -> torch.Tensor:
+        """World → clip space (B, 4, 4), for rasterisers."""
+        return self.projection(near, far) @ self.w2c()
+
+    def project(self, points: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
+        """World points (B, N, 3) → pixel coordinates (B, N, 2) as (column, row), and depth (B, N)."""
+        width = width or height
+        w2c = self.w2c()
+        pc = torch.einsum("bij,bnj->bni", w2c[:, :3, :3], points) + w2c[:, None, :3, 3]
+        f = self.focal(height)[:, None]
+        u = f * pc[..., 0] / (-pc[..., 2]) + 0.5 * width
+        v = -f * pc[..., 1] / (-pc[..., 2]) + 0.5 * height
+        return torch.stack([u, v, -pc[..., 2]], dim=-1)
+
+
+def reference_cameras(cam_params, device="cpu") -> Cameras:
+    """The reference view: front, Magic123 §3.2."""
+    p = cam_params
+    return Cameras.make(p.ref_polar, p.ref_azimuth, p.radius, p.fovy, device=device)
+
+
+def sample_cameras(cam_params, n: int, generator: torch.Generator | None = None, device="cpu") -> Cameras:
+    """Novel views: polar, azimuth, radius and FOV uniform in their ranges (DESIGN.md's table).
+
+    Polar is sampled uniformly in angle as the released scripts do (not uniformly on the sphere).
+    """
+    p = cam_params
+
+    def uni(lo_hi):
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    return Cameras(uni(p.polar_range), uni(p.azimuth_range), uni(p.radius_range), uni(p.fovy_range)).to(device)
+
+
+def orbit_cameras(n: int, polar: float = 90.0, radius: float = 1.8, fovy: float = 40.0, start: float = 0.0, device="cpu") -> Cameras:
+    """n views evenly spaced in azimuth at a fixed polar angle (detector views, turntables)."""
+    az = start + torch.arange(n, dtype=torch.float32) * (360.0 / n)
+    az = (az + 180.0) % 360.0 - 180.0
+    return Cameras.make(polar, az, radius, fovy, device=device)
+
+
+def wrap_degrees(a: torch.Tensor) -> torch.Tensor:
+    """Angles to (−180, 180]."""
+    return -((-a + 180.0) % 360.0 - 180.0)
+
+
+def relative_pose(ref: Cameras, tgt: Cameras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Δpolar, Δazimuth, Δradius) from the reference camera to the target camera, degrees."""
+    return tgt.polar - ref.polar, wrap_degrees(tgt.azimuth - ref.azimuth), tgt.radius - ref.radius
+
+
+def fovy_to_focal(fovy_deg: float, height: int) -> float:
+    return 0.5 * height / math.tan(0.5 * math.radians(fovy_deg))

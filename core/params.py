@@ -1,0 +1,364 @@
+"""The one parameter schema of lift3d.
+
+`params.yaml` holds the paper defaults (Magic123 §3.2 and the authors' scripts; Consistent123 §4.1)
+plus named presets that overlay them. Loading is: base → preset → `--set key=value` overrides →
+validation. Unknown keys and ill-typed values fail with the dotted key's name.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import Lift3DError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+
+class ParamsError(Lift3DError, ValueError):
+    """A bad parameter: the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- cameras
+class CameraParams(_Section):
+    """Magic123 §3.2 'Camera setting'; DESIGN.md's table."""
+
+    ref_polar: float = 90.0  # degrees; 90° = the front (equator), polar measured from +z (up)
+    ref_azimuth: float = 0.0
+    radius: float = 1.8
+    fovy: float = 40.0  # vertical field of view, degrees
+    polar_range: tuple[float, float] = (45.0, 135.0)
+    azimuth_range: tuple[float, float] = (-180.0, 180.0)
+    radius_range: tuple[float, float] = (1.8, 1.8)
+    fovy_range: tuple[float, float] = (40.0, 40.0)
+    # Magic123: the reference view every `ref_every`-th iteration. Consistent123 samples it with
+    # probability `ref_prob` instead (0.25); when ref_prob is set it wins.
+    ref_every: int = Field(4, ge=1)
+    ref_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
+
+
+# ------------------------------------------------------------------------------------------- NeRF field
+class HashGridParams(_Section):
+    """Instant-NGP multiresolution hash encoding (Müller et al. 2022), threestudio/Magic123 sizes."""
+
+    levels: int = Field(16, ge=1)
+    features_per_level: int = Field(2, ge=1)
+    log2_table_size: int = Field(19, ge=8, le=26)
+    base_resolution: int = Field(16, ge=2)
+    max_resolution: int = Field(2048, ge=2)
+    backend: Literal["auto", "torch", "tcnn"] = "auto"
+
+
+class MLPParams(_Section):
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(3, ge=1)
+
+
+class ShadingParams(_Section):
+    """Magic123 §3.2: normals-only shading first, then diffuse p=0.75 / textureless p=0.25."""
+
+    # normals-only for the first iterations: an int is an iteration count (paper: 3000), a float
+    # below 1 a fraction of the stage (released scripts: 0.2).
+    normal_only: float = 0.2
+    diffuse_prob: float = Field(0.75, ge=0.0, le=1.0)
+    textureless_prob: float = Field(0.25, ge=0.0, le=1.0)
+    ambient: float = Field(0.1, ge=0.0, le=1.0)
+    diffuse: float = Field(0.9, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _probs(self) -> "ShadingParams":
+        if self.diffuse_prob + self.textureless_prob > 1.0 + 1e-6:
+            raise ValueError("diffuse_prob + textureless_prob must not exceed 1")
+        return self
+
+
+class CoarseLossWeights(_Section):
+    """Eqs. 1–4 of Magic123 and the released code's regularisers."""
+
+    rgb: float = 5.0  # λ_rgb, eq. 1
+    mask: float = 0.5  # λ_mask, eq. 1
+    depth: float = 0.01  # λ_d, eq. 2 (paper 0.001, released scripts 0.01)
+    normal_smooth: float = 0.5  # λ_n, eq. 3
+    entropy: float = 1e-3
+    orientation: float = 1e-2
+
+
+class CoarseParams(_Section):
+    iters: int = Field(5000, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    resolution: int = Field(128, ge=8)  # render size of the coarse stage (square)
+    bound: float = Field(1.0, gt=0.0)  # the scene lives in [-bound, bound]^3
+    samples_per_ray: int = Field(64, ge=4)
+    grid: HashGridParams = HashGridParams()
+    mlp: MLPParams = MLPParams()
+    density_blob_scale: float = 10.0  # Magic3D blob: density += scale·(1 − |x|/std)
+    density_blob_std: float = 0.5
+    occupancy_resolution: int = Field(64, ge=8)
+    occupancy_every: int = Field(16, ge=1)
+    occupancy_threshold: float = Field(0.01, ge=0.0)
+    shading: ShadingParams = ShadingParams()
+    losses: CoarseLossWeights = CoarseLossWeights()
+    checkpoint_every: int = Field(500, ge=1)
+    mesh_resolution: int = Field(128, ge=16)  # marching-cubes grid for the exported NeRF mesh
+    mesh_threshold: float = 10.0  # density level set
+
+
+# --------------------------------------------------------------------------------------------- DMTet
+class FineLossWeights(_Section):
+    rgb: float = 5.0
+    mask: float = 0.5
+    depth: float = 0.01
+    normal_consistency: float = 0.1
+    laplacian: float = 0.1
+
+
+class FineParams(_Section):
+    iters: int = Field(5000, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    resolution: int = Field(1024, ge=8)  # 8× the coarse resolution
+    tet_resolution: Literal[32, 64, 128, 256] = 128
+    mask_erode_px: int = Field(2, ge=0)
+    rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
+    losses: FineLossWeights = FineLossWeights()
+    checkpoint_every: int = Field(500, ge=1)
+    texture_size: int = Field(1024, ge=16)
+
+
+# -------------------------------------------------------------------------------------------- priors
+class StableDiffusionParams(_Section):
+    model: str = "runwayml/stable-diffusion-v1-5"
+    guidance_scale: float = 100.0
+    t_range: tuple[float, float] = (0.2, 0.6)
+    resolution: int = 512
+    fp16: bool = True
+
+
+class Zero123Params(_Section):
+    model: str = "bennyguo/zero123-diffusers"  # Zero-1-to-3 "105000" in diffusers format
+    guidance_scale: float = 5.0
+    t_range: tuple[float, float] = (0.2, 0.6)
+    resolution: int = 256
+    fp16: bool = True
+
+
+class StagePriorWeights(_Section):
+    lambda_2d: float = Field(1.0, ge=0.0)  # λ_2D, Magic123 eq. 7 (λ_2D/3D of eq. 8)
+    lambda_3d: float = Field(40.0, ge=0.0)  # λ_3D
+
+
+class GuidanceParams(_Section):
+    """Which novel-view guidance runs: Magic123's joint prior (eqs. 7–8), Consistent123's dynamic
+    prior (eq. 8–9), the oracle (a known object; machinery tests) or none (reference view only)."""
+
+    kind: Literal["joint", "dynamic", "oracle", "none"] = "joint"
+    coarse: StagePriorWeights = StagePriorWeights()
+    fine: StagePriorWeights = StagePriorWeights(lambda_2d=0.001, lambda_3d=0.01)
+    dynamic_schedule: Literal["exp", "linear", "log"] = "exp"
+    oracle_object: Optional[str] = None
+
+
+class PromptParams(_Section):
+    template: str = "A high-resolution DSLR image of <e>"
+    text: Optional[str] = None  # a plain description; used when no token is given
+    learned_embeds: Optional[str] = None  # a learned_embeds.bin to load
+
+
+class TextualInversionParams(_Section):
+    enabled: bool = True
+    steps: int = Field(3000, ge=1)
+    lr: float = Field(5e-3, gt=0.0)
+    batch_size: int = Field(4, ge=1)
+    placeholder: str = "<e>"
+    initializer: str = "object"
+
+
+# --------------------------------------------------------------------------------- inputs & judgement
+class SegmentParams(_Section):
+    model: str = "u2net"  # a rembg model name, or a path to an .onnx file
+    object_scale: float = Field(0.8, gt=0.0, le=1.0)  # fraction of the frame the object spans
+    size: int = Field(512, ge=16)  # output square size
+    max_input_pixels: int = Field(4096 * 4096, ge=1)
+
+
+class DepthParams(_Section):
+    model: str = "Intel/dpt-beit-large-512"
+
+
+class DetectorParams(_Section):
+    """Consistent123 §3.2, eqs. 5–6, and the released code's limits."""
+
+    enabled: bool = False
+    every: int = Field(21, ge=1)  # h (paper 20; released code 21)
+    views: int = Field(8, ge=1)  # V azimuths 0°, 45°, …
+    window: int = Field(5, ge=1)  # L
+    delta: float = 0.00025  # δ
+    earliest: int = Field(2000, ge=0)
+    latest: int = Field(3500, ge=0)
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: Optional[str] = "laion2b_s34b_b79k"
+
+
+class EvaluateParams(_Section):
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: Optional[str] = "laion2b_s32b_b82k"
+    novel_views: int = Field(8, ge=1)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    psnr_cap: float = 100.0
+
+
+class TrackingParams(_Section):
+    mlflow_uri: str = "sqlite:///mlruns.db"
+    experiment: str = "lift3d"
+    enabled: bool = True
+
+
+class ModelsParams(_Section):
+    cache_dir: Optional[str] = None  # a shared model cache (a hub cache folder)
+    offline: bool = False  # also honoured: HF_HUB_OFFLINE=1
+    tiny: bool = False  # build tiny random priors of the real classes (smoke preset)
+
+
+class Params(_Section):
+    method: Literal["magic123", "consistent123"] = "magic123"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    camera: CameraParams = CameraParams()
+    coarse: CoarseParams = CoarseParams()
+    fine: FineParams = FineParams()
+    guidance: GuidanceParams = GuidanceParams()
+    sd: StableDiffusionParams = StableDiffusionParams()
+    zero123: Zero123Params = Zero123Params()
+    prompt: PromptParams = PromptParams()
+    textual_inversion: TextualInversionParams = TextualInversionParams()
+    segment: SegmentParams = SegmentParams()
+    depth: DepthParams = DepthParams()
+    detector: DetectorParams = DetectorParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+    models: ModelsParams = ModelsParams()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A stable hash of every value: part of each task's cache key."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ParamsError(f"params: '{dotted}': '{k}' is a value, not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`coarse.iters=500` → ('coarse.iters', 500); the value is read as YAML."""
+    if "=" not in text:
+        raise ParamsError(f"params: override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ParamsError(f"params: override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params: override '{text}': value is not valid YAML ({e})") from e
+    return key, value
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"params: unknown key '{key}'")
+        else:
+            lines.append(f"params: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def read_params_file(path: Path | str | None = None) -> dict:
+    path = Path(path) if path else DEFAULT_PARAMS
+    if not path.is_file():
+        raise ParamsError(f"params: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params: {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"params: {path} must hold a mapping at the top level")
+    return data
+
+
+def preset_names(path: Path | str | None = None) -> list[str]:
+    return sorted(read_params_file(path).get("presets", {}) or {})
+
+
+def load_params(
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    path: Path | str | None = None,
+) -> Params:
+    """Base values of params.yaml, then the named preset, then overrides; validated."""
+    data = read_params_file(path)
+    presets = data.pop("presets", {}) or {}
+    tree = data
+    if preset:
+        if preset not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise ParamsError(f"params: unknown preset '{preset}' (known: {known})")
+        chain = []
+        name: str | None = preset
+        while name:  # a preset may build on another with `extends: NAME`
+            if name in chain:
+                raise ParamsError(f"params: preset '{preset}' extends itself through '{name}'")
+            chain.append(name)
+            if name not in presets:
+                raise ParamsError(f"params: preset '{chain[-2]}' extends unknown preset '{name}'")
+            name = (presets[name] or {}).get("extends")
+        for name in reversed(chain):
+            body = {k: v for k, v in (presets[name] or {}).items() if k != "extends"}
+            tree = _merge(tree, body)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e)) from None
+
+
+def resolve_device(params: Params):
+    import torch
+
+    if params.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params: 'device' is 'cuda' but no CUDA device is available")
+    return torch.device(params.device)

@@ -1,0 +1,61 @@
+import pytest
+
+from core.params import ParamsError, load_params, preset_names
+
+
+def test_base_is_magic123_paper_settings():
+    p = load_params()
+    assert p.coarse.iters == 5000 and p.fine.iters == 5000
+    assert p.coarse.lr == 1e-3 and p.coarse.resolution == 128
+    assert p.fine.resolution == 8 * p.coarse.resolution
+    assert (p.guidance.coarse.lambda_2d, p.guidance.coarse.lambda_3d) == (1.0, 40.0)
+    assert (p.guidance.fine.lambda_2d, p.guidance.fine.lambda_3d) == (0.001, 0.01)
+    assert p.sd.guidance_scale == 100 and p.zero123.guidance_scale == 5
+    assert tuple(p.sd.t_range) == (0.2, 0.6)
+    assert (p.camera.ref_polar, p.camera.ref_azimuth, p.camera.radius, p.camera.fovy) == (90, 0, 1.8, 40)
+    assert (p.coarse.losses.rgb, p.coarse.losses.mask) == (5.0, 0.5)
+
+
+def test_presets_exist_and_validate():
+    names = preset_names()
+    for required in ("magic123", "smoke", "consistent123", "magic123-2d", "magic123-3d"):
+        assert required in names
+    for name in names:
+        load_params(name)
+    c = load_params("consistent123")
+    assert c.guidance.kind == "dynamic" and c.detector.enabled and c.camera.ref_prob == 0.25
+    assert load_params("magic123-2d").guidance.coarse.lambda_3d == 0.0
+    assert load_params("magic123-3d").guidance.coarse.lambda_2d == 0.0
+
+
+def test_overrides_are_typed_and_applied():
+    p = load_params("smoke", ["coarse.iters=7", "camera.polar_range=[60, 120]", "guidance.kind=oracle"])
+    assert p.coarse.iters == 7 and tuple(p.camera.polar_range) == (60, 120) and p.guidance.kind == "oracle"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("coarse.iterz=5", "coarse.iterz"), ("nonsense=1", "nonsense"), ("coarse.iters=many", "coarse.iters"),
+     ("guidance.kind=magic", "guidance.kind"), ("coarse.grid.levels=0", "coarse.grid.levels")],
+)
+def test_bad_keys_name_the_key(override, key):
+    with pytest.raises(ParamsError) as e:
+        load_params("smoke", [override])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ParamsError, match="unknown preset 'nope'.*smoke"):
+        load_params("nope")
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("coarse:\n  iters: 3\n  itres: 4\n")
+    with pytest.raises(ParamsError, match="unknown key 'coarse.itres'"):
+        load_params(path=f)
+
+
+def test_digest_changes_with_values():
+    assert load_params("smoke").digest() != load_params("smoke", ["seed=1"]).digest()
+    assert load_params("smoke").digest() == load_params("smoke").digest()
