@@ -222,6 +222,13 @@ class TrackingParams(_Section):
     enabled: bool = True
 
 
+class ReproduceParams(_Section):
+    """What `dvc repro` runs (dvc.yaml reads these keys)."""
+
+    preset: str = "smoke"
+    limit: Optional[int] = Field(None, ge=1)  # only the first N objects of each dataset
+
+
 class ModelsParams(_Section):
     cache_dir: Optional[str] = None  # a shared model cache (a hub cache folder)
     offline: bool = False  # also honoured: HF_HUB_OFFLINE=1
@@ -246,6 +253,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     models: ModelsParams = ModelsParams()
+    reproduce: ReproduceParams = ReproduceParams()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
