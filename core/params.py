@@ -188,10 +188,12 @@ class SegmentParams(_Section):
     object_scale: float = Field(0.8, gt=0.0, le=1.0)  # fraction of the frame the object spans
     size: int = Field(512, ge=16)  # output square size
     max_input_pixels: int = Field(4096 * 4096, ge=1)
+    recenter: bool = True  # frame the object (alpha bbox → object_scale of the square), also for RGBA inputs
 
 
 class DepthParams(_Section):
     model: str = "Intel/dpt-beit-large-512"
+    use_sibling: bool = True  # `prepare IMAGE`: a depth.png next to IMAGE is the given depth map
 
 
 class DetectorParams(_Section):
