@@ -215,6 +215,7 @@ class EvaluateParams(_Section):
     clip_pretrained: Optional[str] = "laion2b_s32b_b82k"
     novel_views: int = Field(8, ge=1)
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_trunk: Optional[str] = None  # torchvision ImageNet weights file; default: torch hub cache
     psnr_cap: float = 100.0
 
 
