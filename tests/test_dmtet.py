@@ -1,0 +1,125 @@
+"""DMTet (core/dmtet.py): marching tetrahedra on analytic SDFs, init from a density field, colour copy."""
+import math
+
+import torch
+from torch import nn
+
+from core.dmtet import DMTet, ColourField, NUM_TRIANGLES, TRIANGLE_TABLE, boundary_edge_count, marching_tets
+
+
+def _closed_manifold(faces):
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0).sort(1).values
+    _, counts = torch.unique(e, dim=0, return_counts=True)
+    return bool((counts == 2).all())
+
+
+def _signed_volume(verts, faces):
+    v = verts[faces]
+    return float((v[:, 0] * torch.cross(v[:, 1], v[:, 2], dim=-1)).sum() / 6)
+
+
+def test_triangle_table_covers_all_cases():
+    assert NUM_TRIANGLES.tolist() == [0, 1, 1, 2, 1, 2, 2, 1, 1, 2, 2, 1, 2, 1, 1, 0]
+    for code in range(1, 15):  # complementary codes give the same triangles, flipped
+        a = TRIANGLE_TABLE[code][: NUM_TRIANGLES[code]]
+        b = TRIANGLE_TABLE[15 - code][: NUM_TRIANGLES[code]]
+        assert sorted(map(sorted, a.tolist())) == sorted(map(sorted, b.tolist()))
+
+
+def test_marching_tets_sphere_watertight_and_accurate():
+    R = 0.55
+    dm = DMTet(24, 1.0, cache=False)
+    dm.init_from_sdf(lambda x: R - x.norm(dim=-1))  # positive inside
+    mesh = dm.extract()
+    assert mesh.faces.shape[0] > 1000
+    assert boundary_edge_count(mesh.faces) == 0 and _closed_manifold(mesh.faces)
+    V, E = mesh.verts.shape[0], mesh.faces.shape[0] * 3 // 2
+    assert V - E + mesh.faces.shape[0] == 2  # Euler characteristic of a sphere
+    r = mesh.verts.detach().norm(dim=-1)
+    assert (r - R).abs().max() < 0.1 * dm.spacing
+    vol = _signed_volume(mesh.verts.detach(), mesh.faces)  # > 0: faces point outwards
+    assert abs(vol - 4 / 3 * math.pi * R ** 3) / (4 / 3 * math.pi * R ** 3) < 0.03
+
+
+def test_marching_tets_is_differentiable_in_sdf_and_deformation():
+    dm = DMTet(12, 1.0, cache=False)
+    dm.init_from_sdf(lambda x: 0.5 - x.norm(dim=-1))
+    mesh = dm.extract()
+    mesh.verts.norm(dim=-1).sum().backward()
+    assert dm.sdf.grad.abs().sum() > 0 and dm.deform.grad.abs().sum() > 0
+    # growing the SDF everywhere moves the surface outwards
+    with torch.no_grad():
+        before = dm.extract().verts.norm(dim=-1).mean()
+        dm.sdf += 0.02
+        after = dm.extract().verts.norm(dim=-1).mean()
+    assert after > before
+
+
+def test_torus_has_genus_one():
+    dm = DMTet(32, 1.0, cache=False)
+
+    def torus(x):
+        q = torch.stack([torch.sqrt(x[:, 0] ** 2 + x[:, 2] ** 2) - 0.5, x[:, 1]], -1)
+        return 0.2 - q.norm(dim=-1)
+
+    dm.init_from_sdf(torus)
+    m = dm.extract()
+    assert _closed_manifold(m.faces)
+    V, F = m.verts.shape[0], m.faces.shape[0]
+    assert V - F * 3 // 2 + F == 0
+
+
+class BlobField(nn.Module):
+    """A stand-in for the coarse NeRF: density of an ellipsoid, a learnable colour."""
+
+    axes = torch.tensor([0.5, 0.35, 0.3])
+
+    def __init__(self):
+        super().__init__()
+        self.colour = nn.Parameter(torch.tensor([0.2, 0.5, 0.8]))
+
+    def ellipsoid(self, x):
+        return (x / self.axes).norm(dim=-1)
+
+    def density(self, x):
+        return 40.0 * torch.relu(1.5 - self.ellipsoid(x))  # 20 on the unit ellipsoid
+
+    def albedo(self, x):
+        return self.colour.expand(x.shape[0], 3) * (0.5 + 0.5 * torch.sigmoid(x[:, :1]))
+
+
+def test_init_from_density_reproduces_the_level_set():
+    field = BlobField()
+    dm = DMTet(32, 1.0, cache=False)
+    dm.init_from_density(field.density, threshold=20.0)
+    assert (dm.deform == 0).all()
+    m = dm.extract()
+    assert _closed_manifold(m.faces)
+    # the extracted surface lies on the density's level set σ = threshold (the unit ellipsoid)
+    e = field.ellipsoid(m.verts.detach())
+    assert (e - 1).abs().max() < 0.05
+    # and it covers it: points of the level set are close to the mesh's vertices
+    g = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(500, 3, generator=g), dim=-1)
+    pts = d / (d / field.axes).norm(dim=-1, keepdim=True)
+    nearest = torch.cdist(pts, m.verts.detach()).min(1).values
+    assert nearest.max() < dm.spacing
+
+
+def test_colour_field_is_a_trainable_copy():
+    field = BlobField()
+    cf = ColourField(field)
+    x = torch.rand(10, 3)
+    torch.testing.assert_close(cf(x), field.albedo(x))
+    opt = torch.optim.Adam(cf.trainable_parameters(), lr=0.1)
+    cf(x).sum().backward()
+    opt.step()
+    assert not torch.allclose(cf(x), field.albedo(x))
+    torch.testing.assert_close(field.colour.detach(), torch.tensor([0.2, 0.5, 0.8]))
+
+
+def test_empty_and_full_grids_give_empty_meshes():
+    pos = torch.rand(4, 3)
+    tets = torch.tensor([[0, 1, 2, 3]])
+    assert marching_tets(pos, -torch.ones(4), tets).faces.shape[0] == 0
+    assert marching_tets(pos, torch.ones(4), tets).faces.shape[0] == 0
