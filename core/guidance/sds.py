@@ -1,0 +1,47 @@
+"""Score distillation sampling (DreamFusion), shared by the 2D and 3D priors.
+
+Magic123 eq. 5 (2D prior) and eq. 6 (3D prior), Consistent123 eqs. 4 and 7, all have the form
+
+    ∇_θ L = E_{t,ε}[ w(t) (ε̂_φ(z_t; y, t) − ε) ∂z/∂I ∂I/∂θ ]
+
+with ε̂ the classifier-free-guided noise prediction and w(t) = σ_t² = 1 − ᾱ_t (DreamFusion's
+weighting, the one threestudio and the Magic123 code use). The UNet Jacobian is dropped: the UNet
+runs under no_grad and the gradient is injected into the latent z with the standard trick
+
+    loss = ½ ‖z − stopgrad(z − g)‖² / B,   so that  ∂loss/∂z = g / B,
+
+i.e. the per-sample SDS gradient g = w(t)(ε̂ − ε), averaged over the batch of B renders (the
+normalisation threestudio uses). The loss *value* ½‖g‖²/B is only a diagnostic.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, t_range: tuple[float, float],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U{⌊t_lo·T⌋, …, ⌊t_hi·T⌋} (Magic123: t ∈ [0.2, 0.6] of the schedule). Long, on the CPU."""
+    lo = int(num_train_timesteps * t_range[0])
+    hi = int(num_train_timesteps * t_range[1])
+    return torch.randint(lo, hi + 1, (batch,), generator=generator, dtype=torch.long)
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """ε̂ = ε_uncond + s (ε_cond − ε_uncond) (Ho & Salimans; s = 100 for SD, 5 for Zero-1-to-3)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def sds_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """DreamFusion's w(t) = σ_t² = 1 − ᾱ_t, shaped (B, 1, 1, 1)."""
+    return (1.0 - alphas_cumprod.to(t.device)[t]).reshape(-1, 1, 1, 1)
+
+
+def sds_gradient(eps_hat: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The SDS gradient on the latent, w(t)(ε̂ − ε): Magic123 eqs. 5–6 without ∂z/∂I ∂I/∂θ."""
+    return torch.nan_to_num(weight * (eps_hat.float() - noise.float()))
+
+
+def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """½‖z − sg(z − g)‖² / B: its gradient on z is g / B (see the module docstring)."""
+    target = (latents - grad).detach()
+    return 0.5 * ((latents.float() - target.float()) ** 2).sum() / latents.shape[0]

@@ -1,0 +1,180 @@
+"""The 3D prior: score distillation with Zero-1-to-3 (Magic123 eq. 6, Consistent123 eq. 4).
+
+Zero-1-to-3 in diffusers format (bennyguo/zero123-diffusers, the community `zero1to3` pipeline):
+a UNet with 8 input channels (the noisy latent ⊕ the reference image's latent), a CLIP image
+encoder, and `cc_projection`, a Linear(768 + 4 → 768) that joins the CLIP image embedding of the
+reference with the relative camera [Δpolar (rad), sin Δazimuth, cos Δazimuth, Δradius]. The
+unconditional branch zeroes both the projected embedding and the reference latent; guidance
+scale 5; renders at 256×256.
+
+Camera conventions (checked against threestudio's zero123_guidance.py and Zero-1-to-3's own
+`get_T`): Zero-1-to-3 measures the polar angle θ from the up axis (θ = 90° − elevation) and the
+azimuth counter-clockwise about the up axis seen from above (atan2(y, x) in its z-up Blender
+world); its condition is [θ_tgt − θ_ref, sin(φ_tgt − φ_ref), cos(φ_tgt − φ_ref), r_tgt − r_ref].
+Our cameras (core/cameras.py) measure polar from +y (up) too, and our azimuth turns about +y
+from +z towards +x, which is also counter-clockwise seen from above (a right-handed rotation
+about the up axis; threestudio's z-up azimuth turns the same way). So the mapping is the
+identity: Δpolar = polar_tgt − polar_ref (a camera moving up gives a negative Δpolar), Δazimuth =
+azimuth_tgt − azimuth_ref, Δradius = radius_tgt − radius_ref. (stable-dreamfusion and the
+Magic123 code write sin(−Δazimuth) because their look-at builds a mirrored camera, right = −x for
+the front view; ours has right = +x, like threestudio's.)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from core.cameras import Cameras, relative_pose
+from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.sd import encode_images
+from core.guidance.sds import classifier_free_guidance, sample_timesteps, sds_gradient, sds_loss, sds_weight
+from core.models import load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+class CCProjection(ModelMixin, ConfigMixin):
+    """Zero-1-to-3's `cc_projection`: [CLIP image embedding (768) ⊕ camera (4)] → 768.
+
+    Same config and state-dict keys as the community pipeline's class (`projection.weight/bias`),
+    so a `cc_projection/` folder of bennyguo/zero123-diffusers loads into it."""
+
+    @register_to_config
+    def __init__(self, in_channel: int = 772, out_channel: int = 768):
+        super().__init__()
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.projection = torch.nn.Linear(in_channel, out_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x)
+
+
+def zero123_condition(ref: Cameras, tgt: Cameras) -> torch.Tensor:
+    """Zero-1-to-3's relative camera (B, 4): [Δpolar (rad), sin Δazimuth, cos Δazimuth, Δradius].
+
+    The mapping from our cameras is the identity (see the module docstring for why)."""
+    d_polar, d_azimuth, d_radius = relative_pose(ref, tgt)
+    d_polar, d_azimuth = torch.deg2rad(d_polar), torch.deg2rad(d_azimuth)
+    return torch.stack([d_polar, torch.sin(d_azimuth), torch.cos(d_azimuth), d_radius], dim=-1)
+
+
+@dataclass
+class Zero123Parts:
+    image_encoder: Any
+    feature_extractor: Any
+    vae: Any
+    unet: Any
+    cc_projection: Any
+    scheduler: Any
+
+
+def load_zero123(name: str, device, dtype: torch.dtype, models_params=None, key: str = "zero123.model") -> Zero123Parts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    kw = dict(key=key, models_params=models_params)
+    image_encoder = load_pretrained(CLIPVisionModelWithProjection, name, subfolder="image_encoder", **kw)
+    feature_extractor = load_pretrained(CLIPImageProcessor, name, subfolder="feature_extractor", **kw)
+    vae = load_pretrained(AutoencoderKL, name, subfolder="vae", torch_dtype=dtype, **kw)
+    unet = load_pretrained(UNet2DConditionModel, name, subfolder="unet", torch_dtype=dtype, **kw)
+    cc_projection = load_pretrained(CCProjection, name, subfolder="cc_projection", torch_dtype=dtype, **kw)
+    scheduler = load_pretrained(DDPMScheduler, name, subfolder="scheduler", **kw)
+    for m in (image_encoder, vae, unet, cc_projection):
+        m.to(device, dtype=dtype).eval().requires_grad_(False)
+    if unet.config.in_channels != 8:
+        from core.errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"model '{name}' ({key}) is not a Zero-1-to-3 UNet: it has "
+                                 f"{unet.config.in_channels} input channels, not 8")
+    return Zero123Parts(image_encoder, feature_extractor, vae, unet, cc_projection, scheduler)
+
+
+@torch.no_grad()
+def clip_image_embedding(parts: Zero123Parts, image: torch.Tensor) -> torch.Tensor:
+    """CLIP image embedding (B, 1, 768) of images in [0, 1]: resized to the encoder's input size
+    (bicubic, antialiased) and normalised with the feature extractor's mean and std."""
+    fe = parts.feature_extractor
+    crop = fe.crop_size
+    size = int(crop["height"] if not isinstance(crop, (int, float)) else crop)
+    x = F.interpolate(image.float(), (size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    mean = torch.tensor(fe.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(fe.image_std, device=x.device).view(1, 3, 1, 1)
+    dtype = next(parts.image_encoder.parameters()).dtype
+    return parts.image_encoder(((x - mean) / std).to(dtype)).image_embeds.unsqueeze(1)
+
+
+class Zero123Guidance:
+    """L_3D of Magic123 eq. 6 for a batch of renders, conditioned on the reference view."""
+
+    def __init__(self, parts: Zero123Parts, reference_rgb: torch.Tensor, reference_camera: Cameras, *,
+                 guidance_scale: float = 5.0, t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 256,
+                 seed: int = 0):
+        self.parts = parts
+        self.guidance_scale = float(guidance_scale)
+        self.t_range = tuple(t_range)
+        self.resolution = int(resolution)
+        self.device = next(parts.unet.parameters()).device
+        self.dtype = next(parts.unet.parameters()).dtype
+        self.num_train_timesteps = int(parts.scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = parts.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.generator = torch.Generator().manual_seed(seed + 7)
+        self.reference_camera = reference_camera
+        ref = reference_rgb.reshape(1, 3, *reference_rgb.shape[-2:]).to(self.device).float()
+        ref = F.interpolate(ref, (self.resolution, self.resolution), mode="bilinear", align_corners=False,
+                            antialias=True)
+        with torch.no_grad():
+            self.clip_embedding = clip_image_embedding(parts, ref)  # (1, 1, 768): c_crossattn before projection
+            # the reference latent: the posterior's mode, *unscaled* — as Zero-1-to-3's ldm code
+            # (encode_first_stage(x).mode()), threestudio and the community pipeline do
+            vae_dtype = next(parts.vae.parameters()).dtype
+            self.reference_latent = parts.vae.encode(ref.to(vae_dtype) * 2 - 1).latent_dist.mode()
+        log.info("3D prior: Zero-1-to-3, CFG %.0f, t∈%s·T, %d²", self.guidance_scale, list(self.t_range),
+                 self.resolution)
+
+    @torch.no_grad()
+    def condition(self, cameras: Cameras) -> torch.Tensor:
+        """The projected condition (B, 1, 768): cc_projection(CLIP(I_ref) ⊕ [Δθ, sin Δφ, cos Δφ, Δr])."""
+        pose = zero123_condition(self.reference_camera.to(cameras.device), cameras).to(self.device, self.dtype)
+        emb = self.clip_embedding.expand(len(cameras), -1, -1)
+        return self.parts.cc_projection(torch.cat([emb, pose[:, None, :]], dim=-1))
+
+    @torch.no_grad()
+    def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        b = latents_noisy.shape[0]
+        cond = self.condition(cameras)
+        c_crossattn = torch.cat([torch.zeros_like(cond), cond])  # unconditional: zeroed embedding
+        ref = self.reference_latent.expand(b, -1, -1, -1)
+        c_concat = torch.cat([torch.zeros_like(ref), ref])  # unconditional: zeroed reference latent
+        x_in = torch.cat([torch.cat([latents_noisy] * 2).to(self.dtype), c_concat], dim=1)
+        eps = self.parts.unet(x_in, torch.cat([t] * 2).to(self.device), encoder_hidden_states=c_crossattn).sample
+        eps_uncond, eps_cond = eps.float().chunk(2)
+        return classifier_free_guidance(eps_uncond, eps_cond, self.guidance_scale)
+
+    def sds(self, latents: torch.Tensor, cameras: Cameras, t: Optional[torch.Tensor] = None,
+            noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        b = latents.shape[0]
+        if t is None:
+            t = sample_timesteps(b, self.num_train_timesteps, self.t_range, self.generator)
+        t = t.to(self.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        with torch.no_grad():
+            latents_noisy = self.parts.scheduler.add_noise(latents.detach().float(), noise.float(), t)
+            eps_hat = self.predict_noise(latents_noisy, t, cameras)
+            grad = sds_gradient(eps_hat, noise.to(self.device), sds_weight(self.alphas_cumprod, t))
+        loss = sds_loss(latents, grad)
+        return loss, {"t": float(t.float().mean()) / self.num_train_timesteps, "grad_norm": float(grad.norm()),
+                      "loss": float(loss.detach())}
+
+    def __call__(self, batch: RenderBatch) -> GuidanceOutput:
+        rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        latents = encode_images(self.parts.vae, rgb.to(self.device), self.generator)
+        loss, diag = self.sds(latents, batch.cameras)
+        return GuidanceOutput(loss=loss, diagnostics=diag)

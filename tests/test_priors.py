@@ -1,0 +1,120 @@
+"""Joint prior (Magic123 eqs. 7–8), dynamic prior (Consistent123 eqs. 8–9) and the factory."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core.cameras import Cameras
+from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.factory import build_guidance
+from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, dynamic_prior_weights, joint_prior_loss
+from core.params import load_params
+from tests._tiny_priors import tiny_models
+
+
+class FakePrior:
+    """A prior whose loss is a known multiple of the render sum; counts its calls."""
+
+    def __init__(self, scale: float):
+        self.scale, self.calls = scale, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        return GuidanceOutput(loss=self.scale * batch.rgb.sum(), diagnostics={"t": 0.3})
+
+
+def _batch(step=0, total=100, stage="coarse"):
+    rgb = torch.full((1, 3, 4, 4), 0.5, requires_grad=True)
+    return RenderBatch(rgb=rgb, opacity=torch.ones(1, 1, 4, 4), depth=torch.zeros(1, 1, 4, 4), normal=None,
+                       cameras=Cameras.make(90, 45, 1.8, 40), shading="albedo", light_dir=None, step=step,
+                       total_steps=total, stage=stage)
+
+
+@pytest.mark.parametrize("kind", ["exp", "linear", "log"])
+def test_dynamic_prior_weights_at_0_half_and_T(kind):
+    T = 1000
+    for t in (0, T // 2, T):
+        w3, w2 = dynamic_prior_weights(t, T, kind)
+        x = t / T
+        if kind == "exp":  # Consistent123 eq. 8
+            e3 = math.exp(-x)
+        elif kind == "linear":  # eq. 9, as printed
+            e3 = x
+        else:  # eq. 9, as printed; t clamped to one iteration at t = 0
+            e3 = math.log2(max(x, 1 / T))
+        assert w3 == pytest.approx(e3) and w2 == pytest.approx(1 - e3)
+    assert dynamic_prior_weights(0, T, "exp") == (1.0, 0.0)
+    assert dynamic_prior_weights(T, T, "exp")[1] == pytest.approx(1 - math.exp(-1))
+    with pytest.raises(ValueError):
+        dynamic_prior_weights(1, T, "cosine")
+
+
+def test_joint_prior_weights_and_ablations():
+    sd, z = FakePrior(2.0), FakePrior(3.0)
+    out = JointPrior(sd, z, lambda_2d=1.0, lambda_3d=40.0)(_batch())
+    s = 0.5 * 48
+    assert float(out.loss.detach()) == pytest.approx(1.0 * 2.0 * s + 40.0 * 3.0 * s)  # eq. 7
+    assert out.diagnostics["sd/loss"] == pytest.approx(2.0 * s) and out.diagnostics["zero123/loss"] == pytest.approx(3.0 * s)
+    # λ = 0 (the ablations): that prior does not run
+    sd, z = FakePrior(2.0), FakePrior(3.0)
+    out = JointPrior(sd, z, lambda_2d=0.0, lambda_3d=40.0)(_batch())
+    assert sd.calls == 0 and z.calls == 1 and float(out.loss) == pytest.approx(40 * 3.0 * s)
+    with pytest.raises(ValueError):
+        JointPrior(None, None, 1.0, 40.0)
+    assert float(joint_prior_loss(torch.tensor(2.0), None, 0.5, 40.0)) == pytest.approx(1.0)
+
+
+def test_dynamic_prior_stage1_then_eq8_from_the_switch():
+    sd, z = FakePrior(2.0), FakePrior(3.0)
+    prior = DynamicPrior(sd, z, lambda_2d=1.0, lambda_3d=40.0, schedule="exp")
+    out = prior(_batch(step=10, total=110))
+    assert not prior.in_stage2 and sd.calls == 0 and out.diagnostics["w_3d"] == 1.0
+    prior.start_stage2(10)
+    prior.start_stage2(30)  # only the first switch counts
+    assert prior.in_stage2 and prior.switch_step == 10
+    out = prior(_batch(step=60, total=110))  # t = 50 of T = 100
+    w3, w2 = math.exp(-0.5), 1 - math.exp(-0.5)
+    s = 0.5 * 48
+    assert out.diagnostics["w_3d"] == pytest.approx(w3) and out.diagnostics["w_2d"] == pytest.approx(w2)
+    assert float(out.loss) == pytest.approx(40 * w3 * 3.0 * s + 1.0 * w2 * 2.0 * s)
+    restored = DynamicPrior(sd, z, 1.0, 40.0)
+    restored.load_state_dict(prior.state_dict())
+    assert restored.weights(60, 110) == prior.weights(60, 110)
+
+
+def _tiny_params(preset, **over):
+    import os
+
+    os.environ.setdefault("LIFT3D_TINY_DIR", str(__import__("pathlib").Path(tiny_models()["sd"]).parent))
+    return load_params(preset, {"models.tiny": True, "device": "cpu", "sd.resolution": 64,
+                                "zero123.resolution": 64, "prompt.text": "a chair", **over})
+
+
+def test_factory_builds_joint_prior_and_skips_ablated_priors():
+    ref = torch.rand(3, 64, 64)
+    g = build_guidance(_tiny_params("magic123"), ref, "coarse", "cpu")
+    assert isinstance(g, JointPrior) and g.sd is not None and g.zero123 is not None
+    assert (g.lambda_2d, g.lambda_3d) == (1.0, 40.0)
+    assert g.sd.prompt == "A high-resolution DSLR image of a chair"
+    fine = build_guidance(_tiny_params("magic123"), ref, "fine", "cpu")
+    assert (fine.lambda_2d, fine.lambda_3d) == (0.001, 0.01)
+    only3d = build_guidance(_tiny_params("magic123-3d"), ref, "coarse", "cpu")
+    assert only3d.sd is None and only3d.zero123 is not None
+    only2d = build_guidance(_tiny_params("magic123-2d"), ref, "coarse", "cpu")
+    assert only2d.zero123 is None and only2d.sd is not None
+    out = g(_batch())
+    out.loss.backward()
+    for k in ("sd/loss", "zero123/loss", "sd/t", "zero123/t", "lambda_2d", "lambda_3d"):
+        assert k in out.diagnostics
+
+
+def test_factory_dynamic_and_none():
+    ref = torch.rand(3, 64, 64)
+    g = build_guidance(_tiny_params("consistent123"), ref, "coarse", "cpu")
+    assert isinstance(g, DynamicPrior) and not g.in_stage2
+    assert g.sd.prompt == "a chair"  # Consistent123: the plain description
+    assert build_guidance(_tiny_params("consistent123"), ref, "fine", "cpu").in_stage2
+    assert isinstance(build_guidance(_tiny_params("magic123", **{"guidance.kind": "none"}), ref, "coarse", "cpu"),
+                      NoGuidance)

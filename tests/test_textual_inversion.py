@@ -1,0 +1,90 @@
+"""Textual inversion: loading a benchmark learned_embeds.bin, learning a token, the file format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import InputError
+from core.guidance.sd import load_stable_diffusion
+from core.textual_inversion import (augment_views, learn_token, load_learned_embeds, read_learned_embeds,
+                                    save_learned_embeds)
+from tests._tiny_priors import tiny_models
+
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "nerf4" / "chair" / "learned_embeds.bin"
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="benchmark files not present")
+def test_benchmark_token_loads_into_a_768_wide_text_encoder():
+    parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    raw = torch.load(BENCH, map_location="cpu")
+    (token, vec), = raw.items()
+    assert vec.shape == (768,) and vec.dtype == torch.float32
+    tokens = load_learned_embeds(BENCH, parts.tokenizer, parts.text_encoder)
+    assert tokens == [token]
+    ids = parts.tokenizer(f"a photo of {token}", add_special_tokens=False).input_ids
+    tid = parts.tokenizer.convert_tokens_to_ids(token)
+    assert ids.count(tid) == 1  # one token, not split into pieces
+    row = parts.text_encoder.get_input_embeddings().weight[tid]
+    assert torch.equal(row, vec)
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="benchmark files not present")
+def test_width_mismatch_is_a_clear_error(tmp_path):
+    from core.tiny import build_tiny_sd
+
+    narrow = build_tiny_sd(tmp_path / "sd32", text_width=32)
+    parts = load_stable_diffusion(str(narrow), "cpu", torch.float32)
+    with pytest.raises(InputError, match="768.*32 wide"):
+        load_learned_embeds(BENCH, parts.tokenizer, parts.text_encoder)
+
+
+def test_bad_file_is_input_error(tmp_path):
+    bad = tmp_path / "learned_embeds.bin"
+    torch.save([1, 2, 3], bad)
+    with pytest.raises(InputError, match="dict"):
+        read_learned_embeds(bad)
+    with pytest.raises(InputError, match="not found"):
+        read_learned_embeds(tmp_path / "missing.bin")
+
+
+def test_learn_token_trains_only_its_row_and_saves_the_benchmark_format(tmp_path):
+    parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    before = parts.text_encoder.get_input_embeddings().weight.detach().clone()
+    rgb = torch.ones(3, 48, 48)
+    rgb[:, 12:36, 16:32] = torch.tensor([0.8, 0.2, 0.1])[:, None, None]
+    mask = torch.zeros(1, 48, 48)
+    mask[:, 12:36, 16:32] = 1
+    losses = []
+    out = tmp_path / "learned_embeds.bin"
+    learned = learn_token(parts, rgb, mask, token="<e>", initializer="object", steps=3, lr=5e-2, batch_size=2,
+                          resolution=64, seed=0, out=out, callback=lambda s, l: losses.append(l))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    after = parts.text_encoder.get_input_embeddings().weight.detach()
+    tid = parts.tokenizer.convert_tokens_to_ids("<e>")
+    assert tid == before.shape[0]  # a new row
+    assert torch.equal(after[:tid], before)  # every other row is unchanged
+    init = before[parts.tokenizer.encode("object", add_special_tokens=False)[0]]
+    assert not torch.allclose(after[tid], init)  # the new row moved away from its initializer
+    saved = torch.load(out, map_location="cpu")
+    assert list(saved) == ["<e>"] and saved["<e>"].dtype == torch.float32 and saved["<e>"].shape == (768,)
+    assert torch.equal(saved["<e>"], learned["<e>"]) and torch.equal(saved["<e>"], after[tid])
+    # and it round-trips into a fresh encoder
+    fresh = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    load_learned_embeds(out, fresh.tokenizer, fresh.text_encoder)
+    assert torch.equal(fresh.text_encoder.get_input_embeddings().weight[tid], saved["<e>"])
+    save_learned_embeds(tmp_path / "again.bin", learned)
+    assert torch.equal(read_learned_embeds(tmp_path / "again.bin")["<e>"], learned["<e>"])
+
+
+def test_augmented_views_are_the_object_on_white():
+    rgb = torch.ones(3, 40, 40)
+    rgb[:, 10:30, 10:30] = 0.0
+    mask = torch.zeros(1, 40, 40)
+    mask[:, 10:30, 10:30] = 1
+    views = augment_views(rgb, mask, 4, 32, torch.Generator().manual_seed(0))
+    assert views.shape == (4, 3, 32, 32)
+    assert (views[:, :, 0, 0] > 0.99).all()  # corners are background white
+    dark = (views.mean(1) < 0.5).float().mean((1, 2))
+    assert (dark > 0.2).all() and (dark < 0.9).all()  # the object is in every view, not filling it
