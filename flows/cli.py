@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--depth", type=Path, default=None, help="a depth map to use as is")
     _add_params_args(p)
-    p.set_defaults(handler="flows.steps:cli_prepare")
+    p.set_defaults(handler="flows.inputs:cli_prepare")
 
     p = sub.add_parser("coarse", help="the coarse stage: a NeRF from one image",
                        description="Optimise the coarse NeRF (Magic123 §2.1.1) and export its mesh. "
@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run folder the way the papers do; writes RUN_DIR/metrics.json.")
     p.add_argument("run_dir", type=Path)
     _add_params_args(p, default_preset=None)
-    p.set_defaults(handler="flows.steps:cli_evaluate")
+    p.set_defaults(handler="flows.evaluate:cli_evaluate")
 
     p = sub.add_parser("report", help="tables, plots and a gallery from benchmark results",
                        description="Collect metrics.json files under RESULTS into reports/.")
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, default=Path("reports"))
-    p.set_defaults(handler="flows.steps:cli_report")
+    p.set_defaults(handler="flows.evaluate:cli_report")
 
     # -- benchmarks of the machinery -------------------------------------------------------------
     bench = sub.add_parser("bench", help="benchmarks of the machinery (oracle reconstruction, speed)")
