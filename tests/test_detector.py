@@ -113,3 +113,59 @@ def run_from(det, start, last):
         if det.due(step) and det.update(step, imgs):
             return step
     return None
+
+
+class RecordingGuidance:
+    """A guidance stub with the dynamic prior's stage switch: zero loss, records start_stage2."""
+
+    def __init__(self):
+        self.stage2_calls = []
+        self.steps_seen = []
+
+    def start_stage2(self, step):
+        self.stage2_calls.append(step)
+
+    @property
+    def in_stage2(self):
+        return bool(self.stage2_calls)
+
+    def __call__(self, batch):
+        from core.guidance.base import GuidanceOutput
+
+        self.steps_seen.append(batch.step)
+        return GuidanceOutput(loss=batch.rgb.sum() * 0.0, diagnostics={})
+
+
+def test_coarse_loop_ends_stage_one_at_the_detector_switch(tmp_path):
+    """Helper A's coarse loop consults the detector and calls guidance.start_stage2 at its switch."""
+    pytest.importorskip("core.coarse")
+    from core.coarse import run_coarse
+    from core.images import Reference
+    from core.params import load_params
+
+    p = load_params("smoke", {
+        "coarse.iters": 18, "coarse.resolution": 16, "coarse.samples_per_ray": 8,
+        "coarse.checkpoint_every": 1000, "coarse.occupancy_every": 1000, "guidance.kind": "none",
+        "coarse.grid.levels": 2, "coarse.grid.log2_table_size": 8, "coarse.grid.max_resolution": 32,
+        "coarse.losses.normal_smooth": 0, "coarse.losses.orientation": 0, "coarse.shading.normal_only": 0,
+        "coarse.shading.diffuse_prob": 0, "coarse.shading.textureless_prob": 0,
+        "detector.enabled": True, "detector.every": 2, "detector.window": 3, "detector.delta": 0.00025,
+        "detector.earliest": 8, "detector.latest": 16, "detector.views": 2,
+    })
+    # checks at 2, 4, 6, … (first check = earliest − L·h = 8 − 6 = 2); relative changes r per check:
+    #   score at 2: S0; r(4)=.05, r(6)=.05, r(8)=.05, r(10)=0, r(12)=0, r(14)=0, …
+    # R (eq. 6, L=3) = mean of the last three r's:
+    #   step 8: (.05+.05+.05)/3 = .05 ; 10: (.05+.05+0)/3 = .0333 ; 12: (.05+0+0)/3 = .0167 ;
+    #   step 14: (0+0+0)/3 = 0 < δ → stage 2 starts at iteration 14 (before the forced switch at 16).
+    scorer = ScriptedScorer(scores_from_rates(0.3, [0.05, 0.05, 0.05] + [0.0] * 10))
+    det = StageDetector(p.detector, scorer)
+    g = RecordingGuidance()
+    ref = Reference(rgb=torch.ones(3, 16, 16), mask=torch.zeros(1, 16, 16), depth=None)
+    ref.rgb[:, 4:12, 4:12] = 0.5
+    ref.mask[:, 4:12, 4:12] = 1.0
+    trainer = run_coarse(p, ref, tmp_path / "coarse", guidance=g, detector=det, device="cpu",
+                         progress=False, write_results=False)
+    assert det.switch_step == 14 and not det.forced
+    assert g.stage2_calls == [14] and trainer.stage2_step == 14
+    assert scorer.calls == 7  # checks at 2, 4, …, 14, none after the switch
+    assert [t["step"] for t in det.trace] == [2, 4, 6, 8, 10, 12, 14]
