@@ -103,6 +103,8 @@ class CoarseParams(_Section):
     mlp: MLPParams = MLPParams()
     density_blob_scale: float = 10.0  # Magic3D blob: density += scale·(1 − |x|/std)
     density_blob_std: float = 0.5
+    density_activation: Literal["softplus", "trunc_exp"] = "softplus"  # threestudio's Magic123 config
+    grid_lr_scale: float = Field(10.0, gt=0.0)  # released code: the hash grid's lr is 10× the MLP's
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)
@@ -229,7 +231,7 @@ class ReproduceParams(_Section):
     """What `dvc repro` runs (dvc.yaml reads these keys)."""
 
     preset: str = "smoke"
-    limit: Optional[int] = Field(None, ge=1)  # only the first N objects of each dataset
+    limit: int = Field(0, ge=0)  # only the first N objects of each dataset (0: all)
 
 
 class ModelsParams(_Section):

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "object folders), evaluate them and write reports/.")
     p.add_argument("dataset", type=Path, help="a folder of object folders, each with rgba.png")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--limit", type=int, default=None, help="only the first N objects")
+    p.add_argument("--limit", type=int, default=0, help="only the first N objects (0: all)")
     p.add_argument("--gpus", type=int, default=None, help="spread assets over N GPUs with Dask (one asset per GPU)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     _add_params_args(p)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="a plain description of the object")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     _add_params_args(p)
-    p.set_defaults(handler="flows.steps:cli_coarse")
+    p.set_defaults(handler="flows.coarse:cli_coarse")
 
     p = sub.add_parser("refine", help="the fine stage: DMTet refinement of a coarse checkpoint, textured mesh export",
                        description="Refine a coarse NeRF checkpoint into a DMTet mesh (Magic123 §2.1.2) and export "
@@ -110,8 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["coarse", "fine"], default="coarse")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--iters", type=int, default=20, help="timed iterations after warm-up")
+    p.add_argument("--ti-steps", type=int, default=23, help="textual-inversion steps to time (3 warm-up)")
+    p.add_argument("--compile", default="", metavar="MODES",
+                   help="also time the UNets under torch.compile, e.g. 'default,reduce-overhead'")
+    p.add_argument("--tiny", action="store_true", help="tiny random priors instead (checks the code path on a CPU)")
     _add_params_args(p)
-    p.set_defaults(handler="flows.bench:cli_bench_speed")
+    p.set_defaults(handler="flows.bench_speed:cli_bench_speed")
     return parser
 
 

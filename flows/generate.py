@@ -1,0 +1,95 @@
+"""The `generate` flow: one image → inputs → (token) → coarse NeRF → fine mesh → metrics.
+
+Each step is a cached Prefect task (tasks/), so re-running after a change redoes only what the change
+touches. The same `submit_asset` chain serves the benchmark flow, where a Dask task runner spreads
+the assets over GPUs.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow
+
+from core.params import Params, load_params
+from core.pipeline import needs_textual_inversion
+from tasks.coarse import coarse_task
+from tasks.common import complete
+from tasks.evaluate import evaluate_task
+from tasks.fine import fine_task
+from tasks.prepare import prepare_task
+from tasks.textual_inversion import textual_inversion_task
+
+log = logging.getLogger(__name__)
+
+
+def _fresh_if_incomplete(task, out_dir: Path, marker: str = "result.json"):
+    """A cached record whose files were deleted must not stand: re-run the task then."""
+    return task.with_options(refresh_cache=True) if not complete(out_dir, marker) else task
+
+
+def submit_asset(image: Path, out: Path, params: Params, depth: Optional[Path] = None,
+                 embeds: Optional[Path] = None, asset: Optional[str] = None, dataset: Optional[str] = None,
+                 parent_run_id: Optional[str] = None):
+    """Submit one asset's chain of tasks to the flow's task runner; returns the evaluate future."""
+    p = params.to_dict()
+    asset = asset or image.parent.name
+    inputs, coarse, fine = out / "inputs", out / "coarse", out / "fine"
+    rgba, ref_depth = inputs / "rgba.png", inputs / "depth.png"
+    prep = _fresh_if_incomplete(prepare_task, inputs, "prepare.json").submit(
+        str(image), str(inputs), p, str(depth) if depth else None)
+    after = [prep]
+    if embeds is None and needs_textual_inversion(params):
+        ti_dir = out / "textual_inversion"
+        ti = _fresh_if_incomplete(textual_inversion_task, ti_dir, "learned_embeds.bin").submit(
+            str(rgba), str(ti_dir), p, wait_for=after)
+        embeds, after = ti_dir / "learned_embeds.bin", [ti]
+    emb = str(embeds) if embeds else None
+    c = _fresh_if_incomplete(coarse_task, coarse).submit(
+        str(rgba), str(coarse), p, depth=str(ref_depth), embeds=emb, asset=asset, parent_run_id=parent_run_id,
+        wait_for=after)
+    f = _fresh_if_incomplete(fine_task, fine).submit(
+        str(coarse / "checkpoint.pt"), str(fine), p, image=str(rgba), depth=str(ref_depth), embeds=emb,
+        asset=asset, parent_run_id=parent_run_id, wait_for=[c])
+    return _fresh_if_incomplete(evaluate_task, out, "metrics.json").submit(
+        str(out), str(fine), p, dataset=dataset, asset=asset, parent_run_id=parent_run_id, wait_for=[f])
+
+
+@flow(name="generate", log_prints=True)
+def generate_flow(image: str, out: str, preset: Optional[str] = "magic123", overrides: Optional[list[str]] = None,
+                  depth: Optional[str] = None, embeds: Optional[str] = None, text: Optional[str] = None,
+                  params_file: Optional[str] = None) -> dict:
+    """One image to a textured mesh, evaluated. Returns the metrics."""
+    params = load_params(preset, with_text(overrides, text), params_file)
+    fut = submit_asset(Path(image), Path(out), params, Path(depth) if depth else None,
+                       Path(embeds) if embeds else None)
+    return fut.result()
+
+
+def with_text(overrides: Optional[list[str]], text: Optional[str]) -> list[str]:
+    import json
+
+    return list(overrides or []) + ([f"prompt.text={json.dumps(text)}"] if text else [])
+
+
+def _check_inputs(image: Path, depth: Optional[Path], embeds: Optional[Path]) -> None:
+    from core.errors import InputError
+
+    for what, p in (("image", image), ("depth map", depth), ("embeddings file", embeds)):
+        if p is not None and not p.is_file():
+            raise InputError(f"{what} not found: {p}")
+
+
+def cli_generate(args) -> int:
+    import json
+
+    _check_inputs(args.image, args.depth, args.embeds)
+    overrides = list(args.overrides)
+    load_params(args.preset, with_text(overrides, args.text), args.params)  # fail before Prefect starts
+    metrics = generate_flow(str(args.image), str(args.out), args.preset, overrides,
+                            str(args.depth) if args.depth else None, str(args.embeds) if args.embeds else None,
+                            args.text, str(args.params) if args.params else None)
+    print(json.dumps({k: metrics[k] for k in ("psnr", "lpips", "clip_similarity") if k in metrics}, indent=2))
+    print(f"mesh: {Path(args.out) / 'fine'}  metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
