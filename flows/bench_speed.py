@@ -1,0 +1,288 @@
+"""`lift3d bench speed`: ms per coarse iteration with both priors at full size, seconds per 100
+textual-inversion steps, peak GPU memory. Writes DIR/speed.json and prints a table.
+
+The real architectures (SD 1.5 UNet / VAE / text encoder, Zero-1-to-3's 8-channel UNet and CLIP
+ViT-L/14 image encoder, cc_projection) are built from the configs in core/fullsize/ with random
+weights: they cost exactly what the real weights cost (DESIGN.md, "How we know it works"). The
+prompt goes through a small stand-in tokenizer (token ids only; the cost is the text encoder's).
+`--tiny` uses the tiny random priors instead (a CPU check of this code path, not a benchmark).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from core.errors import Lift3DError
+from core.params import load_params, resolve_device
+
+log = logging.getLogger(__name__)
+
+FULLSIZE = Path(__file__).resolve().parent.parent / "core" / "fullsize"
+
+
+def _cfg(name: str) -> dict:
+    return json.loads((FULLSIZE / name).read_text())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
+    """SD 1.5 and Zero-1-to-3 parts at full size with random weights, from core/fullsize/*.json."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
+        CLIPVisionModelWithProjection
+
+    from core.guidance.sd import StableDiffusionParts
+    from core.guidance.zero123 import CCProjection, Zero123Parts
+    from core.tiny import SD_SCHEDULER, write_tiny_clip_tokenizer
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="lift3d-tok-"))
+    write_tiny_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    def make(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        with torch.device(device):  # initialise on the device: much faster than on the CPU
+            m = fn()
+        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    sd = StableDiffusionParts(
+        tokenizer=tokenizer,
+        text_encoder=make(lambda: CLIPTextModel(CLIPTextConfig(**_cfg("sd15_text_encoder.json")))),
+        vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
+        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("sd15_unet.json"))),
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
+    )
+    z = Zero123Parts(
+        image_encoder=make(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**_cfg("zero123_image_encoder.json")))),
+        feature_extractor=CLIPImageProcessor(),
+        vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
+        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("zero123_unet.json"))),
+        cc_projection=make(lambda: CCProjection(**_cfg("zero123_cc_projection.json"))),
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
+    )
+    return sd, z
+
+
+def build_tiny_parts(device: torch.device, dtype: torch.dtype, params):
+    from core.guidance.sd import load_stable_diffusion
+    from core.guidance.zero123 import load_zero123
+    from core.models import tiny_root
+    from core.tiny import ensure_tiny_models
+
+    paths = ensure_tiny_models(tiny_root(params))
+    return (load_stable_diffusion(paths["sd"], device, dtype), load_zero123(paths["zero123"], device, dtype))
+
+
+class _Scene:
+    """What the priors guide: a NeRF (Helper A's core.nerf) rendered at the coarse resolution when
+    available, else a learnable image of that size."""
+
+    def __init__(self, params, device: torch.device):
+        self.params, self.device = params, device
+        self.res = params.coarse.resolution
+        try:
+            from core.nerf import NeRFField, render
+
+            self.field = NeRFField.from_params(params, device=device)
+            self._render = render
+            self.kind = f"NeRF (core.nerf), {self.res}x{self.res}, {params.coarse.samples_per_ray} samples/ray, lambertian"
+            self.opt = torch.optim.Adam(self.field.parameters(), lr=params.coarse.lr)
+        except Exception as e:  # noqa: BLE001 - say which stand-in was used
+            log.warning("bench speed: no NeRF renderer (%s); a learnable image stands in", e)
+            self.field = None
+            self.image = torch.nn.Parameter(torch.rand(1, 3, self.res, self.res, device=device))
+            self.kind = f"learnable image {self.res}x{self.res} (core.nerf unavailable)"
+            self.opt = torch.optim.Adam([self.image], lr=params.coarse.lr)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def batch(self, step: int, total: int):
+        from core.cameras import sample_cameras
+        from core.guidance.base import RenderBatch
+
+        cams = sample_cameras(self.params.camera, 1, self.gen, device=self.device)
+        if self.field is not None:
+            light = torch.nn.functional.normalize(cams.centers, dim=-1)
+            r = self._render(self.field, cams, self.res, samples_per_ray=self.params.coarse.samples_per_ray,
+                             shading="lambertian", light_dir=light, perturb=True, generator=self.gen)
+            return RenderBatch(rgb=r.rgb, opacity=r.opacity, depth=r.depth, normal=r.normal, cameras=cams,
+                               shading="lambertian", light_dir=light, step=step, total_steps=total)
+        rgb = torch.sigmoid(self.image)
+        return RenderBatch(rgb=rgb, opacity=torch.ones_like(rgb[:, :1]), depth=torch.zeros_like(rgb[:, :1]),
+                           normal=None, cameras=cams, shading="albedo", light_dir=None, step=step, total_steps=total)
+
+
+def _time_iterations(scene: _Scene, guidance, iters: int, warmup: int, device) -> dict[str, Any]:
+    def one(step: int) -> None:
+        batch = scene.batch(step, iters + warmup)
+        out = guidance(batch)
+        out.loss.backward()
+        scene.opt.step()
+        scene.opt.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        one(i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        one(warmup + i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    res = {"median_ms": round(statistics.median(times), 2), "mean_ms": round(statistics.fmean(times), 2),
+           "min_ms": round(min(times), 2), "iters": iters, "warmup": warmup}
+    if device.type == "cuda":
+        res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    return res
+
+
+def _time_textual_inversion(sd_parts, params, steps: int, device) -> dict[str, Any]:
+    from core.textual_inversion import learn_token
+
+    ti = params.textual_inversion
+    rgb = torch.ones(3, 256, 256)
+    rgb[:, 64:192, 80:176] = torch.tensor([0.7, 0.3, 0.2])[:, None, None]
+    mask = torch.zeros(1, 256, 256)
+    mask[:, 64:192, 80:176] = 1
+    stamps: list[float] = []
+
+    def cb(step: int, loss: float) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    learn_token(sd_parts, rgb, mask, token="<bench>", initializer="object", steps=steps, lr=ti.lr,
+                batch_size=ti.batch_size, resolution=params.sd.resolution, seed=0, callback=cb)
+    warm = min(3, steps - 2)
+    per_step = (stamps[-1] - stamps[warm - 1]) / (len(stamps) - warm)
+    res = {"seconds_per_100_steps": round(per_step * 100.0, 2), "steps_timed": len(stamps) - warm,
+           "warmup_steps": warm, "batch_size": ti.batch_size, "resolution": params.sd.resolution}
+    if device.type == "cuda":
+        res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    return res
+
+
+def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool = False,
+                    compile_modes: tuple[str, ...] = (), ti_steps: int = 23, out: Path | None = None,
+                    time_budget_s: float = 480.0) -> dict[str, Any]:
+    from core.guidance.priors import JointPrior
+    from core.guidance.sd import StableDiffusionGuidance, weights_dtype
+    from core.guidance.zero123 import Zero123Guidance
+    from core.cameras import reference_cameras
+
+    t_start = time.perf_counter()
+    dtype = weights_dtype(device, params.sd.fp16)
+    t0 = time.perf_counter()
+    sd_parts, z_parts = build_tiny_parts(device, dtype, params) if tiny else build_fullsize_parts(device, dtype)
+    build_s = time.perf_counter() - t0
+    prompt = params.prompt.template.replace("{text}", "a chair").replace(params.textual_inversion.placeholder, "a chair")
+    sd = StableDiffusionGuidance(sd_parts, prompt, guidance_scale=params.sd.guidance_scale, t_range=params.sd.t_range,
+                                 resolution=params.sd.resolution, seed=params.seed)
+    ref = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1))
+    z = Zero123Guidance(z_parts, ref, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
+                        t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)
+    w = params.guidance.coarse
+    scene = _Scene(params, device)
+    result: dict[str, Any] = {
+        "command": "lift3d bench speed", "stage": "coarse", "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+        "models": "tiny random (core.tiny)" if tiny else "full-size random weights (core/fullsize/*.json)",
+        "parameters_millions": {k: round(_n_params(m) / 1e6, 1) for k, m in {
+            "sd_unet": sd_parts.unet, "sd_vae": sd_parts.vae, "sd_text_encoder": sd_parts.text_encoder,
+            "zero123_unet": z_parts.unet, "zero123_image_encoder": z_parts.image_encoder,
+            "zero123_vae": z_parts.vae}.items()},
+        "render": scene.kind, "sd_resolution": params.sd.resolution, "zero123_resolution": params.zero123.resolution,
+        "guidance_scales": {"sd": params.sd.guidance_scale, "zero123": params.zero123.guidance_scale},
+        "lambdas": {"lambda_2d": w.lambda_2d, "lambda_3d": w.lambda_3d}, "build_seconds": round(build_s, 1),
+        "coarse_iteration": {}, "prior_only": {},
+    }
+
+    def save() -> None:
+        if out is not None:
+            (out / "speed.json").write_text(json.dumps(result, indent=2))
+
+    warm = 3
+    result["coarse_iteration"]["eager"] = _time_iterations(scene, JointPrior(sd, z, w.lambda_2d, w.lambda_3d), iters,
+                                                           warm, device)
+    result["prior_only"]["eager_sd"] = _time_iterations(scene, JointPrior(sd, None, w.lambda_2d, 0.0), iters, warm, device)
+    result["prior_only"]["eager_zero123"] = _time_iterations(scene, JointPrior(None, z, 0.0, w.lambda_3d), iters, warm,
+                                                             device)
+    save()
+    result["textual_inversion"] = _time_textual_inversion(sd_parts, params, ti_steps, device)
+    save()
+    eager_unets = (sd_parts.unet, z_parts.unet)
+    for mode in compile_modes:
+        if time.perf_counter() - t_start > time_budget_s:
+            result["coarse_iteration"][f"compile-{mode}"] = "skipped: time budget"
+            break
+        torch._dynamo.reset()
+        sd_parts.unet = torch.compile(eager_unets[0], mode=mode, dynamic=False)
+        z_parts.unet = torch.compile(eager_unets[1], mode=mode, dynamic=False)
+        t0 = time.perf_counter()
+        try:
+            r = _time_iterations(scene, JointPrior(sd, z, w.lambda_2d, w.lambda_3d), iters, warm, device)
+            r["warmup_incl_compile_s"] = round(time.perf_counter() - t0, 1)
+            result["coarse_iteration"][f"compile-{mode}"] = r
+        except Exception as e:  # noqa: BLE001 - a compile failure is a finding, not a crash
+            result["coarse_iteration"][f"compile-{mode}"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        save()
+    sd_parts.unet, z_parts.unet = eager_unets
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"bench speed — {r['gpu']} ({r['device']}), {r['dtype']}, {r['models']}", f"render: {r['render']}", "",
+             f"{'what':44s} {'median ms':>10s} {'mean ms':>10s} {'peak GiB':>9s}"]
+    rows = [(f"coarse iteration, both priors ({k})", v) for k, v in r["coarse_iteration"].items()]
+    rows += [(f"coarse iteration, {k.split('_', 1)[1]} prior only (eager)", v) for k, v in r["prior_only"].items()]
+    for name, v in rows:
+        if isinstance(v, dict):
+            lines.append(f"{name:44s} {v['median_ms']:10.1f} {v['mean_ms']:10.1f} {v.get('peak_memory_gib', float('nan')):9.2f}")
+        else:
+            lines.append(f"{name:44s} {v}")
+    ti = r.get("textual_inversion")
+    if ti:
+        lines.append(f"textual inversion: {ti['seconds_per_100_steps']:.1f} s per 100 steps (batch {ti['batch_size']}, "
+                     f"{ti['resolution']}², peak {ti.get('peak_memory_gib', float('nan')):.2f} GiB)")
+    return "\n".join(lines)
+
+
+def cli_bench_speed(args) -> int:
+    if args.stage != "coarse":
+        raise Lift3DError("bench speed: only --stage coarse is measured here (the fine stage's renderer is "
+                          "issue 4's; see its benchmark)")
+    params = load_params(args.preset, args.overrides, getattr(args, "params", None))
+    device = resolve_device(params)
+    tiny = bool(getattr(args, "tiny", False))
+    if device.type != "cuda" and not tiny:
+        raise Lift3DError("bench speed measures full-size priors on a GPU; no CUDA device here "
+                          "(use --tiny to check the code path on the CPU)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = tuple(m for m in (getattr(args, "compile", "") or "").split(",") if m)
+    r = run_speed_bench(params, device, iters=args.iters, tiny=tiny, compile_modes=modes,
+                        ti_steps=getattr(args, "ti_steps", 23), out=out)
+    print(format_table(r))
+    print(f"wrote {out / 'speed.json'}")
+    return 0
