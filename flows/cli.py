@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "object folders), evaluate them and write reports/.")
     p.add_argument("dataset", type=Path, help="a folder of object folders, each with rgba.png")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--limit", type=int, default=None, help="only the first N objects")
+    p.add_argument("--limit", type=int, default=0, help="only the first N objects (0: all)")
     p.add_argument("--gpus", type=int, default=None, help="spread assets over N GPUs with Dask (one asset per GPU)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     _add_params_args(p)
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--depth", type=Path, default=None, help="a depth map to use as is")
     _add_params_args(p)
-    p.set_defaults(handler="flows.steps:cli_prepare")
+    p.set_defaults(handler="flows.inputs:cli_prepare")
 
     p = sub.add_parser("coarse", help="the coarse stage: a NeRF from one image",
                        description="Optimise the coarse NeRF (Magic123 §2.1.1) and export its mesh. "
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="a plain description of the object")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     _add_params_args(p)
-    p.set_defaults(handler="flows.steps:cli_coarse")
+    p.set_defaults(handler="flows.coarse:cli_coarse")
 
     p = sub.add_parser("refine", help="the fine stage: DMTet refinement of a coarse checkpoint, textured mesh export",
                        description="Refine a coarse NeRF checkpoint into a DMTet mesh (Magic123 §2.1.2) and export "
@@ -85,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run folder the way the papers do; writes RUN_DIR/metrics.json.")
     p.add_argument("run_dir", type=Path)
     _add_params_args(p, default_preset=None)
-    p.set_defaults(handler="flows.steps:cli_evaluate")
+    p.set_defaults(handler="flows.evaluate:cli_evaluate")
 
     p = sub.add_parser("report", help="tables, plots and a gallery from benchmark results",
                        description="Collect metrics.json files under RESULTS into reports/.")
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, default=Path("reports"))
-    p.set_defaults(handler="flows.steps:cli_report")
+    p.set_defaults(handler="flows.evaluate:cli_report")
 
     # -- benchmarks of the machinery -------------------------------------------------------------
     bench = sub.add_parser("bench", help="benchmarks of the machinery (oracle reconstruction, speed)")
