@@ -17,7 +17,7 @@ from PIL import Image
 
 from core.depth import depth_for, open_depth
 from core.errors import InputError
-from core.segment import apply_framing, segment_image
+from core.segment import apply_framing, segment
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def prepare_inputs(image: Path | str, out: Path | str, params, depth: Optional[P
         depth = sibling_depth(image)
         if depth is not None:
             log.info("prepare: using the given depth map beside the image: %s", depth)
-    seg = segment_image(image, params)
+    seg = segment(image, params)
     out.mkdir(parents=True, exist_ok=True)
     if depth is not None:
         d = open_depth(depth)

@@ -82,14 +82,20 @@ def plot_metric_bars(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
         if t.empty:
             continue
         fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 0.35 * len(t.columns) + 2))
-        for ax, (_, label) in zip(axes, METRICS):
-            vals = t.loc[label]
+        pub = load_published()
+        bad = {(f"{r['method']} [{r['source']}]", r["suspect"]) for _, r in pub.iterrows()
+               if isinstance(r.get("suspect"), str) and r["suspect"]}
+        for ax, (key, label) in zip(axes, METRICS):
+            vals = t.loc[label].copy()
+            for col in vals.index:
+                if (col, key) in bad:
+                    vals[col] = float("nan")  # a suspect transcription (see the CSV): not drawn
             colors = ["tab:orange" if "(ours" in c else "tab:gray" for c in t.columns]
             ax.barh(range(len(vals)), vals.values, color=colors)
             ax.set_yticks(range(len(vals)), [c.replace(" Table 1", "") for c in t.columns], fontsize=7)
             ax.set_title(label)
             ax.invert_yaxis()
-        fig.suptitle(f"{dataset}: ours (orange) and published (grey)")
+        fig.suptitle(f"{dataset}: ours (orange) and published (grey; suspect transcriptions left out)")
         fig.tight_layout()
         p = out / f"metrics_{dataset}.png"
         fig.savefig(p, dpi=110)

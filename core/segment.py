@@ -189,7 +189,12 @@ def apply_framing(im: Image.Image, fr: Framing, fill=0, resample=Image.Resamplin
 
 
 # ------------------------------------------------------------------------------------------ segment
-def segment_image(
+def segment_image(image: Path | str | Image.Image, params=None, **kwargs) -> Image.Image:
+    """Photo → the framed RGBA image only (what core.images.load_reference asks for); see `segment`."""
+    return segment(image, params, **kwargs).rgba
+
+
+def segment(
     image: Path | str | Image.Image,
     params=None,
     *,

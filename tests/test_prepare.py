@@ -8,7 +8,7 @@ from PIL import Image
 
 from core.errors import InputError
 from core.params import load_params
-from core.segment import segment_image
+from core.segment import segment, segment_image
 from flows.cli import main
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
@@ -30,7 +30,7 @@ def test_rgb_photo_is_segmented_recentred_and_scaled(tiny_env):
     p = load_params("smoke", {"segment.size": 128, "segment.object_scale": 0.5})
     im = Image.new("RGB", (400, 300), (255, 255, 255))
     im.paste((180, 40, 40), (20, 30, 120, 230))  # a 100×200 object near the left edge
-    seg = segment_image(im, p)
+    seg = segment(im, p)
     assert not seg.used_input_alpha and seg.rgba.size == (128, 128) and seg.rgba.mode == "RGBA"
     l, t, r, b = bbox(seg.mask)
     # longer side (200 px) → 0.5·128 = 64 px, centred; the shorter scales alike (100 → 32)
@@ -52,7 +52,8 @@ def test_input_alpha_is_used_as_is(tiny_env, monkeypatch):
     a[..., :3] = 255  # white object on ... a white photo: only the alpha can tell
     a[10:40, 20:30, 3] = 255
     a[40:42, 20:30, 3] = 90  # soft edge is kept as is
-    seg = segment_image(Image.fromarray(a, "RGBA"), p)
+    seg = segment(Image.fromarray(a, "RGBA"), p)
+    assert segment_image(Image.fromarray(a, "RGBA"), p).tobytes() == seg.rgba.tobytes()  # the RGBA alone
     assert seg.used_input_alpha
     assert np.array_equal(np.asarray(seg.rgba.getchannel("A")), a[..., 3])
     assert bbox(seg.mask) == (20, 10, 30, 40)
@@ -61,7 +62,7 @@ def test_input_alpha_is_used_as_is(tiny_env, monkeypatch):
 def test_empty_alpha_is_an_input_error(tiny_env):
     p = load_params("smoke")
     with pytest.raises(InputError, match="no foreground"):
-        segment_image(Image.new("RGBA", (32, 32), (0, 0, 0, 0)), p)
+        segment(Image.new("RGBA", (32, 32), (0, 0, 0, 0)), p)
 
 
 def test_prepare_uses_given_depth_aligned_and_downscales_big_inputs(tiny_env, tmp_path):
