@@ -33,6 +33,7 @@ TRUNK_WEIGHTS = {
     "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights"),
 }
 _LPIPS: dict[tuple, torch.nn.Module] = {}
+_LPIPS_MIN_SIDE = 64
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -111,10 +112,16 @@ def build_lpips(net: str = "alex", trunk: Optional[Path | str] = None, random_tr
 
 @torch.no_grad()
 def lpips_distance(model: torch.nn.Module, pred: torch.Tensor, target: torch.Tensor) -> float:
-    """LPIPS of (3,H,W) images in [0,1] (lpips wants [-1,1])."""
+    """LPIPS of (3,H,W) images in [0,1] (lpips wants [-1,1]). Images under 64 px a side (tiny smoke
+    renders) are upsampled to 64 first: the AlexNet/VGG trunks cannot take smaller inputs."""
     dev = next(model.parameters()).device
     a = pred.float().unsqueeze(0).to(dev) * 2 - 1
     b = target.float().unsqueeze(0).to(dev) * 2 - 1
+    if min(a.shape[-2:]) < _LPIPS_MIN_SIDE:
+        f = _LPIPS_MIN_SIDE / min(a.shape[-2:])
+        size = (round(a.shape[-2] * f), round(a.shape[-1] * f))
+        a = torch.nn.functional.interpolate(a, size=size, mode="bilinear", align_corners=False)
+        b = torch.nn.functional.interpolate(b, size=size, mode="bilinear", align_corners=False)
     return float(model(a, b).mean())
 
 

@@ -121,10 +121,10 @@ def plot_detector_traces(results: Path, out: Path) -> Optional[Path]:
             continue
         label = f.parent.parent.name if f.parent.name in ("coarse", "fine") else f.parent.name
         steps = [t["step"] for t in tr]
-        a1.plot(steps, [t["score"] for t in tr], label=label)
+        a1.plot(steps, [t["score"] for t in tr], marker=".", label=label)
         rs = [(t["step"], t["rate"]) for t in tr if t.get("rate") is not None]
         if rs:
-            a2.plot(*zip(*rs), label=label)
+            a2.plot(*zip(*rs), marker=".", label=label)
         if d.get("switch_step") is not None:
             for ax in (a1, a2):
                 ax.axvline(d["switch_step"], ls=":", lw=0.8, color=a1.lines[-1].get_color())

@@ -139,3 +139,26 @@ def test_report_tables_plots_gallery(tmp_path):
         assert k in out
     assert Image.open(out["metrics_RealFusion15"]).size[0] > 100
     assert (tmp_path / "reports" / "gallery.html").read_text().count("<img") == 2
+
+
+def test_evaluate_reads_a_real_coarse_stage_folder(tiny_env, tmp_path):
+    """The stage-folder contract end to end: Helper A's coarse stage writes it, evaluate reads it."""
+    pytest.importorskip("core.coarse")
+    from core.coarse import run_coarse
+    from core.images import Reference
+
+    p = load_params("smoke", {
+        "coarse.iters": 3, "coarse.resolution": 16, "coarse.samples_per_ray": 8, "coarse.mesh_resolution": 16,
+        "coarse.grid.levels": 2, "coarse.grid.log2_table_size": 8, "coarse.grid.max_resolution": 32,
+        "coarse.losses.normal_smooth": 0, "coarse.losses.orientation": 0, "coarse.shading.normal_only": 0,
+        "coarse.shading.diffuse_prob": 0, "coarse.shading.textureless_prob": 0,
+        "guidance.kind": "none", "evaluate.novel_views": 2})
+    ref = Reference(rgb=torch.ones(3, 16, 16), mask=torch.zeros(1, 16, 16), depth=None)
+    ref.rgb[:, 4:12, 4:12] = 0.2
+    ref.mask[:, 4:12, 4:12] = 1.0
+    run = tmp_path / "nerf4" / "box"
+    run_coarse(p, ref, run / "coarse", device="cpu", progress=False)
+    assert main(["evaluate", str(run), "--preset", "smoke"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["stage"] == "coarse" and m["novel_views"] == 2 and m["resolution"] == [16, 16]
+    assert 0 < m["psnr"] < 100 and m["lpips"] > 0 and -1 <= m["clip_similarity"] <= 1
