@@ -38,7 +38,9 @@ def describe(name: str) -> str:
     return "a " + name.replace("_", " ").replace("-", " ")
 
 
-@flow(name="benchmark", log_prints=True)
+# In-process default: one task at a time. Model loading (transformers' meta-device init) is not
+# thread-safe, and a CPU gains nothing from running two assets at once; scale-out is Dask's job.
+@flow(name="benchmark", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def benchmark_flow(dataset: str, out: str, preset: Optional[str] = "magic123", overrides: Optional[list[str]] = None,
                    limit: Optional[int] = None, params_file: Optional[str] = None) -> dict:
     ds, out_p = Path(dataset), Path(out)

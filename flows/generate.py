@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.params import Params, load_params
 from core.pipeline import needs_textual_inversion
@@ -56,7 +57,7 @@ def submit_asset(image: Path, out: Path, params: Params, depth: Optional[Path] =
         str(out), str(fine), p, dataset=dataset, asset=asset, parent_run_id=parent_run_id, wait_for=[f])
 
 
-@flow(name="generate", log_prints=True)
+@flow(name="generate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def generate_flow(image: str, out: str, preset: Optional[str] = "magic123", overrides: Optional[list[str]] = None,
                   depth: Optional[str] = None, embeds: Optional[str] = None, text: Optional[str] = None,
                   params_file: Optional[str] = None) -> dict:

@@ -78,8 +78,16 @@ def code_digest(*entry_modules: str) -> str:
     return h.hexdigest()
 
 
+def _pick(params: dict, dotted: str) -> Any:
+    node: Any = params
+    for k in dotted.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
 def params_digest(params: dict, sections: Iterable[str]) -> str:
-    picked = {s: params.get(s) for s in sorted(sections)}
+    """Hash of the named sections; a dotted name ('evaluate.novel_views') picks one value."""
+    picked = {s: _pick(params, s) for s in sorted(sections)}
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
 
 

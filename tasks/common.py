@@ -8,8 +8,9 @@ from core.params import Params
 # the parameter sections each step reads (its cache key covers these and nothing else)
 PREPARE_SECTIONS = ("segment", "depth", "models")
 TI_SECTIONS = ("textual_inversion", "sd", "segment", "models", "seed", "device")
+# the stages render the novel views that evaluation scores: their number is a stage input too
 COARSE_SECTIONS = ("method", "seed", "device", "camera", "coarse", "guidance", "sd", "zero123", "prompt",
-                   "textual_inversion", "detector", "models", "segment")
+                   "textual_inversion", "detector", "models", "segment", "evaluate.novel_views")
 FINE_SECTIONS = COARSE_SECTIONS + ("fine",)
 EVALUATE_SECTIONS = ("evaluate", "models", "method", "device")
 

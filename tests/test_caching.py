@@ -51,3 +51,11 @@ def test_step_key_depends_only_on_named_sections_and_files(tmp_path):
     img.write_bytes(b"other")
     assert key(p1) != k1
     assert params_digest(p1, ["coarse"]) == params_digest(p2, ["coarse"])
+
+
+def test_dotted_sections_pick_one_value():
+    a = {"evaluate": {"novel_views": 8, "clip_model": "A"}}
+    b = {"evaluate": {"novel_views": 8, "clip_model": "B"}}
+    c = {"evaluate": {"novel_views": 4, "clip_model": "A"}}
+    assert params_digest(a, ["evaluate.novel_views"]) == params_digest(b, ["evaluate.novel_views"])
+    assert params_digest(a, ["evaluate.novel_views"]) != params_digest(c, ["evaluate.novel_views"])

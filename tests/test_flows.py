@@ -1,0 +1,115 @@
+"""The Prefect flows end to end on CPU with tiny random priors: caching, MLflow runs, reports.
+
+One Prefect test harness (a temporary database and API) serves the module; the flows run in
+process. Sizes are cut far below the smoke preset so the whole file takes a couple of minutes.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+TINY = [
+    "coarse.iters=8", "coarse.resolution=32", "coarse.samples_per_ray=16", "coarse.checkpoint_every=4",
+    "coarse.mesh_resolution=32", "fine.iters=4", "fine.resolution=64", "fine.tet_resolution=32",
+    "fine.checkpoint_every=2", "fine.texture_size=64", "textual_inversion.steps=2", "evaluate.novel_views=2",
+    "segment.size=128",
+]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield tmp_path_factory.mktemp("flows")
+
+
+def _overrides(root: Path) -> list[str]:
+    return TINY + [f"tracking.mlflow_uri=sqlite:///{root}/mlruns.db"]
+
+
+def _runs(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
+    exp = client.get_experiment_by_name("lift3d")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.mark.slow
+def test_generate_runs_end_to_end_then_caches(harness):
+    from flows.generate import generate_flow
+
+    root = harness / "gen"
+    obj = BENCH / "nerf4" / "mic"
+    out = root / "mic"
+    metrics = generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root), depth=str(obj / "depth.png"))
+    for key in ("psnr", "lpips", "clip_similarity"):
+        assert isinstance(metrics[key], float)
+    assert json.loads((out / "metrics.json").read_text())["psnr"] == metrics["psnr"]
+    for f in ("inputs/rgba.png", "inputs/depth.png", "textual_inversion/learned_embeds.bin",
+              "coarse/checkpoint.pt", "coarse/result.json", "fine/result.json"):
+        assert (out / f).is_file(), f
+    runs = _runs(root)
+    stages = sorted(r.data.tags.get("stage") for r in runs)
+    assert stages == ["coarse", "evaluate", "fine"]
+    coarse_run = next(r for r in runs if r.data.tags["stage"] == "coarse")
+    assert coarse_run.data.params["coarse.iters"] == "8"
+    assert "loss" in coarse_run.data.metrics
+
+    # the same call again: every step is cached, nothing is rewritten
+    stamps = {f: (out / f).stat().st_mtime_ns for f in ("coarse/result.json", "fine/result.json", "metrics.json")}
+    again = generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root), depth=str(obj / "depth.png"))
+    assert again["psnr"] == metrics["psnr"]
+    assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps
+
+    # an evaluation-only parameter changes: only evaluation runs again
+    generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root) + ["evaluate.psnr_cap=50"],
+                  depth=str(obj / "depth.png"))
+    assert (out / "coarse/result.json").stat().st_mtime_ns == stamps["coarse/result.json"]
+    assert (out / "fine/result.json").stat().st_mtime_ns == stamps["fine/result.json"]
+    assert (out / "metrics.json").stat().st_mtime_ns != stamps["metrics.json"]
+
+    # a deleted stage folder is rebuilt, not trusted to the cache
+    shutil.rmtree(out / "fine")
+    generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root), depth=str(obj / "depth.png"))
+    assert (out / "fine" / "result.json").is_file()
+
+
+@pytest.mark.slow
+def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
+    from flows.benchmark import benchmark_flow
+
+    root = harness / "bench"
+    ds = root / "mini"
+    for name in ("chair", "ficus"):
+        (ds / name).mkdir(parents=True)
+        for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
+            shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
+    result = benchmark_flow(str(ds), str(root / "out"), "smoke", _overrides(root), limit=2)
+    assert set(result["assets"]) == {"chair", "ficus"}
+    assert "mean_psnr" in result["means"]
+    report = Path(result["report"]["report"]).read_text()
+    assert "chair" in report and "ficus" in report
+    # given tokens are used as is: no textual inversion ran
+    assert not (root / "out" / "mini" / "chair" / "textual_inversion").exists()
+    runs = _runs(root)
+    parents = [r for r in runs if r.data.tags.get("kind") == "benchmark"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted((r.data.tags["asset"], r.data.tags["stage"]) for r in children) == sorted(
+        (a, s) for a in ("chair", "ficus") for s in ("coarse", "fine", "evaluate"))
+    assert "mean_psnr" in parents[0].data.metrics
+
+
+def test_benchmark_rejects_a_folder_without_objects(tmp_path):
+    from core.errors import InputError
+    from flows.benchmark import discover
+
+    with pytest.raises(InputError, match="no object folders"):
+        discover(tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        discover(tmp_path / "missing")
+    assert [p.name for p in discover(BENCH / "nerf4", 2)] == ["chair", "drums"]
