@@ -111,7 +111,8 @@ def _rembg_home(folder: Path):
 def _missing(model: str, detail: str = "") -> ModelNotFoundError:
     return ModelNotFoundError(
         f"segmentation model '{model}' is not available{(' (' + detail + ')') if detail else ''}. "
-        f"Put {model}.onnx into $U2NET_HOME (default ~/.u2net) — rembg's release page has it — or set "
+        f"Put {model}.onnx into $U2NET_HOME (or rembg's folder ~/.rembg/models/{model}/) — rembg's release "
+        "page has it — or set "
         "segment.model to the path of a U²-Net-style .onnx file. Inputs that already have an alpha "
         "channel need no segmentation model."
     )

@@ -1,7 +1,7 @@
 """Tiny models of the judges' real classes, saved in their real on-disk formats (for tests and the
 smoke preset), so that every loader runs its ordinary path:
 
-- DPT: a tiny `DPTConfig` → `DPTForDepthEstimation.save_pretrained` + `DPTImageProcessor.save_pretrained`
+- DPT: a tiny `DPTConfig` with a BEiT backbone (as DPT-BEiT-Large-512) → `DPTForDepthEstimation.save_pretrained` + `DPTImageProcessor.save_pretrained`
   → a folder loaded by `from_pretrained` (core/depth.py).
 - CLIP: a tiny open_clip model config JSON (registered through `open_clip.add_model_config`) and its
   `state_dict` saved as a checkpoint file → `create_model_and_transforms(name, pretrained=file)`.
@@ -31,7 +31,7 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
-_VERSION = "1"  # bump when a tiny model changes
+_VERSION = "2"  # bump when a tiny model changes
 _lock = threading.Lock()
 
 
@@ -62,18 +62,25 @@ def _paths(root: Path) -> TinyJudges:
 
 
 def save_tiny_dpt(folder: Path, seed: int = 0) -> Path:
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+    """A tiny DPT with a BEiT backbone — the architecture of the default Intel/dpt-beit-large-512
+    (DPT head over BEiT features from four stages, relative position bias) — and its image processor
+    (aspect kept, sides a multiple of the patch size, like the real one's 512 / multiple of 32)."""
+    from transformers import BeitConfig, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
     torch.manual_seed(seed)
+    backbone = BeitConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=37, out_features=["stage1", "stage2", "stage3", "stage4"],
+        use_relative_position_bias=True, reshape_hidden_states=False, add_fpn=False, use_mask_token=False,
+    )
     config = DPTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32,
-        patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
-        fusion_hidden_size=16, is_hybrid=False, reassemble_factors=[4, 2, 1, 0.5],
-        head_in_index=-1,
+        backbone_config=backbone, is_hybrid=False, hidden_size=32, image_size=32, patch_size=8,
+        num_hidden_layers=None, num_attention_heads=None, intermediate_size=None,
+        neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
     )
     model = DPTForDepthEstimation(config).eval()
-    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False,
-                                  ensure_multiple_of=8, do_pad=False)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=8,
+                                  resample=3)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

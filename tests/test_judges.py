@@ -64,6 +64,7 @@ def test_dpt_loads_via_from_pretrained_folder(judges):
     params = load_params("smoke")
     model, processor = load_depth_model(str(judges.dpt), params.models)
     ref = load_pretrained(DPTForDepthEstimation, str(judges.dpt), key="depth.model")
+    assert type(model.backbone).__name__ == "BeitBackbone"  # the default model's architecture
     for (k, v), (k2, v2) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     rgba = Image.new("RGBA", (48, 40), (255, 255, 255, 0))
