@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.set_defaults(handler="flows.benchmark:cli_benchmark")
 
+    p = sub.add_parser("schedule", help="serve the benchmark flow on a cron schedule (needs a Prefect server)",
+                       description="Register and serve a scheduled benchmark deployment, e.g. nightly.")
+    p.add_argument("dataset", type=Path, help="a folder of object folders, each with rgba.png")
+    p.add_argument("--out", type=Path, required=True, help="output folder of every scheduled run")
+    p.add_argument("--cron", default="0 2 * * *", help='cron schedule (default: "0 2 * * *", nightly at 02:00)')
+    p.add_argument("--limit", type=int, default=0, help="only the first N objects (0: all)")
+    _add_params_args(p)
+    p.set_defaults(handler="flows.schedules:cli_schedule")
+
     # -- single steps ----------------------------------------------------------------------------
     p = sub.add_parser("prepare", help="segment and estimate depth: IMAGE → rgba.png, mask.png, depth.png",
                        description="Segment the object (rembg), recentre it, and estimate the reference depth (DPT).")

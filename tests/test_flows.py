@@ -113,3 +113,12 @@ def test_benchmark_rejects_a_folder_without_objects(tmp_path):
     with pytest.raises(InputError, match="not found"):
         discover(tmp_path / "missing")
     assert [p.name for p in discover(BENCH / "nerf4", 2)] == ["chair", "drums"]
+
+
+def test_scheduled_benchmark_deployment_carries_cron_and_parameters():
+    from flows.schedules import benchmark_deployment
+
+    d = benchmark_deployment(str(BENCH / "nerf4"), "runs/nightly", "0 2 * * *", "smoke", ["seed=3"], 2)
+    assert d.name == "nerf4-smoke"
+    assert d.parameters["preset"] == "smoke" and d.parameters["overrides"] == ["seed=3"] and d.parameters["limit"] == 2
+    assert [s.schedule.cron for s in d.schedules] == ["0 2 * * *"]
