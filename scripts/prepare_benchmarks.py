@@ -30,6 +30,8 @@ def main() -> int:
     ap.add_argument("--bench", type=Path, default=REPO.parent / "shared" / "benchmarks")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="parameter overrides passed on to lift3d prepare")
     args = ap.parse_args()
     from PIL import Image
 
@@ -38,7 +40,7 @@ def main() -> int:
     from core.tiny_judges import ensure_tiny_judges
     from flows.cli import main as lift3d
 
-    ensure_tiny_judges(params=load_params(args.preset))
+    ensure_tiny_judges(params=load_params(args.preset, args.overrides))
     base = peak_mib()
     images = sorted(args.bench.glob("*/*/rgba.png"))
     rows, failures = [], 0
@@ -47,7 +49,8 @@ def main() -> int:
         name = f"{img.parent.parent.name}/{img.parent.name}"
         out = args.out / name
         t0 = time.perf_counter()
-        rc = lift3d(["prepare", str(img), "--out", str(out), "--preset", args.preset])
+        sets = [a for kv in args.overrides for a in ("--set", kv)]
+        rc = lift3d(["prepare", str(img), "--out", str(out), "--preset", args.preset, *sets])
         dt = time.perf_counter() - t0
         ok = rc == 0
         rec = json.loads((out / "prepare.json").read_text()) if ok else {}
@@ -63,7 +66,7 @@ def main() -> int:
     total = time.perf_counter() - t_all
     summary = {"inputs": len(images), "failures": failures, "total_seconds": round(total, 2),
                "baseline_peak_rss_mib": round(base, 1), "final_peak_rss_mib": round(peak_mib(), 1),
-               "preset": args.preset, "rows": rows}
+               "preset": args.preset, "overrides": args.overrides, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prepare_benchmarks.json").write_text(json.dumps(summary, indent=2))
     print(f"{len(images)} inputs, {failures} failures, {total:.1f} s in all; peak RSS {base:.0f} MiB after "
