@@ -128,7 +128,7 @@ class FineParams(_Section):
     iters: int = Field(5000, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     resolution: int = Field(1024, ge=8)  # 8× the coarse resolution
-    tet_resolution: Literal[32, 64, 128, 256] = 128
+    tet_resolution: int = Field(128, ge=2, le=512)  # voxels per axis of the Kuhn tet grid (6 tets each); 256 an option
     mask_erode_px: int = Field(2, ge=0)
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
     losses: FineLossWeights = FineLossWeights()
