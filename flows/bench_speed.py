@@ -117,10 +117,18 @@ class _Scene:
         cams = sample_cameras(self.params.camera, 1, self.gen, device=self.device)
         if self.field is not None:
             light = torch.nn.functional.normalize(cams.centers, dim=-1)
-            r = self._render(self.field, cams, self.res, samples_per_ray=self.params.coarse.samples_per_ray,
-                             shading="lambertian", light_dir=light, perturb=True, generator=self.gen)
-            return RenderBatch(rgb=r.rgb, opacity=r.opacity, depth=r.depth, normal=r.normal, cameras=cams,
-                               shading="lambertian", light_dir=light, step=step, total_steps=total)
+            try:
+                r = self._render(self.field, cams, self.res, samples_per_ray=self.params.coarse.samples_per_ray,
+                                 shading="lambertian", light_dir=light, perturb=True, generator=self.gen)
+                return RenderBatch(rgb=r.rgb, opacity=r.opacity, depth=r.depth, normal=r.normal, cameras=cams,
+                                   shading="lambertian", light_dir=light, step=step, total_steps=total)
+            except Exception as e:  # noqa: BLE001 - fall back to the stand-in, and say so
+                log.warning("bench speed: the NeRF render failed (%s); a learnable image stands in", e)
+                self.field = None
+                self.image = torch.nn.Parameter(torch.rand(1, 3, self.res, self.res, device=self.device))
+                self.kind = (f"learnable image {self.res}x{self.res} (core.nerf render failed: "
+                             f"{type(e).__name__}: {str(e)[:200]})")
+                self.opt = torch.optim.Adam([self.image], lr=self.params.coarse.lr)
         rgb = torch.sigmoid(self.image)
         return RenderBatch(rgb=rgb, opacity=torch.ones_like(rgb[:, :1]), depth=torch.zeros_like(rgb[:, :1]),
                            normal=None, cameras=cams, shading="albedo", light_dir=None, step=step, total_steps=total)
@@ -226,6 +234,7 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
     result["prior_only"]["eager_sd"] = _time_iterations(scene, JointPrior(sd, None, w.lambda_2d, 0.0), iters, warm, device)
     result["prior_only"]["eager_zero123"] = _time_iterations(scene, JointPrior(None, z, 0.0, w.lambda_3d), iters, warm,
                                                              device)
+    result["render"] = scene.kind
     save()
     result["textual_inversion"] = _time_textual_inversion(sd_parts, params, ti_steps, device)
     save()
@@ -246,6 +255,7 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
             result["coarse_iteration"][f"compile-{mode}"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         save()
     sd_parts.unet, z_parts.unet = eager_unets
+    result["render"] = scene.kind
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     save()
     return result
