@@ -118,3 +118,23 @@ def test_factory_dynamic_and_none():
     assert build_guidance(_tiny_params("consistent123"), ref, "fine", "cpu").in_stage2
     assert isinstance(build_guidance(_tiny_params("magic123", **{"guidance.kind": "none"}), ref, "coarse", "cpu"),
                       NoGuidance)
+
+
+def test_reference_is_reread_at_the_prior_resolution():
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from core.guidance.factory import _reference_rgb_mask
+    from core.images import load_reference
+
+    chair = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "nerf4" / "chair" / "rgba.png"
+    if not chair.is_file():
+        pytest.skip("benchmark files not present")
+    p = load_params("magic123")
+    ref = load_reference(chair, None, size=64, object_scale=p.segment.object_scale)
+    rgb, mask = _reference_rgb_mask(ref, 256, p)
+    assert rgb.shape == (3, 256, 256) and mask.shape == (1, 256, 256)
+    # the same framing: downsampled, it is the 64² reference
+    assert float((F.interpolate(rgb[None], (64, 64), mode="area")[0] - ref.rgb).abs().mean()) < 0.02
+    assert _reference_rgb_mask(ref, 32, p)[0] is ref.rgb or _reference_rgb_mask(ref, 32, p)[0].shape[-1] == 64

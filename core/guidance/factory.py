@@ -19,10 +19,25 @@ from core.models import model_name
 log = logging.getLogger(__name__)
 
 
-def _reference_rgb_mask(reference: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _reference_rgb_mask(reference: Any, size: Optional[int] = None,
+                        params=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The reference's rgb (3,H,W) and mask. The coarse loop loads the reference at the render size
+    (128²); when the prior needs more pixels (Zero-1-to-3: 256², textual inversion: 512²) and the
+    image file is known, it is read again at that size with the same framing."""
     if torch.is_tensor(reference):
         return reference.float(), None
-    return reference.rgb.float(), getattr(reference, "mask", None)
+    rgb, mask = reference.rgb.float(), getattr(reference, "mask", None)
+    path = getattr(reference, "image_path", None)
+    if size and path and rgb.shape[-1] < size and params is not None:
+        try:
+            from core.images import load_reference
+
+            sharp = load_reference(path, None, size=size, max_pixels=params.segment.max_input_pixels,
+                                   object_scale=params.segment.object_scale)
+            return sharp.rgb.float(), sharp.mask
+        except Exception as e:  # noqa: BLE001 - the given reference still works, only blurrier
+            log.warning("could not re-read %s at %d² (%s); using the %d² reference", path, size, e, rgb.shape[-1])
+    return rgb, mask
 
 
 def resolve_prompt(params, parts, reference: Any) -> str:
@@ -38,7 +53,7 @@ def resolve_prompt(params, parts, reference: Any) -> str:
     elif params.prompt.text is None and params.textual_inversion.enabled and reference is not None:
         ti = params.textual_inversion
         log.info("textual inversion: learning %s for the reference image (%d steps)", ph, ti.steps)
-        rgb, mask = _reference_rgb_mask(reference)
+        rgb, mask = _reference_rgb_mask(reference, params.sd.resolution, params)
         learn_token(parts, rgb, mask, token=ph, initializer=ti.initializer, steps=ti.steps, lr=ti.lr,
                     batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed)
         token = ph
@@ -61,7 +76,7 @@ def build_zero123_guidance(params, reference: Any, device):
 
     dtype = weights_dtype(device, params.zero123.fp16)
     parts = load_zero123(model_name(params, "zero123"), device, dtype, params.models)
-    rgb, _ = _reference_rgb_mask(reference)
+    rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)
 
