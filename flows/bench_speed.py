@@ -92,10 +92,12 @@ class _Scene:
     """What the priors guide: a NeRF (Helper A's core.nerf) rendered at the coarse resolution when
     available, else a learnable image of that size."""
 
-    def __init__(self, params, device: torch.device):
+    def __init__(self, params, device: torch.device, kind: str = "auto"):
         self.params, self.device = params, device
         self.res = params.coarse.resolution
         try:
+            if kind == "image":
+                raise RuntimeError("a learnable image was asked for")
             from core.nerf import NeRFField, render
 
             self.field = NeRFField.from_params(params, device=device)
@@ -190,7 +192,7 @@ def _time_textual_inversion(sd_parts, params, steps: int, device) -> dict[str, A
 
 def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool = False,
                     compile_modes: tuple[str, ...] = (), ti_steps: int = 23, out: Path | None = None,
-                    time_budget_s: float = 480.0) -> dict[str, Any]:
+                    time_budget_s: float = 480.0, scene: str = "auto") -> dict[str, Any]:
     from core.guidance.priors import JointPrior
     from core.guidance.sd import StableDiffusionGuidance, weights_dtype
     from core.guidance.zero123 import Zero123Guidance
@@ -208,7 +210,7 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
     z = Zero123Guidance(z_parts, ref, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                         t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)
     w = params.guidance.coarse
-    scene = _Scene(params, device)
+    scene = _Scene(params, device, scene)
     result: dict[str, Any] = {
         "command": "lift3d bench speed", "stage": "coarse", "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -137,4 +137,4 @@ def test_reference_is_reread_at_the_prior_resolution():
     assert rgb.shape == (3, 256, 256) and mask.shape == (1, 256, 256)
     # the same framing: downsampled, it is the 64² reference
     assert float((F.interpolate(rgb[None], (64, 64), mode="area")[0] - ref.rgb).abs().mean()) < 0.02
-    assert _reference_rgb_mask(ref, 32, p)[0] is ref.rgb or _reference_rgb_mask(ref, 32, p)[0].shape[-1] == 64
+    assert _reference_rgb_mask(ref, 32, p)[0].shape[-1] == 64  # big enough already: not re-read
