@@ -8,7 +8,7 @@ import torch
 
 from flows.bench_speed import FULLSIZE, format_table, run_speed_bench
 from core.params import load_params
-from tests._tiny_priors import tiny_models
+from _tiny_priors import tiny_models
 
 
 def test_speed_bench_writes_speed_json(tmp_path, monkeypatch):

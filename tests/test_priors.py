@@ -11,7 +11,7 @@ from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.factory import build_guidance
 from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, dynamic_prior_weights, joint_prior_loss
 from core.params import load_params
-from tests._tiny_priors import tiny_models
+from _tiny_priors import tiny_models
 
 
 class FakePrior:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._tiny_priors import tiny_models
+from _tiny_priors import tiny_models
 
 CHAIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "nerf4" / "chair"
 HAVE_COARSE = all(importlib.util.find_spec(m) is not None for m in ("core.coarse", "flows.coarse", "core.images"))

@@ -12,7 +12,7 @@ from core.guidance.base import RenderBatch
 from core.guidance.sd import StableDiffusionGuidance, encode_prompts, load_stable_diffusion
 from core.guidance.sds import sample_timesteps
 from core.guidance.zero123 import Zero123Guidance, load_zero123, zero123_condition
-from tests._tiny_priors import tiny_models
+from _tiny_priors import tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from core.errors import InputError
 from core.guidance.sd import load_stable_diffusion
 from core.textual_inversion import (augment_views, learn_token, load_learned_embeds, read_learned_embeds,
                                     save_learned_embeds)
-from tests._tiny_priors import tiny_models
+from _tiny_priors import tiny_models
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "nerf4" / "chair" / "learned_embeds.bin"
 
