@@ -138,3 +138,15 @@ def test_reference_is_reread_at_the_prior_resolution():
     # the same framing: downsampled, it is the 64² reference
     assert float((F.interpolate(rgb[None], (64, 64), mode="area")[0] - ref.rgb).abs().mean()) < 0.02
     assert _reference_rgb_mask(ref, 32, p)[0].shape[-1] == 64  # big enough already: not re-read
+
+
+def test_unet_compile_is_gpu_only_and_off_by_default():
+    from core.guidance.sd import compile_unet
+
+    p = load_params("magic123")
+    assert p.sd.compile == "none" and p.zero123.compile == "none"
+    unet = torch.nn.Linear(2, 2)
+    assert compile_unet(unet, "reduce-overhead", "cpu") is unet
+    assert compile_unet(unet, "none", "cuda") is unet
+    with pytest.raises(Exception):
+        load_params("magic123", {"sd.compile": "fast"})

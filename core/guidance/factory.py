@@ -61,21 +61,23 @@ def resolve_prompt(params, parts, reference: Any) -> str:
 
 
 def build_sd_guidance(params, reference: Any, device):
-    from core.guidance.sd import StableDiffusionGuidance, load_stable_diffusion, weights_dtype
+    from core.guidance.sd import StableDiffusionGuidance, compile_unet, load_stable_diffusion, weights_dtype
 
     dtype = weights_dtype(device, params.sd.fp16)
     parts = load_stable_diffusion(model_name(params, "sd"), device, dtype, params.models)
     prompt = resolve_prompt(params, parts, reference)
+    parts.unet = compile_unet(parts.unet, params.sd.compile, device)  # after textual inversion (which needs grad)
     return StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
                                    t_range=params.sd.t_range, resolution=params.sd.resolution, seed=params.seed)
 
 
 def build_zero123_guidance(params, reference: Any, device):
-    from core.guidance.sd import weights_dtype
+    from core.guidance.sd import compile_unet, weights_dtype
     from core.guidance.zero123 import Zero123Guidance, load_zero123
 
     dtype = weights_dtype(device, params.zero123.fp16)
     parts = load_zero123(model_name(params, "zero123"), device, dtype, params.models)
+    parts.unet = compile_unet(parts.unet, params.zero123.compile, device)
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)

@@ -29,6 +29,15 @@ def weights_dtype(device: torch.device | str, fp16: bool) -> torch.dtype:
     return torch.float16 if fp16 and torch.device(device).type == "cuda" else torch.float32
 
 
+def compile_unet(unet, mode: str, device):
+    """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'.
+    'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are launch-bound eagerly."""
+    if mode == "none" or torch.device(device).type != "cuda":
+        return unet
+    log.info("UNet: torch.compile(mode=%r)", mode)
+    return torch.compile(unet, mode=mode, dynamic=False)
+
+
 @dataclass
 class StableDiffusionParts:
     tokenizer: Any
