@@ -86,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OBJ+MTL+PNG, GLB and a turntable.")
     p.add_argument("checkpoint", type=Path, help="a coarse checkpoint (coarse/checkpoint.pt)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--image", type=Path, default=None,
+                   help="the reference image (default: reference_rgba.png beside the checkpoint)")
+    p.add_argument("--depth", type=Path, default=None, help="the reference depth map (brighter is nearer)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     _add_params_args(p, default_preset=None)
-    p.set_defaults(handler="flows.steps:cli_refine")
+    p.set_defaults(handler="flows.fine:cli_refine")
 
     p = sub.add_parser("evaluate", help="PSNR / LPIPS at the reference view, CLIP similarity of novel views",
                        description="Evaluate a run folder the way the papers do; writes RUN_DIR/metrics.json.")
