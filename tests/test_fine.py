@@ -1,0 +1,199 @@
+"""The fine stage (core/fine.py) end to end on CPU, oracle-guided, from a stand-in coarse field;
+and the mesh regularisers of core/losses.py."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from core.fine import erode_mask, run_fine
+from core.guidance.oracle import OracleGuidance
+from core.losses import mesh_laplacian_loss, mesh_normal_consistency
+from core.objects import make_object
+from core.params import load_params
+from flows.bench_fine import chamfer_relative, fine_reference, mesh_chamfer, sample_mesh_surface
+
+
+class StandInField(nn.Module):
+    """What core.nerf.load_field gives (density, albedo), built from a known object: density is a
+    soft indicator of the object (level set 10 at its surface, offset outwards by `offset`), the
+    colour a learnable field that starts grey."""
+
+    def __init__(self, obj, offset=0.0):
+        super().__init__()
+        self.obj, self.offset = obj, offset
+        self.colour = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 3))
+        nn.init.zeros_(self.colour[2].weight)
+        nn.init.zeros_(self.colour[2].bias)
+
+    def density(self, x):
+        return 20.0 * torch.sigmoid(-(self.obj.sdf(x) - self.offset) / 0.02)
+
+    def albedo(self, x):
+        return torch.sigmoid(self.colour(x))
+
+
+def _params(**over):
+    base = {"fine.iters": 24, "fine.resolution": 48, "fine.tet_resolution": 32, "fine.checkpoint_every": 8,
+            "fine.texture_size": 64, "evaluate.novel_views": 2, "fine.lr": 0.01}
+    base.update(over)
+    return load_params("smoke", base)
+
+
+@pytest.fixture(scope="module")
+def fine_run(tmp_path_factory):
+    obj = make_object("blocks")
+    p = _params()
+    out = tmp_path_factory.mktemp("fine")
+    guidance = OracleGuidance(obj, p)
+    field = StandInField(obj)
+    from core.cameras import Cameras
+
+    cams = Cameras.make([65.0, 115.0], [22.5, 157.5], 1.8, 40.0)
+    grey = torch.sigmoid(field.colour(torch.zeros(1, 3)))
+    tr = run_fine(p, fine_reference(obj, p), field, out, guidance=guidance, device="cpu", resume=False,
+                  progress=False, turntable_frames=2)
+    return obj, p, out, tr, cams, grey
+
+
+def test_fine_stage_outputs_and_chamfer(fine_run):
+    obj, p, out, tr, cams, _ = fine_run
+    result = json.loads((out / "result.json").read_text())
+    assert result["stage"] == "fine" and result["steps"] == p.fine.iters and result["rasterizer"] == "torch"
+    for f in result["files"]:
+        assert (out / f).is_file(), f
+    assert (out / "checkpoint.pt").is_file() and (out / "mesh.glb").is_file()
+    chamfer = mesh_chamfer(tr.mesh().detach(), obj)
+    assert chamfer <= 0.03, chamfer  # the smoke preset's bound
+
+
+def test_fine_stage_learns_colour(fine_run):
+    """The oracle's novel views teach the colour field: renders get closer to the object's."""
+    obj, p, out, tr, cams, grey = fine_run
+    from core.losses import psnr
+
+    tgt = obj.render(cams, 48, shading="albedo")["rgb"]
+    with torch.no_grad():
+        mesh = tr.mesh().detach()
+        now = torch.cat([tr.render(mesh, cams[i], 48).rgb for i in range(2)])
+        start = torch.cat([render_with(tr, mesh, cams[i], lambda x: grey.expand(x.shape[0], 3)) for i in range(2)])
+    assert psnr(now, tgt) > psnr(start, tgt) + 0.5
+
+
+def render_with(tr, mesh, cam, colour_fn):
+    from core.mesh_render import render_mesh
+
+    return render_mesh(mesh, colour_fn, cam, 48, tr.rasterizer).rgb
+
+
+def test_fine_resume_matches_uninterrupted(tmp_path):
+    obj = make_object("torus")
+    p = _params(**{"fine.iters": 8, "fine.checkpoint_every": 4, "fine.tet_resolution": 16, "fine.resolution": 32})
+    ref = fine_reference(obj, p)
+    torch.manual_seed(0)
+    field = StandInField(obj)
+    a = run_fine(p, ref, field, tmp_path / "a", guidance=OracleGuidance(obj, p), resume=False, progress=False,
+                 write_results=False)
+    run_fine(p, ref, field, tmp_path / "b", guidance=OracleGuidance(obj, p), resume=False, progress=False,
+             stop_after=4, write_results=False)
+    assert not (tmp_path / "b" / "result.json").exists()
+    b = run_fine(p, ref, field, tmp_path / "b", guidance=OracleGuidance(obj, p), resume=True, progress=False,
+                 write_results=False)
+    assert b.step_no == 8
+    torch.testing.assert_close(a.dmtet.sdf, b.dmtet.sdf)
+    torch.testing.assert_close(a.dmtet.deform, b.dmtet.deform)
+
+
+def test_erode_mask_by_two_pixels():
+    m = torch.zeros(1, 1, 20, 20)
+    m[..., 5:15, 4:16] = 1
+    e = erode_mask(m, 2)
+    assert e.sum() == 6 * 8 and e[0, 0, 7:13, 6:14].all()
+
+
+def test_chamfer_of_known_point_sets():
+    a = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    b = a + torch.tensor([0.0, 0.0, 0.1])
+    assert chamfer_relative(a, b) == pytest.approx(0.1 / math.sqrt(2), rel=1e-6)
+    # points sampled on a unit square's two triangles lie on it and fill it
+    faces = torch.tensor([[0, 1, 3], [0, 3, 2]])
+    pts = sample_mesh_surface(a, faces, 4000)
+    assert (pts[:, 2] == 0).all() and pts[:, :2].min() >= 0 and pts[:, :2].max() <= 1
+    assert abs(float(pts[:, 0].mean()) - 0.5) < 0.03
+
+
+# ----------------------------------------------------------------------------------- regularisers
+def _grid(n=6, bump=0.0):
+    """A flat n×n vertex grid in the z=0 plane, optionally with its centre vertex lifted."""
+    xs = torch.linspace(0, 1, n)
+    v = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    v = torch.cat([v, torch.zeros(n * n, 1)], 1)
+    f = []
+    for i in range(n - 1):
+        for j in range(n - 1):
+            a, b, c, d = i * n + j, (i + 1) * n + j, i * n + j + 1, (i + 1) * n + j + 1
+            f += [[a, b, d], [a, d, c]]
+    centre = (n // 2) * n + n // 2
+    v[centre, 2] = bump
+    return v, torch.tensor(f)
+
+
+def test_normal_consistency_zero_on_a_plane_and_grows_with_a_bump():
+    v, f = _grid()
+    assert float(mesh_normal_consistency(v, f)) == pytest.approx(0.0, abs=1e-6)
+    vb, _ = _grid(bump=0.3)
+    vb.requires_grad_(True)
+    loss = mesh_normal_consistency(vb, f)
+    assert loss > 0.01
+    loss.backward()
+    assert vb.grad[:, 2].abs().sum() > 0
+
+
+def test_normal_consistency_of_a_cube_is_analytic():
+    """A cube of 12 triangles: 12 edges at 90° (1 − cos = 1), 6 diagonals in flat faces (0)."""
+    import trimesh
+
+    box = trimesh.creation.box()
+    v = torch.tensor(box.vertices, dtype=torch.float32)
+    f = torch.tensor(box.faces)
+    assert float(mesh_normal_consistency(v, f)) == pytest.approx(12 / 18, abs=1e-5)
+
+
+def test_laplacian_zero_for_interior_of_plane_and_pulls_a_bump_down():
+    v, f = _grid(bump=0.3)
+    v.requires_grad_(True)
+    loss = mesh_laplacian_loss(v, f)
+    loss.backward()
+    centre = 3 * 6 + 3
+    assert v.grad[centre, 2] > 0  # descent lowers the bump
+    flat, _ = _grid()
+    # on a flat grid only the border vertices (with one-sided neighbourhoods) contribute
+    lap = mesh_laplacian_loss(flat, f)
+    assert float(lap) > 0 and float(mesh_laplacian_loss(v.detach(), f)) > float(lap)
+
+
+def test_cli_refine_from_a_coarse_checkpoint(tmp_path):
+    """`lift3d refine CKPT --out DIR` on a (tiny, few-step) coarse run: parameters come from the
+    checkpoint, the reference from its folder; a bad checkpoint is one clear error."""
+    from core.coarse import run_coarse
+    from flows.bench import oracle_reference
+    from flows.cli import main
+
+    obj = make_object("snowman")
+    tiny = ["coarse.iters=2", "coarse.resolution=16", "coarse.samples_per_ray=8", "coarse.grid.levels=2",
+            "coarse.grid.log2_table_size=10", "coarse.grid.max_resolution=32", "coarse.mesh_resolution=16",
+            "coarse.density_blob_scale=30", "guidance.kind=none"]
+    p = load_params("smoke", tiny)
+    run_coarse(p, oracle_reference(obj, p), tmp_path / "coarse", device="cpu", resume=False, progress=False)
+    rc = main(["refine", str(tmp_path / "coarse" / "checkpoint.pt"), "--out", str(tmp_path / "fine"),
+               "--set", "fine.iters=2", "--set", "fine.resolution=24", "--set", "fine.tet_resolution=12",
+               "--set", "fine.texture_size=32", "--set", "evaluate.novel_views=1"])
+    assert rc == 0
+    result = json.loads((tmp_path / "fine" / "result.json").read_text())
+    assert result["stage"] == "fine" and result["steps"] == 2 and result["tet_resolution"] == 12
+    assert (tmp_path / "fine" / "mesh.obj").is_file() and (tmp_path / "fine" / "turntable.gif").is_file()
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    assert main(["refine", str(bogus), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
