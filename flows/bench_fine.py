@@ -96,7 +96,24 @@ def fine_reference(obj, params, device="cpu"):
     return Reference(rgb=r["rgb"][0].cpu(), mask=r["opacity"][0].cpu(), depth=disp.cpu(), image_path=f"oracle:{obj.name}")
 
 
-def bench_oracle_fine(params, names, out_dir: Path, device, progress=True) -> dict:
+COARSE_SECTIONS = ("seed", "camera", "coarse")  # what the oracle-guided coarse stage depends on
+
+
+def completed_coarse_matches(coarse_dir: Path, params) -> bool:
+    """A finished coarse stage (result.json there) whose checkpoint has the same seed, camera and
+    coarse parameters: the fine bench then starts from it instead of training it again."""
+    ck = Path(coarse_dir) / "checkpoint.pt"
+    if not (Path(coarse_dir) / "result.json").is_file() or not ck.is_file():
+        return False
+    try:
+        saved = torch.load(ck, map_location="cpu", weights_only=False)["params"]
+    except Exception:  # noqa: BLE001 - unreadable: train again
+        return False
+    now = params.to_dict()
+    return all(saved.get(k) == now.get(k) for k in COARSE_SECTIONS) and saved.get("coarse", {}).get("iters") is not None
+
+
+def bench_oracle_fine(params, names, out_dir: Path, device, progress=True, reuse_coarse=True) -> dict:
     from core.coarse import run_coarse
     from core.fine import run_fine
     from core.guidance.oracle import OracleGuidance
@@ -108,8 +125,20 @@ def bench_oracle_fine(params, names, out_dir: Path, device, progress=True) -> di
         obj = make_object(name)
         t0 = time.perf_counter()
         guidance = OracleGuidance(obj, params)
-        coarse = run_coarse(params, oracle_reference(obj, params, device), Path(out_dir) / name / "coarse",
-                            guidance=guidance, device=device, resume=False, progress=progress)
+        coarse_dir = Path(out_dir) / name / "coarse"
+        reuse = reuse_coarse and completed_coarse_matches(coarse_dir, params)
+        if reuse:
+            print(f"oracle fine {name}: reusing the completed coarse stage in {coarse_dir}", flush=True)
+        ref = oracle_reference(obj, params, device)
+        try:
+            coarse = run_coarse(params, ref, coarse_dir, guidance=guidance, device=device, resume=reuse,
+                                progress=progress)
+        except (RuntimeError, KeyError) as e:  # a checkpoint of older code: train the coarse stage again
+            if not reuse:
+                raise
+            print(f"oracle fine {name}: cannot reuse {coarse_dir} ({type(e).__name__}); training it again", flush=True)
+            coarse = run_coarse(params, ref, coarse_dir, guidance=guidance, device=device, resume=False,
+                                progress=progress)
         coarse.field.eval()
         t1 = time.perf_counter()
         fine = run_fine(params, fine_reference(obj, params, device), coarse.field, Path(out_dir) / name / "fine",
