@@ -120,7 +120,7 @@ class CoarseTrainer:
     def render_kw(self) -> dict:
         c = self.params.coarse
         return dict(samples_per_ray=c.samples_per_ray, occupancy=self.occupancy,
-                    ambient=c.shading.ambient, diffuse=c.shading.diffuse)
+                    ambient=c.shading.ambient, diffuse=c.shading.diffuse, normals=c.normals)
 
     def step(self) -> dict[str, float | str]:
         p, c = self.params, self.params.coarse
@@ -267,7 +267,7 @@ def run_coarse(params, reference: Reference, out_dir, guidance=None, detector=No
         metrics = trainer.step()
         s = trainer.step_no  # iterations done
         if callback is not None or s % 25 == 0 or s == c.iters:
-            fm = {k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}
+            fm = {k: (float(v.detach()) if torch.is_tensor(v) else v) for k, v in metrics.items()}
             if callback is not None:
                 callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
             if s % 25 == 0:

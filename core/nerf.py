@@ -5,9 +5,8 @@ Field: x → hash grid → MLP (3 layers, 64 hidden; Magic123 §3.2) → raw den
   density = act(raw + blob(x)), act = softplus (threestudio's Magic123 config) or trunc_exp,
   blob(x) = blob_scale · (1 − ‖x‖ / blob_std)  (Magic3D's density blob, threestudio "blob_magic3d"),
   albedo  = sigmoid(·) ∈ [0, 1].
-Normals: n = −∇σ/‖∇σ‖, the analytic gradient (autograd, differentiable) of the pre-activation
-density, whose direction agrees with ∇σ's as the activations are monotone. (`NeRFField.normals`
-gives finite-difference normals for callers outside the renderer.)
+Normals: n = −∇σ/‖∇σ‖ of the pre-activation density (its direction agrees with ∇σ's as the
+activations are monotone), by finite differences (default, as the released code) or autograd.
 Depth: the rendered depth is the weight-averaged distance along the *camera axis* (z-depth), not
 along the ray, and is 0 where the ray is empty (Σ w_i z_i with Σ w_i = opacity).
 """
@@ -135,6 +134,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("values", torch.zeros(resolution, resolution, resolution, device=device))
         self.register_buffer("occupied", torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=device))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("box", torch.tensor([[-bound] * 3, [bound] * 3], dtype=torch.float32, device=device))
 
     def cell_centers(self) -> torch.Tensor:
         r = self.resolution
@@ -153,6 +153,7 @@ class OccupancyGrid(nn.Module):
         occ = (self.values * step_size >= self.threshold).float()
         occ = F.max_pool3d(occ[None, None], 3, stride=1, padding=1)[0, 0] > 0
         self.occupied.copy_(occ)
+        self.box.copy_(torch.stack(self._compute_bbox()))
         self.updates += 1
 
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,10 @@ class OccupancyGrid(nn.Module):
         return inside & self.occupied[idx[:, 0], idx[:, 1], idx[:, 2]]
 
     def bbox(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The axis-aligned box (lo, hi) (3,) around the occupied cells; the whole bound when none."""
+        """The axis-aligned box (lo, hi) (3,) around the occupied cells (cached at each update)."""
+        return self.box[0], self.box[1]
+
+    def _compute_bbox(self) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.resolution
         cell = 2 * self.bound / r
         idx = self.occupied.nonzero()
@@ -205,7 +209,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
            samples_per_ray: int = 64, occupancy: Optional[OccupancyGrid] = None, shading: str = "albedo",
            light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
            perturb: bool = False, generator: Optional[torch.Generator] = None,
-           need_normals: bool = True, early_stop: float = 1e-4) -> RenderOutput:
+           need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
+           normal_eps: float = 1e-2) -> RenderOutput:
     """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
 
     Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
@@ -213,8 +218,10 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     within their strata when `perturb`. Samples in empty occupancy cells are skipped (σ = 0), and
     so are samples behind the point where the transmittance falls below `early_stop`.
     α_i = 1 − exp(−σ_i δ_i), w_i = α_i Π_{j<i}(1 − α_j). One field evaluation per active sample
-    gives density and albedo; normals (when needed) are the analytic −∇σ/‖∇σ‖ of that evaluation
-    (autograd, differentiable: create_graph when gradients are on).
+    gives density and albedo; normals (when needed) are −∇σ/‖∇σ‖ by tetrahedral finite differences
+    with step `normal_eps` (the released code's finite-difference normals; smoother than the hash
+    grid's analytic gradient), or the analytic gradient (autograd, create_graph) with
+    normals="analytic". Both are differentiable.
     """
     width = width or height
     B, S = len(cameras), samples_per_ray
@@ -257,16 +264,19 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     grad_on = torch.is_grad_enabled()
     x = pts.reshape(-1, 3)[idx]
     nrm = None
-    with torch.enable_grad() if need_n else torch.no_grad() if not grad_on else torch.enable_grad():
-        if need_n:
+    analytic = need_n and normals == "analytic"
+    with torch.enable_grad() if analytic else torch.no_grad() if not grad_on else torch.enable_grad():
+        if analytic:
             x = x.detach().requires_grad_(True)
         raw, logits = field.raw(x) if idx.numel() else (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
-        if need_n:
+        if analytic:
             if idx.numel():
                 g = torch.autograd.grad(raw, x, torch.ones_like(raw), create_graph=grad_on)[0]
                 nrm = -F.normalize(g, dim=-1, eps=1e-8)
             else:
                 nrm = torch.zeros(0, 3, device=dev)
+    if need_n and not analytic:
+        nrm = field.normals(x, normal_eps) if idx.numel() else torch.zeros(0, 3, device=dev)
     sig_a = field.activate(raw)
     alb = torch.sigmoid(logits)
     sigma = torch.zeros(R * S, device=dev, dtype=sig_a.dtype).index_put((idx,), sig_a).view(R, S)

@@ -22,12 +22,24 @@ BOUNDING_RADIUS = 0.65
 
 
 # ---------------------------------------------------------------------------------------- SDF parts
+_CONSTS: dict = {}
+
+
+def _const(values, like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor on like's device, made once (no host→device copy per SDF call)."""
+    key = (tuple(values), like.device, like.dtype)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return t
+
+
 def sd_sphere(p, c, r):
-    return (p - torch.tensor(c, dtype=p.dtype, device=p.device)).norm(dim=-1) - r
+    return (p - _const(c, p)).norm(dim=-1) - r
 
 
 def sd_box(p, c, half):
-    q = (p - torch.tensor(c, dtype=p.dtype, device=p.device)).abs() - torch.tensor(half, dtype=p.dtype, device=p.device)
+    q = (p - _const(c, p)).abs() - _const(half, p)
     return q.clamp_min(0).norm(dim=-1) + q.amax(-1).clamp_max(0)
 
 
@@ -50,7 +62,7 @@ def _mix(a, b, t):
 
 
 def _col(rgb, like):
-    return torch.tensor(rgb, dtype=like.dtype, device=like.device).expand(*like.shape[:-1], 3)
+    return _const(rgb, like).expand(*like.shape[:-1], 3)
 
 
 # -------------------------------------------------------------------------------------- the objects
@@ -86,7 +98,7 @@ class ProceduralObject:
     @torch.no_grad()
     def render(self, cameras: Cameras, height: int, width: Optional[int] = None, shading: str = "albedo",
                light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
-               max_steps: int = 64) -> dict[str, torch.Tensor]:
+               max_steps: int = 64, dense_march: Optional[bool] = None) -> dict[str, torch.Tensor]:
         """Sphere tracing. Returns rgb (B,3,H,W) on white, opacity / mask (B,1,H,W) in {0,1},
         depth (B,1,H,W) z-depth (0 where empty), normal (B,3,H,W) (0 where empty), albedo."""
         width = width or height
@@ -103,6 +115,15 @@ class ProceduralObject:
         t_far = -b + disc.clamp_min(0).sqrt()
         alive = may_hit.clone()
         hit = torch.zeros_like(alive)
+        if dense_march if dense_march is not None else dev.type == "cuda":
+            # no compaction, no host syncs (the GPU path): every ray marches every step
+            for _ in range(max_steps):
+                s = self.sdf(o + d * t[:, None])
+                hit = hit | (alive & (s < 5e-4))
+                alive = alive & ~hit & (t <= t_far)
+                t = t + torch.where(alive, s, torch.zeros_like(s))
+            hit = hit & (t <= t_far)
+            max_steps = 0
         for _ in range(max_steps):
             if not alive.any():
                 break
@@ -172,7 +193,7 @@ def _blocks_color(p):
     b = sd_box(p, (-0.33, 0.12, 0.0), (0.14, 0.2, 0.22))
     c = sd_box(p, (0.3, 0.03, 0.05), (0.1, 0.1, 0.1))
     which = torch.stack([a, b, c], -1).argmin(-1)
-    cols = torch.tensor([(0.2, 0.7, 0.3), (0.85, 0.55, 0.1), (0.55, 0.2, 0.75)], dtype=p.dtype, device=p.device)
+    cols = _const((0.2, 0.7, 0.3, 0.85, 0.55, 0.1, 0.55, 0.2, 0.75), p).view(3, 3)
     out = cols[which]
     # a darker checker pattern on the slab
     check = ((torch.floor(p[..., 0] / 0.12) + torch.floor(p[..., 2] / 0.12)) % 2 == 0) & (which == 0)

@@ -105,6 +105,7 @@ class CoarseParams(_Section):
     density_blob_std: float = 0.5
     density_activation: Literal["softplus", "trunc_exp"] = "softplus"  # threestudio's Magic123 config
     grid_lr_scale: float = Field(10.0, gt=0.0)  # released code: the hash grid's lr is 10× the MLP's
+    normals: Literal["finite_difference", "analytic"] = "finite_difference"  # released code: finite differences
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)

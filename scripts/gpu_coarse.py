@@ -1,0 +1,142 @@
+"""GPU-machine checks of the coarse stage (no build steps here; tinycudann, if wanted, is built by
+the caller beforehand).
+
+  python3 scripts/gpu_coarse.py bench   --out DIR [--preset magic123] [--jobs 3]
+      the oracle bench, one `lift3d bench oracle` process per object side by side on the one GPU
+      (each is launch-bound), merged into DIR/oracle/oracle.json in the bench's own layout
+  python3 scripts/gpu_coarse.py compare --out DIR
+      tinycudann's hash grid against the PyTorch one at equal parameters (DIR/tcnn_compare.json);
+      run it in its own process: a crash inside tinycudann then cannot take the bench with it
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def bench(out: Path, preset: str, objects: list[str], extra: list[str]) -> int:
+    work = Path("/tmp/lift3d_gpu_bench")
+    procs = []
+    for name in objects:
+        cmd = [sys.executable, "-m", "flows.cli", "bench", "oracle", "--stage", "coarse", "--preset", preset,
+               "--objects", name, "--out", str(work / name)] + extra
+        log = open(out / f"bench_{name}.log", "w")
+        procs.append((name, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"}), log))
+    merged = None
+    rc = 0
+    for name, p, log in procs:
+        rc |= p.wait()
+        log.close()
+        f = work / name / "oracle.json"
+        if f.is_file():
+            r = json.loads(f.read_text())
+            if merged is None:
+                merged = {k: v for k, v in r.items() if k != "objects"} | {"objects": {}}
+            merged["objects"].update(r["objects"])
+    if merged is not None:
+        (out / "oracle").mkdir(parents=True, exist_ok=True)
+        (out / "oracle" / "oracle.json").write_text(json.dumps(merged, indent=2))
+        print(json.dumps(merged, indent=2))
+    return rc
+
+
+def compare(out: Path) -> int:
+    import torch
+
+    from core.hashgrid import HashGrid, copy_hashgrid_params, tcnn_available
+
+    res: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "tcnn_importable": tcnn_available()}
+    if not res["tcnn_importable"]:
+        try:
+            import tinycudann  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            res["import_error"] = f"{type(e).__name__}: {e}"
+        (out / "tcnn_compare.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        return 1
+    dev = torch.device("cuda")
+    for cfg in [dict(levels=16, features_per_level=2, log2_table_size=19, base_resolution=16, max_resolution=2048),
+                dict(levels=6, features_per_level=2, log2_table_size=14, base_resolution=16, max_resolution=128)]:
+        key = f"L{cfg['levels']}_T{cfg['log2_table_size']}_N{cfg['max_resolution']}"
+        a = HashGrid(**cfg, backend="torch", device=dev)
+        with torch.no_grad():
+            a.table.uniform_(-1, 1)
+        print("building tcnn encoding", key, flush=True)
+        b = HashGrid(**cfg, backend="tcnn", device=dev)
+        copy_hashgrid_params(a, b)
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = (torch.rand(1 << 18, 3, device=dev, generator=g) * 2 - 1).contiguous()
+        print("forward", key, flush=True)
+        ya, yb = a(x), b(x)
+        torch.cuda.synchronize()
+        err = (ya - yb).abs()
+        up = torch.randn_like(ya)
+        (ya * up).sum().backward()
+        (yb * up).sum().backward()
+        ga, gb = a.table.grad.reshape(-1), b.flat_params.grad.reshape(-1)
+        gerr = (ga - gb).abs()
+
+        def timed(m):
+            for _ in range(3):
+                m(x).sum().backward()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                m(x).sum().backward()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t) / 20 * 1e3
+
+        res[key] = {"max_abs_diff": float(err.max()), "mean_abs_diff": float(err.mean()),
+                    "frac_over_1e-4": float((err > 1e-4).float().mean()), "max_abs_output": float(ya.abs().max()),
+                    "grad_max_abs_diff": float(gerr.max()), "grad_max_abs": float(ga.abs().max()),
+                    "ms_fwd_bwd_262k_torch": round(timed(a), 3), "ms_fwd_bwd_262k_tcnn": round(timed(b), 3)}
+        print(key, res[key], flush=True)
+    (out / "tcnn_compare.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def probe(dtype: str) -> int:
+    """The smallest tinycudann encoding call, for a debugger's backtrace."""
+    import torch
+    import tinycudann as tcnn
+
+    cfg = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 10,
+           "base_resolution": 4, "per_level_scale": 2.0}
+    enc = tcnn.Encoding(3, cfg, dtype=torch.float32 if dtype == "fp32" else torch.float16)
+    print("params", enc.params.shape, enc.params.dtype, enc.params.device, flush=True)
+    x = torch.rand(256, 3, device="cuda")
+    y = enc(x)
+    torch.cuda.synchronize()
+    print("probe ok", dtype, tuple(y.shape), y.dtype, float(y.float().abs().sum()), flush=True)
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["bench", "compare", "probe"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", default="magic123")
+    ap.add_argument("--objects", nargs="*", default=["torus", "blocks", "snowman"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.what == "bench":
+        extra = [x for o in a.overrides for x in ("--set", o)]
+        return bench(a.out, a.preset, a.objects, extra)
+    if a.what == "probe":
+        return probe(a.dtype)
+    return compare(a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
