@@ -374,6 +374,17 @@ def load_params(
         raise ParamsError(_format_errors(e)) from None
 
 
+def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
+    """`params` with `key=value` overrides applied, validated again."""
+    tree = params.to_dict()
+    for key, value in (parse_override(o) for o in overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e)) from None
+
+
 def resolve_device(params: Params):
     import torch
 

@@ -55,17 +55,26 @@ def needs_textual_inversion(params: Params) -> bool:
             and params.prompt.text is None)
 
 
+def _guidance(params: Params, reference, stage: str, device):
+    """The stage's novel-view guidance; None for 'none' (the loop then renders the reference view only)."""
+    from core.guidance.factory import build_guidance
+
+    return None if params.guidance.kind == "none" else build_guidance(params, reference, stage, device)
+
+
 def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: Path | str | None = None,
                  callback: Callback = None, resume: bool = True, progress: bool = True) -> dict:
-    """The coarse NeRF stage (Magic123 §2.1.1; Consistent123's stage 1 and the start of stage 2)."""
+    """The coarse NeRF stage (Magic123 §2.1.1; Consistent123's stage 1 and the start of stage 2).
+
+    Every input is loaded and checked before the output folder is created."""
     from core.coarse import run_coarse
-    from core.guidance.factory import build_guidance
     from core.images import load_reference
 
     device = resolve_device(params)
     reference = load_reference(image, depth, size=params.coarse.resolution,
-                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale)
-    guidance = build_guidance(params, reference, "coarse", device)
+                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
+                               recenter=params.segment.recenter)
+    guidance = _guidance(params, reference, "coarse", device)
     detector = None
     if params.detector.enabled:
         from core.detector import ClipScorer, StageDetector
@@ -83,18 +92,20 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
 
 def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Params, image: Path | str,
                depth: Path | str | None = None, callback: Callback = None, resume: bool = True,
-               progress: bool = True) -> dict:
-    """The fine DMTet stage (Magic123 §2.1.2) from a coarse checkpoint, at params.fine.resolution."""
+               progress: bool = True, recenter: bool | None = None) -> dict:
+    """The fine DMTet stage (Magic123 §2.1.2) from a coarse checkpoint, at params.fine.resolution.
+
+    `recenter=False` takes an image that is already framed (a coarse folder's reference_rgba.png)."""
     from core.fine import run_fine
-    from core.guidance.factory import build_guidance
     from core.images import load_reference
     from core.nerf import load_field
 
     device = resolve_device(params)
     field, _ = load_field(coarse_checkpoint, device)
     reference = load_reference(image, depth, size=params.fine.resolution,
-                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale)
-    guidance = build_guidance(params, reference, "fine", device)
+                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
+                               recenter=params.segment.recenter if recenter is None else recenter)
+    guidance = _guidance(params, reference, "fine", device)
     out = Path(out_dir)
     run_fine(params, reference, field, out, guidance=guidance, device=device, callback=callback, resume=resume,
              progress=progress, coarse_checkpoint=str(coarse_checkpoint))

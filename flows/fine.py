@@ -16,61 +16,29 @@ log = logging.getLogger(__name__)
 
 
 def refine_params(checkpoint_params, preset, overrides, params_file=None):
-    from core.params import ParamsError, Params, _format_errors, _set_dotted, load_params, parse_override
+    """The coarse run's parameters, or a preset's when one is named; then the overrides."""
+    from core.params import apply_overrides, load_params
 
     if preset:
         return load_params(preset, overrides, params_file)
-    tree = checkpoint_params.to_dict()
-    for o in overrides or []:
-        key, value = parse_override(o)
-        _set_dotted(tree, key, value)
-    from pydantic import ValidationError
-
-    try:
-        return Params.model_validate(tree)
-    except ValidationError as e:
-        raise ParamsError(_format_errors(e)) from None
-
-
-def build_fine_guidance(params, reference, device):
-    kind = params.guidance.kind
-    if kind == "none":
-        return None
-    if kind == "oracle":
-        from core.errors import Lift3DError
-        from core.guidance.oracle import OracleGuidance
-
-        if not params.guidance.oracle_object:
-            raise Lift3DError("guidance.kind is 'oracle' but guidance.oracle_object is not set "
-                              "(e.g. --set guidance.oracle_object=torus)")
-        return OracleGuidance(params.guidance.oracle_object, params)
-    from core.guidance.factory import build_guidance
-
-    return build_guidance(params, reference, "fine", device)
+    return apply_overrides(checkpoint_params, overrides)
 
 
 def cli_refine(args) -> int:
     from core.errors import InputError
-    from core.fine import run_fine
-    from core.images import load_reference
     from core.nerf import load_field
-    from core.params import resolve_device
+    from core.pipeline import fine_stage
 
     ckpt = Path(args.checkpoint)
-    field, ck_params = load_field(ckpt, "cpu")  # validates the checkpoint (InputError when it is not one)
+    _, ck_params = load_field(ckpt, "cpu")  # validates the checkpoint (InputError when it is not one)
     params = refine_params(ck_params, args.preset, args.overrides, args.params)
     given = getattr(args, "image", None)
     image = Path(given) if given else ckpt.parent / "reference_rgba.png"
     if not image.is_file():
         raise InputError(f"no reference image: {image} is missing (give one with --image)")
-    # the coarse folder's reference_rgba.png is already centred and scaled: used as it is
-    reference = load_reference(image, getattr(args, "depth", None), size=params.fine.resolution,
-                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
-                               recenter=bool(given) and params.segment.recenter)
-    device = resolve_device(params)
-    guidance = build_fine_guidance(params, reference, device)
     out = Path(args.out)
-    run_fine(params, reference, field, out, guidance=guidance, device=device,
-             resume=not getattr(args, "fresh", False), coarse_checkpoint=str(ckpt))
+    # the coarse folder's reference_rgba.png is already centred and scaled: used as it is
+    fine_stage(ckpt, out, params, image, getattr(args, "depth", None), resume=not getattr(args, "fresh", False),
+               recenter=bool(given) and params.segment.recenter)
     print(f"fine stage done: {out / 'result.json'} (mesh.obj, mesh.glb, turntable.gif)")
     return 0
