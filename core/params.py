@@ -238,7 +238,7 @@ class ReproduceParams(_Section):
     """What `dvc repro` runs (dvc.yaml reads these keys)."""
 
     preset: str = "smoke"
-    limit: int = Field(0, ge=0)  # only the first N objects of each dataset (0: all)
+    limit: int = Field(1, ge=0)  # only the first N objects of each dataset (0: all)
 
 
 class ModelsParams(_Section):

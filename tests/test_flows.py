@@ -1,7 +1,7 @@
 """The Prefect flows end to end on CPU with tiny random priors: caching, MLflow runs, reports.
 
 One Prefect test harness (a temporary database and API) serves the module; the flows run in
-process. Sizes are cut far below the smoke preset so the whole file takes a couple of minutes.
+process, with the `tiny` preset (the smoke preset cut to a few steps per stage).
 """
 import json
 import shutil
@@ -10,12 +10,6 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
-TINY = [
-    "coarse.iters=8", "coarse.resolution=32", "coarse.samples_per_ray=16", "coarse.checkpoint_every=4",
-    "coarse.mesh_resolution=32", "fine.iters=4", "fine.resolution=64", "fine.tet_resolution=32",
-    "fine.checkpoint_every=2", "fine.texture_size=64", "textual_inversion.steps=2", "evaluate.novel_views=2",
-    "segment.size=128",
-]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +21,7 @@ def harness(tmp_path_factory):
 
 
 def _overrides(root: Path) -> list[str]:
-    return TINY + [f"tracking.mlflow_uri=sqlite:///{root}/mlruns.db"]
+    return [f"tracking.mlflow_uri=sqlite:///{root}/mlruns.db"]
 
 
 def _runs(root: Path):
@@ -45,7 +39,7 @@ def test_generate_runs_end_to_end_then_caches(harness):
     root = harness / "gen"
     obj = BENCH / "nerf4" / "mic"
     out = root / "mic"
-    metrics = generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root), depth=str(obj / "depth.png"))
+    metrics = generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root), depth=str(obj / "depth.png"))
     for key in ("psnr", "lpips", "clip_similarity"):
         assert isinstance(metrics[key], float)
     assert json.loads((out / "metrics.json").read_text())["psnr"] == metrics["psnr"]
@@ -61,12 +55,12 @@ def test_generate_runs_end_to_end_then_caches(harness):
 
     # the same call again: every step is cached, nothing is rewritten
     stamps = {f: (out / f).stat().st_mtime_ns for f in ("coarse/result.json", "fine/result.json", "metrics.json")}
-    again = generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root), depth=str(obj / "depth.png"))
+    again = generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root), depth=str(obj / "depth.png"))
     assert again["psnr"] == metrics["psnr"]
     assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps
 
     # an evaluation-only parameter changes: only evaluation runs again
-    generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root) + ["evaluate.psnr_cap=50"],
+    generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root) + ["evaluate.psnr_cap=50"],
                   depth=str(obj / "depth.png"))
     assert (out / "coarse/result.json").stat().st_mtime_ns == stamps["coarse/result.json"]
     assert (out / "fine/result.json").stat().st_mtime_ns == stamps["fine/result.json"]
@@ -74,7 +68,7 @@ def test_generate_runs_end_to_end_then_caches(harness):
 
     # a deleted stage folder is rebuilt, not trusted to the cache
     shutil.rmtree(out / "fine")
-    generate_flow(str(obj / "rgba.png"), str(out), "smoke", _overrides(root), depth=str(obj / "depth.png"))
+    generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root), depth=str(obj / "depth.png"))
     assert (out / "fine" / "result.json").is_file()
 
 
@@ -88,7 +82,7 @@ def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
         (ds / name).mkdir(parents=True)
         for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
             shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
-    result = benchmark_flow(str(ds), str(root / "out"), "smoke", _overrides(root), limit=2)
+    result = benchmark_flow(str(ds), str(root / "out"), "tiny", _overrides(root), limit=2)
     assert set(result["assets"]) == {"chair", "ficus"}
     assert "mean_psnr" in result["means"]
     report = Path(result["report"]["report"]).read_text()

@@ -18,7 +18,7 @@ def test_base_is_magic123_paper_settings():
 
 def test_presets_exist_and_validate():
     names = preset_names()
-    for required in ("magic123", "smoke", "consistent123", "magic123-2d", "magic123-3d"):
+    for required in ("magic123", "smoke", "tiny", "consistent123", "magic123-2d", "magic123-3d"):
         assert required in names
     for name in names:
         load_params(name)
@@ -59,3 +59,8 @@ def test_unknown_key_in_file(tmp_path):
 def test_digest_changes_with_values():
     assert load_params("smoke").digest() != load_params("smoke", ["seed=1"]).digest()
     assert load_params("smoke").digest() == load_params("smoke").digest()
+
+
+def test_tiny_extends_smoke():
+    t, s = load_params("tiny"), load_params("smoke")
+    assert t.models.tiny and t.coarse.iters == 8 and t.coarse.lr == s.coarse.lr and t.coarse.grid == s.coarse.grid
