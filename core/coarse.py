@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -30,24 +28,13 @@ from core.images import Reference, save_rgba
 from core.losses import (coarse_objective, entropy_loss, normal_smoothness_loss, orientation_loss,
                          pearson_depth_loss, reconstruction_loss)
 from core.nerf import NeRFField, OccupancyGrid, render, render_chunked
+from core import stage_loop
 from core.shading import sample_light, sample_shading
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class CoarseTrainer:
@@ -108,7 +95,7 @@ class CoarseTrainer:
             self.guidance.start_stage2(self.stage2_step)
 
     def save_checkpoint(self, path: Path) -> None:
-        atomic_torch_save(self.state_dict(), path)
+        stage_loop.atomic_torch_save(self.state_dict(), path)
 
     # ---------------------------------------------------------------------------------- one step
     def is_reference_step(self, step: int) -> bool:
@@ -188,14 +175,6 @@ def _img_to_uint8(t: torch.Tensor) -> np.ndarray:
     return (t.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
 def write_outputs(trainer: CoarseTrainer, out: Path) -> dict:
     """renders/, reference_rgba.png, mesh.obj/.ply; returns the file list for result.json."""
     from core.mesh import extract_mesh, write_obj, write_ply
@@ -214,13 +193,13 @@ def write_outputs(trainer: CoarseTrainer, out: Path) -> dict:
     # RGBA: colour un-composited from white where partly transparent
     a = ref.opacity[0].clamp_min(1e-6)
     rgba[:3] = ((ref.albedo[0] - (1 - ref.opacity[0])) / a).clamp(0, 1)
-    _save_png(out / "renders" / "reference.png", _img_to_uint8(rgba))
+    stage_loop.atomic_save_png(out / "renders" / "reference.png", _img_to_uint8(rgba))
     files.append("renders/reference.png")
     n = p.evaluate.novel_views
     cams = orbit_cameras(n, 90.0, p.camera.radius, p.camera.fovy, start=360.0 / n, device=trainer.device)
     nov = render_chunked(field, cams, c.resolution, **kw)
     for i in range(n):
-        _save_png(out / "renders" / f"novel_{i:03d}.png", _img_to_uint8(nov.rgb[i]))
+        stage_loop.atomic_save_png(out / "renders" / f"novel_{i:03d}.png", _img_to_uint8(nov.rgb[i]))
         files.append(f"renders/novel_{i:03d}.png")
     verts, faces, cols = extract_mesh(field, c.mesh_resolution, c.mesh_threshold)
     write_obj(out / "mesh.obj", verts, faces, cols)
@@ -238,8 +217,6 @@ def run_coarse(params, reference: Reference, out_dir, guidance=None, detector=No
     `stop_after=k` stops after iteration k as a kill would (checkpoint as of the last save; no
     outputs): used to test resuming. result.json is written last and only on completion.
     """
-    from tqdm import tqdm
-
     from core.params import resolve_device
 
     out = Path(out_dir)
@@ -248,38 +225,16 @@ def run_coarse(params, reference: Reference, out_dir, guidance=None, detector=No
     (out / RESULT).unlink(missing_ok=True)  # nothing looks complete while a run is under way
     trainer = CoarseTrainer(params, reference, guidance=guidance, device=device, detector=detector)
     ck_path = out / CHECKPOINT
-    if resume and ck_path.is_file():
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-        if ck.get("stage") != "coarse":
-            raise ValueError(f"{ck_path} is not a coarse checkpoint")
-        if ck.get("params") != params.to_dict():
-            log.warning("resuming %s with parameters different from the checkpoint's", ck_path)
-        trainer.load_state_dict(ck)
-        log.info("resuming the coarse stage from step %d (%s)", trainer.step_no, ck_path)
+    if resume:
+        stage_loop.resume(trainer, ck_path, "coarse", params)
     c = params.coarse
     log.info("coarse stage: %d iterations at %d², %d samples/ray, device %s, hash grid %s",
              c.iters, c.resolution, c.samples_per_ray, device, trainer.field.encoding.backend)
-    bar = tqdm(total=c.iters, initial=trainer.step_no, desc="coarse", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    base_elapsed = trainer.elapsed
-    while trainer.step_no < c.iters:
-        trainer.field.train()
-        metrics = trainer.step()
-        s = trainer.step_no  # iterations done
-        if callback is not None or s % 25 == 0 or s == c.iters:
-            fm = {k: (float(v.detach()) if torch.is_tensor(v) else v) for k, v in metrics.items()}
-            if callback is not None:
-                callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
-            if s % 25 == 0:
-                bar.set_postfix(loss=f"{fm['loss']:.4f}", occ=f"{trainer.occupancy.fraction():.2f}")
-        bar.update(1)
-        trainer.elapsed = base_elapsed + time.perf_counter() - t0
-        if s % c.checkpoint_every == 0 or s == c.iters:
-            trainer.save_checkpoint(ck_path)
-        if stop_after is not None and s >= stop_after and s < c.iters:
-            bar.close()
-            return trainer
-    bar.close()
+    done = stage_loop.drive(trainer, c.iters, ck_path, c.checkpoint_every, desc="coarse", train=trainer.field,
+                            postfix=lambda m: {"loss": f"{m['loss']:.4f}", "occ": f"{trainer.occupancy.fraction():.2f}"},
+                            callback=callback, stop_after=stop_after, progress=progress)
+    if not done:
+        return trainer
     if write_results:
         info = write_outputs(trainer, out)
         result = {"stage": "coarse", "steps": trainer.step_no, "seconds": round(trainer.elapsed, 3),
@@ -287,5 +242,5 @@ def run_coarse(params, reference: Reference, out_dir, guidance=None, detector=No
                   "guidance": type(guidance).__name__ if guidance is not None else "none",
                   "stage2_step": trainer.stage2_step, "params_digest": params.digest(), **info,
                   "checkpoint": CHECKPOINT}
-        atomic_write_text(out / RESULT, json.dumps(result, indent=2))
+        stage_loop.atomic_write_text(out / RESULT, json.dumps(result, indent=2))
     return trainer

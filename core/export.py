@@ -21,6 +21,7 @@ import torch
 from core.cameras import orbit_cameras
 from core.dmtet import Mesh
 from core.raster import Rasterizer, make_rasterizer
+from core.stage_loop import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,6 @@ def bake_texture(mesh: Mesh, colour_fn: Callable[[torch.Tensor], torch.Tensor], 
     return TexturedMesh(verts.cpu().numpy(), faces.cpu().numpy(), uvs, uv_faces, vmapping, tex)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_obj(tm: TexturedMesh, out_dir: Path, name: str = "mesh") -> Path:
     """OBJ + MTL + PNG: vertices as they are, texture coordinates per atlas vertex, faces v/vt."""
     from PIL import Image
@@ -100,7 +95,7 @@ def write_obj(tm: TexturedMesh, out_dir: Path, name: str = "mesh") -> Path:
     Image.fromarray(tm.texture).save(tmp_png)
     os.replace(tmp_png, png)
     mtl = out_dir / f"{name}.mtl"
-    _atomic_bytes(mtl, (f"newmtl material0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nNs 1\nillum 1\nmap_Kd {png.name}\n").encode())
+    atomic_write_bytes(mtl, (f"newmtl material0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nNs 1\nillum 1\nmap_Kd {png.name}\n").encode())
     lines = [f"mtllib {mtl.name}", "usemtl material0"]
     lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in tm.verts]
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in tm.uvs]
@@ -108,7 +103,7 @@ def write_obj(tm: TexturedMesh, out_dir: Path, name: str = "mesh") -> Path:
     tf = tm.uv_faces + 1
     lines += [f"f {a}/{ta} {b}/{tb} {c}/{tc}" for (a, b, c), (ta, tb, tc) in zip(vf, tf)]
     path = out_dir / f"{name}.obj"
-    _atomic_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -122,7 +117,7 @@ def write_glb(tm: TexturedMesh, path: Path) -> Path:
     visual = trimesh.visual.TextureVisuals(uv=tm.uvs, material=material)
     m = trimesh.Trimesh(vertices=tm.verts[tm.vmapping], faces=tm.uv_faces, visual=visual, process=False)
     path = Path(path)
-    _atomic_bytes(path, m.export(file_type="glb"))
+    atomic_write_bytes(path, m.export(file_type="glb"))
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,28 +38,13 @@ from core.losses import (mesh_laplacian_loss, mesh_normal_consistency, pearson_d
                          reference_rgb_loss)
 from core.mesh_render import render_mesh
 from core.raster import make_rasterizer
+from core import stage_loop
 from core.shading import sample_light, sample_shading
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def erode_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
@@ -141,7 +125,7 @@ class FineTrainer:
         self.elapsed = float(ck.get("elapsed", 0.0))
 
     def save_checkpoint(self, path: Path) -> None:
-        _atomic_torch_save(self.state_dict(), path)
+        stage_loop.atomic_torch_save(self.state_dict(), path)
 
     # ---------------------------------------------------------------------------------- one step
     def mesh(self) -> Mesh:
@@ -203,16 +187,6 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
     return (t.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    import os
-
-    from PIL import Image
-
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def write_outputs(trainer: FineTrainer, out: Path, turntable_frames: int = 36) -> dict:
     from core.export import export_textured_mesh
@@ -226,13 +200,13 @@ def write_outputs(trainer: FineTrainer, out: Path, turntable_frames: int = 36) -
     ref = trainer.render(mesh, trainer.ref_cameras, f.resolution)
     a = ref.opacity[0].clamp_min(1e-6)
     rgb = ((ref.rgb[0] - (1 - ref.opacity[0])) / a).clamp(0, 1)  # un-composite from white
-    _save_png(out / "renders" / "reference.png", _to_uint8(torch.cat([rgb, ref.opacity[0]], 0)))
+    stage_loop.atomic_save_png(out / "renders" / "reference.png", _to_uint8(torch.cat([rgb, ref.opacity[0]], 0)))
     files.append("renders/reference.png")
     n = p.evaluate.novel_views
     cams = orbit_cameras(n, 90.0, p.camera.radius, p.camera.fovy, start=360.0 / n, device=trainer.device)
     for i in range(n):
         r = trainer.render(mesh, cams[i], f.resolution)
-        _save_png(out / "renders" / f"novel_{i:03d}.png", _to_uint8(r.rgb[0]))
+        stage_loop.atomic_save_png(out / "renders" / f"novel_{i:03d}.png", _to_uint8(r.rgb[0]))
         files.append(f"renders/novel_{i:03d}.png")
     exported = export_textured_mesh(mesh, trainer.colour, out, texture_size=f.texture_size, rasterizer=trainer.rasterizer,
                                     turntable_frames=turntable_frames)
@@ -246,8 +220,6 @@ def run_fine(params, reference: Reference, coarse_field, out_dir, guidance=None,
              stop_after: Optional[int] = None, progress: bool = True, write_results: bool = True,
              coarse_checkpoint: Optional[str] = None, turntable_frames: int = 36) -> FineTrainer:
     """Run (or resume) the fine stage into `out_dir`; returns the trainer (see core/coarse.py's run_coarse)."""
-    from tqdm import tqdm
-
     from core.params import resolve_device
 
     out = Path(out_dir)
@@ -256,38 +228,16 @@ def run_fine(params, reference: Reference, coarse_field, out_dir, guidance=None,
     (out / RESULT).unlink(missing_ok=True)  # nothing looks complete while a run is under way
     trainer = FineTrainer(params, reference, coarse_field, guidance=guidance, device=device)
     ck_path = out / CHECKPOINT
-    if resume and ck_path.is_file():
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-        if ck.get("stage") != "fine":
-            raise ValueError(f"{ck_path} is not a fine checkpoint")
-        if ck.get("params") != params.to_dict():
-            log.warning("resuming %s with parameters different from the checkpoint's", ck_path)
-        trainer.load_state_dict(ck)
-        log.info("resuming the fine stage from step %d (%s)", trainer.step_no, ck_path)
+    if resume:
+        stage_loop.resume(trainer, ck_path, "fine", params)
     f = params.fine
     log.info("fine stage: %d iterations at %d², tet grid %d³ (%d tets), rasteriser %s, device %s",
              f.iters, f.resolution, f.tet_resolution, trainer.dmtet.tets.shape[0], trainer.rasterizer.backend, device)
-    bar = tqdm(total=f.iters, initial=trainer.step_no, desc="fine", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    base_elapsed = trainer.elapsed
-    while trainer.step_no < f.iters:
-        trainer.colour.train()
-        metrics = trainer.step()
-        s = trainer.step_no
-        if callback is not None or s % 25 == 0 or s == f.iters:
-            fm = {k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}
-            if callback is not None:
-                callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
-            if s % 25 == 0:
-                bar.set_postfix(loss=f"{fm['loss']:.4f}", faces=int(fm["faces"]))
-        bar.update(1)
-        trainer.elapsed = base_elapsed + time.perf_counter() - t0
-        if s % f.checkpoint_every == 0 or s == f.iters:
-            trainer.save_checkpoint(ck_path)
-        if stop_after is not None and s >= stop_after and s < f.iters:
-            bar.close()
-            return trainer
-    bar.close()
+    done = stage_loop.drive(trainer, f.iters, ck_path, f.checkpoint_every, desc="fine", train=trainer.colour,
+                            postfix=lambda m: {"loss": f"{m['loss']:.4f}", "faces": int(m["faces"])},
+                            callback=callback, stop_after=stop_after, progress=progress)
+    if not done:
+        return trainer
     if write_results:
         info = write_outputs(trainer, out, turntable_frames=turntable_frames)
         result = {"stage": "fine", "steps": trainer.step_no, "seconds": round(trainer.elapsed, 3),
@@ -296,5 +246,5 @@ def run_fine(params, reference: Reference, coarse_field, out_dir, guidance=None,
                   "guidance": type(guidance).__name__ if guidance is not None else "none",
                   "coarse_checkpoint": str(coarse_checkpoint) if coarse_checkpoint else None,
                   "params_digest": params.digest(), **info, "checkpoint": CHECKPOINT}
-        _atomic_write_text(out / RESULT, json.dumps(result, indent=2))
+        stage_loop.atomic_write_text(out / RESULT, json.dumps(result, indent=2))
     return trainer

@@ -3,11 +3,12 @@ albedo; OBJ (with `v x y z r g b`) and binary-free ASCII PLY writers, each writt
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from core.stage_loop import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ def extract_mesh(field, resolution: int = 128, threshold: float = 10.0, chunk: i
     return verts.astype(np.float32), faces.astype(np.int64), cols.clamp(0, 1).cpu().numpy().astype(np.float32)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_obj(path, verts, faces, colors=None) -> None:
     path = Path(path)
     lines = ["# lift3d coarse NeRF mesh (marching cubes); vertex colours after the position"]
@@ -58,7 +53,7 @@ def write_obj(path, verts, faces, colors=None) -> None:
         else:
             lines.append(f"v {v[0]:.6f} {v[1]:.6f} {v[2]:.6f}")
     lines += [f"f {f[0] + 1} {f[1] + 1} {f[2] + 1}" for f in faces]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_ply(path, verts, faces, colors=None) -> None:
@@ -75,4 +70,4 @@ def write_ply(path, verts, faces, colors=None) -> None:
             s += f" {c8[i, 0]} {c8[i, 1]} {c8[i, 2]}"
         body.append(s)
     body += [f"3 {f[0]} {f[1]} {f[2]}" for f in faces]
-    _atomic_write(path, "\n".join(head + body) + "\n")
+    atomic_write_text(path, "\n".join(head + body) + "\n")
