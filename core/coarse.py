@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,8 +66,7 @@ class CoarseTrainer:
             "stage": "coarse", "step": self.step_no, "params": self.params.to_dict(),
             "field": self.field.state_dict(), "field_config": dict(self.field.config),
             "optimizer": self.optimizer.state_dict(), "occupancy": self.occupancy.state_dict(),
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            **stage_loop.rng_state(self.generator),
             "stage2_step": self.stage2_step, "elapsed": self.elapsed,
             "hash_grid_backend": self.field.encoding.backend,
         }
@@ -84,10 +82,7 @@ class CoarseTrainer:
         self.field.load_state_dict(state)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.occupancy.load_state_dict(ck["occupancy"])
-        self.generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
-        random.setstate(ck["python_rng"])
+        stage_loop.set_rng_state(ck, self.generator)
         self.step_no = int(ck["step"])
         self.elapsed = float(ck.get("elapsed", 0.0))
         self.stage2_step = ck.get("stage2_step")

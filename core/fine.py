@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -103,8 +102,8 @@ class FineTrainer:
             "dmtet": {"sdf": self.dmtet.sdf.detach().cpu(), "deform": self.dmtet.deform.detach().cpu(),
                       "resolution": self.dmtet.resolution, "bound": self.dmtet.bound},
             "colour_field": self.colour.field.state_dict(), "field_config": self.field_config,
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "optimizer": self.optimizer.state_dict(),
+            **stage_loop.rng_state(self.generator),
             "elapsed": self.elapsed, "rasterizer": self.rasterizer.backend,
         }
 
@@ -117,10 +116,7 @@ class FineTrainer:
             self.dmtet.deform.copy_(d["deform"])
         self.colour.field.load_state_dict(ck["colour_field"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
-        random.setstate(ck["python_rng"])
+        stage_loop.set_rng_state(ck, self.generator)
         self.step_no = int(ck["step"])
         self.elapsed = float(ck.get("elapsed", 0.0))
 

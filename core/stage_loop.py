@@ -45,6 +45,27 @@ def atomic_save_png(path: Path, arr) -> None:
     os.replace(tmp, path)
 
 
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random stream a stage draws from, for exact resume."""
+    import random
+
+    import numpy as np
+
+    return {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+
+
+def set_rng_state(ck: dict, generator: torch.Generator) -> None:
+    import random
+
+    import numpy as np
+
+    generator.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
+    np.random.set_state(ck["numpy_rng"])
+    random.setstate(ck["python_rng"])
+
+
 def resume(trainer, ck_path: Path, stage: str, params) -> bool:
     """Load `ck_path` into the trainer when it exists; True when it did."""
     if not ck_path.is_file():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.guidance.base import GuidanceOutput, RenderBatch
-from core.guidance.sds import classifier_free_guidance, sample_timesteps, sds_gradient, sds_loss, sds_weight
+from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -132,20 +132,8 @@ class StableDiffusionGuidance:
     def sds(self, latents: torch.Tensor, t: Optional[torch.Tensor] = None,
             noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
         """SDS on given latents (B, 4, h, w): the loss whose gradient on `latents` is w(t)(ε̂ − ε)/B."""
-        b = latents.shape[0]
-        if t is None:
-            t = sample_timesteps(b, self.num_train_timesteps, self.t_range, self.generator)
-        t = t.to(self.device)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        with torch.no_grad():
-            latents_noisy = self.parts.scheduler.add_noise(latents.detach().float(), noise.float(), t)
-            eps_hat = self.predict_noise(latents_noisy, t)
-            grad = sds_gradient(eps_hat, noise.to(self.device), sds_weight(self.alphas_cumprod, t))
-        loss = sds_loss(latents, grad)
-        diag = {"t": float(t.float().mean()) / self.num_train_timesteps, "grad_norm": float(grad.norm()),
-                "loss": float(loss.detach())}
-        return loss, diag
+        return score_distillation(latents, self.predict_noise, self.parts.scheduler, self.alphas_cumprod,
+                                  self.t_range, self.generator, t, noise)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)

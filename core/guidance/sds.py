@@ -45,3 +45,26 @@ def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """½‖z − sg(z − g)‖² / B: its gradient on z is g / B (see the module docstring)."""
     target = (latents - grad).detach()
     return 0.5 * ((latents.float() - target.float()) ** 2).sum() / latents.shape[0]
+
+
+def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_cumprod: torch.Tensor,
+                       t_range: tuple[float, float], generator: torch.Generator | None = None,
+                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, float]]:
+    """One SDS step on latents (B, C, h, w): sample t and ε, noise the latents, ask the prior for
+    ε̂ = predict_noise(z_t, t) (guided) under no_grad, and return the loss whose gradient on the
+    latents is w(t)(ε̂ − ε)/B (Magic123 eqs. 5–6) with its diagnostics."""
+    num_t = scheduler.config.num_train_timesteps
+    device = latents.device
+    if t is None:
+        t = sample_timesteps(latents.shape[0], num_t, t_range, generator)
+    t = t.to(device)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator)
+    noise = noise.to(device)
+    with torch.no_grad():
+        latents_noisy = scheduler.add_noise(latents.detach().float(), noise.float(), t)
+        eps_hat = predict_noise(latents_noisy, t)
+        grad = sds_gradient(eps_hat, noise, sds_weight(alphas_cumprod, t))
+    loss = sds_loss(latents, grad)
+    return loss, {"t": float(t.float().mean()) / num_t, "grad_norm": float(grad.norm()), "loss": float(loss.detach())}

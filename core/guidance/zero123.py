@@ -33,7 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from core.cameras import Cameras, relative_pose
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images
-from core.guidance.sds import classifier_free_guidance, sample_timesteps, sds_gradient, sds_loss, sds_weight
+from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -159,19 +159,9 @@ class Zero123Guidance:
 
     def sds(self, latents: torch.Tensor, cameras: Cameras, t: Optional[torch.Tensor] = None,
             noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
-        b = latents.shape[0]
-        if t is None:
-            t = sample_timesteps(b, self.num_train_timesteps, self.t_range, self.generator)
-        t = t.to(self.device)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        with torch.no_grad():
-            latents_noisy = self.parts.scheduler.add_noise(latents.detach().float(), noise.float(), t)
-            eps_hat = self.predict_noise(latents_noisy, t, cameras)
-            grad = sds_gradient(eps_hat, noise.to(self.device), sds_weight(self.alphas_cumprod, t))
-        loss = sds_loss(latents, grad)
-        return loss, {"t": float(t.float().mean()) / self.num_train_timesteps, "grad_norm": float(grad.norm()),
-                      "loss": float(loss.detach())}
+        """SDS on given latents for novel views `cameras` (Magic123 eq. 6)."""
+        return score_distillation(latents, lambda z, t_: self.predict_noise(z, t_, cameras), self.parts.scheduler,
+                                  self.alphas_cumprod, self.t_range, self.generator, t, noise)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
