@@ -28,7 +28,7 @@ from core.losses import (coarse_objective, entropy_loss, normal_smoothness_loss,
                          pearson_depth_loss, reconstruction_loss)
 from core.nerf import NeRFField, OccupancyGrid, render, render_chunked
 from core import stage_loop
-from core.shading import sample_light, sample_shading
+from core.shading import sample_ambient, sample_light, sample_shading
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class CoarseTrainer:
         self.device = torch.device(device)
         c = params.coarse
         self.field = NeRFField.from_params(params, device=self.device)
-        self.occupancy = OccupancyGrid(c.occupancy_resolution, c.bound, c.occupancy_threshold, device=self.device)
+        self.occupancy = OccupancyGrid(c.occupancy_resolution, c.bound, c.occupancy_threshold,
+                                       decay=c.occupancy_decay, device=self.device)
         self.optimizer = torch.optim.Adam(
             [{"params": self.field.encoding.parameters(), "lr": c.lr * c.grid_lr_scale},
              {"params": self.field.mlp.parameters(), "lr": c.lr}],
@@ -108,18 +109,25 @@ class CoarseTrainer:
         p, c = self.params, self.params.coarse
         step, total = self.step_no, c.iters
         w = c.losses
+        if c.lr_final < 1.0:  # exponential decay to lr·lr_final at the last iteration (a function of step: resumable)
+            f = c.lr_final ** (step / max(1, total - 1))
+            for g, base in zip(self.optimizer.param_groups, (c.lr * c.grid_lr_scale, c.lr)):
+                g["lr"] = base * f
         if step % c.occupancy_every == 0:  # from step 0: the blob already empties most of the box
             self.occupancy.update(self.field, self.step_size, self.generator)
         is_ref = self.is_reference_step(step)
+        kw = self.render_kw()
         if is_ref:
             cams, shading, light = self.ref_cameras, "albedo", None
         else:
             cams = sample_cameras(p.camera, 1, self.generator, device=self.device)
             shading = sample_shading(step, total, c.shading, self.generator, stage="coarse")
             light = sample_light(cams.centers.cpu(), self.generator).to(self.device)
+            if shading in ("lambertian", "textureless"):
+                kw["ambient"], kw["diffuse"] = sample_ambient(c.shading, self.generator)
         need_normals = shading in ("lambertian", "textureless", "normal") or w.normal_smooth > 0 or w.orientation > 0
         out = render(self.field, cams, c.resolution, shading=shading, light_dir=light, perturb=True,
-                     generator=self.generator, need_normals=need_normals, **self.render_kw())
+                     generator=self.generator, need_normals=need_normals, **kw)
         zero = out.rgb.new_zeros(())
         l_rec, l_g, l_depth, diag = zero, zero, zero, {}
         if is_ref:
@@ -130,7 +138,8 @@ class CoarseTrainer:
                 l_depth = pearson_depth_loss(-out.depth, self.ref_depth, self.ref_mask)
         elif self.guidance is not None:
             batch = RenderBatch(rgb=out.rgb, opacity=out.opacity, depth=out.depth, normal=out.normal, cameras=cams,
-                                shading=shading, light_dir=light, step=step, total_steps=total, stage="coarse")
+                                shading=shading, light_dir=light, step=step, total_steps=total, stage="coarse",
+                                ambient=kw["ambient"], diffuse=kw["diffuse"])
             g = self.guidance(batch)
             l_g, diag = g.loss, g.diagnostics
         l_n = normal_smoothness_loss(out.normal) if (w.normal_smooth > 0 and out.normal is not None) else zero  # eq. 3

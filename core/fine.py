@@ -38,7 +38,7 @@ from core.losses import (mesh_laplacian_loss, mesh_normal_consistency, pearson_d
 from core.mesh_render import render_mesh
 from core.raster import make_rasterizer
 from core import stage_loop
-from core.shading import sample_light, sample_shading
+from core.shading import sample_ambient, sample_light, sample_shading
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,11 @@ class FineTrainer:
             return bool(torch.rand((), generator=self.generator).item() < cam.ref_prob)
         return step % cam.ref_every == 0
 
-    def render(self, mesh: Mesh, cams, resolution: int, shading="albedo", light=None, step=0):
+    def render(self, mesh: Mesh, cams, resolution: int, shading="albedo", light=None, step=0, ambient=None):
         s = self.params.coarse.shading
+        amb, dif = ambient if ambient is not None else (s.ambient, s.diffuse)
         return render_mesh(mesh, self.colour, cams, resolution, self.rasterizer, shading=shading, light_dir=light,
-                           ambient=s.ambient, diffuse=s.diffuse, step=step, total_steps=self.params.fine.iters,
+                           ambient=amb, diffuse=dif, step=step, total_steps=self.params.fine.iters,
                            stage="fine")
 
     def step(self) -> dict[str, float | str]:
@@ -151,7 +152,10 @@ class FineTrainer:
             cams = sample_cameras(p.camera, 1, self.generator, device=self.device)
             shading = sample_shading(step, total, p.coarse.shading, self.generator, stage="fine")
             light = sample_light(cams.centers.cpu(), self.generator).to(self.device)
-        out = self.render(mesh, cams, f.resolution, shading, light, step)
+        s = p.coarse.shading
+        ambient = (sample_ambient(s, self.generator) if not is_ref and shading in ("lambertian", "textureless")
+                   else (s.ambient, s.diffuse))
+        out = self.render(mesh, cams, f.resolution, shading, light, step, ambient)
         zero = out.rgb.new_zeros(())
         l_rgb = l_mask = l_depth = l_g = zero
         diag: dict = {}

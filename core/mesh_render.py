@@ -51,7 +51,7 @@ def render_mesh(
         white = torch.ones(B, 3, H, W, device=dev)
         zeros = torch.zeros(B, 1, H, W, device=dev)
         return RenderBatch(white + 0 * verts.sum(), zeros, zeros.clone(), torch.zeros(B, 3, H, W, device=dev),
-                           cameras, shading, light_dir, step, total_steps, stage)
+                           cameras, shading, light_dir, step, total_steps, stage, ambient, diffuse)
     tri = faces.int() if rasterizer.backend == "nvdiffrast" else faces
     pos = clip_positions(verts, cameras)
     rast = rasterizer.rasterize(pos, tri, (H, W))
@@ -95,4 +95,6 @@ def render_mesh(
         step=step,
         total_steps=total_steps,
         stage=stage,
+        ambient=ambient,
+        diffuse=diffuse,
     )

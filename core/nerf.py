@@ -2,7 +2,7 @@
 empty-space skipping, and volume rendering of colour, opacity, depth and normals on white.
 
 Field: x → hash grid → MLP (3 layers, 64 hidden; Magic123 §3.2) → raw density and albedo.
-  density = act(raw + blob(x)), act = softplus (threestudio's Magic123 config) or trunc_exp,
+  density = act(raw + blob(x)), act = trunc_exp (the released code, stable-dreamfusion) or softplus,
   blob(x) = blob_scale · (1 − ‖x‖ / blob_std)  (Magic3D's density blob, threestudio "blob_magic3d"),
   albedo  = sigmoid(·) ∈ [0, 1].
 Normals: n = −∇σ/‖∇σ‖ of the pre-activation density (its direction agrees with ∇σ's as the
@@ -13,6 +13,7 @@ along the ray, and is 0 where the ray is empty (Σ w_i z_i with Σ w_i = opacity
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -210,7 +211,7 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
            light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
            perturb: bool = False, generator: Optional[torch.Generator] = None,
            need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
-           normal_eps: float = 1e-2) -> RenderOutput:
+           normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64) -> RenderOutput:
     """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
 
     Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
@@ -222,6 +223,12 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     with step `normal_eps` (the released code's finite-difference normals; smoother than the hash
     grid's analytic gradient), or the analytic gradient (autograd, create_graph) with
     normals="analytic". Both are differentiable.
+
+    Normals cost 4 extra field evaluations per sample (or a double backward), so they are computed
+    only for samples whose weight w_i (from the gradient-free pass, the same parameters, hence the
+    same weights) is at least `normal_min_weight`: a sample below it adds at most that weight to any
+    normal, shading or orientation sum; it is shaded as if it had no normal (ambient light only).
+    `normal_min_weight=0` computes normals for every active sample.
     """
     width = width or height
     B, S = len(cameras), samples_per_ray
@@ -247,36 +254,69 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     active = hit[:, None].expand(R, S)
     if occupancy is not None:
         active = active & occupancy.lookup(pts.reshape(-1, 3)).view(R, S)
-    if early_stop > 0:
-        # early ray termination (Instant-NGP): a gradient-free pass finds where each ray's
-        # transmittance falls below `early_stop`; samples behind that point (weight < early_stop)
-        # are dropped before the differentiable pass
-        with torch.no_grad():
-            ia = active.reshape(-1).nonzero(as_tuple=True)[0]
-            s0 = torch.zeros(R * S, device=dev)
-            if ia.numel():
-                s0 = s0.index_put((ia,), field.density(pts.reshape(-1, 3)[ia]).float())
-            a0 = 1.0 - torch.exp(-s0.view(R, S) * delta)
-            t0 = torch.cumprod(torch.cat([torch.ones(R, 1, device=dev), 1.0 - a0 + 1e-10], 1), 1)[:, :-1]
-            active = active & (t0 > early_stop)
-    idx = active.reshape(-1).nonzero(as_tuple=True)[0]
     need_n = need_normals or shading in ("lambertian", "textureless", "normal")
+    gate = need_n and normal_min_weight > 0
+    w0 = None
+    if early_stop > 0 or gate:
+        # a gradient-free pass: early ray termination (Instant-NGP) drops the samples behind the
+        # point where the transmittance falls below `early_stop` (and its weights say which samples
+        # need normals; the differentiable pass below has the same parameters, hence the same
+        # weights); it marches front to back `segment` samples at a time and stops evaluating a
+        # ray once its transmittance is below `early_stop`, so the inside of an object costs nothing
+        with torch.no_grad():
+            s0 = torch.zeros(R, S, device=dev)
+            log_t = torch.zeros(R, device=dev)
+            alive = torch.ones(R, dtype=torch.bool, device=dev)
+            log_stop = math.log(early_stop) if early_stop > 0 else -math.inf
+            for a in range(0, S, segment):
+                b = min(S, a + segment)
+                rows, cols = (active[:, a:b] & alive[:, None]).nonzero(as_tuple=True)
+                if rows.numel():
+                    s0[rows, cols + a] = field.density(pts[rows, cols + a]).float()
+                if b < S and early_stop > 0:
+                    log_t = log_t - (s0[:, a:b] * delta[:, a:b]).sum(1)
+                    alive = alive & (log_t > log_stop)
+            a0 = 1.0 - torch.exp(-s0 * delta)
+            t0 = torch.cumprod(torch.cat([torch.ones(R, 1, device=dev), 1.0 - a0 + 1e-10], 1), 1)[:, :-1]
+            if early_stop > 0:
+                active = active & (t0 > early_stop)
+            w0 = (a0 * t0).reshape(-1)
+    idx = active.reshape(-1).nonzero(as_tuple=True)[0]
     grad_on = torch.is_grad_enabled()
-    x = pts.reshape(-1, 3)[idx]
+    x_all = pts.reshape(-1, 3)[idx]
+    # the samples that carry normals: positions `nsel` within idx
+    nsel = (w0[idx] >= normal_min_weight).nonzero(as_tuple=True)[0] if gate else None
     nrm = None
     analytic = need_n and normals == "analytic"
-    with torch.enable_grad() if analytic else torch.no_grad() if not grad_on else torch.enable_grad():
-        if analytic:
-            x = x.detach().requires_grad_(True)
-        raw, logits = field.raw(x) if idx.numel() else (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
-        if analytic:
-            if idx.numel():
-                g = torch.autograd.grad(raw, x, torch.ones_like(raw), create_graph=grad_on)[0]
+    empty = (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
+    if analytic:
+        # the density's gradient at the normal-carrying samples (create_graph while training)
+        xs = x_all if nsel is None else x_all[nsel]
+        with torch.enable_grad():
+            xs = xs.detach().requires_grad_(True)
+            raw_s, logit_s = field.raw(xs) if xs.shape[0] else empty
+            if xs.shape[0]:
+                g = torch.autograd.grad(raw_s, xs, torch.ones_like(raw_s), create_graph=grad_on)[0]
                 nrm = -F.normalize(g, dim=-1, eps=1e-8)
             else:
                 nrm = torch.zeros(0, 3, device=dev)
-    if need_n and not analytic:
-        nrm = field.normals(x, normal_eps) if idx.numel() else torch.zeros(0, 3, device=dev)
+        if nsel is None:
+            raw, logits = raw_s, logit_s
+        else:
+            rest = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
+            rest[nsel] = False
+            rsel = rest.nonzero(as_tuple=True)[0]
+            raw_r, logit_r = field.raw(x_all[rsel]) if rsel.numel() else empty
+            raw = torch.zeros(idx.numel(), device=dev, dtype=raw_s.dtype).index_put((nsel,), raw_s).index_put((rsel,), raw_r)
+            logits = torch.zeros(idx.numel(), 3, device=dev, dtype=logit_s.dtype).index_put((nsel,), logit_s).index_put((rsel,), logit_r)
+    else:
+        raw, logits = field.raw(x_all) if idx.numel() else empty
+        if need_n:
+            xs = x_all if nsel is None else x_all[nsel]
+            nrm = field.normals(xs, normal_eps) if xs.shape[0] else torch.zeros(0, 3, device=dev)
+    if nrm is not None and nsel is not None:
+        # samples below normal_min_weight: a zero normal (ambient light only, no orientation term)
+        nrm = torch.zeros(idx.numel(), 3, device=dev, dtype=nrm.dtype).index_put((nsel,), nrm)
     sig_a = field.activate(raw)
     alb = torch.sigmoid(logits)
     sigma = torch.zeros(R * S, device=dev, dtype=sig_a.dtype).index_put((idx,), sig_a).view(R, S)

@@ -74,6 +74,9 @@ class ShadingParams(_Section):
     textureless_prob: float = Field(0.25, ge=0.0, le=1.0)
     ambient: float = Field(0.1, ge=0.0, le=1.0)
     diffuse: float = Field(0.9, ge=0.0, le=1.0)
+    # the released code (stable-dreamfusion): each shaded novel view draws its ambient ratio
+    # a ~ U(ambient, 1) and lights with a + (1 − a)·max(0, n·l); false: the fixed ambient/diffuse
+    random_ambient: bool = True
 
     @model_validator(mode="after")
     def _probs(self) -> "ShadingParams":
@@ -98,17 +101,19 @@ class CoarseParams(_Section):
     lr: float = Field(1e-3, gt=0.0)
     resolution: int = Field(128, ge=8)  # render size of the coarse stage (square)
     bound: float = Field(1.0, gt=0.0)  # the scene lives in [-bound, bound]^3
-    samples_per_ray: int = Field(64, ge=4)
+    samples_per_ray: int = Field(128, ge=4)
     grid: HashGridParams = HashGridParams()
     mlp: MLPParams = MLPParams()
     density_blob_scale: float = 10.0  # Magic3D blob: density += scale·(1 − |x|/std)
     density_blob_std: float = 0.5
-    density_activation: Literal["softplus", "trunc_exp"] = "softplus"  # threestudio's Magic123 config
+    density_activation: Literal["softplus", "trunc_exp"] = "trunc_exp"  # the released code; softplus: threestudio
     grid_lr_scale: float = Field(10.0, gt=0.0)  # released code: the hash grid's lr is 10× the MLP's
+    lr_final: float = Field(1.0, gt=0.0, le=1.0)  # lr × lr_final^(step/iters): 1 = constant (released code)
     normals: Literal["finite_difference", "analytic"] = "finite_difference"  # released code: finite differences
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)
+    occupancy_decay: float = Field(0.95, gt=0.0, le=1.0)  # Instant-NGP: a cell keeps max(decay·old, new)
     shading: ShadingParams = ShadingParams()
     losses: CoarseLossWeights = CoarseLossWeights()
     checkpoint_every: int = Field(500, ge=1)

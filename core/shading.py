@@ -44,6 +44,17 @@ def sample_shading(step: int, total: int, shading_params, generator: torch.Gener
     return "albedo"
 
 
+def sample_ambient(shading_params, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """(ambient, diffuse) of a shaded novel view: with `random_ambient` (the released code's
+    min_ambient_ratio) a ~ U(ambient, 1) and diffuse 1 − a, so that some views light the albedo
+    almost flat; otherwise the fixed pair."""
+    if not shading_params.random_ambient:
+        return shading_params.ambient, shading_params.diffuse
+    lo = shading_params.ambient
+    a = lo + (1.0 - lo) * torch.rand((), generator=generator).item()
+    return a, 1.0 - a
+
+
 def sample_light(centers: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A light direction per camera (B, 3): the camera's direction, jittered (stable-dreamfusion)."""
     jitter = torch.randn(centers.shape, generator=generator).to(centers)

@@ -2,8 +2,8 @@
 the caller beforehand).
 
   python3 scripts/gpu_coarse.py bench   --out DIR [--preset magic123] [--jobs 3]
-      the oracle bench, one `lift3d bench oracle` process per object side by side on the one GPU
-      (each is launch-bound), merged into DIR/oracle/oracle.json in the bench's own layout
+      the oracle bench, one `lift3d bench oracle` process per object side by side (one GPU each
+      when there are several), merged into DIR/oracle/oracle.json in the bench's own layout
   python3 scripts/gpu_coarse.py compare --out DIR
       tinycudann's hash grid against the PyTorch one at equal parameters (DIR/tcnn_compare.json);
       run it in its own process: a crash inside tinycudann then cannot take the bench with it
@@ -25,12 +25,20 @@ sys.path.insert(0, str(ROOT))
 def bench(out: Path, preset: str, objects: list[str], extra: list[str]) -> int:
     work = Path("/tmp/lift3d_gpu_bench")
     procs = []
-    for name in objects:
+    try:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        n_gpus = 0
+    for i, name in enumerate(objects):
         cmd = [sys.executable, "-m", "flows.cli", "bench", "oracle", "--stage", "coarse", "--preset", preset,
                "--objects", name, "--out", str(work / name)] + extra
         log = open(out / f"bench_{name}.log", "w")
-        procs.append((name, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, "PYTHONUNBUFFERED": "1"}), log))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if n_gpus > 1:  # one object per GPU: processes sharing a GPU are time-sliced, not concurrent
+            env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)
+        procs.append((name, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     merged = None
     rc = 0
     for name, p, log in procs:
@@ -79,6 +87,15 @@ def compare(out: Path) -> int:
         ya, yb = a(x), b(x)
         torch.cuda.synchronize()
         err = (ya - yb).abs()
+        # a float64 evaluation of the same formulas: how far each fp32 implementation is from
+        # exact arithmetic (the two round the cell position p = s·u + 0.5 differently: tcnn fuses
+        # the multiply-add, so near a cell boundary at the finest levels (s ≈ 2048) they disagree by
+        # a few ulps of p, times the feature slope)
+        with torch.no_grad():
+            ref = HashGrid(**cfg, backend="torch", device=dev).double()
+            ref.table.copy_(a.table.double())
+            y64 = ref._torch_encode(((x.double() + ref.bound) / (2 * ref.bound)).clamp(0, 1))
+            pos_ulp = float(torch.finfo(torch.float32).eps * a.scales.max())
         up = torch.randn_like(ya)
         (ya * up).sum().backward()
         (yb * up).sum().backward()
@@ -96,7 +113,12 @@ def compare(out: Path) -> int:
             return (time.perf_counter() - t) / 20 * 1e3
 
         res[key] = {"max_abs_diff": float(err.max()), "mean_abs_diff": float(err.mean()),
-                    "frac_over_1e-4": float((err > 1e-4).float().mean()), "max_abs_output": float(ya.abs().max()),
+                    "torch_fp32_vs_fp64_max": float((ya.detach().double() - y64).abs().max()),
+                    "tcnn_vs_fp64_max": float((yb.detach().double() - y64).abs().max()),
+                    "torch_fp32_vs_fp64_mean": float((ya.detach().double() - y64).abs().mean()),
+                    "tcnn_vs_fp64_mean": float((yb.detach().double() - y64).abs().mean()),
+                    "one_ulp_of_finest_cell_position": pos_ulp,
+                    "frac_over_1e-4": float((err > 1e-4).float().mean()), "max_abs_output": float(ya.detach().abs().max()),
                     "grad_max_abs_diff": float(gerr.max()), "grad_max_abs": float(ga.abs().max()),
                     "ms_fwd_bwd_262k_torch": round(timed(a), 3), "ms_fwd_bwd_262k_tcnn": round(timed(b), 3)}
         print(key, res[key], flush=True)

@@ -177,3 +177,19 @@ def test_cli_coarse_on_a_benchmark_image(tmp_path):
     assert main(argv) == 0
     res = json.loads((out / "result.json").read_text())
     assert res["guidance"] == "none" and (out / "mesh.obj").is_file() and (out / "reference_rgba.png").is_file()
+
+
+def test_lr_decays_exponentially_to_lr_final():
+    from core.coarse import CoarseTrainer
+
+    p = tiny_params(**{"coarse.iters": 5, "coarse.lr_final": 0.1})
+    obj = make_object("torus")
+    tr = CoarseTrainer(p, oracle_reference(obj, p), guidance=OracleGuidance(obj, p))
+    seen = []
+    for _ in range(5):
+        tr.step()
+        seen.append([g["lr"] for g in tr.optimizer.param_groups])
+    c = p.coarse
+    for k, (grid_lr, mlp_lr) in enumerate(seen):
+        f = 0.1 ** (k / 4)
+        assert grid_lr == pytest.approx(c.lr * c.grid_lr_scale * f) and mlp_lr == pytest.approx(c.lr * f)

@@ -58,3 +58,46 @@ def test_occupancy_grid_skips_empty_space_and_gradients_flow():
     (out.rgb.mean() + out.normal.mean()).backward()
     assert f.encoding.table.grad.abs().sum() > 0
     assert all(p.grad is not None for p in f.mlp.parameters())
+
+
+def _lit_blob():
+    f = NeRFField(**SMALL, blob_scale=10.0, blob_std=0.5, density_activation="trunc_exp")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in f.mlp.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cams = reference_cameras(load_params().camera)
+    return f, cams, torch.tensor([[0.3, 0.5, 0.8]])
+
+
+def test_segmented_march_changes_nothing():
+    """The gradient-free pass marching 4 samples at a time gives the one-pass render exactly."""
+    f, cams, light = _lit_blob()
+    kw = dict(samples_per_ray=32, shading="lambertian", light_dir=light, need_normals=True)
+    a = render(f, cams, 16, segment=4, **kw)
+    b = render(f, cams, 16, segment=32, **kw)
+    assert torch.equal(a.rgb, b.rgb) and torch.equal(a.opacity, b.opacity) and torch.equal(a.normal, b.normal)
+
+
+def test_normals_only_where_weight_counts():
+    """Normals computed for samples of weight ≥ 1e-4 only: each pixel's shading moves by at most
+    the weight left out (samples × 1e-4), and fewer normals are evaluated."""
+    f, cams, light = _lit_blob()
+    kw = dict(samples_per_ray=32, shading="lambertian", light_dir=light, need_normals=True)
+    full = render(f, cams, 16, normal_min_weight=0.0, **kw)
+    gated = render(f, cams, 16, normal_min_weight=1e-4, **kw)
+    assert torch.allclose(full.opacity, gated.opacity)
+    assert (full.rgb - gated.rgb).abs().max() <= 32 * 1e-4
+    assert int((gated.sample_normals.abs().sum(-1) > 0).sum()) < int((full.sample_normals.abs().sum(-1) > 0).sum())
+
+
+def test_random_ambient_range():
+    from core.shading import sample_ambient
+
+    s = load_params().coarse.shading
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_ambient(s, g) for _ in range(200)]
+    assert all(s.ambient <= a <= 1.0 and abs(a + d - 1.0) < 1e-9 for a, d in draws)
+    assert max(a for a, _ in draws) > 0.9 and min(a for a, _ in draws) < 0.2
+    fixed = s.model_copy(update={"random_ambient": False})
+    assert sample_ambient(fixed, g) == (s.ambient, s.diffuse)

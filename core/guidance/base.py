@@ -26,6 +26,8 @@ class RenderBatch:
     step: int = 0
     total_steps: int = 1
     stage: str = "coarse"  # 'coarse' | 'fine'
+    ambient: float = 0.1  # the shading's ambient and diffuse factors (core/shading.py)
+    diffuse: float = 0.9
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Oracle guidance: the "prior" is a known procedural object (core/objects.py).
 
-It renders the object from the batch's cameras with the batch's shading mode and light, and
+It renders the object from the batch's cameras with the batch's shading mode, light and ambient, and
 returns the MSE of the NeRF's renders against those: λ_rgb·MSE(rgb) + λ_mask·MSE(opacity)
 (+ λ_depth·MSE(depth) when `depth_weight` > 0). With a perfect reconstruction the loss is 0.
 Same interface as the diffusion priors (core/guidance/base.py), so it exercises cameras,
@@ -20,13 +20,11 @@ class OracleGuidance:
         self.params = params
         w = params.coarse.losses
         self.rgb_weight, self.mask_weight, self.depth_weight = w.rgb, w.mask, depth_weight
-        s = params.coarse.shading
-        self.ambient, self.diffuse = s.ambient, s.diffuse
 
     def target(self, batch: RenderBatch) -> dict[str, torch.Tensor]:
         h, w = batch.rgb.shape[-2:]
         return self.obj.render(batch.cameras, h, w, shading=batch.shading, light_dir=batch.light_dir,
-                               ambient=self.ambient, diffuse=self.diffuse)
+                               ambient=batch.ambient, diffuse=batch.diffuse)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         tgt = self.target(batch)
