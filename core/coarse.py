@@ -116,15 +116,14 @@ class CoarseTrainer:
         if step % c.occupancy_every == 0:  # from step 0: the blob already empties most of the box
             self.occupancy.update(self.field, self.step_size, self.generator)
         is_ref = self.is_reference_step(step)
-        kw = self.render_kw()
         if is_ref:
             cams, shading, light = self.ref_cameras, "albedo", None
         else:
             cams = sample_cameras(p.camera, 1, self.generator, device=self.device)
             shading = sample_shading(step, total, c.shading, self.generator, stage="coarse")
             light = sample_light(cams.centers.cpu(), self.generator).to(self.device)
-            if shading in ("lambertian", "textureless"):
-                kw["ambient"], kw["diffuse"] = sample_ambient(c.shading, self.generator)
+        kw = self.render_kw()
+        kw["ambient"], kw["diffuse"] = sample_ambient(c.shading, shading, self.generator)
         need_normals = shading in ("lambertian", "textureless", "normal") or w.normal_smooth > 0 or w.orientation > 0
         out = render(self.field, cams, c.resolution, shading=shading, light_dir=light, perturb=True,
                      generator=self.generator, need_normals=need_normals, **kw)

@@ -135,7 +135,7 @@ class FineTrainer:
 
     def render(self, mesh: Mesh, cams, resolution: int, shading="albedo", light=None, step=0, ambient=None):
         s = self.params.coarse.shading
-        amb, dif = ambient if ambient is not None else (s.ambient, s.diffuse)
+        amb, dif = ambient if ambient is not None else (s.ambient, s.diffuse)  # (ambient, diffuse)
         return render_mesh(mesh, self.colour, cams, resolution, self.rasterizer, shading=shading, light_dir=light,
                            ambient=amb, diffuse=dif, step=step, total_steps=self.params.fine.iters,
                            stage="fine")
@@ -152,9 +152,7 @@ class FineTrainer:
             cams = sample_cameras(p.camera, 1, self.generator, device=self.device)
             shading = sample_shading(step, total, p.coarse.shading, self.generator, stage="fine")
             light = sample_light(cams.centers.cpu(), self.generator).to(self.device)
-        s = p.coarse.shading
-        ambient = (sample_ambient(s, self.generator) if not is_ref and shading in ("lambertian", "textureless")
-                   else (s.ambient, s.diffuse))
+        ambient = sample_ambient(p.coarse.shading, shading, self.generator)
         out = self.render(mesh, cams, f.resolution, shading, light, step, ambient)
         zero = out.rgb.new_zeros(())
         l_rgb = l_mask = l_depth = l_g = zero

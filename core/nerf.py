@@ -224,11 +224,11 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     grid's analytic gradient), or the analytic gradient (autograd, create_graph) with
     normals="analytic". Both are differentiable.
 
-    Normals cost 4 extra field evaluations per sample (or a double backward), so they are computed
+    Finite-difference normals cost 4 extra field evaluations per sample, so they are computed
     only for samples whose weight w_i (from the gradient-free pass, the same parameters, hence the
     same weights) is at least `normal_min_weight`: a sample below it adds at most that weight to any
     normal, shading or orientation sum; it is shaded as if it had no normal (ambient light only).
-    `normal_min_weight=0` computes normals for every active sample.
+    `normal_min_weight=0`, or analytic normals, compute them for every active sample.
     """
     width = width or height
     B, S = len(cameras), samples_per_ray
@@ -255,7 +255,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     if occupancy is not None:
         active = active & occupancy.lookup(pts.reshape(-1, 3)).view(R, S)
     need_n = need_normals or shading in ("lambertian", "textureless", "normal")
-    gate = need_n and normal_min_weight > 0
+    analytic = need_n and normals == "analytic"
+    gate = need_n and normal_min_weight > 0 and not analytic
     w0 = None
     if early_stop > 0 or gate:
         # a gradient-free pass: early ray termination (Instant-NGP) drops the samples behind the
@@ -287,28 +288,17 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     # the samples that carry normals: positions `nsel` within idx
     nsel = (w0[idx] >= normal_min_weight).nonzero(as_tuple=True)[0] if gate else None
     nrm = None
-    analytic = need_n and normals == "analytic"
     empty = (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
     if analytic:
-        # the density's gradient at the normal-carrying samples (create_graph while training)
-        xs = x_all if nsel is None else x_all[nsel]
+        # the density's gradient at every active sample (create_graph while training)
         with torch.enable_grad():
-            xs = xs.detach().requires_grad_(True)
-            raw_s, logit_s = field.raw(xs) if xs.shape[0] else empty
-            if xs.shape[0]:
-                g = torch.autograd.grad(raw_s, xs, torch.ones_like(raw_s), create_graph=grad_on)[0]
+            x_all = x_all.detach().requires_grad_(True)
+            raw, logits = field.raw(x_all) if idx.numel() else empty
+            if idx.numel():
+                g = torch.autograd.grad(raw, x_all, torch.ones_like(raw), create_graph=grad_on)[0]
                 nrm = -F.normalize(g, dim=-1, eps=1e-8)
             else:
                 nrm = torch.zeros(0, 3, device=dev)
-        if nsel is None:
-            raw, logits = raw_s, logit_s
-        else:
-            rest = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
-            rest[nsel] = False
-            rsel = rest.nonzero(as_tuple=True)[0]
-            raw_r, logit_r = field.raw(x_all[rsel]) if rsel.numel() else empty
-            raw = torch.zeros(idx.numel(), device=dev, dtype=raw_s.dtype).index_put((nsel,), raw_s).index_put((rsel,), raw_r)
-            logits = torch.zeros(idx.numel(), 3, device=dev, dtype=logit_s.dtype).index_put((nsel,), logit_s).index_put((rsel,), logit_r)
     else:
         raw, logits = field.raw(x_all) if idx.numel() else empty
         if need_n:

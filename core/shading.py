@@ -44,11 +44,12 @@ def sample_shading(step: int, total: int, shading_params, generator: torch.Gener
     return "albedo"
 
 
-def sample_ambient(shading_params, generator: torch.Generator | None = None) -> tuple[float, float]:
-    """(ambient, diffuse) of a shaded novel view: with `random_ambient` (the released code's
-    min_ambient_ratio) a ~ U(ambient, 1) and diffuse 1 − a, so that some views light the albedo
-    almost flat; otherwise the fixed pair."""
-    if not shading_params.random_ambient:
+def sample_ambient(shading_params, mode: str = "lambertian",
+                   generator: torch.Generator | None = None) -> tuple[float, float]:
+    """(ambient, diffuse) of a view shaded with `mode`: for lambertian / textureless views with
+    `random_ambient` (the released code's min_ambient_ratio) a ~ U(ambient, 1) and diffuse 1 − a,
+    so that some views light the albedo almost flat; otherwise the fixed pair (no draw)."""
+    if not shading_params.random_ambient or mode not in ("lambertian", "textureless"):
         return shading_params.ambient, shading_params.diffuse
     lo = shading_params.ambient
     a = lo + (1.0 - lo) * torch.rand((), generator=generator).item()

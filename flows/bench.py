@@ -45,17 +45,24 @@ def oracle_reference(obj, params, device="cpu"):
     return Reference(rgb=r["rgb"][0].cpu(), mask=r["opacity"][0].cpu(), depth=disp.cpu(), image_path=f"oracle:{obj.name}")
 
 
-def evaluate_field(field, obj, params, occupancy=None, device="cpu") -> dict:
-    from core.losses import mask_iou, psnr
+def render_eval_views(field, obj, params, occupancy=None, device="cpu"):
+    """The field's and the object's albedo renders at EVAL_VIEWS: (RenderOutput, target dict on device)."""
     from core.nerf import render_chunked
 
     cams = eval_cameras(params, device)
     c = params.coarse
     out = render_chunked(field, cams, c.resolution, samples_per_ray=c.samples_per_ray, occupancy=occupancy,
                          shading="albedo", need_normals=False)
-    tgt = obj.render(cams, c.resolution, shading="albedo")
-    return {"psnr_novel": round(psnr(out.rgb, tgt["rgb"].to(out.rgb.device)), 3),
-            "mask_iou": round(mask_iou(out.opacity, tgt["opacity"].to(out.rgb.device)), 4)}
+    tgt = {k: v.to(out.rgb.device) for k, v in obj.render(cams, c.resolution, shading="albedo").items()}
+    return out, tgt
+
+
+def evaluate_field(field, obj, params, occupancy=None, device="cpu") -> dict:
+    from core.losses import mask_iou, psnr
+
+    out, tgt = render_eval_views(field, obj, params, occupancy, device)
+    return {"psnr_novel": round(psnr(out.rgb, tgt["rgb"]), 3),
+            "mask_iou": round(mask_iou(out.opacity, tgt["opacity"]), 4)}
 
 
 def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> dict:

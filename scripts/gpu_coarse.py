@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,26 +22,18 @@ sys.path.insert(0, str(ROOT))
 
 def bench(out: Path, preset: str, objects: list[str], extra: list[str]) -> int:
     work = Path("/tmp/lift3d_gpu_bench")
-    procs = []
-    try:
-        import torch
+    from scripts.oracle_sweep import gpu_count, launch
 
-        n_gpus = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        n_gpus = 0
+    procs = []
+    n_gpus = gpu_count()
     for i, name in enumerate(objects):
         cmd = [sys.executable, "-m", "flows.cli", "bench", "oracle", "--stage", "coarse", "--preset", preset,
                "--objects", name, "--out", str(work / name)] + extra
-        log = open(out / f"bench_{name}.log", "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if n_gpus > 1:  # one object per GPU: processes sharing a GPU are time-sliced, not concurrent
-            env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)
-        procs.append((name, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        procs.append((name, launch(cmd, out / f"bench_{name}.log", i, n_gpus)))
     merged = None
     rc = 0
-    for name, p, log in procs:
+    for name, p in procs:
         rc |= p.wait()
-        log.close()
         f = work / name / "oracle.json"
         if f.is_file():
             r = json.loads(f.read_text())

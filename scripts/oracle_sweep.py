@@ -28,27 +28,20 @@ sys.path.insert(0, str(ROOT))
 
 
 def score(trainer, obj, params) -> dict:
-    import torch
     import torch.nn.functional as F
 
     from core.losses import mask_iou, psnr
-    from core.nerf import render_chunked
-    from flows.bench import eval_cameras
+    from flows.bench import render_eval_views
 
-    dev = trainer.device
-    cams = eval_cameras(params, dev)
-    c = params.coarse
     was = trainer.field.training
     trainer.field.eval()
-    out = render_chunked(trainer.field, cams, c.resolution, samples_per_ray=c.samples_per_ray,
-                         occupancy=trainer.occupancy, shading="albedo", need_normals=False)
+    out, tgt = render_eval_views(trainer.field, obj, params, trainer.occupancy, trainer.device)
     trainer.field.train(was)
-    tgt = obj.render(cams, c.resolution, shading="albedo")
-    m = tgt["opacity"].to(dev)
+    m = tgt["opacity"]
     edge = (F.max_pool2d(m, 3, 1, 1) + F.max_pool2d(-m, 3, 1, 1)) > 0
-    se = ((out.rgb - tgt["rgb"].to(dev)) ** 2).mean(1, keepdim=True)
+    se = ((out.rgb - tgt["rgb"]) ** 2).mean(1, keepdim=True)
     tot = float(se.sum()) or 1.0
-    return {"psnr_novel": round(psnr(out.rgb, tgt["rgb"].to(dev)), 3),
+    return {"psnr_novel": round(psnr(out.rgb, tgt["rgb"]), 3),
             "mask_iou": round(mask_iou(out.opacity, m), 4),
             "err_edge": round(float(se[edge].sum()) / tot, 3),
             "err_inside": round(float(se[(m > 0.5) & ~edge].sum()) / tot, 3),
@@ -86,17 +79,31 @@ def one(name: str, obj_name: str, preset: str, overrides: list[str], out: Path, 
     return 0
 
 
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def launch(cmd: list[str], log: Path, slot: int, n_gpus: int) -> subprocess.Popen:
+    """Start `cmd` in the repository root, output to `log`; with several GPUs, on GPU slot % n
+    (processes sharing one GPU are time-sliced, not concurrent)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if n_gpus > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpus)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
 def sweep(spec: Path, out: Path, jobs: int, eval_every: int) -> int:
     variants = json.loads(spec.read_text())
     pending = list(variants)
     running: list[tuple[dict, subprocess.Popen]] = []
     rc = 0
-    try:
-        import torch
-
-        n_gpus = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        n_gpus = 0
+    n_gpus = gpu_count()
     launched = 0
     while pending or running:
         while pending and len(running) < jobs:
@@ -104,12 +111,8 @@ def sweep(spec: Path, out: Path, jobs: int, eval_every: int) -> int:
             cmd = [sys.executable, __file__, "one", "--name", v["name"], "--object", v["object"],
                    "--preset", v.get("preset", "smoke"), "--out", str(out), "--eval-every", str(v.get("eval_every", eval_every))]
             cmd += [x for o in v.get("set", []) for x in ("--set", o)]
-            logf = open(out / f"{v['name']}.log", "w")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if n_gpus > 1:  # spread over the GPUs: processes sharing one are time-sliced
-                env["CUDA_VISIBLE_DEVICES"] = str(launched % n_gpus)
+            running.append((v, launch(cmd, out / f"{v['name']}.log", launched, n_gpus)))
             launched += 1
-            running.append((v, subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env)))
         time.sleep(1.0)
         for item in list(running):
             v, p = item

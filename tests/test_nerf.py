@@ -96,8 +96,9 @@ def test_random_ambient_range():
 
     s = load_params().coarse.shading
     g = torch.Generator().manual_seed(0)
-    draws = [sample_ambient(s, g) for _ in range(200)]
+    draws = [sample_ambient(s, "lambertian", g) for _ in range(200)]
     assert all(s.ambient <= a <= 1.0 and abs(a + d - 1.0) < 1e-9 for a, d in draws)
     assert max(a for a, _ in draws) > 0.9 and min(a for a, _ in draws) < 0.2
     fixed = s.model_copy(update={"random_ambient": False})
-    assert sample_ambient(fixed, g) == (s.ambient, s.diffuse)
+    assert sample_ambient(fixed, "lambertian", g) == (s.ambient, s.diffuse)
+    assert sample_ambient(s, "albedo", g) == (s.ambient, s.diffuse)  # unshaded views draw nothing
