@@ -47,6 +47,30 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
+def rand_on(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """U[0, 1) of `shape` on `device`. On the CPU straight from `generator`; on a GPU from a stream
+    seeded by one draw from `generator`, so the big tensor is made where it is used (no host
+    generation and copy) and a run stays reproducible and resumable from the generator's state."""
+    device = torch.device(device)
+    if device.type == "cpu" or generator is None:
+        return torch.rand(shape, generator=generator).to(device)
+    seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+    return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
+# Spread the samples of one ray over the whole batch before a differentiable field evaluation on a
+# GPU: the hash grid's backward pass adds into the table with atomics, and consecutive samples (one
+# ray's, or one sample's finite-difference offsets) share their coarse-level cells, so a warp of
+# them serialises on the same entries. A fixed stride permutation (no randomness) breaks that up.
+SPREAD_SAMPLES_ON_CUDA = True
+_SPREAD_STRIDES = (1_000_003, 999_983)
+
+
+def _spread_permutation(n: int, device) -> torch.Tensor:
+    p = next(q for q in _SPREAD_STRIDES if n % q)  # coprime with n: both are primes
+    return torch.arange(n, device=device, dtype=torch.long).mul_(p).remainder_(n)
+
+
 class NeRFField(nn.Module):
     """Hash grid + MLP → (density, albedo). Construct with `NeRFField(**field_config)`."""
 
@@ -94,7 +118,13 @@ class NeRFField(nn.Module):
 
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activation density (blob included) (N,) and albedo logits (N, 3)."""
-        h = self.mlp(self.encoding(x))
+        n = x.shape[0]
+        if SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and n > 1:
+            perm = _spread_permutation(n, x.device)
+            h = self.mlp(self.encoding(x.index_select(0, perm)))
+            h = torch.zeros_like(h).index_copy(0, perm, h)  # back in order; its backward is a gather
+        else:
+            h = self.mlp(self.encoding(x))
         return h[:, 0].float() + self.density_blob(x), h[:, 1:].float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +177,7 @@ class OccupancyGrid(nn.Module):
                chunk: int = 1 << 18) -> None:
         r = self.resolution
         pts = self.cell_centers()
-        jitter = (torch.rand(pts.shape, generator=generator) - 0.5).to(pts) * (2 * self.bound / r)
+        jitter = (rand_on(pts.shape, generator, pts.device) - 0.5) * (2 * self.bound / r)
         pts = pts + jitter
         sig = torch.cat([field.density(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)]).view(r, r, r)
         self.values.copy_(torch.maximum(self.values * self.decay, sig))
@@ -247,7 +277,7 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     span = (far - near).clamp_min(0.0)
     u = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5)[None].expand(R, S)
     if perturb:
-        u = u + (torch.rand(R, S, generator=generator) - 0.5).to(dev)
+        u = u + (rand_on((R, S), generator, dev) - 0.5)
     t = near[:, None] + span[:, None] * (u / S)  # (R, S)
     delta = (span / S)[:, None].expand(R, S)
     pts = o[:, None, :] + d[:, None, :] * t[..., None]  # (R, S, 3)

@@ -7,6 +7,8 @@ the caller beforehand).
   python3 scripts/gpu_coarse.py compare --out DIR
       tinycudann's hash grid against the PyTorch one at equal parameters (DIR/tcnn_compare.json);
       run it in its own process: a crash inside tinycudann then cannot take the bench with it
+  python3 scripts/gpu_coarse.py profile --out DIR [--preset magic123] [--objects torus] [--steps 50]
+      where one coarse step's time goes (torch.profiler tables in DIR/profile_PRESET_OBJECT.txt)
 """
 from __future__ import annotations
 
@@ -116,26 +118,55 @@ def compare(out: Path) -> int:
     return 0
 
 
-def probe(dtype: str) -> int:
-    """The smallest tinycudann encoding call, for a debugger's backtrace."""
+def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: int) -> int:
+    """Where a coarse step's time goes: `steps` oracle-guided iterations after as many warm-up ones,
+    under torch.profiler; the top operators by device and by host time, and the step rate."""
     import torch
-    import tinycudann as tcnn
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    cfg = {"otype": "HashGrid", "n_levels": 2, "n_features_per_level": 2, "log2_hashmap_size": 10,
-           "base_resolution": 4, "per_level_scale": 2.0}
-    enc = tcnn.Encoding(3, cfg, dtype=torch.float32 if dtype == "fp32" else torch.float16)
-    print("params", enc.params.shape, enc.params.dtype, enc.params.device, flush=True)
-    x = torch.rand(256, 3, device="cuda")
-    y = enc(x)
-    torch.cuda.synchronize()
-    print("probe ok", dtype, tuple(y.shape), y.dtype, float(y.float().abs().sum()), flush=True)
+    from core.coarse import CoarseTrainer
+    from core.guidance.oracle import OracleGuidance
+    from core.objects import make_object
+    from core.params import load_params, resolve_device
+    from flows.bench import oracle_reference
+
+    params = load_params(preset, overrides)
+    device = resolve_device(params)
+    obj = make_object(obj_name)
+    tr = CoarseTrainer(params, oracle_reference(obj, params, device), guidance=OracleGuidance(obj, params), device=device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(steps):
+        tr.step()
+    sync()
+    import core.nerf as nerf
+
+    rates = {}
+    for spread in (False, True):  # core.nerf.SPREAD_SAMPLES_ON_CUDA off and on
+        nerf.SPREAD_SAMPLES_ON_CUDA = spread
+        t = time.perf_counter()
+        for _ in range(steps):
+            tr.step()
+        sync()
+        rates[f"spread_{spread}"] = round((time.perf_counter() - t) / steps * 1e3, 2)
+    plain = rates
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            tr.step()
+        sync()
+    ka = prof.key_averages()
+    by_dev = ka.table(sort_by="cuda_time_total", row_limit=25) if cuda else ""
+    by_host = ka.table(sort_by="self_cpu_time_total", row_limit=25)
+    text = f"{preset} {obj_name} {overrides}: ms/step (no profiler) {plain}, steps {steps}\n\n{by_dev}\n\n{by_host}\n"
+    (out / f"profile_{preset}_{obj_name}.txt").write_text(text)
+    print(text, flush=True)
     return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["bench", "compare", "probe"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("what", choices=["bench", "compare", "profile"])
+    ap.add_argument("--steps", type=int, default=50, help="profile: iterations profiled (after as many warm-up ones)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preset", default="magic123")
     ap.add_argument("--objects", nargs="*", default=["torus", "blocks", "snowman"])
@@ -145,8 +176,8 @@ def main() -> int:
     if a.what == "bench":
         extra = [x for o in a.overrides for x in ("--set", o)]
         return bench(a.out, a.preset, a.objects, extra)
-    if a.what == "probe":
-        return probe(a.dtype)
+    if a.what == "profile":
+        return profile(a.out, a.preset, a.objects[0], a.overrides, a.steps)
     return compare(a.out)
 
 

@@ -1,4 +1,5 @@
 """NeRF field and volume renderer sanity."""
+import pytest
 import torch
 
 from core.cameras import reference_cameras
@@ -102,3 +103,39 @@ def test_random_ambient_range():
     fixed = s.model_copy(update={"random_ambient": False})
     assert sample_ambient(fixed, "lambertian", g) == (s.ambient, s.diffuse)
     assert sample_ambient(s, "albedo", g) == (s.ambient, s.diffuse)  # unshaded views draw nothing
+
+
+def test_spread_permutation_is_a_bijection():
+    from core.nerf import _spread_permutation
+
+    for n in (2, 7, 4096, 1_000_003, 1_000_003 * 3):
+        p = _spread_permutation(n, "cpu")
+        assert torch.equal(torch.sort(p).values, torch.arange(n))
+    p = _spread_permutation(4096, "cpu")
+    assert int((p[1:] - p[:-1]).abs().min()) > 1  # neighbours are moved apart
+
+
+def test_rand_on_cpu_is_the_generator_stream():
+    from core.nerf import rand_on
+
+    a = rand_on((5, 3), torch.Generator().manual_seed(3), "cpu")
+    b = torch.rand(5, 3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda():
+    import core.nerf as nerf
+
+    field = NeRFField(levels=4, log2_table_size=12, max_resolution=64, device="cuda", backend="torch")
+    x = torch.rand(5000, 3, device="cuda") * 2 - 1
+    outs = []
+    for spread in (False, True):
+        nerf.SPREAD_SAMPLES_ON_CUDA = spread
+        field.zero_grad()
+        raw, logits = field.raw(x)
+        (raw.sum() + logits.square().sum()).backward()
+        outs.append((raw.detach(), logits.detach(), field.encoding.table.grad.clone()))
+    nerf.SPREAD_SAMPLES_ON_CUDA = True
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
