@@ -124,6 +124,7 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    import core.nerf as nerf
     from core.coarse import CoarseTrainer
     from core.guidance.oracle import OracleGuidance
     from core.objects import make_object
@@ -139,8 +140,6 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     for _ in range(steps):
         tr.step()
     sync()
-    import core.nerf as nerf
-
     rates = {}
     for spread in (False, True):  # core.nerf.SPREAD_SAMPLES_ON_CUDA off and on
         nerf.SPREAD_SAMPLES_ON_CUDA = spread
@@ -149,7 +148,6 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
             tr.step()
         sync()
         rates[f"spread_{spread}"] = round((time.perf_counter() - t) / steps * 1e3, 2)
-    plain = rates
     with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             tr.step()
@@ -157,7 +155,7 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     ka = prof.key_averages()
     by_dev = ka.table(sort_by="cuda_time_total", row_limit=25) if cuda else ""
     by_host = ka.table(sort_by="self_cpu_time_total", row_limit=25)
-    text = f"{preset} {obj_name} {overrides}: ms/step (no profiler) {plain}, steps {steps}\n\n{by_dev}\n\n{by_host}\n"
+    text = f"{preset} {obj_name} {overrides}: ms/step (no profiler) {rates}, steps {steps}\n\n{by_dev}\n\n{by_host}\n"
     (out / f"profile_{preset}_{obj_name}.txt").write_text(text)
     print(text, flush=True)
     return 0

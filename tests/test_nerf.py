@@ -124,18 +124,17 @@ def test_rand_on_cpu_is_the_generator_stream():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda():
+def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda(monkeypatch):
     import core.nerf as nerf
 
     field = NeRFField(levels=4, log2_table_size=12, max_resolution=64, device="cuda", backend="torch")
     x = torch.rand(5000, 3, device="cuda") * 2 - 1
     outs = []
     for spread in (False, True):
-        nerf.SPREAD_SAMPLES_ON_CUDA = spread
+        monkeypatch.setattr(nerf, "SPREAD_SAMPLES_ON_CUDA", spread)
         field.zero_grad()
         raw, logits = field.raw(x)
         (raw.sum() + logits.square().sum()).backward()
         outs.append((raw.detach(), logits.detach(), field.encoding.table.grad.clone()))
-    nerf.SPREAD_SAMPLES_ON_CUDA = True
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
