@@ -143,8 +143,13 @@ class DMTet(nn.Module):
     def init_from_density(self, density_fn, threshold: float, chunk: int = 262144) -> None:
         """SDF from the coarse NeRF's density level set (Magic123 §2.1.2): s = (σ(x) − τ) / τ, clamped
         to [−1, 1] so that Adam's steps move the surface at a sensible rate; deformation to zero."""
+        from core.mesh import surface_level
+
         pts = self.grid_verts
         vals = torch.cat([density_fn(pts[i:i + chunk]).reshape(-1).float() for i in range(0, pts.shape[0], chunk)])
+        # a field that never reaches τ gets the coarse mesh's lower level, not an empty start
+        level = surface_level(float(vals.min()), float(vals.max()), float(threshold), "fine stage (DMTet init)")
+        threshold = threshold if level is None else level
         scale = abs(threshold) if threshold != 0 else 1.0
         self.sdf.copy_(((vals - threshold) / scale).clamp(-1.0, 1.0))
         self.deform.zero_()

@@ -238,6 +238,8 @@ def run_fine(params, reference: Reference, coarse_field, out_dir, guidance=None,
         return trainer
     if write_results:
         info = write_outputs(trainer, out, turntable_frames=turntable_frames)
+        if info.get("mesh_faces") == 0:
+            log.warning("fine stage: the final mesh is empty (no surface left in the tet grid); see %s", out / "renders")
         result = {"stage": "fine", "steps": trainer.step_no, "seconds": round(trainer.elapsed, 3),
                   "device": str(device), "rasterizer": trainer.rasterizer.backend,
                   "tet_resolution": f.tet_resolution, "resolution": f.resolution,

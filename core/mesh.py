@@ -13,6 +13,20 @@ from core.stage_loop import atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def surface_level(lo: float, hi: float, threshold: float, what: str) -> float | None:
+    """The density level to take a surface at: `threshold` when the density (range lo..hi) crosses
+    it; otherwise half the maximum, with a warning, so that a result is never silently empty; None
+    (warned) when the field is empty."""
+    if lo < threshold < hi:
+        return float(threshold)
+    if hi <= 1e-6:
+        log.warning("%s: the density field is empty; the mesh will be empty", what)
+        return None
+    level = 0.5 * float(hi)
+    log.warning("%s: density never crosses %.3g; using level %.3g instead", what, threshold, level)
+    return level
+
+
 @torch.no_grad()
 def extract_mesh(field, resolution: int = 128, threshold: float = 10.0, chunk: int = 1 << 18):
     """Marching cubes of {σ = threshold} over [−bound, bound]³ → (vertices (V,3), faces (F,3), colours (V,3) in [0,1]).
@@ -27,13 +41,9 @@ def extract_mesh(field, resolution: int = 128, threshold: float = 10.0, chunk: i
     pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3)
     sig = torch.cat([field.density(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)])
     vol = sig.view(resolution, resolution, resolution).float().cpu().numpy()
-    level = float(threshold)
-    if not (vol.min() < level < vol.max()):
-        if vol.max() <= 1e-6:
-            log.warning("mesh: the density field is empty; writing an empty mesh")
-            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32)
-        level = 0.5 * float(vol.max())
-        log.warning("mesh: density never crosses %.3g; using level %.3g instead", threshold, level)
+    level = surface_level(float(vol.min()), float(vol.max()), float(threshold), "mesh")
+    if level is None:
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32)
     verts, faces, _normals, _ = measure.marching_cubes(vol, level=level)
     verts = verts / (resolution - 1) * 2 * bound - bound  # voxel index → world
     v = torch.from_numpy(verts.astype(np.float32)).to(dev)

@@ -123,3 +123,19 @@ def test_empty_and_full_grids_give_empty_meshes():
     tets = torch.tensor([[0, 1, 2, 3]])
     assert marching_tets(pos, -torch.ones(4), tets).faces.shape[0] == 0
     assert marching_tets(pos, torch.ones(4), tets).faces.shape[0] == 0
+
+
+def test_init_from_a_density_below_the_threshold_lowers_the_level(caplog):
+    # a faint blob (peak density 4) never reaches the mesh threshold 10: the start mesh is taken at
+    # half the peak, as the coarse mesh is, instead of starting (and staying) empty
+    dm = DMTet(16, 1.0, cache=False)
+    with caplog.at_level("WARNING"):
+        dm.init_from_density(lambda x: 4.0 * torch.exp(-(x.norm(dim=-1) / 0.4) ** 2), 10.0)
+    mesh = dm.extract()
+    assert mesh.faces.shape[0] > 100
+    r = mesh.verts.detach().norm(dim=-1)  # σ = 2 at r = 0.4·sqrt(ln 2) ≈ 0.333
+    assert (r.mean() - 0.4 * math.sqrt(math.log(2))).abs() < 0.05
+    assert "never crosses" in caplog.text
+    empty = DMTet(16, 1.0, cache=False)
+    empty.init_from_density(lambda x: torch.zeros(x.shape[0]), 10.0)
+    assert empty.extract().faces.shape[0] == 0
