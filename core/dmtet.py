@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.mesh import surface_level
 from core.tets import load_tet_grid
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
@@ -143,8 +144,6 @@ class DMTet(nn.Module):
     def init_from_density(self, density_fn, threshold: float, chunk: int = 262144) -> None:
         """SDF from the coarse NeRF's density level set (Magic123 §2.1.2): s = (σ(x) − τ) / τ, clamped
         to [−1, 1] so that Adam's steps move the surface at a sensible rate; deformation to zero."""
-        from core.mesh import surface_level
-
         pts = self.grid_verts
         vals = torch.cat([density_fn(pts[i:i + chunk]).reshape(-1).float() for i in range(0, pts.shape[0], chunk)])
         # a field that never reaches τ gets the coarse mesh's lower level, not an empty start

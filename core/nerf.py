@@ -52,8 +52,10 @@ def rand_on(shape, generator: Optional[torch.Generator], device) -> torch.Tensor
     seeded by one draw from `generator`, so the big tensor is made where it is used (no host
     generation and copy) and a run stays reproducible and resumable from the generator's state."""
     device = torch.device(device)
-    if device.type == "cpu" or generator is None:
-        return torch.rand(shape, generator=generator).to(device)
+    if generator is None:
+        return torch.rand(shape, device=device)
+    if device.type == "cpu":
+        return torch.rand(shape, generator=generator)
     seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
     return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
 

@@ -101,7 +101,7 @@ def drive(trainer, iters: int, ck_path: Path, checkpoint_every: int, *, desc: st
             metrics = trainer.step()
             s = trainer.step_no  # iterations done
             if callback is not None or s % 25 == 0:
-                fm = {k: (v if isinstance(v, str) else float(v.detach() if torch.is_tensor(v) else v)) for k, v in metrics.items()}
+                fm = {k: v if isinstance(v, str) else float(torch.as_tensor(v).detach()) for k, v in metrics.items()}
                 if callback is not None:
                     callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
                 if s % 25 == 0:
