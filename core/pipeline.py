@@ -27,9 +27,9 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     """Learn the token <e> for the reference image (Magic123 §2.2 'Textural inversion', diffusers'
     recipe) and write out_dir/learned_embeds.bin in the benchmark folders' format."""
     from core.guidance.sd import load_stable_diffusion, weights_dtype
-    from core.images import load_reference
-    from core.models import model_name
-    from core.textual_inversion import learn_token
+    from core.inputs.images import load_reference
+    from core.models.sources import prior_model as model_name
+    from core.guidance.textual_inversion import learn_token
 
     device = resolve_device(params)
     out = Path(out_dir)
@@ -67,8 +67,8 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     """The coarse NeRF stage (Magic123 §2.1.1; Consistent123's stage 1 and the start of stage 2).
 
     Every input is loaded and checked before the output folder is created."""
-    from core.coarse import run_coarse
-    from core.images import load_reference
+    from core.stages.coarse import run_coarse
+    from core.inputs.images import load_reference
 
     device = resolve_device(params)
     reference = load_reference(image, depth, size=params.coarse.resolution,
@@ -77,14 +77,14 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     guidance = _guidance(params, reference, "coarse", device)
     detector = None
     if params.detector.enabled:
-        from core.detector import ClipScorer, StageDetector
+        from core.stages.detector import ClipScorer, StageDetector
 
         detector = StageDetector(params.detector, ClipScorer.from_params(params, device))
     out = Path(out_dir)
     run_coarse(params, reference, out, guidance=guidance, detector=detector, device=device, callback=callback,
                resume=resume, progress=progress)
     if detector is not None:
-        from core.detector import write_trace
+        from core.stages.detector import write_trace
 
         write_trace(detector, out / "detector.json")
     return _read_result(out)
@@ -96,9 +96,9 @@ def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Param
     """The fine DMTet stage (Magic123 §2.1.2) from a coarse checkpoint, at params.fine.resolution.
 
     `recenter=False` takes an image that is already framed (a coarse folder's reference_rgba.png)."""
-    from core.fine import run_fine
-    from core.images import load_reference
-    from core.nerf import load_field
+    from core.stages.fine import run_fine
+    from core.inputs.images import load_reference
+    from core.representations.nerf import load_field
 
     device = resolve_device(params)
     field, _ = load_field(coarse_checkpoint, device)

@@ -2,7 +2,7 @@
 textual-inversion steps, peak GPU memory. Writes DIR/speed.json and prints a table.
 
 The real architectures (SD 1.5 UNet / VAE / text encoder, Zero-1-to-3's 8-channel UNet and CLIP
-ViT-L/14 image encoder, cc_projection) are built from the configs in core/fullsize/ with random
+ViT-L/14 image encoder, cc_projection) are built from the configs in core/testmodels/fullsize/ with random
 weights: they cost exactly what the real weights cost (DESIGN.md, "How we know it works"). The
 prompt goes through a small stand-in tokenizer (token ids only; the cost is the text encoder's).
 `--tiny` uses the tiny random priors instead (a CPU check of this code path, not a benchmark).
@@ -25,7 +25,7 @@ from core.params import load_params, resolve_device
 
 log = logging.getLogger(__name__)
 
-FULLSIZE = Path(__file__).resolve().parent.parent / "core" / "fullsize"
+FULLSIZE = Path(__file__).resolve().parent.parent / "core" / "testmodels" / "fullsize"
 
 
 def _cfg(name: str) -> dict:
@@ -42,14 +42,14 @@ def _n_params(m: torch.nn.Module) -> int:
 
 
 def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
-    """SD 1.5 and Zero-1-to-3 parts at full size with random weights, from core/fullsize/*.json."""
+    """SD 1.5 and Zero-1-to-3 parts at full size with random weights, from core/testmodels/fullsize/*.json."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
         CLIPVisionModelWithProjection
 
     from core.guidance.sd import StableDiffusionParts
     from core.guidance.zero123 import CCProjection, Zero123Parts
-    from core.tiny import SD_SCHEDULER, write_tiny_clip_tokenizer
+    from core.testmodels.priors import SD_SCHEDULER, write_tiny_clip_tokenizer
 
     tok_dir = Path(tempfile.mkdtemp(prefix="lift3d-tok-"))
     write_tiny_clip_tokenizer(tok_dir)
@@ -81,15 +81,15 @@ def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
 def build_tiny_parts(device: torch.device, dtype: torch.dtype, params):
     from core.guidance.sd import load_stable_diffusion
     from core.guidance.zero123 import load_zero123
-    from core.models import tiny_root
-    from core.tiny import ensure_tiny_models
+    from core.testmodels import tiny_root
+    from core.testmodels.priors import ensure_tiny_models
 
     paths = ensure_tiny_models(tiny_root(params))
     return (load_stable_diffusion(paths["sd"], device, dtype), load_zero123(paths["zero123"], device, dtype))
 
 
 class _Scene:
-    """What the priors guide: a NeRF (Helper A's core.nerf) rendered at the coarse resolution when
+    """What the priors guide: a NeRF (Helper A's core.representations.nerf) rendered at the coarse resolution when
     available, else a learnable image of that size."""
 
     def __init__(self, params, device: torch.device, kind: str = "auto"):
@@ -98,22 +98,22 @@ class _Scene:
         try:
             if kind == "image":
                 raise RuntimeError("a learnable image was asked for")
-            from core.nerf import NeRFField, render
+            from core.representations.nerf import NeRFField, render
 
             self.field = NeRFField.from_params(params, device=device)
             self._render = render
-            self.kind = f"NeRF (core.nerf), {self.res}x{self.res}, {params.coarse.samples_per_ray} samples/ray, lambertian"
+            self.kind = f"NeRF (core.representations.nerf), {self.res}x{self.res}, {params.coarse.samples_per_ray} samples/ray, lambertian"
             self.opt = torch.optim.Adam(self.field.parameters(), lr=params.coarse.lr)
         except Exception as e:  # noqa: BLE001 - say which stand-in was used
             log.warning("bench speed: no NeRF renderer (%s); a learnable image stands in", e)
             self.field = None
             self.image = torch.nn.Parameter(torch.rand(1, 3, self.res, self.res, device=device))
-            self.kind = f"learnable image {self.res}x{self.res} (core.nerf unavailable)"
+            self.kind = f"learnable image {self.res}x{self.res} (core.representations.nerf unavailable)"
             self.opt = torch.optim.Adam([self.image], lr=params.coarse.lr)
         self.gen = torch.Generator().manual_seed(0)
 
     def batch(self, step: int, total: int):
-        from core.cameras import sample_cameras
+        from core.rendering.cameras import sample_cameras
         from core.guidance.base import RenderBatch
 
         cams = sample_cameras(self.params.camera, 1, self.gen, device=self.device)
@@ -128,7 +128,7 @@ class _Scene:
                 log.warning("bench speed: the NeRF render failed (%s); a learnable image stands in", e)
                 self.field = None
                 self.image = torch.nn.Parameter(torch.rand(1, 3, self.res, self.res, device=self.device))
-                self.kind = (f"learnable image {self.res}x{self.res} (core.nerf render failed: "
+                self.kind = (f"learnable image {self.res}x{self.res} (core.representations.nerf render failed: "
                              f"{type(e).__name__}: {str(e)[:200]})")
                 self.opt = torch.optim.Adam([self.image], lr=self.params.coarse.lr)
         rgb = torch.sigmoid(self.image)
@@ -164,7 +164,7 @@ def _time_iterations(scene: _Scene, guidance, iters: int, warmup: int, device) -
 
 
 def _time_textual_inversion(sd_parts, params, steps: int, device) -> dict[str, Any]:
-    from core.textual_inversion import learn_token
+    from core.guidance.textual_inversion import learn_token
 
     ti = params.textual_inversion
     rgb = torch.ones(3, 256, 256)
@@ -196,7 +196,7 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
     from core.guidance.priors import JointPrior
     from core.guidance.sd import StableDiffusionGuidance, weights_dtype
     from core.guidance.zero123 import Zero123Guidance
-    from core.cameras import reference_cameras
+    from core.rendering.cameras import reference_cameras
 
     t_start = time.perf_counter()
     dtype = weights_dtype(device, params.sd.fp16)
@@ -215,7 +215,7 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
         "command": "lift3d bench speed", "stage": "coarse", "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-        "models": "tiny random (core.tiny)" if tiny else "full-size random weights (core/fullsize/*.json)",
+        "models": "tiny random (core.testmodels.priors)" if tiny else "full-size random weights (core/testmodels/fullsize/*.json)",
         "parameters_millions": {k: round(_n_params(m) / 1e6, 1) for k, m in {
             "sd_unet": sd_parts.unet, "sd_vae": sd_parts.vae, "sd_text_encoder": sd_parts.text_encoder,
             "zero123_unet": z_parts.unet, "zero123_image_encoder": z_parts.image_encoder,

@@ -1,5 +1,5 @@
-"""`lift3d evaluate RUN_DIR` → RUN_DIR/metrics.json (psnr, lpips, clip_similarity; core.evaluate),
-and `lift3d report RESULTS --out reports/` (core.report)."""
+"""`lift3d evaluate RUN_DIR` → RUN_DIR/metrics.json (psnr, lpips, clip_similarity; core.evaluation.evaluate),
+and `lift3d report RESULTS --out reports/` (core.evaluation.report)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ log = logging.getLogger(__name__)
 
 
 def cli_evaluate(args) -> int:
-    from core.evaluate import evaluate_run
+    from core.evaluation.evaluate import evaluate_run
     from core.params import load_params, resolve_device
 
     params = load_params(args.preset, args.overrides, args.params)
@@ -20,7 +20,7 @@ def cli_evaluate(args) -> int:
 
 
 def cli_report(args) -> int:
-    from core.report import write_report
+    from core.evaluation.report import write_report
 
     out = write_report(args.results, args.out)
     for k, v in out.items():

@@ -26,7 +26,7 @@ def refine_params(checkpoint_params, preset, overrides, params_file=None):
 
 def cli_refine(args) -> int:
     from core.errors import InputError
-    from core.nerf import load_field
+    from core.representations.nerf import load_field
     from core.pipeline import fine_stage
 
     ckpt = Path(args.checkpoint)

@@ -52,7 +52,7 @@ def bench(out: Path, preset: str, objects: list[str], extra: list[str]) -> int:
 def compare(out: Path) -> int:
     import torch
 
-    from core.hashgrid import HashGrid, copy_hashgrid_params, tcnn_available
+    from core.representations.hashgrid import HashGrid, copy_hashgrid_params, tcnn_available
 
     res: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "tcnn_importable": tcnn_available()}
     if not res["tcnn_importable"]:
@@ -124,12 +124,12 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    import core.nerf as nerf
-    from core.coarse import CoarseTrainer
-    from core.guidance.oracle import OracleGuidance
-    from core.objects import make_object
+    import core.representations.nerf as nerf
+    from core.stages.coarse import CoarseTrainer
+    from core.oracle.guidance import OracleGuidance
+    from core.oracle.objects import make_object
     from core.params import load_params, resolve_device
-    from flows.bench import oracle_reference
+    from core.oracle.bench import oracle_reference
 
     params = load_params(preset, overrides)
     device = resolve_device(params)
@@ -141,7 +141,7 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
         tr.step()
     sync()
     rates = {}
-    for spread in (False, True):  # core.nerf.SPREAD_SAMPLES_ON_CUDA off and on
+    for spread in (False, True):  # core.representations.nerf.SPREAD_SAMPLES_ON_CUDA off and on
         nerf.SPREAD_SAMPLES_ON_CUDA = spread
         t = time.perf_counter()
         for _ in range(steps):

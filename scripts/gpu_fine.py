@@ -36,7 +36,7 @@ def save(out: Path) -> None:
 
 
 def env() -> dict:
-    from core.raster import nvdiffrast_available
+    from core.rendering.raster import nvdiffrast_available
 
     d = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "nvdiffrast": nvdiffrast_available()}
     if torch.cuda.is_available():
@@ -52,11 +52,11 @@ def env() -> dict:
 
 @torch.no_grad()
 def compare_rasterisers(device) -> dict:
-    from core.cameras import Cameras
-    from core.dmtet import DMTet
-    from core.mesh_render import clip_positions
-    from core.objects import make_object
-    from core.raster import make_rasterizer
+    from core.rendering.cameras import Cameras
+    from core.representations.dmtet import DMTet
+    from core.rendering.mesh_render import clip_positions
+    from core.oracle.objects import make_object
+    from core.rendering.raster import make_rasterizer
 
     obj = make_object("snowman")
     dm = DMTet(64, 1.0, device=device)
@@ -95,12 +95,12 @@ def compare_rasterisers(device) -> dict:
 def time_fine(device, resolution: int, guidance_kind: str, iters: int = 40, warmup: int = 8) -> dict:
     from torch import nn
 
-    from core.fine import FineTrainer
-    from core.guidance.oracle import OracleGuidance
-    from core.nerf import NeRFField
-    from core.objects import make_object
+    from core.stages.fine import FineTrainer
+    from core.oracle.guidance import OracleGuidance
+    from core.representations.nerf import NeRFField
+    from core.oracle.objects import make_object
     from core.params import load_params
-    from flows.bench_fine import fine_reference
+    from core.oracle.bench_fine import fine_reference
 
     p = load_params("magic123", {"fine.resolution": resolution, "fine.tet_resolution": 128, "device": "cuda"})
     obj = make_object("snowman")
@@ -200,9 +200,9 @@ def run_steps(steps, args) -> None:
 
 def run_bench(args, device) -> None:
     if True:
-        from core.objects import OBJECTS
+        from core.oracle.objects import OBJECTS
         from core.params import load_params
-        from flows.bench_fine import bench_oracle_fine
+        from core.oracle.bench_fine import bench_oracle_fine
 
         params = load_params(args.preset, args.overrides + ["device=cuda"])
         RESULTS["bench_params"] = {"preset": args.preset, "overrides": args.overrides}

@@ -2,7 +2,7 @@
 
 A tuning and diagnosis tool, not part of the pipeline. Each variant trains the coarse NeRF under
 oracle guidance in its own process (CoarseTrainer, as `lift3d bench oracle` does) and, every
-`--eval-every` iterations and at the end, scores the bench's held-out views (flows/bench.py
+`--eval-every` iterations and at the end, scores the bench's held-out views (core/oracle/bench.py
 EVAL_VIEWS) and appends a line to OUT/NAME.jsonl:
   {"name", "object", "step", "seconds", "psnr_novel", "mask_iou", "err_edge", "err_inside", "err_outside"}
 err_*: the share of the squared error on the silhouette band (1 px each side of the true mask's
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 def score(trainer, obj, params) -> dict:
     import torch.nn.functional as F
 
-    from core.losses import mask_iou, psnr
-    from flows.bench import render_eval_views
+    from core.stages.losses import mask_iou, psnr
+    from core.oracle.bench import render_eval_views
 
     was = trainer.field.training
     trainer.field.eval()
@@ -51,11 +51,11 @@ def score(trainer, obj, params) -> dict:
 def one(name: str, obj_name: str, preset: str, overrides: list[str], out: Path, eval_every: int) -> int:
     import torch
 
-    from core.coarse import CoarseTrainer
-    from core.guidance.oracle import OracleGuidance
-    from core.objects import make_object
+    from core.stages.coarse import CoarseTrainer
+    from core.oracle.guidance import OracleGuidance
+    from core.oracle.objects import make_object
     from core.params import load_params, resolve_device
-    from flows.bench import oracle_reference
+    from core.oracle.bench import oracle_reference
 
     params = load_params(preset, overrides)
     device = resolve_device(params)

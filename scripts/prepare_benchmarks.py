@@ -36,8 +36,8 @@ def main() -> int:
     from PIL import Image
 
     from core.params import load_params
-    from core.prepare import prepare_inputs  # noqa: F401  (imports counted in the baseline)
-    from core.tiny_judges import ensure_tiny_judges
+    from core.inputs.prepare import prepare_inputs  # noqa: F401  (imports counted in the baseline)
+    from core.testmodels.judges import ensure_tiny_judges
     from flows.cli import main as lift3d
 
     ensure_tiny_judges(params=load_params(args.preset, args.overrides))

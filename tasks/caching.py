@@ -4,7 +4,7 @@ A task's key hashes
   * the contents of every input file or folder it is given (not their paths or mtimes),
   * the parameter sections the step reads (so a change to `evaluate.*` re-runs evaluation only),
   * the source of the task and of every `core` module its entry module imports, transitively
-    (so a change to core/dmtet.py re-runs the fine stage and what follows, not segmentation).
+    (so a change to core/representations/dmtet.py re-runs the fine stage and what follows, not segmentation).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from tasks.tracking import stage_run
 
 
 @task(name="coarse", persist_result=True,
-      cache_policy=StepCachePolicy(("core.pipeline", "core.coarse"), COARSE_SECTIONS,
+      cache_policy=StepCachePolicy(("core.pipeline", "core.stages.coarse"), COARSE_SECTIONS,
                                    ("image", "depth", "embeds"), ("out_dir",)))
 def coarse_task(image: str, out_dir: str, params: dict, depth: Optional[str] = None, embeds: Optional[str] = None,
                 asset: str = "asset", parent_run_id: Optional[str] = None) -> str:

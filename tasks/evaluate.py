@@ -1,4 +1,4 @@
-"""Task: PSNR / LPIPS at the reference view, CLIP similarity of novel views (core.evaluate)."""
+"""Task: PSNR / LPIPS at the reference view, CLIP similarity of novel views (core.evaluation.evaluate)."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,12 @@ from tasks.tracking import stage_run
 
 
 @task(name="evaluate", persist_result=True,
-      cache_policy=StepCachePolicy(("core.evaluate",), EVALUATE_SECTIONS, ("stage_dir",),
+      cache_policy=StepCachePolicy(("core.evaluation.evaluate",), EVALUATE_SECTIONS, ("stage_dir",),
                                    ("run_dir", "dataset", "asset")))
 def evaluate_task(run_dir: str, stage_dir: str, params: dict, dataset: Optional[str] = None,
                   asset: Optional[str] = None, parent_run_id: Optional[str] = None) -> dict:
     """`stage_dir` is the folder evaluated (its contents are the cache key); `run_dir` gets metrics.json."""
-    from core.evaluate import evaluate_run
+    from core.evaluation.evaluate import evaluate_run
     from core.params import resolve_device
 
     p = as_params(params)

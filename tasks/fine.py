@@ -12,7 +12,7 @@ from tasks.tracking import stage_run
 
 
 @task(name="fine", persist_result=True,
-      cache_policy=StepCachePolicy(("core.pipeline", "core.fine"), FINE_SECTIONS,
+      cache_policy=StepCachePolicy(("core.pipeline", "core.stages.fine"), FINE_SECTIONS,
                                    ("coarse_checkpoint", "image", "depth", "embeds"), ("out_dir",)))
 def fine_task(coarse_checkpoint: str, out_dir: str, params: dict, image: str, depth: Optional[str] = None,
               embeds: Optional[str] = None, asset: str = "asset", parent_run_id: Optional[str] = None) -> str:

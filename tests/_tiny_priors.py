@@ -5,7 +5,7 @@ import getpass
 import tempfile
 from pathlib import Path
 
-from core.tiny import TINY_VERSION, ensure_tiny_models
+from core.testmodels.priors import TINY_VERSION, ensure_tiny_models
 
 
 def tiny_models() -> dict[str, str]:

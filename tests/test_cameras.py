@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from core.cameras import (Cameras, cartesian_to_spherical, orbit_cameras, reference_cameras, relative_pose,
+from core.rendering.cameras import (Cameras, cartesian_to_spherical, orbit_cameras, reference_cameras, relative_pose,
                           sample_cameras, spherical_to_cartesian)
 from core.params import load_params
 

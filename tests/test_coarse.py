@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from core.coarse import run_coarse
+from core.stages.coarse import run_coarse
 from core.errors import InputError
-from core.guidance.oracle import OracleGuidance
-from core.images import load_reference
-from core.objects import make_object
+from core.oracle.guidance import OracleGuidance
+from core.inputs.images import load_reference
+from core.oracle.objects import make_object
 from core.params import load_params
-from flows.bench import evaluate_field, oracle_reference
+from core.oracle.bench import evaluate_field, oracle_reference
 from flows.cli import main
 
 TINY = {
@@ -56,7 +56,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
         assert (out / f).is_file(), f
     assert (out / "renders" / "novel_001.png").is_file() and (out / "mesh.ply").read_text().startswith("ply")
     assert Image.open(out / "renders" / "reference.png").mode == "RGBA"
-    from core.nerf import load_field
+    from core.representations.nerf import load_field
 
     field, params = load_field(out / "checkpoint.pt")
     assert params.coarse.iters == 12
@@ -156,7 +156,7 @@ def test_huge_photo_is_downscaled_not_a_crash(tmp_path, caplog):
 def test_rgb_without_alpha_names_the_prepare_command(tmp_path, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "core.segment", None)  # as if segmentation were not installed
+    monkeypatch.setitem(sys.modules, "core.inputs.segment", None)  # as if segmentation were not installed
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (20, 20), (10, 20, 30)).save(path)
     with pytest.raises(InputError, match="lift3d prepare"):
@@ -180,7 +180,7 @@ def test_cli_coarse_on_a_benchmark_image(tmp_path):
 
 
 def test_lr_decays_exponentially_to_lr_final():
-    from core.coarse import CoarseTrainer
+    from core.stages.coarse import CoarseTrainer
 
     p = tiny_params(**{"coarse.iters": 5, "coarse.lr_final": 0.1})
     obj = make_object("torus")

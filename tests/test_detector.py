@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from core.detector import StageDetector, change_rate, clip_score, write_trace
+from core.stages.detector import StageDetector, change_rate, clip_score, write_trace
 from core.params import DetectorParams
 
 
@@ -138,9 +138,9 @@ class RecordingGuidance:
 
 def test_coarse_loop_ends_stage_one_at_the_detector_switch(tmp_path):
     """Helper A's coarse loop consults the detector and calls guidance.start_stage2 at its switch."""
-    pytest.importorskip("core.coarse")
-    from core.coarse import run_coarse
-    from core.images import Reference
+    pytest.importorskip("core.stages.coarse")
+    from core.stages.coarse import run_coarse
+    from core.inputs.images import Reference
     from core.params import load_params
 
     p = load_params("smoke", {

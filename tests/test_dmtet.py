@@ -1,10 +1,10 @@
-"""DMTet (core/dmtet.py): marching tetrahedra on analytic SDFs, init from a density field, colour copy."""
+"""DMTet (core/representations/dmtet.py): marching tetrahedra on analytic SDFs, init from a density field, colour copy."""
 import math
 
 import torch
 from torch import nn
 
-from core.dmtet import DMTet, ColourField, NUM_TRIANGLES, TRIANGLE_TABLE, boundary_edge_count, marching_tets
+from core.representations.dmtet import DMTet, ColourField, NUM_TRIANGLES, TRIANGLE_TABLE, boundary_edge_count, marching_tets
 
 
 def _closed_manifold(faces):

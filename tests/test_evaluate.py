@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.evaluate import build_lpips, clip_similarity, lpips_distance, psnr
+from core.evaluation.evaluate import build_lpips, clip_similarity, lpips_distance, psnr
 from core.params import load_params
-from core.tiny_judges import ensure_tiny_judges
+from core.testmodels.judges import ensure_tiny_judges
 from flows.cli import main
 
 
@@ -25,7 +25,7 @@ def tiny_env(judges, monkeypatch):
 
 @pytest.fixture(scope="module")
 def clip(judges):
-    from core.clip import load_clip
+    from core.evaluation.clip import load_clip
 
     return load_clip(str(judges.clip_config), str(judges.clip_checkpoint))
 
@@ -106,9 +106,9 @@ def test_evaluate_without_completed_stage_is_an_error(tmp_path, capsys):
 def test_report_tables_plots_gallery(tmp_path):
     import imageio.v2 as imageio
 
-    from core.detector import StageDetector, write_trace
+    from core.stages.detector import StageDetector, write_trace
     from core.params import DetectorParams
-    from core.report import load_published, write_report
+    from core.evaluation.report import load_published, write_report
 
     res = tmp_path / "results"
     vals = {"a": (0.70, 20.0, 0.20), "b": (0.80, 24.0, 0.10)}
@@ -143,9 +143,9 @@ def test_report_tables_plots_gallery(tmp_path):
 
 def test_evaluate_reads_a_real_coarse_stage_folder(tiny_env, tmp_path):
     """The stage-folder contract end to end: Helper A's coarse stage writes it, evaluate reads it."""
-    pytest.importorskip("core.coarse")
-    from core.coarse import run_coarse
-    from core.images import Reference
+    pytest.importorskip("core.stages.coarse")
+    from core.stages.coarse import run_coarse
+    from core.inputs.images import Reference
 
     p = load_params("smoke", {
         "coarse.iters": 3, "coarse.resolution": 16, "coarse.samples_per_ray": 8, "coarse.mesh_resolution": 16,

@@ -1,11 +1,11 @@
-"""Textured mesh export (core/export.py): OBJ+MTL+PNG and GLB reload with trimesh; turntable."""
+"""Textured mesh export (core/export/textured.py): OBJ+MTL+PNG and GLB reload with trimesh; turntable."""
 import numpy as np
 import torch
 import trimesh
 from PIL import Image
 
-from core.dmtet import DMTet
-from core.export import export_textured_mesh
+from core.representations.dmtet import DMTet
+from core.export.textured import export_textured_mesh
 
 
 def _colour(x):

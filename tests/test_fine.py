@@ -1,5 +1,5 @@
-"""The fine stage (core/fine.py) end to end on CPU, oracle-guided, from a stand-in coarse field;
-and the mesh regularisers of core/losses.py."""
+"""The fine stage (core/stages/fine.py) end to end on CPU, oracle-guided, from a stand-in coarse field;
+and the mesh regularisers of core/stages/losses.py."""
 import json
 import math
 
@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from core.fine import erode_mask, run_fine
-from core.guidance.oracle import OracleGuidance
-from core.losses import mesh_laplacian_loss, mesh_normal_consistency
-from core.objects import make_object
+from core.stages.fine import erode_mask, run_fine
+from core.oracle.guidance import OracleGuidance
+from core.stages.losses import mesh_laplacian_loss, mesh_normal_consistency
+from core.oracle.objects import make_object
 from core.params import load_params
-from flows.bench_fine import chamfer_relative, fine_reference, mesh_chamfer, sample_mesh_surface
+from core.oracle.bench_fine import chamfer_relative, fine_reference, mesh_chamfer, sample_mesh_surface
 
 
 class StandInField(nn.Module):
-    """What core.nerf.load_field gives (density, albedo), built from a known object: density is a
+    """What core.representations.nerf.load_field gives (density, albedo), built from a known object: density is a
     soft indicator of the object (level set 10 at its surface, offset outwards by `offset`), the
     colour a learnable field that starts grey."""
 
@@ -48,7 +48,7 @@ def fine_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fine")
     guidance = OracleGuidance(obj, p)
     field = StandInField(obj)
-    from core.cameras import Cameras
+    from core.rendering.cameras import Cameras
 
     cams = Cameras.make([65.0, 115.0], [22.5, 157.5], 1.8, 40.0)
     grey = torch.sigmoid(field.colour(torch.zeros(1, 3)))
@@ -71,7 +71,7 @@ def test_fine_stage_outputs_and_chamfer(fine_run):
 def test_fine_stage_learns_colour(fine_run):
     """The oracle's novel views teach the colour field: renders get closer to the object's."""
     obj, p, out, tr, cams, grey = fine_run
-    from core.losses import psnr
+    from core.stages.losses import psnr
 
     tgt = obj.render(cams, 48, shading="albedo")["rgb"]
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_fine_stage_learns_colour(fine_run):
 
 
 def render_with(tr, mesh, cam, colour_fn):
-    from core.mesh_render import render_mesh
+    from core.rendering.mesh_render import render_mesh
 
     return render_mesh(mesh, colour_fn, cam, 48, tr.rasterizer).rgb
 
@@ -176,8 +176,8 @@ def test_laplacian_zero_for_interior_of_plane_and_pulls_a_bump_down():
 def test_cli_refine_from_a_coarse_checkpoint(tmp_path):
     """`lift3d refine CKPT --out DIR` on a (tiny, few-step) coarse run: parameters come from the
     checkpoint, the reference from its folder; a bad checkpoint is one clear error."""
-    from core.coarse import run_coarse
-    from flows.bench import oracle_reference
+    from core.stages.coarse import run_coarse
+    from core.oracle.bench import oracle_reference
     from flows.cli import main
 
     obj = make_object("snowman")

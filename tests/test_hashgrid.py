@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from core.hashgrid import HashGrid, copy_hashgrid_params, level_layout, per_level_scale, tcnn_available
+from core.representations.hashgrid import HashGrid, copy_hashgrid_params, level_layout, per_level_scale, tcnn_available
 
 
 def naive_encode(g: HashGrid, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from PIL import Image
 
 from core.errors import ModelNotFoundError
 from core.params import load_params
-from core.tiny_judges import ensure_tiny_judges
+from core.testmodels.judges import ensure_tiny_judges
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def test_tiny_judges_are_cached_on_disk(judges):
 def test_clip_loads_saved_weights_via_open_clip(judges):
     import open_clip
 
-    from core.clip import load_clip
-    from core.detector import ClipScorer
+    from core.evaluation.clip import load_clip
+    from core.stages.detector import ClipScorer
 
     clip = load_clip(str(judges.clip_config), str(judges.clip_checkpoint))
     saved = torch.load(judges.clip_checkpoint, weights_only=True)["state_dict"]
@@ -46,7 +46,7 @@ def test_clip_loads_saved_weights_via_open_clip(judges):
 
 
 def test_clip_missing_weights_is_one_clear_error(tmp_path, monkeypatch):
-    from core.clip import load_clip
+    from core.evaluation.clip import load_clip
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="ViT-B-32.*laion2b_s34b_b79k"):
@@ -58,8 +58,8 @@ def test_clip_missing_weights_is_one_clear_error(tmp_path, monkeypatch):
 def test_dpt_loads_via_from_pretrained_folder(judges):
     from transformers import DPTForDepthEstimation
 
-    from core.depth import estimate_depth, load_depth_model
-    from core.models import load_pretrained
+    from core.inputs.depth import estimate_depth, load_depth_model
+    from core.models.loader import load_pretrained
 
     params = load_params("smoke")
     model, processor = load_depth_model(str(judges.dpt), params.models)
@@ -76,7 +76,7 @@ def test_dpt_loads_via_from_pretrained_folder(judges):
 
 
 def test_dpt_missing_model_is_one_clear_error(tmp_path, monkeypatch):
-    from core.depth import load_depth_model
+    from core.inputs.depth import load_depth_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     params = load_params(None, {"models.cache_dir": str(tmp_path), "models.offline": True})
@@ -85,7 +85,7 @@ def test_dpt_missing_model_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_rembg_custom_onnx_via_u2net_custom_session(judges):
-    from core.segment import rembg_mask, rembg_session
+    from core.inputs.segment import rembg_mask, rembg_session
 
     session = rembg_session(str(judges.rembg_onnx))
     assert type(session).__name__ == "U2netCustomSession"
@@ -97,7 +97,7 @@ def test_rembg_custom_onnx_via_u2net_custom_session(judges):
 
 
 def test_rembg_missing_model_is_one_clear_error(tmp_path, monkeypatch):
-    from core.segment import rembg_session
+    from core.inputs.segment import rembg_session
 
     monkeypatch.setenv("U2NET_HOME", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="'u2net'.*U2NET_HOME"):
@@ -109,7 +109,7 @@ def test_rembg_missing_model_is_one_clear_error(tmp_path, monkeypatch):
 def test_lpips_trunk_loads_from_torchvision_file(tmp_path):
     import torchvision
 
-    from core.evaluate import build_lpips, lpips_trunk_file
+    from core.evaluation.evaluate import build_lpips, lpips_trunk_file
 
     torch.manual_seed(1)
     tv = torchvision.models.alexnet(weights=None)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from core.losses import (entropy_loss, gaussian_blur, gaussian_kernel, mask_iou, normal_smoothness_loss,
+from core.stages.losses import (entropy_loss, gaussian_blur, gaussian_kernel, mask_iou, normal_smoothness_loss,
                          orientation_loss, pearson_depth_loss, psnr, reconstruction_loss, reference_mask_loss,
                          reference_rgb_loss)
 

@@ -1,4 +1,4 @@
-"""core.models / core.tiny: tiny random priors saved with save_pretrained, loaded back through the
+"""core.models.loader / core.testmodels.priors: tiny random priors saved with save_pretrained, loaded back through the
 loader real hub ids use (a local folder, and a hub id resolved offline from a cache), and one clear
 ModelNotFoundError for a missing model."""
 from __future__ import annotations
@@ -12,9 +12,10 @@ import torch
 from core.errors import ModelNotFoundError
 from core.guidance.sd import load_stable_diffusion
 from core.guidance.zero123 import load_zero123
-from core.models import load_pretrained, model_name
+from core.models.loader import load_pretrained
+from core.models.sources import prior_model as model_name
 from core.params import load_params
-from core.tiny import build_tiny_sd, build_tiny_zero123
+from core.testmodels.priors import build_tiny_sd, build_tiny_zero123
 
 
 @pytest.fixture(scope="module")

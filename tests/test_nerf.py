@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.cameras import reference_cameras
-from core.nerf import NeRFField, OccupancyGrid, render
+from core.rendering.cameras import reference_cameras
+from core.representations.nerf import NeRFField, OccupancyGrid, render
 from core.params import load_params
 
 SMALL = dict(levels=4, features_per_level=2, log2_table_size=12, base_resolution=8, max_resolution=64,
@@ -93,7 +93,7 @@ def test_normals_only_where_weight_counts():
 
 
 def test_random_ambient_range():
-    from core.shading import sample_ambient
+    from core.rendering.shading import sample_ambient
 
     s = load_params().coarse.shading
     g = torch.Generator().manual_seed(0)
@@ -106,7 +106,7 @@ def test_random_ambient_range():
 
 
 def test_spread_permutation_is_a_bijection():
-    from core.nerf import _spread_permutation
+    from core.representations.nerf import _spread_permutation
 
     for n in (2, 7, 4096, 1_000_003, 1_000_003 * 3):
         p = _spread_permutation(n, "cpu")
@@ -116,7 +116,7 @@ def test_spread_permutation_is_a_bijection():
 
 
 def test_rand_on_cpu_is_the_generator_stream():
-    from core.nerf import rand_on
+    from core.representations.nerf import rand_on
 
     a = rand_on((5, 3), torch.Generator().manual_seed(3), "cpu")
     b = torch.rand(5, 3, generator=torch.Generator().manual_seed(3))
@@ -125,7 +125,7 @@ def test_rand_on_cpu_is_the_generator_stream():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda(monkeypatch):
-    import core.nerf as nerf
+    import core.representations.nerf as nerf
 
     field = NeRFField(levels=4, log2_table_size=12, max_resolution=64, device="cuda", backend="torch")
     x = torch.rand(5000, 3, device="cuda") * 2 - 1

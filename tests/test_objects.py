@@ -1,10 +1,10 @@
 """Procedural objects: SDF signs, normals, renders consistent with depth; oracle guidance."""
 import torch
 
-from core.cameras import Cameras, orbit_cameras, reference_cameras
+from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
 from core.guidance.base import RenderBatch
-from core.guidance.oracle import OracleGuidance
-from core.objects import BOUNDING_RADIUS, OBJECTS, make_object
+from core.oracle.guidance import OracleGuidance
+from core.oracle.objects import BOUNDING_RADIUS, OBJECTS, make_object
 from core.params import load_params
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from core.errors import InputError
 from core.params import load_params
-from core.segment import segment, segment_image
+from core.inputs.segment import segment, segment_image
 from flows.cli import main
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
@@ -41,7 +41,7 @@ def test_rgb_photo_is_segmented_recentred_and_scaled(tiny_env):
 
 
 def test_input_alpha_is_used_as_is(tiny_env, monkeypatch):
-    import core.segment as seg_mod
+    import core.inputs.segment as seg_mod
 
     def no_rembg(*a, **k):
         raise AssertionError("rembg must not run for an RGBA input")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from core.cameras import Cameras
+from core.rendering.cameras import Cameras
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.factory import build_guidance
 from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, dynamic_prior_weights, joint_prior_loss
@@ -126,7 +126,7 @@ def test_reference_is_reread_at_the_prior_resolution():
     import torch.nn.functional as F
 
     from core.guidance.factory import _reference_rgb_mask
-    from core.images import load_reference
+    from core.inputs.images import load_reference
 
     chair = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "nerf4" / "chair" / "rgba.png"
     if not chair.is_file():

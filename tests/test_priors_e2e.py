@@ -1,6 +1,6 @@
 """End to end: `lift3d coarse <benchmark rgba.png> --depth … --preset smoke` with both tiny priors
 (SD and Zero-1-to-3 through the real loader), textual inversion on the fly, a checkpoint and a mesh.
-Runs once Helper A's coarse loop (core/coarse.py, flows/coarse.py) is in; sizes cut with --set so
+Runs once Helper A's coarse loop (core/stages/coarse.py, flows/coarse.py) is in; sizes cut with --set so
 it fits the CPU test budget (the smoke preset itself is 300 iterations)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from _tiny_priors import tiny_models
 
 CHAIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "nerf4" / "chair"
-HAVE_COARSE = all(importlib.util.find_spec(m) is not None for m in ("core.coarse", "flows.coarse", "core.images"))
+HAVE_COARSE = all(importlib.util.find_spec(m) is not None for m in ("core.stages.coarse", "flows.coarse", "core.inputs.images"))
 
 
 @pytest.mark.skipif(not HAVE_COARSE, reason="the coarse loop (issue 2) is not in yet")

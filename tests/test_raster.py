@@ -1,12 +1,12 @@
-"""The PyTorch rasteriser (core/raster.py) against analytic values, and its gradients."""
+"""The PyTorch rasteriser (core/rendering/raster.py) against analytic values, and its gradients."""
 import numpy as np
 import pytest
 import torch
 
-from core.cameras import Cameras
-from core.mesh_render import clip_positions, render_mesh
-from core.raster import make_rasterizer, opposite_vertices
-from core.dmtet import Mesh
+from core.rendering.cameras import Cameras
+from core.rendering.mesh_render import clip_positions, render_mesh
+from core.rendering.raster import make_rasterizer, opposite_vertices
+from core.representations.dmtet import Mesh
 
 
 def _analytic(pos, tri, H, W):

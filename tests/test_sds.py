@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from core.cameras import Cameras
+from core.rendering.cameras import Cameras
 from core.guidance.base import RenderBatch
 from core.guidance.sd import StableDiffusionGuidance, encode_prompts, load_stable_diffusion
 from core.guidance.sds import sample_timesteps

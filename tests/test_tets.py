@@ -1,7 +1,7 @@
-"""The project's tetrahedral grid (core/tets.py): orientation, volume, conformity, caching."""
+"""The project's tetrahedral grid (core/representations/tets.py): orientation, volume, conformity, caching."""
 import numpy as np
 
-from core.tets import generate_tet_grid, load_tet_grid, tet_faces, tet_volumes
+from core.representations.tets import generate_tet_grid, load_tet_grid, tet_faces, tet_volumes
 
 
 def test_kuhn_grid_volumes_positive_and_fill_the_cube():

@@ -8,7 +8,7 @@ import torch
 
 from core.errors import InputError
 from core.guidance.sd import load_stable_diffusion
-from core.textual_inversion import (augment_views, learn_token, load_learned_embeds, read_learned_embeds,
+from core.guidance.textual_inversion import (augment_views, learn_token, load_learned_embeds, read_learned_embeds,
                                     save_learned_embeds)
 from _tiny_priors import tiny_models
 
@@ -32,7 +32,7 @@ def test_benchmark_token_loads_into_a_768_wide_text_encoder():
 
 @pytest.mark.skipif(not BENCH.is_file(), reason="benchmark files not present")
 def test_width_mismatch_is_a_clear_error(tmp_path):
-    from core.tiny import build_tiny_sd
+    from core.testmodels.priors import build_tiny_sd
 
     narrow = build_tiny_sd(tmp_path / "sd32", text_width=32)
     parts = load_stable_diffusion(str(narrow), "cpu", torch.float32)

@@ -11,7 +11,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
-from core.cameras import Cameras
+from core.rendering.cameras import Cameras
 
 
 @dataclass
@@ -26,7 +26,7 @@ class RenderBatch:
     step: int = 0
     total_steps: int = 1
     stage: str = "coarse"  # 'coarse' | 'fine'
-    ambient: float = 0.1  # the shading's ambient and diffuse factors (core/shading.py)
+    ambient: float = 0.1  # the shading's ambient and diffuse factors (core/rendering/shading.py)
     diffuse: float = 0.9
 
 

@@ -1,9 +1,9 @@
 """`build_guidance(params, reference, stage, device)`: the novel-view guidance a stage runs.
 
 kinds: joint (Magic123 eqs. 7–8), dynamic (Consistent123 eqs. 8–9), none (reference view only),
-oracle (a known procedural object; core.guidance.oracle, imported only when asked for). A prior
+oracle (a known procedural object; core.oracle.guidance, imported only when asked for). A prior
 whose λ is 0 in this stage is not loaded. With params.models.tiny the tiny random priors of
-core.tiny stand in for the hub models, through the same loader.
+core.testmodels.priors stand in for the hub models, through the same loader.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import torch
 
-from core.cameras import reference_cameras
+from core.rendering.cameras import reference_cameras
 from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance
-from core.models import model_name
+from core.models.sources import prior_model as model_name
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _reference_rgb_mask(reference: Any, size: Optional[int] = None,
     path = getattr(reference, "image_path", None)
     if size and path and rgb.shape[-1] < size and params is not None:
         try:
-            from core.images import load_reference
+            from core.inputs.images import load_reference
 
             sharp = load_reference(path, None, size=size, max_pixels=params.segment.max_input_pixels,
                                    object_scale=params.segment.object_scale)
@@ -44,7 +44,7 @@ def resolve_prompt(params, parts, reference: Any) -> str:
     """The SD prompt: the template with a token from params.prompt.learned_embeds, else a plain
     description (params.prompt.text), else a token learned now by textual inversion."""
     from core.guidance.sd import compose_prompt
-    from core.textual_inversion import learn_token, load_learned_embeds
+    from core.guidance.textual_inversion import learn_token, load_learned_embeds
 
     ph = params.textual_inversion.placeholder
     token = None
@@ -86,13 +86,13 @@ def build_zero123_guidance(params, reference: Any, device):
 def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu"):
     """The guidance of `stage` ('coarse' | 'fine') for params.guidance.kind.
 
-    `reference`: core.images.Reference (rgb (3,H,W) on white, mask) or an rgb tensor."""
+    `reference`: core.inputs.images.Reference (rgb (3,H,W) on white, mask) or an rgb tensor."""
     device = torch.device(device)
     kind = params.guidance.kind
     if kind == "none":
         return NoGuidance()
     if kind == "oracle":
-        from core.guidance.oracle import OracleGuidance  # Helper A's; imported only when used
+        from core.oracle.guidance import OracleGuidance  # Helper A's; imported only when used
 
         if not params.guidance.oracle_object:
             from core.errors import InputError

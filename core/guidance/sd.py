@@ -4,7 +4,7 @@ The render is resized to 512×512 (params.sd.resolution), encoded by the VAE *wi
 through the encoder (the ∂z/∂I term of eq. 5 is kept), noised at t ~ U[0.2, 0.6]·T, and the UNet
 predicts the noise under no_grad with classifier-free guidance (scale 100). The gradient
 w(t)(ε̂ − ε) is injected into the latent (core.guidance.sds). The text condition is the prompt
-"A high-resolution DSLR image of <e>" with <e> a textual-inversion token (core.textual_inversion),
+"A high-resolution DSLR image of <e>" with <e> a textual-inversion token (core.guidance.textual_inversion),
 or a plain description. Weights are fp16 on a GPU (params.sd.fp16) and fp32 on the CPU.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from core.errors import InputError
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.sds import classifier_free_guidance, score_distillation
-from core.models import load_pretrained
+from core.models.loader import load_pretrained
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Camera conventions (checked against threestudio's zero123_guidance.py and Zero-1
 `get_T`): Zero-1-to-3 measures the polar angle θ from the up axis (θ = 90° − elevation) and the
 azimuth counter-clockwise about the up axis seen from above (atan2(y, x) in its z-up Blender
 world); its condition is [θ_tgt − θ_ref, sin(φ_tgt − φ_ref), cos(φ_tgt − φ_ref), r_tgt − r_ref].
-Our cameras (core/cameras.py) measure polar from +y (up) too, and our azimuth turns about +y
+Our cameras (core/rendering/cameras.py) measure polar from +y (up) too, and our azimuth turns about +y
 from +z towards +x, which is also counter-clockwise seen from above (a right-handed rotation
 about the up axis; threestudio's z-up azimuth turns the same way). So the mapping is the
 identity: Δpolar = polar_tgt − polar_ref (a camera moving up gives a negative Δpolar), Δazimuth =
@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from core.cameras import Cameras, relative_pose
+from core.rendering.cameras import Cameras, relative_pose
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images
 from core.guidance.sds import classifier_free_guidance, score_distillation
-from core.models import load_pretrained
+from core.models.loader import load_pretrained
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,117 @@
+"""`lift3d bench oracle`: oracle-guided reconstruction of the procedural objects (DESIGN.md, "How
+we know it works without the real weights", 1).
+
+For each object: the reference image (and its depth, bigger = nearer) is the object rendered at
+the reference view; novel views are judged by OracleGuidance. After the stage, PSNR (albedo
+renders on white) and mask IoU are measured at EVAL_VIEWS: fixed cameras that are not the
+reference view and are never drawn by the loop (its novel cameras are sampled continuously, so
+a fixed set is never sampled; the reference camera is left out). Writes DIR/oracle.json:
+{"stage", "preset", "device", "objects": {NAME: {"psnr_novel", "mask_iou", "seconds"}}}.
+One function per stage: `bench_oracle_coarse`; the fine stage lives in core/oracle/bench_fine.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (polar, azimuth) in degrees: two rings off the equator, none at the reference view (90°, 0°)
+EVAL_VIEWS = [(65.0, 22.5 + 90.0 * k) for k in range(4)] + [(115.0, 67.5 + 90.0 * k) for k in range(4)]
+
+
+def eval_cameras(params, device="cpu"):
+    from core.rendering.cameras import Cameras
+
+    pol = [p for p, _ in EVAL_VIEWS]
+    az = [((a + 180.0) % 360.0) - 180.0 for _, a in EVAL_VIEWS]
+    n = len(EVAL_VIEWS)
+    return Cameras.make(pol, az, [params.camera.radius] * n, [params.camera.fovy] * n, device=device)
+
+
+def oracle_reference(obj, params, device="cpu"):
+    """The object's render at the reference view as a Reference (depth as 1/z: bigger = nearer)."""
+    from core.rendering.cameras import reference_cameras
+    from core.inputs.images import Reference
+
+    cams = reference_cameras(params.camera, device=device)
+    r = obj.render(cams, params.coarse.resolution, shading="albedo")
+    z = r["depth"][0]
+    disp = torch.where(z > 0, 1.0 / z.clamp_min(1e-6), torch.zeros_like(z))
+    return Reference(rgb=r["rgb"][0].cpu(), mask=r["opacity"][0].cpu(), depth=disp.cpu(), image_path=f"oracle:{obj.name}")
+
+
+def render_eval_views(field, obj, params, occupancy=None, device="cpu"):
+    """The field's and the object's albedo renders at EVAL_VIEWS: (RenderOutput, target dict on device)."""
+    from core.representations.nerf import render_chunked
+
+    cams = eval_cameras(params, device)
+    c = params.coarse
+    out = render_chunked(field, cams, c.resolution, samples_per_ray=c.samples_per_ray, occupancy=occupancy,
+                         shading="albedo", need_normals=False)
+    tgt = {k: v.to(out.rgb.device) for k, v in obj.render(cams, c.resolution, shading="albedo").items()}
+    return out, tgt
+
+
+def evaluate_field(field, obj, params, occupancy=None, device="cpu") -> dict:
+    from core.stages.losses import mask_iou, psnr
+
+    out, tgt = render_eval_views(field, obj, params, occupancy, device)
+    return {"psnr_novel": round(psnr(out.rgb, tgt["rgb"]), 3),
+            "mask_iou": round(mask_iou(out.opacity, tgt["opacity"]), 4)}
+
+
+def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> dict:
+    from core.stages.coarse import run_coarse
+    from core.oracle.guidance import OracleGuidance
+    from core.oracle.objects import make_object
+
+    results = {}
+    for name in names:
+        obj = make_object(name)
+        t0 = time.perf_counter()
+        ref = oracle_reference(obj, params, device)
+        guidance = OracleGuidance(obj, params)
+        trainer = run_coarse(params, ref, out_dir / name, guidance=guidance, device=device, resume=False,
+                             progress=progress)
+        trainer.field.eval()
+        m = evaluate_field(trainer.field, obj, params, trainer.occupancy, device)
+        m["seconds"] = round(time.perf_counter() - t0, 2)
+        results[name] = m
+        print(f"oracle coarse {name:10s} PSNR {m['psnr_novel']:6.2f} dB  mask IoU {m['mask_iou']:.4f}  "
+              f"{m['seconds']:7.1f} s", flush=True)
+    return results
+
+
+def cli_bench_oracle(args) -> int:
+    from core.errors import Lift3DError
+    from core.oracle.objects import OBJECTS
+    from core.params import load_params, resolve_device
+
+    params = load_params(args.preset, args.overrides, args.params)
+    names = list(args.objects) if args.objects else list(OBJECTS)
+    unknown = [n for n in names if n not in OBJECTS]
+    if unknown:
+        raise Lift3DError(f"unknown procedural object(s): {', '.join(unknown)} (known: {', '.join(OBJECTS)})")
+    device = resolve_device(params)
+    out = Path(args.out)
+    if args.stage == "coarse":
+        out.mkdir(parents=True, exist_ok=True)
+        results = bench_oracle_coarse(params, names, out, device)
+    else:
+        try:
+            from core.oracle.bench_fine import bench_oracle_fine
+        except ImportError:
+            raise Lift3DError("the fine-stage oracle bench is not available yet (core/oracle/bench_fine.py)") from None
+        out.mkdir(parents=True, exist_ok=True)
+        results = bench_oracle_fine(params, names, out, device)
+    report = {"stage": args.stage, "preset": args.preset, "device": str(device), "objects": results}
+    tmp = out / "oracle.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "oracle.json")
+    print(f"wrote {out / 'oracle.json'}")
+    return 0

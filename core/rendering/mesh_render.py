@@ -1,0 +1,100 @@
+"""Rendering the fine stage's DMTet mesh (Magic123 §2.1.2) into the same `RenderBatch` the NeRF
+renderer gives the guidance: colour on white (shading modes of core/rendering/shading.py), opacity (the
+antialiased coverage mask), depth along the camera axis (0 where empty) and world-space normals.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from core.rendering.cameras import Cameras
+from core.representations.dmtet import Mesh
+from core.guidance.base import RenderBatch
+from core.rendering.raster import Rasterizer
+from core.rendering.shading import shade
+
+
+def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted vertex normals (N, 3) of a mesh with outward-oriented faces."""
+    v = verts[faces]  # (F, 3, 3)
+    fn = torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1)  # length = 2·area
+    vn = torch.zeros_like(verts).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, 0))
+    return torch.nn.functional.normalize(vn, dim=-1, eps=1e-12)
+
+
+def clip_positions(verts: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+    """World vertices (N, 3) → clip space (B, N, 4) for every camera."""
+    vh = torch.cat([verts, torch.ones_like(verts[:, :1])], -1)
+    return torch.einsum("bij,nj->bni", cameras.mvp().to(verts), vh)
+
+
+def render_mesh(
+    mesh: Mesh,
+    colour_fn: Callable[[torch.Tensor], torch.Tensor],
+    cameras: Cameras,
+    resolution: int,
+    rasterizer: Rasterizer,
+    shading: str = "albedo",
+    light_dir: Optional[torch.Tensor] = None,
+    ambient: float = 0.1,
+    diffuse: float = 0.9,
+    step: int = 0,
+    total_steps: int = 1,
+    stage: str = "fine",
+) -> RenderBatch:
+    H = W = int(resolution)
+    B = len(cameras)
+    verts, faces = mesh.verts, mesh.faces
+    dev = verts.device
+    if faces.shape[0] == 0:  # an empty mesh renders as background
+        white = torch.ones(B, 3, H, W, device=dev)
+        zeros = torch.zeros(B, 1, H, W, device=dev)
+        return RenderBatch(white + 0 * verts.sum(), zeros, zeros.clone(), torch.zeros(B, 3, H, W, device=dev),
+                           cameras, shading, light_dir, step, total_steps, stage, ambient, diffuse)
+    tri = faces.int() if rasterizer.backend == "nvdiffrast" else faces
+    pos = clip_positions(verts, cameras)
+    rast = rasterizer.rasterize(pos, tri, (H, W))
+    covered = rast[..., 3] > 0  # (B, H, W)
+    vn = vertex_normals(verts, faces)
+    attrs = torch.cat([verts, vn], -1)  # (N, 6)
+    interp = rasterizer.interpolate(attrs, rast, tri)  # (B, H, W, 6)
+    xyz = interp[..., :3]
+    normal = torch.nn.functional.normalize(interp[..., 3:], dim=-1, eps=1e-12)
+    depth = rasterizer.interpolate(pos[..., 3:4].contiguous(), rast, tri)  # clip w = distance along the camera axis
+    bidx, iy, ix = torch.nonzero(covered, as_tuple=True)
+    colour = torch.ones(B, H, W, 3, device=dev, dtype=verts.dtype)
+    if bidx.numel():
+        n_pix = normal[bidx, iy, ix]
+        if shading in ("albedo", "lambertian"):
+            albedo = colour_fn(xyz[bidx, iy, ix])
+        else:
+            albedo = torch.ones_like(n_pix)
+        light = None
+        if shading in ("lambertian", "textureless"):
+            if light_dir is None:
+                light_dir = torch.nn.functional.normalize(cameras.centers.to(dev), dim=-1)
+            light = light_dir.to(dev)[bidx]
+        c = shade(albedo, n_pix, light if light is not None else n_pix, shading, ambient, diffuse)
+        colour = colour.index_put((bidx, iy, ix), c.to(colour.dtype))
+    mask = covered.unsqueeze(-1).to(verts.dtype)
+    # antialias the composite on white together with the mask, so silhouettes blend into the
+    # background and their gradients reach the vertex positions (core/rendering/raster.py)
+    both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri)
+    colour, opacity = both[..., :3], both[..., 3:]
+    # rasterisers put row 0 at NDC y = −1; images have row 0 at the top
+    to_img = lambda t: torch.flip(t, dims=[1]).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return RenderBatch(
+        rgb=to_img(colour).clamp(0.0, 1.0),
+        opacity=to_img(opacity).clamp(0.0, 1.0),
+        depth=to_img(depth * mask),
+        normal=to_img(normal * mask),
+        cameras=cameras,
+        shading=shading,
+        light_dir=light_dir,
+        step=step,
+        total_steps=total_steps,
+        stage=stage,
+        ambient=ambient,
+        diffuse=diffuse,
+    )

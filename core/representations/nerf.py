@@ -1,0 +1,420 @@
+"""The coarse NeRF of Magic123 §2.1.1: Instant-NGP hash grid + a small MLP, an occupancy grid for
+empty-space skipping, and volume rendering of colour, opacity, depth and normals on white.
+
+Field: x → hash grid → MLP (3 layers, 64 hidden; Magic123 §3.2) → raw density and albedo.
+  density = act(raw + blob(x)), act = trunc_exp (the released code, stable-dreamfusion) or softplus,
+  blob(x) = blob_scale · (1 − ‖x‖ / blob_std)  (Magic3D's density blob, threestudio "blob_magic3d"),
+  albedo  = sigmoid(·) ∈ [0, 1].
+Normals: n = −∇σ/‖∇σ‖ of the pre-activation density (its direction agrees with ∇σ's as the
+activations are monotone), by finite differences (default, as the released code) or autograd.
+Depth: the rendered depth is the weight-averaged distance along the *camera axis* (z-depth), not
+along the ray, and is 0 where the ray is empty (Σ w_i z_i with Σ w_i = opacity).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.rendering.cameras import Cameras
+from core.representations.hashgrid import HashGrid
+from core.rendering.shading import shade
+
+log = logging.getLogger(__name__)
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp with its gradient clamped (stable-dreamfusion / torch-ngp's trunc_exp)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.exp(x.clamp(max=15.0))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+def rand_on(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """U[0, 1) of `shape` on `device`. On the CPU straight from `generator`; on a GPU from a stream
+    seeded by one draw from `generator`, so the big tensor is made where it is used (no host
+    generation and copy) and a run stays reproducible and resumable from the generator's state."""
+    device = torch.device(device)
+    if generator is None:
+        return torch.rand(shape, device=device)
+    if device.type == "cpu":
+        return torch.rand(shape, generator=generator)
+    seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+    return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
+# Spread the samples of one ray over the whole batch before a differentiable field evaluation on a
+# GPU: the hash grid's backward pass adds into the table with atomics, and consecutive samples (one
+# ray's, or one sample's finite-difference offsets) share their coarse-level cells, so a warp of
+# them serialises on the same entries. A fixed stride permutation (no randomness) breaks that up.
+SPREAD_SAMPLES_ON_CUDA = True
+_SPREAD_STRIDES = (1_000_003, 999_983)
+
+
+def _spread_permutation(n: int, device) -> torch.Tensor:
+    p = next(q for q in _SPREAD_STRIDES if n % q)  # coprime with n: both are primes
+    return torch.arange(n, device=device, dtype=torch.long).mul_(p).remainder_(n)
+
+
+class NeRFField(nn.Module):
+    """Hash grid + MLP → (density, albedo). Construct with `NeRFField(**field_config)`."""
+
+    def __init__(self, levels=16, features_per_level=2, log2_table_size=19, base_resolution=16, max_resolution=2048,
+                 backend="auto", bound=1.0, hidden=64, layers=3, blob_scale=10.0, blob_std=0.5,
+                 density_activation="softplus", device="cpu", seed=0):
+        super().__init__()
+        self.config = dict(levels=levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
+                           base_resolution=base_resolution, max_resolution=max_resolution, backend=backend, bound=bound,
+                           hidden=hidden, layers=layers, blob_scale=blob_scale, blob_std=blob_std,
+                           density_activation=density_activation, seed=seed)
+        self.bound, self.blob_scale, self.blob_std = float(bound), float(blob_scale), float(blob_std)
+        if density_activation not in ("softplus", "trunc_exp"):
+            raise ValueError(f"density_activation must be softplus or trunc_exp, not {density_activation!r}")
+        self.density_activation = density_activation
+        self.encoding = HashGrid(levels, features_per_level, log2_table_size, base_resolution, max_resolution,
+                                 bound=bound, backend=backend, device=device, seed=1337 + seed)
+        dims = [self.encoding.output_dim] + [hidden] * (layers - 1) + [4]
+        mods: list[nn.Module] = []
+        with torch.random.fork_rng(devices=[]):  # the MLP's initial weights, without touching global RNG
+            torch.manual_seed(seed)
+            for i in range(len(dims) - 1):
+                mods.append(nn.Linear(dims[i], dims[i + 1], bias=True))
+                if i < len(dims) - 2:
+                    mods.append(nn.ReLU(inplace=True))
+        self.mlp = nn.Sequential(*mods).to(device)
+
+    @classmethod
+    def from_params(cls, params, device="cpu") -> "NeRFField":
+        c = params.coarse
+        return cls(levels=c.grid.levels, features_per_level=c.grid.features_per_level,
+                   log2_table_size=c.grid.log2_table_size, base_resolution=c.grid.base_resolution,
+                   max_resolution=c.grid.max_resolution, backend=c.grid.backend, bound=c.bound,
+                   hidden=c.mlp.hidden, layers=c.mlp.layers, blob_scale=c.density_blob_scale,
+                   blob_std=c.density_blob_std, density_activation=c.density_activation, device=device,
+                   seed=params.seed)
+
+    # ------------------------------------------------------------------------------------ queries
+    def density_blob(self, x: torch.Tensor) -> torch.Tensor:
+        """Magic3D's blob: blob_scale · (1 − ‖x‖ / blob_std), added to the raw density."""
+        return self.blob_scale * (1.0 - x.norm(dim=-1) / self.blob_std)
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        return F.softplus(raw) if self.density_activation == "softplus" else trunc_exp(raw)
+
+    def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activation density (blob included) (N,) and albedo logits (N, 3)."""
+        n = x.shape[0]
+        if SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and n > 1:
+            perm = _spread_permutation(n, x.device)
+            h = self.mlp(self.encoding(x.index_select(0, perm)))
+            h = torch.zeros_like(h).index_copy(0, perm, h)  # back in order; its backward is a gather
+        else:
+            h = self.mlp(self.encoding(x))
+        return h[:, 0].float() + self.density_blob(x), h[:, 1:].float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, logits = self.raw(x)
+        return self.activate(raw), torch.sigmoid(logits)
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) → (N,) post-activation density, blob included."""
+        return self.activate(self.raw(x)[0])
+
+    def albedo(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) → (N, 3) in [0, 1]."""
+        return torch.sigmoid(self.raw(x)[1])
+
+    def normals(self, x: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+        """−∇σ/‖∇σ‖ by finite differences of the raw density on a tetrahedron (4 evaluations:
+        ∇f ∝ Σ_k e_k f(x + ε e_k), e_k = (1,−1,−1), (−1,−1,1), (−1,1,−1), (1,1,1))."""
+        e = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]],
+                         device=x.device, dtype=x.dtype)
+        r = self.raw((x[:, None, :] + eps * e[None]).reshape(-1, 3))[0].view(-1, 4)
+        grad = r @ e
+        return -F.normalize(grad, dim=-1, eps=1e-8)
+
+
+# ------------------------------------------------------------------------------------ occupancy grid
+class OccupancyGrid(nn.Module):
+    """A res³ grid over [−bound, bound]³ of decayed maximum densities (Instant-NGP's density grid).
+
+    `update(field, step_size)`: every cell gets max(decay · old, σ(jittered cell point)); a cell is
+    occupied when its value × step_size ≥ threshold (a sample there would have α ≳ threshold),
+    dilated by one cell so that density can still grow next to the occupied region. Samples in
+    empty cells are skipped (σ = 0, no field evaluation). Before the first update all is occupied.
+    """
+
+    def __init__(self, resolution: int, bound: float, threshold: float, decay: float = 0.95, device="cpu"):
+        super().__init__()
+        self.resolution, self.bound, self.threshold, self.decay = int(resolution), float(bound), float(threshold), float(decay)
+        self.register_buffer("values", torch.zeros(resolution, resolution, resolution, device=device))
+        self.register_buffer("occupied", torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=device))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("box", torch.tensor([[-bound] * 3, [bound] * 3], dtype=torch.float32, device=device))
+
+    def cell_centers(self) -> torch.Tensor:
+        r = self.resolution
+        i = (torch.arange(r, device=self.values.device, dtype=torch.float32) + 0.5) / r * 2 * self.bound - self.bound
+        return torch.stack(torch.meshgrid(i, i, i, indexing="ij"), -1).reshape(-1, 3)
+
+    @torch.no_grad()
+    def update(self, field: NeRFField, step_size: float, generator: Optional[torch.Generator] = None,
+               chunk: int = 1 << 18) -> None:
+        r = self.resolution
+        pts = self.cell_centers()
+        jitter = (rand_on(pts.shape, generator, pts.device) - 0.5) * (2 * self.bound / r)
+        pts = pts + jitter
+        sig = torch.cat([field.density(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)]).view(r, r, r)
+        self.values.copy_(torch.maximum(self.values * self.decay, sig))
+        occ = (self.values * step_size >= self.threshold).float()
+        occ = F.max_pool3d(occ[None, None], 3, stride=1, padding=1)[0, 0] > 0
+        self.occupied.copy_(occ)
+        self.box.copy_(torch.stack(self._compute_bbox()))
+        self.updates += 1
+
+    def lookup(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3) → (N,) bool: in an occupied cell (and inside the bound)."""
+        r = self.resolution
+        idx = ((x + self.bound) / (2 * self.bound) * r).floor().long()
+        inside = ((idx >= 0) & (idx < r)).all(-1)
+        idx = idx.clamp(0, r - 1)
+        return inside & self.occupied[idx[:, 0], idx[:, 1], idx[:, 2]]
+
+    def bbox(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The axis-aligned box (lo, hi) (3,) around the occupied cells (cached at each update)."""
+        return self.box[0], self.box[1]
+
+    def _compute_bbox(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.resolution
+        cell = 2 * self.bound / r
+        idx = self.occupied.nonzero()
+        if idx.numel() == 0 or bool(self.occupied.all()):
+            full = torch.full((3,), self.bound, device=self.values.device)
+            return -full, full
+        lo = idx.amin(0).float() * cell - self.bound
+        hi = (idx.amax(0).float() + 1) * cell - self.bound
+        return lo, hi
+
+    def fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+
+# ----------------------------------------------------------------------------------- volume render
+def _ray_aabb(o: torch.Tensor, d: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+    t0 = (lo - o) * inv
+    t1 = (hi - o) * inv
+    near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
+    far = torch.maximum(t0, t1).amin(-1)
+    return near, far
+
+
+@dataclass
+class RenderOutput:
+    rgb: torch.Tensor  # (B, 3, H, W) on white
+    opacity: torch.Tensor  # (B, 1, H, W)
+    depth: torch.Tensor  # (B, 1, H, W) z-depth along the camera axis, 0 where empty
+    normal: Optional[torch.Tensor]  # (B, 3, H, W) world normals composited (not normalised), or None
+    albedo: torch.Tensor  # (B, 3, H, W) albedo on white
+    sample_weights: torch.Tensor  # (M,) weights of the samples that carry normals
+    sample_normals: Optional[torch.Tensor]  # (M, 3)
+    sample_dirs: torch.Tensor  # (M, 3) their ray directions
+
+
+def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int] = None, *,
+           samples_per_ray: int = 64, occupancy: Optional[OccupancyGrid] = None, shading: str = "albedo",
+           light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
+           perturb: bool = False, generator: Optional[torch.Generator] = None,
+           need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
+           normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64) -> RenderOutput:
+    """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
+
+    Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
+    around the occupancy grid's occupied cells (all of [−bound, bound]³ without a grid), jittered
+    within their strata when `perturb`. Samples in empty occupancy cells are skipped (σ = 0), and
+    so are samples behind the point where the transmittance falls below `early_stop`.
+    α_i = 1 − exp(−σ_i δ_i), w_i = α_i Π_{j<i}(1 − α_j). One field evaluation per active sample
+    gives density and albedo; normals (when needed) are −∇σ/‖∇σ‖ by tetrahedral finite differences
+    with step `normal_eps` (the released code's finite-difference normals; smoother than the hash
+    grid's analytic gradient), or the analytic gradient (autograd, create_graph) with
+    normals="analytic". Both are differentiable.
+
+    Finite-difference normals cost 4 extra field evaluations per sample, so they are computed
+    only for samples whose weight w_i (from the gradient-free pass, the same parameters, hence the
+    same weights) is at least `normal_min_weight`: a sample below it adds at most that weight to any
+    normal, shading or orientation sum; it is shaded as if it had no normal (ambient light only).
+    `normal_min_weight=0`, or analytic normals, compute them for every active sample.
+    """
+    width = width or height
+    B, S = len(cameras), samples_per_ray
+    dev = cameras.device
+    bound = field.bound
+    o, d = cameras.rays(height, width)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    R = o.shape[0]
+    fwd = -cameras.c2w()[:, :3, 2]  # camera viewing axis, (B, 3)
+    cos = (d.view(B, -1, 3) * fwd[:, None, :]).sum(-1).reshape(-1)  # ray direction · axis
+    # samples span the ray's stretch inside the box around the occupied cells (the whole
+    # [−bound, bound]³ before the occupancy grid knows better)
+    lo, hi = occupancy.bbox() if occupancy is not None else (-bound, bound)
+    near, far = _ray_aabb(o, d, lo, hi)
+    hit = far > near
+    span = (far - near).clamp_min(0.0)
+    u = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5)[None].expand(R, S)
+    if perturb:
+        u = u + (rand_on((R, S), generator, dev) - 0.5)
+    t = near[:, None] + span[:, None] * (u / S)  # (R, S)
+    delta = (span / S)[:, None].expand(R, S)
+    pts = o[:, None, :] + d[:, None, :] * t[..., None]  # (R, S, 3)
+    active = hit[:, None].expand(R, S)
+    if occupancy is not None:
+        active = active & occupancy.lookup(pts.reshape(-1, 3)).view(R, S)
+    need_n = need_normals or shading in ("lambertian", "textureless", "normal")
+    analytic = need_n and normals == "analytic"
+    gate = need_n and normal_min_weight > 0 and not analytic
+    w0 = None
+    if early_stop > 0 or gate:
+        # a gradient-free pass: early ray termination (Instant-NGP) drops the samples behind the
+        # point where the transmittance falls below `early_stop` (and its weights say which samples
+        # need normals; the differentiable pass below has the same parameters, hence the same
+        # weights); it marches front to back `segment` samples at a time and stops evaluating a
+        # ray once its transmittance is below `early_stop`, so the inside of an object costs nothing
+        with torch.no_grad():
+            s0 = torch.zeros(R, S, device=dev)
+            log_t = torch.zeros(R, device=dev)
+            alive = torch.ones(R, dtype=torch.bool, device=dev)
+            log_stop = math.log(early_stop) if early_stop > 0 else -math.inf
+            for a in range(0, S, segment):
+                b = min(S, a + segment)
+                rows, cols = (active[:, a:b] & alive[:, None]).nonzero(as_tuple=True)
+                if rows.numel():
+                    s0[rows, cols + a] = field.density(pts[rows, cols + a]).float()
+                if b < S and early_stop > 0:
+                    log_t = log_t - (s0[:, a:b] * delta[:, a:b]).sum(1)
+                    alive = alive & (log_t > log_stop)
+            a0 = 1.0 - torch.exp(-s0 * delta)
+            t0 = torch.cumprod(torch.cat([torch.ones(R, 1, device=dev), 1.0 - a0 + 1e-10], 1), 1)[:, :-1]
+            if early_stop > 0:
+                active = active & (t0 > early_stop)
+            w0 = (a0 * t0).reshape(-1)
+    idx = active.reshape(-1).nonzero(as_tuple=True)[0]
+    grad_on = torch.is_grad_enabled()
+    x_all = pts.reshape(-1, 3)[idx]
+    # the samples that carry normals: positions `nsel` within idx
+    nsel = (w0[idx] >= normal_min_weight).nonzero(as_tuple=True)[0] if gate else None
+    nrm = None
+    empty = (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
+    if analytic:
+        # the density's gradient at every active sample (create_graph while training)
+        with torch.enable_grad():
+            x_all = x_all.detach().requires_grad_(True)
+            raw, logits = field.raw(x_all) if idx.numel() else empty
+            if idx.numel():
+                g = torch.autograd.grad(raw, x_all, torch.ones_like(raw), create_graph=grad_on)[0]
+                nrm = -F.normalize(g, dim=-1, eps=1e-8)
+            else:
+                nrm = torch.zeros(0, 3, device=dev)
+    else:
+        raw, logits = field.raw(x_all) if idx.numel() else empty
+        if need_n:
+            xs = x_all if nsel is None else x_all[nsel]
+            nrm = field.normals(xs, normal_eps) if xs.shape[0] else torch.zeros(0, 3, device=dev)
+    if nrm is not None and nsel is not None:
+        # samples below normal_min_weight: a zero normal (ambient light only, no orientation term)
+        nrm = torch.zeros(idx.numel(), 3, device=dev, dtype=nrm.dtype).index_put((nsel,), nrm)
+    sig_a = field.activate(raw)
+    alb = torch.sigmoid(logits)
+    sigma = torch.zeros(R * S, device=dev, dtype=sig_a.dtype).index_put((idx,), sig_a).view(R, S)
+    alpha = 1.0 - torch.exp(-sigma * delta)
+    trans = torch.cumprod(torch.cat([torch.ones(R, 1, device=dev), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]
+    w = alpha * trans  # (R, S)
+    opacity = w.sum(1)
+    depth = (w * t).sum(1) * cos
+    ws = w.reshape(-1)[idx]
+    ray_of = idx // S
+    ds = d[ray_of]
+    albedo_img = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * alb)
+    if shading == "albedo":
+        col = alb
+    else:
+        if light_dir is None:
+            light = -ds
+        else:
+            light = light_dir.to(dev)[:, None, :].expand(B, height * width, 3).reshape(-1, 3)[ray_of]
+        col = shade(alb, nrm, light, shading, ambient, diffuse)
+    rgb = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * col)
+    rgb = rgb + (1.0 - opacity)[:, None]  # white background
+    albedo_img = albedo_img + (1.0 - opacity)[:, None]
+    normal_img = None
+    if nrm is not None:
+        normal_img = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * nrm)
+
+    def img(v: torch.Tensor, c: int) -> torch.Tensor:
+        return v.view(B, height, width, c).permute(0, 3, 1, 2)
+
+    return RenderOutput(
+        rgb=img(rgb, 3), opacity=img(opacity[:, None], 1), depth=img(depth[:, None], 1),
+        normal=img(normal_img, 3) if normal_img is not None else None, albedo=img(albedo_img, 3),
+        sample_weights=ws, sample_normals=nrm, sample_dirs=ds,
+    )
+
+
+def render_chunked(field, cameras: Cameras, height: int, **kw) -> RenderOutput:
+    """Render views one at a time without gradients (evaluation); outputs concatenated."""
+    outs = []
+    with torch.no_grad():
+        for i in range(len(cameras)):
+            outs.append(render(field, cameras[i], height, **kw))
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs]) if getattr(outs[0], name) is not None else None  # noqa: E731
+    return RenderOutput(rgb=cat("rgb"), opacity=cat("opacity"), depth=cat("depth"), normal=cat("normal"),
+                        albedo=cat("albedo"), sample_weights=cat("sample_weights"),
+                        sample_normals=cat("sample_normals"), sample_dirs=cat("sample_dirs"))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def load_field(checkpoint_path, device="cpu"):
+    """A coarse checkpoint → (field, Params). The field is in eval mode, on `device`."""
+    from core.errors import InputError
+    from core.params import Params
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise InputError(f"not a lift3d checkpoint: {path} ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("stage") != "coarse" or "field" not in ck:
+        raise InputError(f"not a coarse lift3d checkpoint: {path}")
+    params = Params.model_validate(ck["params"])
+    cfg = dict(ck["field_config"])
+    if cfg.get("backend") == "tcnn":
+        cfg["backend"] = "auto"
+    field = NeRFField(**cfg, device=device)
+    state = ck["field"]
+    if field.encoding.backend == "tcnn" and "encoding.table" in state:
+        state = dict(state)
+        state["encoding.tcnn_encoding.params"] = state.pop("encoding.table").reshape(-1)
+    elif field.encoding.backend == "torch" and "encoding.tcnn_encoding.params" in state:
+        state = dict(state)
+        state["encoding.table"] = state.pop("encoding.tcnn_encoding.params").reshape(-1, cfg["features_per_level"])
+    field.load_state_dict(state)
+    field.eval()
+    return field, params
