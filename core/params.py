@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -27,6 +28,18 @@ class ParamsError(Lift3DError, ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __getattribute__(self, name: str):
+        rec = _RECORDING
+        if rec is not None and name[:1] != "_":
+            path = rec[0].get(id(self))
+            if path is not None and name in type(self).model_fields:
+                rec[1].add(path + name)
+        return object.__getattribute__(self, name)
+
+
+# (id(section) → its dotted path + ".", the dotted keys read) while `recording_reads` runs
+_RECORDING: Optional[tuple[dict[int, str], set[str]]] = None
 
 
 # --------------------------------------------------------------------------------------------- cameras
@@ -276,9 +289,71 @@ class Params(_Section):
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        """A stable hash of every value: part of each task's cache key."""
+        """A stable hash of every value."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_inputs(self, *, text: Optional[str] = None, learned_embeds: Optional[str] = None) -> "Params":
+        """These params with a plain description and/or a token file given on the command line."""
+        prompt = self.prompt.model_copy(update={k: v for k, v in (("text", text), ("learned_embeds", learned_embeds))
+                                                if v is not None})
+        return self.model_copy(update={"prompt": PromptParams.model_validate(prompt.model_dump())})
+
+
+# The parameter sections each step of one asset reads (a dotted name picks one value). A step's
+# cache key and its checkpoint's resume check hash these; tests/test_params.py records what each
+# step really reads (`recording_reads`) and holds it to this table.
+STEP_READS: dict[str, tuple[str, ...]] = {
+    "prepare": ("segment", "depth", "models", "device"),
+    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device"),
+    # the stages render the novel views that evaluation scores: their number is a stage input too
+    "coarse": ("method", "seed", "device", "camera", "coarse", "fine.iters", "guidance", "sd", "zero123", "prompt",
+               "textual_inversion", "detector", "models", "segment", "evaluate.novel_views"),
+    "fine": ("method", "seed", "device", "camera", "coarse", "fine", "guidance", "sd", "zero123", "prompt",
+             "textual_inversion", "models", "segment", "evaluate.novel_views"),
+    "evaluate": ("evaluate", "models", "method", "device"),
+}
+
+
+def _pick(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for k in dotted.split("."):
+        node = node.get(k) if isinstance(node, dict) else None
+    return node
+
+
+def sections_digest(params: "Params | dict", sections: tuple[str, ...] | list[str]) -> str:
+    """A hash of the named sections' values (a dotted name picks one value)."""
+    tree = params.to_dict() if isinstance(params, Params) else params
+    picked = {s: _pick(tree, s) for s in sorted(sections)}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_digest(params: "Params", step: str) -> str:
+    """The hash of what `step` ('prepare', 'coarse', …) reads: STEP_READS[step]."""
+    return sections_digest(params, STEP_READS[step])
+
+
+@contextmanager
+def recording_reads(params: "Params"):
+    """Yield a set that collects the dotted keys of `params` read inside the block (tests)."""
+    global _RECORDING
+    ids: dict[int, str] = {}
+
+    def walk(section: BaseModel, prefix: str) -> None:
+        ids[id(section)] = prefix
+        for name in type(section).model_fields:
+            v = object.__getattribute__(section, name)
+            if isinstance(v, BaseModel):
+                walk(v, f"{prefix}{name}.")
+
+    walk(params, "")
+    reads: set[str] = set()
+    previous, _RECORDING = _RECORDING, (ids, reads)
+    try:
+        yield reads
+    finally:
+        _RECORDING = previous
 
 
 # ----------------------------------------------------------------------------------------- loading

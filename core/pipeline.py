@@ -18,24 +18,20 @@ log = logging.getLogger(__name__)
 Callback = Optional[Callable[[int, dict], None]]
 
 
-def _read_result(out: Path, name: str = "result.json") -> dict:
-    return json.loads((out / name).read_text())
-
-
 def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Params, callback: Callback = None,
                             progress: bool = True) -> Path:
     """Learn the token <e> for the reference image (Magic123 §2.2 'Textural inversion', diffusers'
     recipe) and write out_dir/learned_embeds.bin in the benchmark folders' format."""
     from core.guidance.sd import load_stable_diffusion, weights_dtype
     from core.inputs.images import load_reference
-    from core.models.sources import prior_model as model_name
+    from core.models.sources import prior_model
     from core.guidance.textual_inversion import learn_token
 
     device = resolve_device(params)
     out = Path(out_dir)
     ref = load_reference(rgba, None, size=params.sd.resolution, max_pixels=params.segment.max_input_pixels,
                          object_scale=params.segment.object_scale)
-    parts = load_stable_diffusion(model_name(params, "sd"), device, weights_dtype(device, params.sd.fp16),
+    parts = load_stable_diffusion(prior_model(params, "sd"), device, weights_dtype(device, params.sd.fp16),
                                   params.models)
     ti = params.textual_inversion
     out.mkdir(parents=True, exist_ok=True)
@@ -55,58 +51,89 @@ def needs_textual_inversion(params: Params) -> bool:
             and params.prompt.text is None)
 
 
-def _guidance(params: Params, reference, stage: str, device):
+def _guidance(params: Params, reference, stage: str, device, token: Optional[dict] = None):
     """The stage's novel-view guidance; None for 'none' (the loop then renders the reference view only)."""
     from core.guidance.factory import build_guidance
 
-    return None if params.guidance.kind == "none" else build_guidance(params, reference, stage, device)
+    return None if params.guidance.kind == "none" else build_guidance(params, reference, stage, device, token)
+
+
+def _resumable(ck_path: Path, stage: str, digest: str, resume: bool):
+    """The checkpoint's state when the stage will resume from it (same stage, same parameters)."""
+    from core.stages.engine import read_state
+
+    if not resume or not ck_path.is_file():
+        return None
+    state = read_state(ck_path, stage)
+    return state if state.params_digest == digest else None
 
 
 def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: Path | str | None = None,
-                 callback: Callback = None, resume: bool = True, progress: bool = True) -> dict:
+                 callback: Callback = None, resume: bool = True, progress: bool = True,
+                 stop_after: Optional[int] = None, guidance=None, reference=None) -> dict:
     """The coarse NeRF stage (Magic123 §2.1.1; Consistent123's stage 1 and the start of stage 2).
 
-    Every input is loaded and checked before the output folder is created."""
-    from core.stages.coarse import run_coarse
+    Every input is loaded and checked before the output folder is created. `guidance` and
+    `reference` may be given ready-made (the oracle bench); `stop_after=k` stops after iteration k
+    as a kill would (tests). Returns result.json's record ({} when stopped early)."""
     from core.inputs.images import load_reference
+    from core.params import step_digest
+    from core.stages.coarse import run_coarse
+    from core.stages.engine import CHECKPOINT
 
     device = resolve_device(params)
-    reference = load_reference(image, depth, size=params.coarse.resolution,
-                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
-                               recenter=params.segment.recenter)
-    guidance = _guidance(params, reference, "coarse", device)
+    out = Path(out_dir)
+    if reference is None:
+        reference = load_reference(image, depth, size=params.coarse.resolution,
+                                   max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
+                                   recenter=params.segment.recenter)
+    digest = step_digest(params, "coarse")
+    earlier = _resumable(out / CHECKPOINT, "coarse", digest, resume)
+    if guidance is None:
+        guidance = _guidance(params, reference, "coarse", device, token=earlier.token if earlier else None)
     detector = None
     if params.detector.enabled:
         from core.stages.detector import ClipScorer, StageDetector
 
         detector = StageDetector(params.detector, ClipScorer.from_params(params, device))
-    out = Path(out_dir)
-    run_coarse(params, reference, out, guidance=guidance, detector=detector, device=device, callback=callback,
-               resume=resume, progress=progress)
-    if detector is not None:
-        from core.stages.detector import write_trace
-
-        write_trace(detector, out / "detector.json")
-    return _read_result(out)
+    stage = run_coarse(params, reference, out, guidance=guidance, detector=detector, device=device,
+                       params_digest=digest, resume=resume, callback=callback, stop_after=stop_after,
+                       progress=progress)
+    return stage.record or {}
 
 
-def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Params, image: Path | str,
+def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Params, image: Path | str | None = None,
                depth: Path | str | None = None, callback: Callback = None, resume: bool = True,
-               progress: bool = True, recenter: bool | None = None) -> dict:
+               progress: bool = True, recenter: bool | None = None, stop_after: Optional[int] = None,
+               guidance=None, reference=None, turntable_frames: int = 36) -> dict:
     """The fine DMTet stage (Magic123 §2.1.2) from a coarse checkpoint, at params.fine.resolution.
 
-    `recenter=False` takes an image that is already framed (a coarse folder's reference_rgba.png)."""
-    from core.stages.fine import run_fine
+    It continues the coarse run: the same token embedding for the 2D prior (no second textual
+    inversion), the guidance clock and Consistent123's stage-2 switch from the coarse state.
+    `image`: the reference (default: the coarse folder's reference_rgba.png, already framed);
+    `recenter=False` takes an image that is already framed."""
     from core.inputs.images import load_reference
-    from core.representations.nerf import load_field
+    from core.params import step_digest
+    from core.stages.coarse import load_coarse_field
+    from core.stages.fine import run_fine
 
     device = resolve_device(params)
-    field, _ = load_field(coarse_checkpoint, device)
-    reference = load_reference(image, depth, size=params.fine.resolution,
-                               max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
-                               recenter=params.segment.recenter if recenter is None else recenter)
-    guidance = _guidance(params, reference, "fine", device)
+    coarse_checkpoint = Path(coarse_checkpoint)
+    field, coarse = load_coarse_field(coarse_checkpoint, device)
+    if reference is None:
+        given = image is not None
+        image = Path(image) if given else coarse_checkpoint.parent / "reference_rgba.png"
+        if recenter is None:
+            recenter = given and params.segment.recenter
+        reference = load_reference(image, depth, size=params.fine.resolution,
+                                   max_pixels=params.segment.max_input_pixels,
+                                   object_scale=params.segment.object_scale, recenter=recenter)
     out = Path(out_dir)
-    run_fine(params, reference, field, out, guidance=guidance, device=device, callback=callback, resume=resume,
-             progress=progress, coarse_checkpoint=str(coarse_checkpoint))
-    return _read_result(out)
+    digest = step_digest(params, "fine")
+    if guidance is None:
+        guidance = _guidance(params, reference, "fine", device, token=coarse.token)
+    coarse.upstream = {"checkpoint": str(coarse_checkpoint), "step": coarse.step, "stage": "coarse"}
+    stage = run_fine(params, reference, field, out, coarse=coarse, guidance=guidance, device=device,
+                     params_digest=digest, resume=resume, callback=callback, stop_after=stop_after,
+                     progress=progress, turntable_frames=turntable_frames)
+    return stage.record or {}

@@ -15,8 +15,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.errors import InputError
-from core.params import load_params
-from flows.generate import submit_asset, with_text
+from core.params import Params, load_params
+from flows.generate import submit_asset
 from tasks.report import report_task
 from tasks.tracking import end_parent_run, start_parent_run
 
@@ -41,11 +41,11 @@ def describe(name: str) -> str:
 # In-process default: one task at a time. Model loading (transformers' meta-device init) is not
 # thread-safe, and a CPU gains nothing from running two assets at once; scale-out is Dask's job.
 @flow(name="benchmark", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def benchmark_flow(dataset: str, out: str, preset: Optional[str] = "magic123", overrides: Optional[list[str]] = None,
-                   limit: Optional[int] = None, params_file: Optional[str] = None) -> dict:
+def benchmark_flow(dataset: str, out: str, params: Params, limit: Optional[int] = None,
+                   preset: Optional[str] = None) -> dict:
+    """`preset`: the name `params` came from, for the records."""
     ds, out_p = Path(dataset), Path(out)
     objects = discover(ds, limit)
-    params = load_params(preset, overrides, params_file)
     parent = start_parent_run(params.to_dict(), f"benchmark/{ds.name}/{preset}",
                               tags={"dataset": ds.name, "preset": str(preset)})
     futures, status = {}, "FAILED"
@@ -53,7 +53,7 @@ def benchmark_flow(dataset: str, out: str, preset: Optional[str] = "magic123", o
         for obj in objects:
             p = params
             if params.prompt.text is None and params.method == "consistent123":
-                p = load_params(preset, with_text(overrides, describe(obj.name)), params_file)
+                p = params.with_inputs(text=describe(obj.name))
             depth = obj / "depth.png"
             embeds = obj / "learned_embeds.bin"
             use_embeds = embeds.is_file() and p.prompt.text is None and p.method == "magic123"
@@ -94,11 +94,10 @@ def cli_benchmark(args) -> int:
     import json
 
     discover(args.dataset, args.limit)  # fail on a bad dataset before Prefect starts
-    load_params(args.preset, args.overrides, args.params)
+    params = load_params(args.preset, args.overrides, args.params)
     runner = task_runner(args.gpus, args.scheduler)
     result = benchmark_flow.with_options(task_runner=runner)(
-        str(args.dataset), str(args.out), args.preset, list(args.overrides), args.limit,
-        str(args.params) if args.params else None)
+        str(args.dataset), str(args.out), params, args.limit, args.preset)
     print(json.dumps(result["means"], indent=2))
     print(f"report: {result['report'].get('report')}")
     return 0

@@ -34,44 +34,37 @@ def submit_asset(image: Path, out: Path, params: Params, depth: Optional[Path] =
                  embeds: Optional[Path] = None, asset: Optional[str] = None, dataset: Optional[str] = None,
                  parent_run_id: Optional[str] = None):
     """Submit one asset's chain of tasks to the flow's task runner; returns the evaluate future."""
-    p = params.to_dict()
     asset = asset or image.parent.name
     inputs, coarse, fine = out / "inputs", out / "coarse", out / "fine"
     rgba, ref_depth = inputs / "rgba.png", inputs / "depth.png"
     prep = _fresh_if_incomplete(prepare_task, inputs, "prepare.json").submit(
-        str(image), str(inputs), p, str(depth) if depth else None)
+        str(image), str(inputs), params, str(depth) if depth else None)
     after = [prep]
     if embeds is None and needs_textual_inversion(params):
         ti_dir = out / "textual_inversion"
         ti = _fresh_if_incomplete(textual_inversion_task, ti_dir, "learned_embeds.bin").submit(
-            str(rgba), str(ti_dir), p, wait_for=after)
+            str(rgba), str(ti_dir), params, wait_for=after)
         embeds, after = ti_dir / "learned_embeds.bin", [ti]
-    emb = str(embeds) if embeds else None
+    if embeds is not None:
+        params = params.with_inputs(learned_embeds=str(embeds))
     c = _fresh_if_incomplete(coarse_task, coarse).submit(
-        str(rgba), str(coarse), p, depth=str(ref_depth), embeds=emb, asset=asset, parent_run_id=parent_run_id,
+        str(rgba), str(coarse), params, depth=str(ref_depth), asset=asset, parent_run_id=parent_run_id,
         wait_for=after)
+    # the fine stage continues the coarse run: its token, prior clock and stage-2 switch
     f = _fresh_if_incomplete(fine_task, fine).submit(
-        str(coarse / "checkpoint.pt"), str(fine), p, image=str(rgba), depth=str(ref_depth), embeds=emb,
+        str(coarse / "checkpoint.pt"), str(fine), params, image=str(rgba), depth=str(ref_depth),
         asset=asset, parent_run_id=parent_run_id, wait_for=[c])
     return _fresh_if_incomplete(evaluate_task, out, "metrics.json").submit(
-        str(out), str(fine), p, dataset=dataset, asset=asset, parent_run_id=parent_run_id, wait_for=[f])
+        str(out), str(fine), params, dataset=dataset, asset=asset, parent_run_id=parent_run_id, wait_for=[f])
 
 
 @flow(name="generate", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def generate_flow(image: str, out: str, preset: Optional[str] = "magic123", overrides: Optional[list[str]] = None,
-                  depth: Optional[str] = None, embeds: Optional[str] = None, text: Optional[str] = None,
-                  params_file: Optional[str] = None) -> dict:
+def generate_flow(image: str, out: str, params: Params, depth: Optional[str] = None,
+                  embeds: Optional[str] = None) -> dict:
     """One image to a textured mesh, evaluated. Returns the metrics."""
-    params = load_params(preset, with_text(overrides, text), params_file)
     fut = submit_asset(Path(image), Path(out), params, Path(depth) if depth else None,
                        Path(embeds) if embeds else None)
     return fut.result()
-
-
-def with_text(overrides: Optional[list[str]], text: Optional[str]) -> list[str]:
-    import json
-
-    return list(overrides or []) + ([f"prompt.text={json.dumps(text)}"] if text else [])
 
 
 def _check_inputs(image: Path, depth: Optional[Path], embeds: Optional[Path]) -> None:
@@ -86,11 +79,9 @@ def cli_generate(args) -> int:
     import json
 
     _check_inputs(args.image, args.depth, args.embeds)
-    overrides = list(args.overrides)
-    load_params(args.preset, with_text(overrides, args.text), args.params)  # fail before Prefect starts
-    metrics = generate_flow(str(args.image), str(args.out), args.preset, overrides,
-                            str(args.depth) if args.depth else None, str(args.embeds) if args.embeds else None,
-                            args.text, str(args.params) if args.params else None)
+    params = load_params(args.preset, args.overrides, args.params).with_inputs(text=args.text)
+    metrics = generate_flow(str(args.image), str(args.out), params,
+                            str(args.depth) if args.depth else None, str(args.embeds) if args.embeds else None)
     print(json.dumps({k: metrics[k] for k in ("psnr", "lpips", "clip_similarity") if k in metrics}, indent=2))
     print(f"mesh: {Path(args.out) / 'fine'}  metrics: {Path(args.out) / 'metrics.json'}")
     return 0

@@ -11,15 +11,15 @@ from typing import Optional
 from flows.benchmark import benchmark_flow
 
 
-def benchmark_deployment(dataset: str, out: str, cron: str, preset: str = "magic123",
-                         overrides: Optional[list[str]] = None, limit: int = 0, name: Optional[str] = None):
-    """A deployment of the benchmark flow with a cron schedule (not yet registered)."""
+def benchmark_deployment(dataset: str, out: str, cron: str, params, preset: str = "magic123", limit: int = 0,
+                         name: Optional[str] = None):
+    """A deployment of the benchmark flow with a cron schedule (not yet registered); `params` is
+    the validated Params, stored in the deployment as its JSON and validated again at each run."""
     from pathlib import Path
 
     return benchmark_flow.to_deployment(
         name=name or f"{Path(dataset).name}-{preset}", cron=cron,
-        parameters={"dataset": dataset, "out": out, "preset": preset, "overrides": list(overrides or []),
-                    "limit": limit})
+        parameters={"dataset": dataset, "out": out, "params": params.to_dict(), "limit": limit, "preset": preset})
 
 
 def cli_schedule(args) -> int:
@@ -31,11 +31,10 @@ def cli_schedule(args) -> int:
     from flows.benchmark import discover
 
     discover(args.dataset, args.limit)
-    load_params(args.preset, args.overrides, args.params)
+    params = load_params(args.preset, args.overrides, args.params)
     if not os.environ.get("PREFECT_API_URL"):
         from core.errors import Lift3DError
 
         raise Lift3DError("schedules need a Prefect server: run `prefect server start` and set PREFECT_API_URL")
-    serve(benchmark_deployment(str(args.dataset), str(args.out), args.cron, args.preset, list(args.overrides),
-                               args.limit))
+    serve(benchmark_deployment(str(args.dataset), str(args.out), args.cron, params, args.preset, args.limit))
     return 0

@@ -125,7 +125,7 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     import core.representations.nerf as nerf
-    from core.stages.coarse import CoarseTrainer
+    from core.stages.coarse import make_coarse_stage
     from core.oracle.guidance import OracleGuidance
     from core.oracle.objects import make_object
     from core.params import load_params, resolve_device
@@ -134,7 +134,8 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     params = load_params(preset, overrides)
     device = resolve_device(params)
     obj = make_object(obj_name)
-    tr = CoarseTrainer(params, oracle_reference(obj, params, device), guidance=OracleGuidance(obj, params), device=device)
+    tr = make_coarse_stage(params, oracle_reference(obj, params, device), guidance=OracleGuidance(obj, params),
+                           device=device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(steps):

@@ -95,7 +95,7 @@ def compare_rasterisers(device) -> dict:
 def time_fine(device, resolution: int, guidance_kind: str, iters: int = 40, warmup: int = 8) -> dict:
     from torch import nn
 
-    from core.stages.fine import FineTrainer
+    from core.stages.fine import make_fine_stage
     from core.oracle.guidance import OracleGuidance
     from core.representations.nerf import NeRFField
     from core.oracle.objects import make_object
@@ -117,7 +117,7 @@ def time_fine(device, resolution: int, guidance_kind: str, iters: int = 40, warm
             return self.nerf.albedo(x)
 
     guidance = OracleGuidance(obj, p) if guidance_kind == "oracle" else None
-    tr = FineTrainer(p, fine_reference(obj, p, device), Field(), guidance=guidance, device=device)
+    tr = make_fine_stage(p, fine_reference(obj, p, device), Field(), guidance=guidance, device=device)
     for _ in range(warmup):
         tr.step()
     torch.cuda.synchronize()
@@ -129,8 +129,8 @@ def time_fine(device, resolution: int, guidance_kind: str, iters: int = 40, warm
         faces.append(float(m["faces"]))
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / iters
-    return {"resolution": resolution, "tet_resolution": p.fine.tet_resolution, "tets": int(tr.dmtet.tets.shape[0]),
-            "guidance": guidance_kind, "rasterizer": tr.rasterizer.backend, "iters_timed": iters,
+    return {"resolution": resolution, "tet_resolution": p.fine.tet_resolution, "tets": int(tr.rep.dmtet.tets.shape[0]),
+            "guidance": guidance_kind, "rasterizer": tr.rep.backend, "iters_timed": iters,
             "ms_per_iter": round(1000 * dt, 2), "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3),
             "mesh_faces": int(sum(faces) / len(faces))}
 

@@ -1,7 +1,7 @@
 """Oracle-bench sweeps: many (preset, overrides, object) variants of the coarse stage, side by side.
 
 A tuning and diagnosis tool, not part of the pipeline. Each variant trains the coarse NeRF under
-oracle guidance in its own process (CoarseTrainer, as `lift3d bench oracle` does) and, every
+oracle guidance in its own process (the coarse stage, as `lift3d bench oracle` runs it) and, every
 `--eval-every` iterations and at the end, scores the bench's held-out views (core/oracle/bench.py
 EVAL_VIEWS) and appends a line to OUT/NAME.jsonl:
   {"name", "object", "step", "seconds", "psnr_novel", "mask_iou", "err_edge", "err_inside", "err_outside"}
@@ -30,13 +30,14 @@ sys.path.insert(0, str(ROOT))
 def score(trainer, obj, params) -> dict:
     import torch.nn.functional as F
 
-    from core.stages.losses import mask_iou, psnr
+    from core.evaluation.metrics import mask_iou, psnr
     from core.oracle.bench import render_eval_views
 
-    was = trainer.field.training
-    trainer.field.eval()
-    out, tgt = render_eval_views(trainer.field, obj, params, trainer.occupancy, trainer.device)
-    trainer.field.train(was)
+    field = trainer.rep.field
+    was = field.training
+    field.eval()
+    out, tgt = render_eval_views(field, obj, params, trainer.rep.occupancy, trainer.device)
+    field.train(was)
     m = tgt["opacity"]
     edge = (F.max_pool2d(m, 3, 1, 1) + F.max_pool2d(-m, 3, 1, 1)) > 0
     se = ((out.rgb - tgt["rgb"]) ** 2).mean(1, keepdim=True)
@@ -51,7 +52,7 @@ def score(trainer, obj, params) -> dict:
 def one(name: str, obj_name: str, preset: str, overrides: list[str], out: Path, eval_every: int) -> int:
     import torch
 
-    from core.stages.coarse import CoarseTrainer
+    from core.stages.coarse import make_coarse_stage
     from core.oracle.guidance import OracleGuidance
     from core.oracle.objects import make_object
     from core.params import load_params, resolve_device
@@ -60,8 +61,8 @@ def one(name: str, obj_name: str, preset: str, overrides: list[str], out: Path, 
     params = load_params(preset, overrides)
     device = resolve_device(params)
     obj = make_object(obj_name)
-    trainer = CoarseTrainer(params, oracle_reference(obj, params, device), guidance=OracleGuidance(obj, params),
-                            device=device)
+    trainer = make_coarse_stage(params, oracle_reference(obj, params, device), guidance=OracleGuidance(obj, params),
+                                device=device)
     total = params.coarse.iters
     log = out / f"{name}.jsonl"
     log.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 A task's key hashes
   * the contents of every input file or folder it is given (not their paths or mtimes),
-  * the parameter sections the step reads (so a change to `evaluate.*` re-runs evaluation only),
+  * the parameter sections the step reads (core.params.STEP_READS: a change to `evaluate.*`
+    re-runs evaluation only),
   * the source of the task and of every `core` module its entry module imports, transitively
     (so a change to core/representations/dmtet.py re-runs the fine stage and what follows, not segmentation).
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from prefect.cache_policies import CachePolicy
+
+from core.params import sections_digest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,24 +81,12 @@ def code_digest(*entry_modules: str) -> str:
     return h.hexdigest()
 
 
-def _pick(params: dict, dotted: str) -> Any:
-    node: Any = params
-    for k in dotted.split("."):
-        node = node.get(k) if isinstance(node, dict) else None
-    return node
-
-
-def params_digest(params: dict, sections: Iterable[str]) -> str:
-    """Hash of the named sections; a dotted name ('evaluate.novel_views') picks one value."""
-    picked = {s: _pick(params, s) for s in sorted(sections)}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()
-
-
 class StepCachePolicy(CachePolicy):
     """Prefect cache policy: input files' contents + chosen params sections + code.
 
-    `file_args` name the task arguments that are paths whose *contents* matter; `value_args` are
-    plain values that matter as they are; the argument `params` (a dict) contributes `sections`.
+    `file_args` name the task arguments that are paths whose *contents* matter (a dotted name
+    reaches into the params: 'params.prompt.learned_embeds'); `value_args` are plain values that
+    matter as they are; the argument `params` (core.params.Params) contributes `sections`.
     The output folder argument is deliberately not part of the key.
     """
 
@@ -109,12 +100,23 @@ class StepCachePolicy(CachePolicy):
         return step_key(inputs, self.modules, self.sections, self.file_args, self.value_args)
 
 
+def _arg(inputs: dict[str, Any], name: str) -> Any:
+    """A task argument, or (dotted, 'params.a.b') a value inside the params argument."""
+    if not name.startswith("params."):
+        return inputs.get(name)
+    node: Any = inputs.get("params")
+    for k in name.split(".")[1:]:
+        node = getattr(node, k, None) if not isinstance(node, dict) else node.get(k)
+    return node
+
+
 def step_key(inputs: dict[str, Any], modules, sections, file_args=(), value_args=()) -> str:
     h = hashlib.sha256()
     h.update(code_digest(*modules).encode())
-    h.update(params_digest(inputs.get("params") or {}, sections).encode())
+    params = inputs.get("params")
+    h.update(sections_digest(params if params is not None else {}, tuple(sections)).encode())
     for a in file_args:
-        v = inputs.get(a)
+        v = _arg(inputs, a)
         h.update(f"{a}=".encode())
         h.update((hash_path(v) if v else "<none>").encode())
     for a in value_args:

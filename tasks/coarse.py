@@ -6,23 +6,20 @@ from typing import Optional
 
 from prefect import task
 
+from core.params import STEP_READS, Params
 from tasks.caching import StepCachePolicy
-from tasks.common import COARSE_SECTIONS, as_params
 from tasks.tracking import stage_run
 
 
 @task(name="coarse", persist_result=True,
-      cache_policy=StepCachePolicy(("core.pipeline", "core.stages.coarse"), COARSE_SECTIONS,
-                                   ("image", "depth", "embeds"), ("out_dir",)))
-def coarse_task(image: str, out_dir: str, params: dict, depth: Optional[str] = None, embeds: Optional[str] = None,
+      cache_policy=StepCachePolicy(("core.pipeline", "core.stages.coarse"), STEP_READS["coarse"],
+                                   ("image", "depth", "params.prompt.learned_embeds"), ("out_dir",)))
+def coarse_task(image: str, out_dir: str, params: Params, depth: Optional[str] = None,
                 asset: str = "asset", parent_run_id: Optional[str] = None) -> str:
     from core.pipeline import coarse_stage
 
-    if embeds:
-        params = {**params, "prompt": {**params["prompt"], "learned_embeds": embeds}}
-    p = as_params(params)
-    with stage_run(params, asset, "coarse", parent_run_id) as run:
-        result = coarse_stage(Path(image), Path(out_dir), p, depth=Path(depth) if depth else None,
+    with stage_run(params.to_dict(), asset, "coarse", parent_run_id) as run:
+        result = coarse_stage(Path(image), Path(out_dir), params, depth=Path(depth) if depth else None,
                               callback=run.log_step if run else None)
         if run:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})

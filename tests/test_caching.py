@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from tasks.caching import code_digest, hash_path, params_digest, step_key
+from core.params import sections_digest as params_digest
+from tasks.caching import code_digest, hash_path, step_key
 
 
 def test_hash_path_follows_contents_not_names(tmp_path):

@@ -37,31 +37,33 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
                         stop_after=8)
     assert killed.step_no == 8 and not (tmp_path / "b" / "result.json").exists()
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert killed.record is None
     b = run_coarse(p, ref, tmp_path / "b", guidance=OracleGuidance(obj, p), device="cpu", progress=False)
     assert b.step_no == a.step_no == 12
-    sa, sb = a.field.state_dict(), b.field.state_dict()
+    sa, sb = a.rep.field.state_dict(), b.rep.field.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    assert torch.equal(a.occupancy.occupied, b.occupancy.occupied)
+    assert torch.equal(a.rep.occupancy.occupied, b.rep.occupancy.occupied)
     # and a run from scratch with another seed does differ (the comparison can fail)
     c = run_coarse(tiny_params(seed=1), ref, tmp_path / "c", guidance=OracleGuidance(obj, p), device="cpu",
-                   progress=False, write_results=False)
-    assert not torch.equal(c.field.state_dict()["encoding.table"], sa["encoding.table"])
+                   progress=False)
+    assert not torch.equal(c.rep.field.state_dict()["encoding.table"], sa["encoding.table"])
     # the outputs of a completed run, result.json last
     out = tmp_path / "b"
     res = json.loads((out / "result.json").read_text())
     assert res["stage"] == "coarse" and res["steps"] == 12
     for f in res["files"]:
         assert (out / f).is_file(), f
-    assert (out / "renders" / "novel_001.png").is_file() and (out / "mesh.ply").read_text().startswith("ply")
+    assert (out / "renders" / "novel_001.png").is_file() and (out / "mesh.ply").read_bytes().startswith(b"ply")
     assert Image.open(out / "renders" / "reference.png").mode == "RGBA"
-    from core.representations.nerf import load_field
+    from core.stages.coarse import load_coarse_field
 
-    field, params = load_field(out / "checkpoint.pt")
+    field, state = load_coarse_field(out / "checkpoint.pt")
+    params = load_params("smoke").model_validate(state.params)
     assert params.coarse.iters == 12
     x = torch.zeros(3, 3)
-    assert torch.allclose(field.density(x), b.field.density(x))
+    assert torch.allclose(field.density(x), b.rep.field.density(x))
 
 
 def test_callback_gets_metrics(tmp_path):
@@ -69,7 +71,7 @@ def test_callback_gets_metrics(tmp_path):
     obj = make_object("torus")
     seen = []
     run_coarse(p, oracle_reference(obj, p), tmp_path, guidance=OracleGuidance(obj, p), device="cpu",
-               progress=False, write_results=False, callback=lambda s, m: seen.append((s, m)))
+               progress=False, callback=lambda s, m: seen.append((s, m)))
     assert [s for s, _ in seen] == [0, 1, 2]
     assert seen[0][1]["reference"] == 1.0 and seen[1][1]["reference"] == 0.0
     assert all(np.isfinite(m["loss"]) for _, m in seen)
@@ -80,8 +82,8 @@ def test_small_oracle_reconstruction_reaches_a_psnr(tmp_path):
                               "coarse.checkpoint_every": 1000, "coarse.mesh_resolution": 16})
     obj = make_object("snowman")
     t = run_coarse(p, oracle_reference(obj, p), tmp_path, guidance=OracleGuidance(obj, p), device="cpu",
-                   progress=False, write_results=False)
-    m = evaluate_field(t.field, obj, p, t.occupancy)
+                   progress=False)
+    m = evaluate_field(t.rep.field, obj, p, t.rep.occupancy)
     # an untrained blob scores ~12 dB / IoU ~0.5 (seen); 80 oracle-guided steps must do much better
     assert m["psnr_novel"] >= 16.0 and m["mask_iou"] >= 0.75, m
 
@@ -180,11 +182,13 @@ def test_cli_coarse_on_a_benchmark_image(tmp_path):
 
 
 def test_lr_decays_exponentially_to_lr_final():
-    from core.stages.coarse import CoarseTrainer
+    from core.stages.coarse import NeRFRepresentation, coarse_spec
+    from core.stages.engine import Stage
 
     p = tiny_params(**{"coarse.iters": 5, "coarse.lr_final": 0.1})
     obj = make_object("torus")
-    tr = CoarseTrainer(p, oracle_reference(obj, p), guidance=OracleGuidance(obj, p))
+    tr = Stage(coarse_spec(p), NeRFRepresentation(p, torch.device("cpu")), p, oracle_reference(obj, p),
+               guidance=OracleGuidance(obj, p))
     seen = []
     for _ in range(5):
         tr.step()

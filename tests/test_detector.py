@@ -163,9 +163,8 @@ def test_coarse_loop_ends_stage_one_at_the_detector_switch(tmp_path):
     ref = Reference(rgb=torch.ones(3, 16, 16), mask=torch.zeros(1, 16, 16), depth=None)
     ref.rgb[:, 4:12, 4:12] = 0.5
     ref.mask[:, 4:12, 4:12] = 1.0
-    trainer = run_coarse(p, ref, tmp_path / "coarse", guidance=g, detector=det, device="cpu",
-                         progress=False, write_results=False)
+    trainer = run_coarse(p, ref, tmp_path / "coarse", guidance=g, detector=det, device="cpu", progress=False)
     assert det.switch_step == 14 and not det.forced
-    assert g.stage2_calls == [14] and trainer.stage2_step == 14
+    assert g.stage2_calls == [14] and trainer.snapshot().detector["switch_step"] == 14
     assert scorer.calls == 7  # checks at 2, 4, …, 14, none after the switch
     assert [t["step"] for t in det.trace] == [2, 4, 6, 8, 10, 12, 14]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.evaluation.evaluate import build_lpips, clip_similarity, lpips_distance, psnr
+from core.evaluation.evaluate import build_lpips, clip_similarity, lpips_distance
+from core.evaluation.metrics import psnr
 from core.params import load_params
 from core.testmodels.judges import ensure_tiny_judges
 from flows.cli import main

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.stages.fine import erode_mask, run_fine
+from core.stages.engine import erode_mask
+from core.stages.fine import run_fine
 from core.oracle.guidance import OracleGuidance
 from core.stages.losses import mesh_laplacian_loss, mesh_normal_consistency
 from core.oracle.objects import make_object
@@ -64,19 +65,19 @@ def test_fine_stage_outputs_and_chamfer(fine_run):
     for f in result["files"]:
         assert (out / f).is_file(), f
     assert (out / "checkpoint.pt").is_file() and (out / "mesh.glb").is_file()
-    chamfer = mesh_chamfer(tr.mesh().detach(), obj)
+    chamfer = mesh_chamfer(tr.rep.dmtet.extract().detach(), obj)
     assert chamfer <= 0.03, chamfer  # the smoke preset's bound
 
 
 def test_fine_stage_learns_colour(fine_run):
     """The oracle's novel views teach the colour field: renders get closer to the object's."""
     obj, p, out, tr, cams, grey = fine_run
-    from core.stages.losses import psnr
+    from core.evaluation.metrics import psnr
 
     tgt = obj.render(cams, 48, shading="albedo")["rgb"]
     with torch.no_grad():
-        mesh = tr.mesh().detach()
-        now = torch.cat([tr.render(mesh, cams[i], 48).rgb for i in range(2)])
+        mesh = tr.rep.dmtet.extract().detach()
+        now = tr.rep.render_views(cams, 48).rgb
         start = torch.cat([render_with(tr, mesh, cams[i], lambda x: grey.expand(x.shape[0], 3)) for i in range(2)])
     assert psnr(now, tgt) > psnr(start, tgt) + 0.5
 
@@ -84,7 +85,7 @@ def test_fine_stage_learns_colour(fine_run):
 def render_with(tr, mesh, cam, colour_fn):
     from core.rendering.mesh_render import render_mesh
 
-    return render_mesh(mesh, colour_fn, cam, 48, tr.rasterizer).rgb
+    return render_mesh(mesh, colour_fn, cam, 48, tr.rep.rasterizer).rgb
 
 
 def test_fine_resume_matches_uninterrupted(tmp_path):
@@ -94,15 +95,15 @@ def test_fine_resume_matches_uninterrupted(tmp_path):
     torch.manual_seed(0)
     field = StandInField(obj)
     a = run_fine(p, ref, field, tmp_path / "a", guidance=OracleGuidance(obj, p), resume=False, progress=False,
-                 write_results=False)
+                 turntable_frames=2)
     run_fine(p, ref, field, tmp_path / "b", guidance=OracleGuidance(obj, p), resume=False, progress=False,
-             stop_after=4, write_results=False)
+             stop_after=4)
     assert not (tmp_path / "b" / "result.json").exists()
     b = run_fine(p, ref, field, tmp_path / "b", guidance=OracleGuidance(obj, p), resume=True, progress=False,
-                 write_results=False)
+                 turntable_frames=2)
     assert b.step_no == 8
-    torch.testing.assert_close(a.dmtet.sdf, b.dmtet.sdf)
-    torch.testing.assert_close(a.dmtet.deform, b.dmtet.deform)
+    torch.testing.assert_close(a.rep.dmtet.sdf, b.rep.dmtet.sdf)
+    torch.testing.assert_close(a.rep.dmtet.deform, b.rep.dmtet.deform)
 
 
 def test_erode_mask_by_two_pixels():

@@ -20,8 +20,11 @@ def harness(tmp_path_factory):
         yield tmp_path_factory.mktemp("flows")
 
 
-def _overrides(root: Path) -> list[str]:
-    return [f"tracking.mlflow_uri=sqlite:///{root}/mlruns.db"]
+def _params(root: Path, *extra: str):
+    """The tiny preset tracking into `root`, as the CLI would pass it on."""
+    from core.params import load_params
+
+    return load_params("tiny", [f"tracking.mlflow_uri=sqlite:///{root}/mlruns.db", *extra])
 
 
 def _runs(root: Path):
@@ -39,7 +42,7 @@ def test_generate_runs_end_to_end_then_caches(harness):
     root = harness / "gen"
     obj = BENCH / "nerf4" / "mic"
     out = root / "mic"
-    metrics = generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root), depth=str(obj / "depth.png"))
+    metrics = generate_flow(str(obj / "rgba.png"), str(out), _params(root), depth=str(obj / "depth.png"))
     for key in ("psnr", "lpips", "clip_similarity"):
         assert isinstance(metrics[key], float)
     assert json.loads((out / "metrics.json").read_text())["psnr"] == metrics["psnr"]
@@ -55,12 +58,12 @@ def test_generate_runs_end_to_end_then_caches(harness):
 
     # the same call again: every step is cached, nothing is rewritten
     stamps = {f: (out / f).stat().st_mtime_ns for f in ("coarse/result.json", "fine/result.json", "metrics.json")}
-    again = generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root), depth=str(obj / "depth.png"))
+    again = generate_flow(str(obj / "rgba.png"), str(out), _params(root), depth=str(obj / "depth.png"))
     assert again["psnr"] == metrics["psnr"]
     assert {f: (out / f).stat().st_mtime_ns for f in stamps} == stamps
 
     # an evaluation-only parameter changes: only evaluation runs again
-    generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root) + ["evaluate.psnr_cap=50"],
+    generate_flow(str(obj / "rgba.png"), str(out), _params(root, "evaluate.psnr_cap=50"),
                   depth=str(obj / "depth.png"))
     assert (out / "coarse/result.json").stat().st_mtime_ns == stamps["coarse/result.json"]
     assert (out / "fine/result.json").stat().st_mtime_ns == stamps["fine/result.json"]
@@ -68,7 +71,7 @@ def test_generate_runs_end_to_end_then_caches(harness):
 
     # a deleted stage folder is rebuilt, not trusted to the cache
     shutil.rmtree(out / "fine")
-    generate_flow(str(obj / "rgba.png"), str(out), "tiny", _overrides(root), depth=str(obj / "depth.png"))
+    generate_flow(str(obj / "rgba.png"), str(out), _params(root), depth=str(obj / "depth.png"))
     assert (out / "fine" / "result.json").is_file()
 
 
@@ -82,7 +85,7 @@ def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
         (ds / name).mkdir(parents=True)
         for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
             shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
-    result = benchmark_flow(str(ds), str(root / "out"), "tiny", _overrides(root), limit=2)
+    result = benchmark_flow(str(ds), str(root / "out"), _params(root), limit=2, preset="tiny")
     assert set(result["assets"]) == {"chair", "ficus"}
     assert "mean_psnr" in result["means"]
     report = Path(result["report"]["report"]).read_text()
@@ -112,7 +115,12 @@ def test_benchmark_rejects_a_folder_without_objects(tmp_path):
 def test_scheduled_benchmark_deployment_carries_cron_and_parameters():
     from flows.schedules import benchmark_deployment
 
-    d = benchmark_deployment(str(BENCH / "nerf4"), "runs/nightly", "0 2 * * *", "smoke", ["seed=3"], 2)
+    from core.params import Params, load_params
+
+    params = load_params("smoke", ["seed=3"])
+    d = benchmark_deployment(str(BENCH / "nerf4"), "runs/nightly", "0 2 * * *", params, "smoke", 2)
     assert d.name == "nerf4-smoke"
-    assert d.parameters["preset"] == "smoke" and d.parameters["overrides"] == ["seed=3"] and d.parameters["limit"] == 2
+    assert d.parameters["preset"] == "smoke" and d.parameters["limit"] == 2
+    # the validated params travel as their JSON and come back as the same Params
+    assert Params.model_validate(d.parameters["params"]) == params and d.parameters["params"]["seed"] == 3
     assert [s.schedule.cron for s in d.schedules] == ["0 2 * * *"]

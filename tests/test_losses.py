@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from core.stages.losses import (entropy_loss, gaussian_blur, gaussian_kernel, mask_iou, normal_smoothness_loss,
-                         orientation_loss, pearson_depth_loss, psnr, reconstruction_loss, reference_mask_loss,
-                         reference_rgb_loss)
+from core.evaluation.metrics import mask_iou, psnr
+from core.stages.losses import (entropy_loss, gaussian_blur, gaussian_kernel, normal_smoothness_loss,
+                                orientation_loss, pearson_depth_loss, reconstruction_loss, reference_mask_loss,
+                                reference_rgb_loss)
 
 
 def test_eq1_masked_rgb_and_mask_mse():

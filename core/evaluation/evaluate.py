@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.evaluation.metrics import psnr
 from core.errors import InputError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,6 @@ def pil_on_white(im: Image.Image, size: Optional[tuple[int, int]] = None) -> tor
 
 
 # --------------------------------------------------------------------------------------------- PSNR
-def psnr(pred: torch.Tensor, target: torch.Tensor, cap: float = 100.0) -> float:
-    """PSNR = 10·log10(1 / MSE) for images in [0,1]; `cap` when MSE is 0 (or the value exceeds it)."""
-    mse = float(torch.mean((pred.float() - target.float()) ** 2))
-    if mse <= 0.0:
-        return float(cap)
-    return float(min(cap, 10.0 * math.log10(1.0 / mse)))
-
-
 # -------------------------------------------------------------------------------------------- LPIPS
 def lpips_trunk_file(net: str) -> Path:
     """torchvision's hub-cache file of the ImageNet weights lpips' trunk uses."""

@@ -1,5 +1,5 @@
 """A mesh of the coarse NeRF: marching cubes (scikit-image) on its density, vertex colours from its
-albedo; OBJ (with `v x y z r g b`) and binary-free ASCII PLY writers, each written atomically."""
+albedo; written as OBJ (vertex colours after the position) and PLY through trimesh, atomically."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.stages.engine import atomic_write_text
+from core.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +53,13 @@ def extract_mesh(field, resolution: int = 128, threshold: float = 10.0, chunk: i
     return verts.astype(np.float32), faces.astype(np.int64), cols.clamp(0, 1).cpu().numpy().astype(np.float32)
 
 
-def write_obj(path, verts, faces, colors=None) -> None:
-    path = Path(path)
-    lines = ["# lift3d coarse NeRF mesh (marching cubes); vertex colours after the position"]
-    for i, v in enumerate(verts):
-        if colors is not None:
-            c = colors[i]
-            lines.append(f"v {v[0]:.6f} {v[1]:.6f} {v[2]:.6f} {c[0]:.4f} {c[1]:.4f} {c[2]:.4f}")
-        else:
-            lines.append(f"v {v[0]:.6f} {v[1]:.6f} {v[2]:.6f}")
-    lines += [f"f {f[0] + 1} {f[1] + 1} {f[2] + 1}" for f in faces]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def write_mesh(path, verts, faces, colors=None) -> None:
+    """A vertex-coloured triangle mesh; the format follows the suffix (.obj, .ply, .glb, …)."""
+    import trimesh
 
-
-def write_ply(path, verts, faces, colors=None) -> None:
     path = Path(path)
-    head = ["ply", "format ascii 1.0", f"element vertex {len(verts)}", "property float x", "property float y", "property float z"]
-    if colors is not None:
-        head += ["property uchar red", "property uchar green", "property uchar blue"]
-    head += [f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
-    body = []
-    c8 = (np.clip(colors, 0, 1) * 255).round().astype(np.uint8) if colors is not None else None
-    for i, v in enumerate(verts):
-        s = f"{v[0]:.6f} {v[1]:.6f} {v[2]:.6f}"
-        if c8 is not None:
-            s += f" {c8[i, 0]} {c8[i, 1]} {c8[i, 2]}"
-        body.append(s)
-    body += [f"3 {f[0]} {f[1]} {f[2]}" for f in faces]
-    atomic_write_text(path, "\n".join(head + body) + "\n")
+    vc = (np.clip(colors, 0, 1) * 255).round().astype(np.uint8) if colors is not None else None
+    mesh = trimesh.Trimesh(vertices=np.asarray(verts, np.float64), faces=np.asarray(faces, np.int64),
+                           vertex_colors=vc, process=False)
+    data = mesh.export(file_type=path.suffix.lstrip(".").lower())
+    atomic_write_bytes(path, data if isinstance(data, bytes) else data.encode())

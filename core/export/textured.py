@@ -21,7 +21,7 @@ import torch
 from core.rendering.cameras import orbit_cameras
 from core.representations.dmtet import Mesh
 from core.rendering.raster import Rasterizer, make_rasterizer
-from core.stages.engine import atomic_write_bytes
+from core.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 
 from core.rendering.cameras import reference_cameras
 from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance
-from core.models.sources import prior_model as model_name
+from core.models.sources import prior_model
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +40,45 @@ def _reference_rgb_mask(reference: Any, size: Optional[int] = None,
     return rgb, mask
 
 
-def resolve_prompt(params, parts, reference: Any) -> str:
-    """The SD prompt: the template with a token from params.prompt.learned_embeds, else a plain
-    description (params.prompt.text), else a token learned now by textual inversion."""
-    from core.guidance.sd import compose_prompt
-    from core.guidance.textual_inversion import learn_token, load_learned_embeds
+def resolve_token(params, parts, reference: Any, token: Optional[dict] = None) -> Optional[dict]:
+    """The token embedding the 2D prior guides with, added to the tokenizer and text encoder:
+    `token` when given (a stage continuing an earlier one: the same embedding), else the file
+    params.prompt.learned_embeds, else — without a plain description, textual inversion on — one
+    learned now (Magic123 §2.2). None when the prompt is the plain description. Returns
+    {placeholder: embedding}."""
+    from core.guidance.textual_inversion import add_token, learn_token, read_learned_embeds
 
-    ph = params.textual_inversion.placeholder
-    token = None
+    if token:
+        for name, vec in token.items():
+            add_token(parts.tokenizer, parts.text_encoder, name, embedding=vec)
+        return {k: v.detach().float().cpu().clone() for k, v in token.items()}
     if params.prompt.learned_embeds:
-        token = load_learned_embeds(params.prompt.learned_embeds, parts.tokenizer, parts.text_encoder)[0]
-    elif params.prompt.text is None and params.textual_inversion.enabled and reference is not None:
+        embeds = read_learned_embeds(params.prompt.learned_embeds)
+        for name, vec in embeds.items():
+            add_token(parts.tokenizer, parts.text_encoder, name, embedding=vec)
+        log.info("loaded token(s) %s from %s", ", ".join(embeds), params.prompt.learned_embeds)
+        return embeds
+    if params.prompt.text is None and params.textual_inversion.enabled and reference is not None:
         ti = params.textual_inversion
-        log.info("textual inversion: learning %s for the reference image (%d steps)", ph, ti.steps)
+        log.info("textual inversion: learning %s for the reference image (%d steps)", ti.placeholder, ti.steps)
         rgb, mask = _reference_rgb_mask(reference, params.sd.resolution, params)
-        learn_token(parts, rgb, mask, token=ph, initializer=ti.initializer, steps=ti.steps, lr=ti.lr,
-                    batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed)
-        token = ph
-    return compose_prompt(params.prompt.template, ph, token, params.prompt.text)
+        return learn_token(parts, rgb, mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps,
+                           lr=ti.lr, batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed)
+    return None
 
 
-def build_sd_guidance(params, reference: Any, device):
-    from core.guidance.sd import StableDiffusionGuidance, compile_unet, load_stable_diffusion, weights_dtype
+def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None):
+    from core.guidance.sd import StableDiffusionGuidance, compile_unet, compose_prompt, load_stable_diffusion, weights_dtype
 
     dtype = weights_dtype(device, params.sd.fp16)
-    parts = load_stable_diffusion(model_name(params, "sd"), device, dtype, params.models)
-    prompt = resolve_prompt(params, parts, reference)
+    parts = load_stable_diffusion(prior_model(params, "sd"), device, dtype, params.models)
+    embeds = resolve_token(params, parts, reference, token)
+    prompt = compose_prompt(params.prompt.template, params.textual_inversion.placeholder,
+                            next(iter(embeds)) if embeds else None, params.prompt.text)
     parts.unet = compile_unet(parts.unet, params.sd.compile, device)  # after textual inversion (which needs grad)
-    return StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
-                                   t_range=params.sd.t_range, resolution=params.sd.resolution, seed=params.seed)
+    guidance = StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
+                                       t_range=params.sd.t_range, resolution=params.sd.resolution, seed=params.seed)
+    return guidance, embeds
 
 
 def build_zero123_guidance(params, reference: Any, device):
@@ -76,17 +86,19 @@ def build_zero123_guidance(params, reference: Any, device):
     from core.guidance.zero123 import Zero123Guidance, load_zero123
 
     dtype = weights_dtype(device, params.zero123.fp16)
-    parts = load_zero123(model_name(params, "zero123"), device, dtype, params.models)
+    parts = load_zero123(prior_model(params, "zero123"), device, dtype, params.models)
     parts.unet = compile_unet(parts.unet, params.zero123.compile, device)
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)
 
 
-def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu"):
+def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", token: Optional[dict] = None):
     """The guidance of `stage` ('coarse' | 'fine') for params.guidance.kind.
 
-    `reference`: core.inputs.images.Reference (rgb (3,H,W) on white, mask) or an rgb tensor."""
+    `reference`: core.inputs.images.Reference (rgb (3,H,W) on white, mask) or an rgb tensor.
+    `token`: the {placeholder: embedding} an earlier stage guided with (see resolve_token). The
+    returned guidance's `token_embeds` is the embedding in use (None without one)."""
     device = torch.device(device)
     kind = params.guidance.kind
     if kind == "none":
@@ -101,16 +113,17 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu"):
         return OracleGuidance(params.guidance.oracle_object, params)
     weights = getattr(params.guidance, stage)
     l2, l3 = weights.lambda_2d, weights.lambda_3d
-    sd = build_sd_guidance(params, reference, device) if l2 > 0 else None
+    sd, embeds = build_sd_guidance(params, reference, device, token) if l2 > 0 else (None, token)
     z123 = build_zero123_guidance(params, reference, device) if l3 > 0 else None
     if kind == "joint":
         log.info("guidance: joint prior (Magic123 eq. 7), %s stage: λ_2D=%g%s, λ_3D=%g%s", stage, l2,
                  "" if sd else " (not loaded)", l3, "" if z123 else " (not loaded)")
-        return JointPrior(sd, z123, l2, l3)
-    if kind == "dynamic":
+        prior = JointPrior(sd, z123, l2, l3)
+    elif kind == "dynamic":
+        # the stage-2 switch comes from the detector (coarse) or the coarse stage's state (fine)
         prior = DynamicPrior(sd, z123, l2, l3, schedule=params.guidance.dynamic_schedule)
-        if stage == "fine":  # Consistent123's released code: the dynamic prior runs on through DMTet
-            prior.start_stage2(0)
         log.info("guidance: dynamic prior (Consistent123 eq. 8/9, %s), %s stage", prior.schedule, stage)
-        return prior
-    raise ValueError(f"unknown guidance kind {kind!r}")
+    else:
+        raise ValueError(f"unknown guidance kind {kind!r}")
+    prior.token_embeds = embeds
+    return prior

@@ -46,7 +46,7 @@ def oracle_reference(obj, params, device="cpu"):
 
 
 def render_eval_views(field, obj, params, occupancy=None, device="cpu"):
-    """The field's and the object's albedo renders at EVAL_VIEWS: (RenderOutput, target dict on device)."""
+    """The field's and the object's albedo renders at EVAL_VIEWS: (RenderBatch, target dict on device)."""
     from core.representations.nerf import render_chunked
 
     cams = eval_cameras(params, device)
@@ -58,7 +58,7 @@ def render_eval_views(field, obj, params, occupancy=None, device="cpu"):
 
 
 def evaluate_field(field, obj, params, occupancy=None, device="cpu") -> dict:
-    from core.stages.losses import mask_iou, psnr
+    from core.evaluation.metrics import mask_iou, psnr
 
     out, tgt = render_eval_views(field, obj, params, occupancy, device)
     return {"psnr_novel": round(psnr(out.rgb, tgt["rgb"]), 3),
@@ -66,9 +66,9 @@ def evaluate_field(field, obj, params, occupancy=None, device="cpu") -> dict:
 
 
 def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> dict:
-    from core.stages.coarse import run_coarse
     from core.oracle.guidance import OracleGuidance
     from core.oracle.objects import make_object
+    from core.stages.coarse import run_coarse
 
     results = {}
     for name in names:
@@ -76,10 +76,10 @@ def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> 
         t0 = time.perf_counter()
         ref = oracle_reference(obj, params, device)
         guidance = OracleGuidance(obj, params)
-        trainer = run_coarse(params, ref, out_dir / name, guidance=guidance, device=device, resume=False,
-                             progress=progress)
-        trainer.field.eval()
-        m = evaluate_field(trainer.field, obj, params, trainer.occupancy, device)
+        stage = run_coarse(params, ref, out_dir / name, guidance=guidance, device=device, resume=False,
+                           progress=progress)
+        stage.rep.field.eval()
+        m = evaluate_field(stage.rep.field, obj, params, stage.rep.occupancy, device)
         m["seconds"] = round(time.perf_counter() - t0, 2)
         results[name] = m
         print(f"oracle coarse {name:10s} PSNR {m['psnr_novel']:6.2f} dB  mask IoU {m['mask_iou']:.4f}  "

@@ -19,30 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.evaluation.metrics import chamfer_relative, sample_mesh_surface
+
 N_SURFACE = 30000
-
-
-def sample_mesh_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """n points uniformly on a triangle mesh (area-weighted faces, uniform barycentrics)."""
-    g = torch.Generator().manual_seed(seed)
-    v = verts.detach().cpu().double()[faces.cpu()]
-    area = torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1).norm(dim=-1)
-    idx = torch.multinomial(area / area.sum(), n, replacement=True, generator=g)
-    r1, r2 = torch.rand(n, generator=g).double(), torch.rand(n, generator=g).double()
-    s = r1.sqrt()
-    b0, b1, b2 = 1 - s, s * (1 - r2), s * r2
-    t = v[idx]
-    return (b0[:, None] * t[:, 0] + b1[:, None] * t[:, 1] + b2[:, None] * t[:, 2]).float()
-
-
-def chamfer_relative(mesh_pts: torch.Tensor, true_pts: torch.Tensor) -> float:
-    from scipy.spatial import cKDTree
-
-    a, b = mesh_pts.numpy().astype(np.float64), true_pts.cpu().numpy().astype(np.float64)
-    d_ab = cKDTree(b).query(a)[0].mean()
-    d_ba = cKDTree(a).query(b)[0].mean()
-    diag = float(np.linalg.norm(b.max(0) - b.min(0)))
-    return float(0.5 * (d_ab + d_ba) / diag)
 
 
 def mesh_chamfer(mesh, obj) -> float:
@@ -53,8 +32,8 @@ def mesh_chamfer(mesh, obj) -> float:
 
 
 @torch.no_grad()
-def evaluate_fine(trainer, coarse_trainer, obj, params, device, compare_png=None) -> dict:
-    from core.stages.losses import mask_iou, psnr
+def evaluate_fine(fine, coarse, obj, params, device, compare_png=None) -> dict:
+    from core.evaluation.metrics import mask_iou, psnr
     from core.representations.nerf import render_chunked
     from core.oracle.bench import eval_cameras
 
@@ -62,15 +41,11 @@ def evaluate_fine(trainer, coarse_trainer, obj, params, device, compare_png=None
     cams = eval_cameras(params, device)
     tgt = obj.render(cams, res, shading="albedo")
     c = params.coarse
-    nerf = render_chunked(coarse_trainer.field, cams, res, samples_per_ray=c.samples_per_ray,
-                          occupancy=coarse_trainer.occupancy, shading="albedo", need_normals=False)
-    mesh = trainer.mesh().detach()
-    rgbs, ops = [], []
-    for i in range(len(cams)):
-        r = trainer.render(mesh, cams[i], res)
-        rgbs.append(r.rgb)
-        ops.append(r.opacity)
-    rgb, op = torch.cat(rgbs), torch.cat(ops)
+    nerf = render_chunked(coarse.rep.field, cams, res, samples_per_ray=c.samples_per_ray,
+                          occupancy=coarse.rep.occupancy, shading="albedo", need_normals=False)
+    mesh = fine.rep.dmtet.extract().detach()
+    r = fine.rep.render_views(cams, res)
+    rgb, op = r.rgb, r.opacity
     t_rgb = tgt["rgb"].to(rgb.device)
     if compare_png is not None:  # truth | coarse NeRF | fine mesh at two of the held-out views
         rows = [torch.cat([t_rgb[i], nerf.rgb[i].to(rgb.device), rgb[i]], -1) for i in (0, len(cams) // 2)]
@@ -96,29 +71,31 @@ def fine_reference(obj, params, device="cpu"):
     return Reference(rgb=r["rgb"][0].cpu(), mask=r["opacity"][0].cpu(), depth=disp.cpu(), image_path=f"oracle:{obj.name}")
 
 
-COARSE_SECTIONS = ("seed", "camera", "coarse")  # what the oracle-guided coarse stage depends on
-
-
 def completed_coarse_matches(coarse_dir: Path, params) -> bool:
-    """A finished coarse stage (result.json there) whose checkpoint has the same seed, camera and
-    coarse parameters: the fine bench then starts from it instead of training it again."""
+    """A finished coarse stage (result.json there) whose checkpoint was made with these parameters:
+    the fine bench then starts from it instead of training it again."""
+    from core.errors import InputError
+    from core.params import step_digest
+    from core.stages.engine import read_state
+
     ck = Path(coarse_dir) / "checkpoint.pt"
     if not (Path(coarse_dir) / "result.json").is_file() or not ck.is_file():
         return False
     try:
-        saved = torch.load(ck, map_location="cpu", weights_only=False)["params"]
-    except Exception:  # noqa: BLE001 - unreadable: train again
+        return read_state(ck, "coarse").params_digest == step_digest(params, "coarse")
+    except InputError:  # unreadable or of older code: train again
         return False
-    now = params.to_dict()
-    return all(saved.get(k) == now.get(k) for k in COARSE_SECTIONS) and saved.get("coarse", {}).get("iters") is not None
 
 
 def bench_oracle_fine(params, names, out_dir: Path, device, progress=True, reuse_coarse=True) -> dict:
-    from core.stages.coarse import run_coarse
-    from core.stages.fine import run_fine
+    from core.oracle.bench import oracle_reference
     from core.oracle.guidance import OracleGuidance
     from core.oracle.objects import make_object
-    from core.oracle.bench import oracle_reference
+    from core.params import step_digest
+    from core.stages.coarse import run_coarse
+    from core.stages.fine import run_fine
+
+    digest = step_digest(params, "coarse")
 
     results = {}
     for name in names:
@@ -130,32 +107,25 @@ def bench_oracle_fine(params, names, out_dir: Path, device, progress=True, reuse
         if reuse:
             print(f"oracle fine {name}: reusing the completed coarse stage in {coarse_dir}", flush=True)
         ref = oracle_reference(obj, params, device)
-        try:
-            coarse = run_coarse(params, ref, coarse_dir, guidance=guidance, device=device, resume=reuse,
-                                progress=progress)
-        except (RuntimeError, KeyError) as e:  # a checkpoint of older code: train the coarse stage again
-            if not reuse:
-                raise
-            print(f"oracle fine {name}: cannot reuse {coarse_dir} ({type(e).__name__}); training it again", flush=True)
-            coarse = run_coarse(params, ref, coarse_dir, guidance=guidance, device=device, resume=False,
-                                progress=progress)
-        coarse.field.eval()
+        coarse = run_coarse(params, ref, coarse_dir, guidance=guidance, device=device, params_digest=digest,
+                            resume=reuse, progress=progress)
+        coarse.rep.field.eval()
         t1 = time.perf_counter()
-        fine = run_fine(params, fine_reference(obj, params, device), coarse.field, Path(out_dir) / name / "fine",
-                        guidance=guidance, device=device, resume=False, progress=progress,
-                        coarse_checkpoint=str(Path(out_dir) / name / "coarse" / "checkpoint.pt"), turntable_frames=12)
+        fine = run_fine(params, fine_reference(obj, params, device), coarse.rep.field, Path(out_dir) / name / "fine",
+                        coarse=coarse.snapshot(), guidance=guidance, device=device, resume=False, progress=progress,
+                        turntable_frames=12)
         t2 = time.perf_counter()
         m = evaluate_fine(fine, coarse, obj, params, device, compare_png=Path(out_dir) / name / "compare.png")
         with torch.no_grad():  # the NeRF's own level set, as the fine stage started from it
             from core.representations.dmtet import DMTet
 
             start = DMTet(params.fine.tet_resolution, params.coarse.bound, device=device)
-            start.init_from_density(coarse.field.density, params.coarse.mesh_threshold)
+            start.init_from_density(coarse.rep.field.density, params.coarse.mesh_threshold)
             m["chamfer_rel_coarse"] = round(mesh_chamfer(start.extract().detach(), obj), 5)
         m["seconds_coarse"] = round(t1 - t0, 2)
         m["seconds_fine"] = round(t2 - t1, 2)
-        m["ms_per_fine_iter"] = round(1000 * fine.elapsed / max(1, fine.step_no), 2)
-        m["rasterizer"] = fine.rasterizer.backend
+        m["ms_per_fine_iter"] = round(1000 * fine.state.elapsed / max(1, fine.state.step), 2)
+        m["rasterizer"] = fine.rep.backend
         results[name] = m
         print(f"oracle fine {name:10s} PSNR coarse {m['psnr_novel_coarse']:6.2f} → fine {m['psnr_novel']:6.2f} dB  "
               f"Chamfer/diag {m['chamfer_rel']:.4f} (NeRF level set {m['chamfer_rel_coarse']:.4f})  "

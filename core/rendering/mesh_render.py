@@ -4,15 +4,17 @@ antialiased coverage mask), depth along the camera axis (0 where empty) and worl
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from core.rendering.cameras import Cameras
-from core.representations.dmtet import Mesh
-from core.guidance.base import RenderBatch
+from core.rendering.batch import RenderBatch
 from core.rendering.raster import Rasterizer
 from core.rendering.shading import shade
+
+if TYPE_CHECKING:
+    from core.representations.dmtet import Mesh
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -30,7 +32,7 @@ def clip_positions(verts: torch.Tensor, cameras: Cameras) -> torch.Tensor:
 
 
 def render_mesh(
-    mesh: Mesh,
+    mesh: "Mesh",
     colour_fn: Callable[[torch.Tensor], torch.Tensor],
     cameras: Cameras,
     resolution: int,

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
 from core.representations.hashgrid import HashGrid
 from core.rendering.shading import shade
@@ -109,6 +108,25 @@ class NeRFField(nn.Module):
                    hidden=c.mlp.hidden, layers=c.mlp.layers, blob_scale=c.density_blob_scale,
                    blob_std=c.density_blob_std, density_activation=c.density_activation, device=device,
                    seed=params.seed)
+
+    def load_portable_state_dict(self, state: dict) -> None:
+        """A state dict saved with either hash-grid backend, loaded into this field's backend."""
+        state = dict(state)
+        if self.encoding.backend == "tcnn" and "encoding.table" in state:
+            state["encoding.tcnn_encoding.params"] = state.pop("encoding.table").reshape(-1)
+        elif self.encoding.backend == "torch" and "encoding.tcnn_encoding.params" in state:
+            state["encoding.table"] = state.pop("encoding.tcnn_encoding.params").reshape(self.encoding.table.shape)
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_state(cls, config: dict, state: dict, device="cpu") -> "NeRFField":
+        """A field saved as (config, state dict), on any backend available here; in eval mode."""
+        cfg = dict(config)
+        if cfg.get("backend") == "tcnn":
+            cfg["backend"] = "auto"
+        field = cls(**cfg, device=device)
+        field.load_portable_state_dict(state)
+        return field.eval()
 
     # ------------------------------------------------------------------------------------ queries
     def density_blob(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,24 +244,12 @@ def _ray_aabb(o: torch.Tensor, d: torch.Tensor, lo, hi) -> tuple[torch.Tensor, t
     return near, far
 
 
-@dataclass
-class RenderOutput:
-    rgb: torch.Tensor  # (B, 3, H, W) on white
-    opacity: torch.Tensor  # (B, 1, H, W)
-    depth: torch.Tensor  # (B, 1, H, W) z-depth along the camera axis, 0 where empty
-    normal: Optional[torch.Tensor]  # (B, 3, H, W) world normals composited (not normalised), or None
-    albedo: torch.Tensor  # (B, 3, H, W) albedo on white
-    sample_weights: torch.Tensor  # (M,) weights of the samples that carry normals
-    sample_normals: Optional[torch.Tensor]  # (M, 3)
-    sample_dirs: torch.Tensor  # (M, 3) their ray directions
-
-
 def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int] = None, *,
            samples_per_ray: int = 64, occupancy: Optional[OccupancyGrid] = None, shading: str = "albedo",
            light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
            perturb: bool = False, generator: Optional[torch.Generator] = None,
            need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
-           normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64) -> RenderOutput:
+           normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64) -> RenderBatch:
     """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
 
     Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
@@ -369,52 +375,22 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     def img(v: torch.Tensor, c: int) -> torch.Tensor:
         return v.view(B, height, width, c).permute(0, 3, 1, 2)
 
-    return RenderOutput(
+    return RenderBatch(
         rgb=img(rgb, 3), opacity=img(opacity[:, None], 1), depth=img(depth[:, None], 1),
         normal=img(normal_img, 3) if normal_img is not None else None, albedo=img(albedo_img, 3),
+        cameras=cameras, shading=shading, light_dir=light_dir, ambient=ambient, diffuse=diffuse,
         sample_weights=ws, sample_normals=nrm, sample_dirs=ds,
     )
 
 
-def render_chunked(field, cameras: Cameras, height: int, **kw) -> RenderOutput:
+def render_chunked(field, cameras: Cameras, height: int, **kw) -> RenderBatch:
     """Render views one at a time without gradients (evaluation); outputs concatenated."""
     outs = []
     with torch.no_grad():
         for i in range(len(cameras)):
             outs.append(render(field, cameras[i], height, **kw))
     cat = lambda name: torch.cat([getattr(o, name) for o in outs]) if getattr(outs[0], name) is not None else None  # noqa: E731
-    return RenderOutput(rgb=cat("rgb"), opacity=cat("opacity"), depth=cat("depth"), normal=cat("normal"),
-                        albedo=cat("albedo"), sample_weights=cat("sample_weights"),
-                        sample_normals=cat("sample_normals"), sample_dirs=cat("sample_dirs"))
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-def load_field(checkpoint_path, device="cpu"):
-    """A coarse checkpoint → (field, Params). The field is in eval mode, on `device`."""
-    from core.errors import InputError
-    from core.params import Params
-
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise InputError(f"not a lift3d checkpoint: {path} ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("stage") != "coarse" or "field" not in ck:
-        raise InputError(f"not a coarse lift3d checkpoint: {path}")
-    params = Params.model_validate(ck["params"])
-    cfg = dict(ck["field_config"])
-    if cfg.get("backend") == "tcnn":
-        cfg["backend"] = "auto"
-    field = NeRFField(**cfg, device=device)
-    state = ck["field"]
-    if field.encoding.backend == "tcnn" and "encoding.table" in state:
-        state = dict(state)
-        state["encoding.tcnn_encoding.params"] = state.pop("encoding.table").reshape(-1)
-    elif field.encoding.backend == "torch" and "encoding.tcnn_encoding.params" in state:
-        state = dict(state)
-        state["encoding.table"] = state.pop("encoding.tcnn_encoding.params").reshape(-1, cfg["features_per_level"])
-    field.load_state_dict(state)
-    field.eval()
-    return field, params
+    return RenderBatch(rgb=cat("rgb"), opacity=cat("opacity"), depth=cat("depth"), normal=cat("normal"),
+                       cameras=cameras, shading=outs[0].shading, albedo=cat("albedo"),
+                       sample_weights=cat("sample_weights"), sample_normals=cat("sample_normals"),
+                       sample_dirs=cat("sample_dirs"))

@@ -1,117 +1,354 @@
-"""What the coarse and fine stages share: atomic writes, resuming, and the iteration driver.
+"""The one stage loop: both stages of both papers are configurations of it.
 
-A trainer (core.stages.coarse.CoarseTrainer, core.stages.fine.FineTrainer) has `step_no`, `elapsed`, `step()`
-(one iteration → metrics), `state_dict()`/`load_state_dict()` and `save_checkpoint(path)`.
+Magic123 (§2.1) optimises a coarse NeRF, then a fine DMTet mesh; Consistent123 (§3) runs the same
+two representations under its two-stage prior. What differs between the stages is the
+`Representation` (core/stages/coarse.py: the NeRF field; core/stages/fine.py: the DMTet mesh) and a
+`StageSpec` of numbers. One iteration, for either:
+
+  1. the representation's own work before the step (NeRF: lr schedule, occupancy grid; DMTet:
+     marching tetrahedra);
+  2. the view: the reference view every `camera.ref_every`-th iteration (Magic123 §3.2) or with
+     probability `camera.ref_prob` (Consistent123 §4.1); otherwise a sampled camera with the
+     scheduled shading, light and ambient (core/rendering/shading.py);
+  3. render → RenderBatch;
+  4. reference view: Magic123 eq. 1 (colour on the mask eroded by `mask_erode_px`, mask) and eq. 2
+     (depth); novel view: the guidance (Magic123 eqs. 7–8, Consistent123 eqs. 8–9);
+  5. the representation's regularisers (coarse: eq. 3, entropy, orientation; fine: normal
+     consistency, Laplacian) — eq. 4 is the sum;
+  6. the optimiser's step (Adam, no weight decay, eps 1e-15 as released);
+  7. Consistent123's detector check (eqs. 5–6), where one runs, which may start stage 2.
+
+Everything a resumed run needs is one `StageState`, saved whole and atomically every
+`checkpoint_every` iterations: the step, every RNG, the optimiser, the representation, the prior's
+schedule (the stage-2 switch), the detector's scores and trace, the guidance clock and the token
+embedding the 2D prior guides with. The fine stage starts from the coarse stage's state, so it
+guides with the same token and continues the same clock. A checkpoint made with other parameters
+(of the sections this stage reads) is not resumed: the stage starts afresh and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
+import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from core.errors import InputError
+from core.io import atomic_torch_save
+from core.rendering.batch import RenderBatch
+from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras
+from core.rendering.shading import sample_ambient, sample_light, sample_shading
+from core.stages.losses import pearson_depth_loss, reference_mask_loss, reference_rgb_loss
 
 log = logging.getLogger(__name__)
 
+FORMAT = "lift3d-stage-2"
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file and rename, so a killed run never leaves half a file."""
+Callback = Optional[Callable[[int, dict], None]]
+
+
+class Representation(Protocol):
+    """What the loop needs of a 3D representation (the coarse NeRF, the fine DMTet mesh)."""
+
+    backend: str  # the kernel that runs it, for logs and records (hash grid or rasteriser backend)
+
+    def param_groups(self) -> list[dict]: ...
+
+    def before_step(self, step: int, total: int, generator: torch.Generator,
+                    optimizer: torch.optim.Optimizer) -> None: ...
+
+    def needs_normals(self, shading: str) -> bool: ...
+
+    def render(self, cameras: Cameras, resolution: int, *, shading: str, light_dir: Optional[torch.Tensor],
+               ambient: float, diffuse: float, generator: Optional[torch.Generator]) -> RenderBatch: ...
+
+    def render_views(self, cameras: Cameras, resolution: int) -> RenderBatch: ...
+
+    def regularisers(self, out: RenderBatch) -> dict[str, tuple[float, torch.Tensor]]: ...
+
+    def progress(self) -> dict[str, float]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """The numbers that make the loop one stage or the other."""
+
+    name: str  # 'coarse' | 'fine'
+    iters: int
+    resolution: int
+    checkpoint_every: int
+    seed: int  # the stage's random stream
+    rgb: float  # λ_rgb, eq. 1
+    mask: float  # λ_mask, eq. 1
+    depth: float  # λ_d, eq. 2
+    mask_erode_px: int = 0  # the colour term's mask eroded by this many pixels (fine stage)
+    clock_offset: int = 0  # iterations of the stages before this one on the guidance clock
+    clock_total: int = 1  # the clock's length: every stage's iterations together
+    start_stage2: bool = False  # begin in the prior's stage 2 if an earlier stage did not switch
+
+
+@dataclass
+class StageState:
+    """One stage run's whole state; a checkpoint is this, saved with torch.save."""
+
+    stage: str
+    params: dict
+    params_digest: str  # of the parameter sections the stage reads (core.params.step_digest)
+    step: int = 0
+    elapsed: float = 0.0
+    rng: dict = field(default_factory=dict)
+    optimizer: Optional[dict] = None
+    representation: Optional[dict] = None
+    prior: Optional[dict] = None  # the guidance's schedule (Consistent123: the stage-2 switch)
+    detector: Optional[dict] = None  # the detector's scores and trace
+    clock: dict = field(default_factory=dict)  # {"offset", "total"}: the guidance clock
+    token: Optional[dict] = None  # {token: embedding}: what the 2D prior guides with
+    upstream: Optional[dict] = None  # the checkpoint this stage started from
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def read_state(path: Path | str, stage: Optional[str] = None) -> StageState:
+    """A checkpoint file → StageState; one clear line (InputError) for anything else."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_save_png(path: Path, arr) -> None:
-    """An (H, W, C) uint8 array as a PNG, written atomically."""
-    from PIL import Image
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's input problem
+        raise InputError(f"not a readable lift3d checkpoint: {path} ({type(e).__name__}); "
+                         f"delete it or run again with --fresh") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise InputError(f"not a lift3d checkpoint of this version: {path} (run again with --fresh)")
+    state = StageState.from_dict(ck)
+    if stage is not None and state.stage != stage:
+        raise InputError(f"{path} is a {state.stage} checkpoint, not a {stage} one")
+    return state
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    """Every random stream a stage draws from, for exact resume."""
-    import random
-
-    import numpy as np
-
-    return {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    """Every random stream a stage draws from, for an exact resume."""
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def set_rng_state(ck: dict, generator: torch.Generator) -> None:
-    import random
-
-    import numpy as np
-
-    generator.set_state(ck["generator"])
-    torch.set_rng_state(ck["torch_rng"])
-    np.random.set_state(ck["numpy_rng"])
-    random.setstate(ck["python_rng"])
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
-def resume(trainer, ck_path: Path, stage: str, params) -> bool:
-    """Load `ck_path` into the trainer when it exists; True when it did."""
-    if not ck_path.is_file():
-        return False
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-    if ck.get("stage") != stage:
-        raise ValueError(f"{ck_path} is not a {stage} checkpoint")
-    if ck.get("params") != params.to_dict():
-        log.warning("resuming %s with parameters different from the checkpoint's", ck_path)
-    trainer.load_state_dict(ck)
-    log.info("resuming the %s stage from step %d (%s)", stage, trainer.step_no, ck_path)
-    return True
+def erode_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """Binary erosion of a (B, 1, H, W) mask by `px` pixels (a (2px+1)² square)."""
+    if px <= 0:
+        return mask
+    return 1.0 - F.max_pool2d(1.0 - mask, 2 * px + 1, stride=1, padding=px)
 
 
-def drive(trainer, iters: int, ck_path: Path, checkpoint_every: int, *, desc: str,
-          postfix: Callable[[dict], dict], train: torch.nn.Module,
-          callback: Optional[Callable[[int, dict], None]] = None,
-          stop_after: Optional[int] = None, progress: bool = True) -> bool:
-    """Run the trainer to `iters` iterations with a progress bar and checkpoints.
+def _scalar(v: Any) -> float | str:
+    return v if isinstance(v, str) else float(torch.as_tensor(v).detach())
 
-    `train` is put in training mode before each iteration (renders for a detector may switch it
-    to eval). `callback(step, metrics)` gets each iteration's float metrics; `postfix(metrics)` the progress
-    bar's fields every 25 iterations. `stop_after=k` stops after iteration k as a kill would (the
-    checkpoint as of its last save). Returns True when the stage reached `iters`.
-    """
-    from tqdm import tqdm
 
-    bar = tqdm(total=iters, initial=trainer.step_no, desc=desc, disable=not progress, dynamic_ncols=True)
-    t0, base_elapsed = time.perf_counter(), trainer.elapsed
-    try:
-        while trainer.step_no < iters:
-            train.train()
-            metrics = trainer.step()
-            s = trainer.step_no  # iterations done
-            if callback is not None or s % 25 == 0:
-                fm = {k: v if isinstance(v, str) else float(torch.as_tensor(v).detach()) for k, v in metrics.items()}
-                if callback is not None:
-                    callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
-                if s % 25 == 0:
-                    bar.set_postfix(postfix(fm))
-            bar.update(1)
-            trainer.elapsed = base_elapsed + time.perf_counter() - t0
-            if s % checkpoint_every == 0 or s == iters:
-                trainer.save_checkpoint(ck_path)
-            if stop_after is not None and stop_after <= s < iters:
-                return False
-    finally:
-        bar.close()
-    return True
+class Stage:
+    """One stage run: the loop over a representation, its state, its checkpoints."""
+
+    def __init__(self, spec: StageSpec, representation: Representation, params, reference, *, guidance=None,
+                 detector=None, device: torch.device | str = "cpu", params_digest: str = "",
+                 inherited: Optional[StageState] = None):
+        self.spec, self.rep, self.params = spec, representation, params
+        self.guidance, self.detector = guidance, detector
+        self.device = torch.device(device)
+        self.optimizer = torch.optim.Adam(representation.param_groups(), betas=(0.9, 0.99), eps=1e-15,
+                                          weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.state = StageState(stage=spec.name, params=params.to_dict(), params_digest=params_digest,
+                                clock={"offset": spec.clock_offset, "total": spec.clock_total},
+                                token=getattr(guidance, "token_embeds", None),
+                                upstream=inherited.upstream if inherited is not None else None)
+        if inherited is not None and inherited.prior is not None and hasattr(guidance, "load_state_dict"):
+            guidance.load_state_dict(inherited.prior)  # Consistent123: the switch made in the coarse stage
+        if spec.start_stage2 and hasattr(guidance, "start_stage2"):
+            guidance.start_stage2(spec.clock_offset)  # a no-op when an earlier stage switched
+        self.ref_cameras = reference_cameras(params.camera, device=self.device)
+        self.ref_rgb = reference.rgb[None].to(self.device)
+        self.ref_mask = reference.mask[None].to(self.device)
+        self.ref_mask_eroded = erode_mask(self.ref_mask, spec.mask_erode_px)
+        self.ref_depth = reference.depth[None].to(self.device) if reference.depth is not None else None
+
+    # ------------------------------------------------------------------------------------ state
+    @property
+    def step_no(self) -> int:
+        return self.state.step
+
+    def snapshot(self) -> StageState:
+        """The state as of now, every part filled in."""
+        s = self.state
+        s.rng = rng_state(self.generator)
+        s.optimizer = self.optimizer.state_dict()
+        s.representation = self.rep.state_dict()
+        s.prior = self.guidance.state_dict() if hasattr(self.guidance, "state_dict") else None
+        s.detector = self.detector.state_dict() if self.detector is not None else None
+        return s
+
+    def restore(self, state: StageState) -> None:
+        self.rep.load_state_dict(state.representation)
+        self.optimizer.load_state_dict(state.optimizer)
+        set_rng_state(state.rng, self.generator)
+        if state.prior is not None and hasattr(self.guidance, "load_state_dict"):
+            self.guidance.load_state_dict(state.prior)
+        if state.detector is not None and self.detector is not None:
+            self.detector.load_state_dict(state.detector)
+        keep = ("params", "params_digest", "token", "upstream", "clock")
+        self.state = dataclasses.replace(state, **{k: getattr(self.state, k) for k in keep})
+
+    def save(self, path: Path) -> None:
+        atomic_torch_save(self.snapshot().to_dict(), path)
+
+    def try_resume(self, path: Path) -> bool:
+        """Load `path` when it is a checkpoint of this stage with these parameters; True when it was."""
+        if not path.is_file():
+            return False
+        state = read_state(path, self.spec.name)
+        if state.params_digest != self.state.params_digest:
+            log.warning("%s: %s was made with other parameters; starting the stage afresh", self.spec.name, path)
+            return False
+        self.restore(state)
+        log.info("resuming the %s stage from step %d (%s)", self.spec.name, self.state.step, path)
+        return True
+
+    # ------------------------------------------------------------------------------------ one step
+    def is_reference_step(self, step: int) -> bool:
+        cam = self.params.camera
+        if cam.ref_prob is not None:
+            return bool(torch.rand((), generator=self.generator).item() < cam.ref_prob)
+        return step % cam.ref_every == 0
+
+    def step(self) -> dict[str, Any]:
+        spec, gen, p = self.spec, self.generator, self.params
+        step, total = self.state.step, spec.iters
+        shading_params = p.coarse.shading
+        self.rep.before_step(step, total, gen, self.optimizer)
+        is_ref = self.is_reference_step(step)
+        if is_ref:
+            cams, shading, light = self.ref_cameras, "albedo", None
+        else:
+            cams = sample_cameras(p.camera, 1, gen, device=self.device)
+            shading = sample_shading(step, total, shading_params, gen, stage=spec.name)
+            light = sample_light(cams.centers.cpu(), gen).to(self.device)
+        ambient, diffuse = sample_ambient(shading_params, shading, gen)
+        out = self.rep.render(cams, spec.resolution, shading=shading, light_dir=light, ambient=ambient,
+                              diffuse=diffuse, generator=gen)
+        out.step, out.total_steps, out.stage = spec.clock_offset + step, spec.clock_total, spec.name
+        zero = out.rgb.new_zeros(())
+        l_rgb = l_mask = l_depth = l_g = zero
+        diag: dict = {}
+        if is_ref:
+            l_rgb = reference_rgb_loss(out.rgb, self.ref_rgb, self.ref_mask_eroded)  # eq. 1
+            l_mask = reference_mask_loss(out.opacity, self.ref_mask)
+            if self.ref_depth is not None and spec.depth > 0:
+                # eq. 2; the reference depth is bigger = nearer (disparity-like), the render's is
+                # distance, so the render's is negated before the correlation
+                l_depth = pearson_depth_loss(-out.depth, self.ref_depth, self.ref_mask)
+        elif self.guidance is not None:
+            g = self.guidance(out)
+            l_g, diag = g.loss, g.diagnostics
+        loss = spec.rgb * l_rgb + spec.mask * l_mask + l_g + spec.depth * l_depth  # eq. 4 (with eq. 1)
+        regs = self.rep.regularisers(out)
+        for w, term in regs.values():
+            loss = loss + w * term
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+        self._detector_check(step)
+        self.state.step += 1
+        return {"loss": loss, "rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g,
+                **{k: t for k, (_, t) in regs.items()}, **self.rep.progress(), "reference": float(is_ref),
+                "shading": shading, **diag}
+
+    def _detector_check(self, step: int) -> None:
+        """Consistent123 §3.2: every h iterations the V views are scored (eqs. 5–6); stage 2 starts
+        when R falls below δ inside the released window, or at its end."""
+        d = self.detector
+        if d is None or d.switch_step is not None:
+            return
+        if d.due(step):
+            cams = orbit_cameras(d.p.views, 90.0, self.params.camera.radius, self.params.camera.fovy,
+                                 device=self.device)
+            with torch.no_grad():
+                imgs = self.rep.render_views(cams, self.spec.resolution).rgb
+            if d.update(step, imgs) and hasattr(self.guidance, "start_stage2"):
+                self.guidance.start_stage2(self.spec.clock_offset + step)
+
+    def finish(self, out: Path, info: dict) -> dict:
+        """Write out/result.json (last, atomically: a folder with it is complete) and log a summary."""
+        import json
+
+        from core.io import atomic_write_text
+
+        g = self.guidance
+        s = self.state
+        record = {"stage": self.spec.name, "steps": s.step, "seconds": round(s.elapsed, 3), "device": str(self.device),
+                  "guidance": type(g).__name__ if g is not None else "none",
+                  "switch_step": getattr(g, "switch_step", None), "params_digest": s.params_digest,
+                  "upstream": s.upstream, **info, "checkpoint": CHECKPOINT}
+        atomic_write_text(Path(out) / RESULT, json.dumps(record, indent=2))
+        peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+                if self.device.type == "cuda" else "")
+        log.info("%s stage: %d iterations in %.1f s (%.2f it/s)%s", self.spec.name, s.step, s.elapsed,
+                 s.step / max(s.elapsed, 1e-9), peak)
+        return record
+
+    # ------------------------------------------------------------------------------------ the loop
+    def run(self, ck_path: Path, *, callback: Callback = None, stop_after: Optional[int] = None,
+            progress: bool = True, postfix: Callable[[dict], dict] = lambda m: {"loss": f"{m['loss']:.4f}"}) -> bool:
+        """Iterate to `spec.iters` with a progress bar and checkpoints; True when the stage is done.
+
+        `callback(step, metrics)` gets each iteration's float metrics; `stop_after=k` stops after
+        iteration k as a kill would (the checkpoint as of its last save)."""
+        from tqdm import tqdm
+
+        iters = self.spec.iters
+        bar = tqdm(total=iters, initial=self.state.step, desc=self.spec.name, disable=not progress, dynamic_ncols=True)
+        t0, base = time.perf_counter(), self.state.elapsed
+        try:
+            while self.state.step < iters:
+                self.rep.train(True)
+                metrics = self.step()
+                s = self.state.step
+                if callback is not None or s % 25 == 0:
+                    fm = {k: _scalar(v) for k, v in metrics.items()}
+                    if callback is not None:
+                        callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
+                    if s % 25 == 0:
+                        bar.set_postfix(postfix(fm))
+                bar.update(1)
+                self.state.elapsed = base + time.perf_counter() - t0
+                if s % self.spec.checkpoint_every == 0 or s == iters:
+                    self.save(ck_path)
+                if stop_after is not None and stop_after <= s < iters:
+                    return False
+        finally:
+            bar.close()
+        return True

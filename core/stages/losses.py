@@ -4,8 +4,6 @@ Each equation lives in one function. Images are (B, C, H, W); masks (B, 1, H, W)
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -96,18 +94,6 @@ def orientation_loss(weights: torch.Tensor, normals: torch.Tensor, dirs: torch.T
 def coarse_objective(l_rec, l_guidance, l_depth, l_normal, lambda_depth: float, lambda_normal: float):
     """Magic123 eq. 4: L_c = L_rec + L_g + λ_d L_d + λ_n L_n."""
     return l_rec + l_guidance + lambda_depth * l_depth + lambda_normal * l_normal
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor, cap: float = 100.0) -> float:
-    """Peak signal-to-noise ratio of images in [0, 1] (used by the oracle bench)."""
-    mse = float(((pred - target) ** 2).mean())
-    return cap if mse <= 0 else min(cap, -10.0 * math.log10(mse))
-
-
-def mask_iou(opacity: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> float:
-    a, b = opacity > threshold, mask > threshold
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum()) / float(union)
 
 
 # ------------------------------------------------------------------ fine stage (DMTet) mesh regularisers

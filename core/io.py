@@ -1,0 +1,50 @@
+"""Files that are never half-written: every writer of lift3d goes through these.
+
+Each writes to a temporary name beside the target and renames it (os.replace is atomic on one
+file system), so a killed run leaves either the old file or the new one, never a torn one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def _atomic(path: Path | str, write: Callable[[Path], None], suffix: str = ".tmp") -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    return _atomic(path, lambda t: t.write_bytes(data))
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> Path:
+    return _atomic(path, lambda t: torch.save(obj, t))
+
+
+def atomic_save_image(path: Path | str, arr: np.ndarray) -> Path:
+    """An (H, W, C) uint8 array as an image file whose format follows the suffix (PNG, JPEG…)."""
+    from PIL import Image
+
+    path = Path(path)
+    return _atomic(path, lambda t: Image.fromarray(arr).save(t, format=Image.registered_extensions()[path.suffix.lower()]),
+                   suffix=".tmp" + path.suffix)
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """A (C, H, W) image in [0, 1] → an (H, W, C) uint8 array."""
+    return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
