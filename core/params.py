@@ -178,6 +178,9 @@ class GuidanceParams(_Section):
     coarse: StagePriorWeights = StagePriorWeights()
     fine: StagePriorWeights = StagePriorWeights(lambda_2d=0.001, lambda_3d=0.01)
     dynamic_schedule: Literal["exp", "linear", "log"] = "exp"
+    # eq. 9 (linear, log) as the released code computes it (w_2D = x, log2(1 + x); the default) or
+    # as printed in §4.4 (w_3D = x, log2(x)); eq. 8 (exp) is the same in both. docs/fidelity.md.
+    dynamic_reading: Literal["released", "paper"] = "released"
     oracle_object: Optional[str] = None
 
 

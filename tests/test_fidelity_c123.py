@@ -1,0 +1,110 @@
+"""Consistent123 fidelity items (docs/fidelity.md): the dynamic prior's schedules (eqs. 8–9) in the
+released code's reading and as printed, and the detector's firing rule (|R| < δ vs R < δ).
+
+The expected numbers are worked out by hand from the released code's definition
+(lyk412/Consistent123 nerf/utils.py:494-515: w_2D = f(x), w_3D = 1 − f(x), x = t/T) and from eq. 9
+as printed (§4.4), at x = t/T = 0, 0.25, 0.5, 1 with T = 1000.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.priors import DynamicPrior, dynamic_prior_weights
+from core.params import load_params
+from core.rendering.cameras import Cameras
+
+T = 1000
+TS = (0, 250, 500, 1000)  # x = 0, 0.25, 0.5, 1
+
+# (w_3D, w_2D) at x = 0, 0.25, 0.5, 1
+RELEASED = {
+    # f = 1 − e^(−x): e^(−0.25) = 0.7788007831, e^(−0.5) = 0.6065306597, e^(−1) = 0.3678794412
+    "exp": [(1.0, 0.0), (0.7788007831, 0.2211992169), (0.6065306597, 0.3934693403), (0.3678794412, 0.6321205588)],
+    # f = x
+    "linear": [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.0, 1.0)],
+    # f = log2(1 + x): log2 1 = 0, log2 1.25 = 0.3219280949, log2 1.5 = 0.5849625007, log2 2 = 1
+    "log": [(1.0, 0.0), (0.6780719051, 0.3219280949), (0.4150374993, 0.5849625007), (0.0, 1.0)],
+}
+PAPER = {
+    "exp": RELEASED["exp"],  # eq. 8 is the same in both readings
+    # eq. 9 as printed: w_3D = x, w_2D = 1 − x
+    "linear": [(0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (1.0, 0.0)],
+    # eq. 9 as printed: w_3D = log2(x), w_2D = 1 − log2(x); x = 0 clamped to 1/T = 0.001:
+    # log2(0.001) = −9.9657842847; log2(0.25) = −2; log2(0.5) = −1; log2(1) = 0
+    "log": [(-9.9657842847, 10.9657842847), (-2.0, 3.0), (-1.0, 2.0), (0.0, 1.0)],
+}
+
+
+@pytest.mark.parametrize("kind", ["exp", "linear", "log"])
+def test_released_reading_by_hand(kind):
+    for t, (e3, e2) in zip(TS, RELEASED[kind]):
+        w3, w2 = dynamic_prior_weights(t, T, kind, reading="released")
+        assert (w3, w2) == (pytest.approx(e3, abs=1e-9), pytest.approx(e2, abs=1e-9)), (kind, t)
+    # the default reading is the released one
+    assert dynamic_prior_weights(250, T, kind) == dynamic_prior_weights(250, T, kind, reading="released")
+
+
+@pytest.mark.parametrize("kind", ["exp", "linear", "log"])
+def test_paper_reading_by_hand(kind):
+    for t, (e3, e2) in zip(TS, PAPER[kind]):
+        w3, w2 = dynamic_prior_weights(t, T, kind, reading="paper")
+        assert (w3, w2) == (pytest.approx(e3, abs=1e-9), pytest.approx(e2, abs=1e-9)), (kind, t)
+
+
+@pytest.mark.parametrize("kind", ["exp", "linear", "log"])
+def test_released_weights_in_unit_interval_sum_to_one_and_move_to_2d(kind):
+    prev_w2 = -1.0
+    for t in list(range(-10, T + 11, 7)) + [T, 10 * T]:  # t outside [0, T] is clamped
+        w3, w2 = dynamic_prior_weights(t, T, kind, reading="released")
+        assert 0.0 <= w3 <= 1.0 and 0.0 <= w2 <= 1.0
+        assert w3 + w2 == pytest.approx(1.0, abs=1e-12)
+        assert w2 >= prev_w2  # the 2D prior's share never falls
+        prev_w2 = w2
+    assert dynamic_prior_weights(0, T, kind) == (1.0, 0.0)  # every schedule starts on the 3D prior
+
+
+def test_paper_reading_is_outside_unit_interval_for_log():
+    w3, w2 = dynamic_prior_weights(500, T, "log", reading="paper")
+    assert w3 < 0 and w2 > 1
+
+
+def test_unknown_reading_or_schedule_raises():
+    with pytest.raises(ValueError, match="reading"):
+        dynamic_prior_weights(1, T, "linear", reading="printed")
+    with pytest.raises(ValueError, match="schedule"):
+        dynamic_prior_weights(1, T, "cosine", reading="released")
+    with pytest.raises(ValueError):
+        DynamicPrior(None, object(), 1.0, 40.0, schedule="linear", reading="printed")
+
+
+class _Prior:
+    def __call__(self, batch):
+        return GuidanceOutput(loss=batch.rgb.sum(), diagnostics={})
+
+
+def _batch(step, total):
+    rgb = torch.full((1, 3, 2, 2), 0.5, requires_grad=True)
+    return RenderBatch(rgb=rgb, opacity=torch.ones(1, 1, 2, 2), depth=torch.zeros(1, 1, 2, 2), normal=None,
+                       cameras=Cameras.make(90, 45, 1.8, 40), shading="albedo", light_dir=None, step=step,
+                       total_steps=total, stage="coarse")
+
+
+def test_dynamic_prior_passes_the_reading_through():
+    # switch at 10 of 110: t = 35 of T = 100 at step 45 → x = 0.35
+    for reading, (e3, e2) in (("released", (0.65, 0.35)), ("paper", (0.35, 0.65))):
+        prior = DynamicPrior(_Prior(), _Prior(), 1.0, 1.0, schedule="linear", reading=reading)
+        prior.start_stage2(10)
+        out = prior(_batch(45, 110))
+        assert out.diagnostics["w_3d"] == pytest.approx(e3) and out.diagnostics["w_2d"] == pytest.approx(e2)
+    default = DynamicPrior(_Prior(), _Prior(), 1.0, 1.0, schedule="log")
+    assert default.reading == "released"
+
+
+def test_params_defaults_are_the_released_readings():
+    for preset in ("magic123", "consistent123"):
+        p = load_params(preset)
+        assert p.guidance.dynamic_reading == "released"
+    p = load_params("consistent123", ["guidance.dynamic_reading=paper"])
+    assert p.guidance.dynamic_reading == "paper"
