@@ -221,6 +221,9 @@ class DetectorParams(_Section):
     views: int = Field(8, ge=1)  # V azimuths 0°, 45°, …
     window: int = Field(5, ge=1)  # L
     delta: float = 0.00025  # δ
+    # fire when |R| < δ (released code, nerf/utils.py:621 and 1057; the default) or R < δ (the
+    # paper's "falls below"; a falling score fires at once). docs/fidelity.md.
+    rate_rule: Literal["abs", "signed"] = "abs"
     earliest: int = Field(2000, ge=0)
     latest: int = Field(3500, ge=0)
     clip_model: str = "ViT-B-32"

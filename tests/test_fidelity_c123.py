@@ -12,8 +12,9 @@ import torch
 
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.priors import DynamicPrior, dynamic_prior_weights
-from core.params import load_params
+from core.params import DetectorParams, load_params
 from core.rendering.cameras import Cameras
+from core.stages.detector import StageDetector, rate_below
 
 T = 1000
 TS = (0, 250, 500, 1000)  # x = 0, 0.25, 0.5, 1
@@ -105,6 +106,75 @@ def test_dynamic_prior_passes_the_reading_through():
 def test_params_defaults_are_the_released_readings():
     for preset in ("magic123", "consistent123"):
         p = load_params(preset)
-        assert p.guidance.dynamic_reading == "released"
-    p = load_params("consistent123", ["guidance.dynamic_reading=paper"])
-    assert p.guidance.dynamic_reading == "paper"
+        assert p.guidance.dynamic_reading == "released" and p.detector.rate_rule == "abs"
+    p = load_params("consistent123", ["guidance.dynamic_reading=paper", "detector.rate_rule=signed"])
+    assert p.guidance.dynamic_reading == "paper" and p.detector.rate_rule == "signed"
+
+
+# ------------------------------------------------------------------------------------ detector rule
+class _Scripted:
+    def __init__(self, scores):
+        self.scores, self.calls = list(scores), 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return self.scores[self.calls - 1]
+
+
+def _scores(s0, rates):
+    out = [s0]
+    for r in rates:
+        out.append(out[-1] * (1 + r))
+    return out
+
+
+def _run(det, last):
+    imgs = torch.zeros(1, 3, 2, 2)
+    for step in range(last + 1):
+        if det.due(step) and det.update(step, imgs):
+            return step
+    return None
+
+
+def test_rate_below_by_rule():
+    assert rate_below(0.0001, 0.00025, "abs") and rate_below(-0.0001, 0.00025, "abs")
+    assert not rate_below(-0.01, 0.00025, "abs")
+    assert rate_below(-0.01, 0.00025, "signed") and not rate_below(0.001, 0.00025, "signed")
+    with pytest.raises(ValueError):
+        rate_below(0.0, 0.00025, "square")
+
+
+def _falling(rule):
+    # checks every 10 iterations from 0 (first check = earliest − L·h = 50 − 50); score j at step 10·j.
+    # Relative changes: five of −1 %, then −0.01 % per check: a falling score that settles.
+    p = DetectorParams(enabled=True, every=10, window=5, delta=0.00025, earliest=50, latest=1000, rate_rule=rule)
+    return StageDetector(p, _Scripted(_scores(0.3, [-0.01] * 5 + [-0.0001] * 10)))
+
+
+def test_abs_rule_fires_on_a_falling_score_once_it_settles():
+    # R (eq. 6, L = 5) by hand:
+    #   j=5:  −.01×5             → R = −0.01      |R| ≥ δ
+    #   j=6:  −.01×4, −.0001     → R = −0.00802   |R| ≥ δ
+    #   j=7:  −.01×3, −.0001×2   → R = −0.00604
+    #   j=8:  −.01×2, −.0001×3   → R = −0.00406
+    #   j=9:  −.01,   −.0001×4   → R = −0.00208
+    #   j=10: −.0001×5           → R = −0.0001    |R| = 0.0001 < δ = 0.00025 → switch at step 100
+    det = _falling("abs")
+    assert _run(det, 1000) == 100 and not det.forced
+    rates = [t["rate"] for t in det.trace[5:]]
+    assert rates == pytest.approx([-0.01, -0.00802, -0.00604, -0.00406, -0.00208, -0.0001], rel=1e-9)
+
+
+def test_signed_rule_fires_at_once_on_a_falling_score():
+    # the same sequence: R = −0.01 < δ at j = 5, the first check where R exists and step ≥ earliest
+    det = _falling("signed")
+    assert _run(det, 1000) == 50 and not det.forced
+    assert det.trace[-1]["rate"] == pytest.approx(-0.01)
+
+
+def test_rules_agree_on_a_rising_score():
+    # +1 % ×5 then +0.01 %: R > 0 throughout, so |R| = R and both rules switch at step 100
+    for rule in ("abs", "signed"):
+        p = DetectorParams(enabled=True, every=10, window=5, delta=0.00025, earliest=50, latest=1000, rate_rule=rule)
+        det = StageDetector(p, _Scripted(_scores(0.3, [0.01] * 5 + [0.0001] * 10)))
+        assert _run(det, 1000) == 100
