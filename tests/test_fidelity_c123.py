@@ -178,3 +178,11 @@ def test_rules_agree_on_a_rising_score():
         p = DetectorParams(enabled=True, every=10, window=5, delta=0.00025, earliest=50, latest=1000, rate_rule=rule)
         det = StageDetector(p, _Scripted(_scores(0.3, [0.01] * 5 + [0.0001] * 10)))
         assert _run(det, 1000) == 100
+
+
+def test_detector_settings_are_the_released_scripts():
+    # lyk412/Consistent123 scripts/realfusion15.sh:1: --render_interval 21 --last_N 5 --threshold 0.00025
+    # --least_3Donly 2000 --most_3Donly 3500 (the paper, §3.2: h = 20; §4.1: L = 5, δ = 0.00025)
+    d = load_params("consistent123").detector
+    assert d.enabled and (d.every, d.window, d.delta, d.rate_rule) == (21, 5, 0.00025, "abs")
+    assert (d.earliest, d.latest) == (2000, 3500)
