@@ -191,6 +191,9 @@ class GuidanceParams(_Section):
     coarse: StagePriorWeights = StagePriorWeights()
     fine: StagePriorWeights = StagePriorWeights(lambda_2d=0.001, lambda_3d=0.01)
     dynamic_schedule: Literal["exp", "linear", "log"] = "exp"
+    # eq. 9 (linear, log) as the released code computes it (w_2D = x, log2(1 + x); the default) or
+    # as printed in §4.4 (w_3D = x, log2(x)); eq. 8 (exp) is the same in both. docs/fidelity.md.
+    dynamic_reading: Literal["released", "paper"] = "released"
     oracle_object: Optional[str] = None
 
 
@@ -231,6 +234,9 @@ class DetectorParams(_Section):
     views: int = Field(8, ge=1)  # V azimuths 0°, 45°, …
     window: int = Field(5, ge=1)  # L
     delta: float = 0.00025  # δ
+    # fire when |R| < δ (released code, nerf/utils.py:621 and 1057; the default) or R < δ (the
+    # paper's "falls below"; a falling score fires at once). docs/fidelity.md.
+    rate_rule: Literal["abs", "signed"] = "abs"
     earliest: int = Field(2000, ge=0)
     latest: int = Field(3500, ge=0)
     clip_model: str = "ViT-B-32"

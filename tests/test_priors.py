@@ -33,10 +33,12 @@ def _batch(step=0, total=100, stage="coarse"):
 
 
 @pytest.mark.parametrize("kind", ["exp", "linear", "log"])
-def test_dynamic_prior_weights_at_0_half_and_T(kind):
+def test_dynamic_prior_weights_at_0_half_and_T_paper_reading(kind):
+    """reading="paper": eq. 9 as printed in Consistent123 §4.4 (the released reading, the default,
+    is tested in tests/test_fidelity_c123.py)."""
     T = 1000
     for t in (0, T // 2, T):
-        w3, w2 = dynamic_prior_weights(t, T, kind)
+        w3, w2 = dynamic_prior_weights(t, T, kind, reading="paper")
         x = t / T
         if kind == "exp":  # Consistent123 eq. 8
             e3 = math.exp(-x)
@@ -45,10 +47,10 @@ def test_dynamic_prior_weights_at_0_half_and_T(kind):
         else:  # eq. 9, as printed; t clamped to one iteration at t = 0
             e3 = math.log2(max(x, 1 / T))
         assert w3 == pytest.approx(e3) and w2 == pytest.approx(1 - e3)
-    assert dynamic_prior_weights(0, T, "exp") == (1.0, 0.0)
-    assert dynamic_prior_weights(T, T, "exp")[1] == pytest.approx(1 - math.exp(-1))
+    assert dynamic_prior_weights(0, T, "exp", reading="paper") == (1.0, 0.0)
+    assert dynamic_prior_weights(T, T, "exp", reading="paper")[1] == pytest.approx(1 - math.exp(-1))
     with pytest.raises(ValueError):
-        dynamic_prior_weights(1, T, "cosine")
+        dynamic_prior_weights(1, T, "cosine", reading="paper")
 
 
 def test_joint_prior_weights_and_ablations():

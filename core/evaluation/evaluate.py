@@ -1,4 +1,4 @@
-"""The papers' metrics (Magic123 §4 "Evaluation metrics", Consistent123 §4.2):
+"""The papers' metrics (Magic123 §3.3 "Evaluation metrics", Consistent123 §4.2):
 
 - PSNR and LPIPS of the render at the reference view against the input image (both composited on
   white, the papers' background, over the whole frame), PSNR capped at `psnr_cap` for identical images;
@@ -121,7 +121,7 @@ def lpips_distance(model: torch.nn.Module, pred: torch.Tensor, target: torch.Ten
 @torch.no_grad()
 def clip_similarity(clip, novel: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean cosine similarity of the CLIP embeddings of N novel views (N,3,H,W) to the reference
-    image (3,H,W) (Magic123 §4 / Consistent123 §4.2)."""
+    image (3,H,W) (Magic123 §3.3 / Consistent123 §4.2)."""
     e_nov = clip.encode_images(novel)
     e_ref = clip.encode_images(reference.unsqueeze(0))
     return float((e_nov @ e_ref.T).mean())

@@ -7,7 +7,8 @@
 * Dynamic prior, Consistent123 §3.2–3.3: stage 1 uses the 3D prior only until the CLIP detector
   fires (`start_stage2(step)`); then eq. 8, L_DP = e^(−t/T)·L_3D + (1 − e^(−t/T))·L_2D, with t the
   iterations since the switch and T the iterations the stage-2 schedule spans; eq. 9's linear and
-  log variants for the ablation. The per-stage λ's of params.guidance scale each prior on top of
+  log variants for the ablation (§4.4), by default as the released code computes them (see
+  `dynamic_prior_weights`). The per-stage λ's of params.guidance scale each prior on top of
   the schedule (λ_3D·w_3D(t)·L_3D + λ_2D·w_2D(t)·L_2D), so the priors' magnitudes stay those of
   the joint prior.
 """
@@ -34,29 +35,49 @@ def joint_prior_loss(loss_2d: Optional[torch.Tensor], loss_3d: Optional[torch.Te
     return total
 
 
-def dynamic_prior_weights(t: float, T: float, kind: str = "exp") -> tuple[float, float]:
+DYNAMIC_READINGS = ("released", "paper")
+
+
+def dynamic_prior_weights(t: float, T: float, kind: str = "exp",
+                          reading: str = "released") -> tuple[float, float]:
     """(w_3D, w_2D) of Consistent123's dynamic prior at iteration t of T (t counted from the switch).
 
-    exp    — eq. 8:  w_3D = e^(−t/T),    w_2D = 1 − e^(−t/T)
-    linear — eq. 9:  w_3D = t/T,         w_2D = 1 − t/T
-    log    — eq. 9:  w_3D = log2(t/T),   w_2D = 1 − log2(t/T)
+    With x = t/T, clamped to [0, 1]:
 
-    Eq. 9 is implemented as printed in §4.4. Read literally, the linear variant starts with the
-    whole weight on the 2D prior and ends on the 3D prior (the reverse of eq. 8), and the log
-    variant gives the 3D prior a weight ≤ 0 (−∞ at t = 0; t is clamped to ≥ 1 iteration so it stays
-    finite). t is clamped to [0, T].
+    reading="released" (default) — the authors' code, lyk412/Consistent123 nerf/utils.py:494-515
+    (`Trainer.adjust_loss_weights`): w_2D = f(x), w_3D = 1 − f(x), with
+        exp    (eq. 8)  f(x) = 1 − e^(−x)
+        linear (eq. 9)  f(x) = x
+        log    (eq. 9)  f(x) = log2(1 + x)
+    so every schedule starts on the 3D prior (w_3D = 1 at x = 0), moves weight to the 2D prior, and
+    the weights lie in [0, 1] and sum to 1. (The released code starts w_2D at 1e-5 instead of 0 and
+    computes in float16 — nerf/utils.py:249-254; both are left out here: a 1e-5 difference.)
+
+    reading="paper" — eq. 9 exactly as printed in §4.4 (eq. 8 is the same in both readings):
+        linear  w_3D = x,         w_2D = 1 − x       (reversed: starts on the 2D prior)
+        log     w_3D = log2(x),   w_2D = 1 − log2(x) (w_3D ≤ 0; −∞ at x = 0, so x is clamped to
+                                                      ≥ 1/T, one iteration, to stay finite)
     """
     if T <= 0:
         raise ValueError(f"dynamic prior: T must be positive, got {T}")
+    if reading not in DYNAMIC_READINGS:
+        raise ValueError(f"dynamic prior: unknown reading '{reading}' (released, paper)")
+    # The released code has no clamp: its x stays in [0, 1] because its T runs to the end of the
+    # run (nerf/utils.py:1074-1075, 1127-1129). Clamped here so a shorter T cannot leave [0, 1].
     x = min(max(float(t), 0.0), float(T)) / float(T)
-    if kind == "exp":  # Consistent123 eq. 8
+    if kind == "exp":  # Consistent123 eq. 8 (= released `exponential`, alpha = 1)
         w3 = math.exp(-x)
         return w3, 1.0 - w3
     if kind == "linear":  # Consistent123 eq. 9 (left)
-        return x, 1.0 - x
+        if reading == "paper":
+            return x, 1.0 - x
+        return 1.0 - x, x
     if kind == "log":  # Consistent123 eq. 9 (right)
-        w3 = math.log2(max(x, 1.0 / float(T)))
-        return w3, 1.0 - w3
+        if reading == "paper":
+            w3 = math.log2(max(x, 1.0 / float(T)))
+            return w3, 1.0 - w3
+        w2 = math.log2(1.0 + x)
+        return 1.0 - w2, w2
     raise ValueError(f"dynamic prior: unknown schedule '{kind}' (exp, linear, log)")
 
 
@@ -90,13 +111,14 @@ class DynamicPrior:
     """Consistent123's two-stage prior: 3D only, then the dynamic mix of eq. 8 (or eq. 9)."""
 
     def __init__(self, sd, zero123, lambda_2d: float, lambda_3d: float, schedule: str = "exp",
-                 span: Optional[int] = None, switch_step: Optional[int] = None):
+                 span: Optional[int] = None, switch_step: Optional[int] = None, reading: str = "released"):
         if zero123 is None:
             raise ValueError("dynamic prior: the 3D prior (Zero-1-to-3) is required for stage 1")
-        dynamic_prior_weights(0, 1, schedule)  # validate the name now
+        dynamic_prior_weights(0, 1, schedule, reading)  # validate the names now
         self.sd, self.zero123 = sd, zero123
         self.lambda_2d, self.lambda_3d = float(lambda_2d), float(lambda_3d)
         self.schedule = schedule
+        self.reading = reading  # eq. 9 as the released code computes it, or as printed
         self.span = span  # T; default: the iterations left in the stage after the switch
         self.switch_step: Optional[int] = switch_step
 
@@ -115,7 +137,7 @@ class DynamicPrior:
             return 1.0, 0.0
         t = step - self.switch_step
         T = self.span or max(total_steps - self.switch_step, 1)
-        return dynamic_prior_weights(t, T, self.schedule)
+        return dynamic_prior_weights(t, T, self.schedule, self.reading)
 
     def state_dict(self) -> dict:
         return {"switch_step": self.switch_step, "schedule": self.schedule, "span": self.span}

@@ -2,10 +2,15 @@
 
 Every h iterations of stage 1 the coarse loop renders V views (azimuths 0°, 45°, …), the detector
 scores them against the text y with CLIP (eq. 5), keeps the moving average over the last L checks
-of the relative change of that score (eq. 6), and fires when it falls below δ. As in the released
-code it may fire only between `earliest` and `latest` iterations, and it forces the switch at
-`latest`. Scoring starts L checks before `earliest`, so that the window is full when firing
-becomes possible.
+of the relative change of that score (eq. 6), and fires when its magnitude falls below δ: |R| < δ,
+as the released code does (lyk412/Consistent123 nerf/utils.py:619-623 keeps abs(mean), :1057
+compares it with the threshold). `rate_rule="signed"` fires on R < δ instead (the paper's "falls
+below" read literally: a falling score fires at once). As in the released code it may fire only
+between `earliest` and `latest` iterations, and it forces the switch at `latest`. Scoring starts L
+checks before `earliest`, so that the window is full when firing becomes possible. (The released
+code scores from its `least_3Donly` on and fires only after least_3Donly + L·h, so its first
+possible switch is 2121 for 2000, h = 21, L = 5; lift3d's `earliest` = least_3Donly + L·h + 1 gives
+the same firing steps. docs/fidelity.md.)
 
 The coarse loop's side (core/stages/coarse.py): `if det.due(step): fired = det.update(step, renders)`, and
 on fire `guidance.start_stage2(step)`.
@@ -37,6 +42,16 @@ def change_rate(scores: Sequence[float], window: int) -> Optional[float]:
         return None
     s = scores[-(window + 1):]
     return sum((s[i] - s[i - 1]) / s[i - 1] for i in range(1, window + 1)) / window
+
+
+def rate_below(rate: float, delta: float, rule: str = "abs") -> bool:
+    """The firing test on eq. 6's R: |R| < δ ("abs", the released code: nerf/utils.py:621, :1057)
+    or R < δ ("signed", the paper's text read literally)."""
+    if rule == "abs":
+        return abs(rate) < delta
+    if rule == "signed":
+        return rate < delta
+    raise ValueError(f"detector: unknown rate_rule '{rule}' (abs, signed)")
 
 
 class ClipScorer:
@@ -100,7 +115,8 @@ class StageDetector:
         score = float(self.scorer(images))
         self.scores.append(score)
         rate = change_rate(self.scores, self.p.window)
-        fired = rate is not None and rate < self.p.delta and step >= self.p.earliest
+        rule = getattr(self.p, "rate_rule", "abs")
+        fired = rate is not None and rate_below(rate, self.p.delta, rule) and step >= self.p.earliest
         forced = not fired and step >= self.p.latest
         self.trace.append({"step": int(step), "score": score, "rate": rate, "fired": fired or forced,
                            "forced": forced})
@@ -108,7 +124,8 @@ class StageDetector:
             self.switch_step = int(step)
             self.forced = forced
             log.info("detector: stage 2 from iteration %d (%s; R=%s, δ=%g)", step,
-                     "forced at detector.latest" if forced else "R < δ", rate, self.p.delta)
+                     "forced at detector.latest" if forced else ("|R| < δ" if rule == "abs" else "R < δ"),
+                     rate, self.p.delta)
             return True
         return False
 

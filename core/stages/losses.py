@@ -97,7 +97,8 @@ def coarse_objective(l_rec, l_guidance, l_depth, l_normal, lambda_depth: float, 
 
 
 # ------------------------------------------------------------------ fine stage (DMTet) mesh regularisers
-# Magic123 §3.2 / DESIGN.md: mesh normal consistency 0.1 and Laplacian smoothing 0.1 in the fine stage.
+# DESIGN.md's table (the authors' released scripts; the paper's §3.2 names no mesh regulariser): mesh
+# normal consistency 0.1 and Laplacian smoothing 0.1 in the fine stage.
 def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Mean of 1 − cos(n_i, n_j) over pairs of faces sharing an edge (edges of exactly two faces)."""
     v = verts[faces]
