@@ -237,7 +237,7 @@ class DetectorParams(_Section):
     # fire when |R| < δ (released code, nerf/utils.py:621 and 1057; the default) or R < δ (the
     # paper's "falls below"; a falling score fires at once). docs/fidelity.md.
     rate_rule: Literal["abs", "signed"] = "abs"
-    earliest: int = Field(2000, ge=0)
+    earliest: int = Field(2106, ge=0)  # released: may fire only past 2000 + h·L (docs/fidelity.md)
     latest: int = Field(3500, ge=0)
     clip_model: str = "ViT-B-32"
     clip_pretrained: Optional[str] = "laion2b_s34b_b79k"

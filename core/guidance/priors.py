@@ -89,6 +89,12 @@ def _run(prior, batch: RenderBatch, name: str, diag: dict[str, float]) -> torch.
     return out.loss
 
 
+def _generators(prior) -> dict[str, torch.Generator]:
+    """The random streams of a prior's parts (SDS timesteps and noise), by part name."""
+    return {name: part.generator for name, part in (("sd", prior.sd), ("zero123", prior.zero123))
+            if part is not None and isinstance(getattr(part, "generator", None), torch.Generator)}
+
+
 class JointPrior:
     """Magic123's joint 2D + 3D prior (eqs. 7–8). `sd` / `zero123` may be None when their λ is 0."""
 
@@ -97,6 +103,9 @@ class JointPrior:
             raise ValueError("joint prior: both priors are off (λ_2D = λ_3D = 0)")
         self.sd, self.zero123 = sd, zero123
         self.lambda_2d, self.lambda_3d = float(lambda_2d), float(lambda_3d)
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return _generators(self)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         diag: dict[str, float] = {"lambda_2d": self.lambda_2d, "lambda_3d": self.lambda_3d}
@@ -138,6 +147,9 @@ class DynamicPrior:
         t = step - self.switch_step
         T = self.span or max(total_steps - self.switch_step, 1)
         return dynamic_prior_weights(t, T, self.schedule, self.reading)
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return _generators(self)
 
     def state_dict(self) -> dict:
         return {"switch_step": self.switch_step, "schedule": self.schedule, "span": self.span}

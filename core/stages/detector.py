@@ -148,4 +148,4 @@ def write_trace(detector: StageDetector, path) -> None:
     p = detector.p
     Path(path).write_text(json.dumps({
         "switch_step": detector.switch_step, "forced": detector.forced, "delta": p.delta, "window": p.window,
-        "every": p.every, "earliest": p.earliest, "latest": p.latest, "trace": detector.trace}, indent=2))
+        "every": p.every, "earliest": p.earliest, "latest": p.latest, "rate_rule": p.rate_rule, "trace": detector.trace}, indent=2))

@@ -146,14 +146,20 @@ def read_state(path: Path | str, stage: Optional[str] = None) -> StageState:
     return state
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    """Every random stream a stage draws from, for an exact resume."""
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state(generator: torch.Generator, guidance=None) -> dict:
+    """Every random stream a stage draws from, for an exact resume: the stage's own, the
+    guidance's (SDS timesteps and noise of each prior) and the global ones."""
+    parts = getattr(guidance, "generators", lambda: {})()
+    return {"generator": generator.get_state(), "guidance": {k: g.get_state() for k, g in parts.items()},
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
+def set_rng_state(state: dict, generator: torch.Generator, guidance=None) -> None:
     generator.set_state(state["generator"])
+    parts = getattr(guidance, "generators", lambda: {})()
+    for name, g in parts.items():
+        if name in state.get("guidance", {}):
+            g.set_state(state["guidance"][name])
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -204,7 +210,7 @@ class Stage:
     def snapshot(self) -> StageState:
         """The state as of now, every part filled in."""
         s = self.state
-        s.rng = rng_state(self.generator)
+        s.rng = rng_state(self.generator, self.guidance)
         s.optimizer = self.optimizer.state_dict()
         s.representation = self.rep.state_dict()
         s.prior = self.guidance.state_dict() if hasattr(self.guidance, "state_dict") else None
@@ -214,7 +220,7 @@ class Stage:
     def restore(self, state: StageState) -> None:
         self.rep.load_state_dict(state.representation)
         self.optimizer.load_state_dict(state.optimizer)
-        set_rng_state(state.rng, self.generator)
+        set_rng_state(state.rng, self.generator, self.guidance)
         if state.prior is not None and hasattr(self.guidance, "load_state_dict"):
             self.guidance.load_state_dict(state.prior)
         if state.detector is not None and self.detector is not None:
