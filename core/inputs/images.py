@@ -86,14 +86,15 @@ def has_alpha(img) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
-def _segment_or_fail(img, path: Path):
+def _segment_or_fail(img, path: Path, params=None):
     try:
-        from core.inputs.segment import segment_image  # Helper D's rembg segmentation, when present
+        from core.inputs.segment import segment_image  # rembg segmentation, when present
     except Exception:  # noqa: BLE001
         raise InputError(f"image has no alpha channel: {path}; run `lift3d prepare {path} --out DIR` "
                          "to segment it, then use DIR/rgba.png") from None
     log.info("image %s has no alpha: segmenting it (core.inputs.segment)", path.name)
-    return segment_image(img)
+    # the whole photo with its alpha, not framed: load_reference frames it itself
+    return segment_image(img.convert("RGB"), params, recenter=False)
 
 
 def _square_crop_box(alpha: np.ndarray, object_scale: float) -> tuple[float, float, float]:
@@ -116,14 +117,16 @@ def _crop_resize(img, cx: float, cy: float, side: float, size: int, fill):
 
 
 def load_reference(image, depth=None, size: int = 128, max_pixels: int = 4096 * 4096,
-                   object_scale: float = 0.8, recenter: bool = True) -> Reference:
-    """Load and validate the reference image (and depth map); see the module docstring."""
+                   object_scale: float = 0.8, recenter: bool = True, params=None) -> Reference:
+    """Load and validate the reference image (and depth map); see the module docstring. `params`
+    (the whole Params) chooses the segmentation model for a photo without alpha, as `lift3d prepare`
+    does (core.models.sources.segment_model); without it rembg's default model is used."""
     from PIL import Image
 
     path = Path(image)
     img, orig_size = open_image(path, max_pixels, "image", max_side=WORKING_MAX_SIDE)
     if not has_alpha(img):
-        img = _segment_or_fail(img, path)
+        img = _segment_or_fail(img, path, params)
     img = img.convert("RGBA")
     a = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
     if int((a > 0.5).sum()) < MIN_FOREGROUND_PIXELS:
