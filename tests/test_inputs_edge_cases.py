@@ -1,5 +1,5 @@
 """Input photos that `lift3d prepare` and `load_reference` (the `coarse` command on a photo) must read
-alike (issue 14): EXIF orientation and the tiny
+alike (issue 14): 16-bit / float photos, EXIF orientation and the tiny
 segmentation model under the smoke preset. Tiny models are built on the fly, as in test_prepare."""
 import logging
 
@@ -30,6 +30,42 @@ def bbox(a):
 def wh(a):
     l, t, r, b = bbox(a)
     return r - l, b - t
+
+
+def test_eight_bit_scales_the_value_range():
+    from core.inputs.images import eight_bit
+
+    u16 = np.array([[0, 257, 65535]], np.uint16)
+    assert np.asarray(eight_bit(Image.fromarray(u16))).tolist() == [[0, 1, 255]]
+    i32 = Image.fromarray(np.array([[0, 1000, 4000]], np.int32))
+    assert i32.mode == "I" and np.asarray(eight_bit(i32)).tolist() == [[0, 64, 255]]
+    f = Image.fromarray(np.array([[0.0, 0.25, 0.5]], np.float32))
+    assert np.asarray(eight_bit(f)).tolist() == [[0, 128, 255]]
+    rgb = Image.new("RGB", (2, 2))
+    assert eight_bit(rgb) is rgb
+
+
+def _gray16(path, size=(160, 120), box=(40, 30, 120, 100)):
+    """A 16-bit grey photo: a near-white background (62000 → 241) and a dark object (12000 → 47)."""
+    a = np.full(size[::-1], 62000, np.uint16)
+    a[box[1]:box[3], box[0]:box[2]] = 12000
+    Image.fromarray(a).save(path)
+    assert Image.open(path).mode == "I;16"
+    return path
+
+
+def test_16bit_photo_is_segmented_in_prepare_and_load_reference(tiny_env, tmp_path):
+    path = _gray16(tmp_path / "gray16.png")  # an 80×70 object
+    p = load_params("smoke", {"segment.recenter": False})
+    seg = segment(path, p)
+    assert not seg.used_input_alpha and bbox(seg.mask) == (40, 30, 120, 100)
+    assert np.asarray(seg.rgba)[60, 80, 0] == 47  # 12000 / 257
+    ref = load_reference(path, size=64, params=load_params("smoke"))
+    w, h = wh(ref.mask[0].numpy())
+    assert w == pytest.approx(0.8 * 64, abs=2) and h == pytest.approx(0.8 * 64 * 70 / 80, abs=2)
+    # a 16-bit photo over max_input_pixels is downscaled too (Pillow cannot `reduce` 16-bit images)
+    seg = segment(path, load_params("smoke", {"segment.max_input_pixels": 4800}))
+    assert not seg.used_input_alpha and seg.framing.work_size == (80, 60)
 
 
 def _exif_rotated_rgba(path):

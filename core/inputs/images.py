@@ -10,7 +10,8 @@ unless core.inputs.segment can segment it here); a depth map of another size is 
 a huge photo is downscaled while decoding (Image.draft / reduce), never loaded at full size in float.
 
 `open_image` is the one opener of input images (here and in core.inputs.segment): it turns a photo
-upright by its EXIF orientation.
+upright by its EXIF orientation. A 16-bit / 32-bit / float photo is brought to 8 bits by its value
+range (`eight_bit`).
 """
 from __future__ import annotations
 
@@ -82,6 +83,22 @@ def open_image(path: Path | str, max_pixels: int, what: str = "image",
     return img, (w, h)
 
 
+def eight_bit(img):
+    """A 16-bit ('I;16…'), 32-bit integer ('I') or float ('F') image as 8-bit grey ('L'), its value
+    range scaled (16-bit: /257; the others: by their maximum). Other modes are returned as they are."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+    elif img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max())
+        arr = arr * (255.0 / top) if top > 0 else arr * 0
+    else:
+        return img
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+
+
 def has_alpha(img) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
@@ -125,6 +142,7 @@ def load_reference(image, depth=None, size: int = 128, max_pixels: int = 4096 * 
 
     path = Path(image)
     img, orig_size = open_image(path, max_pixels, "image", max_side=WORKING_MAX_SIDE)
+    img = eight_bit(img)
     if not has_alpha(img):
         img = _segment_or_fail(img, path, params)
     img = img.convert("RGBA")

@@ -4,7 +4,7 @@ Magic123 and Consistent123 take an RGBA image whose object is cut out (rembg, UÂ
 and scaled so that its bounding box spans a fixed fraction of a square frame (the authors'
 `preprocess_image.py`: border ratio 0.2 â†’ `object_scale` 0.8). An input that already has an alpha
 channel keeps it (rembg is not called). Photos are opened by
-core.inputs.images.open_image (EXIF orientation applied).
+core.inputs.images.open_image (EXIF orientation applied) and brought to 8 bits (`eight_bit`).
 
 Huge photos stay small in memory: JPEGs are decoded at reduced size (`Image.draft`), anything over
 `max_input_pixels` is shrunk right after decoding, rembg sees a copy of at most `_SEG_MAX_SIDE`
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import InputError, ModelNotFoundError
-from core.inputs.images import has_alpha, open_image
+from core.inputs.images import eight_bit, has_alpha, open_image
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ def segment(
         im, orig = image, image.size
     else:
         im, orig = open_image(image, max_input_pixels)
+    im = eight_bit(im)
 
     used_alpha = has_alpha(im)
     if used_alpha:
