@@ -1,5 +1,5 @@
 """Input photos that `lift3d prepare` and `load_reference` (the `coarse` command on a photo) must read
-alike (issue 14): 16-bit / float photos, EXIF orientation and the tiny
+alike (issue 14): 16-bit / float photos, EXIF orientation, a fully opaque alpha, and the tiny
 segmentation model under the smoke preset. Tiny models are built on the fly, as in test_prepare."""
 import logging
 
@@ -109,3 +109,39 @@ def test_load_reference_segments_with_the_tiny_model_under_smoke(tiny_env, tmp_p
     w, h = wh(ref.mask[0].numpy())
     assert h == pytest.approx(0.8 * 64, abs=2) and w == pytest.approx(0.4 * 64, abs=2)
     assert ref.rgb[2, 32, 32] > 0.6 and ref.rgb[0, 32, 32] < 0.3  # the object's blue
+
+
+def _opaque_rgba(path):
+    """An RGBA photo whose alpha is 255 everywhere: a green object on white, 40 wide, 80 high."""
+    im = Image.new("RGBA", (160, 120), (255, 255, 255, 255))
+    im.paste((30, 160, 60, 255), (60, 20, 100, 100))
+    im.save(path)
+    return path
+
+
+def test_fully_opaque_alpha_is_segmented_like_a_photo(tiny_env, tmp_path, caplog):
+    path = _opaque_rgba(tmp_path / "opaque.png")
+    with caplog.at_level(logging.INFO):
+        seg = segment(path, load_params("smoke", {"segment.recenter": False}))
+    assert not seg.used_input_alpha and bbox(seg.mask) == (60, 20, 100, 100)
+    assert sum("fully opaque" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ref = load_reference(path, size=64, params=load_params("smoke"))
+    w, h = wh(ref.mask[0].numpy())
+    assert h == pytest.approx(0.8 * 64, abs=2) and w == pytest.approx(0.4 * 64, abs=2)  # not the whole frame
+    assert sum("fully opaque" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_prepare_cli_on_a_16bit_photo_and_an_opaque_rgba(tiny_env, tmp_path):
+    import json
+
+    from flows.cli import main
+
+    # the object framed at 0.8 of 128 px (the whole 160×120 frame would be 102×77)
+    for path, size in ((_gray16(tmp_path / "gray16.png"), (102, 90)), (_opaque_rgba(tmp_path / "opaque.png"), (51, 102))):
+        out = tmp_path / path.stem
+        assert main(["prepare", str(path), "--out", str(out), "--preset", "tiny"]) == 0
+        assert json.loads((out / "prepare.json").read_text())["alpha"] == "tiny rembg"
+        w, h = wh(Image.open(out / "mask.png"))
+        assert abs(w - size[0]) <= 2 and abs(h - size[1]) <= 2

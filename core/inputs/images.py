@@ -11,7 +11,7 @@ a huge photo is downscaled while decoding (Image.draft / reduce), never loaded a
 
 `open_image` is the one opener of input images (here and in core.inputs.segment): it turns a photo
 upright by its EXIF orientation. A 16-bit / 32-bit / float photo is brought to 8 bits by its value
-range (`eight_bit`).
+range (`eight_bit`), and an alpha channel that is fully opaque counts as none (`has_alpha`).
 """
 from __future__ import annotations
 
@@ -99,8 +99,17 @@ def eight_bit(img):
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
 
 
-def has_alpha(img) -> bool:
-    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+def has_alpha(img, name: str = "") -> bool:
+    """Whether the image has an alpha channel that cuts something out. A fully opaque alpha (every
+    value 255) is no cut-out: such an image is segmented like a photo without alpha (logged)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA"):
+        return False
+    if img.getchannel("A").getextrema()[0] < 255:
+        return True
+    log.info("image%s has an alpha channel, but it is fully opaque: treated as no alpha", f" {name}" if name else "")
+    return False
 
 
 def _segment_or_fail(img, path: Path, params=None):
@@ -143,7 +152,7 @@ def load_reference(image, depth=None, size: int = 128, max_pixels: int = 4096 * 
     path = Path(image)
     img, orig_size = open_image(path, max_pixels, "image", max_side=WORKING_MAX_SIDE)
     img = eight_bit(img)
-    if not has_alpha(img):
+    if not has_alpha(img, path.name):
         img = _segment_or_fail(img, path, params)
     img = img.convert("RGBA")
     a = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0

@@ -3,7 +3,7 @@
 Magic123 and Consistent123 take an RGBA image whose object is cut out (rembg, U²-Net), recentred,
 and scaled so that its bounding box spans a fixed fraction of a square frame (the authors'
 `preprocess_image.py`: border ratio 0.2 → `object_scale` 0.8). An input that already has an alpha
-channel keeps it (rembg is not called). Photos are opened by
+channel keeps it (rembg is not called), unless that alpha is fully opaque. Photos are opened by
 core.inputs.images.open_image (EXIF orientation applied) and brought to 8 bits (`eight_bit`).
 
 Huge photos stay small in memory: JPEGs are decoded at reduced size (`Image.draft`), anything over
@@ -185,12 +185,13 @@ def segment(
     offline = offline or (params.models.offline if params is not None else False)
 
     if isinstance(image, Image.Image):
-        im, orig = image, image.size
+        im, orig, name = image, image.size, ""
     else:
         im, orig = open_image(image, max_input_pixels)
+        name = Path(image).name
     im = eight_bit(im)
 
-    used_alpha = has_alpha(im)
+    used_alpha = has_alpha(im, name)
     if used_alpha:
         rgba = im if im.mode == "RGBA" else im.convert("RGBA")
     else:
