@@ -106,3 +106,89 @@ def test_tiny_flag_points_the_factory_at_tiny_models(tmp_path, monkeypatch):
     sd, z = model_name(p, "sd"), model_name(p, "zero123")
     assert Path(sd).parent == tmp_path and (Path(z) / "cc_projection").is_dir()
     assert model_name(load_params("magic123"), "sd") == "runwayml/stable-diffusion-v1-5"
+
+
+class _Recorder:
+    """A `from_pretrained` class that records how the loader called it (what a hub class is given)
+    and finds nothing, as transformers does for a missing model."""
+
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, name, **kwargs):
+        cls.calls.append(kwargs)
+        raise OSError(f"{name} is not in the cache")
+
+
+@pytest.fixture()
+def hub_probe(monkeypatch):
+    """The hub check with a given answer (the network is never asked); counts the probes."""
+    import core.models.loader as loader
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(loader, "_hub_answer", None)
+    probes = []
+
+    def answer(reachable: bool):
+        monkeypatch.setattr(loader, "probe_hub", lambda: probes.append(reachable) or reachable)
+        return probes
+
+    _Recorder.calls = []
+    return answer
+
+
+def test_unreachable_hub_loads_from_the_cache_only(hub_probe, fresh_tiny, tmp_path):
+    from transformers import CLIPTextModel
+
+    probes = hub_probe(False)
+    for _ in range(2):
+        with pytest.raises(ModelNotFoundError, match="nobody/nothing-here.*unreachable"):
+            load_pretrained(_Recorder, "nobody/nothing-here", key="sd.model")
+    assert [c["local_files_only"] for c in _Recorder.calls] == [True, True]
+    assert probes == [False]  # asked once per process
+    # a real class: a hub id missing from the cache fails at once, one found in it loads
+    with pytest.raises(ModelNotFoundError, match="unreachable"):
+        load_pretrained(CLIPTextModel, "nobody/nothing-here", subfolder="text_encoder", key="sd.model")
+    sd_dir, _ = fresh_tiny
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--lift3d-test--tiny-sd"
+    shutil.copytree(sd_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    params = load_params("smoke", {"models.cache_dir": str(tmp_path / "hub"), "models.tiny": False})
+    te = load_pretrained(CLIPTextModel, "lift3d-test/tiny-sd", subfolder="text_encoder", models_params=params.models)
+    assert te.config.hidden_size == 768 and probes == [False]
+
+
+def test_reachable_hub_may_download(hub_probe):
+    probes = hub_probe(True)
+    with pytest.raises(ModelNotFoundError) as e:
+        load_pretrained(_Recorder, "nobody/nothing-here", key="sd.model")
+    assert "unreachable" not in str(e.value) and _Recorder.calls[0]["local_files_only"] is False
+    assert probes == [True]
+
+
+def test_offline_mode_never_probes(hub_probe, monkeypatch):
+    probes = hub_probe(True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="offline mode"):
+        load_pretrained(_Recorder, "nobody/nothing-here", key="sd.model")
+    assert probes == [] and _Recorder.calls[0]["local_files_only"] is True
+
+
+def test_probe_of_a_closed_endpoint_is_quick(monkeypatch):
+    """The real probe, pointed at a local port nobody listens on (no traffic leaves the machine)."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    import core.models.loader as loader
+
+    with socket.socket() as s:  # a free local port, closed again
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    t = time.perf_counter()
+    assert loader.probe_hub() is False
+    assert time.perf_counter() - t < loader.HUB_PROBE_TIMEOUT + 1

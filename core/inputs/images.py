@@ -8,6 +8,10 @@ resized to the render resolution. Bad inputs raise InputError with one clear lin
 missing file, not an image, no foreground, an RGB photo without alpha (run `lift3d prepare`,
 unless core.inputs.segment can segment it here); a depth map of another size is resized (logged);
 a huge photo is downscaled while decoding (Image.draft / reduce), never loaded at full size in float.
+
+`open_image` is the one opener of input images (here and in core.inputs.segment): it turns a photo
+upright by its EXIF orientation. A 16-bit / 32-bit / float photo is brought to 8 bits by its value
+range (`eight_bit`), and an alpha channel that is fully opaque counts as none (`has_alpha`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 WORKING_MAX_SIDE = 2048  # inputs are brought below this long side before any float conversion
 MIN_FOREGROUND_PIXELS = 16
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -40,9 +45,14 @@ class Reference:
         return int(self.rgb.shape[-1])
 
 
-def _open_image(path: Path, what: str, max_pixels: int):
-    from PIL import Image, UnidentifiedImageError
+def open_image(path: Path | str, max_pixels: int, what: str = "image",
+               max_side: Optional[int] = None) -> tuple["Image.Image", tuple[int, int]]:
+    """The one opener of input images (photos and depth maps): upright (EXIF orientation applied),
+    and brought below `max_pixels` (and `max_side`, when given) while decoding (JPEG draft) or
+    right after. Returns (image, its original size, upright)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
     if not path.is_file():
@@ -50,44 +60,67 @@ def _open_image(path: Path, what: str, max_pixels: int):
     try:
         img = Image.open(path)
         w, h = img.size
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90°: upright is h×w
+            w, h = h, w
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InputError(f"{what} is not an image (cannot be decoded): {path}") from None
     except Image.DecompressionBombError:
         raise InputError(f"{what} is too large to decode safely: {path}") from None
-    # big photos: decode at a reduced scale where the format allows (JPEG draft), else reduce after
-    if w * h > max_pixels or max(w, h) > WORKING_MAX_SIDE:
-        target = WORKING_MAX_SIDE
-        scale = target / max(w, h)
-        try:
-            img.draft(img.mode if img.mode in ("RGB", "L") else None, (max(1, int(w * scale)), max(1, int(h * scale))))
-        except Exception:  # noqa: BLE001 - draft is an optimisation only
-            pass
-        try:
-            img.load()
-            img.thumbnail((target, target), Image.Resampling.LANCZOS, reducing_gap=2.0)
-        except (OSError, ValueError, SyntaxError):
-            raise InputError(f"{what} is not a readable image (truncated or corrupt): {path}") from None
+    f = min(1.0, (max_pixels / (w * h)) ** 0.5, max_side / max(w, h) if max_side else 1.0)
+    target = (max(1, int(w * f)), max(1, int(h * f)))
+    try:
+        if f < 1.0 and img.format == "JPEG":
+            img.draft(img.mode, target)  # decode at 1/2, 1/4 or 1/8 scale, never below target
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        if f < 1.0:
+            # Pillow's reducing step has no 16-bit version
+            img.thumbnail(target, Image.Resampling.LANCZOS, reducing_gap=None if img.mode.startswith("I;16") else 2.0)
+    except (OSError, ValueError, SyntaxError):
+        raise InputError(f"{what} is not a readable image (truncated or corrupt): {path}") from None
+    if f < 1.0:
         log.info("%s %s is %dx%d: downscaled to %dx%d", what, path.name, w, h, *img.size)
-    else:
-        try:
-            img.load()
-        except (OSError, ValueError, SyntaxError):
-            raise InputError(f"{what} is not a readable image (truncated or corrupt): {path}") from None
     return img, (w, h)
 
 
-def _has_alpha(img) -> bool:
-    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+def eight_bit(img):
+    """A 16-bit ('I;16…'), 32-bit integer ('I') or float ('F') image as 8-bit grey ('L'), its value
+    range scaled (16-bit: /257; the others: by their maximum). Other modes are returned as they are."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+    elif img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max())
+        arr = arr * (255.0 / top) if top > 0 else arr * 0
+    else:
+        return img
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
 
 
-def _segment_or_fail(img, path: Path):
+def has_alpha(img, name: str = "") -> bool:
+    """Whether the image has an alpha channel that cuts something out. A fully opaque alpha (every
+    value 255) is no cut-out: such an image is segmented like a photo without alpha (logged)."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA"):
+        return False
+    if img.getchannel("A").getextrema()[0] < 255:
+        return True
+    log.info("image%s has an alpha channel, but it is fully opaque: treated as no alpha", f" {name}" if name else "")
+    return False
+
+
+def _segment_or_fail(img, path: Path, params=None):
     try:
-        from core.inputs.segment import segment_image  # Helper D's rembg segmentation, when present
+        from core.inputs.segment import segment_image  # rembg segmentation, when present
     except Exception:  # noqa: BLE001
         raise InputError(f"image has no alpha channel: {path}; run `lift3d prepare {path} --out DIR` "
                          "to segment it, then use DIR/rgba.png") from None
     log.info("image %s has no alpha: segmenting it (core.inputs.segment)", path.name)
-    return segment_image(img)
+    # the whole photo with its alpha, not framed: load_reference frames it itself
+    return segment_image(img.convert("RGB"), params, recenter=False)
 
 
 def _square_crop_box(alpha: np.ndarray, object_scale: float) -> tuple[float, float, float]:
@@ -110,14 +143,17 @@ def _crop_resize(img, cx: float, cy: float, side: float, size: int, fill):
 
 
 def load_reference(image, depth=None, size: int = 128, max_pixels: int = 4096 * 4096,
-                   object_scale: float = 0.8, recenter: bool = True) -> Reference:
-    """Load and validate the reference image (and depth map); see the module docstring."""
+                   object_scale: float = 0.8, recenter: bool = True, params=None) -> Reference:
+    """Load and validate the reference image (and depth map); see the module docstring. `params`
+    (the whole Params) chooses the segmentation model for a photo without alpha, as `lift3d prepare`
+    does (core.models.sources.segment_model); without it rembg's default model is used."""
     from PIL import Image
 
     path = Path(image)
-    img, orig_size = _open_image(path, "image", max_pixels)
-    if not _has_alpha(img):
-        img = _segment_or_fail(img, path)
+    img, orig_size = open_image(path, max_pixels, "image", max_side=WORKING_MAX_SIDE)
+    img = eight_bit(img)
+    if not has_alpha(img, path.name):
+        img = _segment_or_fail(img, path, params)
     img = img.convert("RGBA")
     a = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
     if int((a > 0.5).sum()) < MIN_FOREGROUND_PIXELS:
@@ -125,7 +161,7 @@ def load_reference(image, depth=None, size: int = 128, max_pixels: int = 4096 * 
     dimg = None
     if depth is not None:
         dpath = Path(depth)
-        dimg, dsize = _open_image(dpath, "depth map", max_pixels)
+        dimg, dsize = open_image(dpath, max_pixels, "depth map", max_side=WORKING_MAX_SIDE)
         if dsize != orig_size:
             log.warning("depth map %s is %dx%d but the image is %dx%d: resized to the image",
                         dpath.name, dsize[0], dsize[1], orig_size[0], orig_size[1])

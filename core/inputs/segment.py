@@ -3,7 +3,8 @@
 Magic123 and Consistent123 take an RGBA image whose object is cut out (rembg, U²-Net), recentred,
 and scaled so that its bounding box spans a fixed fraction of a square frame (the authors'
 `preprocess_image.py`: border ratio 0.2 → `object_scale` 0.8). An input that already has an alpha
-channel keeps it (rembg is not called).
+channel keeps it (rembg is not called), unless that alpha is fully opaque. Photos are opened by
+core.inputs.images.open_image (EXIF orientation applied) and brought to 8 bits (`eight_bit`).
 
 Huge photos stay small in memory: JPEGs are decoded at reduced size (`Image.draft`), anything over
 `max_input_pixels` is shrunk right after decoding, rembg sees a copy of at most `_SEG_MAX_SIDE`
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from core.errors import InputError, ModelNotFoundError
+from core.inputs.images import eight_bit, has_alpha, open_image
 
 log = logging.getLogger(__name__)
 
@@ -51,44 +53,6 @@ class Segmented:
     framing: Optional[Framing]  # None when recentring is off
     used_input_alpha: bool
     source_size: tuple[int, int]  # the photo's original size
-
-
-# ------------------------------------------------------------------------------------------- loading
-def open_image(path: Path | str, max_pixels: int, target_side: Optional[int] = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Open an image without holding a huge decoded copy longer than needed.
-
-    Returns (image, original size). JPEGs decode at a reduced scale when `target_side` allows;
-    other images larger than `max_pixels` are shrunk right after decoding (aspect kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"input image not found: {path}")
-    try:
-        im = Image.open(path)
-    except Exception as e:
-        raise InputError(f"{path} is not a readable image ({e})") from e
-    orig = im.size
-    if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
-        side = max(target_side or 0, int(np.sqrt(max_pixels)))
-        # draft picks a DCT scale (1/2, 1/4, 1/8) that keeps the image at least this big
-        scale = max(1.0, max(orig) / side) if side else 1.0
-        im.draft("RGB", (int(orig[0] / scale), int(orig[1] / scale)))
-    try:
-        im = ImageOps.exif_transpose(im)
-        im.load()
-    except Exception as e:
-        raise InputError(f"{path} could not be decoded ({e})") from e
-    w, h = im.size
-    if w * h > max_pixels:
-        f = np.sqrt(max_pixels / (w * h))
-        im.thumbnail((max(1, int(w * f)), max(1, int(h * f))), Image.Resampling.LANCZOS)
-        log.info("%s: %dx%d is over segment.max_input_pixels; working at %dx%d", path.name, w, h, *im.size)
-    return im, orig
-
-
-def has_alpha(im: Image.Image) -> bool:
-    if im.mode in ("RGBA", "LA", "PA"):
-        return True
-    return im.mode == "P" and "transparency" in im.info
 
 
 # --------------------------------------------------------------------------------------------- rembg
@@ -221,11 +185,13 @@ def segment(
     offline = offline or (params.models.offline if params is not None else False)
 
     if isinstance(image, Image.Image):
-        im, orig = image, image.size
+        im, orig, name = image, image.size, ""
     else:
-        im, orig = open_image(image, max_input_pixels, target_side=size)
+        im, orig = open_image(image, max_input_pixels)
+        name = Path(image).name
+    im = eight_bit(im)
 
-    used_alpha = has_alpha(im)
+    used_alpha = has_alpha(im, name)
     if used_alpha:
         rgba = im if im.mode == "RGBA" else im.convert("RGBA")
     else:
