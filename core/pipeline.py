@@ -6,7 +6,6 @@ through an optional `callback(step, metrics)`.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,7 +29,7 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     device = resolve_device(params)
     out = Path(out_dir)
     ref = load_reference(rgba, None, size=params.sd.resolution, max_pixels=params.segment.max_input_pixels,
-                         object_scale=params.segment.object_scale)
+                         object_scale=params.segment.object_scale, params=params)
     parts = load_stable_diffusion(prior_model(params, "sd"), device, weights_dtype(device, params.sd.fp16),
                                   params.models)
     ti = params.textual_inversion
@@ -86,7 +85,7 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     if reference is None:
         reference = load_reference(image, depth, size=params.coarse.resolution,
                                    max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
-                                   recenter=params.segment.recenter)
+                                   recenter=params.segment.recenter, params=params)
     digest = step_digest(params, "coarse")
     earlier = _resumable(out / CHECKPOINT, "coarse", digest, resume)
     if guidance is None:
@@ -127,7 +126,7 @@ def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Param
             recenter = given and params.segment.recenter
         reference = load_reference(image, depth, size=params.fine.resolution,
                                    max_pixels=params.segment.max_input_pixels,
-                                   object_scale=params.segment.object_scale, recenter=recenter)
+                                   object_scale=params.segment.object_scale, recenter=recenter, params=params)
     out = Path(out_dir)
     digest = step_digest(params, "fine")
     if guidance is None:

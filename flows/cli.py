@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--objects", nargs="*", default=None, help="object names (default: all)")
     _add_params_args(p, default_preset="smoke")
-    p.set_defaults(handler="core.oracle.bench:cli_bench_oracle")
+    p.set_defaults(handler="flows.bench:cli_bench_oracle")
 
     p = bsub.add_parser("speed", help="ms per iteration and peak memory with full-size priors; writes DIR/speed.json",
                         description="Time iterations with the real architectures at full size and random weights.")

@@ -14,7 +14,7 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from prefect.cache_policies import CachePolicy
 

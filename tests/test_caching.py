@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from core.params import sections_digest as params_digest
 from tasks.caching import code_digest, hash_path, step_key

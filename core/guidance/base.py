@@ -7,7 +7,7 @@ loss whose gradient flows into the renders, and float diagnostics for logging.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

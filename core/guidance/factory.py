@@ -33,7 +33,7 @@ def _reference_rgb_mask(reference: Any, size: Optional[int] = None,
             from core.inputs.images import load_reference
 
             sharp = load_reference(path, None, size=size, max_pixels=params.segment.max_input_pixels,
-                                   object_scale=params.segment.object_scale)
+                                   object_scale=params.segment.object_scale, params=params)
             return sharp.rgb.float(), sharp.mask
         except Exception as e:  # noqa: BLE001 - the given reference still works, only blurrier
             log.warning("could not re-read %s at %d² (%s); using the %d² reference", path, size, e, rgb.shape[-1])

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import InputError, ModelNotFoundError
-from core.inputs.images import eight_bit, has_alpha, open_image
+from core.inputs.photo import eight_bit, has_alpha, open_image
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ renders on white) and mask IoU are measured at EVAL_VIEWS: fixed cameras that ar
 reference view and are never drawn by the loop (its novel cameras are sampled continuously, so
 a fixed set is never sampled; the reference camera is left out). Writes DIR/oracle.json:
 {"stage", "preset", "device", "objects": {NAME: {"psnr_novel", "mask_iou", "seconds"}}}.
-One function per stage: `bench_oracle_coarse`; the fine stage lives in core/oracle/bench_fine.py.
+One function per stage: `bench_oracle_coarse` here, `bench_oracle_fine` in core/oracle/bench_fine.py;
+`lift3d bench oracle` (flows/bench.py) runs them.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -85,33 +85,3 @@ def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> 
         print(f"oracle coarse {name:10s} PSNR {m['psnr_novel']:6.2f} dB  mask IoU {m['mask_iou']:.4f}  "
               f"{m['seconds']:7.1f} s", flush=True)
     return results
-
-
-def cli_bench_oracle(args) -> int:
-    from core.errors import Lift3DError
-    from core.oracle.objects import OBJECTS
-    from core.params import load_params, resolve_device
-
-    params = load_params(args.preset, args.overrides, args.params)
-    names = list(args.objects) if args.objects else list(OBJECTS)
-    unknown = [n for n in names if n not in OBJECTS]
-    if unknown:
-        raise Lift3DError(f"unknown procedural object(s): {', '.join(unknown)} (known: {', '.join(OBJECTS)})")
-    device = resolve_device(params)
-    out = Path(args.out)
-    if args.stage == "coarse":
-        out.mkdir(parents=True, exist_ok=True)
-        results = bench_oracle_coarse(params, names, out, device)
-    else:
-        try:
-            from core.oracle.bench_fine import bench_oracle_fine
-        except ImportError:
-            raise Lift3DError("the fine-stage oracle bench is not available yet (core/oracle/bench_fine.py)") from None
-        out.mkdir(parents=True, exist_ok=True)
-        results = bench_oracle_fine(params, names, out, device)
-    report = {"stage": args.stage, "preset": args.preset, "device": str(device), "objects": results}
-    tmp = out / "oracle.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "oracle.json")
-    print(f"wrote {out / 'oracle.json'}")
-    return 0

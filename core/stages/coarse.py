@@ -19,7 +19,7 @@ from core.io import atomic_save_image, to_uint8
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, read_state
+from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, read_state
 from core.stages.losses import entropy_loss, normal_smoothness_loss, orientation_loss
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def coarse_spec(params) -> StageSpec:
                      clock_offset=0, clock_total=c.iters + params.fine.iters)
 
 
-def load_coarse_field(checkpoint: Path | str, device="cpu") -> tuple[NeRFField, "StageState"]:  # noqa: F821
+def load_coarse_field(checkpoint: Path | str, device="cpu") -> tuple[NeRFField, StageState]:
     """A coarse checkpoint → (its NeRF field in eval mode on `device`, the whole coarse state)."""
     state = read_state(checkpoint, "coarse")
     rep = state.representation

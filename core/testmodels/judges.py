@@ -17,7 +17,6 @@ tiny-model root) and returns their paths.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
