@@ -1,4 +1,4 @@
-
+"""Cache keys of the Prefect tasks: file contents, the params sections a step reads, and code."""
 from core.params import sections_digest as params_digest
 from tasks.caching import code_digest, hash_path, step_key
 
