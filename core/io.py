@@ -45,6 +45,22 @@ def atomic_save_image(path: Path | str, arr: np.ndarray) -> Path:
                    suffix=".tmp" + path.suffix)
 
 
+def writable_folder(path: Path | str, what: str = "--out") -> Path:
+    """`path` as a folder this process can write into (created if missing), or one clear line
+    (InputError) saying why not — checked before any work is done."""
+    from core.errors import InputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".lift3d-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {what} {path}: {e.strerror or type(e).__name__}") from None
+    return path
+
+
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """A (C, H, W) image in [0, 1] → an (H, W, C) uint8 array."""
     return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)

@@ -80,12 +80,15 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     from core.stages.coarse import run_coarse
     from core.stages.engine import CHECKPOINT
 
+    from core.io import writable_folder
+
     device = resolve_device(params)
     out = Path(out_dir)
     if reference is None:
         reference = load_reference(image, depth, size=params.coarse.resolution,
                                    max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
                                    recenter=params.segment.recenter, params=params)
+    writable_folder(out)  # before any model is loaded or token learned
     digest = step_digest(params, "coarse")
     earlier = _resumable(out / CHECKPOINT, "coarse", digest, resume)
     if guidance is None:
@@ -127,7 +130,9 @@ def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Param
         reference = load_reference(image, depth, size=params.fine.resolution,
                                    max_pixels=params.segment.max_input_pixels,
                                    object_scale=params.segment.object_scale, recenter=recenter, params=params)
-    out = Path(out_dir)
+    from core.io import writable_folder
+
+    out = writable_folder(out_dir)
     digest = step_digest(params, "fine")
     if guidance is None:
         guidance = _guidance(params, reference, "fine", device, token=coarse.token)

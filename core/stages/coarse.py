@@ -15,11 +15,11 @@ import torch
 
 from core.export.mesh import extract_mesh, write_mesh
 from core.inputs.images import Reference, save_rgba
-from core.io import atomic_save_image, to_uint8
+from core.io import atomic_save_image, to_uint8, writable_folder
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, read_state
+from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, read_state
 from core.stages.losses import entropy_loss, normal_smoothness_loss, orientation_loss
 
 log = logging.getLogger(__name__)
@@ -148,14 +148,13 @@ def run_coarse(params, reference: Reference, out_dir: Path | str, *, guidance=No
                progress: bool = True) -> Stage:
     """Run (or resume) the coarse stage into `out_dir`; the Stage's `record` is result.json's
     content (None when stopped early by `stop_after`, as a kill would)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir)
     (out / RESULT).unlink(missing_ok=True)  # nothing looks complete while a run is under way
     stage = make_coarse_stage(params, reference, guidance=guidance, detector=detector, device=device,
                               params_digest=params_digest)
     rep = stage.rep
-    if resume:
-        stage.try_resume(out / CHECKPOINT)
+    if not (resume and stage.try_resume(out / CHECKPOINT)):
+        clear_outputs(out)  # an earlier run's mesh and renders must not stand beside a new run
     c = params.coarse
     log.info("coarse stage: %d iterations at %d², %d samples/ray, device %s, hash grid %s",
              c.iters, c.resolution, c.samples_per_ray, device, rep.backend)

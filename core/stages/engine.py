@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.errors import InputError
+from core.errors import InputError, Lift3DError
 from core.io import atomic_torch_save
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 FORMAT = "lift3d-stage-2"
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
+TRACE = "trace.csv"
+
+
+class NonFiniteError(Lift3DError):
+    """A loss term or gradient became NaN or infinite: the stage stops, its last good checkpoint stays."""
 
 Callback = Optional[Callable[[int, dict], None]]
 
@@ -100,6 +105,11 @@ class StageSpec:
     clock_total: int = 1  # the clock's length: every stage's iterations together
     start_stage2: bool = False  # begin in the prior's stage 2 if an earlier stage did not switch
 
+    @property
+    def trace_every(self) -> int:
+        """trace.csv gets a row every this many iterations (about 100–500 rows a stage)."""
+        return max(1, min(10, self.iters // 100))
+
 
 @dataclass
 class StageState:
@@ -118,6 +128,7 @@ class StageState:
     clock: dict = field(default_factory=dict)  # {"offset", "total"}: the guidance clock
     token: Optional[dict] = None  # {token: embedding}: what the 2D prior guides with
     upstream: Optional[dict] = None  # the checkpoint this stage started from
+    trace: list = field(default_factory=list)  # trace.csv's rows so far
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -163,6 +174,22 @@ def set_rng_state(state: dict, generator: torch.Generator, guidance=None) -> Non
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+STAGE_OUTPUTS = (RESULT, TRACE, "renders", "reference_rgba.png", "detector.json", "mesh.obj", "mesh.ply", "mesh.mtl",
+                 "mesh_albedo.png", "mesh.glb", "turntable.gif")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from a stage folder that starts afresh (never the inputs)."""
+    import shutil
+
+    for name in STAGE_OUTPUTS:
+        p = Path(out) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def erode_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
@@ -225,7 +252,7 @@ class Stage:
             self.guidance.load_state_dict(state.prior)
         if state.detector is not None and self.detector is not None:
             self.detector.load_state_dict(state.detector)
-        keep = ("params", "params_digest", "token", "upstream", "clock")
+        keep = ("params", "params_digest", "token", "upstream", "clock")  # this run's (equal when resumable)
         self.state = dataclasses.replace(state, **{k: getattr(self.state, k) for k in keep})
 
     def save(self, path: Path) -> None:
@@ -283,15 +310,56 @@ class Stage:
         regs = self.rep.regularisers(out)
         for w, term in regs.values():
             loss = loss + w * term
+        terms = {"rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g, **{k: t for k, (_, t) in regs.items()}}
+        self._check_finite(step, loss, terms)
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+            self._check_finite_gradients(step)
             self.optimizer.step()
         self._detector_check(step)
         self.state.step += 1
-        return {"loss": loss, "rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g,
-                **{k: t for k, (_, t) in regs.items()}, **self.rep.progress(), "reference": float(is_ref),
-                "shading": shading, **diag}
+        if step % spec.trace_every == 0 or step == total - 1:
+            self._trace(step, {"loss": loss, **terms, **diag})
+        return {"loss": loss, **terms, **self.rep.progress(), "reference": float(is_ref), "shading": shading, **diag}
+
+    def _stop(self, step: int, what: str) -> None:
+        last = read_state(self._ck_path).step if getattr(self, "_ck_path", None) and self._ck_path.is_file() else None
+        kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written yet"
+        raise NonFiniteError(f"{self.spec.name} stage, step {step}: {what} is not finite; stopped ({kept})")
+
+    def _check_finite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if bool(torch.isfinite(loss.detach())):  # one host sync per step; the terms are looked at only on failure
+            return
+        bad = [k for k, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+        self._stop(step, f"the loss term '{bad[0]}'" if bad else "the loss")
+
+    def _check_finite_gradients(self, step: int) -> None:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._stop(step, "a gradient")
+
+    def _trace(self, step: int, metrics: dict) -> None:
+        """One row of trace.csv: the loss terms, the priors' weights on the guidance clock, their SDS
+        gradient norms, and the detector's score and rate where it checked at this step."""
+        row: dict[str, Any] = {"step": step, "clock": self.spec.clock_offset + step}
+        row.update({k: _scalar(v) for k, v in metrics.items() if not isinstance(v, str)})
+        g = self.guidance
+        if hasattr(g, "weights"):  # Consistent123's schedule at this step, also on reference-view steps
+            row["w_3d"], row["w_2d"] = g.weights(self.spec.clock_offset + step, self.spec.clock_total)
+        for name in ("lambda_2d", "lambda_3d"):
+            if hasattr(g, name):
+                row[name] = float(getattr(g, name))
+        if self.detector is not None and self.detector.trace and self.detector.trace[-1]["step"] == step:
+            row["detector_score"], row["detector_rate"] = self.detector.trace[-1]["score"], self.detector.trace[-1]["rate"]
+        self.state.trace.append(row)
+
+    def write_trace(self, out: Path) -> None:
+        import pandas as pd
+
+        from core.io import atomic_write_text
+
+        atomic_write_text(Path(out) / TRACE, pd.DataFrame(self.state.trace).to_csv(index=False))
 
     def _detector_check(self, step: int) -> None:
         """Consistent123 §3.2: every h iterations the V views are scored (eqs. 5–6); stage 2 starts
@@ -319,6 +387,7 @@ class Stage:
                   "guidance": type(g).__name__ if g is not None else "none",
                   "switch_step": getattr(g, "switch_step", None), "params_digest": s.params_digest,
                   "upstream": s.upstream, **info, "checkpoint": CHECKPOINT}
+        self.write_trace(out)
         atomic_write_text(Path(out) / RESULT, json.dumps(record, indent=2))
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
                 if self.device.type == "cuda" else "")
@@ -336,6 +405,7 @@ class Stage:
         from tqdm import tqdm
 
         iters = self.spec.iters
+        self._ck_path = ck_path
         bar = tqdm(total=iters, initial=self.state.step, desc=self.spec.name, disable=not progress, dynamic_ncols=True)
         t0, base = time.perf_counter(), self.state.elapsed
         try:
@@ -353,6 +423,7 @@ class Stage:
                 self.state.elapsed = base + time.perf_counter() - t0
                 if s % self.spec.checkpoint_every == 0 or s == iters:
                     self.save(ck_path)
+                    self.write_trace(ck_path.parent)
                 if stop_after is not None and stop_after <= s < iters:
                     return False
         finally:

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from core.export.textured import export_textured_mesh
 from core.inputs.images import Reference, save_rgba
-from core.io import atomic_save_image, to_uint8
+from core.io import atomic_save_image, to_uint8, writable_folder
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
 from core.rendering.mesh_render import render_mesh
 from core.rendering.raster import make_rasterizer
 from core.representations.dmtet import DMTet, ColourField, Mesh
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState
+from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs
 from core.stages.losses import mesh_laplacian_loss, mesh_normal_consistency
 
 log = logging.getLogger(__name__)
@@ -167,14 +167,13 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
     """Run (or resume) the fine stage into `out_dir` from the coarse field; `coarse` is the coarse
     stage's state (see make_fine_stage). The Stage's `record` is result.json's content (None when
     stopped early)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir)
     (out / RESULT).unlink(missing_ok=True)
     stage = make_fine_stage(params, reference, coarse_field, coarse=coarse, guidance=guidance, device=device,
                             params_digest=params_digest)
     rep, reference = stage.rep, resize_reference(reference, params.fine.resolution)
-    if resume:
-        stage.try_resume(out / CHECKPOINT)
+    if not (resume and stage.try_resume(out / CHECKPOINT)):
+        clear_outputs(out)  # an earlier run's mesh and renders must not stand beside a new run
     f = params.fine
     log.info("fine stage: %d iterations at %d², tet grid %d³ (%d tets), rasteriser %s, device %s",
              f.iters, f.resolution, f.tet_resolution, rep.dmtet.tets.shape[0], rep.backend, device)
