@@ -57,6 +57,17 @@ def _guidance(params: Params, reference, stage: str, device, token: Optional[dic
     return None if params.guidance.kind == "none" else build_guidance(params, reference, stage, device, token)
 
 
+def will_resume(out_dir: Path | str, stage: str, params: Params) -> bool:
+    """True when `stage` run into `out_dir` with `params` will continue a checkpoint there."""
+    from core.errors import InputError
+    from core.params import step_digest
+
+    try:
+        return _resumable(Path(out_dir) / "checkpoint.pt", stage, step_digest(params, stage), True) is not None
+    except InputError:  # unreadable: the stage itself will say so
+        return False
+
+
 def _resumable(ck_path: Path, stage: str, digest: str, resume: bool):
     """The checkpoint's state when the stage will resume from it (same stage, same parameters)."""
     from core.stages.engine import read_state
