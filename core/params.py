@@ -162,8 +162,7 @@ class StableDiffusionParams(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 512
     fp16: bool = True
-    # torch.compile of the UNet on a GPU (bench speed, H200, both UNets: eager 169 ms per coarse iteration,
-    # 'default' 155 ms, 'reduce-overhead' i.e. CUDA graphs 129 ms); 'none' on the CPU always
+    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
 
 
@@ -173,8 +172,7 @@ class Zero123Params(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 256
     fp16: bool = True
-    # torch.compile of the UNet on a GPU (bench speed, H200, both UNets: eager 169 ms per coarse iteration,
-    # 'default' 155 ms, 'reduce-overhead' i.e. CUDA graphs 129 ms); 'none' on the CPU always
+    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
 
 

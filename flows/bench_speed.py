@@ -89,7 +89,7 @@ def build_tiny_parts(device: torch.device, dtype: torch.dtype, params):
 
 
 class _Scene:
-    """What the priors guide: a NeRF (Helper A's core.representations.nerf) rendered at the coarse resolution when
+    """What the priors guide: a NeRF (core.representations.nerf) rendered at the coarse resolution when
     available, else a learnable image of that size."""
 
     def __init__(self, params, device: torch.device, kind: str = "auto"):

@@ -143,7 +143,7 @@ def test_report_tables_plots_gallery(tmp_path):
 
 
 def test_evaluate_reads_a_real_coarse_stage_folder(tiny_env, tmp_path):
-    """The stage-folder contract end to end: Helper A's coarse stage writes it, evaluate reads it."""
+    """The stage-folder contract end to end: the coarse stage writes it, evaluate reads it."""
     pytest.importorskip("core.stages.coarse")
     from core.stages.coarse import run_coarse
     from core.inputs.images import Reference

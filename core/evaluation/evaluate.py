@@ -23,6 +23,7 @@ from PIL import Image
 
 from core.evaluation.metrics import psnr
 from core.errors import InputError, ModelNotFoundError
+from core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,5 @@ def evaluate_run(run_dir: Path | str, params, device: torch.device | str = "cpu"
         "lpips_net": params.evaluate.lpips_net + (" (random trunk)" if params.models.tiny else ""),
     })
     if write:
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(run_dir / "metrics.json")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

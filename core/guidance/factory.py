@@ -104,7 +104,7 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
     if kind == "none":
         return NoGuidance()
     if kind == "oracle":
-        from core.oracle.guidance import OracleGuidance  # Helper A's; imported only when used
+        from core.oracle.guidance import OracleGuidance  # imported only when used
 
         if not params.guidance.oracle_object:
             from core.errors import InputError
