@@ -192,6 +192,7 @@ def evaluate_run(run_dir: Path | str, params, device: torch.device | str = "cpu"
         "method": method or result.get("method") or params.method,
         "stage": stage.name if stage != run_dir else result.get("stage", stage.name),
         "stage_dir": str(stage),
+        "priors": "tiny random" if params.models.tiny else "pretrained",
         "clip_model": "tiny" if params.models.tiny else f"{params.evaluate.clip_model}/{params.evaluate.clip_pretrained}",
         "lpips_net": params.evaluate.lpips_net + (" (random trunk)" if params.models.tiny else ""),
     })
