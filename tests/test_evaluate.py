@@ -141,7 +141,7 @@ def test_report_tables_plots_gallery(tmp_path):
     for k in ("metrics_RealFusion15", "detector_traces", "gallery"):
         assert k in out
     assert Image.open(out["metrics_RealFusion15"]).size[0] > 100
-    assert (tmp_path / "reports" / "gallery.html").read_text().count("<img") == 2
+    assert (tmp_path / "reports" / "gallery.html").read_text().count("<img") == 3
 
 
 def test_evaluate_reads_a_real_coarse_stage_folder(tiny_env, tmp_path):
