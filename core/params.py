@@ -273,6 +273,10 @@ class Params(_Section):
     method: Literal["magic123", "consistent123"] = "magic123"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # PyTorch's CPU threads in each step (null: the machine's cores). A CPU run's numbers depend on
+    # it (sums split across threads round differently), so runs compare bit for bit only at one count;
+    # it is fixed per step so that a Dask worker (which starts with 1) computes what this process does.
+    cpu_threads: Optional[int] = Field(None, ge=1)
     camera: CameraParams = CameraParams()
     coarse: CoarseParams = CoarseParams()
     fine: FineParams = FineParams()
@@ -308,14 +312,14 @@ class Params(_Section):
 # cache key and its checkpoint's resume check hash these; tests/test_params.py records what each
 # step really reads (`recording_reads`) and holds it to this table.
 STEP_READS: dict[str, tuple[str, ...]] = {
-    "prepare": ("segment", "depth", "models", "device"),
-    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device"),
+    "prepare": ("segment", "depth", "models", "device", "cpu_threads"),
+    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device", "cpu_threads"),
     # the stages render the novel views that evaluation scores: their number is a stage input too
-    "coarse": ("method", "seed", "device", "camera", "coarse", "fine.iters", "guidance", "sd", "zero123", "prompt",
+    "coarse": ("method", "seed", "device", "cpu_threads", "camera", "coarse", "fine.iters", "guidance", "sd", "zero123", "prompt",
                "textual_inversion", "detector", "models", "segment", "evaluate.novel_views"),
-    "fine": ("method", "seed", "device", "camera", "coarse", "fine", "guidance", "sd", "zero123", "prompt",
+    "fine": ("method", "seed", "device", "cpu_threads", "camera", "coarse", "fine", "guidance", "sd", "zero123", "prompt",
              "textual_inversion", "models", "segment", "evaluate.novel_views"),
-    "evaluate": ("evaluate", "models", "method", "device"),
+    "evaluate": ("evaluate", "models", "method", "device", "cpu_threads"),
 }
 
 
@@ -470,7 +474,14 @@ def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
 
 
 def resolve_device(params: Params):
+    """The torch device of params.device; also fixes PyTorch's CPU threads (params.cpu_threads)."""
+    import os
+
     import torch
+
+    threads = params.cpu_threads or os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
     if params.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
