@@ -177,6 +177,12 @@ class StableDiffusionParams(_Section):
     # torch.compile of the UNet on a GPU (bench speed, H200, both UNets: eager 169 ms per coarse iteration,
     # 'default' 155 ms, 'reduce-overhead' i.e. CUDA graphs 129 ms); 'none' on the CPU always
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
+    # [0.2, 0.5]); null: t_range in both stages
+    fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
+    # "<prompt>, front/side/back view" text embeddings interpolated by |Δazimuth| to the reference
+    # (released code of both papers; docs/fidelity.md item 2); false: the one prompt (papers' text)
+    view_dependent_prompt: bool = True
 
 
 class Zero123Params(_Section):
@@ -188,6 +194,10 @@ class Zero123Params(_Section):
     # torch.compile of the UNet on a GPU (bench speed, H200, both UNets: eager 169 ms per coarse iteration,
     # 'default' 155 ms, 'reduce-overhead' i.e. CUDA graphs 129 ms); 'none' on the CPU always
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
+    # the SDS gradient of each view × (angle to the reference view)/180° (released
+    # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)
+    angle_weighting: bool = True
 
 
 class StagePriorWeights(_Section):
