@@ -188,8 +188,8 @@ class Zero123Guidance:
         if not self.angle_weighting:
             return score_distillation(latents, predict, self.parts.scheduler, self.alphas_cumprod, self.t_range,
                                       self.generator, t, noise)
-        # ε̂ ← ε + k(ε̂ − ε) makes score_distillation's gradient k·w(t)(ε̂ − ε): t and ε are drawn here,
-        # from the same stream in the same order as score_distillation draws them
+        # ε̂ ← ε + k(ε̂ − ε) makes score_distillation's gradient k·w(t)(ε̂ − ε); t and ε are drawn
+        # here, from the same stream in the same order as score_distillation draws them
         if t is None:
             t = sample_timesteps(latents.shape[0], self.num_train_timesteps, self.t_range, self.generator)
         if noise is None:
