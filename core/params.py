@@ -54,10 +54,22 @@ class CameraParams(_Section):
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
     radius_range: tuple[float, float] = (1.8, 1.8)
     fovy_range: tuple[float, float] = (40.0, 40.0)
-    # Magic123: the reference view every `ref_every`-th iteration. Consistent123 samples it with
-    # probability `ref_prob` instead (0.25); when ref_prob is set it wins.
+    # the reference view every `ref_every`-th iteration (the released code of both papers), or with
+    # probability `ref_prob` (Consistent123's paper: 0.25); when ref_prob is set it wins.
     ref_every: int = Field(4, ge=1)
     ref_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
+    # Released novel-view sampling (stable-dreamfusion's rand_poses; docs/fidelity.md item 4): with
+    # this probability a draw (one per batch) puts the camera on the upper hemisphere, ignoring
+    # polar_range / azimuth_range (Magic123: 0.5, main.py:166; Consistent123: 0, main.py:76)
+    uniform_sphere_rate: float = Field(0.5, ge=0.0, le=1.0)
+    # how that draw is made: 'cube' = a point uniform in [-1,1]×[0,1]×[-1,1], normalised (Magic123's
+    # provider.py:87-93; not uniform on the sphere), 'gaussian' = |N(0, I)| in y, normalised (uniform
+    # on the upper hemisphere; later stable-dreamfusion, Consistent123 provider.py:92-99)
+    uniform_sphere_draw: Literal["cube", "gaussian"] = "cube"
+    # Consistent123's released coarse stage widens the ranges from the reference view to the full
+    # ranges: r = min(1, progressive_init_ratio + 2·step/iters) (nerf/utils.py:693-703, main.py:308)
+    progressive_view: bool = False
+    progressive_init_ratio: float = Field(0.2, ge=0.0, le=1.0)
 
 
 # ------------------------------------------------------------------------------------------- NeRF field
@@ -164,6 +176,12 @@ class StableDiffusionParams(_Section):
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
+    # [0.2, 0.5]); null: t_range in both stages
+    fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
+    # "<prompt>, front/side/back view" text embeddings interpolated by |Δazimuth| to the reference
+    # (released code of both papers; docs/fidelity.md item 2); false: the one prompt (papers' text)
+    view_dependent_prompt: bool = True
 
 
 class Zero123Params(_Section):
@@ -174,6 +192,10 @@ class Zero123Params(_Section):
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
+    # the SDS gradient of each view × (angle to the reference view)/180° (released
+    # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)
+    angle_weighting: bool = True
 
 
 class StagePriorWeights(_Section):
