@@ -286,7 +286,9 @@ class Stage:
         if is_ref:
             cams, shading, light = self.ref_cameras, "albedo", None
         else:
-            cams = sample_cameras(p.camera, 1, gen, device=self.device)
+            # Consistent123's progressive view ranges widen over the NeRF stage only (camera.progressive_view)
+            cams = sample_cameras(p.camera, 1, gen, device=self.device,
+                                  progress=step / total if spec.name == "coarse" else None)
             shading = sample_shading(step, total, shading_params, gen, stage=spec.name)
             light = sample_light(cams.centers.cpu(), gen).to(self.device)
         ambient, diffuse = sample_ambient(shading_params, shading, gen)
