@@ -159,3 +159,33 @@ def test_two_dask_workers_give_the_meshes_of_one_process(harness):
             ra = json.loads((root / "local" / "mini" / name / stage / "result.json").read_text())
             rb = json.loads((root / "dask" / "mini" / name / stage / "result.json").read_text())
             assert ra["mesh_faces"] == rb["mesh_faces"] > 0, (name, stage)
+
+
+@pytest.mark.slow
+def test_a_killed_generate_leaves_no_prefect_server_behind(tmp_path):
+    """kill -9 of `lift3d generate` mid-run: its temporary Prefect server goes with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    obj = BENCH / "nerf4" / "chair"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "generate", str(obj / "rgba.png"), "--out",
+                             str(tmp_path / "run"), "--preset", "tiny", "--set", "coarse.iters=400",
+                             "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlruns.db"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+    servers = []
+    deadline = time.time() + 240
+    while time.time() < deadline and not (servers and (tmp_path / "run" / "coarse").exists()):
+        servers = [c for c in me.children(recursive=True) if "create_app" in " ".join(c.cmdline())]
+        time.sleep(1)
+    assert servers, "no temporary Prefect server was started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(servers, timeout=20)
+    assert not alive, [p.pid for p in alive]
