@@ -70,6 +70,18 @@ def test_generate_runs_end_to_end_then_caches(harness):
     assert (out / "fine/result.json").stat().st_mtime_ns == stamps["fine/result.json"]
     assert (out / "metrics.json").stat().st_mtime_ns != stamps["metrics.json"]
 
+    # a fine-stage parameter changes: the fine stage trains afresh (never resumes the old checkpoint at
+    # its last step), the coarse stage stays cached
+    from core.stages.engine import read_state
+
+    before = read_state(out / "fine" / "checkpoint.pt")
+    generate_flow(str(obj / "rgba.png"), str(out), _params(root, "fine.lr=0.05"), depth=str(obj / "depth.png"))
+    after = read_state(out / "fine" / "checkpoint.pt")
+    assert (out / "coarse/result.json").stat().st_mtime_ns == stamps["coarse/result.json"]
+    assert after.params_digest != before.params_digest and after.step == before.step
+    assert not torch.equal(after.representation["dmtet"]["sdf"], before.representation["dmtet"]["sdf"])
+    assert json.loads((out / "fine" / "result.json").read_text())["params_digest"] == after.params_digest
+
     # a deleted stage folder is rebuilt, not trusted to the cache
     shutil.rmtree(out / "fine")
     generate_flow(str(obj / "rgba.png"), str(out), _params(root), depth=str(obj / "depth.png"))
