@@ -466,3 +466,27 @@ def test_optimizer_betas_must_fit_the_name():
 
     with pytest.raises(ParamsError, match="optimizer"):
         load_params("magic123", {"optimizer.name": "adan"})  # Adam's two betas
+
+
+def test_fine_colour_field_levels_and_scale_in_the_checkpoint():
+    from core.stages.fine import DMTetRepresentation
+
+    f = NeRFField(**SMALL, blob_scale=10.0, blob_std=0.4, density_activation="trunc_exp", blob_kind="gaussian")
+    c = load_params("consistent123", {"fine.tet_resolution": 8, "fine.rasterizer": "torch"})
+    rep = DMTetRepresentation(c, f, torch.device("cpu"))
+    assert rep.colour.field.active_levels is None
+    rep.before_step(0, 5000, torch.Generator().manual_seed(0), None)
+    assert rep.colour.field.active_levels == 2  # ceil((0.25 + 2/5000)·4), Consistent123 keeps progressive_level
+    m = load_params("magic123", {"fine.tet_resolution": 8, "fine.rasterizer": "torch"})
+    rep_m = DMTetRepresentation(m, f, torch.device("cpu"))
+    rep_m.before_step(0, 5000, torch.Generator().manual_seed(0), None)
+    assert rep_m.colour.field.active_levels is None  # Magic123: grid_levels_mask −1 in DMTet (main.py:412)
+    # σ ≈ exp(10·e^(−r²/0.32)) > 10 inside r ≈ 0.69: the grid shrinks; its scale is saved and restored
+    assert (rep_m.dmtet.scale < 1).all()
+    state = rep_m.state_dict()
+    again = DMTetRepresentation(m.model_copy(update={"fine": m.fine.model_copy(update={"tet_rescale": False})}), f,
+                                torch.device("cpu"))
+    assert torch.equal(again.dmtet.scale, torch.ones(3))
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.dmtet.scale, rep_m.dmtet.scale)
+    torch.testing.assert_close(again.dmtet.vertices(), rep_m.dmtet.vertices())

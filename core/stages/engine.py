@@ -79,6 +79,7 @@ class Representation(Protocol):
 
     def render(self, cameras: Cameras, resolution: int, *, shading: str, light_dir: Optional[torch.Tensor],
                ambient: float, diffuse: float, generator: Optional[torch.Generator]) -> RenderBatch: ...
+    # a representation that traces rays also takes `ray_offsets=(δo, δd)` (StageSpec.ref_ray_noise > 0)
 
     def render_views(self, cameras: Cameras, resolution: int) -> RenderBatch: ...
 

@@ -78,7 +78,8 @@ class DMTetRepresentation:
                      *scale.tolist(), self.threshold)
         self.dmtet.init_from_density(coarse_field.density, self.threshold, sdf_scale=f.sdf_scale)
         self.colour = ColourField(coarse_field).to(device)
-        self.colour.field.active_levels = None  # the colour field starts with every level (fine.level_mask)
+        if hasattr(self.colour.field, "level_mask"):  # a NeRFField: every level to start with (fine.level_mask)
+            self.colour.field.active_levels = None
         self.field_config = dict(getattr(coarse_field, "config", {}))
         self.rasterizer = make_rasterizer(f.rasterizer, device)
         self.backend = self.rasterizer.backend
@@ -96,7 +97,7 @@ class DMTetRepresentation:
 
     def before_step(self, step: int, total: int, generator: torch.Generator, optimizer) -> None:
         field = self.colour.field
-        if self.f.level_mask != "none" and hasattr(field, "active_levels"):  # Consistent123: progressive levels
+        if self.f.level_mask != "none" and hasattr(field, "level_mask"):  # Consistent123: progressive levels
             field.active_levels = active_levels(self.f.level_mask, step, total, field.encoding.levels)
         self.mesh = self.dmtet.extract()  # marching tetrahedra (DMTet, Shen et al. 2021)
 
