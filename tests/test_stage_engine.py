@@ -57,6 +57,7 @@ def _same_tensors(a, b) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # six stage runs with the tiny priors and CLIP: minutes on a busy 2-core machine
 def test_consistent123_killed_and_resumed_ends_as_uninterrupted(chair, tmp_path):
     p = load_params("tiny", C123)
     img, depth = chair / "rgba.png", chair / "depth.png"
