@@ -61,14 +61,9 @@ def evaluate_fine(fine, coarse, obj, params, device, compare_png=None) -> dict:
 
 def fine_reference(obj, params, device="cpu"):
     """The object's reference view at the fine resolution (depth as 1/z: bigger = nearer)."""
-    from core.rendering.cameras import reference_cameras
-    from core.inputs.images import Reference
+    from core.oracle.bench import oracle_reference
 
-    cams = reference_cameras(params.camera, device=device)
-    r = obj.render(cams, params.fine.resolution, shading="albedo")
-    z = r["depth"][0]
-    disp = torch.where(z > 0, 1.0 / z.clamp_min(1e-6), torch.zeros_like(z))
-    return Reference(rgb=r["rgb"][0].cpu(), mask=r["opacity"][0].cpu(), depth=disp.cpu(), image_path=f"oracle:{obj.name}")
+    return oracle_reference(obj, params, device, params.fine.resolution)
 
 
 def completed_coarse_matches(coarse_dir: Path, params) -> bool:

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from core.export.mesh import extract_mesh, write_mesh
-from core.inputs.images import Reference, save_rgba
-from core.io import atomic_save_image, to_uint8, writable_folder
+from core.inputs.images import Reference
+from core.io import writable_folder
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
+from core.rendering.cameras import Cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, read_state
+from core.stages.engine import (CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, read_state,
+                                write_views)
 from core.stages.losses import (entropy_loss, normal_blur_mse_loss, normal_smoothness_loss, normal_tv_loss,
                                 orientation_loss)
 
@@ -173,20 +174,7 @@ def write_outputs(rep: NeRFRepresentation, params, reference: Reference, out: Pa
     """renders/, reference_rgba.png, mesh.obj/.ply; returns the file list for result.json."""
     c = params.coarse
     rep.field.eval()
-    (out / "renders").mkdir(parents=True, exist_ok=True)
-    save_rgba(reference, out / "reference_rgba.png")
-    files = ["reference_rgba.png"]
-    ref = rep.render_views(reference_cameras(params.camera, device=rep.device), c.resolution)
-    a = ref.opacity[0].clamp_min(1e-6)
-    rgb = ((ref.albedo[0] - (1 - ref.opacity[0])) / a).clamp(0, 1)  # un-composited from white
-    atomic_save_image(out / "renders" / "reference.png", to_uint8(torch.cat([rgb, ref.opacity[0]], 0)))
-    files.append("renders/reference.png")
-    n = params.evaluate.novel_views
-    cams = orbit_cameras(n, 90.0, params.camera.radius, params.camera.fovy, start=360.0 / n, device=rep.device)
-    nov = rep.render_views(cams, c.resolution)
-    for i in range(n):
-        atomic_save_image(out / "renders" / f"novel_{i:03d}.png", to_uint8(nov.rgb[i]))
-        files.append(f"renders/novel_{i:03d}.png")
+    files = write_views(rep, params, reference, out, c.resolution)
     verts, faces, cols = extract_mesh(rep.field, c.mesh_resolution, c.mesh_threshold)
     write_mesh(out / "mesh.obj", verts, faces, cols)
     write_mesh(out / "mesh.ply", verts, faces, cols)

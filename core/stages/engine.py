@@ -202,6 +202,30 @@ def clear_outputs(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def write_views(rep: Representation, params, reference, out: Path, resolution: int) -> list[str]:
+    """reference_rgba.png, renders/reference.png (RGBA, colour un-composited from white) and
+    renders/novel_XXX.png (an orbit of params.evaluate.novel_views) of a representation; the file names."""
+    from core.inputs.images import save_rgba
+    from core.io import atomic_save_image, to_uint8
+
+    (out / "renders").mkdir(parents=True, exist_ok=True)
+    save_rgba(reference, out / "reference_rgba.png")
+    files = ["reference_rgba.png"]
+    ref = rep.render_views(reference_cameras(params.camera, device=rep.device), resolution)
+    colour = ref.albedo if ref.albedo is not None else ref.rgb
+    a = ref.opacity[0].clamp_min(1e-6)
+    rgb = ((colour[0] - (1 - ref.opacity[0])) / a).clamp(0, 1)
+    atomic_save_image(out / "renders" / "reference.png", to_uint8(torch.cat([rgb, ref.opacity[0]], 0)))
+    files.append("renders/reference.png")
+    n = params.evaluate.novel_views
+    cams = orbit_cameras(n, 90.0, params.camera.radius, params.camera.fovy, start=360.0 / n, device=rep.device)
+    nov = rep.render_views(cams, resolution)
+    for i in range(n):
+        atomic_save_image(out / "renders" / f"novel_{i:03d}.png", to_uint8(nov.rgb[i]))
+        files.append(f"renders/novel_{i:03d}.png")
+    return files
+
+
 def erode_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
     """Binary erosion of a (B, 1, H, W) mask by `px` pixels (a (2px+1)² square)."""
     if px <= 0:

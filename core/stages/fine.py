@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from core.export.textured import export_textured_mesh
-from core.inputs.images import Reference, save_rgba
-from core.io import atomic_save_image, to_uint8, writable_folder
+from core.inputs.images import Reference
+from core.io import writable_folder
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
+from core.rendering.cameras import Cameras
 from core.rendering.mesh_render import render_mesh
 from core.rendering.raster import make_rasterizer
 from core.representations.dmtet import DMTet, ColourField, Mesh
 from core.stages.coarse import active_levels
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs
+from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, write_views
 from core.stages.losses import mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency
 
 log = logging.getLogger(__name__)
@@ -164,21 +164,8 @@ def fine_spec(params, clock_offset: int) -> StageSpec:
 def write_outputs(rep: DMTetRepresentation, params, reference: Reference, out: Path,
                   turntable_frames: int = 36) -> dict:
     f = params.fine
-    (out / "renders").mkdir(parents=True, exist_ok=True)
-    save_rgba(reference, out / "reference_rgba.png")
-    files = ["reference_rgba.png"]
+    files = write_views(rep, params, reference, out, f.resolution)
     mesh = rep.dmtet.extract().detach()
-    ref = rep.render_views(reference_cameras(params.camera, device=rep.device), f.resolution)
-    a = ref.opacity[0].clamp_min(1e-6)
-    rgb = ((ref.rgb[0] - (1 - ref.opacity[0])) / a).clamp(0, 1)  # un-composited from white
-    atomic_save_image(out / "renders" / "reference.png", to_uint8(torch.cat([rgb, ref.opacity[0]], 0)))
-    files.append("renders/reference.png")
-    n = params.evaluate.novel_views
-    cams = orbit_cameras(n, 90.0, params.camera.radius, params.camera.fovy, start=360.0 / n, device=rep.device)
-    nov = rep.render_views(cams, f.resolution)
-    for i in range(n):
-        atomic_save_image(out / "renders" / f"novel_{i:03d}.png", to_uint8(nov.rgb[i]))
-        files.append(f"renders/novel_{i:03d}.png")
     exported = export_textured_mesh(mesh, rep.colour, out, texture_size=f.texture_size, rasterizer=rep.rasterizer,
                                     turntable_frames=turntable_frames)
     files += list(exported.values())

@@ -136,28 +136,29 @@ def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     return (1.0 - (fn[fs[pair]] * fn[fs[pair + 1]]).sum(-1)).mean()
 
 
+def _directed_edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions (src, dst) of every unique undirected edge of a triangle mesh."""
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0).sort(1).values
+    e = torch.unique(e, dim=0)
+    return torch.cat([e[:, 0], e[:, 1]]), torch.cat([e[:, 1], e[:, 0]])
+
+
 def mesh_laplacian_loss_unnormalised(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """The released code's uniform Laplacian loss (Magic123 nerf/renderer.py:594-627, Consistent123
     the same): L = D − A over the mesh's edges, loss = mean over all vertices of ‖(L v)_i‖ =
     ‖Σ_{j∈N(i)} (v_i − v_j)‖ (not divided by the degree)."""
-    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0).sort(1).values
-    e = torch.unique(e, dim=0)
-    if e.numel() == 0:
+    src, dst = _directed_edges(faces)
+    if src.numel() == 0:
         return verts.new_zeros(())
-    src = torch.cat([e[:, 0], e[:, 1]])
-    dst = torch.cat([e[:, 1], e[:, 0]])
     lap = torch.zeros_like(verts).index_add(0, src, verts[src] - verts[dst])
     return lap.norm(dim=-1).mean()
 
 
 def mesh_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Uniform Laplacian smoothing: mean over vertices of ‖(1/|N(i)|) Σ_{j∈N(i)} v_j − v_i‖."""
-    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0).sort(1).values
-    e = torch.unique(e, dim=0)
-    if e.numel() == 0:
+    src, dst = _directed_edges(faces)
+    if src.numel() == 0:
         return verts.new_zeros(())
-    src = torch.cat([e[:, 0], e[:, 1]])
-    dst = torch.cat([e[:, 1], e[:, 0]])
     acc = torch.zeros_like(verts).index_add(0, src, verts[dst])
     deg = torch.zeros(verts.shape[0], device=verts.device, dtype=verts.dtype).index_add(0, src, torch.ones_like(src, dtype=verts.dtype))
     used = deg > 0
