@@ -183,6 +183,15 @@ class StagePriorWeights(_Section):
     lambda_3d: float = Field(40.0, ge=0.0)  # λ_3D
 
 
+class LossScaleParams(_Section):
+    """The loss-scale schedule of the released code's GradScaler (torch defaults; docs/fidelity.md
+    "SDS balance (item 1)"): init_scale, ×growth_factor every growth_interval iterations."""
+
+    init_scale: float = Field(65536.0, gt=0.0)
+    growth_factor: float = Field(2.0, ge=1.0)
+    growth_interval: int = Field(2000, ge=1)
+
+
 class GuidanceParams(_Section):
     """Which novel-view guidance runs: Magic123's joint prior (eqs. 7–8), Consistent123's dynamic
     prior (eq. 8–9), the oracle (a known object; machinery tests) or none (reference view only)."""
@@ -194,6 +203,12 @@ class GuidanceParams(_Section):
     # eq. 9 (linear, log) as the released code computes it (w_2D = x, log2(1 + x); the default) or
     # as printed in §4.4 (w_3D = x, log2(x)); eq. 8 (exp) is the same in both. docs/fidelity.md.
     dynamic_reading: Literal["released", "paper"] = "released"
+    # The SDS gradient's balance against the reference losses. loss_scale_schedule: as the released
+    # Magic123 code optimises — its SDS gradient bypasses the fp16 GradScaler and is divided by the
+    # loss scale (1/65536 → 1/262144 over a stage); none: the paper's λ's at face value (as the
+    # Consistent123 code optimises). docs/fidelity.md "SDS balance (item 1)".
+    sds_gradient_scale: Literal["loss_scale_schedule", "none"] = "loss_scale_schedule"
+    loss_scale: LossScaleParams = LossScaleParams()
     oracle_object: Optional[str] = None
 
 
