@@ -46,7 +46,7 @@ def resolve_token(params, parts, reference: Any, token: Optional[dict] = None) -
     params.prompt.learned_embeds, else — without a plain description, textual inversion on — one
     learned now (Magic123 §2.2). None when the prompt is the plain description. Returns
     {placeholder: embedding}."""
-    from core.guidance.textual_inversion import add_token, learn_token, read_learned_embeds
+    from core.guidance.textual_inversion import add_token, learn_token_from_params, read_learned_embeds
 
     if token:
         for name, vec in token.items():
@@ -62,8 +62,7 @@ def resolve_token(params, parts, reference: Any, token: Optional[dict] = None) -
         ti = params.textual_inversion
         log.info("textual inversion: learning %s for the reference image (%d steps)", ti.placeholder, ti.steps)
         rgb, mask = _reference_rgb_mask(reference, params.sd.resolution, params)
-        return learn_token(parts, rgb, mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps,
-                           lr=ti.lr, batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed)
+        return learn_token_from_params(parts, rgb, mask, params)
     return None
 
 
