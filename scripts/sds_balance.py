@@ -337,6 +337,25 @@ def score_run(run_dir: str) -> dict:
     return out
 
 
+def render_checkpoint(run_dir: str, image: str, depth: str | None) -> str:
+    """A coarse run's checkpoint (e.g. of a run still under way) → renders/, reference_rgba.png and
+    mesh.obj in RUN/at_STEP, as the stage writes them at its end; returns that folder."""
+    from core.inputs.images import load_reference
+    from core.params import Params
+    from core.stages.coarse import NeRFRepresentation, write_outputs
+    from core.stages.engine import read_state
+
+    state = read_state(Path(run_dir) / "checkpoint.pt", "coarse")
+    p = Params.model_validate(state.params)
+    ref = load_reference(image, depth, size=p.coarse.resolution, max_pixels=p.segment.max_input_pixels,
+                         object_scale=p.segment.object_scale, recenter=p.segment.recenter, params=p)
+    rep = NeRFRepresentation(p, torch.device("cpu"))
+    rep.load_state_dict(state.representation)
+    out = Path(run_dir) / f"at_{state.step}"
+    write_outputs(rep, p, ref, out)
+    return str(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=5000)
@@ -353,6 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-part1", action="store_true")
     ap.add_argument("--score", nargs="*", default=[], help="coarse run folders to score (part 3)")
+    ap.add_argument("--from-checkpoint", action="store_true",
+                    help="score the runs' latest checkpoints (written to RUN/at_STEP first)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,8 +406,10 @@ def main(argv=None) -> int:
         (out / "sds_headroom.json").write_text(json.dumps(h, indent=2))
         print(json.dumps({k: v for k, v in h.items() if k != "snapshots"}, indent=2))
     if a.score:
-        scores = [score_run(d) for d in a.score]
-        (out / "teddy_scores.json").write_text(json.dumps(scores, indent=2))
+        dirs = [render_checkpoint(d, a.image, a.depth) for d in a.score] if a.from_checkpoint else a.score
+        scores = [score_run(d) for d in dirs]
+        (out / ("teddy_scores_checkpoints.json" if a.from_checkpoint else "teddy_scores.json")).write_text(
+            json.dumps(scores, indent=2))
         print(json.dumps(scores, indent=2))
     return 0
 
