@@ -244,7 +244,7 @@ def headroom(image: str, depth: str | None, iters: int, every: int, device: str,
     from core.stages.coarse import make_coarse_stage
     from core.stages.losses import pearson_depth_loss, reference_mask_loss, reference_rgb_loss
 
-    p = load_params(preset, {"guidance.kind": "none", "device": device, "coarse.iters": iters})
+    p = load_params(preset, {"guidance.kind": "none", "device": device, "coarse.iters": max(iters, 1)})
     dev = torch.device(device)
     ref = load_reference(image, depth, size=p.coarse.resolution, object_scale=p.segment.object_scale, params=p)
     stage = make_coarse_stage(p, ref, guidance=None, device=dev)
