@@ -13,9 +13,12 @@ import numpy as np
 import torch
 
 
-def _atomic(path: Path | str, write: Callable[[Path], None], suffix: str = ".tmp") -> Path:
+def atomic_write(path: Path | str, write: Callable[[Path], None], suffix: str = "") -> Path:
+    """`write(tmp)` writes the file at a temporary path (ending in `suffix`, for writers that go by
+    the extension), which then replaces `path`. The temporary name carries the process id, so
+    parallel workers writing the same cache file do not collide."""
     path = Path(path)
-    tmp = path.with_name(path.name + suffix)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -25,7 +28,7 @@ def _atomic(path: Path | str, write: Callable[[Path], None], suffix: str = ".tmp
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    return _atomic(path, lambda t: t.write_bytes(data))
+    return atomic_write(path, lambda t: t.write_bytes(data))
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
@@ -33,7 +36,7 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
-    return _atomic(path, lambda t: torch.save(obj, t))
+    return atomic_write(path, lambda t: torch.save(obj, t))
 
 
 def atomic_save_image(path: Path | str, arr: np.ndarray) -> Path:
@@ -41,8 +44,24 @@ def atomic_save_image(path: Path | str, arr: np.ndarray) -> Path:
     from PIL import Image
 
     path = Path(path)
-    return _atomic(path, lambda t: Image.fromarray(arr).save(t, format=Image.registered_extensions()[path.suffix.lower()]),
-                   suffix=".tmp" + path.suffix)
+    return atomic_write(path, lambda t: Image.fromarray(arr).save(t, format=Image.registered_extensions()[path.suffix.lower()]),
+                        suffix=path.suffix)
+
+
+def writable_folder(path: Path | str, what: str = "--out") -> Path:
+    """`path` as a folder this process can write into (created if missing), or one clear line
+    (InputError) saying why not — checked before any work is done."""
+    from core.errors import InputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".lift3d-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {what} {path}: {e.strerror or type(e).__name__}") from None
+    return path
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:

@@ -54,10 +54,22 @@ class CameraParams(_Section):
     azimuth_range: tuple[float, float] = (-180.0, 180.0)
     radius_range: tuple[float, float] = (1.8, 1.8)
     fovy_range: tuple[float, float] = (40.0, 40.0)
-    # Magic123: the reference view every `ref_every`-th iteration. Consistent123 samples it with
-    # probability `ref_prob` instead (0.25); when ref_prob is set it wins.
+    # the reference view every `ref_every`-th iteration (the released code of both papers), or with
+    # probability `ref_prob` (Consistent123's paper: 0.25); when ref_prob is set it wins.
     ref_every: int = Field(4, ge=1)
     ref_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
+    # Released novel-view sampling (stable-dreamfusion's rand_poses; docs/fidelity.md item 4): with
+    # this probability a draw (one per batch) puts the camera on the upper hemisphere, ignoring
+    # polar_range / azimuth_range (Magic123: 0.5, main.py:166; Consistent123: 0, main.py:76)
+    uniform_sphere_rate: float = Field(0.5, ge=0.0, le=1.0)
+    # how that draw is made: 'cube' = a point uniform in [-1,1]×[0,1]×[-1,1], normalised (Magic123's
+    # provider.py:87-93; not uniform on the sphere), 'gaussian' = |N(0, I)| in y, normalised (uniform
+    # on the upper hemisphere; later stable-dreamfusion, Consistent123 provider.py:92-99)
+    uniform_sphere_draw: Literal["cube", "gaussian"] = "cube"
+    # Consistent123's released coarse stage widens the ranges from the reference view to the full
+    # ranges: r = min(1, progressive_init_ratio + 2·step/iters) (nerf/utils.py:693-703, main.py:308)
+    progressive_view: bool = False
+    progressive_init_ratio: float = Field(0.2, ge=0.0, le=1.0)
 
 
 # ------------------------------------------------------------------------------------------- NeRF field
@@ -104,7 +116,12 @@ class CoarseLossWeights(_Section):
     rgb: float = 5.0  # λ_rgb, eq. 1
     mask: float = 0.5  # λ_mask, eq. 1
     depth: float = 0.01  # λ_d, eq. 2 (paper 0.001, released scripts 0.01)
-    normal_smooth: float = 0.5  # λ_n, eq. 3
+    # λ_n, eq. 3: the paper's ‖n − τ(g(n))‖ (normal_smooth_form: paper) or the released code's
+    # MSE(n, g(n)) (lambda_normal_smooth2d, Magic123 main.py:282); docs/fidelity.md
+    normal_smooth: float = 0.5
+    # the released code's total variation of the normal map (lambda_normal_smooth, Magic123 main.py:280);
+    # used with normal_smooth_form: released
+    normal_smooth_tv: float = 0.5
     entropy: float = 1e-3
     orientation: float = 1e-2
 
@@ -117,8 +134,12 @@ class CoarseParams(_Section):
     samples_per_ray: int = Field(128, ge=4)
     grid: HashGridParams = HashGridParams()
     mlp: MLPParams = MLPParams()
-    density_blob_scale: float = 10.0  # Magic3D blob: density += scale·(1 − |x|/std)
-    density_blob_std: float = 0.5
+    # the density blob added to the raw density: gaussian scale·exp(−|x|²/(2·std²)) (the released
+    # code with its exp activation, Magic123 nerf/renderer.py:733-745) | linear scale·(1 − |x|/std)
+    # (Magic3D / threestudio's blob_magic3d; the released code's reading under softplus)
+    density_blob: Literal["gaussian", "linear"] = "gaussian"
+    density_blob_scale: float = 10.0
+    density_blob_std: float = 0.2  # released blob_radius 0.2; threestudio's linear blob: 0.5
     density_activation: Literal["softplus", "trunc_exp"] = "trunc_exp"  # the released code; softplus: threestudio
     grid_lr_scale: float = Field(10.0, gt=0.0)  # released code: the hash grid's lr is 10× the MLP's
     lr_final: float = Field(1.0, gt=0.0, le=1.0)  # lr × lr_final^(step/iters): 1 = constant (released code)
@@ -127,6 +148,36 @@ class CoarseParams(_Section):
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)
     occupancy_decay: float = Field(0.95, gt=0.0, le=1.0)  # Instant-NGP: a cell keeps max(decay·old, new)
+    # the hash grid's coarse-to-fine schedule: step (Magic123: the finest level_mask_levels levels
+    # zeroed while step ≤ level_mask_iters, nerf/utils.py:1266-1270, nerf/network_grid.py:71-75) |
+    # progressive (Consistent123: the first ceil(min(1, 0.25 + 2·(step+1)/iters)·levels) levels,
+    # nerf/utils.py:705-707, gridencoder/grid.py:42) | none
+    level_mask: Literal["none", "step", "progressive"] = "step"
+    level_mask_levels: int = Field(8, ge=0)
+    level_mask_iters: int = Field(3000, ge=0)
+    # the first ref_warmup iterations render the reference view only (released known_iters 100:
+    # global steps 1..99, Magic123 nerf/utils.py:552-553); Consistent123: 0
+    ref_warmup: int = Field(99, ge=0)
+    # the reference view is rendered at ref_scale × resolution (known_view_scale 1.5, Magic123
+    # main.py:212, nerf/provider.py:203-204) with one N(0, ref_ray_noise²) offset added to every ray
+    # origin and another to every direction (known_view_noise_scale 1e-3, nerf/utils.py:599-603)
+    ref_scale: float = Field(1.5, gt=0.0)
+    ref_ray_noise: float = Field(1e-3, ge=0.0)
+    # novel views: random = one uniform random colour per view behind the object (bg_radius −1,
+    # nerf/utils.py:638-643: always, p = 1) | white
+    novel_background: Literal["random", "white"] = "random"
+    # eq. 3 as released (TV + MSE to the 9×9 blur of the normal image Σ sg(w_i)(n_i + 1)/2, reflect
+    # padding; nerf/utils.py:801-813, nerf/renderer.py:1160-1162) | paper (‖n − sg(blur(n))‖ of the
+    # composited normals)
+    normal_smooth_form: Literal["released", "paper"] = "released"
+    # released form: the MSE's blurred target carries gradient (Magic123 utils.py:812) | stop-grad (Consistent123)
+    normal_smooth_blur_grad: bool = True
+    # entropy regulariser on each sample's weight w_i (released: outputs['weights'], utils.py:796) |
+    # on each ray's opacity
+    entropy_on: Literal["samples", "opacity"] = "samples"
+    # its weight ramps as λ·min(1, (step+1)/(entropy_ramp·iters)) (released: min(1, 2·step/iters),
+    # utils.py:794-795); 0: no ramp
+    entropy_ramp: float = Field(0.5, ge=0.0)
     shading: ShadingParams = ShadingParams()
     losses: CoarseLossWeights = CoarseLossWeights()
     checkpoint_every: int = Field(500, ge=1)
@@ -138,7 +189,7 @@ class CoarseParams(_Section):
 class FineLossWeights(_Section):
     rgb: float = 5.0
     mask: float = 0.5
-    depth: float = 0.01
+    depth: float = 0.0  # released: lambda_depth = 0 in the DMTet stage (Magic123 main.py:415-417)
     normal_consistency: float = 0.1
     laplacian: float = 0.1
 
@@ -147,12 +198,53 @@ class FineParams(_Section):
     iters: int = Field(5000, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     resolution: int = Field(1024, ge=8)  # 8× the coarse resolution
-    tet_resolution: int = Field(128, ge=2, le=512)  # voxels per axis of the Kuhn tet grid (6 tets each); 256 an option
+    # voxels per axis of the Kuhn tet grid (6 tets each). 128 matches the released quartet grid
+    # "256" (tet_grid_size, Magic123 main.py:115) in vertex and tet count (docs/fidelity.md)
+    tet_resolution: int = Field(128, ge=2, le=512)
+    # the tet grid rescaled per axis to max|v| + tet_margin over the vertices with σ > τ (released
+    # get_sdf_from_nerf, Magic123 nerf/renderer.py:1565-1572)
+    tet_rescale: bool = True
+    tet_margin: float = Field(0.1, ge=0.0)
+    # the SDF's level τ: min(mean density of the coarse occupancy grid, coarse.mesh_threshold)
+    # (released: min(mean_density, density_thresh), renderer.py:1560-1561) | coarse.mesh_threshold
+    sdf_threshold: Literal["mean_density", "mesh_threshold"] = "mean_density"
+    # SDF = (σ − τ) clamped to [−1, 1] (released, renderer.py:1573-1574) | ((σ − τ)/τ) clamped
+    sdf_scale: Literal["unit", "threshold"] = "unit"
+    # mesh Laplacian: Σ_j (v_i − v_j) (the released unnormalised uniform Laplacian, renderer.py:594-627)
+    # | (1/|N(i)|) Σ_j v_j − v_i
+    laplacian_form: Literal["unnormalised", "normalised"] = "unnormalised"
+    ref_warmup: int = Field(99, ge=0)  # released known_iters 100 is not reset for the DMTet stage
+    novel_background: Literal["random", "white"] = "random"  # as coarse.novel_background (nerf/utils.py:638-643)
+    # the colour field's hash-grid levels: none (Magic123: grid_levels_mask = −1, main.py:412) |
+    # progressive (Consistent123 keeps progressive_level in the DMTet stage, main.py:358)
+    level_mask: Literal["none", "progressive"] = "none"
     mask_erode_px: int = Field(2, ge=0)
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
     texture_size: int = Field(1024, ge=16)
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+class OptimizerParams(_Section):
+    """The optimiser of both stages (core/stages/optim.py). Magic123's scripts: Adam, betas
+    (0.9, 0.99), eps 1e-15 (main.py:554-555, scripts --optim adam). Consistent123 (default --optim
+    adan): Adan at 5× the lr, betas (0.98, 0.92, 0.99), eps 1e-8, weight decay 2e-5, global
+    gradient-norm clip 5 (main.py:457-460, optimizer.py)."""
+
+    name: Literal["adam", "adan"] = "adam"
+    lr_scale: float = Field(1.0, gt=0.0)  # every group's lr × this (released Adan: 5)
+    betas: tuple[float, ...] = (0.9, 0.99)  # Adam: 2, Adan: 3
+    eps: float = Field(1e-15, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)  # Adam: L2 added to the gradient; Adan: decoupled (÷(1 + lr·wd))
+    max_grad_norm: float = Field(0.0, ge=0.0)  # clip the global gradient norm to this (0: off)
+
+    @model_validator(mode="after")
+    def _betas(self) -> "OptimizerParams":
+        want = 2 if self.name == "adam" else 3
+        if len(self.betas) != want:
+            raise ValueError(f"{self.name} takes {want} betas, got {len(self.betas)}")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- priors
@@ -162,9 +254,14 @@ class StableDiffusionParams(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 512
     fp16: bool = True
-    # torch.compile of the UNet on a GPU (bench speed, H200, both UNets: eager 169 ms per coarse iteration,
-    # 'default' 155 ms, 'reduce-overhead' i.e. CUDA graphs 129 ms); 'none' on the CPU always
+    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
+    # [0.2, 0.5]); null: t_range in both stages
+    fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
+    # "<prompt>, front/side/back view" text embeddings interpolated by |Δazimuth| to the reference
+    # (released code of both papers; docs/fidelity.md item 2); false: the one prompt (papers' text)
+    view_dependent_prompt: bool = True
 
 
 class Zero123Params(_Section):
@@ -173,9 +270,12 @@ class Zero123Params(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 256
     fp16: bool = True
-    # torch.compile of the UNet on a GPU (bench speed, H200, both UNets: eager 169 ms per coarse iteration,
-    # 'default' 155 ms, 'reduce-overhead' i.e. CUDA graphs 129 ms); 'none' on the CPU always
+    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
+    # the SDS gradient of each view × (angle to the reference view)/180° (released
+    # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)
+    angle_weighting: bool = True
 
 
 class StagePriorWeights(_Section):
@@ -309,9 +409,14 @@ class Params(_Section):
     method: Literal["magic123", "consistent123"] = "magic123"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # PyTorch's CPU threads in each step (null: the machine's cores). A CPU run's numbers depend on
+    # it (sums split across threads round differently), so runs compare bit for bit only at one count;
+    # it is fixed per step so that a Dask worker (which starts with 1) computes what this process does.
+    cpu_threads: Optional[int] = Field(None, ge=1)
     camera: CameraParams = CameraParams()
     coarse: CoarseParams = CoarseParams()
     fine: FineParams = FineParams()
+    optimizer: OptimizerParams = OptimizerParams()
     guidance: GuidanceParams = GuidanceParams()
     sd: StableDiffusionParams = StableDiffusionParams()
     zero123: Zero123Params = Zero123Params()
@@ -344,14 +449,14 @@ class Params(_Section):
 # cache key and its checkpoint's resume check hash these; tests/test_params.py records what each
 # step really reads (`recording_reads`) and holds it to this table.
 STEP_READS: dict[str, tuple[str, ...]] = {
-    "prepare": ("segment", "depth", "models", "device"),
-    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device"),
+    "prepare": ("segment", "depth", "models", "device", "cpu_threads"),
+    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device", "cpu_threads"),
     # the stages render the novel views that evaluation scores: their number is a stage input too
-    "coarse": ("method", "seed", "device", "camera", "coarse", "fine.iters", "guidance", "sd", "zero123", "prompt",
-               "textual_inversion", "detector", "models", "segment", "evaluate.novel_views"),
-    "fine": ("method", "seed", "device", "camera", "coarse", "fine", "guidance", "sd", "zero123", "prompt",
-             "textual_inversion", "models", "segment", "evaluate.novel_views"),
-    "evaluate": ("evaluate", "models", "method", "device"),
+    "coarse": ("method", "seed", "device", "cpu_threads", "camera", "coarse", "fine.iters", "optimizer", "guidance", "sd",
+               "zero123", "prompt", "textual_inversion", "detector", "models", "segment", "evaluate.novel_views"),
+    "fine": ("method", "seed", "device", "cpu_threads", "camera", "coarse", "fine", "optimizer", "guidance", "sd", "zero123",
+             "prompt", "textual_inversion", "models", "segment", "evaluate.novel_views"),
+    "evaluate": ("evaluate", "models", "method", "device", "cpu_threads"),
 }
 
 
@@ -506,7 +611,14 @@ def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
 
 
 def resolve_device(params: Params):
+    """The torch device of params.device; also fixes PyTorch's CPU threads (params.cpu_threads)."""
+    import os
+
     import torch
+
+    threads = params.cpu_threads or os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
     if params.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

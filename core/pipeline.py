@@ -57,6 +57,17 @@ def _guidance(params: Params, reference, stage: str, device, token: Optional[dic
     return None if params.guidance.kind == "none" else build_guidance(params, reference, stage, device, token)
 
 
+def will_resume(out_dir: Path | str, stage: str, params: Params) -> bool:
+    """True when `stage` run into `out_dir` with `params` will continue a checkpoint there."""
+    from core.errors import InputError
+    from core.params import step_digest
+
+    try:
+        return _resumable(Path(out_dir) / "checkpoint.pt", stage, step_digest(params, stage), True) is not None
+    except InputError:  # unreadable: the stage itself will say so
+        return False
+
+
 def _resumable(ck_path: Path, stage: str, digest: str, resume: bool):
     """The checkpoint's state when the stage will resume from it (same stage, same parameters)."""
     from core.stages.engine import read_state
@@ -80,12 +91,15 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     from core.stages.coarse import run_coarse
     from core.stages.engine import CHECKPOINT
 
+    from core.io import writable_folder
+
     device = resolve_device(params)
     out = Path(out_dir)
     if reference is None:
         reference = load_reference(image, depth, size=params.coarse.resolution,
                                    max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
                                    recenter=params.segment.recenter, params=params)
+    writable_folder(out)  # before any model is loaded or token learned
     digest = step_digest(params, "coarse")
     earlier = _resumable(out / CHECKPOINT, "coarse", digest, resume)
     if guidance is None:
@@ -127,7 +141,9 @@ def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Param
         reference = load_reference(image, depth, size=params.fine.resolution,
                                    max_pixels=params.segment.max_input_pixels,
                                    object_scale=params.segment.object_scale, recenter=recenter, params=params)
-    out = Path(out_dir)
+    from core.io import writable_folder
+
+    out = writable_folder(out_dir)
     digest = step_digest(params, "fine")
     if guidance is None:
         guidance = _guidance(params, reference, "fine", device, token=coarse.token)

@@ -89,7 +89,7 @@ def build_tiny_parts(device: torch.device, dtype: torch.dtype, params):
 
 
 class _Scene:
-    """What the priors guide: a NeRF (Helper A's core.representations.nerf) rendered at the coarse resolution when
+    """What the priors guide: a NeRF (core.representations.nerf) rendered at the coarse resolution when
     available, else a learnable image of that size."""
 
     def __init__(self, params, device: torch.device, kind: str = "auto"):
@@ -205,10 +205,13 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
     build_s = time.perf_counter() - t0
     prompt = params.prompt.template.replace("{text}", "a chair").replace(params.textual_inversion.placeholder, "a chair")
     sd = StableDiffusionGuidance(sd_parts, prompt, guidance_scale=params.sd.guidance_scale, t_range=params.sd.t_range,
-                                 resolution=params.sd.resolution, seed=params.seed)
+                                 resolution=params.sd.resolution, seed=params.seed,
+                                 view_dependent=params.sd.view_dependent_prompt,
+                                 reference_azimuth=params.camera.ref_azimuth)
     ref = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(1))
     z = Zero123Guidance(z_parts, ref, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
-                        t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)
+                        t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed,
+                        angle_weighting=params.zero123.angle_weighting)
     w = params.guidance.coarse
     scene = _Scene(params, device, scene)
     result: dict[str, Any] = {

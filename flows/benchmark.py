@@ -94,6 +94,9 @@ def cli_benchmark(args) -> int:
     import json
 
     discover(args.dataset, args.limit)  # fail on a bad dataset before Prefect starts
+    from flows.server import start_reaped_ephemeral_server
+
+    start_reaped_ephemeral_server()  # a killed run leaves no Prefect server behind
     params = load_params(args.preset, args.overrides, args.params)
     runner = task_runner(args.gpus, args.scheduler)
     result = benchmark_flow.with_options(task_runner=runner)(

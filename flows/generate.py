@@ -79,6 +79,9 @@ def cli_generate(args) -> int:
     import json
 
     _check_inputs(args.image, args.depth, args.embeds)
+    from flows.server import start_reaped_ephemeral_server
+
+    start_reaped_ephemeral_server()  # a killed run leaves no Prefect server behind
     params = load_params(args.preset, args.overrides, args.params).with_inputs(text=args.text)
     metrics = generate_flow(str(args.image), str(args.out), params,
                             str(args.depth) if args.depth else None, str(args.embeds) if args.embeds else None)

@@ -16,9 +16,10 @@ from tasks.tracking import stage_run
                                    ("image", "depth", "params.prompt.learned_embeds"), ("out_dir",)))
 def coarse_task(image: str, out_dir: str, params: Params, depth: Optional[str] = None,
                 asset: str = "asset", parent_run_id: Optional[str] = None) -> str:
-    from core.pipeline import coarse_stage
+    from core.pipeline import coarse_stage, will_resume
 
-    with stage_run(params.to_dict(), asset, "coarse", parent_run_id) as run:
+    with stage_run(params.to_dict(), asset, "coarse", parent_run_id, out_dir=out_dir,
+                   resuming=will_resume(out_dir, "coarse", params)) as run:
         result = coarse_stage(Path(image), Path(out_dir), params, depth=Path(depth) if depth else None,
                               callback=run.log_step if run else None)
         if run:

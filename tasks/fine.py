@@ -16,9 +16,10 @@ from tasks.tracking import stage_run
                                    ("coarse_checkpoint", "image", "depth"), ("out_dir",)))
 def fine_task(coarse_checkpoint: str, out_dir: str, params: Params, image: str, depth: Optional[str] = None,
               asset: str = "asset", parent_run_id: Optional[str] = None) -> str:
-    from core.pipeline import fine_stage
+    from core.pipeline import fine_stage, will_resume
 
-    with stage_run(params.to_dict(), asset, "fine", parent_run_id) as run:
+    with stage_run(params.to_dict(), asset, "fine", parent_run_id, out_dir=out_dir,
+                   resuming=will_resume(out_dir, "fine", params)) as run:
         result = fine_stage(Path(coarse_checkpoint), Path(out_dir), params, Path(image),
                             depth=Path(depth) if depth else None, callback=run.log_step if run else None)
         if run:

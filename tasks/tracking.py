@@ -75,24 +75,54 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+RUN_MARKER = ".mlflow_run.json"  # in a stage folder: the MLflow run of the stage run that wrote it
+
+
+def _earlier_run(client, out_dir: Optional[Path]) -> Optional[str]:
+    """The run id an interrupted run of this stage folder left RUNNING (killed before it could end)."""
+    marker = Path(out_dir) / RUN_MARKER if out_dir else None
+    if marker is None or not marker.is_file():
+        return None
+    try:
+        run_id = json.loads(marker.read_text())["run_id"]
+        return run_id if client.get_run(run_id).info.status == "RUNNING" else None
+    except Exception:  # noqa: BLE001 - another store, a deleted run: nothing to continue
+        return None
+
+
 @contextmanager
 def stage_run(params: dict, name: str, stage: str, parent_run_id: Optional[str] = None,
-              tags: Optional[dict] = None) -> Iterator[Optional[StageRun]]:
-    """An MLflow run for one asset and stage (yields None when tracking is off)."""
+              tags: Optional[dict] = None, out_dir: Optional[Path | str] = None,
+              resuming: bool = False) -> Iterator[Optional[StageRun]]:
+    """An MLflow run for one asset and stage (yields None when tracking is off).
+
+    With `out_dir`, the run's id is kept in out_dir/.mlflow_run.json. A run that a killed process
+    left RUNNING there is continued when the stage resumes from its checkpoint (`resuming`), so the
+    history stays in one run; otherwise it is ended FAILED and a new run starts."""
     if not params.get("tracking", {}).get("enabled", True):
         yield None
         return
     client, exp_id = _client(params)
-    all_tags = {"asset": name, "stage": stage, "mlflow.runName": f"{name}/{stage}", **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=all_tags)
-    handle = StageRun(client, run.info.run_id)
-    flat = _flatten(params)
-    from mlflow.entities import Param
+    earlier = _earlier_run(client, Path(out_dir) if out_dir else None)
+    if earlier and resuming:
+        run_id = earlier
+        log.info("MLflow: continuing the interrupted run %s of %s/%s", run_id, name, stage)
+    else:
+        if earlier:
+            client.set_terminated(earlier, status="FAILED")
+        all_tags = {"asset": name, "stage": stage, "mlflow.runName": f"{name}/{stage}", **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, tags=all_tags).info.run_id
+        from mlflow.entities import Param
 
-    client.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
-                                               for k, v in sorted(flat.items())][:1000])
+        flat = _flatten(params)
+        client.log_batch(run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
+                                         for k, v in sorted(flat.items())][:1000])
+        if out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / RUN_MARKER).write_text(json.dumps({"run_id": run_id}))
+    handle = StageRun(client, run_id)
     status = "FAILED"
     try:
         yield handle
@@ -101,7 +131,7 @@ def stage_run(params: dict, name: str, stage: str, parent_run_id: Optional[str] 
         try:
             handle.flush()
         finally:
-            client.set_terminated(run.info.run_id, status=status)
+            client.set_terminated(run_id, status=status)
 
 
 def start_parent_run(params: dict, name: str, tags: Optional[dict] = None) -> Optional[str]:

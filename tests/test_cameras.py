@@ -40,11 +40,16 @@ def test_every_camera_looks_at_the_origin():
 
 
 def test_sampled_cameras_stay_in_range():
-    p = load_params().camera
+    # without the released upper-hemisphere draws (uniform_sphere_rate; tests/test_fidelity_m123_views.py)
+    p = load_params(overrides=["camera.uniform_sphere_rate=0"]).camera
     cams = sample_cameras(p, 500, torch.Generator().manual_seed(2))
     assert cams.polar.min() >= 45 and cams.polar.max() <= 135
     assert cams.azimuth.min() >= -180 and cams.azimuth.max() <= 180
     assert torch.allclose(cams.radius, torch.full((500,), 1.8))
+    # with them (the base: 0.5) polar runs from the top (0°) to the range's bottom
+    g = torch.Generator().manual_seed(2)
+    polar = torch.cat([sample_cameras(load_params().camera, 1, g).polar for _ in range(500)])
+    assert polar.min() >= 0 and polar.max() <= 135 and (polar < 45).any()
 
 
 def test_rays_and_projection_agree():

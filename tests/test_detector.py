@@ -137,7 +137,7 @@ class RecordingGuidance:
 
 
 def test_coarse_loop_ends_stage_one_at_the_detector_switch(tmp_path):
-    """Helper A's coarse loop consults the detector and calls guidance.start_stage2 at its switch."""
+    """The stage loop consults the detector and calls guidance.start_stage2 at its switch."""
     pytest.importorskip("core.stages.coarse")
     from core.stages.coarse import run_coarse
     from core.inputs.images import Reference

@@ -112,13 +112,13 @@ def test_report_tables_plots_gallery(tmp_path):
     from core.evaluation.report import load_published, write_report
 
     res = tmp_path / "results"
-    vals = {"a": (0.70, 20.0, 0.20), "b": (0.80, 24.0, 0.10)}
+    vals = {"a": (0.70, 20.0, 0.20), "b": (0.80, 24.0, 0.10), "c": (0.10, 5.0, 0.90)}
     for asset, (c, p, l) in vals.items():
         d = res / "realfusion15" / asset
         (d / "fine").mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps(
             {"clip_similarity": c, "psnr": p, "lpips": l, "method": "consistent123", "asset": asset,
-             "dataset": "realfusion15"}))
+             "dataset": "realfusion15", "priors": "tiny random" if asset == "c" else "pretrained"}))
         imageio.mimsave(d / "fine" / "turntable.gif", [np.full((8, 8, 3), 100 * i, np.uint8) for i in range(3)])
     det = StageDetector(DetectorParams(enabled=True, every=10, earliest=20, latest=100),
                         lambda imgs: 0.3)
@@ -136,14 +136,16 @@ def test_report_tables_plots_gallery(tmp_path):
     m123 = pub[(pub.dataset == "RealFusion15") & (pub.method == "Magic123")]
     assert len(m123) == 2  # both papers report Magic123 on RealFusion15
     assert "consistent123 (ours, n=2)" in md and "Consistent123 [Consistent123 Table 1]" in md
+    # a run with the tiny random priors is its own column, labelled as such, out of the mean
+    assert "consistent123 (ours, tiny random priors: not comparable, n=1)" in md
     for k in ("metrics_RealFusion15", "detector_traces", "gallery"):
         assert k in out
     assert Image.open(out["metrics_RealFusion15"]).size[0] > 100
-    assert (tmp_path / "reports" / "gallery.html").read_text().count("<img") == 2
+    assert (tmp_path / "reports" / "gallery.html").read_text().count("<img") == 3
 
 
 def test_evaluate_reads_a_real_coarse_stage_folder(tiny_env, tmp_path):
-    """The stage-folder contract end to end: Helper A's coarse stage writes it, evaluate reads it."""
+    """The stage-folder contract end to end: the coarse stage writes it, evaluate reads it."""
     pytest.importorskip("core.stages.coarse")
     from core.stages.coarse import run_coarse
     from core.inputs.images import Reference

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
@@ -69,6 +70,18 @@ def test_generate_runs_end_to_end_then_caches(harness):
     assert (out / "fine/result.json").stat().st_mtime_ns == stamps["fine/result.json"]
     assert (out / "metrics.json").stat().st_mtime_ns != stamps["metrics.json"]
 
+    # a fine-stage parameter changes: the fine stage trains afresh (never resumes the old checkpoint at
+    # its last step), the coarse stage stays cached
+    from core.stages.engine import read_state
+
+    before = read_state(out / "fine" / "checkpoint.pt")
+    generate_flow(str(obj / "rgba.png"), str(out), _params(root, "fine.lr=0.05"), depth=str(obj / "depth.png"))
+    after = read_state(out / "fine" / "checkpoint.pt")
+    assert (out / "coarse/result.json").stat().st_mtime_ns == stamps["coarse/result.json"]
+    assert after.params_digest != before.params_digest and after.step == before.step
+    assert not torch.equal(after.representation["dmtet"]["sdf"], before.representation["dmtet"]["sdf"])
+    assert json.loads((out / "fine" / "result.json").read_text())["params_digest"] == after.params_digest
+
     # a deleted stage folder is rebuilt, not trusted to the cache
     shutil.rmtree(out / "fine")
     generate_flow(str(obj / "rgba.png"), str(out), _params(root), depth=str(obj / "depth.png"))
@@ -124,3 +137,67 @@ def test_scheduled_benchmark_deployment_carries_cron_and_parameters():
     # the validated params travel as their JSON and come back as the same Params
     assert Params.model_validate(d.parameters["params"]) == params and d.parameters["params"]["seed"] == 3
     assert [s.schedule.cron for s in d.schedules] == ["0 2 * * *"]
+
+
+@pytest.mark.slow
+def test_two_dask_workers_give_the_meshes_of_one_process(harness):
+    """Same seed, same numbers: the tiny benchmark in this process and on two Dask worker processes
+    (which start with one CPU thread each) ends with identical checkpoints and meshes."""
+    from dask.distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from core.stages.engine import read_state
+    from flows.benchmark import benchmark_flow
+
+    root = harness / "dask"
+    ds = root / "mini"
+    for name in ("chair", "drums"):
+        (ds / name).mkdir(parents=True)
+        for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
+            shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
+    # one stage iteration fewer than tiny: the test runs two benchmarks of two assets
+    params = _params(root, "tracking.enabled=false", "coarse.iters=6", "fine.iters=2")
+    benchmark_flow(str(ds), str(root / "local"), params, limit=2, preset="tiny")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        runner = DaskTaskRunner(address=cluster.scheduler_address)
+        benchmark_flow.with_options(task_runner=runner)(str(ds), str(root / "dask"), params, limit=2, preset="tiny")
+    for name in ("chair", "drums"):
+        for stage in ("coarse", "fine"):
+            a = read_state(root / "local" / "mini" / name / stage / "checkpoint.pt")
+            b = read_state(root / "dask" / "mini" / name / stage / "checkpoint.pt")
+            key = "field" if stage == "coarse" else "colour_field"
+            for k, t in a.representation[key].items():
+                assert torch.equal(t, b.representation[key][k]), (name, stage, k)
+            ra = json.loads((root / "local" / "mini" / name / stage / "result.json").read_text())
+            rb = json.loads((root / "dask" / "mini" / name / stage / "result.json").read_text())
+            assert ra["mesh_faces"] == rb["mesh_faces"] > 0, (name, stage)
+
+
+@pytest.mark.slow
+def test_a_killed_generate_leaves_no_prefect_server_behind(tmp_path):
+    """kill -9 of `lift3d generate` mid-run: its temporary Prefect server goes with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    obj = BENCH / "nerf4" / "chair"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "generate", str(obj / "rgba.png"), "--out",
+                             str(tmp_path / "run"), "--preset", "tiny", "--set", "coarse.iters=400",
+                             "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlruns.db"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+    servers = []
+    deadline = time.time() + 240
+    while time.time() < deadline and not (servers and (tmp_path / "run" / "coarse").exists()):
+        servers = [c for c in me.children(recursive=True) if "create_app" in " ".join(c.cmdline())]
+        time.sleep(1)
+    assert servers, "no temporary Prefect server was started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(servers, timeout=20)
+    assert not alive, [p.pid for p in alive]

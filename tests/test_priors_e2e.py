@@ -1,6 +1,6 @@
 """End to end: `lift3d coarse <benchmark rgba.png> --depth … --preset smoke` with both tiny priors
 (SD and Zero-1-to-3 through the real loader), textual inversion on the fly, a checkpoint and a mesh.
-Runs once Helper A's coarse loop (core/stages/coarse.py, flows/coarse.py) is in; sizes cut with --set so
+The coarse stage through the CLI (flows/coarse.py) with tiny priors; sizes cut with --set so
 it fits the CPU test budget (the smoke preset itself is 300 iterations)."""
 from __future__ import annotations
 

@@ -198,3 +198,115 @@ def test_each_stage_reads_only_its_step_reads(chair, tmp_path):
         stray = sorted(k for k in reads if not covered(k, STEP_READS[stage]))
         assert not stray, f"{stage} reads {stray}, which STEP_READS['{stage}'] leaves out"
         assert reads, stage
+
+
+class _ZeroPrior:
+    """A stand-in prior: zero loss that keeps the graph (the schedule is what is tested)."""
+
+    def __call__(self, batch):
+        from core.guidance.base import GuidanceOutput
+
+        return GuidanceOutput(loss=batch.rgb.sum() * 0.0, diagnostics={"grad_norm": 0.0})
+
+
+def _oracle_ref(p):
+    from core.oracle.bench import oracle_reference
+    from core.oracle.objects import make_object
+
+    return oracle_reference(make_object("torus"), p)
+
+
+TINY_NERF = {"coarse.resolution": 16, "coarse.samples_per_ray": 8, "coarse.grid.levels": 2,
+             "coarse.grid.log2_table_size": 8, "coarse.grid.max_resolution": 32, "coarse.mlp.hidden": 8,
+             "coarse.occupancy_resolution": 8, "fine.resolution": 16, "fine.tet_resolution": 8,
+             "fine.texture_size": 16, "evaluate.novel_views": 1, "detector.enabled": False}
+
+
+@pytest.mark.parametrize("schedule", ["exp", "linear", "log"])
+def test_trace_weights_stay_in_unit_interval_and_run_on_into_the_fine_stage(tmp_path, schedule):
+    """Consistent123's trace.csv: w_2D, w_3D in [0, 1], summing to 1, and one continuous schedule
+    from the last coarse row to the first fine row (the switch made in the coarse stage)."""
+    import pandas as pd
+
+    from core.guidance.priors import DynamicPrior
+    from core.stages.coarse import run_coarse
+    from core.stages.fine import run_fine
+
+    p = load_params("tiny", {**C123, **TINY_NERF, "guidance.dynamic_schedule": schedule, "coarse.iters": 20,
+                             "fine.iters": 10})
+    ref = _oracle_ref(p)
+    prior = DynamicPrior(_ZeroPrior(), _ZeroPrior(), 1.0, 1.0, schedule=schedule)
+    prior.start_stage2(5)  # as the detector would
+    coarse = run_coarse(p, ref, tmp_path / "c", guidance=prior, progress=False)
+    fprior = DynamicPrior(_ZeroPrior(), _ZeroPrior(), 1.0, 1.0, schedule=schedule)
+    run_fine(p, ref, coarse.rep.field, tmp_path / "f", coarse=coarse.snapshot(), guidance=fprior, progress=False,
+             turntable_frames=1)
+    c, f = pd.read_csv(tmp_path / "c" / "trace.csv"), pd.read_csv(tmp_path / "f" / "trace.csv")
+    both = pd.concat([c, f])
+    assert list(both["clock"]) == list(range(30))  # every step traced at this length, one clock
+    assert ((both.w_2d >= 0) & (both.w_2d <= 1) & (both.w_3d >= 0) & (both.w_3d <= 1)).all()
+    assert ((both.w_2d + both.w_3d - 1).abs() < 1e-9).all()
+    assert (c.w_2d[c.clock < 5] == 0).all() and both.w_2d.is_monotonic_increasing
+    # continuous: the step from the last coarse row to the first fine row is an ordinary step
+    steps = both.w_2d.diff().iloc[1:]
+    assert float(f.w_2d.iloc[0] - c.w_2d.iloc[-1]) <= float(steps.max()) + 1e-12
+    assert float(both.w_2d.iloc[-1]) > 0.5 if schedule != "exp" else float(both.w_2d.iloc[-1]) > 0.6
+
+
+def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path):
+    from core.errors import Lift3DError
+    from core.stages.coarse import run_coarse
+
+    class NaNAt:
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, batch):
+            from core.guidance.base import GuidanceOutput
+
+            bad = batch.step >= self.step
+            return GuidanceOutput(loss=batch.rgb.sum() * (float("nan") if bad else 0.0), diagnostics={})
+
+    p = load_params("tiny", {**TINY_NERF, "coarse.iters": 12, "coarse.checkpoint_every": 4, "camera.ref_every": 4})
+    with pytest.raises(Lift3DError, match=r"coarse stage, step 9: the loss term 'guidance' is not finite.*step 8\)"):
+        run_coarse(p, _oracle_ref(p), tmp_path, guidance=NaNAt(9), progress=False)
+    assert read_state(tmp_path / "checkpoint.pt").step == 8 and not (tmp_path / "result.json").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_and_fresh_starts_over(chair, tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "c"
+    args = ["coarse", str(chair / "rgba.png"), "--out", str(out), "--preset", "tiny", "--set", "guidance.kind=none"]
+    assert main(args) == 0
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("lift3d: error")]
+    assert len(lines) == 1 and "not a readable lift3d checkpoint" in lines[0] and "--fresh" in lines[0]
+    assert "Traceback" not in err
+    assert main(args + ["--fresh"]) == 0 and read_state(out / "checkpoint.pt").step == 8
+
+
+def test_an_unwritable_out_fails_first_with_one_line(chair, tmp_path, capsys):
+    from flows.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["coarse", str(chair / "rgba.png"), "--out", str(blocker / "sub"), "--preset", "tiny"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("lift3d: error")]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("lift3d: error: cannot write to --out")
+    assert "Traceback" not in err and "coarse:" not in err  # failed before any iteration
+
+
+def test_a_fresh_start_clears_the_earlier_outputs(tmp_path):
+    from core.stages.coarse import run_coarse
+
+    p = load_params("tiny", {**TINY_NERF, "guidance.kind": "none"})
+    (tmp_path / "renders").mkdir()
+    (tmp_path / "renders" / "novel_007.png").write_bytes(b"old")
+    (tmp_path / "mesh.glb").write_bytes(b"old")
+    run_coarse(p, _oracle_ref(p), tmp_path, resume=False, progress=False)
+    assert not (tmp_path / "renders" / "novel_007.png").exists() and not (tmp_path / "mesh.glb").exists()
+    assert (tmp_path / "renders" / "novel_000.png").is_file() and (tmp_path / "trace.csv").is_file()

@@ -23,6 +23,7 @@ from PIL import Image
 
 from core.evaluation.metrics import psnr
 from core.errors import InputError, ModelNotFoundError
+from core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,10 @@ def evaluate_run(run_dir: Path | str, params, device: torch.device | str = "cpu"
         "method": method or result.get("method") or params.method,
         "stage": stage.name if stage != run_dir else result.get("stage", stage.name),
         "stage_dir": str(stage),
+        "priors": "tiny random" if params.models.tiny else "pretrained",
         "clip_model": "tiny" if params.models.tiny else f"{params.evaluate.clip_model}/{params.evaluate.clip_pretrained}",
         "lpips_net": params.evaluate.lpips_net + (" (random trunk)" if params.models.tiny else ""),
     })
     if write:
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(run_dir / "metrics.json")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

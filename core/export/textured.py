@@ -10,7 +10,6 @@ background. The image is stored with row 0 at v = 1 (the OBJ / glTF convention a
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ import torch
 from core.rendering.cameras import orbit_cameras
 from core.representations.dmtet import Mesh
 from core.rendering.raster import Rasterizer, make_rasterizer
-from core.io import atomic_write_bytes
+from core.io import atomic_save_image, atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +85,10 @@ def bake_texture(mesh: Mesh, colour_fn: Callable[[torch.Tensor], torch.Tensor], 
 
 def write_obj(tm: TexturedMesh, out_dir: Path, name: str = "mesh") -> Path:
     """OBJ + MTL + PNG: vertices as they are, texture coordinates per atlas vertex, faces v/vt."""
-    from PIL import Image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{name}_albedo.png"
-    tmp_png = png.with_name(png.name + ".tmp.png")
-    Image.fromarray(tm.texture).save(tmp_png)
-    os.replace(tmp_png, png)
+    atomic_save_image(png, tm.texture)
     mtl = out_dir / f"{name}.mtl"
     atomic_write_bytes(mtl, (f"newmtl material0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nNs 1\nillum 1\nmap_Kd {png.name}\n").encode())
     lines = [f"mtllib {mtl.name}", "usemtl material0"]
@@ -140,10 +135,7 @@ def turntable(mesh: Mesh, colour_fn, path: Path, rasterizer: Rasterizer | None =
         r = render_mesh(mesh.detach(), colour_fn, cam, resolution, rasterizer, shading=shading, light_dir=light)
         imgs.append((r.rgb[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.gif")
-    imageio.mimsave(tmp, imgs, duration=1.0 / 12, loop=0)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda t: imageio.mimsave(t, imgs, duration=1.0 / 12, loop=0), suffix=".gif")
 
 
 def export_textured_mesh(mesh: Mesh, colour_fn, out_dir: Path, texture_size: int = 1024,

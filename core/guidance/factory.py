@@ -66,7 +66,15 @@ def resolve_token(params, parts, reference: Any, token: Optional[dict] = None) -
     return None
 
 
-def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None):
+def stage_t_range(prior_params, stage: str) -> tuple[float, float]:
+    """The SDS t range of `stage`: `fine_t_range` in the fine stage when set (released: Magic123
+    main.py:413, Consistent123 main.py:352), else `t_range`."""
+    if stage == "fine" and prior_params.fine_t_range is not None:
+        return tuple(prior_params.fine_t_range)
+    return tuple(prior_params.t_range)
+
+
+def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
     from core.guidance.sd import StableDiffusionGuidance, compile_unet, compose_prompt, load_stable_diffusion, weights_dtype
 
     dtype = weights_dtype(device, params.sd.fp16)
@@ -76,11 +84,13 @@ def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = No
                             next(iter(embeds)) if embeds else None, params.prompt.text)
     parts.unet = compile_unet(parts.unet, params.sd.compile, device)  # after textual inversion (which needs grad)
     guidance = StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
-                                       t_range=params.sd.t_range, resolution=params.sd.resolution, seed=params.seed)
+                                       t_range=stage_t_range(params.sd, stage), resolution=params.sd.resolution,
+                                       seed=params.seed, view_dependent=params.sd.view_dependent_prompt,
+                                       reference_azimuth=params.camera.ref_azimuth)
     return guidance, embeds
 
 
-def build_zero123_guidance(params, reference: Any, device):
+def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"):
     from core.guidance.sd import compile_unet, weights_dtype
     from core.guidance.zero123 import Zero123Guidance, load_zero123
 
@@ -89,7 +99,8 @@ def build_zero123_guidance(params, reference: Any, device):
     parts.unet = compile_unet(parts.unet, params.zero123.compile, device)
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
-                           t_range=params.zero123.t_range, resolution=params.zero123.resolution, seed=params.seed)
+                           t_range=stage_t_range(params.zero123, stage), resolution=params.zero123.resolution,
+                           seed=params.seed, angle_weighting=params.zero123.angle_weighting)
 
 
 def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", token: Optional[dict] = None):
@@ -103,7 +114,7 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
     if kind == "none":
         return NoGuidance()
     if kind == "oracle":
-        from core.oracle.guidance import OracleGuidance  # Helper A's; imported only when used
+        from core.oracle.guidance import OracleGuidance  # imported only when used
 
         if not params.guidance.oracle_object:
             from core.errors import InputError
@@ -112,8 +123,8 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
         return OracleGuidance(params.guidance.oracle_object, params)
     weights = getattr(params.guidance, stage)
     l2, l3 = weights.lambda_2d, weights.lambda_3d
-    sd, embeds = build_sd_guidance(params, reference, device, token) if l2 > 0 else (None, token)
-    z123 = build_zero123_guidance(params, reference, device) if l3 > 0 else None
+    sd, embeds = build_sd_guidance(params, reference, device, token, stage) if l2 > 0 else (None, token)
+    z123 = build_zero123_guidance(params, reference, device, stage) if l3 > 0 else None
     balance = SDSGradientScale.from_params(params)  # docs/fidelity.md "SDS balance (item 1)"
     if balance.mode != "none":
         ls = params.guidance.loss_scale

@@ -6,6 +6,13 @@ predicts the noise under no_grad with classifier-free guidance (scale 100). The 
 w(t)(ε̂ − ε) is injected into the latent (core.guidance.sds). The text condition is the prompt
 "A high-resolution DSLR image of <e>" with <e> a textual-inversion token (core.guidance.textual_inversion),
 or a plain description. Weights are fp16 on a GPU (params.sd.fp16) and fp32 on the CPU.
+
+View-dependent prompts (params.sd.view_dependent_prompt; both papers' released code, not their
+text): "<prompt>, front view", ", side view", ", back view" are encoded once, and each render is
+guided by the text embedding interpolated linearly in |Δazimuth| to the reference view — front at
+0°, side at 90°, back at 180° (`view_prompt_weights`; guochengqian/Magic123 nerf/utils.py:349-361,
+:709-732; lyk412/Consistent123 nerf/utils.py:389-394, :850-879). The polar angle plays no part
+(no overhead/bottom prompt), and the unconditional embedding stays that of the negative prompt.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from core.errors import InputError
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models.loader import load_pretrained
+from core.rendering.cameras import Cameras, wrap_degrees
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +105,37 @@ def encode_images(vae, images: torch.Tensor, generator: Optional[torch.Generator
     return z.float() * vae.config.scaling_factor
 
 
+VIEW_SUFFIXES = (", front view", ", side view", ", back view")
+
+
+def view_prompt_weights(azimuth: torch.Tensor, reference_azimuth: float = 0.0) -> torch.Tensor:
+    """(B, 3) weights of the (front, side, back) prompts for cameras at `azimuth` (degrees).
+
+    The released rule (Magic123 nerf/utils.py:711-730, Consistent123 nerf/utils.py:862-877), with
+    a = |Δazimuth| ∈ [0°, 180°] to the reference view:
+        a < 90°:  front·(1 − a/90) + side·(a/90)
+        a ≥ 90°:  side·(2 − a/90) + back·(a/90 − 1)
+    so 0° is the front prompt, 90° the side one, 180° the back one, and 60° is ⅓ front + ⅔ side.
+    (The released code writes r = 1 ∓ Δ/90 per sign of Δ; it is the same function of |Δ|.)
+    """
+    a = wrap_degrees(azimuth.float() - reference_azimuth).abs()
+    u = a / 90.0
+    front = (1.0 - u).clamp(min=0.0)
+    back = (u - 1.0).clamp(min=0.0)
+    side = 1.0 - front - back
+    return torch.stack([front, side, back], dim=-1)
+
+
 class StableDiffusionGuidance:
     """L_2D of Magic123 eq. 5 for a batch of renders."""
 
     def __init__(self, parts: StableDiffusionParts, prompt: str, *, guidance_scale: float = 100.0,
                  t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 512, seed: int = 0,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", view_dependent: bool = False, reference_azimuth: float = 0.0):
         self.parts = parts
         self.prompt = prompt
+        self.view_dependent = bool(view_dependent)
+        self.reference_azimuth = float(reference_azimuth)
         self.guidance_scale = float(guidance_scale)
         self.t_range = tuple(t_range)
         self.resolution = int(resolution)
@@ -113,30 +144,47 @@ class StableDiffusionGuidance:
         self.num_train_timesteps = int(parts.scheduler.config.num_train_timesteps)
         self.alphas_cumprod = parts.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.generator = torch.Generator().manual_seed(seed)
-        emb = encode_prompts(parts, [negative_prompt, prompt]).to(self.dtype)
-        self.uncond_embeddings, self.text_embeddings = emb[:1], emb[1:]
-        log.info("2D prior: Stable Diffusion, prompt %r, CFG %.0f, t∈%s·T, %d²", prompt, self.guidance_scale,
+        prompts = [negative_prompt, prompt] + ([prompt + s for s in VIEW_SUFFIXES] if self.view_dependent else [])
+        emb = encode_prompts(parts, prompts)  # encoded once; the per-view mix is made per batch
+        self.uncond_embeddings, self.text_embeddings = emb[:1].to(self.dtype), emb[1:2].to(self.dtype)
+        self.view_embeddings = emb[2:].float() if self.view_dependent else None  # (3, 77, D): front, side, back
+        log.info("2D prior: Stable Diffusion, prompt %r%s, CFG %.0f, t∈%s·T, %d²", prompt,
+                 " + front/side/back view" if self.view_dependent else "", self.guidance_scale,
                  list(self.t_range), self.resolution)
 
+    def text_embeddings_for(self, cameras: Optional[Cameras]) -> torch.Tensor:
+        """The text condition (B or 1, 77, D) for renders from `cameras`: the view-dependent mix
+        (`view_prompt_weights`) when on, else the one prompt's embedding."""
+        if not self.view_dependent or cameras is None:
+            return self.text_embeddings
+        w = view_prompt_weights(cameras.azimuth.detach().cpu(), self.reference_azimuth).to(self.device)
+        return torch.einsum("bk,kld->bld", w, self.view_embeddings).to(self.dtype)
+
     @torch.no_grad()
-    def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Classifier-free-guided ε̂ for a batch; the UNet runs without gradient."""
+    def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor,
+                      text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Classifier-free-guided ε̂ for a batch; the UNet runs without gradient. `text_embeddings`
+        (1 or B, 77, D): the condition (default: the prompt's)."""
         b = latents_noisy.shape[0]
         x_in = torch.cat([latents_noisy] * 2).to(self.dtype)
         t_in = torch.cat([t] * 2).to(self.device)
-        cond = torch.cat([self.uncond_embeddings.expand(b, -1, -1), self.text_embeddings.expand(b, -1, -1)])
+        text = self.text_embeddings if text_embeddings is None else text_embeddings
+        cond = torch.cat([self.uncond_embeddings.expand(b, -1, -1), text.expand(b, -1, -1)])
         eps = self.parts.unet(x_in, t_in, encoder_hidden_states=cond).sample
         eps_uncond, eps_cond = eps.float().chunk(2)
         return classifier_free_guidance(eps_uncond, eps_cond, self.guidance_scale)
 
     def sds(self, latents: torch.Tensor, t: Optional[torch.Tensor] = None,
-            noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """SDS on given latents (B, 4, h, w): the loss whose gradient on `latents` is w(t)(ε̂ − ε)/B."""
-        return score_distillation(latents, self.predict_noise, self.parts.scheduler, self.alphas_cumprod,
-                                  self.t_range, self.generator, t, noise)
+            noise: Optional[torch.Tensor] = None, cameras: Optional[Cameras] = None
+            ) -> tuple[torch.Tensor, dict[str, float]]:
+        """SDS on given latents (B, 4, h, w): the loss whose gradient on `latents` is w(t)(ε̂ − ε)/B,
+        conditioned on the view-dependent prompt of `cameras` when that is on."""
+        text = self.text_embeddings_for(cameras)
+        return score_distillation(latents, lambda z, t_: self.predict_noise(z, t_, text), self.parts.scheduler,
+                                  self.alphas_cumprod, self.t_range, self.generator, t, noise)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
         latents = encode_images(self.parts.vae, rgb.to(self.device), self.generator)
-        loss, diag = self.sds(latents)
+        loss, diag = self.sds(latents, cameras=batch.cameras)
         return GuidanceOutput(loss=loss, diagnostics=diag)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import InputError
+from core.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,7 @@ def save_learned_embeds(path: Path | str, embeds: dict[str, torch.Tensor]) -> Pa
     """Write {token: float32 tensor[D]} with torch.save (the benchmark folders' format)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({k: v.detach().float().cpu().reshape(-1).clone() for k, v in embeds.items()}, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_torch_save({k: v.detach().float().cpu().reshape(-1).clone() for k, v in embeds.items()}, path)
 
 
 def add_token(tokenizer: Any, text_encoder: Any, token: str, embedding: Optional[torch.Tensor] = None,

@@ -18,6 +18,13 @@ identity: Δpolar = polar_tgt − polar_ref (a camera moving up gives a negative
 azimuth_tgt − azimuth_ref, Δradius = radius_tgt − radius_ref. (stable-dreamfusion and the
 Magic123 code write sin(−Δazimuth) because their look-at builds a mirrored camera, right = −x for
 the front view; ours has right = +x, like threestudio's.)
+
+Angle weighting (params.zero123.angle_weighting; the released code of both papers, not their
+text): each view's SDS gradient is scaled by γ/180°, γ the angle at the origin between the view's
+camera and the reference camera, so the reference view gets no 3D-prior gradient and the back view
+the full λ_3D (Magic123: 40·γ/180). guochengqian/Magic123 guidance/zero123_utils.py:129-137 and
+:197 (`zero123_grad_scale='angle'`, main.py:324; 180/len(refs) with one reference image);
+lyk412/Consistent123 guidance/zero123_utils.py:116-124, main.py:161.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from core.rendering.cameras import Cameras, relative_pose
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images
-from core.guidance.sds import classifier_free_guidance, score_distillation
+from core.guidance.sds import classifier_free_guidance, sample_timesteps, score_distillation
 from core.models.loader import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,21 @@ def zero123_condition(ref: Cameras, tgt: Cameras) -> torch.Tensor:
     d_polar, d_azimuth, d_radius = relative_pose(ref, tgt)
     d_polar, d_azimuth = torch.deg2rad(d_polar), torch.deg2rad(d_azimuth)
     return torch.stack([d_polar, torch.sin(d_azimuth), torch.cos(d_azimuth), d_radius], dim=-1)
+
+
+def angle_to_reference(ref: Cameras, tgt: Cameras) -> torch.Tensor:
+    """γ (B,), degrees: the angle at the origin between each target camera and the reference camera
+    (the released `angle_between` of the two cameras' unit position vectors; radius plays no part)."""
+    a, b = ref.centers.double(), tgt.centers.double()
+    a = a.expand_as(b)
+    # atan2(|a × b|, a · b): arccos of the normalised dot product, without its loss of precision near 0°
+    return torch.rad2deg(torch.atan2(torch.linalg.cross(a, b, dim=-1).norm(dim=-1), (a * b).sum(-1))).float()
+
+
+def angle_weight(ref: Cameras, tgt: Cameras) -> torch.Tensor:
+    """The released per-view scale of the Zero-1-to-3 SDS gradient, γ/180° (B,) in [0, 1]
+    (zero123_utils.py:137 with one reference image: angles / (180 / 1))."""
+    return angle_to_reference(ref, tgt) / 180.0
 
 
 @dataclass
@@ -115,8 +137,9 @@ class Zero123Guidance:
 
     def __init__(self, parts: Zero123Parts, reference_rgb: torch.Tensor, reference_camera: Cameras, *,
                  guidance_scale: float = 5.0, t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 256,
-                 seed: int = 0):
+                 seed: int = 0, angle_weighting: bool = False):
         self.parts = parts
+        self.angle_weighting = bool(angle_weighting)
         self.guidance_scale = float(guidance_scale)
         self.t_range = tuple(t_range)
         self.resolution = int(resolution)
@@ -135,8 +158,8 @@ class Zero123Guidance:
             # (encode_first_stage(x).mode()), threestudio and the community pipeline do
             vae_dtype = next(parts.vae.parameters()).dtype
             self.reference_latent = parts.vae.encode(ref.to(vae_dtype) * 2 - 1).latent_dist.mode()
-        log.info("3D prior: Zero-1-to-3, CFG %.0f, t∈%s·T, %d²", self.guidance_scale, list(self.t_range),
-                 self.resolution)
+        log.info("3D prior: Zero-1-to-3, CFG %.0f, t∈%s·T, %d²%s", self.guidance_scale, list(self.t_range),
+                 self.resolution, ", SDS × angle/180°" if self.angle_weighting else "")
 
     @torch.no_grad()
     def condition(self, cameras: Cameras) -> torch.Tensor:
@@ -159,9 +182,28 @@ class Zero123Guidance:
 
     def sds(self, latents: torch.Tensor, cameras: Cameras, t: Optional[torch.Tensor] = None,
             noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """SDS on given latents for novel views `cameras` (Magic123 eq. 6)."""
-        return score_distillation(latents, lambda z, t_: self.predict_noise(z, t_, cameras), self.parts.scheduler,
-                                  self.alphas_cumprod, self.t_range, self.generator, t, noise)
+        """SDS on given latents for novel views `cameras` (Magic123 eq. 6). With angle weighting the
+        gradient on each view's latent is k·w(t)(ε̂ − ε)/B, k = γ/180° (`angle_weight`)."""
+        predict = lambda z, t_: self.predict_noise(z, t_, cameras)  # noqa: E731
+        if not self.angle_weighting:
+            return score_distillation(latents, predict, self.parts.scheduler, self.alphas_cumprod, self.t_range,
+                                      self.generator, t, noise)
+        # ε̂ ← ε + k(ε̂ − ε) makes score_distillation's gradient k·w(t)(ε̂ − ε); t and ε are drawn
+        # here, from the same stream in the same order as score_distillation draws them
+        if t is None:
+            t = sample_timesteps(latents.shape[0], self.num_train_timesteps, self.t_range, self.generator)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=self.generator)
+        k = angle_weight(self.reference_camera.to(cameras.device), cameras).to(self.device).reshape(-1, 1, 1, 1)
+        eps = noise.to(self.device).float()
+
+        def weighted(z, t_):
+            return eps + k * (predict(z, t_) - eps)
+
+        loss, diag = score_distillation(latents, weighted, self.parts.scheduler, self.alphas_cumprod, self.t_range,
+                                        self.generator, t, noise)
+        diag["angle_weight"] = float(k.mean())
+        return loss, diag
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)

@@ -14,7 +14,6 @@ Input photos are opened by core.inputs.photo (EXIF orientation, bit depth, opaqu
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import torch
 
 from core.errors import InputError
 from core.inputs.photo import WORKING_MAX_SIDE, eight_bit, has_alpha, open_image
+from core.io import atomic_save_image
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,8 @@ def _depth_to_float_image(dimg):
 
 def save_rgba(ref: Reference, path) -> None:
     """The reference as used (RGBA, PNG), written atomically."""
-    from PIL import Image
-
     path = Path(path)
     rgb = ref.rgb.clamp(0, 1).permute(1, 2, 0).numpy()
     a = ref.mask[0].numpy()
     arr = np.concatenate([rgb, a[..., None]], -1)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray((arr * 255).round().astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    atomic_save_image(path, (arr * 255).round().astype(np.uint8))

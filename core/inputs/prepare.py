@@ -18,6 +18,7 @@ from PIL import Image
 from core.inputs.depth import depth_for, open_depth
 from core.errors import InputError
 from core.inputs.segment import apply_framing, segment
+from core.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ def prepare_inputs(image: Path | str, out: Path | str, params, depth: Optional[P
     if seg.rgba.size != d.size:
         raise InputError(f"internal: depth {d.size} and rgba {seg.rgba.size} differ")
     for name, im in (("rgba.png", seg.rgba), ("mask.png", seg.mask), ("depth.png", d)):
-        tmp = out / f".{name}.tmp.png"
-        im.save(tmp)
-        tmp.replace(out / name)
+        atomic_write(out / name, im.save, suffix=".png")
     record = {
         "image": str(image),
         "source_size": list(seg.source_size),

@@ -23,8 +23,13 @@ class OracleGuidance:
 
     def target(self, batch: RenderBatch) -> dict[str, torch.Tensor]:
         h, w = batch.rgb.shape[-2:]
-        return self.obj.render(batch.cameras, h, w, shading=batch.shading, light_dir=batch.light_dir,
-                               ambient=batch.ambient, diffuse=batch.diffuse)
+        tgt = self.obj.render(batch.cameras, h, w, shading=batch.shading, light_dir=batch.light_dir,
+                              ambient=batch.ambient, diffuse=batch.diffuse)
+        bg = getattr(batch, "background", None)
+        if bg is not None:  # the render is over a coloured background (the stage's novel_background): so is the target
+            bg = bg.to(tgt["rgb"])[:, :, None, None]
+            tgt = dict(tgt, rgb=tgt["rgb"] + (1.0 - tgt["opacity"]) * (bg - 1.0))
+        return tgt
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         tgt = self.target(batch)

@@ -32,3 +32,7 @@ class RenderBatch:
     sample_weights: Optional[torch.Tensor] = None  # (M,) NeRF: weights of the samples that carry normals
     sample_normals: Optional[torch.Tensor] = None  # (M, 3)
     sample_dirs: Optional[torch.Tensor] = None  # (M, 3) their ray directions
+    # NeRF: the released code's normal image Σ_i sg(w_i)·(n_i + 1)/2 (weights of the detached
+    # density, no background; Magic123 nerf/renderer.py:1160-1162), for eq. 3 in its released form
+    normal_sg: Optional[torch.Tensor] = None  # (B, 3, H, W)
+    background: Optional[torch.Tensor] = None  # (B, 3) the colour behind the object; None: white

@@ -149,18 +149,73 @@ def reference_cameras(cam_params, device="cpu") -> Cameras:
     return Cameras.make(p.ref_polar, p.ref_azimuth, p.radius, p.fovy, device=device)
 
 
-def sample_cameras(cam_params, n: int, generator: torch.Generator | None = None, device="cpu") -> Cameras:
-    """Novel views: polar, azimuth, radius and FOV uniform in their ranges (DESIGN.md's table).
+def view_ranges(cam_params, progress: float | None = None) -> dict[str, tuple[float, float]]:
+    """The (lo, hi) ranges novel views are drawn from: polar, azimuth, radius, fovy.
 
-    Polar is sampled uniformly in angle as the released scripts do (not uniformly on the sphere).
+    With `camera.progressive_view` and a `progress` (the fraction of the coarse stage done), the
+    ranges widen from the reference view to the full ranges as Consistent123's released coarse
+    stage does (lyk412/Consistent123 nerf/utils.py:693-703): r = min(1, init + 2·progress), each
+    bound = reference·(1 − r) + full bound·r (the reference radius and fovy are `radius`, `fovy`).
     """
     p = cam_params
+    full = {"polar": tuple(p.polar_range), "azimuth": tuple(p.azimuth_range), "radius": tuple(p.radius_range),
+            "fovy": tuple(p.fovy_range)}
+    if not p.progressive_view or progress is None:
+        return full
+    r = min(1.0, p.progressive_init_ratio + 2.0 * float(progress))
+    ref = {"polar": p.ref_polar, "azimuth": p.ref_azimuth, "radius": p.radius, "fovy": p.fovy}
+    return {k: (ref[k] * (1 - r) + lo * r, ref[k] * (1 - r) + hi * r) for k, (lo, hi) in full.items()}
+
+
+def upper_hemisphere_directions(n: int, draw: str = "cube", generator: torch.Generator | None = None) -> torch.Tensor:
+    """n unit vectors with y ≥ 0: the released 'uniform sphere' camera draws (stable-dreamfusion).
+
+    'cube': (U(−1, 1), U(0, 1), U(−1, 1)) normalised, as Magic123's rand_poses draws them
+    (guochengqian/Magic123 nerf/provider.py:86-93) — despite the option's name not uniform on the
+    hemisphere (directions towards the cube's corners are denser); 'gaussian': (N, |N|, N) normalised,
+    uniform on the hemisphere (Consistent123 nerf/provider.py:92-99).
+    """
+    if draw == "cube":
+        x = 2.0 * torch.rand(n, generator=generator) - 1.0
+        y = torch.rand(n, generator=generator)
+        z = 2.0 * torch.rand(n, generator=generator) - 1.0
+    elif draw == "gaussian":
+        x = torch.randn(n, generator=generator)
+        y = torch.randn(n, generator=generator).abs()
+        z = torch.randn(n, generator=generator)
+    else:
+        raise ValueError(f"unknown uniform_sphere_draw {draw!r} (cube, gaussian)")
+    return torch.nn.functional.normalize(torch.stack([x, y, z], dim=-1), dim=-1)
+
+
+def sample_cameras(cam_params, n: int, generator: torch.Generator | None = None, device="cpu",
+                   progress: float | None = None) -> Cameras:
+    """Novel views as the released code samples them (stable-dreamfusion's rand_poses).
+
+    With probability `camera.uniform_sphere_rate` — one draw for the whole batch, as released
+    (Magic123 nerf/provider.py:86) — the cameras sit on the upper hemisphere
+    (`upper_hemisphere_directions`), whatever polar_range / azimuth_range say; radius and FOV are
+    still drawn from their ranges. Otherwise polar, azimuth, radius and FOV are uniform in their
+    ranges (polar uniform in angle, not on the sphere; provider.py:99-100). With rate 0 no branch draw
+    is made, so the random stream is the one of the plain uniform sampler. `progress` (the fraction
+    of the coarse stage done) narrows the ranges when `camera.progressive_view` is on (`view_ranges`).
+    Every draw comes from `generator`.
+    """
+    p = cam_params
+    rng = view_ranges(p, progress)
 
     def uni(lo_hi):
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(n, generator=generator)
 
-    return Cameras(uni(p.polar_range), uni(p.azimuth_range), uni(p.radius_range), uni(p.fovy_range)).to(device)
+    rate = float(getattr(p, "uniform_sphere_rate", 0.0))
+    if rate > 0.0 and torch.rand((), generator=generator).item() < rate:
+        d = upper_hemisphere_directions(n, getattr(p, "uniform_sphere_draw", "cube"), generator)
+        polar, azimuth, _ = cartesian_to_spherical(d)
+        cams = Cameras(polar, azimuth, uni(rng["radius"]), uni(rng["fovy"]))
+    else:
+        cams = Cameras(uni(rng["polar"]), uni(rng["azimuth"]), uni(rng["radius"]), uni(rng["fovy"]))
+    return cams.to(device)
 
 
 def orbit_cameras(n: int, polar: float = 90.0, radius: float = 1.8, fovy: float = 40.0, start: float = 0.0, device="cpu") -> Cameras:

@@ -120,7 +120,8 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
 
 
 class DMTet(nn.Module):
-    """Per-vertex SDF and deformation on the project's Kuhn grid of [-bound, bound]^3."""
+    """Per-vertex SDF and deformation on the project's Kuhn grid of [-bound, bound]^3, optionally
+    rescaled per axis (`rescale_to_density`: the released code's tet_scale)."""
 
     def __init__(self, resolution: int = 128, bound: float = 1.0, device="cpu", cache: bool = True):
         super().__init__()
@@ -132,24 +133,47 @@ class DMTet(nn.Module):
         self.register_buffer("tets", torch.from_numpy(tets.astype(np.int64)).to(device), persistent=False)
         self.sdf = nn.Parameter(torch.zeros(verts.shape[0], device=device))
         self.deform = nn.Parameter(torch.zeros(verts.shape[0], 3, device=device))  # initialised to zero
+        self.register_buffer("scale", torch.ones(3, device=device))  # per-axis scale of the grid
 
     def vertices(self) -> torch.Tensor:
-        """Deformed grid vertices: each moves at most half a grid spacing per axis (tanh bound)."""
-        return self.grid_verts + 0.5 * self.spacing * torch.tanh(self.deform)
+        """Deformed grid vertices: each moves at most half a (scaled) grid spacing per axis (tanh bound)."""
+        return self.grid_verts + 0.5 * self.spacing * self.scale * torch.tanh(self.deform)
+
+    @torch.no_grad()
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Scale the grid's vertices per axis by `scale` (3,) from the unscaled grid."""
+        scale = torch.as_tensor(scale, dtype=self.grid_verts.dtype, device=self.grid_verts.device).reshape(3)
+        self.grid_verts.mul_(scale / self.scale)
+        self.scale.copy_(scale)
+
+    @torch.no_grad()
+    def rescale_to_density(self, density_fn, threshold: float, margin: float = 0.1, chunk: int = 262144) -> torch.Tensor:
+        """The released code's tet_scale (Magic123 nerf/renderer.py:1565-1572): scale_k = max |v_k| over
+        the (unscaled) grid vertices with σ(v) > τ, + margin, per axis; the grid is multiplied by it,
+        so it spans [−scale_k, scale_k] on axis k. Without such a vertex the grid is left as is."""
+        self.set_scale(torch.ones(3))
+        pts = self.grid_verts
+        vals = torch.cat([density_fn(pts[i:i + chunk]).reshape(-1).float() for i in range(0, pts.shape[0], chunk)])
+        inside = vals > threshold
+        if not bool(inside.any()):
+            return self.scale.clone()
+        self.set_scale(pts[inside].abs().amax(0) + margin)
+        return self.scale.clone()
 
     def extract(self) -> Mesh:
         return marching_tets(self.vertices(), self.sdf, self.tets)
 
     @torch.no_grad()
-    def init_from_density(self, density_fn, threshold: float, chunk: int = 262144) -> None:
-        """SDF from the coarse NeRF's density level set (Magic123 §2.1.2): s = (σ(x) − τ) / τ, clamped
-        to [−1, 1] so that Adam's steps move the surface at a sensible rate; deformation to zero."""
+    def init_from_density(self, density_fn, threshold: float, chunk: int = 262144, sdf_scale: str = "threshold") -> None:
+        """SDF from the coarse NeRF's density level set (Magic123 §2.1.2) at the grid's vertices:
+        s = (σ(x) − τ) clamped to [−1, 1] (`sdf_scale` 'unit': the released code, nerf/renderer.py:
+        1573-1574) or s = (σ(x) − τ) / τ clamped to [−1, 1] ('threshold'); deformation to zero."""
         pts = self.grid_verts
         vals = torch.cat([density_fn(pts[i:i + chunk]).reshape(-1).float() for i in range(0, pts.shape[0], chunk)])
         # a field that never reaches τ gets the coarse mesh's lower level, not an empty start
         level = surface_level(float(vals.min()), float(vals.max()), float(threshold), "fine stage (DMTet init)")
         threshold = threshold if level is None else level
-        scale = abs(threshold) if threshold != 0 else 1.0
+        scale = (abs(threshold) if threshold != 0 else 1.0) if sdf_scale == "threshold" else 1.0
         self.sdf.copy_(((vals - threshold) / scale).clamp(-1.0, 1.0))
         self.deform.zero_()
 

@@ -3,8 +3,13 @@ empty-space skipping, and volume rendering of colour, opacity, depth and normals
 
 Field: x → hash grid → MLP (3 layers, 64 hidden; Magic123 §3.2) → raw density and albedo.
   density = act(raw + blob(x)), act = trunc_exp (the released code, stable-dreamfusion) or softplus,
-  blob(x) = blob_scale · (1 − ‖x‖ / blob_std)  (Magic3D's density blob, threestudio "blob_magic3d"),
+  blob(x) = blob_scale · exp(−‖x‖² / (2 blob_std²))   (blob_kind 'gaussian': the released code's
+            blob under its exp activation, Magic123 nerf/renderer.py:733-745, blob_radius 0.2), or
+          = blob_scale · (1 − ‖x‖ / blob_std)         ('linear': Magic3D's blob, threestudio
+            "blob_magic3d"; the released code's reading under softplus),
   albedo  = sigmoid(·) ∈ [0, 1].
+The hash grid's finer levels can be switched off (`active_levels`): their features are zeroed
+before the MLP, as the released code's coarse-to-fine masks do (core/stages/coarse.py sets it).
 Normals: n = −∇σ/‖∇σ‖ of the pre-activation density (its direction agrees with ∇σ's as the
 activations are monotone), by finite differences (default, as the released code) or autograd.
 Depth: the rendered depth is the weight-averaged distance along the *camera axis* (z-depth), not
@@ -77,15 +82,19 @@ class NeRFField(nn.Module):
 
     def __init__(self, levels=16, features_per_level=2, log2_table_size=19, base_resolution=16, max_resolution=2048,
                  backend="auto", bound=1.0, hidden=64, layers=3, blob_scale=10.0, blob_std=0.5,
-                 density_activation="softplus", device="cpu", seed=0):
+                 density_activation="softplus", device="cpu", seed=0, blob_kind="linear"):
         super().__init__()
         self.config = dict(levels=levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                            base_resolution=base_resolution, max_resolution=max_resolution, backend=backend, bound=bound,
                            hidden=hidden, layers=layers, blob_scale=blob_scale, blob_std=blob_std,
-                           density_activation=density_activation, seed=seed)
+                           density_activation=density_activation, seed=seed, blob_kind=blob_kind)
         self.bound, self.blob_scale, self.blob_std = float(bound), float(blob_scale), float(blob_std)
         if density_activation not in ("softplus", "trunc_exp"):
             raise ValueError(f"density_activation must be softplus or trunc_exp, not {density_activation!r}")
+        if blob_kind not in ("gaussian", "linear"):
+            raise ValueError(f"blob_kind must be gaussian or linear, not {blob_kind!r}")
+        self.blob_kind = blob_kind
+        self.active_levels: Optional[int] = None  # hash-grid levels in use (None: all)
         self.density_activation = density_activation
         self.encoding = HashGrid(levels, features_per_level, log2_table_size, base_resolution, max_resolution,
                                  bound=bound, backend=backend, device=device, seed=1337 + seed)
@@ -107,7 +116,7 @@ class NeRFField(nn.Module):
                    max_resolution=c.grid.max_resolution, backend=c.grid.backend, bound=c.bound,
                    hidden=c.mlp.hidden, layers=c.mlp.layers, blob_scale=c.density_blob_scale,
                    blob_std=c.density_blob_std, density_activation=c.density_activation, device=device,
-                   seed=params.seed)
+                   seed=params.seed, blob_kind=c.density_blob)
 
     def load_portable_state_dict(self, state: dict) -> None:
         """A state dict saved with either hash-grid backend, loaded into this field's backend."""
@@ -130,8 +139,24 @@ class NeRFField(nn.Module):
 
     # ------------------------------------------------------------------------------------ queries
     def density_blob(self, x: torch.Tensor) -> torch.Tensor:
-        """Magic3D's blob: blob_scale · (1 − ‖x‖ / blob_std), added to the raw density."""
+        """The blob added to the raw density: blob_scale · exp(−‖x‖²/(2 blob_std²)) ('gaussian', the
+        released code) or blob_scale · (1 − ‖x‖ / blob_std) ('linear', Magic3D)."""
+        if self.blob_kind == "gaussian":
+            return self.blob_scale * torch.exp(-(x * x).sum(-1) / (2.0 * self.blob_std ** 2))
         return self.blob_scale * (1.0 - x.norm(dim=-1) / self.blob_std)
+
+    def level_mask(self, device=None) -> Optional[torch.Tensor]:
+        """(levels·features,) 1 for the features of the active levels, 0 for the rest; None when all are active."""
+        n = self.active_levels
+        enc = self.encoding
+        if n is None or n >= enc.levels:
+            return None
+        return (torch.arange(enc.output_dim, device=device) < n * enc.features_per_level).float()
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoding(x)
+        m = self.level_mask(h.device)
+        return h if m is None else h * m
 
     def activate(self, raw: torch.Tensor) -> torch.Tensor:
         return F.softplus(raw) if self.density_activation == "softplus" else trunc_exp(raw)
@@ -141,10 +166,10 @@ class NeRFField(nn.Module):
         n = x.shape[0]
         if SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and n > 1:
             perm = _spread_permutation(n, x.device)
-            h = self.mlp(self.encoding(x.index_select(0, perm)))
+            h = self.mlp(self._encode(x.index_select(0, perm)))
             h = torch.zeros_like(h).index_copy(0, perm, h)  # back in order; its backward is a gather
         else:
-            h = self.mlp(self.encoding(x))
+            h = self.mlp(self._encode(x))
         return h[:, 0].float() + self.density_blob(x), h[:, 1:].float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +274,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
            light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
            perturb: bool = False, generator: Optional[torch.Generator] = None,
            need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
-           normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64) -> RenderBatch:
+           normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64,
+           ray_offsets: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> RenderBatch:
     """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
 
     Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
@@ -267,6 +293,12 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     same weights) is at least `normal_min_weight`: a sample below it adds at most that weight to any
     normal, shading or orientation sum; it is shaded as if it had no normal (ambient light only).
     `normal_min_weight=0`, or analytic normals, compute them for every active sample.
+
+    `ray_offsets` = (δo, δd), two (3,) vectors: every ray's origin moves by δo and its direction by
+    δd before it is normalised again (the released code's known_view_noise_scale jitter of the
+    reference rays, Magic123 nerf/utils.py:599-603, applied there to unnormalised directions).
+    Besides the composited normal map, the batch carries `normal_sg` = Σ_i sg(w_i)·(n_i + 1)/2, the
+    released code's normal image (composited with the detached density, no background).
     """
     width = width or height
     B, S = len(cameras), samples_per_ray
@@ -274,6 +306,9 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     bound = field.bound
     o, d = cameras.rays(height, width)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    if ray_offsets is not None:
+        o = o + ray_offsets[0].to(o)
+        d = F.normalize(d + ray_offsets[1].to(d), dim=-1)
     R = o.shape[0]
     fwd = -cameras.c2w()[:, :3, 2]  # camera viewing axis, (B, 3)
     cos = (d.view(B, -1, 3) * fwd[:, None, :]).sum(-1).reshape(-1)  # ray direction · axis
@@ -368,9 +403,10 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     rgb = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * col)
     rgb = rgb + (1.0 - opacity)[:, None]  # white background
     albedo_img = albedo_img + (1.0 - opacity)[:, None]
-    normal_img = None
+    normal_img = normal_sg = None
     if nrm is not None:
         normal_img = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * nrm)
+        normal_sg = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws.detach()[:, None] * (nrm + 1.0) * 0.5)
 
     def img(v: torch.Tensor, c: int) -> torch.Tensor:
         return v.view(B, height, width, c).permute(0, 3, 1, 2)
@@ -380,6 +416,7 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
         normal=img(normal_img, 3) if normal_img is not None else None, albedo=img(albedo_img, 3),
         cameras=cameras, shading=shading, light_dir=light_dir, ambient=ambient, diffuse=diffuse,
         sample_weights=ws, sample_normals=nrm, sample_dirs=ds,
+        normal_sg=img(normal_sg, 3) if normal_sg is not None else None,
     )
 
 
@@ -393,4 +430,4 @@ def render_chunked(field, cameras: Cameras, height: int, **kw) -> RenderBatch:
     return RenderBatch(rgb=cat("rgb"), opacity=cat("opacity"), depth=cat("depth"), normal=cat("normal"),
                        cameras=cameras, shading=outs[0].shading, albedo=cat("albedo"),
                        sample_weights=cat("sample_weights"), sample_normals=cat("sample_normals"),
-                       sample_dirs=cat("sample_dirs"))
+                       sample_dirs=cat("sample_dirs"), normal_sg=cat("normal_sg"))

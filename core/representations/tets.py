@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -81,9 +83,7 @@ def load_tet_grid(resolution: int, bound: float = 1.0, cache: bool = True) -> tu
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-            np.savez(tmp, verts=verts, tets=tets)
-            os.replace(tmp, path)
+            atomic_write(path, lambda t: np.savez(t, verts=verts, tets=tets), suffix=".npz")
         except OSError as e:
             log.warning("could not cache the tet grid at %s: %s", path, e)
     return verts, tets

@@ -7,15 +7,19 @@ two representations under its two-stage prior. What differs between the stages i
 
   1. the representation's own work before the step (NeRF: lr schedule, occupancy grid; DMTet:
      marching tetrahedra);
-  2. the view: the reference view every `camera.ref_every`-th iteration (Magic123 §3.2) or with
-     probability `camera.ref_prob` (Consistent123 §4.1); otherwise a sampled camera with the
-     scheduled shading, light and ambient (core/rendering/shading.py);
-  3. render → RenderBatch;
+  2. the view: the reference view for the first `ref_warmup` iterations (the released code's
+     known_iters), then every `camera.ref_every`-th iteration (Magic123 §3.2) or with probability
+     `camera.ref_prob` (Consistent123 §4.1); otherwise a sampled camera with the scheduled shading,
+     light and ambient (core/rendering/shading.py);
+  3. render → RenderBatch: the reference view at `ref_resolution` with its rays' origins and
+     directions each shifted by one N(0, ref_ray_noise²) vector (the released code's
+     known_view_scale and known_view_noise_scale); a novel view composited on one random colour
+     when `novel_background` is 'random' (the released code's bg for novel views);
   4. reference view: Magic123 eq. 1 (colour on the mask eroded by `mask_erode_px`, mask) and eq. 2
      (depth); novel view: the guidance (Magic123 eqs. 7–8, Consistent123 eqs. 8–9);
   5. the representation's regularisers (coarse: eq. 3, entropy, orientation; fine: normal
      consistency, Laplacian) — eq. 4 is the sum;
-  6. the optimiser's step (Adam, no weight decay, eps 1e-15 as released);
+  6. the optimiser's step (`params.optimizer`: Magic123's Adam or Consistent123's Adan; core/stages/optim.py);
   7. Consistent123's detector check (eqs. 5–6), where one runs, which may start stage 2.
 
 Everything a resumed run needs is one `StageState`, saved whole and atomically every
@@ -39,18 +43,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.errors import InputError
+from core.errors import InputError, Lift3DError
 from core.io import atomic_torch_save
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras
 from core.rendering.shading import sample_ambient, sample_light, sample_shading
 from core.stages.losses import pearson_depth_loss, reference_mask_loss, reference_rgb_loss
+from core.stages.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lift3d-stage-2"
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
+TRACE = "trace.csv"
+
+
+class NonFiniteError(Lift3DError):
+    """A loss term or gradient became NaN or infinite: the stage stops, its last good checkpoint stays."""
 
 Callback = Optional[Callable[[int, dict], None]]
 
@@ -69,6 +79,7 @@ class Representation(Protocol):
 
     def render(self, cameras: Cameras, resolution: int, *, shading: str, light_dir: Optional[torch.Tensor],
                ambient: float, diffuse: float, generator: Optional[torch.Generator]) -> RenderBatch: ...
+    # a representation that traces rays also takes `ray_offsets=(δo, δd)` (StageSpec.ref_ray_noise > 0)
 
     def render_views(self, cameras: Cameras, resolution: int) -> RenderBatch: ...
 
@@ -99,6 +110,15 @@ class StageSpec:
     clock_offset: int = 0  # iterations of the stages before this one on the guidance clock
     clock_total: int = 1  # the clock's length: every stage's iterations together
     start_stage2: bool = False  # begin in the prior's stage 2 if an earlier stage did not switch
+    ref_warmup: int = 0  # iterations 0 … ref_warmup − 1 render the reference view only
+    ref_resolution: Optional[int] = None  # the reference view's render size (None: `resolution`)
+    ref_ray_noise: float = 0.0  # σ of the one offset added to all reference rays' origins (and another to directions)
+    novel_background: str = "white"  # 'white' | 'random': one uniform random colour per novel view
+
+    @property
+    def trace_every(self) -> int:
+        """trace.csv gets a row every this many iterations (about 100–500 rows a stage)."""
+        return max(1, min(10, self.iters // 100))
 
 
 @dataclass
@@ -118,6 +138,7 @@ class StageState:
     clock: dict = field(default_factory=dict)  # {"offset", "total"}: the guidance clock
     token: Optional[dict] = None  # {token: embedding}: what the 2D prior guides with
     upstream: Optional[dict] = None  # the checkpoint this stage started from
+    trace: list = field(default_factory=list)  # trace.csv's rows so far
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -165,11 +186,54 @@ def set_rng_state(state: dict, generator: torch.Generator, guidance=None) -> Non
     random.setstate(state["python"])
 
 
+STAGE_OUTPUTS = (RESULT, TRACE, "renders", "reference_rgba.png", "detector.json", "mesh.obj", "mesh.ply", "mesh.mtl",
+                 "mesh_albedo.png", "mesh.glb", "turntable.gif")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from a stage folder that starts afresh (never the inputs)."""
+    import shutil
+
+    for name in STAGE_OUTPUTS:
+        p = Path(out) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def erode_mask(mask: torch.Tensor, px: int) -> torch.Tensor:
     """Binary erosion of a (B, 1, H, W) mask by `px` pixels (a (2px+1)² square)."""
     if px <= 0:
         return mask
     return 1.0 - F.max_pool2d(1.0 - mask, 2 * px + 1, stride=1, padding=px)
+
+
+def resize_reference(ref, size: int):
+    """The reference at size² (area-averaged down, bilinear up, as cv2.INTER_AREA / a plain resize;
+    the mask re-binarised at 0.5, as the released code thresholds its resized alpha)."""
+    if ref.rgb.shape[-1] == size and ref.rgb.shape[-2] == size:
+        return ref
+    log.info("reference resized from %d² to %d²", ref.rgb.shape[-1], size)
+    down = size < ref.rgb.shape[-1]
+
+    def rs(t):
+        t = t[None].float()
+        if down:
+            return F.interpolate(t, size=(size, size), mode="area")[0]
+        return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0]
+
+    return dataclasses.replace(ref, rgb=rs(ref.rgb).clamp(0, 1), mask=(rs(ref.mask) > 0.5).float(),
+                               depth=rs(ref.depth) if ref.depth is not None else None)
+
+
+def composite_background(out: RenderBatch, background: torch.Tensor) -> RenderBatch:
+    """Put a render made on white over `background` (B, 3): rgb + (1 − opacity)(bg − 1), the same as
+    compositing on bg directly (colour = Σ w c + (1 − Σ w)·bg). Records it in `out.background`."""
+    bg = background.to(out.rgb)[:, :, None, None]
+    out.rgb = out.rgb + (1.0 - out.opacity) * (bg - 1.0)
+    out.background = background
+    return out
 
 
 def _scalar(v: Any) -> float | str:
@@ -185,8 +249,7 @@ class Stage:
         self.spec, self.rep, self.params = spec, representation, params
         self.guidance, self.detector = guidance, detector
         self.device = torch.device(device)
-        self.optimizer = torch.optim.Adam(representation.param_groups(), betas=(0.9, 0.99), eps=1e-15,
-                                          weight_decay=0.0)
+        self.optimizer = build_optimizer(representation.param_groups(), params.optimizer)
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.state = StageState(stage=spec.name, params=params.to_dict(), params_digest=params_digest,
                                 clock={"offset": spec.clock_offset, "total": spec.clock_total},
@@ -197,6 +260,7 @@ class Stage:
         if spec.start_stage2 and hasattr(guidance, "start_stage2"):
             guidance.start_stage2(spec.clock_offset)  # a no-op when an earlier stage switched
         self.ref_cameras = reference_cameras(params.camera, device=self.device)
+        reference = resize_reference(reference, spec.ref_resolution or spec.resolution)
         self.ref_rgb = reference.rgb[None].to(self.device)
         self.ref_mask = reference.mask[None].to(self.device)
         self.ref_mask_eroded = erode_mask(self.ref_mask, spec.mask_erode_px)
@@ -225,7 +289,7 @@ class Stage:
             self.guidance.load_state_dict(state.prior)
         if state.detector is not None and self.detector is not None:
             self.detector.load_state_dict(state.detector)
-        keep = ("params", "params_digest", "token", "upstream", "clock")
+        keep = ("params", "params_digest", "token", "upstream", "clock")  # this run's (equal when resumable)
         self.state = dataclasses.replace(state, **{k: getattr(self.state, k) for k in keep})
 
     def save(self, path: Path) -> None:
@@ -245,6 +309,8 @@ class Stage:
 
     # ------------------------------------------------------------------------------------ one step
     def is_reference_step(self, step: int) -> bool:
+        if step < self.spec.ref_warmup:
+            return True
         cam = self.params.camera
         if cam.ref_prob is not None:
             return bool(torch.rand((), generator=self.generator).item() < cam.ref_prob)
@@ -256,15 +322,26 @@ class Stage:
         shading_params = p.coarse.shading
         self.rep.before_step(step, total, gen, self.optimizer)
         is_ref = self.is_reference_step(step)
+        res, extra, background = spec.resolution, {}, None
         if is_ref:
             cams, shading, light = self.ref_cameras, "albedo", None
+            res = spec.ref_resolution or spec.resolution
+            if spec.ref_ray_noise > 0:  # one offset for all origins, one for all directions
+                extra["ray_offsets"] = (torch.randn(3, generator=gen) * spec.ref_ray_noise,
+                                        torch.randn(3, generator=gen) * spec.ref_ray_noise)
         else:
-            cams = sample_cameras(p.camera, 1, gen, device=self.device)
+            # Consistent123's progressive view ranges widen over the NeRF stage only (camera.progressive_view)
+            cams = sample_cameras(p.camera, 1, gen, device=self.device,
+                                  progress=step / total if spec.name == "coarse" else None)
             shading = sample_shading(step, total, shading_params, gen, stage=spec.name)
             light = sample_light(cams.centers.cpu(), gen).to(self.device)
+            if spec.novel_background == "random":
+                background = torch.rand(len(cams), 3, generator=gen).to(self.device)
         ambient, diffuse = sample_ambient(shading_params, shading, gen)
-        out = self.rep.render(cams, spec.resolution, shading=shading, light_dir=light, ambient=ambient,
-                              diffuse=diffuse, generator=gen)
+        out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
+                              diffuse=diffuse, generator=gen, **extra)
+        if background is not None:
+            composite_background(out, background)
         out.step, out.total_steps, out.stage = spec.clock_offset + step, spec.clock_total, spec.name
         zero = out.rgb.new_zeros(())
         l_rgb = l_mask = l_depth = l_g = zero
@@ -283,15 +360,56 @@ class Stage:
         regs = self.rep.regularisers(out)
         for w, term in regs.values():
             loss = loss + w * term
+        terms = {"rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g, **{k: t for k, (_, t) in regs.items()}}
+        self._check_finite(step, loss, terms)
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
+            self._check_finite_gradients(step)
             self.optimizer.step()
         self._detector_check(step)
         self.state.step += 1
-        return {"loss": loss, "rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g,
-                **{k: t for k, (_, t) in regs.items()}, **self.rep.progress(), "reference": float(is_ref),
-                "shading": shading, **diag}
+        if step % spec.trace_every == 0 or step == total - 1:
+            self._trace(step, {"loss": loss, **terms, **diag})
+        return {"loss": loss, **terms, **self.rep.progress(), "reference": float(is_ref), "shading": shading, **diag}
+
+    def _stop(self, step: int, what: str) -> None:
+        last = read_state(self._ck_path).step if getattr(self, "_ck_path", None) and self._ck_path.is_file() else None
+        kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written yet"
+        raise NonFiniteError(f"{self.spec.name} stage, step {step}: {what} is not finite; stopped ({kept})")
+
+    def _check_finite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if bool(torch.isfinite(loss.detach())):  # one host sync per step; the terms are looked at only on failure
+            return
+        bad = [k for k, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+        self._stop(step, f"the loss term '{bad[0]}'" if bad else "the loss")
+
+    def _check_finite_gradients(self, step: int) -> None:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._stop(step, "a gradient")
+
+    def _trace(self, step: int, metrics: dict) -> None:
+        """One row of trace.csv: the loss terms, the priors' weights on the guidance clock, their SDS
+        gradient norms, and the detector's score and rate where it checked at this step."""
+        row: dict[str, Any] = {"step": step, "clock": self.spec.clock_offset + step}
+        row.update({k: _scalar(v) for k, v in metrics.items() if not isinstance(v, str)})
+        g = self.guidance
+        if hasattr(g, "weights"):  # Consistent123's schedule at this step, also on reference-view steps
+            row["w_3d"], row["w_2d"] = g.weights(self.spec.clock_offset + step, self.spec.clock_total)
+        for name in ("lambda_2d", "lambda_3d"):
+            if hasattr(g, name):
+                row[name] = float(getattr(g, name))
+        if self.detector is not None and self.detector.trace and self.detector.trace[-1]["step"] == step:
+            row["detector_score"], row["detector_rate"] = self.detector.trace[-1]["score"], self.detector.trace[-1]["rate"]
+        self.state.trace.append(row)
+
+    def write_trace(self, out: Path) -> None:
+        import pandas as pd
+
+        from core.io import atomic_write_text
+
+        atomic_write_text(Path(out) / TRACE, pd.DataFrame(self.state.trace).to_csv(index=False))
 
     def _detector_check(self, step: int) -> None:
         """Consistent123 §3.2: every h iterations the V views are scored (eqs. 5–6); stage 2 starts
@@ -319,6 +437,7 @@ class Stage:
                   "guidance": type(g).__name__ if g is not None else "none",
                   "switch_step": getattr(g, "switch_step", None), "params_digest": s.params_digest,
                   "upstream": s.upstream, **info, "checkpoint": CHECKPOINT}
+        self.write_trace(out)
         atomic_write_text(Path(out) / RESULT, json.dumps(record, indent=2))
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
                 if self.device.type == "cuda" else "")
@@ -336,6 +455,7 @@ class Stage:
         from tqdm import tqdm
 
         iters = self.spec.iters
+        self._ck_path = ck_path
         bar = tqdm(total=iters, initial=self.state.step, desc=self.spec.name, disable=not progress, dynamic_ncols=True)
         t0, base = time.perf_counter(), self.state.elapsed
         try:
@@ -353,6 +473,7 @@ class Stage:
                 self.state.elapsed = base + time.perf_counter() - t0
                 if s % self.spec.checkpoint_every == 0 or s == iters:
                     self.save(ck_path)
+                    self.write_trace(ck_path.parent)
                 if stop_after is not None and stop_after <= s < iters:
                     return False
         finally:

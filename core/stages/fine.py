@@ -1,13 +1,16 @@
 """The fine stage (Magic123 §2.1.2, §3.2): the stage loop over a DMTet mesh made from the coarse NeRF.
 
-Set-up: the DMTet SDF is initialised from the NeRF density level set (`coarse.mesh_threshold`), the
-deformation at zero, and the neural colour field is a trainable copy of the NeRF's colour branch
+Set-up, as the released code does it (guochengqian/Magic123 nerf/renderer.py:1559-1575,
+docs/fidelity.md): the level τ = min(mean density of the coarse occupancy grid, coarse.mesh_threshold)
+(`fine.sdf_threshold`); the tet grid rescaled per axis to the NeRF's occupied extent + 0.1
+(`fine.tet_rescale`, `fine.tet_margin`); the SDF = (σ − τ) clamped to [−1, 1] (`fine.sdf_scale`), the
+deformation at zero; the neural colour field is a trainable copy of the NeRF's colour branch
 (Magic3D). Each iteration extracts the mesh by marching tetrahedra and rasterises it at 8× the
 coarse resolution (core/rendering/raster.py: nvdiffrast on CUDA when available, else PyTorch).
 The colour term of eq. 1 uses the reference mask eroded by `fine.mask_erode_px` px (colours at the
 segmentation edge mix in the background; the mask term keeps the full mask). Regularisers: mesh
-normal consistency and Laplacian smoothing. Outputs: renders/, reference_rgba.png,
-mesh.obj/.mtl/_albedo.png, mesh.glb, turntable.gif and, written last, result.json.
+normal consistency and the (unnormalised, `fine.laplacian_form`) Laplacian. Outputs: renders/,
+reference_rgba.png, mesh.obj/.mtl/_albedo.png, mesh.glb, turntable.gif and, written last, result.json.
 """
 from __future__ import annotations
 
@@ -19,14 +22,15 @@ import torch.nn.functional as F
 
 from core.export.textured import export_textured_mesh
 from core.inputs.images import Reference, save_rgba
-from core.io import atomic_save_image, to_uint8
+from core.io import atomic_save_image, to_uint8, writable_folder
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras
 from core.rendering.mesh_render import render_mesh
 from core.rendering.raster import make_rasterizer
 from core.representations.dmtet import DMTet, ColourField, Mesh
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState
-from core.stages.losses import mesh_laplacian_loss, mesh_normal_consistency
+from core.stages.coarse import active_levels
+from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs
+from core.stages.losses import mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +45,41 @@ def resize_reference(ref: Reference, size: int) -> Reference:
                      depth=up(ref.depth) if ref.depth is not None else None, image_path=ref.image_path)
 
 
+def mean_density(coarse: StageState | None) -> float | None:
+    """The mean of the coarse occupancy grid's densities at the end of the coarse stage (the
+    released code's mean_density, the mean of its density grid, saved with the checkpoint:
+    Magic123 nerf/renderer.py:1500-1501, main.py:481-482); None without a coarse state."""
+    rep = getattr(coarse, "representation", None) or {}
+    values = (rep.get("occupancy") or {}).get("values")
+    return float(values.float().mean()) if values is not None else None
+
+
+def sdf_level(params, coarse: StageState | None) -> float:
+    """τ of the SDF initialisation: min(mean density, coarse.mesh_threshold) ('mean_density', the
+    released code with its CUDA ray marcher, nerf/renderer.py:1560-1561) or coarse.mesh_threshold
+    (also when no coarse state is given, as the released code without it)."""
+    tau = params.coarse.mesh_threshold
+    m = mean_density(coarse) if params.fine.sdf_threshold == "mean_density" else None
+    return min(m, tau) if m is not None else tau
+
+
 class DMTetRepresentation:
     """The fine stage's mesh as the stage loop sees it (core.stages.engine.Representation)."""
 
-    def __init__(self, params, coarse_field, device: torch.device):
+    def __init__(self, params, coarse_field, device: torch.device, threshold: float | None = None):
         f, c = params.fine, params.coarse
         self.f, self.c, self.device = f, c, device
         self.dmtet = DMTet(f.tet_resolution, c.bound, device=device)
         coarse_field = coarse_field.to(device)
-        self.dmtet.init_from_density(coarse_field.density, c.mesh_threshold)
+        self.threshold = c.mesh_threshold if threshold is None else float(threshold)
+        if f.tet_rescale:
+            scale = self.dmtet.rescale_to_density(coarse_field.density, self.threshold, f.tet_margin)
+            log.info("fine stage: tet grid scaled to ±(%.3f, %.3f, %.3f) around the NeRF's σ > %.3g",
+                     *scale.tolist(), self.threshold)
+        self.dmtet.init_from_density(coarse_field.density, self.threshold, sdf_scale=f.sdf_scale)
         self.colour = ColourField(coarse_field).to(device)
+        if hasattr(self.colour.field, "level_mask"):  # a NeRFField: every level to start with (fine.level_mask)
+            self.colour.field.active_levels = None
         self.field_config = dict(getattr(coarse_field, "config", {}))
         self.rasterizer = make_rasterizer(f.rasterizer, device)
         self.backend = self.rasterizer.backend
@@ -67,6 +96,9 @@ class DMTetRepresentation:
                          {"params": [p for p in self.colour.parameters() if id(p) not in enc_ids], "lr": f.lr}]
 
     def before_step(self, step: int, total: int, generator: torch.Generator, optimizer) -> None:
+        field = self.colour.field
+        if self.f.level_mask != "none" and hasattr(field, "level_mask"):  # Consistent123: progressive levels
+            field.active_levels = active_levels(self.f.level_mask, step, total, field.encoding.levels)
         self.mesh = self.dmtet.extract()  # marching tetrahedra (DMTet, Shen et al. 2021)
 
     def render(self, cameras: Cameras, resolution: int, *, shading: str, light_dir, ambient: float,
@@ -87,7 +119,8 @@ class DMTetRepresentation:
     def regularisers(self, out: RenderBatch) -> dict[str, tuple[float, torch.Tensor]]:
         w, mesh, zero = self.f.losses, self.mesh, out.rgb.new_zeros(())
         l_nc = mesh_normal_consistency(mesh.verts, mesh.faces) if (w.normal_consistency > 0 and mesh.num_faces) else zero
-        l_lap = mesh_laplacian_loss(mesh.verts, mesh.faces) if (w.laplacian > 0 and mesh.num_faces) else zero
+        lap = mesh_laplacian_loss_unnormalised if self.f.laplacian_form == "unnormalised" else mesh_laplacian_loss
+        l_lap = lap(mesh.verts, mesh.faces) if (w.laplacian > 0 and mesh.num_faces) else zero
         return {"normal_consistency": (w.normal_consistency, l_nc), "laplacian": (w.laplacian, l_lap)}
 
     def progress(self) -> dict[str, float]:
@@ -98,7 +131,8 @@ class DMTetRepresentation:
 
     def state_dict(self) -> dict:
         return {"dmtet": {"sdf": self.dmtet.sdf.detach().cpu(), "deform": self.dmtet.deform.detach().cpu(),
-                          "resolution": self.dmtet.resolution, "bound": self.dmtet.bound},
+                          "resolution": self.dmtet.resolution, "bound": self.dmtet.bound,
+                          "scale": self.dmtet.scale.detach().cpu(), "threshold": self.threshold},
                 "colour_field": self.colour.field.state_dict(), "field_config": self.field_config,
                 "rasterizer": self.backend}
 
@@ -107,6 +141,8 @@ class DMTetRepresentation:
         if d["resolution"] != self.dmtet.resolution:
             raise ValueError(f"checkpoint tet resolution {d['resolution']} ≠ fine.tet_resolution {self.dmtet.resolution}")
         with torch.no_grad():
+            if "scale" in d:
+                self.dmtet.set_scale(d["scale"])
             self.dmtet.sdf.copy_(d["sdf"])
             self.dmtet.deform.copy_(d["deform"])
         self.colour.field.load_state_dict(state["colour_field"])
@@ -115,10 +151,13 @@ class DMTetRepresentation:
 def fine_spec(params, clock_offset: int) -> StageSpec:
     """`clock_offset`: the coarse iterations before this stage on the guidance clock."""
     f = params.fine
+    # the reference at the stage's own size (the released DMTet stage sets known_view_scale = 1,
+    # Magic123 main.py:411) and without ray noise: known_view_noise_scale moves rays_o/rays_d, which
+    # its rasteriser does not use (run_dmtet renders from the mvp, nerf/renderer.py:1230-1262)
     return StageSpec(name="fine", iters=f.iters, resolution=f.resolution, checkpoint_every=f.checkpoint_every,
                      seed=params.seed + 1, rgb=f.losses.rgb, mask=f.losses.mask, depth=f.losses.depth,
                      mask_erode_px=f.mask_erode_px, clock_offset=clock_offset, clock_total=clock_offset + f.iters,
-                     start_stage2=True)
+                     start_stage2=True, ref_warmup=f.ref_warmup, novel_background=f.novel_background)
 
 
 @torch.no_grad()
@@ -155,7 +194,7 @@ def make_fine_stage(params, reference: Reference, coarse_field, *, coarse: Stage
     """The stage loop configured as the fine stage from a coarse field, at step 0; `coarse` is the
     coarse stage's state, whose prior clock and stage-2 switch the fine stage continues."""
     device = torch.device(device)
-    rep = DMTetRepresentation(params, coarse_field, device)
+    rep = DMTetRepresentation(params, coarse_field, device, threshold=sdf_level(params, coarse))
     offset = coarse.step if coarse is not None else params.coarse.iters
     return Stage(fine_spec(params, clock_offset=offset), rep, params, resize_reference(reference, params.fine.resolution),
                  guidance=guidance, device=device, params_digest=params_digest, inherited=coarse)
@@ -167,14 +206,13 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
     """Run (or resume) the fine stage into `out_dir` from the coarse field; `coarse` is the coarse
     stage's state (see make_fine_stage). The Stage's `record` is result.json's content (None when
     stopped early)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir)
     (out / RESULT).unlink(missing_ok=True)
     stage = make_fine_stage(params, reference, coarse_field, coarse=coarse, guidance=guidance, device=device,
                             params_digest=params_digest)
     rep, reference = stage.rep, resize_reference(reference, params.fine.resolution)
-    if resume:
-        stage.try_resume(out / CHECKPOINT)
+    if not (resume and stage.try_resume(out / CHECKPOINT)):
+        clear_outputs(out)  # an earlier run's mesh and renders must not stand beside a new run
     f = params.fine
     log.info("fine stage: %d iterations at %d², tet grid %d³ (%d tets), rasteriser %s, device %s",
              f.iters, f.resolution, f.tet_resolution, rep.dmtet.tets.shape[0], rep.backend, device)

@@ -53,13 +53,15 @@ def gaussian_kernel(size: int = 9, sigma: float | None = None, device=None, dtyp
     return g[:, None] * g[None, :]
 
 
-def gaussian_blur(img: torch.Tensor, size: int = 9, sigma: float | None = None) -> torch.Tensor:
-    """Per-channel Gaussian blur with replicate padding; (B, C, H, W) → same."""
+def gaussian_blur(img: torch.Tensor, size: int = 9, sigma: float | None = None,
+                  padding: str = "replicate") -> torch.Tensor:
+    """Per-channel Gaussian blur; (B, C, H, W) → same. `padding` 'reflect' is torchvision's
+    `gaussian_blur` (the released code's TF.gaussian_blur(x, kernel_size=9): σ = 1.7)."""
     k = gaussian_kernel(size, sigma, img.device, img.dtype)
     c = img.shape[1]
     w = k[None, None].expand(c, 1, size, size)
     pad = size // 2
-    return F.conv2d(F.pad(img, (pad, pad, pad, pad), mode="replicate"), w, groups=c)
+    return F.conv2d(F.pad(img, (pad, pad, pad, pad), mode=padding), w, groups=c)
 
 
 def normal_smoothness_loss(normal: torch.Tensor, kernel_size: int = 9) -> torch.Tensor:
@@ -73,9 +75,29 @@ def normal_smoothness_loss(normal: torch.Tensor, kernel_size: int = 9) -> torch.
     return (diff.pow(2).sum(1) + 1e-12).sqrt().mean()
 
 
+def normal_tv_loss(normal: torch.Tensor) -> torch.Tensor:
+    """The released code's total variation of the normal image (Magic123 nerf/utils.py:801-807,
+    lambda_normal_smooth): mean((n[y+1] − n[y])²) + mean((n[x+1] − n[x])²), means over all entries."""
+    return ((normal[:, :, 1:, :] - normal[:, :, :-1, :]) ** 2).mean() + \
+        ((normal[:, :, :, 1:] - normal[:, :, :, :-1]) ** 2).mean()
+
+
+def normal_blur_mse_loss(normal: torch.Tensor, kernel_size: int = 9, blur_grad: bool = True) -> torch.Tensor:
+    """Eq. 3 as the released code computes it (lambda_normal_smooth2d, Magic123 nerf/utils.py:809-813):
+    MSE(n, g(n)) with g torchvision's 9×9 Gaussian blur (σ 1.7, reflect padding). Magic123 lets the
+    gradient through the blurred target too (`blur_grad`); Consistent123 detaches it (its
+    nerf/utils.py:1210), which is the paper's stop-gradient τ."""
+    target = gaussian_blur(normal, kernel_size, padding="reflect")
+    if not blur_grad:
+        target = target.detach()
+    return F.mse_loss(normal, target)
+
+
 def entropy_loss(opacity: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """The released code's opacity entropy (stable-dreamfusion's lambda_entropy): the binary entropy
-    −α log₂ α − (1 − α) log₂(1 − α) of each pixel's opacity, averaged; pushes opacity to 0 or 1."""
+    """The released code's entropy (stable-dreamfusion's lambda_entropy): the binary entropy
+    −α log₂ α − (1 − α) log₂(1 − α) of each value, clamped to [eps, 1 − eps], averaged; pushes them
+    to 0 or 1. The released code applies it to each sample's weight w_i (nerf/utils.py:796); it
+    also works on each pixel's opacity."""
     a = opacity.clamp(eps, 1.0 - eps)
     return (-a * torch.log2(a) - (1 - a) * torch.log2(1 - a)).mean()
 
@@ -112,6 +134,20 @@ def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     if pair.numel() == 0:
         return verts.new_zeros(())
     return (1.0 - (fn[fs[pair]] * fn[fs[pair + 1]]).sum(-1)).mean()
+
+
+def mesh_laplacian_loss_unnormalised(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """The released code's uniform Laplacian loss (Magic123 nerf/renderer.py:594-627, Consistent123
+    the same): L = D − A over the mesh's edges, loss = mean over all vertices of ‖(L v)_i‖ =
+    ‖Σ_{j∈N(i)} (v_i − v_j)‖ (not divided by the degree)."""
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0).sort(1).values
+    e = torch.unique(e, dim=0)
+    if e.numel() == 0:
+        return verts.new_zeros(())
+    src = torch.cat([e[:, 0], e[:, 1]])
+    dst = torch.cat([e[:, 1], e[:, 0]])
+    lap = torch.zeros_like(verts).index_add(0, src, verts[src] - verts[dst])
+    return lap.norm(dim=-1).mean()
 
 
 def mesh_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
