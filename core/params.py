@@ -283,6 +283,15 @@ class StagePriorWeights(_Section):
     lambda_3d: float = Field(40.0, ge=0.0)  # λ_3D
 
 
+class LossScaleParams(_Section):
+    """The loss-scale schedule of the released code's GradScaler (torch defaults; docs/fidelity.md
+    "SDS balance (item 1)"): init_scale, ×growth_factor every growth_interval iterations."""
+
+    init_scale: float = Field(65536.0, gt=0.0)
+    growth_factor: float = Field(2.0, ge=1.0)
+    growth_interval: int = Field(2000, ge=1)
+
+
 class GuidanceParams(_Section):
     """Which novel-view guidance runs: Magic123's joint prior (eqs. 7–8), Consistent123's dynamic
     prior (eq. 8–9), the oracle (a known object; machinery tests) or none (reference view only)."""
@@ -294,6 +303,12 @@ class GuidanceParams(_Section):
     # eq. 9 (linear, log) as the released code computes it (w_2D = x, log2(1 + x); the default) or
     # as printed in §4.4 (w_3D = x, log2(x)); eq. 8 (exp) is the same in both. docs/fidelity.md.
     dynamic_reading: Literal["released", "paper"] = "released"
+    # The SDS gradient's balance against the reference losses. loss_scale_schedule: as the released
+    # Magic123 code optimises — its SDS gradient bypasses the fp16 GradScaler and is divided by the
+    # loss scale (1/65536 → 1/262144 over a stage); none: the paper's λ's at face value (as the
+    # Consistent123 code optimises). docs/fidelity.md "SDS balance (item 1)".
+    sds_gradient_scale: Literal["loss_scale_schedule", "none"] = "loss_scale_schedule"
+    loss_scale: LossScaleParams = LossScaleParams()
     oracle_object: Optional[str] = None
 
 
@@ -304,12 +319,31 @@ class PromptParams(_Section):
 
 
 class TextualInversionParams(_Section):
+    """Magic123's recipe: diffusers' textual_inversion example as its
+    scripts/textual_inversion/textual_inversion.sh runs it (docs/fidelity.md, item 8)."""
+
     enabled: bool = True
-    steps: int = Field(3000, ge=1)
-    lr: float = Field(5e-3, gt=0.0)
-    batch_size: int = Field(4, ge=1)
+    steps: int = Field(3000, ge=1)  # --max_train_steps 3000
+    lr: float = Field(1e-4, gt=0.0)  # the example's default --learning_rate (the script passes none)
+    scale_lr: bool = False  # lr × gradient_accumulation × batch_size (× processes); off as released
+    batch_size: int = Field(16, ge=1)  # --train_batch_size 16
+    gradient_accumulation: int = Field(1, ge=1)  # --gradient_accumulation_steps 1
+    # the dataset is the one image repeated `repeats` times per epoch (--repeats 100), so the last
+    # batch of every epoch is short (100 mod 16 = 4 images); null: every batch is full
+    repeats: Optional[int] = Field(100, ge=1)
+    weight_decay: float = Field(1e-2, ge=0.0)  # AdamW (the example's defaults)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    # released: the example's --use_augmentations pipeline (rotation, resized crop, colour jitter,
+    # grayscale, blur, flip); crop: lift3d's crop-around-the-object and flip
+    augmentation: Literal["released", "crop"] = "released"
+    # released: the rgba.png converted to RGB (its transparent pixels are black in the benchmarks)
+    background: Literal["black", "white"] = "black"
+    # released: the augmented images reach the VAE in [0, 1] (ToTensor, never mapped to [-1, 1]: the
+    # example's augmentation branch skips the normalisation); signed: in [-1, 1] as the VAE expects
+    vae_input: Literal["unit", "signed"] = "unit"
     placeholder: str = "<e>"
-    initializer: str = "object"
+    initializer: str = "object"  # released: a word per object, given on the command line
 
 
 # --------------------------------------------------------------------------------- inputs & judgement

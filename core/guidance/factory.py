@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from core.rendering.cameras import reference_cameras
-from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance
+from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, SDSGradientScale
 from core.models.sources import prior_model
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def resolve_token(params, parts, reference: Any, token: Optional[dict] = None) -
     params.prompt.learned_embeds, else — without a plain description, textual inversion on — one
     learned now (Magic123 §2.2). None when the prompt is the plain description. Returns
     {placeholder: embedding}."""
-    from core.guidance.textual_inversion import add_token, learn_token, read_learned_embeds
+    from core.guidance.textual_inversion import add_token, learn_token_from_params, read_learned_embeds
 
     if token:
         for name, vec in token.items():
@@ -62,8 +62,7 @@ def resolve_token(params, parts, reference: Any, token: Optional[dict] = None) -
         ti = params.textual_inversion
         log.info("textual inversion: learning %s for the reference image (%d steps)", ti.placeholder, ti.steps)
         rgb, mask = _reference_rgb_mask(reference, params.sd.resolution, params)
-        return learn_token(parts, rgb, mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps,
-                           lr=ti.lr, batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed)
+        return learn_token_from_params(parts, rgb, mask, params)
     return None
 
 
@@ -126,14 +125,19 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
     l2, l3 = weights.lambda_2d, weights.lambda_3d
     sd, embeds = build_sd_guidance(params, reference, device, token, stage) if l2 > 0 else (None, token)
     z123 = build_zero123_guidance(params, reference, device, stage) if l3 > 0 else None
+    balance = SDSGradientScale.from_params(params)  # docs/fidelity.md "SDS balance (item 1)"
+    if balance.mode != "none":
+        ls = params.guidance.loss_scale
+        log.info("guidance: SDS gradient × 1/loss scale as released (%g, ×%g every %d iterations)",
+                 ls.init_scale, ls.growth_factor, ls.growth_interval)
     if kind == "joint":
         log.info("guidance: joint prior (Magic123 eq. 7), %s stage: λ_2D=%g%s, λ_3D=%g%s", stage, l2,
                  "" if sd else " (not loaded)", l3, "" if z123 else " (not loaded)")
-        prior = JointPrior(sd, z123, l2, l3)
+        prior = JointPrior(sd, z123, l2, l3, sds_scale=balance)
     elif kind == "dynamic":
         # the stage-2 switch comes from the detector (coarse) or the coarse stage's state (fine)
         prior = DynamicPrior(sd, z123, l2, l3, schedule=params.guidance.dynamic_schedule,
-                             reading=params.guidance.dynamic_reading)
+                             reading=params.guidance.dynamic_reading, sds_scale=balance)
         log.info("guidance: dynamic prior (Consistent123 eq. 8/9, %s), %s stage", prior.schedule, stage)
     else:
         raise ValueError(f"unknown guidance kind {kind!r}")

@@ -11,6 +11,10 @@
   `dynamic_prior_weights`). The per-stage λ's of params.guidance scale each prior on top of
   the schedule (λ_3D·w_3D(t)·L_3D + λ_2D·w_2D(t)·L_2D), so the priors' magnitudes stay those of
   the joint prior.
+* The SDS balance (`SDSGradientScale`): the released Magic123 code's SDS gradient reaches the
+  parameters divided by the fp16 loss scale (core.guidance.sds.sds_gradient_multiplier;
+  docs/fidelity.md "SDS balance (item 1)"). Both priors multiply their whole loss — whose gradient
+  is the SDS gradient — by the factor of the stage iteration, λ's included.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Optional
 import torch
 
 from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.sds import SDS_GRADIENT_SCALES, sds_gradient_multiplier
 
 
 def joint_prior_loss(loss_2d: Optional[torch.Tensor], loss_3d: Optional[torch.Tensor],
@@ -81,6 +86,55 @@ def dynamic_prior_weights(t: float, T: float, kind: str = "exp",
     raise ValueError(f"dynamic prior: unknown schedule '{kind}' (exp, linear, log)")
 
 
+class SDSGradientScale:
+    """The factor on the priors' loss at a render batch's stage iteration.
+
+    mode 'loss_scale_schedule' (released Magic123): 1 / S(i), S the GradScaler's loss scale at
+    0-based iteration i of the stage (a fresh scaler per stage: 65536 for i < 2000, then ×2 every
+    2000); 'none' (face value): 1. The stage iteration is `batch.stage_step` where the stage loop
+    gives it; else the guidance clock less the iterations before the stage — 0 for the coarse
+    stage, clock length − `fine_iters` for the fine stage (core/stages/engine.py's clock)."""
+
+    def __init__(self, mode: str = "loss_scale_schedule", init_scale: float = 65536.0, growth_factor: float = 2.0,
+                 growth_interval: int = 2000, fine_iters: Optional[int] = None):
+        if mode not in SDS_GRADIENT_SCALES:
+            raise ValueError(f"unknown SDS gradient scale {mode!r} ({', '.join(SDS_GRADIENT_SCALES)})")
+        self.mode = mode
+        self.init_scale, self.growth_factor, self.growth_interval = float(init_scale), float(growth_factor), int(
+            growth_interval)
+        self.fine_iters = fine_iters
+
+    @classmethod
+    def from_params(cls, params) -> "SDSGradientScale":
+        g = params.guidance
+        return cls(g.sds_gradient_scale, g.loss_scale.init_scale, g.loss_scale.growth_factor,
+                   g.loss_scale.growth_interval, fine_iters=params.fine.iters)
+
+    def stage_step(self, batch: RenderBatch) -> int:
+        local = getattr(batch, "stage_step", None)
+        if local is not None:
+            return int(local)
+        if getattr(batch, "stage", "coarse") == "fine" and self.fine_iters is not None:
+            return max(int(batch.step) - (int(batch.total_steps) - int(self.fine_iters)), 0)
+        return max(int(batch.step), 0)
+
+    def __call__(self, batch: RenderBatch) -> float:
+        if self.mode == "none":
+            return 1.0
+        return sds_gradient_multiplier(self.stage_step(batch), self.mode, self.init_scale, self.growth_factor,
+                                       self.growth_interval)
+
+
+def _scaled(loss: torch.Tensor, batch: RenderBatch, sds_scale: Optional[SDSGradientScale],
+            diag: dict[str, float]) -> torch.Tensor:
+    """`loss` times the SDS balance factor of this iteration (recorded as diag['sds_multiplier'])."""
+    if sds_scale is None:
+        return loss
+    m = sds_scale(batch)
+    diag["sds_multiplier"] = m
+    return loss if m == 1.0 else loss * m
+
+
 def _run(prior, batch: RenderBatch, name: str, diag: dict[str, float]) -> torch.Tensor:
     out = prior(batch)
     for k, v in out.diagnostics.items():
@@ -98,11 +152,13 @@ def _generators(prior) -> dict[str, torch.Generator]:
 class JointPrior:
     """Magic123's joint 2D + 3D prior (eqs. 7–8). `sd` / `zero123` may be None when their λ is 0."""
 
-    def __init__(self, sd, zero123, lambda_2d: float, lambda_3d: float):
+    def __init__(self, sd, zero123, lambda_2d: float, lambda_3d: float,
+                 sds_scale: Optional[SDSGradientScale] = None):
         if (sd is None or lambda_2d == 0) and (zero123 is None or lambda_3d == 0):
             raise ValueError("joint prior: both priors are off (λ_2D = λ_3D = 0)")
         self.sd, self.zero123 = sd, zero123
         self.lambda_2d, self.lambda_3d = float(lambda_2d), float(lambda_3d)
+        self.sds_scale = sds_scale  # None: face value (the paper's λ's)
 
     def generators(self) -> dict[str, torch.Generator]:
         return _generators(self)
@@ -111,7 +167,7 @@ class JointPrior:
         diag: dict[str, float] = {"lambda_2d": self.lambda_2d, "lambda_3d": self.lambda_3d}
         l2 = _run(self.sd, batch, "sd", diag) if self.sd is not None and self.lambda_2d else None
         l3 = _run(self.zero123, batch, "zero123", diag) if self.zero123 is not None and self.lambda_3d else None
-        loss = joint_prior_loss(l2, l3, self.lambda_2d, self.lambda_3d)
+        loss = _scaled(joint_prior_loss(l2, l3, self.lambda_2d, self.lambda_3d), batch, self.sds_scale, diag)
         diag["loss"] = float(loss.detach())
         return GuidanceOutput(loss=loss, diagnostics=diag)
 
@@ -120,7 +176,8 @@ class DynamicPrior:
     """Consistent123's two-stage prior: 3D only, then the dynamic mix of eq. 8 (or eq. 9)."""
 
     def __init__(self, sd, zero123, lambda_2d: float, lambda_3d: float, schedule: str = "exp",
-                 span: Optional[int] = None, switch_step: Optional[int] = None, reading: str = "released"):
+                 span: Optional[int] = None, switch_step: Optional[int] = None, reading: str = "released",
+                 sds_scale: Optional[SDSGradientScale] = None):
         if zero123 is None:
             raise ValueError("dynamic prior: the 3D prior (Zero-1-to-3) is required for stage 1")
         dynamic_prior_weights(0, 1, schedule, reading)  # validate the names now
@@ -130,6 +187,7 @@ class DynamicPrior:
         self.reading = reading  # eq. 9 as the released code computes it, or as printed
         self.span = span  # T; default: the iterations left in the stage after the switch
         self.switch_step: Optional[int] = switch_step
+        self.sds_scale = sds_scale  # None: face value (as the Consistent123 code optimises)
 
     @property
     def in_stage2(self) -> bool:
@@ -169,6 +227,8 @@ class DynamicPrior:
             loss = l2 if loss is None else loss + l2
         if loss is None:
             loss = batch.rgb.sum() * 0.0
+        else:
+            loss = _scaled(loss, batch, self.sds_scale, diag)
         diag["loss"] = float(loss.detach())
         return GuidanceOutput(loss=loss, diagnostics=diag)
 

@@ -68,3 +68,62 @@ def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_c
         grad = sds_gradient(eps_hat, noise, sds_weight(alphas_cumprod, t))
     loss = sds_loss(latents, grad)
     return loss, {"t": float(t.float().mean()) / num_t, "grad_norm": float(grad.norm()), "loss": float(loss.detach())}
+
+
+# ------------------------------------------------------------------------ the released SDS balance
+# Magic123's released trainer (guochengqian/Magic123 nerf/utils.py, guidance/sd_utils.py,
+# guidance/zero123_utils.py; docs/fidelity.md "SDS balance (item 1)") trains under fp16 autocast
+# with a torch.cuda.amp.GradScaler and injects the SDS gradient with
+# `latents.backward(gradient=grad)` *inside* the guidance's train_step: that gradient never passes
+# through `scaler.scale(loss)`, while the reference losses and the regularisers do. The scaler's
+# `unscale_` then divides every gradient by the loss scale S, so the SDS gradient reaches the
+# parameters as grad / S. S follows GradScaler's schedule: init_scale, ×growth_factor after every
+# growth_interval consecutive steps without inf/nan gradients, ×backoff_factor on a step that
+# overflows (that step is skipped and the count restarts). lift3d reproduces that *effect* as a
+# factor on the prior's loss (whose gradient is the SDS gradient): `sds_gradient_multiplier`.
+
+SDS_GRADIENT_SCALES = ("loss_scale_schedule", "none")
+
+
+def loss_scale_at(step: int, init_scale: float = 65536.0, growth_factor: float = 2.0,
+                  growth_interval: int = 2000, backoff_factor: float = 0.5,
+                  overflow_steps: tuple[int, ...] | list[int] = ()) -> float:
+    """The loss scale a torch GradScaler (fresh at step 0) applies at 0-based iteration `step`.
+
+    Every iteration is one `scaler.step` + `scaler.update()`. After `growth_interval` consecutive
+    iterations whose gradients were finite the scale is multiplied by `growth_factor`; an iteration
+    in `overflow_steps` (inf/nan found) multiplies it by `backoff_factor` and restarts the count.
+    Without overflows: init · growth^⌊step / interval⌋ (65536 for steps 0–1999, 131072 for
+    2000–3999, 262144 for 4000–5999 with the defaults)."""
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"loss scale: step must be ≥ 0, got {step}")
+    if growth_interval < 1:
+        raise ValueError(f"loss scale: growth_interval must be ≥ 1, got {growth_interval}")
+    overflows = sorted(int(s) for s in overflow_steps if 0 <= int(s) < step)
+    if not overflows:
+        return float(init_scale) * float(growth_factor) ** (step // growth_interval)
+    scale, tracker, k = float(init_scale), 0, 0
+    for i in range(step):  # the update at the end of iteration i sets the scale of iteration i + 1
+        if k < len(overflows) and overflows[k] == i:
+            scale *= backoff_factor
+            tracker = 0
+            k += 1
+        else:
+            tracker += 1
+            if tracker == growth_interval:
+                scale *= growth_factor
+                tracker = 0
+    return scale
+
+
+def sds_gradient_multiplier(step: int, mode: str = "loss_scale_schedule", init_scale: float = 65536.0,
+                            growth_factor: float = 2.0, growth_interval: int = 2000) -> float:
+    """The factor on the SDS gradient at 0-based stage iteration `step`: 1 / loss_scale_at(step)
+    for 'loss_scale_schedule' (the released Magic123 code's effective balance), 1 for 'none' (the
+    paper's λ's at face value)."""
+    if mode == "none":
+        return 1.0
+    if mode == "loss_scale_schedule":
+        return 1.0 / loss_scale_at(step, init_scale, growth_factor, growth_interval)
+    raise ValueError(f"unknown SDS gradient scale {mode!r} ({', '.join(SDS_GRADIENT_SCALES)})")

@@ -1,9 +1,15 @@
 """Textual inversion (Gal et al.): a token <e> for the reference image (Magic123 §2.2, RealFusion).
 
-The recipe of diffusers' `textual_inversion` example: augmented views of the object on white
-(random crops and flips), the small set of ImageNet-style templates ("a photo of a {}", …), a new
-token whose embedding row — and only that row — trains, initialised from an existing word's
+The recipe of diffusers' `textual_inversion` example as Magic123's
+scripts/textual_inversion/textual_inversion.sh runs it (params.textual_inversion; docs/fidelity.md,
+item 8): augmented views of the object (the example's `--use_augmentations` pipeline, or lift3d's
+crop-and-flip), the small set of ImageNet-style templates ("a photo of a {}", …), a new token
+whose embedding row — and only that row — trains with AdamW, initialised from an existing word's
 embedding, with the MSE between the UNet's noise prediction and the added noise (t ~ U[0, T)).
+Batch 16 at lr 1e-4 (no scale_lr), 3,000 steps, constant lr; the one image is repeated 100 times
+per epoch, so every 7th batch holds 4 images. Two effects of the released script are kept as
+parameters: its images are the rgba.png converted to RGB (black where transparent) and reach the
+VAE in [0, 1] rather than [-1, 1].
 
 Files are the benchmark folders' format: a `torch.save`d dict `{token: float32 tensor[D]}` named
 `learned_embeds.bin`; D is 768 for SD 1.5 (the benchmark files), 1024 for SD 2.x.
@@ -97,11 +103,67 @@ def load_learned_embeds(path: Path | str, tokenizer: Any, text_encoder: Any) -> 
 
 
 # ------------------------------------------------------------------------------------------ training
+def textual_inversion_lr(lr: float, batch_size: int, gradient_accumulation: int = 1, scale_lr: bool = False,
+                         processes: int = 1) -> float:
+    """The learning rate the example trains with: `lr`, or with --scale_lr
+    lr × gradient_accumulation × batch_size × processes (Magic123's script: off, so 1e-4)."""
+    return float(lr) * (gradient_accumulation * batch_size * processes if scale_lr else 1)
+
+
+def batch_size_at(index: int, batch_size: int, repeats: Optional[int] = None) -> int:
+    """The size of the `index`-th (0-based) batch the example's DataLoader yields: the dataset is
+    one image repeated `repeats` times per epoch, batched without drop_last, so each epoch is
+    ⌈repeats / batch_size⌉ batches and its last one holds the remainder (100, 16: six of 16, one of 4).
+    `repeats` None: every batch is full."""
+    if repeats is None:
+        return int(batch_size)
+    per_epoch = -(-int(repeats) // int(batch_size))
+    pos = int(index) % per_epoch
+    return int(batch_size) if pos < per_epoch - 1 else int(repeats) - (per_epoch - 1) * int(batch_size)
+
+
+def on_background(rgb: torch.Tensor, mask: Optional[torch.Tensor], background: str) -> torch.Tensor:
+    """The object (3, H, W) composited on white, recomposited on `background` ('white' | 'black':
+    what converting the rgba.png to RGB gives where it is transparent)."""
+    if background == "white" or mask is None:
+        return rgb
+    if background == "black":
+        return (rgb - (1.0 - mask.to(rgb))).clamp(0, 1)
+    raise ValueError(f"textual inversion: unknown background {background!r} (black, white)")
+
+
+def released_augment(rgb: torch.Tensor, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n views (n, 3, size, size) in [0, 1] by the example's `--use_augmentations` pipeline, with
+    torchvision's transforms on the image tensor: resize to 5/4·size (and centre-crop it square);
+    with p = 0.75 rotate by up to ±10° (white fill), centre-crop 5/6·size and resize to size; a
+    random resized crop to size of 85–115% of the area; with p = 0.75 colour jitter 0.04; grey with
+    p = 0.1; with p = 0.1 a 5×5 Gaussian blur, σ ∈ [0.1, 2]; a horizontal flip with p = 0.5.
+    torchvision draws from the global generator: it is forked and seeded from `generator`."""
+    from torchvision import transforms as T
+
+    big, small = int(size * 5 / 4), int(size * 5 / 6)
+    pipeline = T.Compose([
+        T.Resize(big, antialias=True), T.CenterCrop(big),
+        T.RandomApply([T.RandomRotation(degrees=10, fill=1.0), T.CenterCrop(small), T.Resize(size, antialias=True)],
+                      p=0.75),
+        T.RandomResizedCrop(size, scale=(0.85, 1.15), antialias=True),
+        T.RandomApply([T.ColorJitter(0.04, 0.04, 0.04, 0.04)], p=0.75),
+        T.RandomGrayscale(p=0.10),
+        T.RandomApply([T.GaussianBlur(5, (0.1, 2))], p=0.10),
+        T.RandomHorizontalFlip(),
+    ])
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        views = [pipeline(rgb.float().cpu()) for _ in range(n)]
+    return torch.stack(views).clamp(0, 1)
+
+
 def augment_views(rgb: torch.Tensor, mask: Optional[torch.Tensor], n: int, size: int,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, fill: float = 1.0) -> torch.Tensor:
     """n augmented views (n, 3, size, size) in [0, 1] of the object on white: a random square
     crop around the object (the object spans 60–90% of it, centre jittered by ±4%) and a random
-    horizontal flip; outside the image is white."""
+    horizontal flip; outside the image is `fill` (white; 0 for an image on black)."""
     _, h, w = rgb.shape
     if mask is not None and mask.sum() > 0:
         ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
@@ -117,7 +179,7 @@ def augment_views(rgb: torch.Tensor, mask: Optional[torch.Tensor], n: int, size:
         # an affine crop with white outside the image
         theta = torch.tensor([[s / w, 0.0, 2 * (cx + ox) / w - 1], [0.0, s / h, 2 * (cy + oy) / h - 1]])
         grid = F.affine_grid(theta[None], [1, 3, size, size], align_corners=False).to(rgb)
-        v = F.grid_sample(rgb[None] - 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1.0
+        v = F.grid_sample(rgb[None] - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
         if r[3].item() < 0.5:
             v = v.flip(-1)
         views.append(v)
@@ -125,14 +187,26 @@ def augment_views(rgb: torch.Tensor, mask: Optional[torch.Tensor], n: int, size:
 
 
 def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = None, *, token: str = "<e>",
-                initializer: str = "object", steps: int = 3000, lr: float = 5e-3, batch_size: int = 4,
+                initializer: str = "object", steps: int = 3000, lr: float = 1e-4, batch_size: int = 16,
                 resolution: int = 512, seed: int = 0, out: Optional[Path | str] = None,
-                callback=None) -> dict[str, torch.Tensor]:
+                callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
+                weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                augmentation: str = "released", background: str = "black", vae_input: str = "unit",
+                progress: bool = True) -> dict[str, torch.Tensor]:
     """Learn a token for the object in `rgb` (3, H, W) on white. `parts` is a StableDiffusionParts
     (core.guidance.sd). Only the new embedding row trains. Returns {token: embedding}; writes it to
-    `out` (learned_embeds.bin) when given."""
+    `out` (learned_embeds.bin) when given. The defaults are the released recipe
+    (params.textual_inversion; `learn_token_from_params` passes them all); a tqdm bar shows the
+    steps unless `progress` is False."""
+    from tqdm import tqdm
+
     from core.guidance.sd import encode_images
     from core.guidance.sds import sample_timesteps
+
+    if augmentation not in ("released", "crop"):
+        raise ValueError(f"textual inversion: unknown augmentation {augmentation!r} (released, crop)")
+    if vae_input not in ("unit", "signed"):
+        raise ValueError(f"textual inversion: unknown vae_input {vae_input!r} (unit, signed)")
 
     tok, te, vae, unet, sched = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler
     device = next(unet.parameters()).device
@@ -144,34 +218,55 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     original = emb_weight.detach().clone()
     keep = torch.ones(emb_weight.shape[0], dtype=torch.bool, device=emb_weight.device)
     keep[token_id] = False
-    opt = torch.optim.AdamW([emb_weight], lr=lr, weight_decay=0.0)
-    rgb = rgb.detach().float().cpu()
+    lr_used = textual_inversion_lr(lr, batch_size, gradient_accumulation, scale_lr)
+    opt = torch.optim.AdamW([emb_weight], lr=lr_used, betas=tuple(adam_betas), eps=adam_eps,
+                            weight_decay=weight_decay)
     mask = mask.detach().float().cpu() if mask is not None else None
+    rgb = on_background(rgb.detach().float().cpu(), mask, background)
     udtype = next(unet.parameters()).dtype
     te.train()
-    for step in range(steps):
-        images = augment_views(rgb, mask, batch_size, resolution, gen).to(device)
-        with torch.no_grad():
-            latents = encode_images(vae, images, gen)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = sample_timesteps(batch_size, sched.config.num_train_timesteps, (0.0, 0.999), gen).to(device)
-        noisy = sched.add_noise(latents, noise, t)
-        prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
-                   for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (batch_size,), generator=gen)]
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        states = te(ids)[0].to(udtype)
-        pred = unet(noisy.to(udtype), t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # only the new row changes
-            emb_weight[keep] = original[keep]
-        if callback is not None:
-            callback(step, float(loss.detach()))
-        if not math.isfinite(float(loss.detach())):
-            raise RuntimeError(f"textual inversion diverged at step {step} (loss {float(loss)})")
+    bar = tqdm(total=steps, desc="textual inversion", disable=not progress, dynamic_ncols=True)
+    micro = 0  # DataLoader batches drawn (gradient_accumulation per optimiser step)
+    try:
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(gradient_accumulation):
+                n = batch_size_at(micro, batch_size, repeats)
+                micro += 1
+                if augmentation == "released":
+                    images = released_augment(rgb, n, resolution, gen)
+                else:
+                    images = augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0)
+                images = images.to(device)
+                if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
+                    images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
+                with torch.no_grad():
+                    latents = encode_images(vae, images, gen)
+                noise = torch.randn(latents.shape, generator=gen).to(device)
+                t = sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen).to(device)
+                noisy = sched.add_noise(latents, noise, t)
+                prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
+                           for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (n,), generator=gen)]
+                ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(device)
+                states = te(ids)[0].to(udtype)
+                pred = unet(noisy.to(udtype), t, encoder_hidden_states=states).sample
+                loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
+                (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
+                total += float(loss.detach()) / gradient_accumulation
+            opt.step()
+            with torch.no_grad():  # only the new row changes
+                emb_weight[keep] = original[keep]
+            if callback is not None:
+                callback(step, total)
+            bar.update(1)
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{total:.4f}")
+            if not math.isfinite(total):
+                raise RuntimeError(f"textual inversion diverged at step {step} (loss {total})")
+    finally:
+        bar.close()
     emb_weight.requires_grad_(False)
     te.eval()
     learned = {token: emb_weight[token_id].detach().float().cpu().clone()}
@@ -179,3 +274,16 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         save_learned_embeds(out, learned)
         log.info("textual inversion: %d steps, token %s saved to %s", steps, token, out)
     return learned
+
+
+def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor], params, *,
+                            out: Optional[Path | str] = None, callback=None,
+                            progress: bool = True) -> dict[str, torch.Tensor]:
+    """learn_token with every setting of params.textual_inversion (and the SD resolution and seed)."""
+    ti = params.textual_inversion
+    return learn_token(parts, rgb, mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps, lr=ti.lr,
+                       batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed, out=out,
+                       callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
+                       repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
+                       adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
+                       vae_input=ti.vae_input, progress=progress)

@@ -1,0 +1,133 @@
+"""Item 8, textual inversion (docs/fidelity.md): Magic123's recipe is diffusers' textual_inversion
+example as scripts/textual_inversion/textual_inversion.sh runs it (guochengqian/Magic123)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.guidance.sd import load_stable_diffusion
+from core.guidance.textual_inversion import (batch_size_at, learn_token, learn_token_from_params, on_background,
+                                             released_augment, textual_inversion_lr)
+from core.params import load_params
+from _tiny_priors import tiny_models
+
+
+def test_magic123_defaults_are_the_released_script():
+    ti = load_params("magic123").textual_inversion
+    # textual_inversion.sh: --train_batch_size=16 --gradient_accumulation_steps=1 --max_train_steps=3000
+    # --lr_scheduler=constant --lr_warmup_steps=0 --resolution=512 --use_augmentations; the example's
+    # defaults otherwise: --learning_rate 1e-4, no --scale_lr, --repeats 100, AdamW (0.9, 0.999), 1e-2, 1e-8
+    assert (ti.steps, ti.batch_size, ti.gradient_accumulation) == (3000, 16, 1)
+    assert ti.lr == 1e-4 and ti.scale_lr is False
+    assert ti.repeats == 100
+    assert (ti.weight_decay, tuple(ti.adam_betas), ti.adam_eps) == (1e-2, (0.9, 0.999), 1e-8)
+    assert (ti.augmentation, ti.background, ti.vae_input) == ("released", "black", "unit")
+    assert load_params("magic123").sd.resolution == 512
+    assert load_params("consistent123").textual_inversion.enabled is False
+
+
+def test_scale_lr_formula():
+    assert textual_inversion_lr(1e-4, 16, 1, scale_lr=False) == 1e-4  # as released
+    assert textual_inversion_lr(1e-4, 16, 1, scale_lr=True) == pytest.approx(1.6e-3)
+    assert textual_inversion_lr(5e-4, 4, 2, scale_lr=True) == pytest.approx(4e-3)
+    assert textual_inversion_lr(1e-4, 16, 2, scale_lr=True, processes=8) == pytest.approx(2.56e-2)
+
+
+def test_short_last_batch_of_every_epoch():
+    # one image × 100 repeats, batches of 16, no drop_last: six of 16 then one of 4, every epoch
+    sizes = [batch_size_at(i, 16, 100) for i in range(14)]
+    assert sizes == [16] * 6 + [4] + [16] * 6 + [4]
+    assert sum(batch_size_at(i, 16, 100) for i in range(7)) == 100
+    assert [batch_size_at(i, 16, None) for i in range(8)] == [16] * 8
+    assert [batch_size_at(i, 4, 8) for i in range(4)] == [4, 4, 4, 4]  # an exact multiple: no short batch
+    assert [batch_size_at(i, 1, 100) for i in range(3)] == [1, 1, 1]
+
+
+def test_background_black_is_the_rgba_converted_to_rgb():
+    rgb = torch.ones(3, 8, 8)
+    rgb[:, 2:6, 2:6] = torch.tensor([0.8, 0.2, 0.1])[:, None, None]
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:6, 2:6] = 1
+    black = on_background(rgb, mask, "black")
+    assert torch.equal(black[:, 2:6, 2:6], rgb[:, 2:6, 2:6]) and black[:, 0, 0].sum() == 0
+    assert torch.equal(on_background(rgb, mask, "white"), rgb)
+
+
+def test_released_augmentation_is_seeded_and_leaves_the_global_stream_alone():
+    rgb = torch.zeros(3, 64, 64)
+    rgb[:, 16:48, 20:44] = 0.7
+    state = torch.get_rng_state()
+    a = released_augment(rgb, 3, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    b = released_augment(rgb, 3, 32, torch.Generator().manual_seed(0))
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a[0], a[1])  # every view draws its own augmentation
+    c = released_augment(rgb, 3, 32, torch.Generator().manual_seed(1))
+    assert not torch.equal(a, c)
+
+
+class _Recorder:
+    """Wraps the VAE's encode to record what the VAE receives."""
+
+    def __init__(self, vae):
+        self.vae, self.inputs = vae, []
+        self._encode = vae.encode
+
+    def __enter__(self):
+        def enc(x, *a, **k):
+            self.inputs.append(x.detach().clone())
+            return self._encode(x, *a, **k)
+
+        self.vae.encode = enc
+        return self
+
+    def __exit__(self, *exc):
+        self.vae.encode = self._encode
+
+
+def _object():
+    rgb = torch.ones(3, 48, 48)
+    rgb[:, 12:36, 16:32] = torch.tensor([0.8, 0.2, 0.1])[:, None, None]
+    mask = torch.zeros(1, 48, 48)
+    mask[:, 12:36, 16:32] = 1
+    return rgb, mask
+
+
+@pytest.mark.parametrize("vae_input,low", [("unit", 0.0), ("signed", -1.0)])
+def test_vae_sees_unit_range_images_as_released(vae_input, low):
+    parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    rgb, mask = _object()
+    with _Recorder(parts.vae) as rec:
+        learn_token(parts, rgb, mask, steps=1, batch_size=2, resolution=32, vae_input=vae_input,
+                    background="black", repeats=None, progress=False)
+    x = torch.cat(rec.inputs)
+    assert x.shape[0] == 2
+    # the black background reaches the VAE as 0 (unit: [0, 1] images as released) or −1 (signed)
+    assert float(x.min()) == pytest.approx(low, abs=1e-3)
+    assert float(x.max()) <= 1.0 + 1e-5
+
+
+def test_batches_accumulation_optimizer_and_progress_bar(monkeypatch, capsys):
+    parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    rgb, mask = _object()
+    seen = {}
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            seen.update(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    p = load_params("tiny", ["textual_inversion.steps=3", "textual_inversion.batch_size=2",
+                             "textual_inversion.repeats=5", "textual_inversion.gradient_accumulation=2",
+                             "textual_inversion.scale_lr=true", "sd.resolution=32"])
+    with _Recorder(parts.vae) as rec:
+        learn_token_from_params(parts, rgb, mask, p, progress=True)
+    # 3 steps × 2 micro-batches from batches of 2, 2, 1 (5 repeats): 2 2 1 2 2 1
+    assert [x.shape[0] for x in rec.inputs] == [2, 2, 1, 2, 2, 1]
+    ti = p.textual_inversion
+    assert seen["lr"] == pytest.approx(ti.lr * 2 * 2)  # scale_lr: lr × accumulation × batch
+    assert seen["weight_decay"] == 1e-2 and tuple(seen["betas"]) == (0.9, 0.999) and seen["eps"] == 1e-8
+    err = capsys.readouterr().err
+    assert "textual inversion" in err and "3/3" in err  # the tqdm bar
