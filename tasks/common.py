@@ -1,9 +1,41 @@
-"""What every task shares: the stale-output check."""
+"""What every task shares: the stale-output check, the step marker, the retry condition."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def complete(out_dir: str | Path, marker: str = "result.json") -> bool:
     """A stage folder is complete when its marker file (written last) exists."""
     return (Path(out_dir) / marker).is_file()
+
+
+def clear_marker(out_dir: str | Path, marker: str = "result.json") -> None:
+    """Take a folder's marker away: what is left there no longer looks complete."""
+    (Path(out_dir) / marker).unlink(missing_ok=True)
+
+
+@contextmanager
+def marked_on_success(out_dir: str | Path, marker: str) -> Iterator[None]:
+    """Around a step's work: the marker (which the step writes last) is removed before the work and
+    again when the work fails, so a step folder holds it only after a run of the step that succeeded —
+    never after a failed, timed-out or killed one."""
+    clear_marker(out_dir, marker)
+    try:
+        yield
+    except BaseException:
+        clear_marker(out_dir, marker)
+        raise
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed step unless its error is the user's
+    (core.errors.Lift3DError: a bad input, a missing model — the same again on every attempt)."""
+    from core.errors import Lift3DError
+
+    try:
+        exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable result: retry as Prefect would
+        return True
+    return not isinstance(exc, Lift3DError)
