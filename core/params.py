@@ -284,7 +284,7 @@ class ReproduceParams(_Section):
     datasets: list[str] = ["nerf4", "realfusion15"]  # folders of datasets/ (datasets.dvc)
     presets: list[str] = ["smoke"]
     limit: int = Field(1, ge=0)  # only the first N objects of each dataset (0: all)
-    step_timeout: float = Field(0, ge=0)  # seconds per attempt of one step of one asset (0: no limit)
+    step_timeout: float = Field(0, ge=0)  # seconds per attempt of an asset's coarse or fine step (0: no limit)
 
 
 class ModelsParams(_Section):

@@ -25,8 +25,8 @@ def _add_params_args(p: argparse.ArgumentParser, default_preset: str | None = "m
 
 def _add_step_timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-timeout", type=float, default=0, metavar="SECONDS",
-                   help="fail an attempt of a step that runs longer (0: no limit); coarse and fine retry once, "
-                        "from their checkpoints")
+                   help="end an attempt of the coarse or fine stage that runs longer, between two iterations "
+                        "(0: no limit); it is retried once, from its checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:

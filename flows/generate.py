@@ -27,39 +27,37 @@ from tasks.textual_inversion import textual_inversion_task
 log = logging.getLogger(__name__)
 
 
-def _step(task, out_dir: Path, marker: str = "result.json", timeout: Optional[float] = None):
-    """The task as this asset runs it: a cached record whose files were deleted must not stand (re-run
-    the task then); `timeout` seconds per attempt (Prefect fails an attempt that runs longer)."""
-    if not complete(out_dir, marker):
-        task = task.with_options(refresh_cache=True)
-    return task.with_options(timeout_seconds=timeout) if timeout else task
+def _fresh_if_incomplete(task, out_dir: Path, marker: str = "result.json"):
+    """A cached record whose files were deleted must not stand: re-run the task then."""
+    return task.with_options(refresh_cache=True) if not complete(out_dir, marker) else task
 
 
 def submit_asset(image: Path, out: Path, params: Params, depth: Optional[Path] = None,
                  embeds: Optional[Path] = None, asset: Optional[str] = None, dataset: Optional[str] = None,
                  parent_run_id: Optional[str] = None, step_timeout: Optional[float] = None) -> dict:
     """Submit one asset's chain of tasks to the flow's task runner; returns {step: future} in chain
-    order (the last, "evaluate", gives the metrics). `step_timeout`: seconds per attempt of a step."""
+    order (the last, "evaluate", gives the metrics). `step_timeout`: seconds per attempt of the coarse
+    and fine stages, the long steps (checked between iterations: tasks.common.with_deadline)."""
     asset = asset or image.parent.name
     inputs, coarse, fine = out / "inputs", out / "coarse", out / "fine"
     rgba, ref_depth = inputs / "rgba.png", inputs / "depth.png"
-    chain = {"prepare": _step(prepare_task, inputs, "prepare.json", step_timeout).submit(
+    chain = {"prepare": _fresh_if_incomplete(prepare_task, inputs, "prepare.json").submit(
         str(image), str(inputs), params, str(depth) if depth else None)}
     if embeds is None and needs_textual_inversion(params):
         ti_dir = out / "textual_inversion"
-        chain["textual_inversion"] = _step(textual_inversion_task, ti_dir, "learned_embeds.bin", step_timeout).submit(
+        chain["textual_inversion"] = _fresh_if_incomplete(textual_inversion_task, ti_dir, "learned_embeds.bin").submit(
             str(rgba), str(ti_dir), params, wait_for=[chain["prepare"]])
         embeds = ti_dir / "learned_embeds.bin"
     if embeds is not None:
         params = params.with_inputs(learned_embeds=str(embeds))
-    chain["coarse"] = _step(coarse_task, coarse, timeout=step_timeout).submit(
+    chain["coarse"] = _fresh_if_incomplete(coarse_task, coarse).submit(
         str(rgba), str(coarse), params, depth=str(ref_depth), asset=asset, parent_run_id=parent_run_id,
-        wait_for=[list(chain.values())[-1]])
+        timeout=step_timeout, wait_for=[list(chain.values())[-1]])
     # the fine stage continues the coarse run: its token, prior clock and stage-2 switch
-    chain["fine"] = _step(fine_task, fine, timeout=step_timeout).submit(
+    chain["fine"] = _fresh_if_incomplete(fine_task, fine).submit(
         str(coarse / "checkpoint.pt"), str(fine), params, image=str(rgba), depth=str(ref_depth),
-        asset=asset, parent_run_id=parent_run_id, wait_for=[chain["coarse"]])
-    chain["evaluate"] = _step(evaluate_task, out, "metrics.json", step_timeout).submit(
+        asset=asset, parent_run_id=parent_run_id, timeout=step_timeout, wait_for=[chain["coarse"]])
+    chain["evaluate"] = _fresh_if_incomplete(evaluate_task, out, "metrics.json").submit(
         str(out), str(fine), params, dataset=dataset, asset=asset, parent_run_id=parent_run_id,
         wait_for=[chain["fine"]])
     return chain

@@ -1,9 +1,10 @@
-"""What every task shares: the stale-output check, the step marker, the retry condition."""
+"""What every task shares: the stale-output check, the step marker, the retry condition, the time limit."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 
 def complete(out_dir: str | Path, marker: str = "result.json") -> bool:
@@ -27,6 +28,28 @@ def marked_on_success(out_dir: str | Path, marker: str) -> Iterator[None]:
     except BaseException:
         clear_marker(out_dir, marker)
         raise
+
+
+class StepTimeout(TimeoutError):
+    """A stage ran past its time limit (--step-timeout)."""
+
+
+def with_deadline(seconds: Optional[float], callback: Optional[Callable] = None) -> Optional[Callable]:
+    """A stage's per-iteration callback that also ends the stage once `seconds` have passed since this
+    call: StepTimeout, raised between two iterations, so the checkpoint stays whole and a retry resumes
+    from it. (Prefect's `timeout_seconds` would raise inside the worker thread wherever it happens to
+    be — in an import, a lock, a checkpoint write — which can leave the process broken.)"""
+    if not seconds:
+        return callback
+    deadline = time.monotonic() + seconds
+
+    def check(step: int, metrics: dict) -> None:
+        if callback is not None:
+            callback(step, metrics)
+        if time.monotonic() > deadline:
+            raise StepTimeout(f"ran past the step timeout of {seconds:g} s (at iteration {step + 1})")
+
+    return check
 
 
 def transient(task, task_run, state) -> bool:

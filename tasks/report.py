@@ -9,7 +9,8 @@ from prefect import task
 
 
 @task(name="report")
-def report_task(results: str, out: str, runs: Optional[list[str]] = None, failures: Optional[list[dict]] = None) -> dict:
+def report_task(results: str, out: str, runs: Optional[list[str]] = None,
+                failures: Optional[list[dict]] = None) -> dict:
     from core.evaluation.report import write_report
 
     return write_report(Path(results), Path(out), runs=runs, failures=failures or ())
