@@ -61,7 +61,7 @@ def benchmark_flow(dataset: str, out: str, params: Params, limit: Optional[int] 
     coarse and fine steps are retried once first, from their checkpoints (tasks/). Returns
     {assets, failures, summary, means, report}; with failures, the flow run ends Failed with that
     result as its data (`return_state=True` to read it). `preset`: the name `params` came from, for
-    the records. `step_timeout`: seconds per attempt of a step."""
+    the records. `step_timeout`: seconds per attempt of a coarse or fine stage."""
     ds, out_p = Path(dataset), Path(out)
     runs = out_p / ds.name
     objects = discover(ds, limit)

@@ -16,8 +16,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.params import Params, load_params
 from core.pipeline import needs_textual_inversion
-from tasks.coarse import coarse_task
 from flows.failures import first_failure
+from tasks.coarse import coarse_task
 from tasks.common import clear_marker, complete
 from tasks.evaluate import evaluate_task
 from tasks.fine import fine_task
@@ -50,9 +50,10 @@ def submit_asset(image: Path, out: Path, params: Params, depth: Optional[Path] =
         embeds = ti_dir / "learned_embeds.bin"
     if embeds is not None:
         params = params.with_inputs(learned_embeds=str(embeds))
+    inputs_ready = chain.get("textual_inversion", chain["prepare"])
     chain["coarse"] = _fresh_if_incomplete(coarse_task, coarse).submit(
         str(rgba), str(coarse), params, depth=str(ref_depth), asset=asset, parent_run_id=parent_run_id,
-        timeout=step_timeout, wait_for=[list(chain.values())[-1]])
+        timeout=step_timeout, wait_for=[inputs_ready])
     # the fine stage continues the coarse run: its token, prior clock and stage-2 switch
     chain["fine"] = _fresh_if_incomplete(fine_task, fine).submit(
         str(coarse / "checkpoint.pt"), str(fine), params, image=str(rgba), depth=str(ref_depth),
