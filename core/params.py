@@ -393,10 +393,12 @@ class TrackingParams(_Section):
 
 
 class ReproduceParams(_Section):
-    """What `dvc repro` runs (dvc.yaml reads these keys)."""
+    """What `dvc repro` runs (dvc.yaml reads these keys): one benchmark per dataset × preset."""
 
-    preset: str = "smoke"
+    datasets: list[str] = ["nerf4", "realfusion15"]  # folders of datasets/ (datasets.dvc)
+    presets: list[str] = ["smoke"]
     limit: int = Field(1, ge=0)  # only the first N objects of each dataset (0: all)
+    step_timeout: float = Field(0, ge=0)  # seconds per attempt of an asset's coarse or fine step (0: no limit)
 
 
 class ModelsParams(_Section):

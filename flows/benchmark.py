@@ -3,20 +3,26 @@
 A dataset is a folder of object folders, each with `rgba.png` (and optionally the authors'
 `depth.png` and `learned_embeds.bin`, used as is). With `gpus=N` (or a Dask scheduler address) the
 tasks run on Dask workers, one per GPU with dask-cuda, so N assets run at once; otherwise they run
-one after another in this process.
+one after another in this process. One failed asset does not sink the benchmark: it is recorded with
+its one-line reason (report.md, summary.json) while the others finish.
 """
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
 from prefect import flow
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.errors import InputError
 from core.params import Params, load_params
+from flows.failures import first_failure
 from flows.generate import submit_asset
+from tasks.common import clear_marker
 from tasks.report import report_task
 from tasks.tracking import end_parent_run, start_parent_run
 
@@ -38,17 +44,30 @@ def describe(name: str) -> str:
     return "a " + name.replace("_", " ").replace("-", " ")
 
 
+def _summary_line(failures) -> str:
+    return f"{len(failures)} asset(s) failed: " + ", ".join(f"{f.asset} ({f.step})" for f in failures)
+
+
 # In-process default: one task at a time. Model loading (transformers' meta-device init) is not
 # thread-safe, and a CPU gains nothing from running two assets at once; scale-out is Dask's job.
 @flow(name="benchmark", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def benchmark_flow(dataset: str, out: str, params: Params, limit: Optional[int] = None,
-                   preset: Optional[str] = None) -> dict:
-    """`preset`: the name `params` came from, for the records."""
+                   preset: Optional[str] = None, report: Optional[str] = None,
+                   step_timeout: Optional[float] = None):
+    """Every object of `dataset` into OUT/<dataset>/<object>, then the report of those objects into
+    `report` (default OUT/<dataset>/report): report.md, per_asset.csv, summary.json, plots.
+
+    An asset whose step fails is recorded (asset, step, one-line reason) while the others finish;
+    coarse and fine steps are retried once first, from their checkpoints (tasks/). Returns
+    {assets, failures, summary, means, report}; with failures, the flow run ends Failed with that
+    result as its data (`return_state=True` to read it). `preset`: the name `params` came from, for
+    the records. `step_timeout`: seconds per attempt of a coarse or fine stage."""
     ds, out_p = Path(dataset), Path(out)
+    runs = out_p / ds.name
     objects = discover(ds, limit)
     parent = start_parent_run(params.to_dict(), f"benchmark/{ds.name}/{preset}",
                               tags={"dataset": ds.name, "preset": str(preset)})
-    futures, status = {}, "FAILED"
+    chains, means, failures = {}, None, []
     try:
         for obj in objects:
             p = params
@@ -57,21 +76,31 @@ def benchmark_flow(dataset: str, out: str, params: Params, limit: Optional[int] 
             depth = obj / "depth.png"
             embeds = obj / "learned_embeds.bin"
             use_embeds = embeds.is_file() and p.prompt.text is None and p.method == "magic123"
-            futures[obj.name] = submit_asset(obj / "rgba.png", out_p / ds.name / obj.name, p,
-                                             depth if depth.is_file() else None,
-                                             embeds if use_embeds else None, asset=obj.name, dataset=ds.name,
-                                             parent_run_id=parent)
-        metrics = {name: f.result() for name, f in futures.items()}
-        written = report_task(str(out_p), str(out_p / "report"))
-        means = {}
-        for key in ("psnr", "lpips", "clip_similarity"):
-            vals = [m[key] for m in metrics.values() if isinstance(m.get(key), (int, float))]
-            if vals:
-                means[f"mean_{key}"] = sum(vals) / len(vals)
-        status = "FINISHED"
-        return {"assets": metrics, "means": means, "report": written}
+            chains[obj.name] = submit_asset(obj / "rgba.png", runs / obj.name, p,
+                                            depth if depth.is_file() else None,
+                                            embeds if use_embeds else None, asset=obj.name, dataset=ds.name,
+                                            parent_run_id=parent, step_timeout=step_timeout)
+        metrics = {}
+        for name, chain in chains.items():
+            failed = first_failure(name, chain)
+            if failed is None:
+                metrics[name] = chain["evaluate"].result()
+                continue
+            log.error("benchmark: %s failed at %s: %s", name, failed.step, failed.reason)
+            clear_marker(runs / name, "metrics.json")  # an earlier run's metrics are not this run's
+            failures.append(failed)
+        written = report_task(str(runs), str(Path(report) if report else runs / "report"),
+                              runs=[str(runs / name) for name in metrics],
+                              failures=[f.record() for f in failures])
+        summary = json.loads(Path(written["summary"]).read_text())
+        means = {k: v for k, v in summary.items() if k.startswith("mean_")}
+        result = {"assets": metrics, "failures": summary["failures"], "summary": summary, "means": means,
+                  "report": written}
+        if failures:
+            return Failed(message=_summary_line(failures), data=result)
+        return result
     finally:
-        end_parent_run(params.to_dict(), parent, means if status == "FINISHED" else None, status)
+        end_parent_run(params.to_dict(), parent, means, "FINISHED" if means is not None and not failures else "FAILED")
 
 
 def task_runner(gpus: Optional[int], scheduler: Optional[str]):
@@ -91,16 +120,21 @@ def task_runner(gpus: Optional[int], scheduler: Optional[str]):
 
 
 def cli_benchmark(args) -> int:
-    import json
-
+    """Exit 0 when every asset finished; 1 when some failed, with one line per failed asset."""
     discover(args.dataset, args.limit)  # fail on a bad dataset before Prefect starts
     from flows.server import start_reaped_ephemeral_server
 
     start_reaped_ephemeral_server()  # a killed run leaves no Prefect server behind
     params = load_params(args.preset, args.overrides, args.params)
     runner = task_runner(args.gpus, args.scheduler)
-    result = benchmark_flow.with_options(task_runner=runner)(
-        str(args.dataset), str(args.out), params, args.limit, args.preset)
+    state = benchmark_flow.with_options(task_runner=runner)(
+        str(args.dataset), str(args.out), params, args.limit, args.preset,
+        str(args.report) if args.report else None, args.step_timeout or None, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the flow itself failed (not one asset): its error
+        raise result
     print(json.dumps(result["means"], indent=2))
-    print(f"report: {result['report'].get('report')}")
-    return 0
+    print(f"report: {result['report'].get('report')}  summary: {result['report'].get('summary')}")
+    for f in result["failures"]:
+        print(f"lift3d: error: {f['asset']}: {f['step']} failed: {f['reason']}", file=sys.stderr)
+    return 1 if result["failures"] else 0

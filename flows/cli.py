@@ -1,7 +1,9 @@
 """The `lift3d` command line.
 
 Every command takes `--preset NAME` and repeated `--set key=value` (see params.yaml). Handlers are
-imported when their command runs, so `lift3d --help` stays quick.
+imported when their command runs, so `lift3d --help` stays quick. An error of the user's (a bad
+input, a missing model: core.errors.Lift3DError) is one line `lift3d: error: ...` and exit 2, also
+from inside a Prefect flow; a failed step of a flow is one line and exit 1. Tracebacks only with -v.
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ def _add_params_args(p: argparse.ArgumentParser, default_preset: str | None = "m
     g.add_argument("--params", type=Path, default=None, help="a params.yaml other than the repository's")
 
 
+def _add_step_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step-timeout", type=float, default=0, metavar="SECONDS",
+                   help="end an attempt of the coarse or fine stage that runs longer, between two iterations "
+                        "(0: no limit); it is retried once, from its checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lift3d",
@@ -37,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=Path, default=None, help="a depth map to use as is (brighter is nearer)")
     p.add_argument("--embeds", type=Path, default=None, help="a learned_embeds.bin to use as is")
     p.add_argument("--text", default=None, help="a plain description of the object (the prompt)")
+    _add_step_timeout(p)
     _add_params_args(p)
     p.set_defaults(handler="flows.generate:cli_generate")
 
@@ -44,10 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate every asset of a dataset (NeRF4, RealFusion15 or any folder of "
                                    "object folders), evaluate them and write reports/.")
     p.add_argument("dataset", type=Path, help="a folder of object folders, each with rgba.png")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder: runs go to OUT/DATASET/OBJECT")
+    p.add_argument("--report", type=Path, default=None,
+                   help="report folder: report.md, per_asset.csv, summary.json, plots (default: OUT/DATASET/report)")
     p.add_argument("--limit", type=int, default=0, help="only the first N objects (0: all)")
     p.add_argument("--gpus", type=int, default=None, help="spread assets over N GPUs with Dask (one asset per GPU)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    _add_step_timeout(p)
     _add_params_args(p)
     p.set_defaults(handler="flows.benchmark:cli_benchmark")
 
@@ -138,20 +150,50 @@ def _resolve(handler: str):
     return getattr(importlib.import_module(mod), fn)
 
 
+class _LogFormatter(logging.Formatter):
+    """Log lines that name the Prefect task or flow run they come from ("coarse-1a2: Finished in state
+    Cached(...)"); without -v, without tracebacks (the error ends the output as one line)."""
+
+    def __init__(self, verbose: bool):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        brief = not self.verbose and (record.exc_info or record.exc_text or record.stack_info)
+        if run or brief:
+            record = logging.makeLogRecord(record.__dict__)
+            if run:
+                record.msg, record.args = f"{run}: {record.getMessage()}", None
+            if brief:
+                record.exc_info = record.exc_text = record.stack_info = None
+        return super().format(record)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if not verbose:  # one line per request to the Prefect API
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )
+    _setup_logging(args.verbose)
     from core.errors import Lift3DError
+    from flows.failures import StepFailed
 
     try:
         rc = _resolve(args.handler)(args)
-    except Lift3DError as e:
+    except (Lift3DError, StepFailed) as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"lift3d: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, Lift3DError) else 1
     except KeyboardInterrupt:
         print("lift3d: interrupted (a checkpoint, if any, lets the run resume)", file=sys.stderr)
         return 130

@@ -60,9 +60,8 @@ def _core_imports(path: Path) -> set[str]:
     return {n for n in names if n == "core" or n.startswith("core.")}
 
 
-@lru_cache(maxsize=None)
-def code_digest(*entry_modules: str) -> str:
-    """Hash of the source of the entry modules and every core module they import, transitively."""
+def module_files(*entry_modules: str) -> dict[str, Path]:
+    """The source files of the entry modules and every core module they import, transitively."""
     seen: dict[str, Path] = {}
     todo = list(entry_modules)
     while todo:
@@ -74,6 +73,13 @@ def code_digest(*entry_modules: str) -> str:
             continue
         seen[name] = f
         todo.extend(_core_imports(f))
+    return seen
+
+
+@lru_cache(maxsize=None)
+def code_digest(*entry_modules: str) -> str:
+    """Hash of the source of the entry modules and every core module they import, transitively."""
+    seen = module_files(*entry_modules)
     h = hashlib.sha256()
     for name in sorted(seen):
         h.update(name.encode())

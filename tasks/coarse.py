@@ -1,4 +1,8 @@
-"""Task: the coarse NeRF stage, logged to MLflow as one run of this asset."""
+"""Task: the coarse NeRF stage, logged to MLflow as one run of this asset.
+
+A failed attempt is retried once (not for the user's errors: tasks.common.transient); the retry
+resumes from the stage's last checkpoint in out_dir. `timeout`: seconds per attempt, checked between
+iterations (tasks.common.with_deadline)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,20 +12,22 @@ from prefect import task
 
 from core.params import STEP_READS, Params
 from tasks.caching import StepCachePolicy
+from tasks.common import marked_on_success, transient, with_deadline
 from tasks.tracking import stage_run
 
 
-@task(name="coarse", persist_result=True,
+@task(name="coarse", retries=1, retry_condition_fn=transient, persist_result=True,
       cache_policy=StepCachePolicy(("core.pipeline", "core.stages.coarse"), STEP_READS["coarse"],
                                    ("image", "depth", "params.prompt.learned_embeds"), ("out_dir",)))
 def coarse_task(image: str, out_dir: str, params: Params, depth: Optional[str] = None,
-                asset: str = "asset", parent_run_id: Optional[str] = None) -> str:
+                asset: str = "asset", parent_run_id: Optional[str] = None, timeout: Optional[float] = None) -> str:
     from core.pipeline import coarse_stage, will_resume
 
-    with stage_run(params.to_dict(), asset, "coarse", parent_run_id, out_dir=out_dir,
-                   resuming=will_resume(out_dir, "coarse", params)) as run:
+    with marked_on_success(out_dir, "result.json"), stage_run(
+            params.to_dict(), asset, "coarse", parent_run_id, out_dir=out_dir,
+            resuming=will_resume(out_dir, "coarse", params)) as run:
         result = coarse_stage(Path(image), Path(out_dir), params, depth=Path(depth) if depth else None,
-                              callback=run.log_step if run else None)
+                              callback=with_deadline(timeout, run.log_step if run else None))
         if run:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
             for name in ("mesh.obj", "renders", "detector.json"):

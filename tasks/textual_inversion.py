@@ -7,6 +7,7 @@ from prefect import task
 
 from core.params import STEP_READS, Params
 from tasks.caching import StepCachePolicy
+from tasks.common import marked_on_success
 
 
 @task(name="textual-inversion", persist_result=True,
@@ -14,4 +15,5 @@ from tasks.caching import StepCachePolicy
 def textual_inversion_task(rgba: str, out_dir: str, params: Params) -> str:
     from core.pipeline import textual_inversion_stage
 
-    return str(textual_inversion_stage(Path(rgba), Path(out_dir), params))
+    with marked_on_success(out_dir, "learned_embeds.bin"):
+        return str(textual_inversion_stage(Path(rgba), Path(out_dir), params))

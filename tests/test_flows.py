@@ -201,3 +201,173 @@ def test_a_killed_generate_leaves_no_prefect_server_behind(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(servers, timeout=20)
     assert not alive, [p.pid for p in alive]
+
+
+# -- faults: one failed asset, clear errors ------------------------------------------------------
+
+# the tiny preset cut to the least that still runs every step (these tests check plumbing)
+_QUICK = ["tracking.enabled=false", "coarse.iters=2", "coarse.checkpoint_every=2", "fine.iters=1",
+          "fine.checkpoint_every=1"]
+
+
+def test_a_step_marker_stands_only_after_a_run_of_the_step_that_succeeded(tmp_path):
+    from tasks.common import marked_on_success
+
+    marker = tmp_path / "result.json"
+    marker.write_text("an earlier run's")
+    with pytest.raises(RuntimeError):
+        with marked_on_success(tmp_path, "result.json"):
+            assert not marker.exists()  # gone before the work: a killed run leaves none either
+            marker.write_text("this run's")
+            raise RuntimeError("failed after writing it")
+    assert not marker.exists()
+    with marked_on_success(tmp_path, "result.json"):
+        marker.write_text("this run's")
+    assert marker.read_text() == "this run's"
+
+
+def test_gpu_steps_retry_once_but_never_on_the_users_errors():
+    from prefect.states import Failed
+
+    from core.errors import InputError, ModelNotFoundError
+    from tasks.coarse import coarse_task
+    from tasks.common import transient
+    from tasks.fine import fine_task
+
+    for t in (coarse_task, fine_task):
+        assert t.retries == 1 and t.retry_condition_fn is transient
+    assert not transient(None, None, Failed(data=InputError("not an image")))
+    assert not transient(None, None, Failed(data=ModelNotFoundError("no such model")))
+    assert transient(None, None, Failed(data=RuntimeError("CUDA error: an illegal memory access")))
+
+
+def test_the_first_step_that_did_not_complete_is_the_failure():
+    from prefect.states import Completed, Crashed, Failed, Pending
+
+    from core.errors import InputError
+    from flows.failures import StepFailed, first_failure
+
+    class Done:  # a finished future
+        def __init__(self, state):
+            self.state = state
+
+        def wait(self):
+            pass
+
+    upstream = Pending(name="NotReady")
+    assert first_failure("a", {"prepare": Done(Completed()), "coarse": Done(Completed())}) is None
+    f = first_failure("a", {"prepare": Done(Completed()), "coarse": Done(Failed(data=RuntimeError("nan\nat step 3"))),
+                            "fine": Done(upstream)})
+    assert (f.step, f.reason) == ("coarse", "RuntimeError: nan")
+    assert isinstance(f.exception(), StepFailed) and str(f.exception()) == "coarse failed: RuntimeError: nan"
+    f = first_failure("a", {"prepare": Done(Failed(data=InputError("not an image: x.png"))), "coarse": Done(upstream)})
+    assert f.record() == {"asset": "a", "step": "prepare", "reason": "not an image: x.png"}
+    assert isinstance(f.exception(), InputError)  # the user's error as it is: one line, exit 2
+    assert first_failure("a", {"fine": Done(Crashed(message="worker lost"))}).reason == "CrashedRun: worker lost"
+
+
+@pytest.mark.slow
+def test_a_failed_asset_is_recorded_and_the_others_finish(harness, capsys):
+    from flows.cli import main
+
+    root = harness / "faults"
+    ds, out = root / "three", root / "out"
+    for name in ("chair", "drums", "ficus"):
+        (ds / name).mkdir(parents=True)
+        for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
+            shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
+    broken = ds / "drums" / "rgba.png"
+    broken.write_bytes(broken.read_bytes()[:2000])  # a truncated PNG
+    sets = [a for s in _QUICK for a in ("--set", s)]
+    rc = main(["benchmark", str(ds), "--out", str(out), "--preset", "tiny", *sets])
+    assert rc == 1
+    reason = f"image is not an image (cannot be decoded): {broken}"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lift3d: error:")]
+    assert err == [f"lift3d: error: drums: prepare failed: {reason}"]
+    report = out / "three" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert {k: summary[k] for k in ("assets", "evaluated", "failed")} == {"assets": 3, "evaluated": 2, "failed": 1}
+    assert summary["failures"] == [{"asset": "drums", "step": "prepare", "reason": reason}]
+    assert isinstance(summary["mean_psnr"], float)
+    failures = (report / "report.md").read_text().split("## Failures (1)")[1]
+    assert "drums" in failures and "prepare" in failures and "cannot be decoded" in failures
+    per_asset = (report / "per_asset.csv").read_text()
+    assert "chair" in per_asset and "ficus" in per_asset and "drums" not in per_asset
+    for name in ("chair", "ficus"):
+        assert (out / "three" / name / "metrics.json").is_file()
+    assert not (out / "three" / "drums" / "metrics.json").exists()
+    assert not (out / "three" / "drums" / "inputs" / "prepare.json").exists()
+
+
+def _lift3d(*args: str, home: Path) -> "subprocess.CompletedProcess":
+    """The CLI in a subprocess (its stderr as a user sees it), against the harness's Prefect API."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("lift3d: error:")]
+
+
+@pytest.mark.slow
+def test_generate_ends_on_one_line_for_a_bad_image_or_a_missing_model(harness):
+    root = harness / "errors"
+    root.mkdir()
+    broken = root / "broken.png"
+    broken.write_bytes((BENCH / "nerf4" / "mic" / "rgba.png").read_bytes()[:2000])
+    quick = [a for s in _QUICK for a in ("--set", s)]
+    r = _lift3d("generate", str(broken), "--preset", "tiny", *quick, "--out", str(root / "bad"), home=root)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert _error_lines(r.stderr) == [f"lift3d: error: image is not an image (cannot be decoded): {broken}"]
+    assert "Traceback" not in r.stderr
+    assert not (root / "bad" / "inputs" / "prepare.json").exists()
+
+    v = _lift3d("-v", "generate", str(broken), "--preset", "tiny", *quick, "--out", str(root / "bad"), home=root)
+    assert v.returncode == 2 and "Traceback" in v.stderr
+    assert _error_lines(v.stderr) == _error_lines(r.stderr)
+
+    mic, out = BENCH / "nerf4" / "mic", root / "no-model"
+    m = _lift3d("generate", str(mic / "rgba.png"), "--preset", "smoke", "--set", "models.tiny=false",
+                "--set", "sd.model=/nonexistent", "--set", "tracking.enabled=false", "--out", str(out), home=root)
+    assert m.returncode == 2, m.stderr[-3000:]
+    (line,) = _error_lines(m.stderr)
+    assert "'/nonexistent' (sd.model)" in line
+    assert "Traceback" not in m.stderr
+    # prepare finished (its folder is complete, and cached for the next try); the failed step and
+    # what follows left nothing that looks complete
+    assert (out / "inputs" / "prepare.json").is_file()
+    assert not (out / "textual_inversion" / "learned_embeds.bin").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_stage_past_its_timeout_is_retried_from_its_checkpoint_then_one_line(harness, capsys):
+    import logging
+
+    from flows.cli import main
+
+    engine, said = logging.getLogger("core.stages.engine"), []
+    listener = logging.Handler(logging.INFO)
+    listener.emit = lambda record: said.append(record.getMessage())
+    engine.addHandler(listener)
+    level, engine.level = engine.level, logging.INFO
+    out = harness / "timeout"
+    # no priors (quick to set up), a checkpoint every iteration, far more iterations than fit
+    sets = ["tracking.enabled=false", "guidance.kind=none", "coarse.iters=100000", "coarse.checkpoint_every=1"]
+    try:
+        rc = main(["generate", str(BENCH / "nerf4" / "chair" / "rgba.png"), "--preset", "tiny",
+                   *[a for s in sets for a in ("--set", s)], "--step-timeout", "6", "--out", str(out)])
+    finally:
+        engine.removeHandler(listener)
+        engine.level = level
+    assert rc == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lift3d: error:")]
+    assert err.startswith("lift3d: error: coarse failed: StepTimeout: ran past the step timeout of 6 s (at iteration ")
+    assert any(m.startswith("resuming the coarse stage from step") for m in said), said  # the retry went on
+    assert (out / "coarse" / "checkpoint.pt").is_file() and not (out / "coarse" / "result.json").exists()

@@ -96,7 +96,7 @@ def test_core_knows_nothing_of_the_orchestration():
 
 def test_tests_import_only_core_apart_from_the_orchestration_tests():
     """Library tests import core/ only; the flows', tasks' and CLI's own tests are listed here."""
-    orchestration = {"test_flows.py", "test_caching.py", "test_bench_speed.py", "test_tracking.py"}
+    orchestration = {"test_flows.py", "test_caching.py", "test_bench_speed.py", "test_tracking.py", "test_dvc.py"}
     for f in (ROOT / "tests").glob("test_*.py"):
         if f.name in orchestration:
             continue

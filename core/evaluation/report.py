@@ -5,7 +5,9 @@ the metrics, plots of the CLIP detector traces (Consistent123 eqs. 5–6), and a
 fine stage's turntables (DIR/turntable.gif).
 
 Inputs are found under RESULTS: every `metrics.json` (core.evaluation.evaluate), every `detector.json`
-(core.stages.detector.write_trace) and every `turntable.gif`.
+(core.stages.detector.write_trace) and every `turntable.gif` — or only under the run folders given
+(a benchmark's own assets). `summary.json` is the flat digest (counts, means, failures) that DVC
+reads as metrics, `per_asset.csv` the table it plots.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import pandas as pd
 
@@ -33,10 +35,15 @@ def load_published(path: Path = PUBLISHED) -> pd.DataFrame:
     return pd.read_csv(path, comment="#")
 
 
-def collect_metrics(results: Path | str) -> pd.DataFrame:
-    """One row per metrics.json under `results`: dataset, method, asset, psnr, lpips, clip_similarity."""
+def _found(roots: Iterable[Path | str], name: str) -> list[Path]:
+    return sorted(f for r in roots for f in Path(r).rglob(name))
+
+
+def collect_metrics(results: Path | str, runs: Optional[Iterable[Path | str]] = None) -> pd.DataFrame:
+    """One row per metrics.json under `results` (or under the run folders `runs`): dataset, method,
+    asset, psnr, lpips, clip_similarity."""
     rows = []
-    for f in sorted(Path(results).rglob("metrics.json")):
+    for f in _found([results] if runs is None else runs, "metrics.json"):
         try:
             m = json.loads(f.read_text())
         except ValueError:
@@ -107,13 +114,13 @@ def plot_metric_bars(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     return paths
 
 
-def plot_detector_traces(results: Path, out: Path) -> Optional[Path]:
+def plot_detector_traces(results: Path, out: Path, runs: Optional[Iterable[Path | str]] = None) -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(Path(results).rglob("detector.json"))
+    files = _found([results] if runs is None else runs, "detector.json")
     if not files:
         return None
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -145,8 +152,9 @@ def plot_detector_traces(results: Path, out: Path) -> Optional[Path]:
     return p
 
 
-def write_gallery(results: Path, out: Path, metrics: pd.DataFrame) -> Optional[Path]:
-    gifs = sorted(Path(results).rglob("turntable.gif"))
+def write_gallery(results: Path, out: Path, metrics: pd.DataFrame,
+                  runs: Optional[Iterable[Path | str]] = None) -> Optional[Path]:
+    gifs = _found([results] if runs is None else runs, "turntable.gif")
     if not gifs:
         return None
     by_path = {Path(p).parent.resolve(): r for p, r in zip(metrics["path"], metrics.to_dict("records"))}
@@ -167,12 +175,29 @@ def write_gallery(results: Path, out: Path, metrics: pd.DataFrame) -> Optional[P
     return p
 
 
-def write_report(results: Path | str, out: Path | str = "reports") -> dict[str, str]:
-    """Everything under `out`: report.md (tables), per_asset.csv, metrics_*.png, detector_traces.png,
-    gallery.html. Returns what was written."""
+def summarize(ours: pd.DataFrame, failures: Iterable[dict] = ()) -> dict:
+    """The flat digest of a benchmark: how many assets, evaluated and failed, the mean of each metric
+    over the evaluated ones, and each failure as {asset, step, reason}."""
+    failures = [dict(f) for f in failures]
+    summary: dict = {"assets": len(ours) + len(failures), "evaluated": len(ours), "failed": len(failures)}
+    for key, _ in METRICS:
+        if len(ours):
+            summary[f"mean_{key}"] = float(ours[key].mean())
+    summary["failures"] = failures
+    return summary
+
+
+def write_report(results: Path | str, out: Path | str = "reports", runs: Optional[Iterable[Path | str]] = None,
+                 failures: Iterable[dict] = ()) -> dict[str, str]:
+    """Everything under `out`: report.md (tables), per_asset.csv, summary.json, metrics_*.png,
+    detector_traces.png, gallery.html. `runs`: only these run folders (default: all under `results`);
+    `failures`: the assets that failed ({asset, step, reason}), listed in report.md and summary.json.
+    Returns what was written."""
     results, out = Path(results), Path(out)
+    runs = None if runs is None else [Path(r) for r in runs]
+    failures = [dict(f) for f in failures]
     out.mkdir(parents=True, exist_ok=True)
-    ours = collect_metrics(results)
+    ours = collect_metrics(results, runs)
     published = load_published()
     datasets = sorted(set(ours["dataset"]) | {"NeRF4", "RealFusion15"})
     tables = {d: paper_table(ours, published, d) for d in datasets}
@@ -184,17 +209,22 @@ def write_report(results: Path | str, out: Path | str = "reports") -> dict[str, 
         lines += [f"## {d}", "", _fmt(t), ""]
     if len(ours):
         lines += ["## Per asset", "", ours.drop(columns=["path"]).to_markdown(index=False, floatfmt=".3f"), ""]
+    if failures:
+        lines += [f"## Failures ({len(failures)})", "",
+                  pd.DataFrame(failures, columns=["asset", "step", "reason"]).to_markdown(index=False), ""]
     written = {}
     (out / "report.md").write_text("\n".join(lines))
     written["report"] = str(out / "report.md")
     ours.to_csv(out / "per_asset.csv", index=False)
     written["per_asset"] = str(out / "per_asset.csv")
+    (out / "summary.json").write_text(json.dumps(summarize(ours, failures), indent=2) + "\n")
+    written["summary"] = str(out / "summary.json")
     for p in plot_metric_bars(tables, out):
         written[p.stem] = str(p)
-    p = plot_detector_traces(results, out)
+    p = plot_detector_traces(results, out, runs)
     if p:
         written["detector_traces"] = str(p)
-    p = write_gallery(results, out, ours)
+    p = write_gallery(results, out, ours, runs)
     if p:
         written["gallery"] = str(p)
     return written
