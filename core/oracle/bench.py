@@ -35,12 +35,14 @@ def eval_cameras(params, device="cpu"):
 
 def oracle_reference(obj, params, device="cpu", resolution=None):
     """The object's render at the reference view as a Reference (depth as 1/z: bigger = nearer), at
-    `resolution` (default: the coarse stage's)."""
+    `resolution` (default: the size the coarse stage renders its reference view, coarse.ref_scale ×
+    coarse.resolution)."""
     from core.rendering.cameras import reference_cameras
     from core.inputs.images import Reference
+    from core.stages.coarse import reference_resolution
 
     cams = reference_cameras(params.camera, device=device)
-    r = obj.render(cams, resolution or params.coarse.resolution, shading="albedo")
+    r = obj.render(cams, resolution or reference_resolution(params), shading="albedo")
     z = r["depth"][0]
     disp = torch.where(z > 0, 1.0 / z.clamp_min(1e-6), torch.zeros_like(z))
     return Reference(rgb=r["rgb"][0].cpu(), mask=r["opacity"][0].cpu(), depth=disp.cpu(), image_path=f"oracle:{obj.name}")
