@@ -24,7 +24,7 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     from core.guidance.sd import load_stable_diffusion, weights_dtype
     from core.inputs.images import load_reference
     from core.models.sources import prior_model
-    from core.guidance.textual_inversion import learn_token
+    from core.guidance.textual_inversion import learn_token_from_params
 
     device = resolve_device(params)
     out = Path(out_dir)
@@ -32,12 +32,10 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
                          object_scale=params.segment.object_scale, params=params)
     parts = load_stable_diffusion(prior_model(params, "sd"), device, weights_dtype(device, params.sd.fp16),
                                   params.models)
-    ti = params.textual_inversion
     out.mkdir(parents=True, exist_ok=True)
     target = out / "learned_embeds.bin"
-    learn_token(parts, ref.rgb, ref.mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps,
-                lr=ti.lr, batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed,
-                out=target, callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None)
+    learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,
+                            callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None)
     return target
 
 
@@ -88,15 +86,14 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     as a kill would (tests). Returns result.json's record ({} when stopped early)."""
     from core.inputs.images import load_reference
     from core.params import step_digest
-    from core.stages.coarse import run_coarse
-    from core.stages.engine import CHECKPOINT
-
     from core.io import writable_folder
+    from core.stages.coarse import reference_resolution, run_coarse
+    from core.stages.engine import CHECKPOINT
 
     device = resolve_device(params)
     out = Path(out_dir)
     if reference is None:
-        reference = load_reference(image, depth, size=params.coarse.resolution,
+        reference = load_reference(image, depth, size=reference_resolution(params),
                                    max_pixels=params.segment.max_input_pixels, object_scale=params.segment.object_scale,
                                    recenter=params.segment.recenter, params=params)
     writable_folder(out)  # before any model is loaded or token learned
