@@ -78,10 +78,52 @@ class _Stage:
         return False
 
 
+class _Profile:
+    """torch.profiler over `steps` iterations of a stage, stepped by the stage's callback; the table
+    (by device time, with the loop's lift3d.* scopes) is written to `path`."""
+
+    def __init__(self, path: Path, steps: int, device: torch.device):
+        self.path, self.steps, self.device, self.prof = path, steps, device, None
+
+    def __enter__(self):
+        if self.steps > 0:
+            from torch.profiler import ProfilerActivity, profile, schedule
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=acts, schedule=schedule(wait=5, warmup=2, active=self.steps, repeat=1))
+            self.prof.__enter__()
+        return self
+
+    @property
+    def callback(self):
+        return (lambda step, metrics: self.prof.step()) if self.prof is not None else None
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            try:
+                ev = self.prof.key_averages()
+                scopes = [e for e in ev if e.key.startswith("lift3d.")]
+                text = (f"{self.steps} profiled iterations\n\nthe loop's scopes (total time, all iterations):\n"
+                        + "\n".join(f"  {e.key:24s} cpu {e.cpu_time_total / 1e3:9.1f} ms   device "
+                                     f"{getattr(e, 'device_time_total', getattr(e, 'cuda_time_total', 0)) / 1e3:9.1f} ms"
+                                     for e in scopes)
+                        + "\n\n" + ev.table(sort_by=key, row_limit=40))
+                atomic_write_text(self.path, text)
+            except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
+                atomic_write_text(self.path, f"no profile table: {type(e).__name__}: {e}")
+        return False
+
+
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
-    """Time a whole asset; `params` as the user's run would have them (the prior folders are set here)."""
+                    progress: bool = True, profile_steps: int = 0) -> dict[str, Any]:
+    """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
+
+    `profile_steps=N`: torch.profiler over N iterations of each stage (after 5 + 2 warm-up ones),
+    written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
+    those runs' timings are not the bench's figures)."""
     from core.params import apply_overrides
     from core.pipeline import coarse_stage, fine_stage, needs_textual_inversion, textual_inversion_stage
 
@@ -128,11 +170,12 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     elif params.prompt.text is None and params.prompt.learned_embeds is None:
         params = params.with_inputs(text="a torus")
     for name, run in (
-        ("coarse", lambda: coarse_stage(image, out / "coarse", params, depth=depth, progress=progress)),
-        ("fine", lambda: fine_stage(out / "coarse" / "checkpoint.pt", out / "fine", params, progress=progress)),
+        ("coarse", lambda cb: coarse_stage(image, out / "coarse", params, depth=depth, progress=progress, callback=cb)),
+        ("fine", lambda cb: fine_stage(out / "coarse" / "checkpoint.pt", out / "fine", params, progress=progress,
+                                       callback=cb)),
     ):
-        with _Stage(device) as st:
-            record = run()
+        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device) as prof:
+            record = run(prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))
         result["stages"][name] = {"wall_s": st.wall_s, "iters": steps, "loop_s": round(loop_s, 2),
                                   "ms_per_iter": round(1000 * loop_s / max(steps, 1), 1),

@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from core.errors import InputError, Lift3DError
 from core.io import atomic_torch_save
@@ -362,8 +363,9 @@ class Stage:
             if spec.novel_background == "random":
                 background = torch.rand(len(cams), 3, generator=gen).to(self.device)
         ambient, diffuse = sample_ambient(shading_params, shading, gen)
-        out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
-                              diffuse=diffuse, generator=gen, **extra)
+        with record_function("lift3d.render"):
+            out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
+                                  diffuse=diffuse, generator=gen, **extra)
         if background is not None:
             composite_background(out, background)
         out.step, out.total_steps, out.stage = spec.clock_offset + step, spec.clock_total, spec.name
@@ -378,19 +380,23 @@ class Stage:
                 # distance, so the render's is negated before the correlation
                 l_depth = pearson_depth_loss(-out.depth, self.ref_depth, self.ref_mask)
         elif self.guidance is not None:
-            g = self.guidance(out)
+            with record_function("lift3d.guidance"):
+                g = self.guidance(out)
             l_g, diag = g.loss, g.diagnostics
         loss = spec.rgb * l_rgb + spec.mask * l_mask + l_g + spec.depth * l_depth  # eq. 4 (with eq. 1)
-        regs = self.rep.regularisers(out)
+        with record_function("lift3d.regularisers"):
+            regs = self.rep.regularisers(out)
         for w, term in regs.values():
             loss = loss + w * term
         terms = {"rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g, **{k: t for k, (_, t) in regs.items()}}
         self._check_finite(step, loss, terms)
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
-            loss.backward()
+            with record_function("lift3d.backward"):
+                loss.backward()
             self._check_finite_gradients(step)
-            self.optimizer.step()
+            with record_function("lift3d.optimizer"):
+                self.optimizer.step()
         self._detector_check(step)
         self.state.step += 1
         if step % spec.trace_every == 0 or step == total - 1:
