@@ -79,18 +79,24 @@ class _Stage:
 
 
 class _Profile:
-    """torch.profiler over `steps` iterations of a stage, stepped by the stage's callback; the table
-    (by device time, with the loop's lift3d.* scopes) is written to `path`."""
+    """Where a stage's time goes: the loop's scopes (core.stages.engine.scope: render, guidance,
+    regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
+    around each, over the whole stage; then torch.profiler's table over `steps` iterations (after 5 + 2
+    warm-up ones), stepped by the stage's callback. Both written to `path`."""
 
     def __init__(self, path: Path, steps: int, device: torch.device):
         self.path, self.steps, self.device, self.prof = path, steps, device, None
+        self.times: dict = {}
 
     def __enter__(self):
         if self.steps > 0:
             from torch.profiler import ProfilerActivity, profile, schedule
 
+            from core.stages import engine
+
+            engine.SCOPE_TIMES = self.times
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.prof = profile(activities=acts, schedule=schedule(wait=5, warmup=2, active=self.steps, repeat=1))
+            self.prof = profile(activities=acts, schedule=schedule(wait=5, warmup=1, active=self.steps, repeat=1))
             self.prof.__enter__()
         return self
 
@@ -98,21 +104,26 @@ class _Profile:
     def callback(self):
         return (lambda step, metrics: self.prof.step()) if self.prof is not None else None
 
+    def summary(self) -> dict:
+        return {k: {"calls": n, "seconds": round(t, 3), "ms_per_call": round(1000 * t / max(n, 1), 2)}
+                for k, (n, t) in sorted(self.times.items(), key=lambda kv: -kv[1][1])}
+
     def __exit__(self, *exc):
-        if self.prof is not None:
-            self.prof.__exit__(None, None, None)
-            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            try:
-                ev = self.prof.key_averages()
-                scopes = [e for e in ev if e.key.startswith("lift3d.")]
-                text = (f"{self.steps} profiled iterations\n\nthe loop's scopes (total time, all iterations):\n"
-                        + "\n".join(f"  {e.key:24s} cpu {e.cpu_time_total / 1e3:9.1f} ms   device "
-                                     f"{getattr(e, 'device_time_total', getattr(e, 'cuda_time_total', 0)) / 1e3:9.1f} ms"
-                                     for e in scopes)
-                        + "\n\n" + ev.table(sort_by=key, row_limit=40))
-                atomic_write_text(self.path, text)
-            except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
-                atomic_write_text(self.path, f"no profile table: {type(e).__name__}: {e}")
+        if self.prof is None:
+            return False
+        from core.stages import engine
+
+        engine.SCOPE_TIMES = None
+        self.prof.__exit__(None, None, None)
+        lines = [f"{'scope':24s} {'calls':>6s} {'seconds':>9s} {'ms/call':>9s}"]
+        lines += [f"{k:24s} {v['calls']:6d} {v['seconds']:9.2f} {v['ms_per_call']:9.2f}" for k, v in self.summary().items()]
+        text = "\n".join(lines)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        try:
+            text += f"\n\ntorch.profiler, {self.steps} iterations:\n" + self.prof.key_averages().table(sort_by=key, row_limit=30)
+        except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
+            text += f"\n\nno profiler table: {type(e).__name__}: {e}"
+        atomic_write_text(self.path, text)
         return False
 
 
@@ -177,6 +188,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device) as prof:
             record = run(prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))
+        if profile_steps:
+            result.setdefault("scopes", {})[name] = prof.summary()
         result["stages"][name] = {"wall_s": st.wall_s, "iters": steps, "loop_s": round(loop_s, 2),
                                   "ms_per_iter": round(1000 * loop_s / max(steps, 1), 1),
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib}
