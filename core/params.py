@@ -86,6 +86,9 @@ class HashGridParams(_Section):
     # weights there (12 bytes a point instead of ~1 KB at 16 levels; the same gradient, bit for
     # bit; a little more arithmetic). Off: the forward's rows and weights are kept.
     recompute_backward: bool = True
+    # torch backend: points encoded at a time, bounding the (N, levels, 8) temporaries of the
+    # corner arithmetic (0: all at once). The same values at any size.
+    chunk: int = Field(1 << 20, ge=0)
 
 
 class MLPParams(_Section):

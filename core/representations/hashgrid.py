@@ -112,6 +112,7 @@ class HashGrid(nn.Module):
             raise RuntimeError("hash grid: every hashed level is expected to have 2^log2_table_size entries")
         self.hash_mask = (1 << self.log2_table_size) - 1
         self.recompute_backward = True  # torch backend: see _RecomputedLookup
+        self.chunk = 1 << 20  # torch backend: points per evaluation (0: all at once)
         log.info("hash grid: %s backend (%d levels × %d features, table 2^%d, resolution %d→%d, b=%.4f)",
                  self.backend, self.levels, self.features_per_level, self.log2_table_size,
                  self.base_resolution, self.max_resolution, self.per_level_scale)
@@ -152,6 +153,11 @@ class HashGrid(nn.Module):
         u = self.normalize(x.reshape(-1, 3).float())
         if self.backend == "tcnn":
             return self.tcnn_encoding(u.contiguous()).float()
+        c = self.chunk
+        if c and u.shape[0] > c:
+            # the corner rows, weights and hash arithmetic are (N, L, 8) temporaries (~1 KB a
+            # point at 16 levels, several alive at once): chunks bound them; the same values
+            return torch.cat([self._torch_encode(u[i:i + c]) for i in range(0, u.shape[0], c)])
         return self._torch_encode(u)
 
     def corner_indices(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,6 +118,7 @@ class NeRFField(nn.Module):
                    blob_std=c.density_blob_std, density_activation=c.density_activation, device=device,
                    seed=params.seed, blob_kind=c.density_blob)
         field.encoding.recompute_backward = c.grid.recompute_backward
+        field.encoding.chunk = c.grid.chunk
         return field
 
     def load_portable_state_dict(self, state: dict) -> None:
