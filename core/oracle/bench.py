@@ -89,3 +89,30 @@ def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> 
         print(f"oracle coarse {obj.name:10s} PSNR {m['psnr_novel']:6.2f} dB  mask IoU {m['mask_iou']:.4f}  "
               f"{m['seconds']:7.1f} s", flush=True)
     return results
+
+
+def write_reference_view(name: str, out: Path | str, size: int = 256, params=None) -> Path:
+    """The object's render at the reference camera as an RGBA png (alpha = its mask), with its
+    disparity as depth.png beside it (what `lift3d prepare` takes as given): a photo of a known
+    object for `lift3d generate`."""
+    import numpy as np
+    from PIL import Image
+
+    from core.oracle.objects import make_object
+    from core.params import load_params
+
+    params = params or load_params()
+    ref = oracle_reference(make_object(name), params, resolution=size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rgba = torch.cat([ref.rgb, ref.mask]).permute(1, 2, 0).clamp(0, 1).numpy()
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(out)
+    d = ref.depth[0].numpy()
+    Image.fromarray((d / max(float(d.max()), 1e-6) * 255).round().astype(np.uint8), "L").save(out.with_name("depth.png"))
+    return out
+
+
+if __name__ == "__main__":  # python -m core.oracle.bench torus DIR/rgba.png [size]
+    import sys
+
+    print(write_reference_view(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 256))
