@@ -42,8 +42,8 @@ only thing not real is the knowledge in the weights.
 Both priors are saved with `save_pretrained` in the layouts of the real ones (`unet/`, `vae/`,
 `text_encoder/`, `tokenizer/`, `scheduler/`; `image_encoder/`, `feature_extractor/`,
 `cc_projection/`) and load through core.models.loader, which takes the UNet's class from the
-folder's model_index.json (lift3d's own classes only). The data latents, the schedule's ᾱ and the
-prompt keys are the UNets' weights (safetensors). `ensure_analytic_prior` builds a folder once per
+folder's model_index.json (lift3d's own classes only). The data latents, the schedule's log ᾱ and
+the prompt keys are the UNets' weights (safetensors). `ensure_analytic_prior` builds a folder once per
 specification (objects, resolution, cameras, prompt template) under the tiny-model root.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 log = logging.getLogger(__name__)
 
-ANALYTIC_VERSION = "a1"  # bump when what a folder holds changes, so stale caches are rebuilt
+ANALYTIC_VERSION = "a2"  # bump when what a folder holds changes, so stale caches are rebuilt
 PREFIX = "analytic"
 DEFAULT_OBJECTS = ("torus", "blocks", "snowman")
 LOGVAR_PINNED = -20.0
@@ -86,29 +86,40 @@ def _timesteps(timestep, batch: int, device) -> torch.Tensor:
 
 
 def posterior_mean(x_t: torch.Tensor, data: torch.Tensor, alpha_bar: torch.Tensor,
-                   log_prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   log_prior: Optional[torch.Tensor] = None, one_minus: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x̂_0 of eq. (A2) for one noisy sample x_t (D,) over data (N, D) at ᾱ (a 0-d tensor):
-    softmax_i(log π_i − ‖x_t − √ᾱ x_i‖² / (2(1 − ᾱ))) · x_i, in float64."""
+    softmax_i(log π_i − ‖x_t − √ᾱ x_i‖² / (2(1 − ᾱ))) · x_i, in float64 (`one_minus`: 1 − ᾱ
+    computed without cancellation, when the caller has it)."""
     x, X, a = x_t.double(), data.double(), alpha_bar.double()
+    s2 = (1.0 - a) if one_minus is None else one_minus.double()
     d2 = (x * x).sum() - 2.0 * a.sqrt() * (X @ x) + a * (X * X).sum(-1)
-    logits = -d2 / (2.0 * (1.0 - a))
+    logits = -d2 / (2.0 * s2)
     if log_prior is not None:
         logits = logits + log_prior.double()
     w = torch.softmax(logits, dim=0)
     return w @ X
 
 
-def optimal_epsilon(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+def optimal_epsilon(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar: torch.Tensor,
+                    one_minus: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eq. (A1): ε̂* = (x_t − √ᾱ·x̂_0) / √(1 − ᾱ)."""
     a = alpha_bar.double()
-    return (x_t.double() - a.sqrt() * x0_hat.double()) / (1.0 - a).sqrt()
+    s2 = (1.0 - a) if one_minus is None else one_minus.double()
+    return (x_t.double() - a.sqrt() * x0_hat.double()) / s2.sqrt()
+
+
+def schedule_at(log_alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ᾱ_t, 1 − ᾱ_t) in float64 from the stored log ᾱ (the scheduler's alphas_cumprod, kept as a log
+    so that fp16 weights keep 1 − ᾱ accurate near t = 0: ᾱ_1 = 0.99915 is 0.9990 or 0.9995 in fp16)."""
+    la = log_alphas_cumprod.double()[t]
+    return la.exp(), -torch.expm1(la)
 
 
 class AnalyticStableDiffusionUNet(ModelMixin, ConfigMixin):
     """The exact ε-prediction (A1–A2) over renders of known objects; the text selects the object.
 
     Weights: `data` (K, N, C, h, w) scaled VAE latents of N views of each of K objects,
-    `alphas_cumprod` (T,) the scheduler's ᾱ, `text_keys` (M, L, D) CLIP text embeddings of
+    `log_alphas_cumprod` (T,) log of the scheduler's ᾱ, `text_keys` (M, L, D) CLIP text embeddings of
     prompts; config `key_objects` (M,) the object index each key selects (−1: all objects)."""
 
     @register_to_config
@@ -119,7 +130,7 @@ class AnalyticStableDiffusionUNet(ModelMixin, ConfigMixin):
         super().__init__()
         c, s = in_channels, sample_size
         self.data = torch.nn.Parameter(torch.zeros(num_objects, views_per_object, c, s, s), requires_grad=False)
-        self.alphas_cumprod = torch.nn.Parameter(torch.zeros(num_train_timesteps), requires_grad=False)
+        self.log_alphas_cumprod = torch.nn.Parameter(torch.zeros(num_train_timesteps), requires_grad=False)
         self.text_keys = torch.nn.Parameter(torch.zeros(len(key_objects), text_length, cross_attention_dim),
                                             requires_grad=False)
 
@@ -136,7 +147,7 @@ class AnalyticStableDiffusionUNet(ModelMixin, ConfigMixin):
                 return_dict: bool = True, **_: Any):
         b = sample.shape[0]
         t = _timesteps(timestep, b, sample.device)
-        alpha = self.alphas_cumprod.float()[t]
+        alpha, one_minus = schedule_at(self.log_alphas_cumprod, t)
         objects = self.select_objects(encoder_hidden_states)
         data = self.data.flatten(2)  # (K, N, D)
         everything = data.flatten(0, 1)
@@ -145,7 +156,8 @@ class AnalyticStableDiffusionUNet(ModelMixin, ConfigMixin):
         for i in range(b):
             k = int(objects[i])
             pool = everything if k < 0 else data[k]
-            eps[i] = optimal_epsilon(x[i], posterior_mean(x[i], pool, alpha[i]), alpha[i])
+            x0 = posterior_mean(x[i], pool, alpha[i], one_minus=one_minus[i])
+            eps[i] = optimal_epsilon(x[i], x0, alpha[i], one_minus[i])
         return _output(eps.view_as(sample).to(sample.dtype), return_dict)
 
 
@@ -157,7 +169,7 @@ class AnalyticZero123UNet(ModelMixin, ConfigMixin):
     [Δpolar (rad), sin Δazimuth, cos Δazimuth, Δradius] (zeroed for the unconditional branch).
     Weights: `data` (K, N, 4, h, w) scaled latents of each object's renders at the grid cameras
     `view_polar/azimuth/radius` (config, degrees), `reference_latents` (K, 4, h, w) the unscaled
-    posterior modes of each object's reference view, `alphas_cumprod` (T,)."""
+    posterior modes of each object's reference view, `log_alphas_cumprod` (T,) log ᾱ."""
 
     @register_to_config
     def __init__(self, sample_size: int = 8, in_channels: int = 8, out_channels: int = 4,
@@ -171,7 +183,7 @@ class AnalyticZero123UNet(ModelMixin, ConfigMixin):
         self.data = torch.nn.Parameter(torch.zeros(num_objects, n, c, s, s), requires_grad=False)
         self.reference_latents = torch.nn.Parameter(torch.zeros(num_objects, in_channels - c, s, s),
                                                     requires_grad=False)
-        self.alphas_cumprod = torch.nn.Parameter(torch.zeros(num_train_timesteps), requires_grad=False)
+        self.log_alphas_cumprod = torch.nn.Parameter(torch.zeros(num_train_timesteps), requires_grad=False)
 
     @staticmethod
     def read_camera(encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -217,7 +229,7 @@ class AnalyticZero123UNet(ModelMixin, ConfigMixin):
         b, c = sample.shape[0], self.config.out_channels
         x, reference = sample[:, :c], sample[:, c:]
         t = _timesteps(timestep, b, sample.device)
-        alpha = self.alphas_cumprod.float()[t]
+        alpha, one_minus = schedule_at(self.log_alphas_cumprod, t)
         polar, azimuth, radius, cond = self.target_cameras(encoder_hidden_states)
         objects = self.select_objects(reference)
         data = self.data.flatten(2)  # (K, N, D)
@@ -226,10 +238,11 @@ class AnalyticZero123UNet(ModelMixin, ConfigMixin):
         for i in range(b):
             k = int(objects[i])
             if k < 0 or not bool(cond[i]):  # the unconditional branch: every view of every object
-                x0 = posterior_mean(xf[i], data.flatten(0, 1), alpha[i])
+                x0 = posterior_mean(xf[i], data.flatten(0, 1), alpha[i], one_minus=one_minus[i])
             else:
-                x0 = posterior_mean(xf[i], data[k], alpha[i], self.view_log_prior(polar[i], azimuth[i], radius[i]))
-            eps[i] = optimal_epsilon(xf[i], x0, alpha[i])
+                x0 = posterior_mean(xf[i], data[k], alpha[i], self.view_log_prior(polar[i], azimuth[i], radius[i]),
+                                    one_minus[i])
+            eps[i] = optimal_epsilon(xf[i], x0, alpha[i], one_minus[i])
         return _output(eps.view_as(x).to(sample.dtype), return_dict)
 
 
@@ -423,7 +436,7 @@ def build_analytic_sd(folder: Path, names: list[str], resolution: int, radius: f
         object_names=labels, key_objects=owners, key_prompts=prompts)
     with torch.no_grad():
         unet.data.copy_(latents)
-        unet.alphas_cumprod.copy_(sched.alphas_cumprod)
+        unet.log_alphas_cumprod.copy_(sched.alphas_cumprod.double().log())
         unet.text_keys.copy_(keys)
     unet.save_pretrained(folder / "unet")
     vae.cpu().save_pretrained(folder / "vae")
@@ -473,7 +486,7 @@ def build_analytic_zero123(folder: Path, names: list[str], resolution: int, refe
     with torch.no_grad():
         unet.data.copy_(latents)
         unet.reference_latents.copy_(ref_latents)
-        unet.alphas_cumprod.copy_(sched.alphas_cumprod)
+        unet.log_alphas_cumprod.copy_(sched.alphas_cumprod.double().log())
     unet.save_pretrained(folder / "unet")
     vae.cpu().save_pretrained(folder / "vae")
     readable_cc_projection().save_pretrained(folder / "cc_projection")
