@@ -25,11 +25,7 @@ from core.params import load_params, resolve_device
 
 log = logging.getLogger(__name__)
 
-FULLSIZE = Path(__file__).resolve().parent.parent / "core" / "testmodels" / "fullsize"
-
-
-def _cfg(name: str) -> dict:
-    return json.loads((FULLSIZE / name).read_text())
+from core.testmodels.fullsize_priors import build_fullsize_parts  # noqa: E402 - re-exported for scripts
 
 
 def _sync(device: torch.device) -> None:
@@ -39,43 +35,6 @@ def _sync(device: torch.device) -> None:
 
 def _n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
-
-
-def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
-    """SD 1.5 and Zero-1-to-3 parts at full size with random weights, from core/testmodels/fullsize/*.json."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
-        CLIPVisionModelWithProjection
-
-    from core.guidance.sd import StableDiffusionParts
-    from core.guidance.zero123 import CCProjection, Zero123Parts
-    from core.testmodels.priors import SD_SCHEDULER, write_tiny_clip_tokenizer
-
-    tok_dir = Path(tempfile.mkdtemp(prefix="lift3d-tok-"))
-    write_tiny_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-
-    def make(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        with torch.device(device):  # initialise on the device: much faster than on the CPU
-            m = fn()
-        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-    sd = StableDiffusionParts(
-        tokenizer=tokenizer,
-        text_encoder=make(lambda: CLIPTextModel(CLIPTextConfig(**_cfg("sd15_text_encoder.json")))),
-        vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
-        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("sd15_unet.json"))),
-        scheduler=DDPMScheduler(**SD_SCHEDULER),
-    )
-    z = Zero123Parts(
-        image_encoder=make(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**_cfg("zero123_image_encoder.json")))),
-        feature_extractor=CLIPImageProcessor(),
-        vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
-        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("zero123_unet.json"))),
-        cc_projection=make(lambda: CCProjection(**_cfg("zero123_cc_projection.json"))),
-        scheduler=DDPMScheduler(**SD_SCHEDULER),
-    )
-    return sd, z
 
 
 def build_tiny_parts(device: torch.device, dtype: torch.dtype, params):
@@ -284,9 +243,6 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def cli_bench_speed(args) -> int:
-    if args.stage != "coarse":
-        raise Lift3DError("bench speed: only --stage coarse is measured here (the fine stage's renderer is "
-                          "issue 4's; see its benchmark)")
     params = load_params(args.preset, args.overrides, getattr(args, "params", None))
     device = resolve_device(params)
     tiny = bool(getattr(args, "tiny", False))
@@ -295,6 +251,21 @@ def cli_bench_speed(args) -> int:
                           "(use --tiny to check the code path on the CPU)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "asset":
+        from flows.bench_asset import format_asset_table, run_asset_bench
+
+        if tiny:
+            from core.params import apply_overrides
+
+            params = apply_overrides(params, ["models.tiny=true"])
+        models = getattr(args, "models_dir", None)
+        r = run_asset_bench(params, device, out, models_dir=Path(models) if models else None,
+                            image=Path(args.image) if getattr(args, "image", None) else None,
+                            depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
+                            profile_steps=getattr(args, "profile", 0) or 0)
+        print(format_asset_table(r))
+        print(f"wrote {out / 'speed.json'}")
+        return 0
     modes = tuple(m for m in (getattr(args, "compile", "") or "").split(",") if m)
     r = run_speed_bench(params, device, iters=args.iters, tiny=tiny, compile_modes=modes,
                         ti_steps=getattr(args, "ti_steps", 23), out=out)

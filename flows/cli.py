@@ -141,14 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p, default_preset="smoke")
     p.set_defaults(handler="flows.bench:cli_bench_analytic")
 
-    p = bsub.add_parser("speed", help="ms per iteration and peak memory with full-size priors; writes DIR/speed.json",
-                        description="Time iterations with the real architectures at full size and random weights.")
-    p.add_argument("--stage", choices=["coarse", "fine"], default="coarse")
+    p = bsub.add_parser("speed", help="a whole asset's time and peak memory with full-size priors; writes DIR/speed.json",
+                        description="Time a whole asset (textual inversion, coarse, fine, export) as `generate` runs "
+                                    "it, with the real architectures at full size and random weights (--stage asset, "
+                                    "the default; --set coarse.iters=N etc. shorten it), or only the coarse iteration "
+                                    "with its priors in isolation (--stage coarse).")
+    p.add_argument("--stage", choices=["asset", "coarse"], default="asset")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--iters", type=int, default=20, help="timed iterations after warm-up")
-    p.add_argument("--ti-steps", type=int, default=23, help="textual-inversion steps to time (3 warm-up)")
+    p.add_argument("--image", type=Path, default=None, help="the photo (default: the oracle torus at the reference view)")
+    p.add_argument("--depth", type=Path, default=None, help="its depth map (with --image)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="where the full-size random priors are written once and reused (default: OUT/models)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="--stage asset: torch.profiler over N iterations of each stage → OUT/profile_STAGE.txt")
+    p.add_argument("--iters", type=int, default=20, help="--stage coarse: timed iterations after warm-up")
+    p.add_argument("--ti-steps", type=int, default=23, help="--stage coarse: textual-inversion steps to time (3 warm-up)")
     p.add_argument("--compile", default="", metavar="MODES",
-                   help="also time the UNets under torch.compile, e.g. 'default,reduce-overhead'")
+                   help="--stage coarse: also time the UNets under torch.compile, e.g. 'default,reduce-overhead'")
     p.add_argument("--tiny", action="store_true", help="tiny random priors instead (checks the code path on a CPU)")
     _add_params_args(p)
     p.set_defaults(handler="flows.bench_speed:cli_bench_speed")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from flows.bench_speed import FULLSIZE, format_table, run_speed_bench
+from core.testmodels.fullsize_priors import FULLSIZE
+from flows.bench_speed import format_table, run_speed_bench
 from core.params import load_params
 from _tiny_priors import tiny_models
 
@@ -33,3 +34,27 @@ def test_fullsize_configs_are_the_real_architectures():
         unet = UNet2DConditionModel.from_config(json.loads((FULLSIZE / "sd15_unet.json").read_text()))
     n = sum(p.numel() for p in unet.parameters())
     assert 855e6 < n < 865e6
+
+
+def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
+    """--stage asset on the CPU with tiny priors: textual inversion, coarse and fine through
+    core.pipeline, each stage's wall time and ms per iteration in speed.json, the mesh exported."""
+    from flows.bench_asset import format_asset_table, run_asset_bench
+
+    monkeypatch.setenv("LIFT3D_TINY_DIR", str(Path(tiny_models()["sd"]).parent))
+    p = load_params("smoke", ["models.tiny=true", "coarse.iters=2", "coarse.checkpoint_every=2", "fine.iters=2",
+                              "fine.checkpoint_every=2", "textual_inversion.enabled=true", "textual_inversion.steps=2",
+                              "textual_inversion.batch_size=1", "guidance.coarse.lambda_2d=1.0", "coarse.resolution=32", "fine.resolution=64",
+                              "fine.tet_resolution=32"])
+    r = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False)
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert list(saved["stages"]) == ["textual_inversion", "coarse", "fine"]
+    assert [saved["stages"][s]["iters"] for s in ("textual_inversion", "coarse", "fine")] == [2, 2, 2]
+    for s in saved["stages"].values():
+        assert s["wall_s"] > 0 and s["ms_per_iter"] > 0
+    assert saved["stages"]["fine"]["outside_loop_s"] > 0  # set-up and export are part of the asset's time
+    assert saved["backends"] == {"hash_grid": "torch", "rasteriser": "torch"}
+    assert saved["asset_seconds"] >= sum(s["wall_s"] for s in saved["stages"].values()) - 0.1
+    assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
+    assert any((tmp_path / "fine").glob("*.glb"))
+    assert "whole asset:" in format_asset_table(r)

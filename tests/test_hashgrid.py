@@ -140,3 +140,35 @@ def test_backend_choice():
     if not tcnn_available():
         with pytest.raises(RuntimeError):
             HashGrid(levels=2, log2_table_size=8, backend="tcnn")
+
+
+def test_recomputed_lookup_gives_the_same_gradient_bit_for_bit_and_saves_only_positions():
+    """grid.recompute_backward: the backward recomputes the corner rows and weights from the saved
+    positions; output and table gradient equal the stored-rows lookup exactly, and the autograd
+    graph holds the (N, 3) positions instead of the (N, L, 8) rows and weights."""
+    g = HashGrid(levels=5, features_per_level=2, log2_table_size=10, base_resolution=4, max_resolution=96, backend="torch")
+    with torch.no_grad():
+        g.table.uniform_(-1, 1)
+    x = torch.rand(500, 3) * 1.9 - 0.95
+    up = torch.randn(500, g.output_dim)
+    saved = {}
+    for mode in (True, False):
+        g.recompute_backward = mode
+        g.table.grad = None
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.numel()) or t, lambda t: t):
+            y = g(x)
+        (y * up).sum().backward()
+        saved[mode] = (y.detach().clone(), g.table.grad.clone(), sum(packed))
+    assert torch.equal(saved[True][0], saved[False][0]) and torch.equal(saved[True][1], saved[False][1])
+    assert saved[True][1].abs().sum() > 0
+    assert saved[True][2] == 500 * 3 and saved[False][2] == 2 * 500 * 5 * 8
+
+
+def test_the_params_switch_reaches_the_field():
+    from core.params import load_params
+    from core.representations.nerf import NeRFField
+
+    for flag in (True, False):
+        p = load_params("tiny", [f"coarse.grid.recompute_backward={str(flag).lower()}"])
+        assert NeRFField.from_params(p).encoding.recompute_backward is flag

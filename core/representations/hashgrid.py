@@ -111,6 +111,7 @@ class HashGrid(nn.Module):
         if any(e != (1 << self.log2_table_size) for e in entries[self.n_dense:]):
             raise RuntimeError("hash grid: every hashed level is expected to have 2^log2_table_size entries")
         self.hash_mask = (1 << self.log2_table_size) - 1
+        self.recompute_backward = True  # torch backend: see _RecomputedLookup
         log.info("hash grid: %s backend (%d levels × %d features, table 2^%d, resolution %d→%d, b=%.4f)",
                  self.backend, self.levels, self.features_per_level, self.log2_table_size,
                  self.base_resolution, self.max_resolution, self.per_level_scale)
@@ -196,7 +197,10 @@ class HashGrid(nn.Module):
     def _torch_encode(self, u: torch.Tensor) -> torch.Tensor:
         if not u.requires_grad:
             # positions are constants: a fused op that keeps only the corner rows and weights for
-            # its backward (a quarter of autograd's memory, and fewer kernels)
+            # its backward (a quarter of autograd's memory, and fewer kernels), or only the
+            # positions, the rows and weights recomputed in the backward
+            if self.recompute_backward and torch.is_grad_enabled() and self.table.requires_grad:
+                return _RecomputedLookup.apply(self.table, u, self).reshape(u.shape[0], self.output_dim)
             return _TableLookup.apply(self.table, *self.corner_indices(u)).reshape(u.shape[0], self.output_dim)
         # positions need gradients (analytic normals: a double backward): plain autograd
         n = u.shape[0]
@@ -222,6 +226,30 @@ class _TableLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         idx, w = ctx.saved_tensors
+        g = (w[..., None] * grad[:, :, None, :]).reshape(-1, grad.shape[-1])
+        table_grad = torch.zeros(ctx.table_shape, device=grad.device, dtype=grad.dtype)
+        table_grad.index_add_(0, idx.reshape(-1).long(), g)
+        return table_grad, None, None
+
+
+class _RecomputedLookup(torch.autograd.Function):
+    """_TableLookup that saves only the positions u (N, 3): the corner rows and weights (~1 KB a
+    point at 16 levels) are recomputed in the backward, by the same ops, so the gradient is the
+    same bit for bit."""
+
+    @staticmethod
+    def forward(ctx, table, u, grid):
+        idx, w = grid.corner_indices(u)
+        n, levels, _ = idx.shape
+        feats = table.index_select(0, idx.reshape(-1).long()).view(n, levels, 8, table.shape[1])
+        ctx.save_for_backward(u)
+        ctx.grid, ctx.table_shape = grid, table.shape
+        return torch.einsum("nlkf,nlk->nlf", feats, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        idx, w = ctx.grid.corner_indices(u)
         g = (w[..., None] * grad[:, :, None, :]).reshape(-1, grad.shape[-1])
         table_grad = torch.zeros(ctx.table_shape, device=grad.device, dtype=grad.dtype)
         table_grad.index_add_(0, idx.reshape(-1).long(), g)

@@ -111,12 +111,14 @@ class NeRFField(nn.Module):
     @classmethod
     def from_params(cls, params, device="cpu") -> "NeRFField":
         c = params.coarse
-        return cls(levels=c.grid.levels, features_per_level=c.grid.features_per_level,
+        field = cls(levels=c.grid.levels, features_per_level=c.grid.features_per_level,
                    log2_table_size=c.grid.log2_table_size, base_resolution=c.grid.base_resolution,
                    max_resolution=c.grid.max_resolution, backend=c.grid.backend, bound=c.bound,
                    hidden=c.mlp.hidden, layers=c.mlp.layers, blob_scale=c.density_blob_scale,
                    blob_std=c.density_blob_std, density_activation=c.density_activation, device=device,
                    seed=params.seed, blob_kind=c.density_blob)
+        field.encoding.recompute_backward = c.grid.recompute_backward
+        return field
 
     def load_portable_state_dict(self, state: dict) -> None:
         """A state dict saved with either hash-grid backend, loaded into this field's backend."""

@@ -24,7 +24,7 @@ from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
 from core.stages.engine import (CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, read_state,
-                                write_views)
+                                scope, write_views)
 from core.stages.losses import (entropy_loss, normal_blur_mse_loss, normal_smoothness_loss, normal_tv_loss,
                                 orientation_loss)
 
@@ -212,5 +212,10 @@ def run_coarse(params, reference: Reference, out_dir: Path | str, *, guidance=No
         from core.stages.detector import write_trace
 
         write_trace(detector, out / "detector.json")
-    stage.record = stage.finish(out, write_outputs(rep, params, reference, out)) if done else None
+    if done:
+        with scope("lift3d.export"):
+            info = write_outputs(rep, params, reference, out)
+        stage.record = stage.finish(out, info)
+    else:
+        stage.record = None
     return stage

@@ -53,6 +53,38 @@ from core.stages.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
+# Where a step's time goes. Each part of a step runs in a named scope: a torch.profiler range, and
+# when SCOPE_TIMES is a dict (bench speed --profile), also timed with the device synchronised
+# around it, so that a run's seconds per part add up without the profiler's overhead.
+SCOPE_TIMES: Optional[dict] = None
+
+
+class scope:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.rf = torch.profiler.record_function(self.name)
+        self.rf.__enter__()
+        if SCOPE_TIMES is not None:
+            _device_sync()
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if SCOPE_TIMES is not None:
+            _device_sync()
+            n, t = SCOPE_TIMES.get(self.name, (0, 0.0))
+            SCOPE_TIMES[self.name] = (n + 1, t + time.perf_counter() - self.t0)
+        self.rf.__exit__(*exc)
+        return False
+
+
+def _device_sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 FORMAT = "lift3d-stage-2"
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -362,8 +394,9 @@ class Stage:
             if spec.novel_background == "random":
                 background = torch.rand(len(cams), 3, generator=gen).to(self.device)
         ambient, diffuse = sample_ambient(shading_params, shading, gen)
-        out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
-                              diffuse=diffuse, generator=gen, **extra)
+        with scope("lift3d.render"):
+            out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
+                                  diffuse=diffuse, generator=gen, **extra)
         if background is not None:
             composite_background(out, background)
         out.step, out.total_steps, out.stage = spec.clock_offset + step, spec.clock_total, spec.name
@@ -378,19 +411,23 @@ class Stage:
                 # distance, so the render's is negated before the correlation
                 l_depth = pearson_depth_loss(-out.depth, self.ref_depth, self.ref_mask)
         elif self.guidance is not None:
-            g = self.guidance(out)
+            with scope("lift3d.guidance"):
+                g = self.guidance(out)
             l_g, diag = g.loss, g.diagnostics
         loss = spec.rgb * l_rgb + spec.mask * l_mask + l_g + spec.depth * l_depth  # eq. 4 (with eq. 1)
-        regs = self.rep.regularisers(out)
+        with scope("lift3d.regularisers"):
+            regs = self.rep.regularisers(out)
         for w, term in regs.values():
             loss = loss + w * term
         terms = {"rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g, **{k: t for k, (_, t) in regs.items()}}
         self._check_finite(step, loss, terms)
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
-            loss.backward()
+            with scope("lift3d.backward"):
+                loss.backward()
             self._check_finite_gradients(step)
-            self.optimizer.step()
+            with scope("lift3d.optimizer"):
+                self.optimizer.step()
         self._detector_check(step)
         self.state.step += 1
         if step % spec.trace_every == 0 or step == total - 1:
@@ -496,8 +533,9 @@ class Stage:
                 bar.update(1)
                 self.state.elapsed = base + time.perf_counter() - t0
                 if s % self.spec.checkpoint_every == 0 or s == iters:
-                    self.save(ck_path)
-                    self.write_trace(ck_path.parent)
+                    with scope("lift3d.checkpoint"):
+                        self.save(ck_path)
+                        self.write_trace(ck_path.parent)
                 if stop_after is not None and stop_after <= s < iters:
                     return False
         finally:

@@ -29,7 +29,7 @@ from core.rendering.mesh_render import render_mesh
 from core.rendering.raster import make_rasterizer
 from core.representations.dmtet import DMTet, ColourField, Mesh
 from core.stages.coarse import active_levels
-from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, write_views
+from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, write_views, scope
 from core.stages.losses import mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,9 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
     stopped early)."""
     out = writable_folder(out_dir)
     (out / RESULT).unlink(missing_ok=True)
-    stage = make_fine_stage(params, reference, coarse_field, coarse=coarse, guidance=guidance, device=device,
-                            params_digest=params_digest)
+    with scope("lift3d.setup"):
+        stage = make_fine_stage(params, reference, coarse_field, coarse=coarse, guidance=guidance, device=device,
+                                params_digest=params_digest)
     rep, reference = stage.rep, resize_reference(reference, params.fine.resolution)
     if not (resume and stage.try_resume(out / CHECKPOINT)):
         clear_outputs(out)  # an earlier run's mesh and renders must not stand beside a new run
@@ -205,5 +206,10 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
              f.iters, f.resolution, f.tet_resolution, rep.dmtet.tets.shape[0], rep.backend, device)
     done = stage.run(out / CHECKPOINT, callback=callback, stop_after=stop_after, progress=progress,
                      postfix=lambda m: {"loss": f"{m['loss']:.4f}", "faces": int(m["faces"])})
-    stage.record = stage.finish(out, write_outputs(rep, params, reference, out, turntable_frames)) if done else None
+    if done:
+        with scope("lift3d.export"):
+            info = write_outputs(rep, params, reference, out, turntable_frames)
+        stage.record = stage.finish(out, info)
+    else:
+        stage.record = None
     return stage

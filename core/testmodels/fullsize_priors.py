@@ -1,0 +1,93 @@
+"""The real prior architectures at full size with random weights (configs in fullsize/*.json).
+
+They cost exactly what the real weights cost (DESIGN.md, "How we know it works"), so speed and
+memory are measured with them. `build_fullsize_parts` builds them in memory; `write_fullsize_priors`
+saves them in the hub layout (save_pretrained, fp16 safetensors) so that a whole run loads them
+through core.models.loader as it would load the real ones (`--set sd.model=FOLDER`). The prompt
+goes through a small stand-in tokenizer (token ids only; the cost is the text encoder's).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FULLSIZE = Path(__file__).resolve().parent / "fullsize"
+VERSION = "1"
+
+
+def _cfg(name: str) -> dict:
+    return json.loads((FULLSIZE / name).read_text())
+
+
+def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
+    """(StableDiffusionParts, Zero123Parts) of SD 1.5 and Zero-1-to-3 at full size, random weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
+        CLIPVisionModelWithProjection
+
+    from core.guidance.sd import StableDiffusionParts
+    from core.guidance.zero123 import CCProjection, Zero123Parts
+    from core.testmodels.priors import SD_SCHEDULER, write_tiny_clip_tokenizer
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="lift3d-tok-"))
+    write_tiny_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    def make(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        with torch.device(device):  # initialise on the device: much faster than on the CPU
+            m = fn()
+        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    sd = StableDiffusionParts(
+        tokenizer=tokenizer,
+        text_encoder=make(lambda: CLIPTextModel(CLIPTextConfig(**_cfg("sd15_text_encoder.json")))),
+        vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
+        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("sd15_unet.json"))),
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
+    )
+    z = Zero123Parts(
+        image_encoder=make(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**_cfg("zero123_image_encoder.json")))),
+        feature_extractor=CLIPImageProcessor(),
+        vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
+        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("zero123_unet.json"))),
+        cc_projection=make(lambda: CCProjection(**_cfg("zero123_cc_projection.json"))),
+        scheduler=DDPMScheduler(**SD_SCHEDULER),
+    )
+    return sd, z
+
+
+def write_fullsize_priors(root: Path | str, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float16) -> dict[str, str]:
+    """Save the full-size random priors once under root in the hub layout; {"sd": folder, "zero123": folder}."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    folders = {"sd": root / f"fullsize-sd-{VERSION}", "zero123": root / f"fullsize-zero123-{VERSION}"}
+    if all((f / "model_index.json").is_file() for f in folders.values()):
+        return {k: str(v) for k, v in folders.items()}
+    sd, z = build_fullsize_parts(torch.device(device), dtype)
+    for name, parts, index in (
+        ("sd", sd, {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"]}),
+        ("zero123", z, {"_class_name": "Zero1to3StableDiffusionPipeline",
+                        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+                        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+                        "cc_projection": ["core.guidance.zero123", "CCProjection"],
+                        "scheduler": ["diffusers", "DDPMScheduler"]}),
+    ):
+        folder = folders[name]
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
+        for sub in index:
+            if sub.startswith("_"):
+                continue
+            getattr(parts, sub).save_pretrained(tmp / sub)
+        (tmp / "model_index.json").write_text(json.dumps(
+            {**index, "_note": "lift3d full-size random weights (core/testmodels/fullsize)"}, indent=1))
+        tmp.rename(folder)
+    del sd, z
+    return {k: str(v) for k, v in folders.items()}

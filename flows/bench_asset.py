@@ -1,0 +1,211 @@
+"""`lift3d bench speed` (default `--stage asset`): one whole asset, timed as a user runs it.
+
+Textual inversion (when the preset learns a token), the coarse stage, the fine stage with its
+export, through the same entry points as `lift3d generate` (core.pipeline), with the real prior
+architectures at full size and random weights saved in the hub layout and loaded through
+core.models.loader (core.testmodels.fullsize_priors). The photo is the oracle torus rendered at the
+reference view (or --image/--depth). Per stage: wall seconds (model loading and export included),
+the loop's ms per iteration, peak GPU memory; the hash-grid and rasteriser backends in use.
+Writes DIR/speed.json after every stage, so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from core.io import atomic_write_text
+
+
+def write_oracle_photo(params, folder: Path, size: int = 512, name: str = "torus") -> tuple[Path, Path]:
+    """The oracle object rendered at the reference camera → folder/rgba.png and folder/depth.png
+    (disparity, 16-bit, 0 off the object): a photo with the depth map the presets expect."""
+    import numpy as np
+    from PIL import Image
+
+    from core.io import atomic_save_image, atomic_write, to_uint8
+    from core.oracle.objects import OBJECTS
+    from core.rendering.cameras import reference_cameras
+
+    folder.mkdir(parents=True, exist_ok=True)
+    obj = OBJECTS[name]
+    with torch.no_grad():
+        r = obj.render(reference_cameras(params.camera), size, shading="albedo")
+    rgba = torch.cat([r["rgb"][0], r["opacity"][0]], 0).cpu()
+    z = r["depth"][0, 0].cpu()
+    disp = torch.where(z > 0, 1.0 / z.clamp_min(1e-6), torch.zeros_like(z))
+    disp = (disp / disp.max().clamp_min(1e-9) * 65535).round().numpy().astype(np.uint16)
+    rgba_path, depth_path = folder / "rgba.png", folder / "depth.png"
+    atomic_save_image(rgba_path, to_uint8(rgba))
+    atomic_write(depth_path, lambda t: Image.fromarray(disp).save(t, format="PNG"), suffix=".png")
+    return rgba_path, depth_path
+
+
+def _backends(params, device: torch.device) -> dict[str, str]:
+    from core.representations.hashgrid import tcnn_available
+    from core.rendering.raster import nvdiffrast_available
+
+    grid = params.coarse.grid.backend
+    if grid == "auto":
+        grid = "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
+    return {"hash_grid": grid, "rasteriser": "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"}
+
+
+class _Stage:
+    """Wall time and peak GPU memory of one stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_gib = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
+        else:
+            self.peak_gib = None
+        self.wall_s = round(time.perf_counter() - self.t0, 2)
+        return False
+
+
+class _Profile:
+    """Where a stage's time goes: the loop's scopes (core.stages.engine.scope: render, guidance,
+    regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
+    around each, over the whole stage; then torch.profiler's table over `steps` iterations (after 5 + 2
+    warm-up ones), stepped by the stage's callback. Both written to `path`."""
+
+    def __init__(self, path: Path, steps: int, device: torch.device):
+        self.path, self.steps, self.device, self.prof = path, steps, device, None
+        self.times: dict = {}
+
+    def __enter__(self):
+        if self.steps > 0:
+            from torch.profiler import ProfilerActivity, profile, schedule
+
+            from core.stages import engine
+
+            engine.SCOPE_TIMES = self.times
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=acts, schedule=schedule(wait=5, warmup=1, active=self.steps, repeat=1))
+            self.prof.__enter__()
+        return self
+
+    @property
+    def callback(self):
+        return (lambda step, metrics: self.prof.step()) if self.prof is not None else None
+
+    def summary(self) -> dict:
+        return {k: {"calls": n, "seconds": round(t, 3), "ms_per_call": round(1000 * t / max(n, 1), 2)}
+                for k, (n, t) in sorted(self.times.items(), key=lambda kv: -kv[1][1])}
+
+    def __exit__(self, *exc):
+        if self.prof is None:
+            return False
+        from core.stages import engine
+
+        engine.SCOPE_TIMES = None
+        self.prof.__exit__(None, None, None)
+        lines = [f"{'scope':24s} {'calls':>6s} {'seconds':>9s} {'ms/call':>9s}"]
+        lines += [f"{k:24s} {v['calls']:6d} {v['seconds']:9.2f} {v['ms_per_call']:9.2f}" for k, v in self.summary().items()]
+        text = "\n".join(lines)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        try:
+            text += f"\n\ntorch.profiler, {self.steps} iterations:\n" + self.prof.key_averages().table(sort_by=key, row_limit=30)
+        except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
+            text += f"\n\nno profiler table: {type(e).__name__}: {e}"
+        atomic_write_text(self.path, text)
+        return False
+
+
+def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
+                    image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
+                    progress: bool = True, profile_steps: int = 0) -> dict[str, Any]:
+    """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
+
+    `profile_steps=N`: torch.profiler over N iterations of each stage (after 5 + 2 warm-up ones),
+    written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
+    those runs' timings are not the bench's figures)."""
+    from core.params import apply_overrides
+    from core.pipeline import coarse_stage, fine_stage, needs_textual_inversion, textual_inversion_stage
+
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    result: dict[str, Any] = {
+        "command": "lift3d bench speed --stage asset", "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "method": params.method, "backends": _backends(params, device),
+        "models": "tiny random (core.testmodels.priors)" if tiny else
+        "full-size random weights in the hub layout (core.testmodels.fullsize_priors), loaded by core.models.loader",
+        "iterations": {"textual_inversion": params.textual_inversion.steps if needs_textual_inversion(params) else 0,
+                       "coarse": params.coarse.iters, "fine": params.fine.iters},
+        "resolutions": {"coarse": params.coarse.resolution, "fine": params.fine.resolution,
+                        "sd": params.sd.resolution, "zero123": params.zero123.resolution},
+        "stages": {},
+    }
+
+    def save() -> None:
+        result["total_seconds"] = round(time.perf_counter() - t_all, 1)
+        atomic_write_text(out / "speed.json", json.dumps(result, indent=2))
+
+    if not tiny:
+        t0 = time.perf_counter()
+        from core.testmodels.fullsize_priors import write_fullsize_priors
+
+        folders = write_fullsize_priors(models_dir or out / "models", device)
+        result["models_written_seconds"] = round(time.perf_counter() - t0, 1)  # not part of the asset's time
+        params = apply_overrides(params, [f"sd.model={folders['sd']}", f"zero123.model={folders['zero123']}"])
+    if image is None:
+        image, depth = write_oracle_photo(params, out / "photo")
+    result["photo"] = str(image)
+    save()
+    t_asset = time.perf_counter()
+    if needs_textual_inversion(params):
+        with _Stage(device) as st:
+            embeds = textual_inversion_stage(image, out / "textual_inversion", params, progress=progress)
+        n = params.textual_inversion.steps
+        result["stages"]["textual_inversion"] = {"wall_s": st.wall_s, "iters": n,
+                                                 "ms_per_iter": round(1000 * st.wall_s / max(n, 1), 1),
+                                                 "peak_gib": st.peak_gib}
+        params = params.with_inputs(learned_embeds=str(embeds))
+        save()
+    elif params.prompt.text is None and params.prompt.learned_embeds is None:
+        params = params.with_inputs(text="a torus")
+    for name, run in (
+        ("coarse", lambda cb: coarse_stage(image, out / "coarse", params, depth=depth, progress=progress, callback=cb)),
+        ("fine", lambda cb: fine_stage(out / "coarse" / "checkpoint.pt", out / "fine", params, progress=progress,
+                                       callback=cb)),
+    ):
+        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device) as prof:
+            record = run(prof.callback)
+        loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))
+        if profile_steps:
+            result.setdefault("scopes", {})[name] = prof.summary()
+        result["stages"][name] = {"wall_s": st.wall_s, "iters": steps, "loop_s": round(loop_s, 2),
+                                  "ms_per_iter": round(1000 * loop_s / max(steps, 1), 1),
+                                  "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib}
+        save()
+    result["asset_seconds"] = round(time.perf_counter() - t_asset, 1)
+    save()
+    return result
+
+
+def format_asset_table(r: dict[str, Any]) -> str:
+    lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
+             f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}; {r['models']}",
+             "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'outside loop s':>15s} {'peak GiB':>9s}"]
+    for name, s in r["stages"].items():
+        peak = "-" if s.get("peak_gib") is None else f"{s['peak_gib']:.2f}"
+        lines.append(f"{name:18s} {s['iters']:6d} {s['wall_s']:8.1f} {s['ms_per_iter']:8.1f} "
+                     f"{s.get('outside_loop_s', 0.0):15.1f} {peak:>9s}")
+    lines.append(f"whole asset: {r.get('asset_seconds', float('nan')):.1f} s")
+    return "\n".join(lines)
