@@ -21,30 +21,6 @@ import torch
 from core.io import atomic_write_text
 
 
-def write_oracle_photo(params, folder: Path, size: int = 512, name: str = "torus") -> tuple[Path, Path]:
-    """The oracle object rendered at the reference camera → folder/rgba.png and folder/depth.png
-    (disparity, 16-bit, 0 off the object): a photo with the depth map the presets expect."""
-    import numpy as np
-    from PIL import Image
-
-    from core.io import atomic_save_image, atomic_write, to_uint8
-    from core.oracle.objects import OBJECTS
-    from core.rendering.cameras import reference_cameras
-
-    folder.mkdir(parents=True, exist_ok=True)
-    obj = OBJECTS[name]
-    with torch.no_grad():
-        r = obj.render(reference_cameras(params.camera), size, shading="albedo")
-    rgba = torch.cat([r["rgb"][0], r["opacity"][0]], 0).cpu()
-    z = r["depth"][0, 0].cpu()
-    disp = torch.where(z > 0, 1.0 / z.clamp_min(1e-6), torch.zeros_like(z))
-    disp = (disp / disp.max().clamp_min(1e-9) * 65535).round().numpy().astype(np.uint16)
-    rgba_path, depth_path = folder / "rgba.png", folder / "depth.png"
-    atomic_save_image(rgba_path, to_uint8(rgba))
-    atomic_write(depth_path, lambda t: Image.fromarray(disp).save(t, format="PNG"), suffix=".png")
-    return rgba_path, depth_path
-
-
 def _backends(params, device: torch.device) -> dict[str, str]:
     from core.representations.hashgrid import tcnn_available
     from core.rendering.raster import nvdiffrast_available
@@ -165,7 +141,10 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         result["models_written_seconds"] = round(time.perf_counter() - t0, 1)  # not part of the asset's time
         params = apply_overrides(params, [f"sd.model={folders['sd']}", f"zero123.model={folders['zero123']}"])
     if image is None:
-        image, depth = write_oracle_photo(params, out / "photo")
+        from core.oracle.bench import write_reference_view
+
+        image = write_reference_view("torus", out / "photo" / "rgba.png", size=512, params=params)
+        depth = image.with_name("depth.png")
     result["photo"] = str(image)
     save()
     t_asset = time.perf_counter()

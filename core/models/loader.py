@@ -18,6 +18,7 @@ set names is decided in one place, `core.models.sources`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -99,6 +100,33 @@ def missing_model_message(name: str, key: str, cache_dir: Optional[str], offline
     )
 
 
+def lift3d_class(cls: Any, folder: Path, subfolder: Optional[str]) -> Any:
+    """The class to load `folder/subfolder` with: `cls`, unless the folder's model_index.json names
+    one of lift3d's own classes (a module of the `core` package) for that part — as diffusers'
+    pipelines read model_index.json. This is how a folder of analytic priors
+    (core.testmodels.analytic) puts its UNet where the real UNet goes; hub ids and other folders
+    load with `cls` as always."""
+    index = folder / "model_index.json"
+    if not subfolder or not index.is_file():
+        return cls
+    try:
+        entry = json.loads(index.read_text()).get(subfolder)
+    except (OSError, ValueError):
+        return cls
+    if not (isinstance(entry, list) and len(entry) == 2 and str(entry[0]).split(".")[0] == "core"
+            and entry[1] != cls.__name__):
+        return cls
+    import importlib
+
+    named = getattr(importlib.import_module(entry[0]), entry[1], None)
+    if named is None or not hasattr(named, "from_pretrained"):
+        raise ModelNotFoundError(f"model folder '{folder}': model_index.json names {entry[0]}.{entry[1]} for "
+                                 f"'{subfolder}', which lift3d does not have")
+    log.info("%s/%s: loading lift3d's %s (model_index.json) where a %s goes", folder.name, subfolder,
+             entry[1], cls.__name__)
+    return named
+
+
 def load_pretrained(
     cls: Any,
     name: str,
@@ -127,6 +155,7 @@ def load_pretrained(
                 f"repository (unet/, vae/, …); pass such a folder with --set {key}=PATH"
             )
         src, extra = str(local), {}
+        cls = lift3d_class(cls, local, subfolder)
     elif _looks_like_path(name):
         raise ModelNotFoundError(
             f"model folder '{name}' ({key}) does not exist: pass an existing local folder with --set {key}=PATH "

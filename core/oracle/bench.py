@@ -1,7 +1,8 @@
 """`lift3d bench oracle`: oracle-guided reconstruction of the procedural objects (DESIGN.md, "How
 we know it works without the real weights", 1).
 
-For each object: the reference image (and its depth, bigger = nearer) is the object rendered at
+For each object (a procedural one by name, or a textured mesh file by path: core/oracle/meshes.py;
+results and folders under its name, a file's stem): the reference image (and its depth, bigger = nearer) is the object rendered at
 the reference view; novel views are judged by OracleGuidance. After the stage, PSNR (albedo
 renders on white) and mask IoU are measured at EVAL_VIEWS: fixed cameras that are not the
 reference view and are never drawn by the loop (its novel cameras are sampled continuously, so
@@ -79,12 +80,39 @@ def bench_oracle_coarse(params, names, out_dir: Path, device, progress=True) -> 
         t0 = time.perf_counter()
         ref = oracle_reference(obj, params, device)
         guidance = OracleGuidance(obj, params)
-        stage = run_coarse(params, ref, out_dir / name, guidance=guidance, device=device, resume=False,
+        stage = run_coarse(params, ref, out_dir / obj.name, guidance=guidance, device=device, resume=False,
                            progress=progress)
         stage.rep.field.eval()
         m = evaluate_field(stage.rep.field, obj, params, stage.rep.occupancy, device)
         m["seconds"] = round(time.perf_counter() - t0, 2)
-        results[name] = m
-        print(f"oracle coarse {name:10s} PSNR {m['psnr_novel']:6.2f} dB  mask IoU {m['mask_iou']:.4f}  "
+        results[obj.name] = m
+        print(f"oracle coarse {obj.name:10s} PSNR {m['psnr_novel']:6.2f} dB  mask IoU {m['mask_iou']:.4f}  "
               f"{m['seconds']:7.1f} s", flush=True)
     return results
+
+
+def write_reference_view(name: str, out: Path | str, size: int = 256, params=None) -> Path:
+    """The object's render at the reference camera as an RGBA png (alpha = its mask), with its
+    disparity as depth.png beside it (what `lift3d prepare` takes as given): a photo of a known
+    object for `lift3d generate`."""
+    import numpy as np
+    from PIL import Image
+
+    from core.oracle.objects import make_object
+    from core.params import load_params
+
+    params = params or load_params()
+    ref = oracle_reference(make_object(name), params, resolution=size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rgba = torch.cat([ref.rgb, ref.mask]).permute(1, 2, 0).clamp(0, 1).numpy()
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(out)
+    d = ref.depth[0].numpy()
+    Image.fromarray((d / max(float(d.max()), 1e-6) * 255).round().astype(np.uint8), "L").save(out.with_name("depth.png"))
+    return out
+
+
+if __name__ == "__main__":  # python -m core.oracle.bench torus DIR/rgba.png [size]
+    import sys
+
+    print(write_reference_view(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 256))

@@ -97,20 +97,20 @@ def bench_oracle_fine(params, names, out_dir: Path, device, progress=True, reuse
         obj = make_object(name)
         t0 = time.perf_counter()
         guidance = OracleGuidance(obj, params)
-        coarse_dir = Path(out_dir) / name / "coarse"
+        coarse_dir = Path(out_dir) / obj.name / "coarse"
         reuse = reuse_coarse and completed_coarse_matches(coarse_dir, params)
         if reuse:
-            print(f"oracle fine {name}: reusing the completed coarse stage in {coarse_dir}", flush=True)
+            print(f"oracle fine {obj.name}: reusing the completed coarse stage in {coarse_dir}", flush=True)
         ref = oracle_reference(obj, params, device)
         coarse = run_coarse(params, ref, coarse_dir, guidance=guidance, device=device, params_digest=digest,
                             resume=reuse, progress=progress)
         coarse.rep.field.eval()
         t1 = time.perf_counter()
-        fine = run_fine(params, fine_reference(obj, params, device), coarse.rep.field, Path(out_dir) / name / "fine",
+        fine = run_fine(params, fine_reference(obj, params, device), coarse.rep.field, Path(out_dir) / obj.name / "fine",
                         coarse=coarse.snapshot(), guidance=guidance, device=device, resume=False, progress=progress,
                         turntable_frames=12)
         t2 = time.perf_counter()
-        m = evaluate_fine(fine, coarse, obj, params, device, compare_png=Path(out_dir) / name / "compare.png")
+        m = evaluate_fine(fine, coarse, obj, params, device, compare_png=Path(out_dir) / obj.name / "compare.png")
         with torch.no_grad():  # the NeRF's own level set, as the fine stage started from it
             from core.representations.dmtet import DMTet
 
@@ -121,8 +121,8 @@ def bench_oracle_fine(params, names, out_dir: Path, device, progress=True, reuse
         m["seconds_fine"] = round(t2 - t1, 2)
         m["ms_per_fine_iter"] = round(1000 * fine.state.elapsed / max(1, fine.state.step), 2)
         m["rasterizer"] = fine.rep.backend
-        results[name] = m
-        print(f"oracle fine {name:10s} PSNR coarse {m['psnr_novel_coarse']:6.2f} → fine {m['psnr_novel']:6.2f} dB  "
+        results[obj.name] = m
+        print(f"oracle fine {obj.name:10s} PSNR coarse {m['psnr_novel_coarse']:6.2f} → fine {m['psnr_novel']:6.2f} dB  "
               f"Chamfer/diag {m['chamfer_rel']:.4f} (NeRF level set {m['chamfer_rel_coarse']:.4f})  "
               f"{m['seconds_coarse']:.1f}+{m['seconds_fine']:.1f} s", flush=True)
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -231,9 +232,20 @@ OBJECTS: dict[str, ProceduralObject] = {
 }
 
 
-def make_object(name: str) -> ProceduralObject:
-    from core.errors import Lift3DError
+_MESHES: dict = {}
 
-    if name not in OBJECTS:
-        raise Lift3DError(f"unknown procedural object '{name}' (known: {', '.join(OBJECTS)})")
-    return OBJECTS[name]
+
+def make_object(name: str):
+    """A procedural object by name, or a textured mesh file (OBJ, GLB, …; core/oracle/meshes.py) by path."""
+    from core.errors import Lift3DError
+    from core.oracle.meshes import MeshObject, is_mesh_path
+
+    if name in OBJECTS:
+        return OBJECTS[name]
+    if is_mesh_path(name):
+        key = str(Path(name).expanduser().resolve())
+        if key not in _MESHES:
+            _MESHES[key] = MeshObject.load(name)
+        return _MESHES[key]
+    raise Lift3DError(f"unknown procedural object '{name}' (known: {', '.join(OBJECTS)}; or a mesh file "
+                      f"path ending in .obj, .glb, .gltf, .ply, .off, .stl)")

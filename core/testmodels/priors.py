@@ -112,9 +112,8 @@ def _tiny_unet(in_channels: int, cross_attention_dim: int, sample_size: int):
     )
 
 
-def build_tiny_sd(folder: Path, seed: int = 0, text_width: int = 768) -> Path:
-    """A tiny random Stable Diffusion in the hub layout, saved with save_pretrained."""
-    from diffusers import DDPMScheduler
+def write_tiny_text_encoder(folder: Path, seed: int = 0, text_width: int = 768) -> None:
+    """tokenizer/ and text_encoder/ of the tiny Stable Diffusion (the RNG seeded with `seed` first)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -127,6 +126,14 @@ def build_tiny_sd(folder: Path, seed: int = 0, text_width: int = 768) -> Path:
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     CLIPTextModel(text_cfg).save_pretrained(folder / "text_encoder")
+
+
+def build_tiny_sd(folder: Path, seed: int = 0, text_width: int = 768) -> Path:
+    """A tiny random Stable Diffusion in the hub layout, saved with save_pretrained."""
+    from diffusers import DDPMScheduler
+
+    folder = Path(folder)
+    write_tiny_text_encoder(folder, seed, text_width)
     _tiny_vae().save_pretrained(folder / "vae")
     _tiny_unet(4, text_width, 8).save_pretrained(folder / "unet")
     DDPMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
@@ -139,12 +146,9 @@ def build_tiny_sd(folder: Path, seed: int = 0, text_width: int = 768) -> Path:
     return folder
 
 
-def build_tiny_zero123(folder: Path, seed: int = 0) -> Path:
-    """A tiny random Zero-1-to-3 in the diffusers layout of bennyguo/zero123-diffusers."""
-    from diffusers import DDPMScheduler
+def write_tiny_image_encoder(folder: Path, seed: int = 0) -> None:
+    """image_encoder/ and feature_extractor/ of the tiny Zero-1-to-3 (the RNG seeded with seed + 1 first)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from core.guidance.zero123 import CCProjection
 
     folder = Path(folder)
     torch.manual_seed(seed + 1)
@@ -155,6 +159,16 @@ def build_tiny_zero123(folder: Path, seed: int = 0) -> Path:
     CLIPVisionModelWithProjection(vis_cfg).save_pretrained(folder / "image_encoder")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         folder / "feature_extractor")
+
+
+def build_tiny_zero123(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Zero-1-to-3 in the diffusers layout of bennyguo/zero123-diffusers."""
+    from diffusers import DDPMScheduler
+
+    from core.guidance.zero123 import CCProjection
+
+    folder = Path(folder)
+    write_tiny_image_encoder(folder, seed)
     _tiny_vae().save_pretrained(folder / "vae")
     _tiny_unet(8, 768, 4).save_pretrained(folder / "unet")
     CCProjection(in_channel=768 + 4, out_channel=768).save_pretrained(folder / "cc_projection")
