@@ -165,3 +165,13 @@ def test_evaluate_reads_a_real_coarse_stage_folder(tiny_env, tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["stage"] == "coarse" and m["novel_views"] == 2 and m["resolution"] == [16, 16]
     assert 0 < m["psnr"] < 100 and m["lpips"] > 0 and -1 <= m["clip_similarity"] <= 1
+
+
+def test_the_priors_label_names_analytic_tiny_or_pretrained():
+    from core.evaluation.evaluate import _priors_label
+    from core.params import load_params
+
+    assert _priors_label(load_params("magic123")) == "pretrained"
+    assert _priors_label(load_params("smoke")) == "tiny random"
+    assert _priors_label(load_params("smoke", ["sd.model=analytic", "zero123.model=analytic:torus"])) == "analytic"
+    assert _priors_label(load_params("smoke", ["zero123.model=analytic"])) == "sd tiny random, zero123 analytic"

@@ -192,10 +192,20 @@ def evaluate_run(run_dir: Path | str, params, device: torch.device | str = "cpu"
         "method": method or result.get("method") or params.method,
         "stage": stage.name if stage != run_dir else result.get("stage", stage.name),
         "stage_dir": str(stage),
-        "priors": "tiny random" if params.models.tiny else "pretrained",
+        "priors": _priors_label(params),
         "clip_model": "tiny" if params.models.tiny else f"{params.evaluate.clip_model}/{params.evaluate.clip_pretrained}",
         "lpips_net": params.evaluate.lpips_net + (" (random trunk)" if params.models.tiny else ""),
     })
     if write:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _priors_label(params) -> str:
+    """What guided the run, for the report: analytic priors (exact denoisers of known objects),
+    tiny random ones, or the pretrained weights named in params."""
+    from core.models.sources import uses_analytic_prior
+
+    kinds = {w: ("analytic" if uses_analytic_prior(params, w) else "tiny random" if params.models.tiny else "pretrained")
+             for w in ("sd", "zero123")}
+    return kinds["sd"] if kinds["sd"] == kinds["zero123"] else f"sd {kinds['sd']}, zero123 {kinds['zero123']}"
