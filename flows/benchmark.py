@@ -138,7 +138,7 @@ def task_runner(gpus: Optional[int], scheduler: Optional[str], workers: Optional
         if workers and not gpus:
             return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                                   cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                                  "dashboard_address": None})
+                                                  "dashboard_address": ":0"})
         try:
             import dask_cuda  # noqa: F401
         except ImportError:

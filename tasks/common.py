@@ -75,10 +75,21 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _cuda_in_use():
+    """torch.cuda when this process has started CUDA (never starts it), else None."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 @contextmanager
 def recorded_step(asset_dir: str | Path, step: str) -> Iterator[None]:
-    """Around a step's work: RUN/steps/STEP.json says which worker ran it, for how long, in which
-    flow run, and how many priors it loaded (core.models.cache: loads here, reuses of models already
+    """Around a step's work: RUN/steps/STEP.json says which worker ran it (and its GPU, with the
+    step's peak of torch's GPU memory), for how long, in which flow run, and how many priors it loaded (core.models.cache: loads here, reuses of models already
     loaded by this worker, and the worker's loads so far). Written also when the step fails. Not in a
     stage folder: no step's cache key hashes these records."""
     import json
@@ -87,6 +98,9 @@ def recorded_step(asset_dir: str | Path, step: str) -> Iterator[None]:
     from core.models.cache import prior_stats
 
     before, t0, ok = prior_stats(), time.perf_counter(), False
+    cuda = _cuda_in_use()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         yield
@@ -108,7 +122,11 @@ def recorded_step(asset_dir: str | Path, step: str) -> Iterator[None]:
                   "worker": worker_name(), "flow_run_id": flow_run_id, "task_run_id": task_run_id,
                   "attempt": attempt, "prior_loads": after["loads"] - before["loads"],
                   "prior_reuses": after["reuses"] - before["reuses"], "worker_prior_loads": after["loads"],
-                  "worker_prior_load_seconds": after["load_seconds"]}
+                  "worker_prior_load_seconds": after["load_seconds"],
+                  "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_peak_gib": None}
+        cuda = _cuda_in_use()
+        if cuda is not None:  # the step's peak of this worker's GPU memory (torch's allocations)
+            record["gpu_peak_gib"] = round(cuda.max_memory_allocated() / 2 ** 30, 3)
         folder = Path(asset_dir) / STEPS_FOLDER
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -371,3 +371,103 @@ def test_a_stage_past_its_timeout_is_retried_from_its_checkpoint_then_one_line(h
     assert err.startswith("lift3d: error: coarse failed: StepTimeout: ran past the step timeout of 6 s (at iteration ")
     assert any(m.startswith("resuming the coarse stage from step") for m in said), said  # the retry went on
     assert (out / "coarse" / "checkpoint.pt").is_file() and not (out / "coarse" / "result.json").exists()
+
+
+# -- scheduled runs against a real Prefect server --------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    from flows.server import _die_with_parent as die
+
+    die()
+
+
+@pytest.mark.slow
+def test_a_scheduled_benchmark_fires_on_a_prefect_server_and_completes(tmp_path):
+    """`prefect server start` (a temporary database), then `lift3d schedule` with a one-minute cron
+    serving the benchmark (tiny preset, two assets): the server schedules a run, the served process
+    picks it up at its time, and the run is Completed with its report, as the server's API says."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, \
+        FlowRunFilterDeploymentId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = Path(__file__).resolve().parents[1]
+    ds = tmp_path / "mini"
+    for name in ("chair", "ficus"):
+        (ds / name).mkdir(parents=True)
+        for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
+            shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_RUNNER_POLL_FREQUENCY="5")
+    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("server", "serve")}
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env, stdout=logs["server"], stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        env["PREFECT_API_URL"] = url
+        sets = ["tracking.enabled=false", "coarse.iters=4", "fine.iters=2"]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "schedule", str(ds), "--out", str(tmp_path / "runs"),
+             "--cron", "* * * * *", "--preset", "tiny", "--limit", "2", *[a for s in sets for a in ("--set", s)]],
+            cwd=root, env=env, stdout=logs["serve"], stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            deadline = time.time() + 900  # a minute to the first tick, then two tiny assets on a busy CPU
+            deployment, finished = None, None
+            while finished is None:
+                assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
+                assert procs[1].poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+                time.sleep(5)
+                if deployment is None:
+                    found = client.read_deployments(deployment_filter=DeploymentFilter(
+                        name=DeploymentFilterName(any_=["mini-tiny"])))
+                    deployment = found[0] if found else None
+                    continue
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+                failed = [r for r in runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
+                assert not failed, (failed[0].state, (tmp_path / "serve.log").read_text()[-4000:])
+                finished = next((r for r in runs if r.state and r.state.is_completed()), None)
+            assert [s.schedule.cron for s in deployment.schedules] == ["* * * * *"]
+            assert finished.auto_scheduled and finished.parameters["preset"] == "tiny"
+            history = [s.type.value for s in client.read_flow_run_states(finished.id)]
+            assert history[0] == "SCHEDULED" and history[-1] == "COMPLETED", history
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs.values():
+            f.close()
+    summary = json.loads((tmp_path / "runs" / "mini" / "report" / "summary.json").read_text())
+    assert summary["assets"] == 2 and summary["failed"] == 0
