@@ -471,3 +471,94 @@ def test_a_scheduled_benchmark_fires_on_a_prefect_server_and_completes(tmp_path)
             f.close()
     summary = json.loads((tmp_path / "runs" / "mini" / "report" / "summary.json").read_text())
     assert summary["assets"] == 2 and summary["failed"] == 0
+
+
+# -- generate-many: photos → assets with a manifest ----------------------------------------------
+
+def test_generate_many_names_photos_and_splits_them_into_shards(tmp_path):
+    from core.errors import InputError
+    from flows.generate_many import asset_names, collect_photos, parse_shard, shard_of
+
+    photos = collect_photos([str(BENCH / "*" / "*" / "rgba.png")])
+    names = asset_names(photos)
+    assert len(names) == 19 and "teddy_bear" in names and "chair" in names  # rgba.png: the folder's name
+    assert collect_photos([str(BENCH / "nerf4")]) == sorted(BENCH.glob("nerf4/*/rgba.png"))  # no depth/normal maps
+    listed = tmp_path / "photos.txt"
+    listed.write_text(f"# two photos\n{BENCH / 'nerf4/chair/rgba.png'}\n\n{BENCH / 'nerf4/mic/rgba.png'}  # a mic\n")
+    assert [p.parent.name for p in collect_photos([str(listed), str(BENCH / "nerf4/mic/rgba.png")])] == ["chair", "mic"]
+    a, b = tmp_path / "a" / "cat", tmp_path / "b" / "cat"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "photo.jpg").write_bytes(b"x")
+    assert sorted(asset_names([a / "photo.jpg", b / "photo.jpg"])) == ["a-cat", "b-cat"]  # parents where names clash
+    with pytest.raises(InputError, match="not a photo, a folder, a glob or a list file"):
+        collect_photos([str(tmp_path / "nothing.png")])
+    with pytest.raises(InputError, match="1 ≤ i ≤ n"):
+        parse_shard("0/4")
+    shards = [shard_of(list(names), *parse_shard(f"{i}/3")) for i in (1, 2, 3)]
+    assert sorted(n for s in shards for n in s) == sorted(names) and [len(s) for s in shards] == [7, 6, 6]
+    assert shards[0] == shard_of(list(reversed(list(names))), 1, 3)  # by sorted name, whatever the order given
+
+
+def test_generate_many_plans_around_what_is_done(tmp_path):
+    from flows.generate_many import COLUMNS, plan, write_manifest
+
+    out = tmp_path / "out"
+    (out / "chair").mkdir(parents=True)
+    (out / "chair" / "metrics.json").write_text("{}")
+    (out / "drums").mkdir()  # ok in the manifest, but its metrics.json is gone: to do again
+    rows = [{**{c: None for c in COLUMNS}, "asset": a, "status": s} for a, s in
+            (("chair", "ok"), ("drums", "ok"), ("ficus", "failed"))]
+    write_manifest(out, "manifest", rows)
+    todo, kept, stem, total = plan([str(BENCH / "nerf4")], out)
+    assert (sorted(todo), [r["asset"] for r in kept], stem, total) == (["drums", "ficus", "mic"], ["chair"], "manifest", 4)
+    todo, kept, _, _ = plan([str(BENCH / "nerf4")], out, limit=1)
+    assert list(todo) == ["drums"] and {r["asset"]: r["status"] for r in kept} == {
+        "chair": "ok", "ficus": "pending", "mic": "pending"}
+    todo, kept, stem, _ = plan([str(BENCH / "nerf4")], out, shard="2/2")  # drums, mic
+    assert (sorted(todo), kept, stem) == (["drums", "mic"], [], "manifest-shard-2-of-2")
+
+
+@pytest.mark.slow
+def test_generate_many_records_a_failed_photo_and_skips_what_is_done_on_a_rerun(harness, capsys):
+    """Two plain photos (RGB, no alpha: prepare segments them) and a truncated one, on two local Dask
+    workers: two assets and a manifest with the failure's one-line reason, exit 1; the priors were
+    loaded once per worker; the rerun skips the two and runs the broken one again."""
+    import pandas as pd
+    from PIL import Image
+
+    from flows.cli import main
+
+    root = harness / "many"
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for name in ("chair", "ficus"):
+        rgba = Image.open(BENCH / "nerf4" / name / "rgba.png").convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.split()[3])
+        flat.save(photos / f"{name}.jpg")
+    (photos / "broken.jpg").write_bytes((photos / "chair.jpg").read_bytes()[:1500])
+    out = root / "out"
+    sets = [a for s in _QUICK for a in ("--set", s)]
+    rc = main(["generate-many", str(photos), "--out", str(out), "--preset", "tiny", "--workers", "2", *sets])
+    assert rc == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lift3d: error:")]
+    assert err == [f"lift3d: error: broken: prepare failed: image is not an image (cannot be decoded): "
+                   f"{photos / 'broken.jpg'}"]
+    m = pd.read_csv(out / "manifest.csv").set_index("asset")
+    assert dict(m["status"]) == {"broken": "failed", "chair": "ok", "ficus": "ok"}
+    assert m.loc["broken", "step"] == "prepare" and "cannot be decoded" in m.loc["broken", "error"]
+    for name in ("chair", "ficus"):
+        assert m.loc[name, "psnr"] > 0 and Path(m.loc[name, "mesh_glb"]).is_file() and m.loc[name, "seconds"] > 0
+    assert pd.read_parquet(out / "manifest.parquet").shape[0] == 3
+    summary = json.loads((out / "manifest.summary.json").read_text())
+    # each worker that ran a stage loaded each of the two priors once, however many assets it ran
+    assert all(w["prior_loads"] <= 2 for w in summary["workers"].values()), summary["workers"]
+    assert summary["prior_loads"] <= 2 * len(summary["workers"]) and summary["prior_reuses"] >= 4
+
+    rc = main(["generate-many", str(photos), "--out", str(out), "--preset", "tiny", "--workers", "2", *sets])
+    assert rc == 1
+    said = capsys.readouterr().out
+    assert "3 photo(s); this shard 3: 2 done before (skipped), 1 to run" in said
+    again = pd.read_csv(out / "manifest.csv").set_index("asset")
+    assert list(again.loc[["chair", "ficus"], "finished"]) == list(m.loc[["chair", "ficus"], "finished"])
