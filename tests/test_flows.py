@@ -137,6 +137,8 @@ def test_scheduled_benchmark_deployment_carries_cron_and_parameters():
     # the validated params travel as their JSON and come back as the same Params
     assert Params.model_validate(d.parameters["params"]) == params and d.parameters["params"]["seed"] == 3
     assert [s.schedule.cron for s in d.schedules] == ["0 2 * * *"]
+    # one run at a time: a tick during a run is cancelled, not a second writer of the same folders
+    assert d.concurrency_limit == 1 and d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 @pytest.mark.slow
@@ -458,6 +460,7 @@ def test_a_scheduled_benchmark_fires_on_a_prefect_server_and_completes(tmp_path)
                 finished = next((r for r in runs if r.state and r.state.is_completed()), None)
             assert [s.schedule.cron for s in deployment.schedules] == ["* * * * *"]
             assert finished.auto_scheduled and finished.parameters["preset"] == "tiny"
+            assert deployment.concurrency_limit == 1
             history = [s.type.value for s in client.read_flow_run_states(finished.id)]
             assert history[0] == "SCHEDULED" and history[-1] == "COMPLETED", history
     finally:
