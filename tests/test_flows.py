@@ -98,7 +98,8 @@ def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
         (ds / name).mkdir(parents=True)
         for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
             shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
-    result = benchmark_flow(str(ds), str(root / "out"), _params(root), limit=2, preset="tiny")
+    result = benchmark_flow(str(ds), str(root / "out"), _params(root, "tracking.system_metrics_interval=1"), limit=2,
+                            preset="tiny")
     assert set(result["assets"]) == {"chair", "ficus"}
     assert "mean_psnr" in result["means"]
     report = Path(result["report"]["report"]).read_text()
@@ -112,6 +113,32 @@ def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
     assert sorted((r.data.tags["asset"], r.data.tags["stage"]) for r in children) == sorted(
         (a, s) for a in ("chair", "ficus") for s in ("coarse", "fine", "evaluate"))
     assert "mean_psnr" in parents[0].data.metrics
+    # the git commit on every run, system metrics sampled while a stage ran, the per-asset table on the parent
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True).stdout.strip()
+    assert {r.data.tags.get("mlflow.source.git.commit") for r in [*parents, *children]} == {head}
+    coarse = [r for r in children if r.data.tags["stage"] == "coarse"]
+    assert all(any(k.startswith("system/cpu_utilization") for k in r.data.metrics) for r in coarse)
+    from mlflow.tracking import MlflowClient
+
+    table = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db").download_artifacts(
+        parents[0].info.run_id, "per_asset.json", str(root))
+    assert "chair" in Path(table).read_text() and "ficus" in Path(table).read_text()
+    # Prefect artifacts: the per-asset table, the report, the stages' progress
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["benchmark-mini-tiny", "benchmark-mini-tiny-report"])))}
+        assert arts["benchmark-mini-tiny"].type == "table" and "chair" in str(arts["benchmark-mini-tiny"].data)
+        assert arts["benchmark-mini-tiny-report"].type == "markdown" and "ficus" in arts["benchmark-mini-tiny-report"].data
+        progress = [a for a in client.read_artifacts() if a.type == "progress" and "stage iterations" in (a.description or "")]
+        assert {a.description for a in progress} >= {f"{n}: {s} stage iterations" for n in ("chair", "ficus")
+                                                     for s in ("coarse", "fine")}
+        assert all(a.data == 100.0 for a in progress if a.description.startswith(("chair", "ficus")))
 
 
 def test_benchmark_rejects_a_folder_without_objects(tmp_path):
