@@ -593,3 +593,30 @@ def test_generate_many_records_a_failed_photo_and_skips_what_is_done_on_a_rerun(
     assert "3 photo(s); this shard 3: 2 done before (skipped), 1 to run" in said
     again = pd.read_csv(out / "manifest.csv").set_index("asset")
     assert list(again.loc[["chair", "ficus"], "finished"]) == list(m.loc[["chair", "ficus"], "finished"])
+
+
+def test_tables_reports_and_progress_become_prefect_artifacts(harness):
+    """tasks/artifacts.py from a flow: a table (NaN → empty), a markdown report, a progress bar that
+    ends at 100 % (a stage's callback); a key Prefect would reject is made valid."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from tasks.artifacts import artifact_key, progress_callback, publish_markdown, publish_table
+
+    assert artifact_key("benchmark", "NeRF4_x", "smoke") == "benchmark-nerf4-x-smoke"
+
+    @flow
+    def publish():
+        publish_table("t-nerf4 smoke", [{"asset": "chair", "psnr": 20.5}, {"asset": "drums", "psnr": float("nan")}])
+        publish_markdown("t-report", "# report\nchair 20.5")
+        cb = progress_callback(10, "chair: coarse stage iterations", min_interval=0)
+        for step in range(10):
+            cb(step, {})
+
+    publish()
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts() if a.key in ("t-nerf4-smoke", "t-report")}
+        assert arts["t-nerf4-smoke"].type == "table" and "chair" in str(arts["t-nerf4-smoke"].data)
+        assert arts["t-report"].type == "markdown" and "chair 20.5" in arts["t-report"].data
+        bars = [a for a in client.read_artifacts() if a.type == "progress" and a.description == "chair: coarse stage iterations"]
+        assert [a.data for a in bars] == [100.0]
