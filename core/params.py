@@ -397,6 +397,9 @@ class TrackingParams(_Section):
     mlflow_uri: str = "sqlite:///mlruns.db"
     experiment: str = "lift3d"
     enabled: bool = True
+    # CPU, memory, disk, network and (with pynvml) GPU use and memory, sampled into each MLflow run
+    system_metrics: bool = True
+    system_metrics_interval: float = Field(10.0, gt=0)  # seconds between samples
 
 
 class ReproduceParams(_Section):

@@ -21,17 +21,15 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
                             progress: bool = True) -> Path:
     """Learn the token <e> for the reference image (Magic123 §2.2 'Textural inversion', diffusers'
     recipe) and write out_dir/learned_embeds.bin in the benchmark folders' format."""
-    from core.guidance.sd import load_stable_diffusion, weights_dtype
+    from core.guidance.factory import stable_diffusion_parts
     from core.inputs.images import load_reference
-    from core.models.sources import prior_model
     from core.guidance.textual_inversion import learn_token_from_params
 
     device = resolve_device(params)
     out = Path(out_dir)
     ref = load_reference(rgba, None, size=params.sd.resolution, max_pixels=params.segment.max_input_pixels,
                          object_scale=params.segment.object_scale, params=params)
-    parts = load_stable_diffusion(prior_model(params, "sd"), device, weights_dtype(device, params.sd.fp16),
-                                  params.models)
+    parts = stable_diffusion_parts(params, device)  # loaded once per process; its text encoder is ours
     out.mkdir(parents=True, exist_ok=True)
     target = out / "learned_embeds.bin"
     learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,

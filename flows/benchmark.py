@@ -4,7 +4,8 @@ A dataset is a folder of object folders, each with `rgba.png` (and optionally th
 `depth.png` and `learned_embeds.bin`, used as is). With `gpus=N` (or a Dask scheduler address) the
 tasks run on Dask workers, one per GPU with dask-cuda, so N assets run at once; otherwise they run
 one after another in this process. One failed asset does not sink the benchmark: it is recorded with
-its one-line reason (report.md, summary.json) while the others finish.
+its one-line reason (report.md, summary.json) while the others finish. The per-asset table and the
+report are also Prefect artifacts (table, markdown) and the table is on the MLflow parent run.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from core.errors import InputError
 from core.params import Params, load_params
 from flows.failures import first_failure
 from flows.generate import submit_asset
+from tasks.artifacts import publish_markdown, publish_table
 from tasks.common import clear_marker
 from tasks.report import report_task
 from tasks.tracking import end_parent_run, start_parent_run
@@ -42,6 +44,23 @@ def discover(dataset: Path, limit: Optional[int] = None) -> list[Path]:
 def describe(name: str) -> str:
     """A plain description from a folder name ('teddy_bear' → 'a teddy bear'), for Consistent123's y."""
     return "a " + name.replace("_", " ").replace("-", " ")
+
+
+def per_asset_rows(per_asset_csv: Optional[str], failures: list[dict]) -> list[dict]:
+    """The report's per-asset table (status ok) and the failed assets (status failed, step, reason)."""
+    rows: list[dict] = []
+    if per_asset_csv and Path(per_asset_csv).is_file():
+        import pandas as pd
+
+        rows = [{"status": "ok", **r} for r in pd.read_csv(per_asset_csv).to_dict("records")]
+    return rows + [{"status": "failed", **f} for f in failures]
+
+
+def publish_benchmark(name: str, rows: list[dict], report_md: Optional[str]) -> None:
+    """The per-asset table and the report as Prefect artifacts of this flow run."""
+    publish_table(f"benchmark-{name}", rows, f"benchmark {name}: one row per asset")
+    if report_md and Path(report_md).is_file():
+        publish_markdown(f"benchmark-{name}-report", Path(report_md).read_text(), f"benchmark {name}: report.md")
 
 
 def _summary_line(failures) -> str:
@@ -67,7 +86,7 @@ def benchmark_flow(dataset: str, out: str, params: Params, limit: Optional[int] 
     objects = discover(ds, limit)
     parent = start_parent_run(params.to_dict(), f"benchmark/{ds.name}/{preset}",
                               tags={"dataset": ds.name, "preset": str(preset)})
-    chains, means, failures = {}, None, []
+    chains, means, failures, rows = {}, None, [], None
     try:
         for obj in objects:
             p = params
@@ -94,26 +113,36 @@ def benchmark_flow(dataset: str, out: str, params: Params, limit: Optional[int] 
                               failures=[f.record() for f in failures])
         summary = json.loads(Path(written["summary"]).read_text())
         means = {k: v for k, v in summary.items() if k.startswith("mean_")}
+        rows = per_asset_rows(written.get("per_asset"), summary["failures"])
+        publish_benchmark(f"{ds.name}-{preset}", rows, written.get("report"))
         result = {"assets": metrics, "failures": summary["failures"], "summary": summary, "means": means,
                   "report": written}
         if failures:
             return Failed(message=_summary_line(failures), data=result)
         return result
     finally:
-        end_parent_run(params.to_dict(), parent, means, "FINISHED" if means is not None and not failures else "FAILED")
+        end_parent_run(params.to_dict(), parent, means, "FINISHED" if means is not None and not failures else "FAILED",
+                       table=rows)
 
 
-def task_runner(gpus: Optional[int], scheduler: Optional[str]):
-    """Dask for scale-out (an existing scheduler, or one dask-cuda worker per GPU); else in-process."""
-    if scheduler or gpus:
+def task_runner(gpus: Optional[int], scheduler: Optional[str], workers: Optional[int] = None):
+    """Dask for scale-out: an existing scheduler (`--scheduler ADDRESS`, any number of hosts), one
+    dask-cuda worker per GPU (`--gpus N`), or N local worker processes of one thread (`--workers N`,
+    CPU); else in-process, one step at a time. Each worker keeps the priors it loaded for the next
+    asset it runs (core.models.cache)."""
+    if scheduler or gpus or workers:
         from prefect_dask import DaskTaskRunner
 
         if scheduler:
             return DaskTaskRunner(address=scheduler)
+        if workers and not gpus:
+            return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                                  cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                                  "dashboard_address": ":0"})
         try:
             import dask_cuda  # noqa: F401
         except ImportError:
-            raise InputError("--gpus needs dask-cuda (pip install dask-cuda) on a machine with GPUs") from None
+            raise InputError("--gpus needs dask-cuda: pip install -e '.[gpu]' on a machine with GPUs") from None
         return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
                               cluster_kwargs={"n_workers": gpus, "threads_per_worker": 1})
     return ThreadPoolTaskRunner(max_workers=1)
@@ -126,7 +155,7 @@ def cli_benchmark(args) -> int:
 
     start_reaped_ephemeral_server()  # a killed run leaves no Prefect server behind
     params = load_params(args.preset, args.overrides, args.params)
-    runner = task_runner(args.gpus, args.scheduler)
+    runner = task_runner(args.gpus, args.scheduler, getattr(args, "workers", None))
     state = benchmark_flow.with_options(task_runner=runner)(
         str(args.dataset), str(args.out), params, args.limit, args.preset,
         str(args.report) if args.report else None, args.step_timeout or None, return_state=True)

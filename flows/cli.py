@@ -29,6 +29,14 @@ def _add_step_timeout(p: argparse.ArgumentParser) -> None:
                         "(0: no limit); it is retried once, from its checkpoint")
 
 
+def _add_scale_out(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out (Dask; each worker loads the priors once)")
+    g.add_argument("--gpus", type=int, default=None, help="one dask-cuda worker per GPU, N GPUs (the gpu extra)")
+    g.add_argument("--workers", type=int, default=None, help="N local Dask worker processes of one thread (CPU)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="an existing Dask scheduler, e.g. tcp://host:8786 (workers on several hosts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lift3d",
@@ -57,11 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None,
                    help="report folder: report.md, per_asset.csv, summary.json, plots (default: OUT/DATASET/report)")
     p.add_argument("--limit", type=int, default=0, help="only the first N objects (0: all)")
-    p.add_argument("--gpus", type=int, default=None, help="spread assets over N GPUs with Dask (one asset per GPU)")
-    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    _add_scale_out(p)
     _add_step_timeout(p)
     _add_params_args(p)
     p.set_defaults(handler="flows.benchmark:cli_benchmark")
+
+    p = sub.add_parser("generate-many", help="many photos → assets, resumably, with a manifest (a Prefect flow)",
+                       description="Generate an asset from each photo (photos, folders, quoted globs or list files "
+                                   "of paths; plain photos are segmented) into OUT/NAME, and write OUT/manifest.csv "
+                                   "(+ .parquet): status, step and error, seconds, metrics, output paths, worker and "
+                                   "prior loads per asset. A rerun skips the assets that are done.")
+    p.add_argument("photos", nargs="+", help="photos, folders of photos, quoted globs ('dir/**/*.jpg') or list files")
+    p.add_argument("--out", type=Path, required=True, help="output folder: OUT/NAME per asset, OUT/manifest.csv")
+    p.add_argument("--limit", type=int, default=0, help="run at most N of the assets still to do (0: all)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only shard I of N (1-based; every N-th asset by sorted name): one per submitting host")
+    _add_scale_out(p)
+    _add_step_timeout(p)
+    _add_params_args(p)
+    p.set_defaults(handler="flows.generate_many:cli_generate_many")
 
     p = sub.add_parser("schedule", help="serve the benchmark flow on a cron schedule (needs a Prefect server)",
                        description="Register and serve a scheduled benchmark deployment, e.g. nightly.")

@@ -14,12 +14,17 @@ from flows.benchmark import benchmark_flow
 def benchmark_deployment(dataset: str, out: str, cron: str, params, preset: str = "magic123", limit: int = 0,
                          name: Optional[str] = None):
     """A deployment of the benchmark flow with a cron schedule (not yet registered); `params` is
-    the validated Params, stored in the deployment as its JSON and validated again at each run."""
+    the validated Params, stored in the deployment as its JSON and validated again at each run.
+    One run at a time: a tick that comes while the previous run still works on the same folders is
+    cancelled (it would write into them too), not queued up behind it."""
     from pathlib import Path
+
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     return benchmark_flow.to_deployment(
         name=name or f"{Path(dataset).name}-{preset}", cron=cron,
-        parameters={"dataset": dataset, "out": out, "params": params.to_dict(), "limit": limit, "preset": preset})
+        parameters={"dataset": dataset, "out": out, "params": params.to_dict(), "limit": limit, "preset": preset},
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW))
 
 
 def cli_schedule(args) -> int:

@@ -3,7 +3,8 @@
 Prefect starts its ephemeral API in a child process and stops it at exit; a killed run (SIGKILL,
 OOM) never reaches that, and the server lives on as an orphan. Started here, from the main
 thread, the child asks Linux to send it SIGTERM when its parent dies (PR_SET_PDEATHSIG), and
-Prefect's own code finds this server as the one it would have started.
+Prefect's own code finds this server as the one it would have started. Its address goes into
+PREFECT_API_URL of this process's environment, which child processes (local Dask workers) inherit.
 """
 from __future__ import annotations
 
@@ -46,5 +47,9 @@ def start_reaped_ephemeral_server() -> bool:
 
     if None in server_module.SubprocessASGIServer._instances:  # Prefect started one already
         return False
-    ReapedServer().start()  # registered as the instance every SubprocessASGIServer() returns
+    server = ReapedServer()
+    server.start()  # registered as the instance every SubprocessASGIServer() returns
+    # Processes started from here on (Dask's local workers) report to this server too, instead of
+    # each starting a temporary server of its own.
+    os.environ["PREFECT_API_URL"] = server.api_url
     return True

@@ -12,7 +12,8 @@ from prefect import task
 
 from core.params import STEP_READS, Params
 from tasks.caching import StepCachePolicy
-from tasks.common import marked_on_success, transient, with_deadline
+from tasks.artifacts import chain_callbacks, progress_callback
+from tasks.common import marked_on_success, recorded_step, transient, with_deadline
 from tasks.tracking import stage_run
 
 
@@ -23,11 +24,13 @@ def coarse_task(image: str, out_dir: str, params: Params, depth: Optional[str] =
                 asset: str = "asset", parent_run_id: Optional[str] = None, timeout: Optional[float] = None) -> str:
     from core.pipeline import coarse_stage, will_resume
 
-    with marked_on_success(out_dir, "result.json"), stage_run(
+    with recorded_step(Path(out_dir).parent, "coarse"), marked_on_success(out_dir, "result.json"), stage_run(
             params.to_dict(), asset, "coarse", parent_run_id, out_dir=out_dir,
             resuming=will_resume(out_dir, "coarse", params)) as run:
         result = coarse_stage(Path(image), Path(out_dir), params, depth=Path(depth) if depth else None,
-                              callback=with_deadline(timeout, run.log_step if run else None))
+                              callback=with_deadline(timeout, chain_callbacks(
+                                  run.log_step if run else None,
+                                  progress_callback(params.coarse.iters, f"{asset}: coarse stage iterations"))))
         if run:
             run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
             for name in ("mesh.obj", "renders", "detector.json"):

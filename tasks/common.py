@@ -62,3 +62,89 @@ def transient(task, task_run, state) -> bool:
     except Exception:  # noqa: BLE001 - an unreadable result: retry as Prefect would
         return True
     return not isinstance(exc, Lift3DError)
+
+
+STEPS_FOLDER = "steps"  # in an asset's run folder: one record per step that ran (recorded_step)
+
+
+def worker_name() -> str:
+    """host:pid of this process (a Dask worker, or the flow's own process)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _cuda_in_use():
+    """torch.cuda when this process has started CUDA (never starts it), else None."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@contextmanager
+def recorded_step(asset_dir: str | Path, step: str) -> Iterator[None]:
+    """Around a step's work: RUN/steps/STEP.json says which worker ran it (and its GPU, with the
+    step's peak of torch's GPU memory), for how long, in which flow run, and how many priors it loaded (core.models.cache: loads here, reuses of models already
+    loaded by this worker, and the worker's loads so far). Written also when the step fails. Not in a
+    stage folder: no step's cache key hashes these records."""
+    import json
+    import os
+
+    from core.models.cache import prior_stats
+
+    before, t0, ok = prior_stats(), time.perf_counter(), False
+    cuda = _cuda_in_use()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        yield
+        ok = True
+    finally:
+        after = prior_stats()
+        flow_run_id = task_run_id = None
+        attempt = None
+        try:
+            from prefect.context import TaskRunContext
+
+            ctx = TaskRunContext.get()
+            if ctx is not None:
+                flow_run_id, task_run_id = str(ctx.task_run.flow_run_id), str(ctx.task_run.id)
+                attempt = ctx.task_run.run_count
+        except Exception:  # noqa: BLE001 - outside Prefect: no run ids
+            pass
+        record = {"step": step, "ok": ok, "seconds": round(time.perf_counter() - t0, 3), "started": started,
+                  "worker": worker_name(), "flow_run_id": flow_run_id, "task_run_id": task_run_id,
+                  "attempt": attempt, "prior_loads": after["loads"] - before["loads"],
+                  "prior_reuses": after["reuses"] - before["reuses"], "worker_prior_loads": after["loads"],
+                  "worker_prior_load_seconds": after["load_seconds"],
+                  "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_peak_gib": None}
+        cuda = _cuda_in_use()
+        if cuda is not None:  # the step's peak of this worker's GPU memory (torch's allocations)
+            record["gpu_peak_gib"] = round(cuda.max_memory_allocated() / 2 ** 30, 3)
+        folder = Path(asset_dir) / STEPS_FOLDER
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{step}.json.{os.getpid()}"
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(folder / f"{step}.json")
+        except OSError:  # a record is bookkeeping: never the reason a step fails
+            pass
+
+
+def read_step_records(asset_dir: str | Path) -> dict[str, dict]:
+    """{step: record} of an asset's run folder (recorded_step)."""
+    import json
+
+    out = {}
+    for f in sorted((Path(asset_dir) / STEPS_FOLDER).glob("*.json")):
+        try:
+            out[f.stem] = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+    return out

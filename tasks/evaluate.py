@@ -9,7 +9,7 @@ from prefect import task
 
 from core.params import STEP_READS, Params
 from tasks.caching import StepCachePolicy
-from tasks.common import marked_on_success
+from tasks.common import marked_on_success, recorded_step
 from tasks.tracking import stage_run
 
 
@@ -22,7 +22,7 @@ def evaluate_task(run_dir: str, stage_dir: str, params: Params, dataset: Optiona
     from core.evaluation.evaluate import evaluate_run
     from core.params import resolve_device
 
-    with marked_on_success(run_dir, "metrics.json"), stage_run(
+    with recorded_step(run_dir, "evaluate"), marked_on_success(run_dir, "metrics.json"), stage_run(
             params.to_dict(), asset or Path(run_dir).name, "evaluate", parent_run_id) as run:
         metrics = evaluate_run(Path(run_dir), params, resolve_device(params), dataset=dataset, asset=asset)
         if run:

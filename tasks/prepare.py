@@ -8,7 +8,7 @@ from prefect import task
 
 from core.params import STEP_READS, Params
 from tasks.caching import StepCachePolicy
-from tasks.common import marked_on_success, transient
+from tasks.common import marked_on_success, recorded_step, transient
 
 
 @task(name="prepare", retries=1, retry_condition_fn=transient, persist_result=True,
@@ -17,7 +17,7 @@ def prepare_task(image: str, out_dir: str, params: Params, depth: Optional[str] 
     from core.inputs.prepare import prepare_inputs
     from core.params import resolve_device
 
-    with marked_on_success(out_dir, "prepare.json"):
+    with recorded_step(Path(out_dir).parent, "prepare"), marked_on_success(out_dir, "prepare.json"):
         prepare_inputs(Path(image), Path(out_dir), params, depth=Path(depth) if depth else None,
                        device=resolve_device(params))
     return out_dir

@@ -98,7 +98,8 @@ def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
         (ds / name).mkdir(parents=True)
         for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
             shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
-    result = benchmark_flow(str(ds), str(root / "out"), _params(root), limit=2, preset="tiny")
+    result = benchmark_flow(str(ds), str(root / "out"), _params(root, "tracking.system_metrics_interval=1"), limit=2,
+                            preset="tiny")
     assert set(result["assets"]) == {"chair", "ficus"}
     assert "mean_psnr" in result["means"]
     report = Path(result["report"]["report"]).read_text()
@@ -112,6 +113,32 @@ def test_benchmark_flow_writes_a_report_with_nested_runs(harness):
     assert sorted((r.data.tags["asset"], r.data.tags["stage"]) for r in children) == sorted(
         (a, s) for a in ("chair", "ficus") for s in ("coarse", "fine", "evaluate"))
     assert "mean_psnr" in parents[0].data.metrics
+    # the git commit on every run, system metrics sampled while a stage ran, the per-asset table on the parent
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True).stdout.strip()
+    assert {r.data.tags.get("mlflow.source.git.commit") for r in [*parents, *children]} == {head}
+    coarse = [r for r in children if r.data.tags["stage"] == "coarse"]
+    assert all(any(k.startswith("system/cpu_utilization") for k in r.data.metrics) for r in coarse)
+    from mlflow.tracking import MlflowClient
+
+    table = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db").download_artifacts(
+        parents[0].info.run_id, "per_asset.json", str(root))
+    assert "chair" in Path(table).read_text() and "ficus" in Path(table).read_text()
+    # Prefect artifacts: the per-asset table, the report, the stages' progress
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["benchmark-mini-tiny", "benchmark-mini-tiny-report"])))}
+        assert arts["benchmark-mini-tiny"].type == "table" and "chair" in str(arts["benchmark-mini-tiny"].data)
+        assert arts["benchmark-mini-tiny-report"].type == "markdown" and "ficus" in arts["benchmark-mini-tiny-report"].data
+        progress = [a for a in client.read_artifacts() if a.type == "progress" and "stage iterations" in (a.description or "")]
+        assert {a.description for a in progress} >= {f"{n}: {s} stage iterations" for n in ("chair", "ficus")
+                                                     for s in ("coarse", "fine")}
+        assert all(a.data == 100.0 for a in progress if a.description.startswith(("chair", "ficus")))
 
 
 def test_benchmark_rejects_a_folder_without_objects(tmp_path):
@@ -137,6 +164,8 @@ def test_scheduled_benchmark_deployment_carries_cron_and_parameters():
     # the validated params travel as their JSON and come back as the same Params
     assert Params.model_validate(d.parameters["params"]) == params and d.parameters["params"]["seed"] == 3
     assert [s.schedule.cron for s in d.schedules] == ["0 2 * * *"]
+    # one run at a time: a tick during a run is cancelled, not a second writer of the same folders
+    assert d.concurrency_limit == 1 and d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 @pytest.mark.slow
@@ -371,3 +400,224 @@ def test_a_stage_past_its_timeout_is_retried_from_its_checkpoint_then_one_line(h
     assert err.startswith("lift3d: error: coarse failed: StepTimeout: ran past the step timeout of 6 s (at iteration ")
     assert any(m.startswith("resuming the coarse stage from step") for m in said), said  # the retry went on
     assert (out / "coarse" / "checkpoint.pt").is_file() and not (out / "coarse" / "result.json").exists()
+
+
+# -- scheduled runs against a real Prefect server --------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    from flows.server import _die_with_parent as die
+
+    die()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)  # seen: 17 min for the run alone on a 2-core machine at load 20
+def test_a_scheduled_benchmark_fires_on_a_prefect_server_and_completes(tmp_path):
+    """`prefect server start` (a temporary database), then `lift3d schedule` with a one-minute cron
+    serving the benchmark (tiny preset, two assets): the server schedules a run, the served process
+    picks it up at its time, and the run is Completed with its report, as the server's API says."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, \
+        FlowRunFilterDeploymentId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = Path(__file__).resolve().parents[1]
+    ds = tmp_path / "mini"
+    for name in ("chair", "ficus"):
+        (ds / name).mkdir(parents=True)
+        for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
+            shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_RUNNER_POLL_FREQUENCY="5")
+    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("server", "serve")}
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env, stdout=logs["server"], stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        env["PREFECT_API_URL"] = url
+        sets = ["tracking.enabled=false", "coarse.iters=4", "fine.iters=2"]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "schedule", str(ds), "--out", str(tmp_path / "runs"),
+             "--cron", "* * * * *", "--preset", "tiny", "--limit", "2", *[a for s in sets for a in ("--set", s)]],
+            cwd=root, env=env, stdout=logs["serve"], stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            deadline = time.time() + 1800  # a minute to the first tick, then two tiny assets on a busy CPU
+            deployment, finished = None, None
+            while finished is None:
+                assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
+                assert procs[1].poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+                time.sleep(5)
+                if deployment is None:
+                    found = client.read_deployments(deployment_filter=DeploymentFilter(
+                        name=DeploymentFilterName(any_=["mini-tiny"])))
+                    deployment = found[0] if found else None
+                    continue
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+                failed = [r for r in runs if r.state and r.state.type.value in ("FAILED", "CRASHED")]
+                assert not failed, (failed[0].state, (tmp_path / "serve.log").read_text()[-4000:])
+                finished = next((r for r in runs if r.state and r.state.is_completed()), None)
+            assert [s.schedule.cron for s in deployment.schedules] == ["* * * * *"]
+            assert finished.auto_scheduled and finished.parameters["preset"] == "tiny"
+            assert deployment.global_concurrency_limit.limit == 1  # one run at a time (flows/schedules.py)
+            history = [s.type.value for s in client.read_flow_run_states(finished.id)]
+            assert history[0] == "SCHEDULED" and history[-1] == "COMPLETED", history
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs.values():
+            f.close()
+    summary = json.loads((tmp_path / "runs" / "mini" / "report" / "summary.json").read_text())
+    assert summary["assets"] == 2 and summary["failed"] == 0
+
+
+# -- generate-many: photos → assets with a manifest ----------------------------------------------
+
+def test_generate_many_names_photos_and_splits_them_into_shards(tmp_path):
+    from core.errors import InputError
+    from flows.generate_many import asset_names, collect_photos, parse_shard, shard_of
+
+    photos = collect_photos([str(BENCH / "*" / "*" / "rgba.png")])
+    names = asset_names(photos)
+    assert len(names) == 19 and "teddy_bear" in names and "chair" in names  # rgba.png: the folder's name
+    assert collect_photos([str(BENCH / "nerf4")]) == sorted(BENCH.glob("nerf4/*/rgba.png"))  # no depth/normal maps
+    listed = tmp_path / "photos.txt"
+    listed.write_text(f"# two photos\n{BENCH / 'nerf4/chair/rgba.png'}\n\n{BENCH / 'nerf4/mic/rgba.png'}  # a mic\n")
+    assert [p.parent.name for p in collect_photos([str(listed), str(BENCH / "nerf4/mic/rgba.png")])] == ["chair", "mic"]
+    a, b = tmp_path / "a" / "cat", tmp_path / "b" / "cat"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "photo.jpg").write_bytes(b"x")
+    assert sorted(asset_names([a / "photo.jpg", b / "photo.jpg"])) == ["a-cat", "b-cat"]  # parents where names clash
+    with pytest.raises(InputError, match="not a photo, a folder, a glob or a list file"):
+        collect_photos([str(tmp_path / "nothing.png")])
+    with pytest.raises(InputError, match="1 ≤ i ≤ n"):
+        parse_shard("0/4")
+    shards = [shard_of(list(names), *parse_shard(f"{i}/3")) for i in (1, 2, 3)]
+    assert sorted(n for s in shards for n in s) == sorted(names) and [len(s) for s in shards] == [7, 6, 6]
+    assert shards[0] == shard_of(list(reversed(list(names))), 1, 3)  # by sorted name, whatever the order given
+
+
+def test_generate_many_plans_around_what_is_done(tmp_path):
+    from flows.generate_many import COLUMNS, plan, write_manifest
+
+    out = tmp_path / "out"
+    (out / "chair").mkdir(parents=True)
+    (out / "chair" / "metrics.json").write_text("{}")
+    (out / "drums").mkdir()  # ok in the manifest, but its metrics.json is gone: to do again
+    rows = [{**{c: None for c in COLUMNS}, "asset": a, "status": s} for a, s in
+            (("chair", "ok"), ("drums", "ok"), ("ficus", "failed"))]
+    write_manifest(out, "manifest", rows)
+    todo, kept, stem, total = plan([str(BENCH / "nerf4")], out)
+    assert (sorted(todo), [r["asset"] for r in kept], stem, total) == (["drums", "ficus", "mic"], ["chair"], "manifest", 4)
+    todo, kept, _, _ = plan([str(BENCH / "nerf4")], out, limit=1)
+    assert list(todo) == ["drums"] and {r["asset"]: r["status"] for r in kept} == {
+        "chair": "ok", "ficus": "pending", "mic": "pending"}
+    todo, kept, stem, _ = plan([str(BENCH / "nerf4")], out, shard="2/2")  # drums, mic
+    assert (sorted(todo), kept, stem) == (["drums", "mic"], [], "manifest-shard-2-of-2")
+
+
+@pytest.mark.slow
+def test_generate_many_records_a_failed_photo_and_skips_what_is_done_on_a_rerun(harness, capsys):
+    """Two plain photos (RGB, no alpha: prepare segments them) and a truncated one, on two local Dask
+    workers: two assets and a manifest with the failure's one-line reason, exit 1; the priors were
+    loaded once per worker; the rerun skips the two and runs the broken one again."""
+    import pandas as pd
+    from PIL import Image
+
+    from flows.cli import main
+
+    root = harness / "many"
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for name in ("chair", "ficus"):
+        rgba = Image.open(BENCH / "nerf4" / name / "rgba.png").convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.split()[3])
+        flat.save(photos / f"{name}.jpg")
+    (photos / "broken.jpg").write_bytes((photos / "chair.jpg").read_bytes()[:1500])
+    out = root / "out"
+    sets = [a for s in _QUICK for a in ("--set", s)]
+    rc = main(["generate-many", str(photos), "--out", str(out), "--preset", "tiny", "--workers", "2", *sets])
+    assert rc == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lift3d: error:")]
+    (line,) = err  # core.inputs: a truncated JPEG "is not a readable image (truncated or corrupt)"
+    assert line.startswith("lift3d: error: broken: prepare failed: image is not a") and line.endswith(
+        str(photos / "broken.jpg"))
+    m = pd.read_csv(out / "manifest.csv").set_index("asset")
+    assert dict(m["status"]) == {"broken": "failed", "chair": "ok", "ficus": "ok"}
+    assert m.loc["broken", "step"] == "prepare" and line.endswith(m.loc["broken", "error"])
+    for name in ("chair", "ficus"):
+        assert m.loc[name, "psnr"] > 0 and Path(m.loc[name, "mesh_glb"]).is_file() and m.loc[name, "seconds"] > 0
+    assert pd.read_parquet(out / "manifest.parquet").shape[0] == 3
+    summary = json.loads((out / "manifest.summary.json").read_text())
+    # each worker that ran a stage loaded each of the two priors once, however many assets it ran
+    assert all(w["prior_loads"] <= 2 for w in summary["workers"].values()), summary["workers"]
+    assert summary["prior_loads"] <= 2 * len(summary["workers"]) and summary["prior_reuses"] >= 4
+
+    rc = main(["generate-many", str(photos), "--out", str(out), "--preset", "tiny", "--workers", "2", *sets])
+    assert rc == 1
+    said = capsys.readouterr().out
+    assert "3 photo(s); this shard 3: 2 done before (skipped), 1 to run" in said
+    again = pd.read_csv(out / "manifest.csv").set_index("asset")
+    assert list(again.loc[["chair", "ficus"], "finished"]) == list(m.loc[["chair", "ficus"], "finished"])
+
+
+def test_tables_reports_and_progress_become_prefect_artifacts(harness):
+    """tasks/artifacts.py from a flow: a table (NaN → empty), a markdown report, a progress bar that
+    ends at 100 % (a stage's callback); a key Prefect would reject is made valid."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from tasks.artifacts import artifact_key, progress_callback, publish_markdown, publish_table
+
+    assert artifact_key("benchmark", "NeRF4_x", "smoke") == "benchmark-nerf4-x-smoke"
+
+    @flow
+    def publish():
+        publish_table("t-nerf4 smoke", [{"asset": "chair", "psnr": 20.5}, {"asset": "drums", "psnr": float("nan")}])
+        publish_markdown("t-report", "# report\nchair 20.5")
+        cb = progress_callback(10, "chair: coarse stage iterations", min_interval=0)
+        for step in range(10):
+            cb(step, {})
+
+    publish()
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts() if a.key in ("t-nerf4-smoke", "t-report")}
+        assert arts["t-nerf4-smoke"].type == "table" and "chair" in str(arts["t-nerf4-smoke"].data)
+        assert arts["t-report"].type == "markdown" and "chair 20.5" in arts["t-report"].data
+        bars = [a for a in client.read_artifacts() if a.type == "progress" and a.description == "chair: coarse stage iterations"]
+        assert [a.data for a in bars] == [100.0]

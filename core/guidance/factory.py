@@ -3,7 +3,9 @@
 kinds: joint (Magic123 eqs. 7–8), dynamic (Consistent123 eqs. 8–9), none (reference view only),
 oracle (a known procedural object; core.oracle.guidance, imported only when asked for). A prior
 whose λ is 0 in this stage is not loaded. With params.models.tiny the tiny random priors of
-core.testmodels.priors stand in for the hub models, through the same loader.
+core.testmodels.priors stand in for the hub models, through the same loader. The priors are loaded
+once per process and reused by every asset that runs in it (core.models.cache; `stable_diffusion_parts`,
+`zero123_parts`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from core.rendering.cameras import reference_cameras
 from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, SDSGradientScale
+from core.models.cache import PRIORS
 from core.models.sources import prior_model
 
 log = logging.getLogger(__name__)
@@ -74,11 +77,50 @@ def stage_t_range(prior_params, stage: str) -> tuple[float, float]:
     return tuple(prior_params.t_range)
 
 
-def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
-    from core.guidance.sd import StableDiffusionGuidance, compile_unet, compose_prompt, load_stable_diffusion, weights_dtype
+def _cache_key(which: str, name: str, device, dtype, models_params) -> tuple:
+    return (which, name, str(dtype), str(torch.device(device)), str(getattr(models_params, "cache_dir", None)))
 
-    dtype = weights_dtype(device, params.sd.fp16)
-    parts = load_stable_diffusion(prior_model(params, "sd"), device, dtype, params.models)
+
+def stable_diffusion_parts(params, device, dtype: Optional[torch.dtype] = None):
+    """params' Stable Diffusion, loaded once per process (core.models.cache): a new parts object
+    whose tokenizer and text encoder are this caller's own copies (a token is added to them,
+    textual inversion trains a row) and whose UNet, VAE and scheduler are shared, read-only."""
+    import copy
+    import dataclasses
+
+    from core.guidance.sd import load_stable_diffusion, weights_dtype
+
+    device = torch.device(device)
+    dtype = dtype or weights_dtype(device, params.sd.fp16)
+    name = prior_model(params, "sd")
+    shared = PRIORS.get(_cache_key("sd", name, device, dtype, params.models),
+                        lambda: load_stable_diffusion(name, device, dtype, params.models),
+                        label=f"sd:{name}:{str(dtype).replace('torch.', '')}:{device}")
+    return dataclasses.replace(shared, tokenizer=copy.deepcopy(shared.tokenizer),
+                               text_encoder=copy.deepcopy(shared.text_encoder))
+
+
+def zero123_parts(params, device, dtype: Optional[torch.dtype] = None):
+    """params' Zero-1-to-3, loaded once per process (core.models.cache); a new parts object over the
+    shared, read-only modules."""
+    import dataclasses
+
+    from core.guidance.sd import weights_dtype
+    from core.guidance.zero123 import load_zero123
+
+    device = torch.device(device)
+    dtype = dtype or weights_dtype(device, params.zero123.fp16)
+    name = prior_model(params, "zero123")
+    shared = PRIORS.get(_cache_key("zero123", name, device, dtype, params.models),
+                        lambda: load_zero123(name, device, dtype, params.models),
+                        label=f"zero123:{name}:{str(dtype).replace('torch.', '')}:{device}")
+    return dataclasses.replace(shared)
+
+
+def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
+    from core.guidance.sd import StableDiffusionGuidance, compile_unet, compose_prompt
+
+    parts = stable_diffusion_parts(params, device)
     embeds = resolve_token(params, parts, reference, token)
     prompt = compose_prompt(params.prompt.template, params.textual_inversion.placeholder,
                             next(iter(embeds)) if embeds else None, params.prompt.text)
@@ -91,11 +133,10 @@ def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = No
 
 
 def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"):
-    from core.guidance.sd import compile_unet, weights_dtype
-    from core.guidance.zero123 import Zero123Guidance, load_zero123
+    from core.guidance.sd import compile_unet
+    from core.guidance.zero123 import Zero123Guidance
 
-    dtype = weights_dtype(device, params.zero123.fp16)
-    parts = load_zero123(prior_model(params, "zero123"), device, dtype, params.models)
+    parts = zero123_parts(params, device)
     parts.unet = compile_unet(parts.unet, params.zero123.compile, device)
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,

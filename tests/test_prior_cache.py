@@ -1,0 +1,60 @@
+"""The priors are loaded once per process and reused by every asset (core.models.cache), without one
+asset's token or textual inversion reaching the next."""
+from __future__ import annotations
+
+import torch
+
+from core.models.cache import PRIORS, ModelCache
+from core.params import load_params
+
+
+def test_a_model_is_loaded_once_then_reused_and_counted():
+    cache = ModelCache(capacity=2)
+    made = []
+
+    def load(name):
+        return lambda: made.append(name) or {"model": name}
+
+    a = cache.get("a", load("a"))
+    assert cache.get("a", load("a")) is a
+    cache.get("b", load("b"))
+    cache.get("c", load("c"))  # over capacity: a, the least recently used, goes
+    cache.get("a", load("a"))
+    assert made == ["a", "b", "c", "a"]
+    s = cache.stats()
+    assert s["loads"] == 4 and s["reuses"] == 1 and s["by_model"]["a"] == {"loads": 2, "reuses": 1}
+    off = ModelCache(capacity=0)
+    off.get("a", load("a"))
+    off.get("a", load("a"))
+    assert off.stats()["loads"] == 2
+
+
+def test_two_assets_share_the_priors_but_not_their_tokens():
+    """Two builds of the joint prior (two assets, or a coarse and a fine stage): one load of each prior,
+    the same UNets; the first build's learned token does not reach the second's text encoder, and the
+    shared modules are as loaded (the second guidance equals one built from a fresh load)."""
+    from core.guidance.factory import build_guidance, stable_diffusion_parts
+    from core.guidance.sd import load_stable_diffusion
+    from core.models.sources import prior_model
+
+    PRIORS.clear()
+    p = load_params("tiny", ["prompt.text=a chair"])
+    ref = torch.rand(3, 32, 32)
+    first = build_guidance(p, ref, "coarse", "cpu")
+    width = first.sd.parts.text_encoder.get_input_embeddings().weight.shape[1]
+    token = {"<e>": torch.randn(width)}
+    from core.guidance.factory import resolve_token
+
+    resolve_token(p, first.sd.parts, None, token)
+    second = build_guidance(p, ref, "coarse", "cpu")
+    s = PRIORS.stats()
+    assert s["loads"] == 2 and s["reuses"] == 2, s
+    assert second.sd.parts.unet is first.sd.parts.unet and second.zero123.parts.unet is first.zero123.parts.unet
+    assert second.sd.parts.text_encoder is not first.sd.parts.text_encoder
+    assert "<e>" not in second.sd.parts.tokenizer.get_vocab()
+    fresh = load_stable_diffusion(prior_model(p, "sd"), torch.device("cpu"), torch.float32, p.models)
+    ours = stable_diffusion_parts(p, "cpu")
+    for a, b in ((ours.text_encoder, fresh.text_encoder), (ours.unet, fresh.unet), (ours.vae, fresh.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    PRIORS.clear()
