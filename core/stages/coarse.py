@@ -212,5 +212,9 @@ def run_coarse(params, reference: Reference, out_dir: Path | str, *, guidance=No
         from core.stages.detector import write_trace
 
         write_trace(detector, out / "detector.json")
-    stage.record = stage.finish(out, write_outputs(rep, params, reference, out)) if done else None
+    if done:
+        stage.record = stage.complete(out, lambda: write_outputs(rep, params, reference, out),
+                                      f"renders and the mesh (marching cubes at {c.mesh_resolution}³)")
+    else:
+        stage.record = None
     return stage

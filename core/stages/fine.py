@@ -205,5 +205,9 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
              f.iters, f.resolution, f.tet_resolution, rep.dmtet.tets.shape[0], rep.backend, device)
     done = stage.run(out / CHECKPOINT, callback=callback, stop_after=stop_after, progress=progress,
                      postfix=lambda m: {"loss": f"{m['loss']:.4f}", "faces": int(m["faces"])})
-    stage.record = stage.finish(out, write_outputs(rep, params, reference, out, turntable_frames)) if done else None
+    if done:
+        stage.record = stage.complete(out, lambda: write_outputs(rep, params, reference, out, turntable_frames),
+                                      "renders and the textured mesh (texture, OBJ, GLB, turntable)")
+    else:
+        stage.record = None
     return stage
