@@ -162,7 +162,11 @@ h3 { font-size: 15px; margin: 0 0 8px; }
 .chip span { color: var(--mute); font-size: 12px; }
 .chip.bad b { color: #cf222e; }
 .note { background: #fff8c5; border: 1px solid #d4a72c66; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
-.compare { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 16px; align-items: start; }
+.top { display: flex; flex-wrap: wrap; gap: 0 28px; align-items: flex-start; }
+.top > section { flex: 1 1 100%; min-width: 0; }
+.small { font-size: 12px; max-width: 640px; }
+h3.fail { color: #cf222e; margin-top: 16px; }
+td.wrap { white-space: normal; max-width: 420px; }
 table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: right; white-space: nowrap; }
 th { background: var(--bg); font-weight: 600; }
@@ -200,20 +204,24 @@ footer { color: var(--mute); font-size: 12px; margin-top: 30px; }
 {% if tiny %}<p class="note">These runs use the tiny random test priors (<code>models.tiny</code>): they check the
 machinery end to end; their numbers are no reproduction of a paper and are not comparable with its columns.</p>{% endif %}
 
+<div class="top">
+<section class="papers-col">
 <h2>Ours beside the papers</h2>
-<div class="compare">
-{% for t in tables %}<div><h3>{{ t.dataset }}</h3><div class="scroll">{{ t.html }}</div></div>
-{% endfor %}</div>
-<p class="sub">Ours (orange): the mean over the dataset's evaluated assets. Published: transcribed in
+{% for t in tables %}<h3>{{ t.dataset }}</h3><div class="scroll">{{ t.html }}</div>
+{% endfor %}
+<p class="sub small">Ours (orange): the mean over the dataset's evaluated assets. Published: transcribed in
 <code>core/evaluation/data/published_metrics.csv</code> with their sources; a struck-out value is a suspect
 transcription (kept as printed, left out of the plots).</p>
-
+</section>
+<section class="assets-col">
 <h2>Per asset</h2>
 <div class="scroll">{{ per_asset }}</div>
-{% if failures %}<h2>Failures ({{ failures|length }})</h2>
+{% if failures %}<h3 class="fail">Failures ({{ failures|length }})</h3>
 <table><thead><tr><th class="l">asset</th><th class="l">step</th><th class="l">reason</th></tr></thead><tbody>
-{% for f in failures %}<tr><td class="l">{{ f.asset }}</td><td class="l">{{ f.step }}</td><td class="l">{{ f.reason }}</td></tr>
+{% for f in failures %}<tr><td class="l">{{ f.asset }}</td><td class="l">{{ f.step }}</td><td class="l wrap">{{ f.reason }}</td></tr>
 {% endfor %}</tbody></table>{% endif %}
+</section>
+</div>
 
 <h2>Assets</h2>
 {% if not viewer %}<p class="note">No interactive 3D view: the viewer script was not found when this report was
