@@ -127,7 +127,11 @@ def check_prepare(d: Path) -> str:
         return "no mask.png written"
     rec = json.loads((out / "prepare.json").read_text()) if (out / "prepare.json").is_file() else {}
     src = rec.get("alpha", "?")
-    return f"mask covers {100 * share:.0f}% of the frame (alpha: {src})"
+    rgba = np.asarray(Image.open(out / "rgba.png").convert("RGBA"))
+    obj = rgba[..., 3] > 127
+    grey = float(rgba[..., :3][obj].mean()) if obj.any() else float("nan")
+    return (f"mask covers {100 * share:.0f}% of the frame (alpha: {src}); the object's mean value "
+            f"{grey:.0f}/255")
 
 
 def _crop_alpha(a: np.ndarray, size: int = 64) -> np.ndarray:
@@ -353,10 +357,13 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     for label, root in roots.items():
         runner = Runner(root, a.python, a.timeout)
-        results[label] = []
+        earlier = a.work / f"{label}.json"  # a partial rerun (--only) keeps the other cases' rows
+        results[label] = [r for r in (json.loads(earlier.read_text()) if only and earlier.is_file() else [])
+                          if r["case"] not in {c.name for c in cases}]
         for case in cases:
             r = run_case(case, runner, a.work / label)
             results[label].append(r)
+            results[label].sort(key=lambda r: [c.name for c in CASES].index(r["case"]))
             print(f"{label:>8} {case.name:<10} exit {r['rc']}  {r['seconds']:>6} s  {r['line'][:140]}  [{r['check']}]",
                   flush=True)
             (a.work / f"{label}.json").write_text(json.dumps(results[label], indent=2))
