@@ -282,6 +282,9 @@ def paper_table_html(t: pd.DataFrame, suspect: set[tuple[str, str]], metrics: li
     return f'<table class="papers"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+_MEMORY = {"process max RSS": "RSS", "GPU max allocated": "GPU"}  # core.perf's memory kinds, short
+
+
 def per_asset_html(views: list[AssetView]) -> str:
     """One row per asset: metrics, then each stage's seconds, it/s and peak memory."""
     head = ("<tr><th class='l'>asset</th><th class='l'>dataset</th><th class='l'>method</th><th class='l'>priors</th>"
@@ -291,7 +294,7 @@ def per_asset_html(views: list[AssetView]) -> str:
         st = "; ".join(
             f"{s['stage']} {_fmt_seconds(s['seconds'])}"
             + (f", {s['it_per_s']:.2f} it/s" if s.get("it_per_s") else "")
-            + (f", {s['peak_memory_gib']:.2f} GiB {s.get('memory_kind') or ''}".rstrip()
+            + (f", peak {s['peak_memory_gib']:.2f} GiB {_MEMORY.get(s.get('memory_kind'), '')}".rstrip()
                if s.get("peak_memory_gib") is not None else "")
             for s in v.stages) or "–"
         rows.append(f"<tr><td class='l'><a href='#{html.escape(v.key)}'>{html.escape(v.asset)}</a></td>"
