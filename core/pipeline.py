@@ -79,12 +79,19 @@ def will_resume(out_dir: Path | str, stage: str, params: Params) -> bool:
 
 
 def _resumable(ck_path: Path, stage: str, digest: str, resume: bool):
-    """The checkpoint's state when the stage will resume from it (same stage, same parameters)."""
-    from core.stages.engine import read_state
+    """The checkpoint's state when the stage will resume from it (same stage, same parameters). An
+    unreadable one is the user's error (read_state's one line); the folder's result.json goes first,
+    so that what an earlier run left beside the broken checkpoint no longer looks complete."""
+    from core.errors import InputError
+    from core.stages.engine import RESULT, read_state
 
     if not resume or not ck_path.is_file():
         return None
-    state = read_state(ck_path, stage)
+    try:
+        state = read_state(ck_path, stage)
+    except InputError:
+        (ck_path.parent / RESULT).unlink(missing_ok=True)
+        raise
     return state if state.params_digest == digest else None
 
 
