@@ -19,9 +19,10 @@ about the inputs, a few iterations. The cases (issue 14, "These did not"):
              ignores a folder's write bits)
   blocked    `coarse --out FILE/sub`, where FILE is a file
   truncated  `coarse` resuming a checkpoint.pt cut to 1,000 bytes (after a good run into the folder)
-  nan        `coarse` whose loss is not finite (λ_2D = inf: the first novel view's guidance term),
-             run into a folder whose checkpoint.pt is a good earlier run's (other parameters, so a
-             fresh start): is non-finite state checkpointed over it?
+  nan        `coarse` whose loss is not finite (λ_rgb = inf; λ_2D = inf is no test: the SDS
+             gradient is finite whatever its weight), run into a folder whose checkpoint.pt is a good
+             earlier run's (other parameters, so a fresh start): is non-finite state checkpointed
+             over it?
   nomodel    `coarse --preset magic123` with no network (an unreachable proxy, no HF_HUB_OFFLINE)
              and no cached weights: how long until it says the model is missing?
 
@@ -31,6 +32,7 @@ case. Writes the markdown table to --out and the raw outputs under --work/<root>
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -120,6 +122,7 @@ def make_good_checkpoint(d: Path, r) -> None:
     rc, _, _ = r.cli(["coarse", str(CHAIR / "rgba.png"), "--out", str(d / "out"), *TINY_FAST], d / "setup.log")
     if rc != 0:
         raise RuntimeError(f"nan: the good run before the case failed (exit {rc}; see {d / 'setup.log'})")
+    (d / "good.sha256").write_text(hashlib.sha256((d / "out" / "checkpoint.pt").read_bytes()).hexdigest())
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -182,20 +185,27 @@ def check_nan(d: Path) -> str:
     if not ck.is_file():
         return "no checkpoint.pt"
     state = torch.load(ck, map_location="cpu", weights_only=False)
-    bad = []
+    bad, seen = [], [0]
 
-    def walk(x, name):
-        if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():
-            bad.append(name)
+    def walk(x):  # every floating tensor anywhere in the checkpoint (any version's layout)
+        if torch.is_tensor(x) and x.is_floating_point():
+            seen[0] += 1
+            if not torch.isfinite(x).all():
+                bad.append(x)
         elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{name}.{k}")
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
 
-    walk(state.get("representation"), "rep")
-    lam = (state.get("params") or {}).get("guidance", {}).get("coarse", {}).get("lambda_2d")
-    whose = "this run's (λ_2D = inf)" if lam == float("inf") else "the earlier good run's"
-    return (f"checkpoint.pt is {whose}, step {state.get('step')}: "
-            + ("non-finite weights" if bad else "all weights finite"))
+    walk(state)
+    good = (d / "good.sha256").read_text().strip() if (d / "good.sha256").is_file() else None
+    same = good == hashlib.sha256(ck.read_bytes()).hexdigest()
+    whose = "the earlier good run's, untouched" if same else "overwritten by this run"
+    step = state.get("step") if isinstance(state, dict) else None
+    return (f"checkpoint.pt is {whose} (step {step}): "
+            + (f"{len(bad)} of {seen[0]} tensors non-finite" if bad else f"all {seen[0]} tensors finite"))
 
 
 def check_out_made(d: Path) -> str:
@@ -224,9 +234,9 @@ CASES = [
     Case("truncated", "truncated checkpoint.pt on resume → coarse",
          lambda d: ["coarse", str(CHAIR / "rgba.png"), "--out", str(d / "run"), *TINY_FAST],
          make_truncated, check_truncated),
-    Case("nan", "a non-finite loss (λ_2D = inf) in a folder holding a good checkpoint → coarse",
-         lambda d: ["coarse", str(CHAIR / "rgba.png"), "--out", str(d / "out"), "--preset", "tiny",
-                    "--set", "guidance.coarse.lambda_2d=.inf"],
+    Case("nan", "a non-finite loss (λ_rgb = inf) in a folder holding a good checkpoint → coarse",
+         lambda d: ["coarse", str(CHAIR / "rgba.png"), "--out", str(d / "out"), *TINY_FAST,
+                    "--set", "coarse.losses.rgb=.inf"],
          make_good_checkpoint, check_nan),
     Case("nomodel", "missing model, no network (magic123 preset) → coarse",
          lambda d: ["coarse", str(CHAIR / "rgba.png"), "--out", str(d / "out"), "--preset", "magic123",
