@@ -59,7 +59,8 @@ def fake_run(root: Path, asset: str, psnr: float, glb: bool = True) -> Path:
     imageio.mimsave(fine / "turntable.gif", [np.full((16, 16, 3), 60 * i, np.uint8) for i in range(3)])
     if glb:
         (fine / "mesh.glb").write_bytes(trimesh.creation.box().export(file_type="glb"))
-    summary = {"seconds": 12.5, "it_per_s": 0.8, "peak_memory_gib": 1.25, "memory_kind": "process max RSS"}
+    summary = {"seconds": 12.5, "it_per_s": 0.8, "peak_memory_gib": 1.25, "memory_kind": "process max RSS",
+               "outputs_seconds": 100.0}
     for s, steps in (("coarse", 10), ("fine", 4)):
         (run / s / "result.json").write_text(json.dumps({"stage": s, "steps": steps, "summary": summary}))
     (run / "metrics.json").write_text(json.dumps(
@@ -107,7 +108,7 @@ def test_html_report_structure(tmp_path, viewer_js):
     assert "coarse 12 s" in text  # stage seconds, formatted
     # a suspect transcription is struck out only in its own dataset (RealFusion's PSNR on RealFusion15)
     assert 'class="suspect"' not in text
-    assert "0.80 it/s, peak 1.25 GiB RSS" in text
+    assert "0.80 it/s, outputs 100 s, peak 1.25 GiB RSS" in text
     imgs = [a["src"] for a in p.find("img")]
     assert sum("turntable.gif" in s for s in imgs) >= 3 and sum("photo.png" in s for s in imgs) == 3
     assert any(s.endswith("metrics_NeRF4.png") for s in imgs)

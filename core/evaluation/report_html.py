@@ -87,7 +87,8 @@ def _stage_summary(result_json: Path) -> Optional[dict]:
     s = r.get("summary") or {}
     return {"stage": r.get("stage", result_json.parent.name), "steps": r.get("steps"),
             "seconds": s.get("seconds", r.get("seconds")), "it_per_s": s.get("it_per_s"),
-            "peak_memory_gib": s.get("peak_memory_gib"), "memory_kind": s.get("memory_kind")}
+            "peak_memory_gib": s.get("peak_memory_gib"), "memory_kind": s.get("memory_kind"),
+            "outputs_seconds": s.get("outputs_seconds")}
 
 
 def collect_assets(ours: pd.DataFrame, out: Path, embed_limit: int = EMBED_LIMIT) -> list[AssetView]:
@@ -288,12 +289,13 @@ _MEMORY = {"process max RSS": "RSS", "GPU max allocated": "GPU"}  # core.perf's 
 def per_asset_html(views: list[AssetView]) -> str:
     """One row per asset: metrics, then each stage's seconds, it/s and peak memory."""
     head = ("<tr><th class='l'>asset</th><th class='l'>dataset</th><th class='l'>method</th><th class='l'>priors</th>"
-            "<th>CLIP↑</th><th>PSNR↑</th><th>LPIPS↓</th><th class='l'>stages (time, it/s, peak memory)</th></tr>")
+            "<th>CLIP↑</th><th>PSNR↑</th><th>LPIPS↓</th><th class='l'>stages: loop time, it/s, outputs' time, peak memory</th></tr>")
     rows = []
     for v in views:
         st = "; ".join(
             f"{s['stage']} {_fmt_seconds(s['seconds'])}"
             + (f", {s['it_per_s']:.2f} it/s" if s.get("it_per_s") else "")
+            + (f", outputs {_fmt_seconds(s['outputs_seconds'])}" if s.get("outputs_seconds") is not None else "")
             + (f", peak {s['peak_memory_gib']:.2f} GiB {_MEMORY.get(s.get('memory_kind'), '')}".rstrip()
                if s.get("peak_memory_gib") is not None else "")
             for s in v.stages) or "–"
