@@ -20,20 +20,32 @@ Callback = Optional[Callable[[int, dict], None]]
 def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Params, callback: Callback = None,
                             progress: bool = True) -> Path:
     """Learn the token <e> for the reference image (Magic123 §2.2 'Textural inversion', diffusers'
-    recipe) and write out_dir/learned_embeds.bin in the benchmark folders' format."""
+    recipe) and write out_dir/learned_embeds.bin in the benchmark folders' format, with
+    out_dir/result.json: the step's cost (core.perf: seconds, it/s, peak memory), also printed."""
+    import json
+
     from core.guidance.factory import stable_diffusion_parts
-    from core.inputs.images import load_reference
     from core.guidance.textual_inversion import learn_token_from_params
+    from core.inputs.images import load_reference
+    from core.io import atomic_write_text
+    from core.perf import Timer, reset_peak_memory, summary, summary_line
 
     device = resolve_device(params)
+    reset_peak_memory(device)
+    wall = Timer()
     out = Path(out_dir)
     ref = load_reference(rgba, None, size=params.sd.resolution, max_pixels=params.segment.max_input_pixels,
                          object_scale=params.segment.object_scale, params=params)
     parts = stable_diffusion_parts(params, device)  # loaded once per process; its text encoder is ours
     out.mkdir(parents=True, exist_ok=True)
     target = out / "learned_embeds.bin"
+    loop = Timer()
     learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,
                             callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None)
+    summ = summary(device, loop.seconds, params.textual_inversion.steps, wall_seconds=wall.seconds)
+    atomic_write_text(out / "result.json", json.dumps({"stage": "textual_inversion", "steps": summ["iterations"],
+                                                       "token": "learned_embeds.bin", "summary": summ}, indent=2))
+    log.info("%s", summary_line("textual inversion", summ) + f" (with model loading {wall.seconds:.1f} s)")
     return target
 
 
@@ -65,12 +77,19 @@ def will_resume(out_dir: Path | str, stage: str, params: Params) -> bool:
 
 
 def _resumable(ck_path: Path, stage: str, digest: str, resume: bool):
-    """The checkpoint's state when the stage will resume from it (same stage, same parameters)."""
-    from core.stages.engine import read_state
+    """The checkpoint's state when the stage will resume from it (same stage, same parameters). An
+    unreadable one is the user's error (read_state's one line); the folder's result.json goes first,
+    so that what an earlier run left beside the broken checkpoint no longer looks complete."""
+    from core.errors import InputError
+    from core.stages.engine import RESULT, read_state
 
     if not resume or not ck_path.is_file():
         return None
-    state = read_state(ck_path, stage)
+    try:
+        state = read_state(ck_path, stage)
+    except InputError:
+        (ck_path.parent / RESULT).unlink(missing_ok=True)
+        raise
     return state if state.params_digest == digest else None
 
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 SIZE = ["models.tiny=true", "device=cpu", "coarse.resolution=32", "coarse.samples_per_ray=24", "coarse.grid.levels=4",
         "coarse.grid.log2_table_size=12", "coarse.grid.max_resolution=64", "coarse.occupancy_resolution=16",
         "coarse.checkpoint_every=40", "fine.resolution=48", "fine.tet_resolution=16", "fine.texture_size=32",
-        "fine.checkpoint_every=40", "sd.resolution=64", "zero123.resolution=64", "coarse.iters=120", "fine.iters=40",
-        "detector.every=5", "detector.window=3", "detector.earliest=40", "detector.latest=90", "detector.delta=0.01"]
+        "fine.checkpoint_every=40", "sd.resolution=64", "zero123.resolution=64", "coarse.iters=80", "fine.iters=20",
+        "detector.every=5", "detector.window=3", "detector.earliest=30", "detector.latest=60", "detector.delta=0.01"]
 
 
 def run(schedule: str, out: Path, image: Path) -> dict:

@@ -282,6 +282,7 @@ def test_a_truncated_checkpoint_is_one_line_and_fresh_starts_over(chair, tmp_pat
     assert main(args) == 0
     (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
     assert main(args) == 2
+    assert not (out / "result.json").exists()  # the earlier run's outputs no longer look complete
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("lift3d: error")]
     assert len(lines) == 1 and "not a readable lift3d checkpoint" in lines[0] and "--fresh" in lines[0]

@@ -15,10 +15,13 @@ import html
 import json
 import logging
 import os
+import textwrap
 from pathlib import Path
 from typing import Iterable, Optional
 
 import pandas as pd
+
+from core.evaluation.report_html import write_html
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,13 @@ def load_published(path: Path = PUBLISHED) -> pd.DataFrame:
 
 def _found(roots: Iterable[Path | str], name: str) -> list[Path]:
     return sorted(f for r in roots for f in Path(r).rglob(name))
+
+
+def suspect_entries(published: pd.DataFrame, dataset: str) -> set[tuple[str, str]]:
+    """{(column, metric)} of a dataset's published entries marked suspect (the CSV's `suspect`)."""
+    pub = published[published["dataset"] == dataset]
+    return {(f"{r['method']} [{r['source']}]", r["suspect"]) for _, r in pub.iterrows()
+            if isinstance(r.get("suspect"), str) and r["suspect"]}
 
 
 def collect_metrics(results: Path | str, runs: Optional[Iterable[Path | str]] = None) -> pd.DataFrame:
@@ -91,10 +101,9 @@ def plot_metric_bars(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     for dataset, t in tables.items():
         if t.empty:
             continue
-        fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 0.35 * len(t.columns) + 2))
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 0.4 * len(t.columns) + 2))
         pub = load_published()
-        bad = {(f"{r['method']} [{r['source']}]", r["suspect"]) for _, r in pub.iterrows()
-               if isinstance(r.get("suspect"), str) and r["suspect"]}
+        bad = suspect_entries(pub, dataset)
         for ax, (key, label) in zip(axes, METRICS):
             vals = t.loc[label].copy()
             for col in vals.index:
@@ -102,7 +111,8 @@ def plot_metric_bars(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
                     vals[col] = float("nan")  # a suspect transcription (see the CSV): not drawn
             colors = ["tab:orange" if "(ours" in c else "tab:gray" for c in t.columns]
             ax.barh(range(len(vals)), vals.values, color=colors)
-            ax.set_yticks(range(len(vals)), [c.replace(" Table 1", "") for c in t.columns], fontsize=7)
+            ax.set_yticks(range(len(vals)), [textwrap.fill(c.replace(" Table 1", ""), 26) for c in t.columns],
+                          fontsize=7)
             ax.set_title(label)
             ax.invert_yaxis()
         fig.suptitle(f"{dataset}: ours (orange) and published (grey; suspect transcriptions left out)")
@@ -190,7 +200,7 @@ def summarize(ours: pd.DataFrame, failures: Iterable[dict] = ()) -> dict:
 def write_report(results: Path | str, out: Path | str = "reports", runs: Optional[Iterable[Path | str]] = None,
                  failures: Iterable[dict] = ()) -> dict[str, str]:
     """Everything under `out`: report.md (tables), per_asset.csv, summary.json, metrics_*.png,
-    detector_traces.png, gallery.html. `runs`: only these run folders (default: all under `results`);
+    detector_traces.png, gallery.html, and report.html with its assets/ (core.evaluation.report_html). `runs`: only these run folders (default: all under `results`);
     `failures`: the assets that failed ({asset, step, reason}), listed in report.md and summary.json.
     Returns what was written."""
     results, out = Path(results), Path(out)
@@ -217,14 +227,19 @@ def write_report(results: Path | str, out: Path | str = "reports", runs: Optiona
     written["report"] = str(out / "report.md")
     ours.to_csv(out / "per_asset.csv", index=False)
     written["per_asset"] = str(out / "per_asset.csv")
-    (out / "summary.json").write_text(json.dumps(summarize(ours, failures), indent=2) + "\n")
+    summary = summarize(ours, failures)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written["summary"] = str(out / "summary.json")
-    for p in plot_metric_bars(tables, out):
+    plots = plot_metric_bars(tables, out)
+    for p in plots:
         written[p.stem] = str(p)
     p = plot_detector_traces(results, out, runs)
     if p:
         written["detector_traces"] = str(p)
+        plots.append(p)
     p = write_gallery(results, out, ours, runs)
     if p:
         written["gallery"] = str(p)
+    suspect = {d: suspect_entries(published, d) for d in tables}
+    written["html"] = str(write_html(out, tables, ours, summary, METRICS, suspect, plots, failures, str(results)))
     return written

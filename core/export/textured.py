@@ -119,9 +119,10 @@ def write_glb(tm: TexturedMesh, path: Path) -> Path:
 @torch.no_grad()
 def turntable(mesh: Mesh, colour_fn, path: Path, rasterizer: Rasterizer | None = None, frames: int = 36,
               resolution: int = 256, polar: float = 80.0, radius: float = 1.8, fovy: float = 40.0,
-              shading: str = "lambertian") -> Path:
-    """A GIF of the mesh turning once, lit from the camera."""
+              shading: str = "lambertian", progress: bool = True) -> Path:
+    """A GIF of the mesh turning once, lit from the camera (a progress bar over the frames)."""
     import imageio.v2 as imageio
+    from tqdm import tqdm
 
     from core.rendering.mesh_render import render_mesh
 
@@ -129,7 +130,7 @@ def turntable(mesh: Mesh, colour_fn, path: Path, rasterizer: Rasterizer | None =
     rasterizer = rasterizer or make_rasterizer("auto", dev)
     cams = orbit_cameras(frames, polar=polar, radius=radius, fovy=fovy, device=dev)
     imgs = []
-    for i in range(frames):
+    for i in tqdm(range(frames), desc="turntable", disable=not progress, dynamic_ncols=True, leave=False):
         cam = cams[i]
         light = torch.nn.functional.normalize(cam.centers, dim=-1)
         r = render_mesh(mesh.detach(), colour_fn, cam, resolution, rasterizer, shading=shading, light_dir=light)
@@ -141,15 +142,23 @@ def turntable(mesh: Mesh, colour_fn, path: Path, rasterizer: Rasterizer | None =
 def export_textured_mesh(mesh: Mesh, colour_fn, out_dir: Path, texture_size: int = 1024,
                          rasterizer: Rasterizer | None = None, name: str = "mesh",
                          turntable_frames: int = 36, turntable_resolution: int = 256) -> dict[str, str]:
-    """Everything at once: OBJ+MTL+PNG, GLB, turntable GIF. Returns the file names."""
+    """Everything at once: OBJ+MTL+PNG, GLB, turntable GIF. Returns the file names. A line per part
+    (and a bar over the turntable's frames) says where it is."""
+    import time
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log.info("export: UV atlas (xatlas) and a %d² texture for %d faces", texture_size, int(mesh.faces.shape[0]))
     tm = bake_texture(mesh, colour_fn, texture_size, rasterizer)
     obj = write_obj(tm, out_dir, name)
     glb = write_glb(tm, out_dir / f"{name}.glb")
+    t1 = time.perf_counter()
+    log.info("export: %s and %s written (%.1f s); turntable: %d frames at %d²", obj.name, glb.name, t1 - t0,
+             turntable_frames, turntable_resolution)
     gif = turntable(mesh, colour_fn, out_dir / "turntable.gif", rasterizer, frames=turntable_frames,
                     resolution=turntable_resolution)
-    log.info("exported %s (%d vertices, %d faces, %d² texture), %s, %s", obj.name, len(tm.verts), len(tm.faces),
-             texture_size, glb.name, gif.name)
+    log.info("exported %s (%d vertices, %d faces, %d² texture), %s, %s (turntable %.1f s)", obj.name, len(tm.verts),
+             len(tm.faces), texture_size, glb.name, gif.name, time.perf_counter() - t1)
     return {"obj": obj.name, "mtl": f"{name}.mtl", "texture": f"{name}_albedo.png", "glb": glb.name,
             "turntable": gif.name}

@@ -32,12 +32,16 @@ def sibling_depth(image: Path) -> Optional[Path]:
 def prepare_inputs(image: Path | str, out: Path | str, params, depth: Optional[Path | str] = None,
                    device="cpu") -> dict:
     """Write out/rgba.png, out/mask.png, out/depth.png (and out/prepare.json, last); returns that record."""
+    from core.perf import reset_peak_memory, summary, summary_line
+
     t0 = time.perf_counter()
+    reset_peak_memory(device)
     image, out = Path(image), Path(out)
     if depth is None and params.depth.use_sibling:
         depth = sibling_depth(image)
         if depth is not None:
             log.info("prepare: using the given depth map beside the image: %s", depth)
+    log.info("prepare: %s: the object's mask (its alpha, or rembg where it has none) and framing", image.name)
     seg = segment(image, params)
     out.mkdir(parents=True, exist_ok=True)
     if depth is not None:
@@ -52,6 +56,7 @@ def prepare_inputs(image: Path | str, out: Path | str, params, depth: Optional[P
             d = d.resize(seg.rgba.size, Image.Resampling.BILINEAR)
         depth_source = str(depth)
     else:
+        log.info("prepare: estimating the reference depth (%s)", "tiny DPT" if params.models.tiny else params.depth.model)
         d = depth_for(seg.rgba, params, device)
         depth_source = "tiny DPT" if params.models.tiny else params.depth.model
     if seg.rgba.size != d.size:
@@ -71,5 +76,7 @@ def prepare_inputs(image: Path | str, out: Path | str, params, depth: Optional[P
             "work_size": list(seg.framing.work_size)},
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    record["summary"] = summary(device, record["seconds"])
     (out / "prepare.json").write_text(json.dumps(record, indent=2))
+    log.info("%s", summary_line("prepare", record["summary"]))
     return record

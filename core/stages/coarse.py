@@ -24,7 +24,7 @@ from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
 from core.stages.engine import (CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, read_state,
-                                scope, write_views)
+                                write_views)
 from core.stages.losses import (entropy_loss, normal_blur_mse_loss, normal_smoothness_loss, normal_tv_loss,
                                 orientation_loss)
 
@@ -213,9 +213,8 @@ def run_coarse(params, reference: Reference, out_dir: Path | str, *, guidance=No
 
         write_trace(detector, out / "detector.json")
     if done:
-        with scope("lift3d.export"):
-            info = write_outputs(rep, params, reference, out)
-        stage.record = stage.finish(out, info)
+        stage.record = stage.complete(out, lambda: write_outputs(rep, params, reference, out),
+                                      f"renders and the mesh (marching cubes at {c.mesh_resolution}³)")
     else:
         stage.record = None
     return stage

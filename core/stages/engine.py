@@ -486,25 +486,40 @@ class Stage:
             if d.update(step, imgs) and hasattr(self.guidance, "start_stage2"):
                 self.guidance.start_stage2(self.spec.clock_offset + step)
 
-    def finish(self, out: Path, info: dict) -> dict:
-        """Write out/result.json (last, atomically: a folder with it is complete) and log a summary."""
+    def finish(self, out: Path, info: dict, outputs_seconds: Optional[float] = None) -> dict:
+        """Write out/result.json (last, atomically: a folder with it is complete) and print the stage's
+        one-line summary (core.perf): the loop's seconds and iterations per second (over every run of
+        it, when resumed), the outputs' seconds, peak memory. result.json holds it as `summary`, and
+        its numbers also at the top level (the tasks log those to MLflow)."""
         import json
 
         from core.io import atomic_write_text
+        from core.perf import summary, summary_line
 
         g = self.guidance
         s = self.state
+        summ = summary(self.device, s.elapsed, s.step, outputs_seconds=outputs_seconds)
         record = {"stage": self.spec.name, "steps": s.step, "seconds": round(s.elapsed, 3), "device": str(self.device),
                   "guidance": type(g).__name__ if g is not None else "none",
                   "switch_step": getattr(g, "switch_step", None), "params_digest": s.params_digest,
-                  "upstream": s.upstream, **info, "checkpoint": CHECKPOINT}
+                  "upstream": s.upstream, **info, "checkpoint": CHECKPOINT,
+                  "it_per_s": summ["it_per_s"], "outputs_seconds": summ.get("outputs_seconds"),
+                  "peak_memory_gib": summ["peak_memory_gib"], "summary": summ}
         self.write_trace(out)
         atomic_write_text(Path(out) / RESULT, json.dumps(record, indent=2))
-        peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
-                if self.device.type == "cuda" else "")
-        log.info("%s stage: %d iterations in %.1f s (%.2f it/s)%s", self.spec.name, s.step, s.elapsed,
-                 s.step / max(s.elapsed, 1e-9), peak)
+        log.info("%s", summary_line(f"{self.spec.name} stage", summ))
         return record
+
+    def complete(self, out: Path, outputs: Callable[[], dict], what: str = "renders") -> dict:
+        """The stage's outputs (`outputs()` writes them and returns result.json's extra fields), timed,
+        then `finish`. `what` names them in the line printed before they start."""
+        from core.perf import Timer
+
+        log.info("%s stage: writing %s", self.spec.name, what)
+        t = Timer()
+        with scope("lift3d.export"):
+            info = outputs()
+        return self.finish(out, info, outputs_seconds=t.seconds)
 
     # ------------------------------------------------------------------------------------ the loop
     def run(self, ck_path: Path, *, callback: Callback = None, stop_after: Optional[int] = None,
@@ -515,8 +530,11 @@ class Stage:
         iteration k as a kill would (the checkpoint as of its last save)."""
         from tqdm import tqdm
 
+        from core.perf import reset_peak_memory
+
         iters = self.spec.iters
         self._ck_path = ck_path
+        reset_peak_memory(self.device)  # the stage's own peak (GPU; a CPU's max RSS is the process's)
         bar = tqdm(total=iters, initial=self.state.step, desc=self.spec.name, disable=not progress, dynamic_ncols=True)
         t0, base = time.perf_counter(), self.state.elapsed
         try:

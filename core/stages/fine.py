@@ -207,9 +207,8 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
     done = stage.run(out / CHECKPOINT, callback=callback, stop_after=stop_after, progress=progress,
                      postfix=lambda m: {"loss": f"{m['loss']:.4f}", "faces": int(m["faces"])})
     if done:
-        with scope("lift3d.export"):
-            info = write_outputs(rep, params, reference, out, turntable_frames)
-        stage.record = stage.finish(out, info)
+        stage.record = stage.complete(out, lambda: write_outputs(rep, params, reference, out, turntable_frames),
+                                      "renders and the textured mesh (texture, OBJ, GLB, turntable)")
     else:
         stage.record = None
     return stage

@@ -1,0 +1,45 @@
+"""The evidence scripts' own arithmetic: the line input_cases.py reports for a command's output, and
+main_job_check.py's largest-component share (texture seams do not split a component)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_line_a_person_reads():
+    one_line = load("input_cases").one_line
+    assert one_line("", "coarse:  50%|█ 1/2\rcoarse: 100%|██ 2/2\nlift3d: error: cannot write to --out x\n") == (
+        "lift3d: error: cannot write to --out x", 1)
+    tb = "Traceback (most recent call last):\n  File \"x\", line 1\nOSError: [Errno 30] Read-only file system\n"
+    assert one_line("", "08:00 INFO a: b\n" + tb) == ("(traceback) OSError: [Errno 30] Read-only file system", 4)
+    assert one_line("wrote out/rgba.png\n", "08:00 INFO a: b\nLoading weights: 100%|█| 3/3\n") == (
+        "wrote out/rgba.png", 2)
+
+
+def test_largest_component_share(tmp_path):
+    import trimesh
+
+    check = load("main_job_check")
+    a = trimesh.creation.box()
+    b = trimesh.creation.icosphere(subdivisions=1)
+    b.apply_translation([5, 0, 0])
+    both = trimesh.util.concatenate([a, b])
+    both.export(tmp_path / "two.obj")
+    r = check.components(tmp_path / "two.obj")
+    assert r["components"] == 2 and r["faces"] == 12 + 80 and r["largest_share"] == 80 / 92
+    # one box written with a vertex per face corner (as a UV atlas splits seams): still one component
+    corners = a.vertices[a.faces].reshape(-1, 3)
+    split = trimesh.Trimesh(corners, np.arange(len(corners)).reshape(-1, 3), process=False)
+    split.export(tmp_path / "seams.obj")
+    assert check.components(tmp_path / "seams.obj")["components"] == 1
