@@ -610,7 +610,7 @@ def test_tables_reports_and_progress_become_prefect_artifacts(harness):
     def publish():
         publish_table("t-nerf4 smoke", [{"asset": "chair", "psnr": 20.5}, {"asset": "drums", "psnr": float("nan")}])
         publish_markdown("t-report", "# report\nchair 20.5")
-        cb = progress_callback(10, "chair: coarse stage iterations", min_interval=0)
+        cb = progress_callback(10, "artifact test: coarse stage iterations", min_interval=0)
         for step in range(10):
             cb(step, {})
 
@@ -619,5 +619,5 @@ def test_tables_reports_and_progress_become_prefect_artifacts(harness):
         arts = {a.key: a for a in client.read_artifacts() if a.key in ("t-nerf4-smoke", "t-report")}
         assert arts["t-nerf4-smoke"].type == "table" and "chair" in str(arts["t-nerf4-smoke"].data)
         assert arts["t-report"].type == "markdown" and "chair 20.5" in arts["t-report"].data
-        bars = [a for a in client.read_artifacts() if a.type == "progress" and a.description == "chair: coarse stage iterations"]
+        bars = [a for a in client.read_artifacts() if a.type == "progress" and a.description == "artifact test: coarse stage iterations"]
         assert [a.data for a in bars] == [100.0]
