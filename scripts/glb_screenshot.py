@@ -19,6 +19,9 @@ import sys
 import threading
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_screenshot import capture, find_chromium  # noqa: E402,F401 - one Chromium launch for both scripts
+
 THREE_VERSION = "0.187.0"
 
 PAGE = """<!doctype html>
@@ -66,14 +69,6 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "lift3d") / "viewer"
 
 
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
 def ensure_three(root: Path) -> None:
     if (root / "node_modules" / "three" / "build" / "three.module.js").is_file():
         return
@@ -83,9 +78,6 @@ def ensure_three(root: Path) -> None:
 
 
 def screenshot(glb: Path, out: Path, size: int = 800, azimuth: float = 30.0, timeout: float = 120.0) -> Path:
-    chromium = find_chromium()
-    if chromium is None:
-        raise RuntimeError("chromium is not installed (Debian: apt-get install chromium)")
     root = cache_dir()
     ensure_three(root)
     shutil.copy(glb, root / "model.glb")
@@ -97,16 +89,9 @@ def screenshot(glb: Path, out: Path, size: int = 800, azimuth: float = 30.0, tim
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        out = Path(out).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu-sandbox", "--use-angle=swiftshader",
-               "--enable-unsafe-swiftshader", "--hide-scrollbars", f"--window-size={size},{size}",
-               "--virtual-time-budget=20000", f"--screenshot={out}", f"http://127.0.0.1:{port}/view.html"]
-        subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = capture(f"http://127.0.0.1:{port}/view.html", out, size, size, timeout=timeout)
     finally:
         server.shutdown()
-    if not out.is_file():
-        raise RuntimeError("chromium wrote no screenshot")
     return out
 
 

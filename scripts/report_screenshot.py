@@ -25,9 +25,9 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(page: Path, out: Path, width: int = 1280, height: int = 2000, wait_ms: int = 20000,
-               timeout: float = 180.0) -> Path:
-    """Load `page` from disk and save a width×height screenshot of its top to `out`."""
+def capture(url: str, out: Path, width: int, height: int, wait_ms: int = 20000, timeout: float = 180.0) -> Path:
+    """Headless Chromium (a fresh profile, no background network, WebGL on SwiftShader) saves a
+    width×height screenshot of `url` to `out`."""
     chromium = find_chromium()
     if chromium is None:
         raise RuntimeError("chromium is not installed (Debian: apt-get install chromium)")
@@ -37,14 +37,20 @@ def screenshot(page: Path, out: Path, width: int = 1280, height: int = 2000, wai
     with tempfile.TemporaryDirectory(prefix="lift3d-chromium-") as profile:
         cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-               # WebGL in software for the 3D views (model-viewer); without these it is off under --disable-gpu
+               # WebGL in software for the 3D views (model-viewer, three.js); without these it is off under --disable-gpu
                "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
                "--hide-scrollbars", f"--virtual-time-budget={wait_ms}",
-               f"--window-size={width},{height}", f"--screenshot={out}", Path(page).resolve().as_uri()]
+               f"--window-size={width},{height}", f"--screenshot={out}", url]
         subprocess.run(cmd, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     if not out.is_file():
-        raise RuntimeError(f"chromium wrote no screenshot of {page}")
+        raise RuntimeError(f"chromium wrote no screenshot of {url}")
     return out
+
+
+def screenshot(page: Path, out: Path, width: int = 1280, height: int = 2000, wait_ms: int = 20000,
+               timeout: float = 180.0) -> Path:
+    """Load `page` from disk and save a width×height screenshot of its top to `out`."""
+    return capture(Path(page).resolve().as_uri(), out, width, height, wait_ms, timeout)
 
 
 def main() -> int:
