@@ -13,19 +13,17 @@ import json
 import logging
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from core.errors import Lift3DError
 from core.params import load_params, resolve_device
+from core.testmodels.fullsize_priors import build_fullsize_parts
 
 log = logging.getLogger(__name__)
-
-from core.testmodels.fullsize_priors import build_fullsize_parts  # noqa: E402 - re-exported for scripts
 
 
 def _sync(device: torch.device) -> None:
