@@ -223,19 +223,27 @@ class _TableLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, idx, w):
-        n, levels, _ = idx.shape
-        feats = table.index_select(0, idx.reshape(-1).long()).view(n, levels, 8, table.shape[1])
         ctx.save_for_backward(idx, w)
         ctx.table_shape = table.shape
-        return torch.einsum("nlkf,nlk->nlf", feats, w)
+        return _blend(table, idx, w)
 
     @staticmethod
     def backward(ctx, grad):
         idx, w = ctx.saved_tensors
-        g = (w[..., None] * grad[:, :, None, :]).reshape(-1, grad.shape[-1])
-        table_grad = torch.zeros(ctx.table_shape, device=grad.device, dtype=grad.dtype)
-        table_grad.index_add_(0, idx.reshape(-1).long(), g)
-        return table_grad, None, None
+        return _table_grad(idx, w, grad, ctx.table_shape), None, None
+
+
+def _blend(table: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_k w[n, l, k] · table[idx[n, l, k]] → (N, L, F)."""
+    n, levels, _ = idx.shape
+    feats = table.index_select(0, idx.reshape(-1).long()).view(n, levels, 8, table.shape[1])
+    return torch.einsum("nlkf,nlk->nlf", feats, w)
+
+
+def _table_grad(idx: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, shape) -> torch.Tensor:
+    """∂/∂table of Σ_k w[n, l, k] · table[idx[n, l, k]]: the weighted output gradients scattered to the rows."""
+    g = (w[..., None] * grad[:, :, None, :]).reshape(-1, grad.shape[-1])
+    return torch.zeros(shape, device=grad.device, dtype=grad.dtype).index_add_(0, idx.reshape(-1).long(), g)
 
 
 class _RecomputedLookup(torch.autograd.Function):
@@ -245,21 +253,14 @@ class _RecomputedLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, u, grid):
-        idx, w = grid.corner_indices(u)
-        n, levels, _ = idx.shape
-        feats = table.index_select(0, idx.reshape(-1).long()).view(n, levels, 8, table.shape[1])
         ctx.save_for_backward(u)
         ctx.grid, ctx.table_shape = grid, table.shape
-        return torch.einsum("nlkf,nlk->nlf", feats, w)
+        return _blend(table, *grid.corner_indices(u))
 
     @staticmethod
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
-        idx, w = ctx.grid.corner_indices(u)
-        g = (w[..., None] * grad[:, :, None, :]).reshape(-1, grad.shape[-1])
-        table_grad = torch.zeros(ctx.table_shape, device=grad.device, dtype=grad.dtype)
-        table_grad.index_add_(0, idx.reshape(-1).long(), g)
-        return table_grad, None, None
+        return _table_grad(*ctx.grid.corner_indices(u), grad, ctx.table_shape), None, None
 
 
 @torch.no_grad()
