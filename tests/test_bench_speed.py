@@ -36,6 +36,25 @@ def test_fullsize_configs_are_the_real_architectures():
     assert 855e6 < n < 865e6
 
 
+def test_sd21_base_configs_are_consistent123s_architecture():
+    """Consistent123's SD 2.1 base: its UNet (865,910,724 parameters) and its OpenCLIP ViT-H text
+    tower as a CLIPTextModel (340,387,840), the counts of the published checkpoints; the preset's
+    model id picks it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from core.params import load_params
+    from core.testmodels.fullsize_priors import sd_arch_of
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((FULLSIZE / "sd21base_unet.json").read_text()))
+        text = CLIPTextModel(CLIPTextConfig(**json.loads((FULLSIZE / "sd21base_text_encoder.json").read_text())))
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724
+    assert sum(p.numel() for p in text.parameters()) == 340_387_840
+    assert sd_arch_of(load_params("consistent123").sd.model) == "sd21base"
+    assert sd_arch_of(load_params("magic123").sd.model) == "sd15"
+
+
 def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     """--stage asset on the CPU with tiny priors: textual inversion, coarse and fine through
     core.pipeline, each stage's wall time and ms per iteration in speed.json, the mesh exported."""

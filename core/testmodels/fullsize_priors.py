@@ -17,14 +17,25 @@ import torch
 
 FULLSIZE = Path(__file__).resolve().parent / "fullsize"
 VERSION = "1"
+# the Stable Diffusion architectures the presets name: SD 1.5 (Magic123) and SD 2.1 base
+# (Consistent123: an OpenCLIP ViT-H text tower, 1024-wide cross-attention, linear projections)
+SD_ARCHS = ("sd15", "sd21base")
+
+
+def sd_arch_of(model_id: str) -> str:
+    """The architecture of a preset's SD model id: sd21base for the SD 2.x ones, else sd15."""
+    return "sd21base" if "stable-diffusion-2" in str(model_id) else "sd15"
 
 
 def _cfg(name: str) -> dict:
     return json.loads((FULLSIZE / name).read_text())
 
 
-def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
-    """(StableDiffusionParts, Zero123Parts) of SD 1.5 and Zero-1-to-3 at full size, random weights."""
+def build_fullsize_parts(device: torch.device, dtype: torch.dtype, sd_arch: str = "sd15"):
+    """(StableDiffusionParts, Zero123Parts) of SD (1.5 or 2.1 base) and Zero-1-to-3 at full size,
+    random weights (Zero-1-to-3 XL has Zero-1-to-3's architecture)."""
+    if sd_arch not in SD_ARCHS:
+        raise ValueError(f"sd_arch must be one of {SD_ARCHS}, not {sd_arch!r}")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, \
         CLIPVisionModelWithProjection
@@ -44,9 +55,9 @@ def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
 
     sd = StableDiffusionParts(
         tokenizer=tokenizer,
-        text_encoder=make(lambda: CLIPTextModel(CLIPTextConfig(**_cfg("sd15_text_encoder.json")))),
+        text_encoder=make(lambda: CLIPTextModel(CLIPTextConfig(**_cfg(f"{sd_arch}_text_encoder.json")))),
         vae=make(lambda: AutoencoderKL.from_config(_cfg("sd15_vae.json"))),
-        unet=make(lambda: UNet2DConditionModel.from_config(_cfg("sd15_unet.json"))),
+        unet=make(lambda: UNet2DConditionModel.from_config(_cfg(f"{sd_arch}_unet.json"))),
         scheduler=DDPMScheduler(**SD_SCHEDULER),
     )
     z = Zero123Parts(
@@ -61,14 +72,15 @@ def build_fullsize_parts(device: torch.device, dtype: torch.dtype):
 
 
 def write_fullsize_priors(root: Path | str, device: torch.device | str = "cpu",
-                          dtype: torch.dtype = torch.float16) -> dict[str, str]:
+                          dtype: torch.dtype = torch.float16, sd_arch: str = "sd15") -> dict[str, str]:
     """Save the full-size random priors once under root in the hub layout; {"sd": folder, "zero123": folder}."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    folders = {"sd": root / f"fullsize-sd-{VERSION}", "zero123": root / f"fullsize-zero123-{VERSION}"}
+    sd_name = "sd" if sd_arch == "sd15" else sd_arch  # sd15 keeps its earlier folder name
+    folders = {"sd": root / f"fullsize-{sd_name}-{VERSION}", "zero123": root / f"fullsize-zero123-{VERSION}"}
     if all((f / "model_index.json").is_file() for f in folders.values()):
         return {k: str(v) for k, v in folders.items()}
-    sd, z = build_fullsize_parts(torch.device(device), dtype)
+    sd, z = build_fullsize_parts(torch.device(device), dtype, sd_arch)
     for name, parts, index in (
         ("sd", sd, {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                     "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
