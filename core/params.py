@@ -230,6 +230,10 @@ class FineParams(_Section):
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
     texture_size: int = Field(1024, ge=16)
+    # faces of the exported mesh: a larger DMTet surface is simplified (quadric edge collapse) to
+    # this many before its UV atlas, as released (decimate_target 5e4, Magic123 main.py:107,
+    # nerf/renderer.py:811); 0 exports the whole surface
+    export_faces: int = Field(50000, ge=0)
 
 
 # ------------------------------------------------------------------------------------------ optimiser

@@ -5,7 +5,8 @@ import trimesh
 from PIL import Image
 
 from core.representations.dmtet import DMTet
-from core.export.textured import export_textured_mesh
+from core.export.textured import decimate, export_textured_mesh
+from core.representations.dmtet import Mesh
 
 
 def _colour(x):
@@ -49,6 +50,19 @@ def test_obj_and_glb_round_trip(tmp_path):
     assert err < 0.05, err
     gif = Image.open(tmp_path / files["turntable"])
     assert gif.n_frames == 4
+
+
+def test_export_decimates_as_released():
+    """fine.export_faces (released decimate_target 5e4): a surface with more faces is simplified by
+    quadric edge collapse to about that many, staying on the surface; a smaller one, or 0, is kept."""
+    sphere = trimesh.creation.icosphere(subdivisions=5, radius=0.5)  # 20,480 faces
+    mesh = Mesh(torch.tensor(sphere.vertices, dtype=torch.float32), torch.tensor(sphere.faces, dtype=torch.int64))
+    small = decimate(mesh, 2000)
+    assert 1800 <= small.num_faces <= 2000 and small.faces.dtype == torch.int64
+    r = small.verts.norm(dim=-1)
+    assert float((r - 0.5).abs().max()) < 0.01  # still the sphere
+    assert trimesh.Trimesh(small.verts.numpy(), small.faces.numpy()).is_watertight
+    assert decimate(mesh, 0) is mesh and decimate(mesh, 50000) is mesh
 
 
 def test_glb_renders_in_a_browser(tmp_path):

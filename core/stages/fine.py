@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.export.textured import export_textured_mesh
+from core.export.textured import decimate, export_textured_mesh
 from core.inputs.images import Reference
 from core.io import writable_folder
 from core.rendering.batch import RenderBatch
@@ -165,13 +165,15 @@ def write_outputs(rep: DMTetRepresentation, params, reference: Reference, out: P
                   turntable_frames: int = 36) -> dict:
     f = params.fine
     files = write_views(rep, params, reference, out, f.resolution)
-    mesh = rep.dmtet.extract().detach()
+    surface = rep.dmtet.extract().detach()
+    mesh = decimate(surface, f.export_faces)
     exported = export_textured_mesh(mesh, rep.colour, out, texture_size=f.texture_size, rasterizer=rep.rasterizer,
                                     turntable_frames=turntable_frames)
     files += list(exported.values())
     if mesh.faces.shape[0] == 0:
         log.warning("fine stage: the final mesh is empty (no surface left in the tet grid); see %s", out / "renders")
     return {"files": files, "mesh_vertices": int(mesh.verts.shape[0]), "mesh_faces": int(mesh.faces.shape[0]),
+            "surface_faces": surface.num_faces,
             "exported": exported, "rasterizer": rep.backend, "tet_resolution": f.tet_resolution,
             "resolution": f.resolution}
 

@@ -78,7 +78,8 @@ def write_fullsize_priors(root: Path | str, device: torch.device | str = "cpu",
     root.mkdir(parents=True, exist_ok=True)
     sd_name = "sd" if sd_arch == "sd15" else sd_arch  # sd15 keeps its earlier folder name
     folders = {"sd": root / f"fullsize-{sd_name}-{VERSION}", "zero123": root / f"fullsize-zero123-{VERSION}"}
-    if all((f / "model_index.json").is_file() for f in folders.values()):
+    missing = {k for k, f in folders.items() if not (f / "model_index.json").is_file()}
+    if not missing:
         return {k: str(v) for k, v in folders.items()}
     sd, z = build_fullsize_parts(torch.device(device), dtype, sd_arch)
     for name, parts, index in (
@@ -92,6 +93,8 @@ def write_fullsize_priors(root: Path | str, device: torch.device | str = "cpu",
                         "cc_projection": ["core.guidance.zero123", "CCProjection"],
                         "scheduler": ["diffusers", "DDPMScheduler"]}),
     ):
+        if name not in missing:  # written before (another SD architecture shares Zero-1-to-3's folder)
+            continue
         folder = folders[name]
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
         for sub in index:
