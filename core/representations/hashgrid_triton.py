@@ -14,9 +14,9 @@ same float32 level scales (`level_layout`), the same corner order k = (k&1, k>>1
 that need gradients take the torch path (`HashGrid.forward`).
 
 This module imports triton at its top: `hashgrid.py` imports it only when the 'triton' backend runs.
-Triton decorates the kernels when this module is imported and reads TRITON_INTERPRET then: with it
-set to 1 the kernels run on CPU tensors through Triton's interpreter (the tests reload this module
-that way).
+With TRITON_INTERPRET=1 in the environment before triton is imported (triton reads it when it
+decorates a kernel, its own library functions included) the kernels run on CPU tensors through
+Triton's interpreter; the tests run them that way in a child process.
 """
 from __future__ import annotations
 
