@@ -183,17 +183,19 @@ def test_the_params_switch_reaches_the_field():
 def test_chunked_encoding_gives_the_same_values_and_gradients():
     """grid.chunk: encoding N points a chunk at a time equals encoding them at once."""
     g = HashGrid(levels=5, features_per_level=2, log2_table_size=10, base_resolution=4, max_resolution=96, backend="torch")
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        g.table.uniform_(-1, 1)
-    x = torch.rand(1000, 3) * 1.9 - 0.95
-    up = torch.randn(1000, g.output_dim)
+        g.table.uniform_(-1, 1, generator=gen)
+    x = torch.rand(1000, 3, generator=gen) * 1.9 - 0.95
+    up = torch.randn(1000, g.output_dim, generator=gen)
     res = {}
     for chunk in (0, 128):
         g.chunk, g.table.grad = chunk, None
         y = g(x)
         (y * up).sum().backward()
         res[chunk] = (y.detach(), g.table.grad.clone())
-    assert torch.equal(res[0][0], res[128][0]) and torch.allclose(res[0][1], res[128][1], atol=1e-6)
+    # the table gradient sums ~10-sized contributions in another order: a few ulps of 10 apart
+    assert torch.equal(res[0][0], res[128][0]) and torch.allclose(res[0][1], res[128][1], atol=1e-5)
 
 
 # --------------------------------------------------------------------------------- triton backend
