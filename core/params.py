@@ -81,7 +81,10 @@ class HashGridParams(_Section):
     log2_table_size: int = Field(19, ge=8, le=26)
     base_resolution: int = Field(16, ge=2)
     max_resolution: int = Field(2048, ge=2)
-    backend: Literal["auto", "torch", "tcnn"] = "auto"
+    # auto: tcnn when tinycudann imports on CUDA, else triton (fused Triton kernels) when triton
+    # imports on CUDA, else torch; the log and checkpoints (hash_grid_backend) say which ran. One
+    # table layout for all three: checkpoints load across backends.
+    backend: Literal["auto", "torch", "tcnn", "triton"] = "auto"
     # torch backend: keep only the positions for the backward and recompute the corner rows and
     # weights there (12 bytes a point instead of ~1 KB at 16 levels; the same gradient, bit for
     # bit; a little more arithmetic). Off: the forward's rows and weights are kept.

@@ -22,12 +22,12 @@ from core.io import atomic_write_text
 
 
 def _backends(params, device: torch.device) -> dict[str, str]:
-    from core.representations.hashgrid import tcnn_available
+    from core.representations.hashgrid import choose_backend
     from core.rendering.raster import nvdiffrast_available
 
     grid = params.coarse.grid.backend
     if grid == "auto":
-        grid = "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
+        grid = choose_backend(grid, device)
     return {"hash_grid": grid, "rasteriser": "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"}
 
 

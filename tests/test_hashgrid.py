@@ -1,10 +1,16 @@
-"""The PyTorch hash grid against tiny-cuda-nn's formulas, computed by hand point by point."""
+"""The PyTorch hash grid against tiny-cuda-nn's formulas, computed by hand point by point; the
+Triton backend against the PyTorch one (on the CPU through Triton's interpreter)."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from core.representations.hashgrid import HashGrid, copy_hashgrid_params, level_layout, per_level_scale, tcnn_available
+from core.representations.hashgrid import (HashGrid, copy_hashgrid_params, level_layout, per_level_scale, tcnn_available,
+                                           triton_available)
 
 
 def naive_encode(g: HashGrid, x: torch.Tensor) -> torch.Tensor:
@@ -177,14 +183,157 @@ def test_the_params_switch_reaches_the_field():
 def test_chunked_encoding_gives_the_same_values_and_gradients():
     """grid.chunk: encoding N points a chunk at a time equals encoding them at once."""
     g = HashGrid(levels=5, features_per_level=2, log2_table_size=10, base_resolution=4, max_resolution=96, backend="torch")
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        g.table.uniform_(-1, 1)
-    x = torch.rand(1000, 3) * 1.9 - 0.95
-    up = torch.randn(1000, g.output_dim)
+        g.table.uniform_(-1, 1, generator=gen)
+    x = torch.rand(1000, 3, generator=gen) * 1.9 - 0.95
+    up = torch.randn(1000, g.output_dim, generator=gen)
     res = {}
     for chunk in (0, 128):
         g.chunk, g.table.grad = chunk, None
         y = g(x)
         (y * up).sum().backward()
         res[chunk] = (y.detach(), g.table.grad.clone())
-    assert torch.equal(res[0][0], res[128][0]) and torch.allclose(res[0][1], res[128][1], atol=1e-6)
+    # the table gradient sums ~10-sized contributions in another order: a few ulps of 10 apart
+    assert torch.equal(res[0][0], res[128][0]) and torch.allclose(res[0][1], res[128][1], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- triton backend
+# Triton reads TRITON_INTERPRET when it is imported and when it decorates a kernel (its own library
+# functions, tl.zeros among them, are decorated at `import triton`), so the interpreted run is a
+# child process with TRITON_INTERPRET=1 from the start; this process stays as it was. The child
+# evaluates both backends on the same table, points and output gradients and saves the tensors;
+# the tests compare them here.
+TRITON_CONFIGS = {
+    "magic123": dict(levels=16, features_per_level=2, log2_table_size=19, base_resolution=16, max_resolution=2048),
+    "small": dict(levels=6, features_per_level=2, log2_table_size=14, base_resolution=16, max_resolution=128),
+    "small_F4": dict(levels=4, features_per_level=4, log2_table_size=12, base_resolution=8, max_resolution=96),
+    "tiny_F1": dict(levels=3, features_per_level=1, log2_table_size=10, base_resolution=4, max_resolution=64),
+}
+
+_TRITON_CHILD = r"""
+import sys, torch
+from core.representations.hashgrid import HashGrid, copy_hashgrid_params
+from core.representations.nerf import NeRFField
+
+configs, out = eval(sys.argv[1]), sys.argv[2]
+gen = torch.Generator().manual_seed(3)
+
+
+def pair(cfg):
+    a = HashGrid(**cfg, backend="torch")
+    b = HashGrid(**cfg, backend="triton")
+    with torch.no_grad():
+        a.table.copy_(torch.rand(a.table.shape, generator=gen) * 2 - 1)
+    copy_hashgrid_params(a, b)
+    return a, b
+
+
+def points(g, n):
+    # random points; points whose cell position p = s·u + 0.5 is a whole number at some level (cell
+    # boundaries); the 8 corners of the cube and coordinates at u = 0 and u = 1 (x = ±bound)
+    u = torch.rand(n, 3, generator=gen)
+    k = n // 4
+    s = g.scales[torch.randint(0, g.levels, (k,), generator=gen)][:, None]
+    u[:k] = ((torch.floor(torch.rand(k, 3, generator=gen) * s) + 1 - 0.5) / s).clamp(0, 1)
+    u[k:k + 8] = torch.tensor([[(i >> d) & 1 for d in range(3)] for i in range(8)], dtype=torch.float32)
+    u[k + 8:k + 16, 0] = 0.0
+    u[k + 16:k + 24, 1] = 1.0
+    return u * 2 * g.bound - g.bound
+
+
+res = {}
+for name, cfg in configs.items():
+    a, b = pair(cfg)
+    x = points(a, 256)
+    up = torch.randn(x.shape[0], a.output_dim, generator=gen)
+    ya, yb = a(x), b(x)
+    (ya * up).sum().backward()
+    (yb * up).sum().backward()
+    with torch.no_grad():
+        y_nograd = b(x)
+    res[name] = dict(backend=b.backend, n_dense=a.n_dense, levels=a.levels, grad_fn=type(yb.grad_fn).__name__,
+                     y_torch=ya.detach(), y_triton=yb.detach(), y_triton_nograd=y_nograd,
+                     g_torch=a.table.grad, g_triton=b.table.grad)
+
+# positions that need gradients (analytic normals: a double backward): the torch code, same table
+a, b = pair(configs["small"])
+x = points(a, 64)
+fb = {}
+for key, g in (("torch", a), ("triton", b)):
+    xx = x.clone().requires_grad_(True)
+    y = g(xx)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), xx, create_graph=True)
+    gx.pow(2).sum().backward()
+    fb[key] = dict(y=y.detach(), gx=gx.detach(), g=g.table.grad, grad_fn=type(y.grad_fn).__name__)
+res["fallback"] = fb
+
+# a state dict saved on one backend loads on the other
+cfg = dict(levels=4, log2_table_size=10, base_resolution=4, max_resolution=64, hidden=16, layers=2)
+fa, fb_ = NeRFField(**cfg, backend="torch", seed=1), NeRFField(**cfg, backend="triton", seed=2)
+xs = torch.rand(50, 3, generator=gen) * 2 - 1
+with torch.no_grad():
+    before = fb_.raw(xs)[0]
+    fb_.load_portable_state_dict(fa.state_dict())
+    res["state"] = dict(torch=fa.raw(xs), triton=fb_.raw(xs), before=before, backend=fb_.encoding.backend)
+torch.save(res, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_run(tmp_path_factory):
+    if not triton_available():
+        pytest.skip("triton does not import")
+    out = tmp_path_factory.mktemp("triton") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", _TRITON_CHILD, repr(TRITON_CONFIGS), str(out)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("name", list(TRITON_CONFIGS))
+def test_triton_forward_equals_torch(triton_run, name):
+    r = triton_run[name]
+    assert r["backend"] == "triton" and r["grad_fn"] == "TritonLookupBackward"  # the kernel ran
+    assert 0 < r["n_dense"] < r["levels"]  # dense and hashed levels both run
+    torch.testing.assert_close(r["y_triton"], r["y_torch"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r["y_triton_nograd"], r["y_torch"], rtol=1e-6, atol=1e-6)  # the forward-only launch
+
+
+@pytest.mark.parametrize("name", list(TRITON_CONFIGS))
+def test_triton_table_gradient_equals_torch(triton_run, name):
+    r = triton_run[name]
+    assert r["g_torch"].abs().sum() > 0
+    # points share corners within a block (the coarse levels): every one of them must be added
+    torch.testing.assert_close(r["g_triton"], r["g_torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_falls_back_to_torch_for_positions_that_need_gradients(triton_run):
+    a, b = triton_run["fallback"]["torch"], triton_run["fallback"]["triton"]
+    assert b["grad_fn"] != "TritonLookupBackward"
+    for key in ("y", "gx", "g"):  # values, position gradients and the double backward's table gradient
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    assert b["g"].abs().sum() > 0
+
+
+def test_a_state_dict_loads_across_backends(triton_run):
+    r = triton_run["state"]
+    assert r["backend"] == "triton" and not torch.allclose(r["before"], r["torch"][0])
+    torch.testing.assert_close(r["triton"], r["torch"], rtol=1e-6, atol=1e-6)
+
+
+def test_triton_backend_choice(monkeypatch):
+    from core.representations.nerf import NeRFField
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    small = dict(levels=2, log2_table_size=8, base_resolution=4, max_resolution=8)
+    assert HashGrid(**small, backend="auto").backend == "torch"
+    with pytest.raises(RuntimeError, match="'triton'") as err:
+        HashGrid(**small, backend="triton")
+    assert "\n" not in str(err.value)
+    # a field saved from the triton backend, loaded on a machine without CUDA
+    f = NeRFField(**small, backend="torch", hidden=8, layers=2)
+    g = NeRFField.from_state(dict(f.config, backend="triton"), f.state_dict())
+    assert g.encoding.backend == "torch"

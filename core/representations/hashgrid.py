@@ -1,9 +1,12 @@
 """Multiresolution hash encoding (Instant-NGP, Müller et al. 2022), as tiny-cuda-nn computes it.
 
-Two backends with one parameter layout, chosen like nerfstudio's `HashEncoding`:
+Three backends with one parameter layout, chosen like nerfstudio's `HashEncoding`:
 - 'tcnn': tiny-cuda-nn's `tinycudann.Encoding` (when it imports and the device is CUDA);
+- 'triton': two fused Triton kernels (`hashgrid_triton.py`) for the table lookup and its table
+  gradient (when triton imports and the device is CUDA); positions that need gradients take the
+  torch code, on the same `table`;
 - 'torch': the pure-PyTorch version below, vectorised over levels and corners.
-'auto' picks tcnn when it can and says (logs) which one runs.
+'auto' picks tcnn, else triton, else torch, and says (logs) which one runs.
 
 What both compute, level by level (l = 0 … L−1), for a point x ∈ [−bound, bound]³ mapped to
 u = (x + bound) / 2·bound ∈ [0, 1]³ (tiny-cuda-nn's GridEncoding, `grid.h`):
@@ -43,6 +46,25 @@ def tcnn_available() -> bool:
     return True
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1): its kernels run on CPU tensors (the tests)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:
+        return False
+
+
 def per_level_scale(levels: int, base_resolution: int, max_resolution: int) -> float:
     """b = exp((ln N_max − ln N_min) / (L − 1)) (Instant-NGP eq. 3; threestudio's config)."""
     if levels <= 1:
@@ -70,6 +92,26 @@ def level_layout(levels: int, base_resolution: int, b: float, log2_table_size: i
     return scales, res, entries, offsets, dense, offset
 
 
+def choose_backend(backend: str, device: torch.device) -> str:
+    """The backend `HashGrid(backend=..., device=...)` runs: 'auto' → tcnn, else triton, else torch."""
+    if backend not in ("auto", "torch", "tcnn", "triton"):
+        raise ValueError(f"hash grid backend must be auto, torch, tcnn or triton, not {backend!r}")
+    if backend == "torch":
+        return "torch"
+    cuda = device.type == "cuda"
+    if backend == "triton":
+        # on a CPU only under Triton's interpreter (tests); 'auto' never picks it there
+        if not (triton_available() and (cuda or triton_interpreting())):
+            raise RuntimeError("hash grid backend 'triton' asked for, but triton does not import or the device is not CUDA")
+        return "triton"
+    ok = tcnn_available() and cuda
+    if backend == "tcnn" and not ok:
+        raise RuntimeError("hash grid backend 'tcnn' asked for, but tinycudann does not import or the device is not CUDA")
+    if ok:
+        return "tcnn"
+    return "triton" if cuda and triton_available() else "torch"
+
+
 class HashGrid(nn.Module):
     """x (N, 3) in [−bound, bound]³ → features (N, levels·features_per_level)."""
 
@@ -86,7 +128,7 @@ class HashGrid(nn.Module):
         scales, res, entries, offsets, dense, total = level_layout(
             self.levels, self.base_resolution, self.per_level_scale, self.log2_table_size)
         self.n_entries = total
-        self.backend = self._choose_backend(backend, device)
+        self.backend = choose_backend(backend, device)
         if self.backend == "tcnn":
             import tinycudann as tcnn
 
@@ -112,23 +154,12 @@ class HashGrid(nn.Module):
             raise RuntimeError("hash grid: every hashed level is expected to have 2^log2_table_size entries")
         self.hash_mask = (1 << self.log2_table_size) - 1
         self.recompute_backward = True  # torch backend: see _RecomputedLookup
-        self.chunk = 1 << 20  # torch backend: points per evaluation (0: all at once)
+        self.chunk = 1 << 20  # torch backend (and triton's torch fallback): points per evaluation (0: all at once)
         log.info("hash grid: %s backend (%d levels × %d features, table 2^%d, resolution %d→%d, b=%.4f)",
                  self.backend, self.levels, self.features_per_level, self.log2_table_size,
                  self.base_resolution, self.max_resolution, self.per_level_scale)
 
     # -------------------------------------------------------------------------------------- backend
-    @staticmethod
-    def _choose_backend(backend: str, device: torch.device) -> str:
-        if backend not in ("auto", "torch", "tcnn"):
-            raise ValueError(f"hash grid backend must be auto, torch or tcnn, not {backend!r}")
-        if backend == "torch":
-            return "torch"
-        ok = tcnn_available() and device.type == "cuda"
-        if backend == "tcnn" and not ok:
-            raise RuntimeError("hash grid backend 'tcnn' asked for, but tinycudann does not import or the device is not CUDA")
-        return "tcnn" if ok else "torch"
-
     def tcnn_config(self) -> dict:
         return {
             "otype": "HashGrid", "n_levels": self.levels, "n_features_per_level": self.features_per_level,
@@ -153,6 +184,13 @@ class HashGrid(nn.Module):
         u = self.normalize(x.reshape(-1, 3).float())
         if self.backend == "tcnn":
             return self.tcnn_encoding(u.contiguous()).float()
+        if self.backend == "triton" and not u.requires_grad and self.table.dtype == torch.float32:
+            # fused kernels, no (N, L, 8) temporaries: no chunks. Positions that need gradients
+            # (analytic normals: a double backward) fall through to the torch code below, which
+            # reads the same `self.table` (the kernels differentiate the table only)
+            from . import hashgrid_triton
+
+            return hashgrid_triton.encode(self.table, u, self)
         c = self.chunk
         if c and u.shape[0] > c:
             # the corner rows, weights and hash arithmetic are (N, L, 8) temporaries (~1 KB a

@@ -122,11 +122,12 @@ class NeRFField(nn.Module):
         return field
 
     def load_portable_state_dict(self, state: dict) -> None:
-        """A state dict saved with either hash-grid backend, loaded into this field's backend."""
+        """A state dict saved with any hash-grid backend, loaded into this field's backend (torch and
+        triton share the `encoding.table` layout; tcnn holds the same numbers as one flat vector)."""
         state = dict(state)
         if self.encoding.backend == "tcnn" and "encoding.table" in state:
             state["encoding.tcnn_encoding.params"] = state.pop("encoding.table").reshape(-1)
-        elif self.encoding.backend == "torch" and "encoding.tcnn_encoding.params" in state:
+        elif self.encoding.backend != "tcnn" and "encoding.tcnn_encoding.params" in state:
             state["encoding.table"] = state.pop("encoding.tcnn_encoding.params").reshape(self.encoding.table.shape)
         self.load_state_dict(state)
 
@@ -134,7 +135,7 @@ class NeRFField(nn.Module):
     def from_state(cls, config: dict, state: dict, device="cpu") -> "NeRFField":
         """A field saved as (config, state dict), on any backend available here; in eval mode."""
         cfg = dict(config)
-        if cfg.get("backend") == "tcnn":
+        if cfg.get("backend") in ("tcnn", "triton"):  # CUDA-only backends: whichever runs here
             cfg["backend"] = "auto"
         field = cls(**cfg, device=device)
         field.load_portable_state_dict(state)

@@ -1,0 +1,163 @@
+"""The hash grid's table lookup as two fused Triton kernels: the 'triton' backend of `hashgrid.HashGrid`.
+
+The torch backend builds (N, L, 8) corner rows, weights and hash temporaries (~1 KB a point at 16
+levels); here one program takes a block of points at one level and keeps everything in registers:
+  forward   out[n, l·F + f] = Σ_k w_k · table[row_k, f]   (the 8 corners k of the point's cell)
+  backward  d table[row_k, f] += w_k · d out[n, l·F + f]  (atomic adds, fp32)
+with the formulas of the module docstring of `hashgrid.py`: Instant-NGP (Müller et al. 2022) eq. 3
+(per-level scale b) and eq. 4 (the spatial hash π1 = 1, π2 = 2654435761, π3 = 805459861, XOR,
+modulo the table size), tiny-cuda-nn's `grid.h` layout (scale_l = 2^(l·log2 b)·N_min − 1,
+p = scale_l·u + 0.5, dense indexing c_x + c_y·res + c_z·res² on the coarse levels, one flat table
+level after level, F features per entry). Everything here follows `HashGrid.corner_indices`: the
+same float32 level scales (`level_layout`), the same corner order k = (k&1, k>>1&1, k>>2&1) in
+(x, y, z), the same weight products, fp32 throughout. Only the table is differentiated: positions
+that need gradients take the torch path (`HashGrid.forward`).
+
+This module imports triton at its top: `hashgrid.py` imports it only when the 'triton' backend runs.
+With TRITON_INTERPRET=1 in the environment before triton is imported (triton reads it when it
+decorates a kernel, its own library functions included) the kernels run on CPU tensors through
+Triton's interpreter; the tests run them that way in a child process.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+BLOCK = 128  # points per program
+
+
+@triton.jit
+def _level_cell(u_ptr, pts, m, scale):
+    """The point's cell corner c = floor(p) and fraction p − c, p = scale·u + 0.5 (tcnn `pos_fract`)."""
+    ux = tl.load(u_ptr + pts * 3 + 0, mask=m, other=0.0)
+    uy = tl.load(u_ptr + pts * 3 + 1, mask=m, other=0.0)
+    uz = tl.load(u_ptr + pts * 3 + 2, mask=m, other=0.0)
+    px = ux * scale + 0.5  # a multiply then an add, as torch rounds them (launched without FMA fusion)
+    py = uy * scale + 0.5
+    pz = uz * scale + 0.5
+    fx0 = tl.floor(px)
+    fy0 = tl.floor(py)
+    fz0 = tl.floor(pz)
+    return fx0.to(tl.int32), fy0.to(tl.int32), fz0.to(tl.int32), px - fx0, py - fy0, pz - fz0
+
+
+@triton.jit
+def _corner(cx, cy, cz, fx, fy, fz, K: tl.constexpr, dense, res, entries, offset, hash_mask):
+    """Corner K of the cell: its table row (int64) and trilinear weight."""
+    BX: tl.constexpr = K & 1
+    BY: tl.constexpr = (K >> 1) & 1
+    BZ: tl.constexpr = (K >> 2) & 1
+    x = cx + BX
+    y = cy + BY
+    z = cz + BZ
+    if dense:
+        # dense level: c_x + c_y·res + c_z·res², modulo the level's entries (the far face wraps, as in tcnn)
+        idx = (x + y * res + z * res * res) % entries
+    else:
+        # Instant-NGP eq. 4 in uint32 arithmetic (products wrap mod 2^32), then modulo 2^T
+        h = x.to(tl.uint32) ^ (y.to(tl.uint32) * 2654435761) ^ (z.to(tl.uint32) * 805459861)
+        idx = (h & hash_mask).to(tl.int32)
+    wx = fx if BX else 1.0 - fx
+    wy = fy if BY else 1.0 - fy
+    wz = fz if BZ else 1.0 - fz
+    return idx.to(tl.int64) + offset, (wz * wy) * wx
+
+
+@triton.jit
+def _forward_kernel(u_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
+                    n_points, n_dense, hash_mask,
+                    LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (i, l): points i·BLOCK … (i+1)·BLOCK − 1 at level l → out[n, l·F : (l+1)·F]."""
+    lvl = tl.program_id(1)
+    pts = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = pts < n_points
+    feat = tl.arange(0, FP)
+    fm = m[:, None] & (feat < F)[None, :]
+    scale = tl.load(scales_ptr + lvl)
+    res = tl.load(res_ptr + lvl).to(tl.int32)
+    entries = tl.load(entries_ptr + lvl).to(tl.int32)
+    offset = tl.load(offsets_ptr + lvl).to(tl.int64)
+    dense = lvl < n_dense
+    cx, cy, cz, fx, fy, fz = _level_cell(u_ptr, pts, m, scale)
+    acc = tl.zeros((BLOCK, FP), dtype=tl.float32)
+    for k in tl.static_range(8):
+        row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+        v = tl.load(table_ptr + row[:, None] * F + feat[None, :], mask=fm, other=0.0)
+        acc += w[:, None] * v
+    tl.store(out_ptr + pts[:, None] * (LEVELS * F) + lvl * F + feat[None, :], acc, mask=fm)
+
+
+@triton.jit
+def _backward_kernel(u_ptr, grad_ptr, grad_table_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
+                     n_points, n_dense, hash_mask,
+                     LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward's corners recomputed; w · d out added into the table gradient atomically (points
+    share corners, within a block and across blocks)."""
+    lvl = tl.program_id(1)
+    pts = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = pts < n_points
+    feat = tl.arange(0, FP)
+    fm = m[:, None] & (feat < F)[None, :]
+    scale = tl.load(scales_ptr + lvl)
+    res = tl.load(res_ptr + lvl).to(tl.int32)
+    entries = tl.load(entries_ptr + lvl).to(tl.int32)
+    offset = tl.load(offsets_ptr + lvl).to(tl.int64)
+    dense = lvl < n_dense
+    cx, cy, cz, fx, fy, fz = _level_cell(u_ptr, pts, m, scale)
+    g = tl.load(grad_ptr + pts[:, None] * (LEVELS * F) + lvl * F + feat[None, :], mask=fm, other=0.0)
+    for k in tl.static_range(8):
+        row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+        tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm, sem="relaxed")
+
+
+def _launch(kernel, u: torch.Tensor, data: torch.Tensor, out: torch.Tensor, grid) -> None:
+    n = u.shape[0]
+    f = grid.features_per_level
+    kernel[(triton.cdiv(n, BLOCK), grid.levels)](
+        u, data, out, grid.scales, grid.resolutions, grid.entries, grid.offsets, n, grid.n_dense, grid.hash_mask,
+        LEVELS=grid.levels, F=f, FP=triton.next_power_of_2(f), BLOCK=BLOCK, num_warps=4,
+        # p = scale·u + 0.5 rounded as a multiply then an add, like the torch backend: a fused
+        # multiply-add can move p across a cell boundary at the finest levels (one ulp of p)
+        enable_fp_fusion=False)
+
+
+def encode_forward(table: torch.Tensor, u: torch.Tensor, grid) -> torch.Tensor:
+    """u (N, 3) fp32 in [0, 1] → (N, L·F) fp32."""
+    out = torch.empty(u.shape[0], grid.output_dim, device=u.device, dtype=torch.float32)
+    if u.shape[0]:
+        _launch(_forward_kernel, u, table, out, grid)
+    return out
+
+
+def table_grad(u: torch.Tensor, grad: torch.Tensor, grid) -> torch.Tensor:
+    """∂/∂table of Σ (out · grad): (entries, F) fp32."""
+    gt = torch.zeros(grid.n_entries, grid.features_per_level, device=u.device, dtype=torch.float32)
+    if u.shape[0]:
+        _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid)
+    return gt
+
+
+class TritonLookup(torch.autograd.Function):
+    """The table lookup, differentiable in the table only; saves only the positions (12 bytes a point)."""
+
+    @staticmethod
+    def forward(ctx, table, u, grid):
+        ctx.save_for_backward(u)
+        ctx.grid = grid
+        return encode_forward(table, u, grid)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return table_grad(u, grad, ctx.grid).to(ctx.grid.table.dtype), None, None
+
+
+def encode(table: torch.Tensor, u: torch.Tensor, grid) -> torch.Tensor:
+    """The 'triton' backend's encoding of constant positions u (N, 3) in [0, 1]."""
+    u = u.detach().float().contiguous()
+    if torch.is_grad_enabled() and table.requires_grad:
+        return TritonLookup.apply(table, u, grid)
+    return encode_forward(table.detach().float().contiguous(), u, grid)
