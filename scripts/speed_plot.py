@@ -1,0 +1,72 @@
+"""Where one asset's time goes, before and after each change (issue 15): reports/speed/*.json → a PNG.
+
+  python3 scripts/speed_plot.py OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
+
+Left: each run's wall seconds per stage (textual inversion, coarse, fine; the fine stage's time
+outside its loop — set-up and export — apart). Right: a coarse iteration split into the loop's
+scopes (render, backward, guidance, the rest), from runs made with `--profile`; runs without scopes
+show their ms per iteration as one bar.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SCOPES = ("lift3d.render", "lift3d.backward", "lift3d.guidance")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    out, runs = Path(argv[0]), []
+    for arg in argv[1:]:
+        label, _, path = arg.partition("=")
+        runs.append((label, json.loads(Path(path).read_text())))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.8 * len(runs) + 2.0), sharey=True)
+    y = range(len(runs))
+    labels = [label for label, _ in runs]
+    left = [0.0] * len(runs)
+    parts = [("textual_inversion", "wall_s", "textual inversion"), ("coarse", "wall_s", "coarse"),
+             ("fine", "loop_s", "fine loop"), ("fine", "outside_loop_s", "fine set-up + export")]
+    for stage, key, name in parts:
+        vals = [float(r["stages"].get(stage, {}).get(key, 0.0)) for _, r in runs]
+        ax1.barh(y, vals, left=left, label=name)
+        left = [a + b for a, b in zip(left, vals)]
+    ax1.set_yticks(list(y), labels)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("seconds (200 + 200 iterations, textual inversion 100 steps)")
+    ax1.legend(fontsize=8, loc="lower right")
+    left = [0.0] * len(runs)
+    for scope in SCOPES + ("rest",):
+        vals = []
+        for _, r in runs:
+            c = r["stages"]["coarse"]
+            sc = r.get("scopes", {}).get("coarse")
+            iters = max(int(c["iters"]), 1)
+            if not sc:  # no --profile: the whole iteration, not split
+                vals.append(float(c["ms_per_iter"]) if scope == "rest" else 0.0)
+            elif scope == "rest":
+                vals.append(max(0.0, float(c["ms_per_iter"]) - sum(1000 * sc.get(s, {}).get("seconds", 0.0) / iters
+                                                                   for s in SCOPES)))
+            else:
+                vals.append(1000 * sc.get(scope, {}).get("seconds", 0.0) / iters)
+        ax2.barh(y, vals, left=left, label="rest (or not split)" if scope == "rest" else scope.replace("lift3d.", ""))
+        left = [a + b for a, b in zip(left, vals)]
+    ax2.set_xlabel("coarse: ms per iteration, by scope (averaged over the stage)")
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
