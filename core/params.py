@@ -154,6 +154,10 @@ class CoarseParams(_Section):
     grid_lr_scale: float = Field(10.0, gt=0.0)  # released code: the hash grid's lr is 10× the MLP's
     lr_final: float = Field(1.0, gt=0.0, le=1.0)  # lr × lr_final^(step/iters): 1 = constant (released code)
     normals: Literal["finite_difference", "analytic"] = "finite_difference"  # released code: finite differences
+    # memory (issue 15): the finite-difference normals' four field evaluations a sample keep their
+    # MLP activations for the backward; true recomputes them there instead (torch.utils.checkpoint:
+    # the same gradient, one more forward of those evaluations)
+    normals_recompute: bool = False
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)

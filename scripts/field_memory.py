@@ -1,5 +1,5 @@
 """Peak memory of one coarse reference-view step (render + backward, finite-difference normals) at the
-magic123 field settings, with the torch hash grid's memory switches off and on; each in a fresh
+magic123 field settings, with the torch hash grid's memory switches off and on (and the normals' recomputation); each in a fresh
 process, its peak resident memory (ru_maxrss) above the process's baseline. CPU: the GPU's
 allocations scale the same way (the same tensors), which is what this is for when no GPU is at hand.
 
@@ -22,7 +22,8 @@ from core.params import load_params
 from core.representations.nerf import NeRFField, render
 from core.rendering.cameras import reference_cameras
 torch.set_num_threads(2)
-p = load_params("magic123", ["device=cpu", "coarse.grid.recompute_backward={rec}", "coarse.grid.chunk={chunk}"])
+p = load_params("magic123", ["device=cpu", "coarse.grid.recompute_backward={rec}", "coarse.grid.chunk={chunk}",
+                            "coarse.normals_recompute={nrec}"])
 f = NeRFField.from_params(p)
 cams = reference_cameras(p.camera)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -43,11 +44,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     rows = {}
-    for name, rec, chunk in (("before (rows and weights kept, no chunks)", "false", 0),
-                             ("recompute_backward", "true", 0),
-                             ("recompute_backward + chunk 2^20", "true", 1 << 20),
-                             ("recompute_backward + chunk 2^18", "true", 1 << 18)):
-        code = CHILD.format(root=str(ROOT), rec=rec, chunk=chunk, res=a.res)
+    for name, rec, chunk, nrec in (("before (rows and weights kept, no chunks)", "false", 0, "false"),
+                                   ("recompute_backward", "true", 0, "false"),
+                                   ("recompute_backward + chunk 2^20", "true", 1 << 20, "false"),
+                                   ("recompute_backward + chunk 2^18", "true", 1 << 18, "false"),
+                                   ("recompute_backward + chunk 2^18 + normals_recompute", "true", 1 << 18, "true")):
+        code = CHILD.format(root=str(ROOT), rec=rec, chunk=chunk, res=a.res, nrec=nrec)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         rows[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(name, rows[name], flush=True)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
@@ -107,6 +108,7 @@ class NeRFField(nn.Module):
                 if i < len(dims) - 2:
                     mods.append(nn.ReLU(inplace=True))
         self.mlp = nn.Sequential(*mods).to(device)
+        self.normals_recompute = False  # see coarse.normals_recompute
 
     @classmethod
     def from_params(cls, params, device="cpu") -> "NeRFField":
@@ -119,6 +121,7 @@ class NeRFField(nn.Module):
                    seed=params.seed, blob_kind=c.density_blob)
         field.encoding.recompute_backward = c.grid.recompute_backward
         field.encoding.chunk = c.grid.chunk
+        field.normals_recompute = c.normals_recompute
         return field
 
     def load_portable_state_dict(self, state: dict) -> None:
@@ -191,6 +194,12 @@ class NeRFField(nn.Module):
     def normals(self, x: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
         """−∇σ/‖∇σ‖ by finite differences of the raw density on a tetrahedron (4 evaluations:
         ∇f ∝ Σ_k e_k f(x + ε e_k), e_k = (1,−1,−1), (−1,−1,1), (−1,1,−1), (1,1,1))."""
+        if self.normals_recompute and torch.is_grad_enabled():
+            # keep only x for the backward; the four evaluations' activations are recomputed there
+            return checkpoint(self._fd_normals, x, eps, use_reentrant=False)
+        return self._fd_normals(x, eps)
+
+    def _fd_normals(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         e = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]],
                          device=x.device, dtype=x.dtype)
         r = self.raw((x[:, None, :] + eps * e[None]).reshape(-1, 3))[0].view(-1, 4)
