@@ -66,10 +66,10 @@ def _corner(cx, cy, cz, fx, fy, fz, K: tl.constexpr, dense, res, entries, offset
 
 
 @triton.jit
-def _forward_kernel(u_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
-                    n_points, n_dense, hash_mask,
-                    LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (i, l): points i·BLOCK … (i+1)·BLOCK − 1 at level l → out[n, l·F : (l+1)·F]."""
+def _program_cells(u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense,
+                   F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
+    """What both kernels start from: program (i, l)'s points, their feature mask, level l's layout
+    and each point's cell and fractions at that level."""
     lvl = tl.program_id(1)
     pts = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = pts < n_points
@@ -81,6 +81,16 @@ def _forward_kernel(u_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, entries_ptr,
     offset = tl.load(offsets_ptr + lvl).to(tl.int64)
     dense = lvl < n_dense
     cx, cy, cz, fx, fy, fz = _level_cell(u_ptr, pts, m, scale)
+    return lvl, pts, feat, fm, res, entries, offset, dense, cx, cy, cz, fx, fy, fz
+
+
+@triton.jit
+def _forward_kernel(u_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
+                    n_points, n_dense, hash_mask,
+                    LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (i, l): points i·BLOCK … (i+1)·BLOCK − 1 at level l → out[n, l·F : (l+1)·F]."""
+    lvl, pts, feat, fm, res, entries, offset, dense, cx, cy, cz, fx, fy, fz = _program_cells(
+        u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense, F, FP, BLOCK)
     acc = tl.zeros((BLOCK, FP), dtype=tl.float32)
     for k in tl.static_range(8):
         row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
@@ -95,17 +105,8 @@ def _backward_kernel(u_ptr, grad_ptr, grad_table_ptr, scales_ptr, res_ptr, entri
                      LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
     """The forward's corners recomputed; w · d out added into the table gradient atomically (points
     share corners, within a block and across blocks)."""
-    lvl = tl.program_id(1)
-    pts = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = pts < n_points
-    feat = tl.arange(0, FP)
-    fm = m[:, None] & (feat < F)[None, :]
-    scale = tl.load(scales_ptr + lvl)
-    res = tl.load(res_ptr + lvl).to(tl.int32)
-    entries = tl.load(entries_ptr + lvl).to(tl.int32)
-    offset = tl.load(offsets_ptr + lvl).to(tl.int64)
-    dense = lvl < n_dense
-    cx, cy, cz, fx, fy, fz = _level_cell(u_ptr, pts, m, scale)
+    lvl, pts, feat, fm, res, entries, offset, dense, cx, cy, cz, fx, fy, fz = _program_cells(
+        u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense, F, FP, BLOCK)
     g = tl.load(grad_ptr + pts[:, None] * (LEVELS * F) + lvl * F + feat[None, :], mask=fm, other=0.0)
     for k in tl.static_range(8):
         row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
