@@ -21,6 +21,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 SCOPES = ("lift3d.render", "lift3d.backward", "lift3d.guidance")
 
 
+def coarse_split(run: dict) -> dict[str, float]:
+    """A coarse iteration's ms by scope (each scope's seconds over the stage / its iterations) and
+    the rest of the iteration; without scopes (no --profile) all of it is the rest."""
+    c = run["stages"]["coarse"]
+    sc = run.get("scopes", {}).get("coarse") or {}
+    iters = max(int(c["iters"]), 1)
+    split = {s: 1000 * sc.get(s, {}).get("seconds", 0.0) / iters for s in SCOPES}
+    split["rest"] = max(0.0, float(c["ms_per_iter"]) - sum(split.values()))
+    return split
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
@@ -44,19 +55,9 @@ def main(argv: list[str]) -> int:
     ax1.set_xlabel("seconds (200 + 200 iterations, textual inversion 100 steps)")
     ax1.legend(fontsize=8, loc="lower right")
     left = [0.0] * len(runs)
+    splits = [coarse_split(r) for _, r in runs]
     for scope in SCOPES + ("rest",):
-        vals = []
-        for _, r in runs:
-            c = r["stages"]["coarse"]
-            sc = r.get("scopes", {}).get("coarse")
-            iters = max(int(c["iters"]), 1)
-            if not sc:  # no --profile: the whole iteration, not split
-                vals.append(float(c["ms_per_iter"]) if scope == "rest" else 0.0)
-            elif scope == "rest":
-                vals.append(max(0.0, float(c["ms_per_iter"]) - sum(1000 * sc.get(s, {}).get("seconds", 0.0) / iters
-                                                                   for s in SCOPES)))
-            else:
-                vals.append(1000 * sc.get(scope, {}).get("seconds", 0.0) / iters)
+        vals = [sp[scope] for sp in splits]
         ax2.barh(y, vals, left=left, label="rest (or not split)" if scope == "rest" else scope.replace("lift3d.", ""))
         left = [a + b for a, b in zip(left, vals)]
     ax2.set_xlabel("coarse: ms per iteration, by scope (averaged over the stage)")

@@ -43,3 +43,27 @@ def test_largest_component_share(tmp_path):
     split = trimesh.Trimesh(corners, np.arange(len(corners)).reshape(-1, 3), process=False)
     split.export(tmp_path / "seams.obj")
     assert check.components(tmp_path / "seams.obj")["components"] == 1
+
+
+def test_speed_plot_splits_a_coarse_iteration_by_scope(tmp_path):
+    """scripts/speed_plot.py: each scope's share of a coarse iteration, the rest beside it; a run
+    without scopes is all rest; the figure is written."""
+    import json
+
+    sp = load("speed_plot")
+    profiled = {"stages": {"coarse": {"iters": 200, "ms_per_iter": 205.4}},
+                "scopes": {"coarse": {"lift3d.render": {"seconds": 8.848}, "lift3d.backward": {"seconds": 15.847},
+                                      "lift3d.guidance": {"seconds": 13.882}}}}
+    split = sp.coarse_split(profiled)
+    assert round(split["lift3d.render"], 2) == 44.24 and round(split["lift3d.guidance"], 2) == 69.41
+    assert round(split["rest"], 2) == round(205.4 - 44.24 - 79.235 - 69.41, 2)
+    plain = {"stages": {"coarse": {"iters": 200, "ms_per_iter": 634.8}}}
+    assert sp.coarse_split(plain) == {"lift3d.render": 0.0, "lift3d.backward": 0.0, "lift3d.guidance": 0.0,
+                                      "rest": 634.8}
+    runs = []
+    for name, r in (("a", profiled), ("b", plain)):
+        r = {**r, "stages": {**r["stages"], "textual_inversion": {"wall_s": 50.0}, "fine": {"loop_s": 20.0}}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        runs.append(f"{name}={tmp_path / f'{name}.json'}")
+    assert sp.main([str(tmp_path / "plot.png")] + runs) == 0 and (tmp_path / "plot.png").stat().st_size > 1000
+
