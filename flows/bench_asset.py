@@ -25,10 +25,8 @@ def _backends(params, device: torch.device) -> dict[str, str]:
     from core.representations.hashgrid import choose_backend
     from core.rendering.raster import nvdiffrast_available
 
-    grid = params.coarse.grid.backend
-    if grid == "auto":
-        grid = choose_backend(grid, device)
-    return {"hash_grid": grid, "rasteriser": "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"}
+    raster = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
+    return {"hash_grid": choose_backend(params.coarse.grid.backend, device), "rasteriser": raster}
 
 
 class _Stage:

@@ -21,7 +21,7 @@ import torch
 
 from core.errors import Lift3DError
 from core.params import load_params, resolve_device
-from core.testmodels.fullsize_priors import build_fullsize_parts
+from core.testmodels.fullsize_priors import build_fullsize_parts, sd_arch_of
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,8 @@ def run_speed_bench(params, device: torch.device, *, iters: int = 20, tiny: bool
     t_start = time.perf_counter()
     dtype = weights_dtype(device, params.sd.fp16)
     t0 = time.perf_counter()
-    sd_parts, z_parts = build_tiny_parts(device, dtype, params) if tiny else build_fullsize_parts(device, dtype)
+    sd_parts, z_parts = (build_tiny_parts(device, dtype, params) if tiny
+                        else build_fullsize_parts(device, dtype, sd_arch_of(params.sd.model)))
     build_s = time.perf_counter() - t0
     prompt = params.prompt.template.replace("{text}", "a chair").replace(params.textual_inversion.placeholder, "a chair")
     sd = StableDiffusionGuidance(sd_parts, prompt, guidance_scale=params.sd.guidance_scale, t_range=params.sd.t_range,

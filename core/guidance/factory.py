@@ -81,6 +81,19 @@ def _cache_key(which: str, name: str, device, dtype, models_params) -> tuple:
     return (which, name, str(dtype), str(torch.device(device)), str(getattr(models_params, "cache_dir", None)))
 
 
+def _shared_prior(which: str, params, device, dtype: Optional[torch.dtype], load):
+    """params' `which` prior ('sd' or 'zero123') as `load(name, device, dtype, models)` gives it,
+    loaded once per process and key (core.models.cache)."""
+    from core.guidance.sd import weights_dtype
+
+    device = torch.device(device)
+    dtype = dtype or weights_dtype(device, getattr(params, which).fp16)
+    name = prior_model(params, which)
+    return PRIORS.get(_cache_key(which, name, device, dtype, params.models),
+                      lambda: load(name, device, dtype, params.models),
+                      label=f"{which}:{name}:{str(dtype).replace('torch.', '')}:{device}")
+
+
 def stable_diffusion_parts(params, device, dtype: Optional[torch.dtype] = None):
     """params' Stable Diffusion, loaded once per process (core.models.cache): a new parts object
     whose tokenizer and text encoder are this caller's own copies (a token is added to them,
@@ -88,14 +101,9 @@ def stable_diffusion_parts(params, device, dtype: Optional[torch.dtype] = None):
     import copy
     import dataclasses
 
-    from core.guidance.sd import load_stable_diffusion, weights_dtype
+    from core.guidance.sd import load_stable_diffusion
 
-    device = torch.device(device)
-    dtype = dtype or weights_dtype(device, params.sd.fp16)
-    name = prior_model(params, "sd")
-    shared = PRIORS.get(_cache_key("sd", name, device, dtype, params.models),
-                        lambda: load_stable_diffusion(name, device, dtype, params.models),
-                        label=f"sd:{name}:{str(dtype).replace('torch.', '')}:{device}")
+    shared = _shared_prior("sd", params, device, dtype, load_stable_diffusion)
     return dataclasses.replace(shared, tokenizer=copy.deepcopy(shared.tokenizer),
                                text_encoder=copy.deepcopy(shared.text_encoder))
 
@@ -105,16 +113,9 @@ def zero123_parts(params, device, dtype: Optional[torch.dtype] = None):
     shared, read-only modules."""
     import dataclasses
 
-    from core.guidance.sd import weights_dtype
     from core.guidance.zero123 import load_zero123
 
-    device = torch.device(device)
-    dtype = dtype or weights_dtype(device, params.zero123.fp16)
-    name = prior_model(params, "zero123")
-    shared = PRIORS.get(_cache_key("zero123", name, device, dtype, params.models),
-                        lambda: load_zero123(name, device, dtype, params.models),
-                        label=f"zero123:{name}:{str(dtype).replace('torch.', '')}:{device}")
-    return dataclasses.replace(shared)
+    return dataclasses.replace(_shared_prior("zero123", params, device, dtype, load_zero123))
 
 
 def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
