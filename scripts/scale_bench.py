@@ -85,9 +85,10 @@ def write_photos(folder: Path, n: int, preset: str) -> list[Path]:
     """n photos (rgba.png + depth.png), the oracle objects at the reference view, in folder/NAME/."""
     names = [f"{OBJECTS[i % len(OBJECTS)]}_{i:02d}" for i in range(n)]
     code = ("from pathlib import Path; from core.params import load_params; "
-            "from flows.bench_asset import write_oracle_photo; "
+            "from core.oracle.bench import write_reference_view; "
             f"p = load_params({preset!r}); "
-            f"[write_oracle_photo(p, Path({str(folder)!r}) / nm, name=nm.rsplit('_', 1)[0]) for nm in {names!r}]")
+            f"[write_reference_view(nm.rsplit('_', 1)[0], Path({str(folder)!r}) / nm / 'rgba.png', 256, p) "
+            f"for nm in {names!r}]")
     _python(code)
     return [folder / nm / "rgba.png" for nm in names]
 
@@ -178,7 +179,7 @@ def one_run(k: int, photos: Path, out: Path, sets: list[str], preset: str, use_d
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    env = {**os.environ, "PREFECT_HOME": str(out / "prefect-home"), "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "PREFECT_HOME": str(out / "prefect-home"), "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
            "LIFT3D_PRIOR_CACHE": os.environ.get("LIFT3D_PRIOR_CACHE", "1")}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "generate-many", str(photos), "--out", str(out / "assets"),

@@ -67,3 +67,34 @@ def test_speed_plot_splits_a_coarse_iteration_by_scope(tmp_path):
         runs.append(f"{name}={tmp_path / f'{name}.json'}")
     assert sp.main([str(tmp_path / "plot.png")] + runs) == 0 and (tmp_path / "plot.png").stat().st_size > 1000
 
+
+
+def test_fidelity_variants_are_the_released_and_paper_readings():
+    """scripts/fidelity_variants.py: every variant is a valid smoke override set; 'released' takes each
+    item from the magic123 preset (the released code) except the lengths scaled to the smoke run, and
+    each leave-one-out differs from 'released' in its own item group only."""
+    from core.params import load_params
+
+    fv = load("fidelity_variants")
+    v = fv.variants()
+    assert set(v) == {"released", "paper", *(f"paper{g}" for g in fv.GROUPS)}
+    m123 = load_params("magic123")
+
+    def value(p, key):
+        for part in key.split("."):
+            p = getattr(p, part)
+        return p
+
+    released = load_params("smoke", v["released"])
+    for s in v["released"]:
+        key = s.split("=")[0]
+        if key not in fv.SCALED:
+            assert value(released, key) == value(m123, key), key
+    assert (released.coarse.ref_warmup, released.coarse.level_mask_levels, released.coarse.level_mask_iters) == (6, 3, 180)
+    paper = load_params("smoke", v["paper"])
+    assert (paper.sd.view_dependent_prompt, paper.zero123.angle_weighting, paper.camera.uniform_sphere_rate,
+            paper.coarse.novel_background, paper.coarse.level_mask, paper.fine.laplacian_form) == (
+        False, False, 0.0, "white", "none", "normalised")
+    for g in fv.GROUPS:
+        diff = {s.split("=")[0] for s in set(v[f"paper{g}"]) ^ set(v["released"])}
+        assert diff and diff <= {s.split("=")[0] for s in fv.PAPER[g]}, g

@@ -198,3 +198,19 @@ def test_cli_refine_from_a_coarse_checkpoint(tmp_path):
     bogus.write_bytes(b"not a checkpoint")
     assert main(["refine", str(bogus), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_fine_bench_reports_the_coarse_bench_figures(tmp_path):
+    """bench_oracle_fine's coarse figures are what the coarse bench measures for the same NeRF (its
+    held-out views at the coarse resolution): one GPU run answers both bars."""
+    import torch
+
+    from core.oracle.bench import bench_oracle_coarse
+    from core.oracle.bench_fine import bench_oracle_fine
+    from core.params import load_params
+
+    p = load_params("tiny", ["cpu_threads=1"])
+    fine = bench_oracle_fine(p, ["torus"], tmp_path / "fine", torch.device("cpu"), progress=False)["torus"]
+    coarse = bench_oracle_coarse(p, ["torus"], tmp_path / "coarse", torch.device("cpu"), progress=False)["torus"]
+    assert fine["coarse_psnr_novel"] == coarse["psnr_novel"] and fine["coarse_mask_iou"] == coarse["mask_iou"]
+    assert fine["psnr_novel_coarse"] > 0 and 0 < fine["chamfer_rel"] < 1

@@ -66,3 +66,16 @@ def test_digest_changes_with_values():
 def test_tiny_extends_smoke():
     t, s = load_params("tiny"), load_params("smoke")
     assert t.models.tiny and t.coarse.iters == 8 and t.coarse.lr == s.coarse.lr and t.coarse.grid == s.coarse.grid
+
+
+def test_cuda_allocator_expandable_segments_unless_the_user_configured_it():
+    from core.params import configure_cuda_allocator
+
+    p = load_params("smoke")
+    env = {}
+    assert configure_cuda_allocator(p, env) == "expandable_segments:True"
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert configure_cuda_allocator(p, mine) is None and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    off = {}
+    assert configure_cuda_allocator(load_params("smoke", ["cuda_expandable_segments=false"]), off) is None and off == {}

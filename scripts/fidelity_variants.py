@@ -1,0 +1,78 @@
+"""docs/fidelity.md items 2–7 side by side at smoke size: the `--set` overrides of each variant.
+
+    released   every item as the released code has it (Magic123@4090e94), scaled to the smoke run
+    paper      every item as the papers read (or, where neither paper says, lift3d's earlier choice)
+    paperK     released, with item group K (2, 3, 4, 5, 6 or 7) flipped to the paper's reading
+
+The released run lengths are scaled to the smoke preset's 300 iterations and 6 grid levels: the
+99-of-5,000 reference-only warm-up becomes 6 iterations, the finest 8 of 16 levels masked for 3,000 of
+5,000 iterations becomes 3 of 6 for 180. Usage (reports/fidelity/items_2_7_smoke.json):
+
+    python scripts/analytic_bench.py --out DIR --presets smoke --objects torus blocks snowman house.glb \\
+        --no-oracle --tag released $(python scripts/fidelity_variants.py released)
+    python scripts/fidelity_variants.py            # every variant's overrides as JSON
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+SMOKE_ITERS, SMOKE_LEVELS = 300, 6
+WARMUP = round(99 / 5000 * SMOKE_ITERS)               # 6
+MASKED_LEVELS = SMOKE_LEVELS * 8 // 16                # 3
+MASK_ITERS = round(3000 / 5000 * SMOKE_ITERS)         # 180
+
+RELEASED = {
+    "2": ["sd.view_dependent_prompt=true"],
+    "3": ["zero123.angle_weighting=true"],
+    "4": ["camera.uniform_sphere_rate=0.5"],
+    "5": ["coarse.novel_background=random", "fine.novel_background=random", f"coarse.ref_warmup={WARMUP}",
+          f"fine.ref_warmup={WARMUP}", "coarse.ref_scale=1.5", "coarse.ref_ray_noise=0.001", "coarse.level_mask=step",
+          f"coarse.level_mask_levels={MASKED_LEVELS}", f"coarse.level_mask_iters={MASK_ITERS}",
+          "coarse.density_blob=gaussian", "coarse.density_blob_std=0.2", "coarse.density_blob_scale=10"],
+    "6": ["coarse.normal_smooth_form=released", "coarse.normal_smooth_blur_grad=true", "coarse.entropy_on=samples",
+          "coarse.entropy_ramp=0.5"],
+    "7": ["sd.fine_t_range=[0.02,0.5]", "zero123.fine_t_range=[0.02,0.5]", "fine.losses.depth=0.0",
+          "fine.tet_rescale=true", "fine.sdf_threshold=mean_density", "fine.sdf_scale=unit",
+          "fine.laplacian_form=unnormalised"],
+}
+PAPER = {
+    "2": ["sd.view_dependent_prompt=false"],
+    "3": ["zero123.angle_weighting=false"],
+    "4": ["camera.uniform_sphere_rate=0"],
+    "5": ["coarse.novel_background=white", "fine.novel_background=white", "coarse.ref_warmup=0", "fine.ref_warmup=0",
+          "coarse.ref_scale=1.0", "coarse.ref_ray_noise=0.0", "coarse.level_mask=none",
+          f"coarse.level_mask_levels={MASKED_LEVELS}", f"coarse.level_mask_iters={MASK_ITERS}",
+          "coarse.density_blob=linear", "coarse.density_blob_std=0.5", "coarse.density_blob_scale=10"],
+    "6": ["coarse.normal_smooth_form=paper", "coarse.normal_smooth_blur_grad=true", "coarse.entropy_on=opacity",
+          "coarse.entropy_ramp=0"],
+    "7": ["sd.fine_t_range=null", "zero123.fine_t_range=null", "fine.losses.depth=0.01",
+          "fine.tet_rescale=false", "fine.sdf_threshold=mesh_threshold", "fine.sdf_scale=threshold",
+          "fine.laplacian_form=normalised"],
+}
+GROUPS = tuple(RELEASED)
+# the released values that are scaled to the smoke run rather than taken from the magic123 preset
+SCALED = {"coarse.ref_warmup", "fine.ref_warmup", "coarse.level_mask_levels", "coarse.level_mask_iters"}
+
+
+def variants() -> dict[str, list[str]]:
+    out = {"released": [s for g in GROUPS for s in RELEASED[g]], "paper": [s for g in GROUPS for s in PAPER[g]]}
+    for g in GROUPS:
+        out[f"paper{g}"] = [s for h in GROUPS for s in (PAPER if h == g else RELEASED)[h]]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    v = variants()
+    if not argv:
+        print(json.dumps(v, indent=1))
+        return 0
+    if argv[0] not in v:
+        print(f"fidelity_variants: unknown variant '{argv[0]}' (known: {', '.join(v)})", file=sys.stderr)
+        return 2
+    print(" ".join(f"--set {s}" for s in v[argv[0]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
