@@ -97,6 +97,9 @@ class HashGridParams(_Section):
 class MLPParams(_Section):
     hidden: int = Field(64, ge=1)
     layers: int = Field(3, ge=1)
+    # fp32 | bf16: the MLP under bf16 autocast (speed and memory, issue 15; the released code runs it in
+    # fp16 under -O with a GradScaler; bf16 needs none)
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class ShadingParams(_Section):

@@ -109,6 +109,7 @@ class NeRFField(nn.Module):
                     mods.append(nn.ReLU(inplace=True))
         self.mlp = nn.Sequential(*mods).to(device)
         self.normals_recompute = False  # see coarse.normals_recompute
+        self.mlp_precision = "fp32"  # see coarse.mlp.precision
 
     @classmethod
     def from_params(cls, params, device="cpu") -> "NeRFField":
@@ -122,6 +123,7 @@ class NeRFField(nn.Module):
         field.encoding.recompute_backward = c.grid.recompute_backward
         field.encoding.chunk = c.grid.chunk
         field.normals_recompute = c.normals_recompute
+        field.mlp_precision = c.mlp.precision
         return field
 
     def load_portable_state_dict(self, state: dict) -> None:
@@ -173,11 +175,21 @@ class NeRFField(nn.Module):
         n = x.shape[0]
         if SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and n > 1:
             perm = _spread_permutation(n, x.device)
-            h = self.mlp(self._encode(x.index_select(0, perm)))
+            h = self._mlp(self._encode(x.index_select(0, perm)))
             h = torch.zeros_like(h).index_copy(0, perm, h)  # back in order; its backward is a gather
         else:
-            h = self.mlp(self._encode(x))
+            h = self._mlp(self._encode(x))
         return h[:, 0].float() + self.density_blob(x), h[:, 1:].float()
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP, in bf16 autocast when mlp_precision is 'bf16' (weights and the encoding stay fp32;
+        the activations saved for the backward are half the size). bf16, not the released fp16: its
+        exponent is fp32's, so the SDS gradient ÷ 65536 (docs/fidelity.md item 1) cannot underflow
+        without a GradScaler."""
+        if self.mlp_precision == "bf16":
+            with torch.autocast(device_type=h.device.type, dtype=torch.bfloat16):
+                return self.mlp(h)
+        return self.mlp(h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw, logits = self.raw(x)
