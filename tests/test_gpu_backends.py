@@ -44,3 +44,16 @@ def test_bf16_mlp_trains_as_fp32(tmp_path):
     """coarse.mlp.precision bf16 against the eager fp32 path over the first 200 iterations."""
     _same_training(_oracle_torus(tmp_path, "fp32", {"coarse.mlp.precision": "fp32"}),
                    _oracle_torus(tmp_path, "bf16", {"coarse.mlp.precision": "bf16"}))
+
+
+def test_released_augmentation_on_the_gpu_is_the_cpu_one():
+    """Textual inversion's augmentation runs on the GPU (issue 15): the same random draws (they come
+    from the CPU stream), so the same views up to the interpolation's rounding."""
+    from core.guidance.textual_inversion import released_augment
+
+    rgb = torch.zeros(3, 256, 256)
+    rgb[:, 64:192, 80:176] = torch.tensor([0.7, 0.4, 0.2])[:, None, None]
+    cpu = released_augment(rgb, 8, 128, torch.Generator().manual_seed(0))
+    gpu = released_augment(rgb, 8, 128, torch.Generator().manual_seed(0), device="cuda").cpu()
+    diff = (cpu - gpu).abs()
+    assert diff.mean() < 1e-3 and (diff < 1e-2).float().mean() > 0.999, (float(diff.mean()), float(diff.max()))
