@@ -55,11 +55,12 @@ class _Stage:
 class _Profile:
     """Where a stage's time goes: the loop's scopes (core.stages.engine.scope: render, guidance,
     regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
-    around each, over the whole stage; then torch.profiler's table over `steps` iterations (after 5 + 2
-    warm-up ones), stepped by the stage's callback. Both written to `path`."""
+    around each, over the whole stage; then torch.profiler's table over `steps` iterations, stepped by
+    the stage's callback, after the stage's reference-only warm-up (`skip` iterations: the released
+    99, which have no guidance) and 5 + 1 more. Both written to `path`."""
 
-    def __init__(self, path: Path, steps: int, device: torch.device):
-        self.path, self.steps, self.device, self.prof = path, steps, device, None
+    def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0):
+        self.path, self.steps, self.device, self.prof, self.skip = path, steps, device, None, int(skip)
         self.times: dict = {}
 
     def __enter__(self):
@@ -70,7 +71,8 @@ class _Profile:
 
             engine.SCOPE_TIMES = self.times
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.prof = profile(activities=acts, schedule=schedule(wait=5, warmup=1, active=self.steps, repeat=1))
+            self.prof = profile(activities=acts,
+                                schedule=schedule(wait=self.skip + 5, warmup=1, active=self.steps, repeat=1))
             self.prof.__enter__()
         return self
 
@@ -164,7 +166,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         ("fine", lambda cb: fine_stage(out / "coarse" / "checkpoint.pt", out / "fine", params, progress=progress,
                                        callback=cb)),
     ):
-        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device) as prof:
+        warmup = getattr(params, name).ref_warmup  # profile guided steps, not the reference-only ones
+        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup) as prof:
             record = run(prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))
         if profile_steps:

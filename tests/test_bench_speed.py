@@ -77,3 +77,20 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
     assert any((tmp_path / "fine").glob("*.glb"))
     assert "whole asset:" in format_asset_table(r)
+
+
+def test_profile_skips_the_reference_only_warm_up(tmp_path):
+    """bench speed --profile N: torch.profiler's table covers N iterations after the stage's
+    reference-only warm-up (which has no guidance) and 5 + 1 more, not the first ones."""
+    import torch
+
+    from flows.bench_asset import _Profile
+
+    with _Profile(tmp_path / "p.txt", 2, torch.device("cpu"), skip=3) as prof:
+        for i in range(14):
+            with torch.profiler.record_function(f"iteration_{i:02d}"):
+                torch.ones(8).sum()
+            prof.callback(i, {})
+    text = (tmp_path / "p.txt").read_text()
+    profiled = sorted(int(w[-2:]) for w in text.split() if w.startswith("iteration_"))
+    assert profiled == [9, 10], profiled
