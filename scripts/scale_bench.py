@@ -53,6 +53,13 @@ def check_imports() -> bool:
     missing = [m for m in NEEDED if not found[m]]
     if missing:
         raise SystemExit(f"scale_bench: missing modules: {', '.join(missing)} (install their wheels first)")
+    # what generate-many starts before any asset: Prefect's local server and Dask's scheduler (a
+    # Prefect whose FastAPI or asyncpg does not match fails here, in seconds, not after the models)
+    r = subprocess.run([sys.executable, "-c", "import prefect.server.api.server, distributed.cli.dask_scheduler"],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"scale_bench: Prefect's server or Dask's scheduler does not import: {last}")
     return found["dask_cuda"]
 
 
