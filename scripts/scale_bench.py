@@ -181,14 +181,24 @@ def read_steps(out: Path) -> list[dict]:
     return steps
 
 
+def child_env(out: Path, environ: dict | None = None) -> dict:
+    """The environment of a run's processes: its own Prefect home and no server URL (nothing Cached
+    from an earlier run), the repository in front of any PYTHONPATH already set (a machine whose
+    packages live there keeps them), the prior cache on."""
+    environ = dict(os.environ if environ is None else environ)
+    env = {**environ, "PREFECT_HOME": str(out / "prefect-home"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), environ.get("PYTHONPATH", "")) if p),
+           "LIFT3D_PRIOR_CACHE": environ.get("LIFT3D_PRIOR_CACHE", "1")}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def one_run(k: int, photos: Path, out: Path, sets: list[str], preset: str, use_dask_cuda: bool) -> dict:
     """generate-many of every photo on k GPUs, in a fresh folder; its numbers."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    env = {**os.environ, "PREFECT_HOME": str(out / "prefect-home"), "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-           "LIFT3D_PRIOR_CACHE": os.environ.get("LIFT3D_PRIOR_CACHE", "1")}
-    env.pop("PREFECT_API_URL", None)
+    env = child_env(out)
     cmd = [sys.executable, "-m", "flows.cli", "generate-many", str(photos), "--out", str(out / "assets"),
            "--preset", preset, *[a for s in sets for a in ("--set", s)]]
     cluster = None

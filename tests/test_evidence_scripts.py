@@ -98,3 +98,19 @@ def test_fidelity_variants_are_the_released_and_paper_readings():
     for g in fv.GROUPS:
         diff = {s.split("=")[0] for s in set(v[f"paper{g}"]) ^ set(v["released"])}
         assert diff and diff <= {s.split("=")[0] for s in fv.PAPER[g]}, g
+
+
+def test_scale_bench_photos_and_environment(tmp_path):
+    """scripts/scale_bench.py (run only on GPU machines): its photos are written through the current
+    API (an oracle object's reference view with its depth beside it), and its runs keep a PYTHONPATH
+    already set (the GPU machine's packages) behind the repository, in a Prefect home of their own."""
+    import os
+
+    sb = load("scale_bench")
+    photos = sb.write_photos(tmp_path / "photos", 2, "tiny")
+    assert [p.parent.name for p in photos] == ["torus_00", "blocks_01"]
+    assert all(p.is_file() and (p.parent / "depth.png").is_file() for p in photos)
+    env = sb.child_env(tmp_path / "run", {"PYTHONPATH": "/tmp/site", "PREFECT_API_URL": "http://x", "A": "1"})
+    assert env["PYTHONPATH"] == os.pathsep.join([str(ROOT), "/tmp/site"]) and env["A"] == "1"
+    assert "PREFECT_API_URL" not in env and env["PREFECT_HOME"] == str(tmp_path / "run" / "prefect-home")
+    assert sb.child_env(tmp_path, {})["PYTHONPATH"] == str(ROOT)
