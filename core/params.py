@@ -164,6 +164,10 @@ class CoarseParams(_Section):
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)
+    # which cells are occupied: density (released: σ > min(mean σ of the grid, density threshold),
+    # Magic123/Consistent123 nerf/renderer.py, density_thresh 10) | alpha (σ·step ≥ occupancy_threshold)
+    occupancy_rule: Literal["alpha", "density"] = "density"
+    occupancy_density_threshold: float = Field(10.0, ge=0.0)
     occupancy_decay: float = Field(0.95, gt=0.0, le=1.0)  # Instant-NGP: a cell keeps max(decay·old, new)
     # the hash grid's coarse-to-fine schedule: step (Magic123: the finest level_mask_levels levels
     # zeroed while step ≤ level_mask_iters, nerf/utils.py:1266-1270, nerf/network_grid.py:71-75) |

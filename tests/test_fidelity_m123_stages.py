@@ -490,3 +490,17 @@ def test_fine_colour_field_levels_and_scale_in_the_checkpoint():
     again.load_state_dict(state)
     torch.testing.assert_close(again.dmtet.scale, rep_m.dmtet.scale)
     torch.testing.assert_close(again.dmtet.vertices(), rep_m.dmtet.vertices())
+
+
+def test_occupancy_grid_as_released():
+    """Row 5f: the released ray marcher's density grid — 128³, updated every 16 iterations with
+    decay 0.95, occupied where σ > min(mean σ, density_thresh 10) — in both paper presets; the smoke
+    preset keeps its alpha rule. The stage builds its grid from these."""
+    for preset in ("magic123", "consistent123"):
+        c = load_params(preset).coarse
+        assert (c.occupancy_rule, c.occupancy_density_threshold, c.occupancy_resolution, c.occupancy_every,
+                c.occupancy_decay) == ("density", 10.0, 128, 16, 0.95), preset
+    assert load_params("smoke").coarse.occupancy_rule == "alpha"
+    p = load_params("tiny", ["coarse.occupancy_rule=density", "coarse.occupancy_density_threshold=7"])
+    occ = NeRFRepresentation(p, torch.device("cpu")).occupancy
+    assert (occ.rule, occ.density_threshold) == ("density", 7.0)

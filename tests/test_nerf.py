@@ -137,6 +137,26 @@ def test_bf16_mlp_renders_and_trains_as_fp32():
     assert table.abs().max() > 0 and torch.isfinite(table).all()
 
 
+def test_occupancy_rules_by_hand():
+    """The released bitfield (occupancy_rule density): σ > min(mean σ of the grid, 10). A fog of
+    σ = 1 with one cell of 50: mean (63 + 50)/64 = 1.77, so only that cell; the alpha rule (σ·step ≥
+    0.01 at step 2/128) keeps the whole fog. Everything at 20 but one empty cell: mean 19.69, capped
+    at 10, so the 63 others."""
+    step = 2.0 / 128
+    dens = OccupancyGrid(4, 1.0, 0.01, rule="density")
+    alpha = OccupancyGrid(4, 1.0, 0.01, rule="alpha")
+    for g in (dens, alpha):
+        g.values.fill_(1.0)
+        g.values[1, 2, 3] = 50.0
+    assert dens.occupied_cells(step).sum() == 1 and dens.occupied_cells(step)[1, 2, 3]
+    assert alpha.occupied_cells(step).all()
+    dens.values.fill_(20.0)
+    dens.values[0, 0, 0] = 0.0
+    assert dens.occupied_cells(step).sum() == 63 and not dens.occupied_cells(step)[0, 0, 0]
+    with pytest.raises(ValueError, match="alpha or density"):
+        OccupancyGrid(4, 1.0, 0.01, rule="other")
+
+
 def test_random_ambient_range():
     from core.rendering.shading import sample_ambient
 

@@ -224,13 +224,21 @@ class OccupancyGrid(nn.Module):
     """A res³ grid over [−bound, bound]³ of decayed maximum densities (Instant-NGP's density grid).
 
     `update(field, step_size)`: every cell gets max(decay · old, σ(jittered cell point)); a cell is
-    occupied when its value × step_size ≥ threshold (a sample there would have α ≳ threshold),
-    dilated by one cell so that density can still grow next to the occupied region. Samples in
-    empty cells are skipped (σ = 0, no field evaluation). Before the first update all is occupied.
+    occupied, by `rule`, when
+      - 'alpha': its value × step_size ≥ threshold (a sample there would have α ≳ threshold);
+      - 'density': its value > min(mean of all cells, density_threshold) — the released code's
+        (stable-dreamfusion's) bitfield, `density_thresh` 10 (Magic123 nerf/renderer.py:1497-1507);
+    then dilated by one cell so that density can still grow next to the occupied region (lift3d's).
+    Samples in empty cells are skipped (σ = 0, no field evaluation). Before the first update all is
+    occupied.
     """
 
-    def __init__(self, resolution: int, bound: float, threshold: float, decay: float = 0.95, device="cpu"):
+    def __init__(self, resolution: int, bound: float, threshold: float, decay: float = 0.95, device="cpu",
+                 rule: str = "alpha", density_threshold: float = 10.0):
         super().__init__()
+        if rule not in ("alpha", "density"):
+            raise ValueError(f"occupancy rule must be alpha or density, not {rule!r}")
+        self.rule, self.density_threshold = rule, float(density_threshold)
         self.resolution, self.bound, self.threshold, self.decay = int(resolution), float(bound), float(threshold), float(decay)
         self.register_buffer("values", torch.zeros(resolution, resolution, resolution, device=device))
         self.register_buffer("occupied", torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=device))
@@ -251,11 +259,17 @@ class OccupancyGrid(nn.Module):
         pts = pts + jitter
         sig = torch.cat([field.density(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)]).view(r, r, r)
         self.values.copy_(torch.maximum(self.values * self.decay, sig))
-        occ = (self.values * step_size >= self.threshold).float()
+        occ = self.occupied_cells(step_size).float()
         occ = F.max_pool3d(occ[None, None], 3, stride=1, padding=1)[0, 0] > 0
         self.occupied.copy_(occ)
         self.box.copy_(torch.stack(self._compute_bbox()))
         self.updates += 1
+
+    def occupied_cells(self, step_size: float) -> torch.Tensor:
+        """(res, res, res) bool: the cells the rule marks occupied, before the dilation."""
+        if self.rule == "density":  # no host sync: the mean stays on the device
+            return self.values > self.values.mean().clamp(max=self.density_threshold)
+        return self.values * step_size >= self.threshold
 
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3) → (N,) bool: in an occupied cell (and inside the bound)."""

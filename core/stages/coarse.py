@@ -64,7 +64,8 @@ class NeRFRepresentation:
         self.c, self.device = c, device
         self.field = NeRFField.from_params(params, device=device)
         self.occupancy = OccupancyGrid(c.occupancy_resolution, c.bound, c.occupancy_threshold,
-                                       decay=c.occupancy_decay, device=device)
+                                       decay=c.occupancy_decay, device=device, rule=c.occupancy_rule,
+                                       density_threshold=c.occupancy_density_threshold)
         self.step_size = 2.0 * c.bound / c.samples_per_ray  # a typical sample spacing
         self.backend = self.field.encoding.backend
         self.step, self.total = 0, c.iters
