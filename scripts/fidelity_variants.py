@@ -22,35 +22,27 @@ WARMUP = round(99 / 5000 * SMOKE_ITERS)               # 6
 MASKED_LEVELS = SMOKE_LEVELS * 8 // 16                # 3
 MASK_ITERS = round(3000 / 5000 * SMOKE_ITERS)         # 180
 
-RELEASED = {
-    "2": ["sd.view_dependent_prompt=true"],
-    "3": ["zero123.angle_weighting=true"],
-    "4": ["camera.uniform_sphere_rate=0.5"],
-    "5": ["coarse.novel_background=random", "fine.novel_background=random", f"coarse.ref_warmup={WARMUP}",
-          f"fine.ref_warmup={WARMUP}", "coarse.ref_scale=1.5", "coarse.ref_ray_noise=0.001", "coarse.level_mask=step",
-          f"coarse.level_mask_levels={MASKED_LEVELS}", f"coarse.level_mask_iters={MASK_ITERS}",
-          "coarse.density_blob=gaussian", "coarse.density_blob_std=0.2", "coarse.density_blob_scale=10"],
-    "6": ["coarse.normal_smooth_form=released", "coarse.normal_smooth_blur_grad=true", "coarse.entropy_on=samples",
-          "coarse.entropy_ramp=0.5"],
-    "7": ["sd.fine_t_range=[0.02,0.5]", "zero123.fine_t_range=[0.02,0.5]", "fine.losses.depth=0.0",
-          "fine.tet_rescale=true", "fine.sdf_threshold=mean_density", "fine.sdf_scale=unit",
-          "fine.laplacian_form=unnormalised"],
+# item group → (key, released value, paper value)
+ITEMS: dict[str, list[tuple[str, object, object]]] = {
+    "2": [("sd.view_dependent_prompt", "true", "false")],
+    "3": [("zero123.angle_weighting", "true", "false")],
+    "4": [("camera.uniform_sphere_rate", 0.5, 0)],
+    "5": [("coarse.novel_background", "random", "white"), ("fine.novel_background", "random", "white"),
+          ("coarse.ref_warmup", WARMUP, 0), ("fine.ref_warmup", WARMUP, 0),
+          ("coarse.ref_scale", 1.5, 1.0), ("coarse.ref_ray_noise", 0.001, 0.0),
+          ("coarse.level_mask", "step", "none"), ("coarse.level_mask_levels", MASKED_LEVELS, MASKED_LEVELS),
+          ("coarse.level_mask_iters", MASK_ITERS, MASK_ITERS), ("coarse.density_blob", "gaussian", "linear"),
+          ("coarse.density_blob_std", 0.2, 0.5), ("coarse.density_blob_scale", 10, 10)],
+    "6": [("coarse.normal_smooth_form", "released", "paper"), ("coarse.normal_smooth_blur_grad", "true", "true"),
+          ("coarse.entropy_on", "samples", "opacity"), ("coarse.entropy_ramp", 0.5, 0)],
+    "7": [("sd.fine_t_range", "[0.02,0.5]", "null"), ("zero123.fine_t_range", "[0.02,0.5]", "null"),
+          ("fine.losses.depth", 0.0, 0.01), ("fine.tet_rescale", "true", "false"),
+          ("fine.sdf_threshold", "mean_density", "mesh_threshold"), ("fine.sdf_scale", "unit", "threshold"),
+          ("fine.laplacian_form", "unnormalised", "normalised")],
 }
-PAPER = {
-    "2": ["sd.view_dependent_prompt=false"],
-    "3": ["zero123.angle_weighting=false"],
-    "4": ["camera.uniform_sphere_rate=0"],
-    "5": ["coarse.novel_background=white", "fine.novel_background=white", "coarse.ref_warmup=0", "fine.ref_warmup=0",
-          "coarse.ref_scale=1.0", "coarse.ref_ray_noise=0.0", "coarse.level_mask=none",
-          f"coarse.level_mask_levels={MASKED_LEVELS}", f"coarse.level_mask_iters={MASK_ITERS}",
-          "coarse.density_blob=linear", "coarse.density_blob_std=0.5", "coarse.density_blob_scale=10"],
-    "6": ["coarse.normal_smooth_form=paper", "coarse.normal_smooth_blur_grad=true", "coarse.entropy_on=opacity",
-          "coarse.entropy_ramp=0"],
-    "7": ["sd.fine_t_range=null", "zero123.fine_t_range=null", "fine.losses.depth=0.01",
-          "fine.tet_rescale=false", "fine.sdf_threshold=mesh_threshold", "fine.sdf_scale=threshold",
-          "fine.laplacian_form=normalised"],
-}
-GROUPS = tuple(RELEASED)
+GROUPS = tuple(ITEMS)
+RELEASED = {g: [f"{k}={r}" for k, r, _ in rows] for g, rows in ITEMS.items()}
+PAPER = {g: [f"{k}={p}" for k, _, p in rows] for g, rows in ITEMS.items()}
 # the released values that are scaled to the smoke run rather than taken from the magic123 preset
 SCALED = {"coarse.ref_warmup", "fine.ref_warmup", "coarse.level_mask_levels", "coarse.level_mask_iters"}
 
