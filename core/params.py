@@ -680,7 +680,10 @@ def configure_cuda_allocator(params: Params, environ=None) -> Optional[str]:
         return None
     setting = "expandable_segments:True"
     if torch.cuda.is_initialized():  # the allocator has read its configuration already: set it live
-        torch.cuda.memory._set_allocator_settings(setting)
+        set_live = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+        if set_live is None:
+            return None
+        set_live(setting)
     else:
         environ["PYTORCH_CUDA_ALLOC_CONF"] = setting  # read when CUDA first allocates
     return setting
