@@ -101,10 +101,11 @@ def write_photos(folder: Path, n: int, preset: str) -> list[Path]:
 
 
 class GpuMemory:
-    """Peak memory.used per GPU (MiB), from nvidia-smi every `interval` seconds while running."""
+    """Peak memory.used per GPU (MiB), from nvidia-smi every `interval` seconds while running; only
+    GPUs 0..gpus-1 (the ones the run uses: other jobs may hold the rest)."""
 
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak, self._stop = interval, {}, threading.Event()
+    def __init__(self, gpus: int | None = None, interval: float = 0.5):
+        self.gpus, self.interval, self.peak, self._stop = gpus, interval, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -114,6 +115,8 @@ class GpuMemory:
                                      capture_output=True, text=True, timeout=10).stdout
                 for line in out.strip().splitlines():
                     i, used = (x.strip() for x in line.split(","))
+                    if self.gpus is not None and int(i) >= self.gpus:
+                        continue
                     self.peak[i] = max(self.peak.get(i, 0), int(float(used)))
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass
@@ -209,7 +212,7 @@ def one_run(k: int, photos: Path, out: Path, sets: list[str], preset: str, use_d
         cmd += ["--scheduler", cluster.__enter__()]
     print(f"[{k} GPU(s)] {' '.join(cmd)}", flush=True)
     try:
-        with open(out / "generate-many.log", "w") as log, GpuMemory() as mem:
+        with open(out / "generate-many.log", "w") as log, GpuMemory(k) as mem:
             t0 = time.perf_counter()
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
             wall = time.perf_counter() - t0
@@ -237,6 +240,16 @@ def one_run(k: int, photos: Path, out: Path, sets: list[str], preset: str, use_d
         "step_seconds": {f"{s['asset']}/{s['step']}": s.get("seconds") for s in steps},
         "command": cmd, "log": str(out / "generate-many.log"),
     }
+
+
+def earlier_runs(scale_json: Path, same: dict) -> dict:
+    """The runs an earlier invocation on the same OUT wrote with the same settings (so `--only 1` and
+    a later `--only 4` make one table with its speed-up); none when the settings differ."""
+    try:
+        earlier = json.loads(scale_json.read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(earlier.get("runs", {})) if all(earlier.get(k) == v for k, v in same.items()) else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             *[f"evaluate.{k}={v}" for k, v in judges.items()], *args.overrides]
     result = {"assets": args.assets, "preset": args.preset, "sets": sets, "models": models,
               "models_written_seconds": models_s, "gpu_name": _python(
-                  "import torch; print(torch.cuda.get_device_name(0))"), "runs": {}}
+                  "import torch; print(torch.cuda.get_device_name(0))"), "runs": earlier_runs(
+                  out / "scale.json", {"assets": args.assets, "preset": args.preset, "sets": sets})}
     counts = args.only or sorted({1, n})
     for k in counts:
         r = one_run(k, photos, out / f"gpus{k}", sets, args.preset, use_dask_cuda)

@@ -114,3 +114,19 @@ def test_scale_bench_photos_and_environment(tmp_path):
     assert env["PYTHONPATH"] == os.pathsep.join([str(ROOT), "/tmp/site"]) and env["A"] == "1"
     assert "PREFECT_API_URL" not in env and env["PREFECT_HOME"] == str(tmp_path / "run" / "prefect-home")
     assert sb.child_env(tmp_path, {})["PYTHONPATH"] == str(ROOT)
+
+
+def test_scale_bench_keeps_earlier_runs_of_the_same_settings(tmp_path):
+    """`--only 1` then `--only 4` on one OUT make one table; a run with other settings starts afresh."""
+    import json
+
+    sb = load("scale_bench")
+    same = {"assets": 8, "preset": "magic123", "sets": ["device=cuda", "coarse.iters=30"]}
+    f = tmp_path / "scale.json"
+    assert sb.earlier_runs(f, same) == {}  # nothing yet
+    f.write_text(json.dumps({**same, "runs": {"1": {"wall_seconds": 400.0}}}))
+    assert sb.earlier_runs(f, same) == {"1": {"wall_seconds": 400.0}}
+    assert sb.earlier_runs(f, {**same, "assets": 4}) == {}
+    assert sb.earlier_runs(f, {**same, "sets": ["device=cuda", "coarse.iters=60"]}) == {}
+    f.write_text("{not json")
+    assert sb.earlier_runs(f, same) == {}
