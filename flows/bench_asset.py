@@ -103,6 +103,16 @@ class _Profile:
         return False
 
 
+def steady_ms_per_iter(marks: list, from_step: int) -> Optional[float]:
+    """ms an iteration between the first and the last of the stage's [step, seconds] marks at or after
+    `from_step` (the engine marks every 25 steps, after the device has caught up): the speed once
+    warm-up, reference-only iterations and compilation are behind; None with fewer than two marks."""
+    after = [(int(a), float(b)) for a, b in marks if int(a) >= from_step]
+    if len(after) < 2 or after[-1][0] == after[0][0]:
+        return None
+    return round(1000 * (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0]), 1)
+
+
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
                     progress: bool = True, profile_steps: int = 0) -> dict[str, Any]:
@@ -174,6 +184,9 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
             result.setdefault("scopes", {})[name] = prof.summary()
         result["stages"][name] = {"wall_s": st.wall_s, "iters": steps, "loop_s": round(loop_s, 2),
                                   "ms_per_iter": round(1000 * loop_s / max(steps, 1), 1),
+                                  # the second half, past the reference-only warm-up (and any compiling)
+                                  "ms_per_iter_steady": steady_ms_per_iter(record.get("marks") or [],
+                                                                           max(warmup, steps // 2)),
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib}
         save()
     result["asset_seconds"] = round(time.perf_counter() - t_asset, 1)
@@ -184,10 +197,12 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
              f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}; {r['models']}",
-             "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'outside loop s':>15s} {'peak GiB':>9s}"]
+             "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'steady':>7s} {'outside loop s':>15s} "
+             f"{'peak GiB':>9s}"]
     for name, s in r["stages"].items():
         peak = "-" if s.get("peak_gib") is None else f"{s['peak_gib']:.2f}"
-        lines.append(f"{name:18s} {s['iters']:6d} {s['wall_s']:8.1f} {s['ms_per_iter']:8.1f} "
+        steady = "-" if s.get("ms_per_iter_steady") is None else f"{s['ms_per_iter_steady']:.1f}"
+        lines.append(f"{name:18s} {s['iters']:6d} {s['wall_s']:8.1f} {s['ms_per_iter']:8.1f} {steady:>7s} "
                      f"{s.get('outside_loop_s', 0.0):15.1f} {peak:>9s}")
     lines.append(f"whole asset: {r.get('asset_seconds', float('nan')):.1f} s")
     return "\n".join(lines)

@@ -219,14 +219,15 @@ def asset_row(name: str, photo: str, run_dir: Path, failure=None, flow_run_id: O
 
 
 def summarize(rows: list[dict], skipped: int, wall_seconds: float) -> dict:
-    """Counts, mean metrics, and per worker: assets run, prior loads (the worker's total)."""
+    """Counts, mean metrics, and per worker: the assets with a step on it (an asset's steps are
+    separate Dask tasks and may run on several workers), prior loads (the worker's total)."""
     ok = [r for r in rows if r["status"] == "ok"]
     workers: dict[str, dict] = {}
     ran = [r for r in rows if r.get("worker")]
     for r in ran:
         for w in str(r["worker"]).split():
-            d = workers.setdefault(w, {"assets": 0, "prior_loads": 0})
-            d["assets"] += 1
+            d = workers.setdefault(w, {"assets_with_steps": 0, "prior_loads": 0})
+            d["assets_with_steps"] += 1
             d["prior_loads"] = max(d["prior_loads"], int(r.get("worker_prior_loads") or 0))
     means = {}
     for k in METRICS:

@@ -312,3 +312,29 @@ def test_a_fresh_start_clears_the_earlier_outputs(tmp_path):
     run_coarse(p, _oracle_ref(p), tmp_path, resume=False, progress=False)
     assert not (tmp_path / "renders" / "novel_007.png").exists() and not (tmp_path / "mesh.glb").exists()
     assert (tmp_path / "renders" / "novel_000.png").is_file() and (tmp_path / "trace.csv").is_file()
+
+
+def test_the_loop_marks_its_clock_every_25_steps_across_a_resume(tmp_path):
+    """result.json's `marks`: [step, elapsed s] at steps 25, 50, …, the one before a kill kept over
+    the resume (the checkpoint holds them), elapsed increasing; bench speed reads its steady ms/iter
+    from them."""
+    from core.stages.coarse import run_coarse
+    from flows.bench_asset import steady_ms_per_iter
+
+    p = load_params("tiny", {**TINY_NERF, "coarse.iters": 50, "coarse.checkpoint_every": 10})
+    ref = _oracle_ref(p)
+    run_coarse(p, ref, tmp_path / "c", progress=False, stop_after=30)  # killed after step 30 (saved at 30)
+    record = run_coarse(p, ref, tmp_path / "c", progress=False).record
+    marks = record["marks"]
+    assert [m[0] for m in marks] == [25, 50]
+    assert 0 < marks[0][1] < marks[1][1] <= record["seconds"] + 1e-3  # result.json rounds to ms
+    assert steady_ms_per_iter(marks, 25) == pytest.approx(1000 * (marks[1][1] - marks[0][1]) / 25, abs=0.06)
+
+
+def test_steady_ms_per_iter_by_hand():
+    from flows.bench_asset import steady_ms_per_iter
+
+    marks = [[25, 5.0], [50, 6.0], [75, 6.5], [100, 7.0]]
+    assert steady_ms_per_iter(marks, 50) == 20.0  # (7.0 - 6.0) s / 50 steps
+    assert steady_ms_per_iter(marks, 0) == 26.7  # (7.0 - 5.0) / 75, rounded
+    assert steady_ms_per_iter(marks, 90) is None and steady_ms_per_iter([], 0) is None

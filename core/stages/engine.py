@@ -171,6 +171,7 @@ class StageState:
     token: Optional[dict] = None  # {token: embedding}: what the 2D prior guides with
     upstream: Optional[dict] = None  # the checkpoint this stage started from
     trace: list = field(default_factory=list)  # trace.csv's rows so far
+    marks: list = field(default_factory=list)  # [step, elapsed seconds] every 25 steps (steady-state speed)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -504,7 +505,7 @@ class Stage:
                   "switch_step": getattr(g, "switch_step", None), "params_digest": s.params_digest,
                   "upstream": s.upstream, **info, "checkpoint": CHECKPOINT,
                   "it_per_s": summ["it_per_s"], "outputs_seconds": summ.get("outputs_seconds"),
-                  "peak_memory_gib": summ["peak_memory_gib"], "summary": summ}
+                  "peak_memory_gib": summ["peak_memory_gib"], "summary": summ, "marks": s.marks}
         self.write_trace(out)
         atomic_write_text(Path(out) / RESULT, json.dumps(record, indent=2))
         log.info("%s", summary_line(f"{self.spec.name} stage", summ))
@@ -546,8 +547,9 @@ class Stage:
                     fm = {k: _scalar(v) for k, v in metrics.items()}
                     if callback is not None:
                         callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
-                    if s % 25 == 0:
+                    if s % 25 == 0:  # fm's values are on the host: the device has caught up
                         bar.set_postfix(postfix(fm))
+                        self.state.marks.append([s, round(base + time.perf_counter() - t0, 4)])
                 bar.update(1)
                 self.state.elapsed = base + time.perf_counter() - t0
                 if s % self.spec.checkpoint_every == 0 or s == iters:
