@@ -161,12 +161,15 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     save()
     t_asset = time.perf_counter()
     if needs_textual_inversion(params):
-        with _Stage(device) as st:
-            embeds = textual_inversion_stage(image, out / "textual_inversion", params, progress=progress)
+        with _Stage(device) as st, _Profile(out / "profile_textual_inversion.txt", profile_steps, device) as prof:
+            embeds = textual_inversion_stage(image, out / "textual_inversion", params, progress=progress,
+                                             callback=prof.callback)
         n = params.textual_inversion.steps
         result["stages"]["textual_inversion"] = {"wall_s": st.wall_s, "iters": n,
                                                  "ms_per_iter": round(1000 * st.wall_s / max(n, 1), 1),
                                                  "peak_gib": st.peak_gib}
+        if profile_steps:
+            result.setdefault("scopes", {})["textual_inversion"] = prof.summary()
         params = params.with_inputs(learned_embeds=str(embeds))
         save()
     elif params.prompt.text is None and params.prompt.learned_embeds is None:

@@ -88,3 +88,18 @@ def test_augmented_views_are_the_object_on_white():
     assert (views[:, :, 0, 0] > 0.99).all()  # corners are background white
     dark = (views.mean(1) < 0.5).float().mean((1, 2))
     assert (dark > 0.2).all() and (dark < 0.9).all()  # the object is in every view, not filling it
+
+
+def test_learn_token_times_its_parts_for_the_speed_profile(monkeypatch):
+    """Under bench speed --profile (engine.SCOPE_TIMES a dict) each step's parts are timed: one call
+    of each per step (gradient accumulation 1), the optimiser's once per step."""
+    from core.stages import engine
+
+    parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    monkeypatch.setattr(engine, "SCOPE_TIMES", {})
+    learn_token(parts, torch.ones(3, 32, 32), torch.ones(1, 32, 32), token="<e>", initializer="object", steps=2,
+                batch_size=1, resolution=64, seed=0, progress=False)
+    calls = {k: n for k, (n, t) in engine.SCOPE_TIMES.items()}
+    assert calls == {f"lift3d.ti.{k}": 2 for k in ("augment", "vae_encode", "text_encoder", "unet", "backward",
+                                                   "optimizer")}
+    assert all(t >= 0 for n, t in engine.SCOPE_TIMES.values())

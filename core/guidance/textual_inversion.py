@@ -213,6 +213,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     if vae_input not in ("unit", "signed"):
         raise ValueError(f"textual inversion: unknown vae_input {vae_input!r} (unit, signed)")
 
+    from core.stages.engine import scope  # bench speed --profile times these parts
+
     tok, te, vae, unet, sched = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler
     device = next(unet.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -239,30 +241,35 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             for _ in range(gradient_accumulation):
                 n = batch_size_at(micro, batch_size, repeats)
                 micro += 1
-                if augmentation == "released":
-                    images = released_augment(rgb, n, resolution, gen, device=device)
-                else:
-                    images = augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0)
-                images = images.to(device)
+                with scope("lift3d.ti.augment"):
+                    if augmentation == "released":
+                        images = released_augment(rgb, n, resolution, gen, device=device)
+                    else:
+                        images = augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0)
+                    images = images.to(device)
                 if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
                     images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
-                with torch.no_grad():
+                with torch.no_grad(), scope("lift3d.ti.vae_encode"):
                     latents = encode_images(vae, images, gen)
                 noise = torch.randn(latents.shape, generator=gen).to(device)
                 t = sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen).to(device)
                 noisy = sched.add_noise(latents, noise, t)
                 prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
                            for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (n,), generator=gen)]
-                ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(device)
-                states = te(ids)[0].to(udtype)
-                pred = unet(noisy.to(udtype), t, encoder_hidden_states=states).sample
-                loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
-                (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
+                with scope("lift3d.ti.text_encoder"):
+                    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids.to(device)
+                    states = te(ids)[0].to(udtype)
+                with scope("lift3d.ti.unet"):
+                    pred = unet(noisy.to(udtype), t, encoder_hidden_states=states).sample
+                    loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
+                with scope("lift3d.ti.backward"):
+                    (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
                 total += float(loss.detach()) / gradient_accumulation
-            opt.step()
-            with torch.no_grad():  # only the new row changes
-                emb_weight[keep] = original[keep]
+            with scope("lift3d.ti.optimizer"):
+                opt.step()
+                with torch.no_grad():  # only the new row changes
+                    emb_weight[keep] = original[keep]
             if callback is not None:
                 callback(step, total)
             bar.update(1)
