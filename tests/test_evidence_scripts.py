@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +131,20 @@ def test_scale_bench_keeps_earlier_runs_of_the_same_settings(tmp_path):
     assert sb.earlier_runs(f, {**same, "sets": ["device=cuda", "coarse.iters=60"]}) == {}
     f.write_text("{not json")
     assert sb.earlier_runs(f, same) == {}
+
+
+def test_flops_floor_counts_the_real_architectures_and_divides_by_hand():
+    """scripts/flops_floor.py: FLOPs from the full-size configs on the meta device (no memory), each
+    part positive, the step totals their sums; the floors are FLOPs / (peak × fraction)."""
+    ff = load("flops_floor")
+    tf = ff.step_tflops(batch=1)
+    assert all(v > 0 for v in tf.values())
+    assert tf["ti_step"] == tf["ti_vae_encode"] + tf["ti_unet_forward_backward"]
+    assert tf["sds_step_both_priors"] == pytest.approx(
+        tf["sds_sd_unet_cfg"] + tf["sds_vae_encode_forward_backward"] + tf["sds_zero123_unet_cfg"])
+    # the SD UNet with CFG is two forwards at 64²; textual inversion's at batch 1 is one forward and a
+    # backward through frozen weights (input gradients only: about one forward more)
+    assert tf["sds_sd_unet_cfg"] == pytest.approx(tf["ti_unet_forward_backward"], rel=0.1)
+    fl = ff.floors({"ti_step": 40.0, "sds_step_both_priors": 4.0}, peak_tflops=800.0, ti_steps=3000, guided_steps=100)
+    assert fl["100%_of_peak"] == {"ti_ms_per_step": 50.0, "ti_total_s": 150.0, "sds_ms_per_step": 5.0, "sds_total_s": 0.5}
+    assert fl["50%_of_peak"]["ti_total_s"] == 300.0
