@@ -68,3 +68,35 @@ class Timer:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
+
+
+# Where a step's time goes. Each part of a step runs in a named scope: a torch.profiler range, and
+# when SCOPE_TIMES is a dict (bench speed --profile sets it), also timed with the device synchronised
+# around it, so that a run's seconds per part add up without the profiler's overhead.
+SCOPE_TIMES: Optional[dict] = None
+
+
+class scope:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.rf = torch.profiler.record_function(self.name)
+        self.rf.__enter__()
+        if SCOPE_TIMES is not None:
+            _device_sync()
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if SCOPE_TIMES is not None:
+            _device_sync()
+            n, t = SCOPE_TIMES.get(self.name, (0, 0.0))
+            SCOPE_TIMES[self.name] = (n + 1, t + time.perf_counter() - self.t0)
+        self.rf.__exit__(*exc)
+        return False
+
+
+def _device_sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -53,7 +53,7 @@ class _Stage:
 
 
 class _Profile:
-    """Where a stage's time goes: the loop's scopes (core.stages.engine.scope: render, guidance,
+    """Where a stage's time goes: the loop's scopes (core.perf.scope: render, guidance,
     regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
     around each, over the whole stage; then torch.profiler's table over `steps` iterations, stepped by
     the stage's callback, after the stage's reference-only warm-up (`skip` iterations: the released
@@ -67,9 +67,9 @@ class _Profile:
         if self.steps > 0:
             from torch.profiler import ProfilerActivity, profile, schedule
 
-            from core.stages import engine
+            from core import perf
 
-            engine.SCOPE_TIMES = self.times
+            perf.SCOPE_TIMES = self.times
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=acts,
                                 schedule=schedule(wait=self.skip + 5, warmup=1, active=self.steps, repeat=1))
@@ -87,9 +87,9 @@ class _Profile:
     def __exit__(self, *exc):
         if self.prof is None:
             return False
-        from core.stages import engine
+        from core import perf
 
-        engine.SCOPE_TIMES = None
+        perf.SCOPE_TIMES = None
         self.prof.__exit__(None, None, None)
         lines = [f"{'scope':24s} {'calls':>6s} {'seconds':>9s} {'ms/call':>9s}"]
         lines += [f"{k:24s} {v['calls']:6d} {v['seconds']:9.2f} {v['ms_per_call']:9.2f}" for k, v in self.summary().items()]

@@ -91,15 +91,15 @@ def test_augmented_views_are_the_object_on_white():
 
 
 def test_learn_token_times_its_parts_for_the_speed_profile(monkeypatch):
-    """Under bench speed --profile (engine.SCOPE_TIMES a dict) each step's parts are timed: one call
+    """Under bench speed --profile (core.perf.SCOPE_TIMES a dict) each step's parts are timed: one call
     of each per step (gradient accumulation 1), the optimiser's once per step."""
-    from core.stages import engine
+    from core import perf
 
     parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
-    monkeypatch.setattr(engine, "SCOPE_TIMES", {})
+    monkeypatch.setattr(perf, "SCOPE_TIMES", {})
     learn_token(parts, torch.ones(3, 32, 32), torch.ones(1, 32, 32), token="<e>", initializer="object", steps=2,
                 batch_size=1, resolution=64, seed=0, progress=False)
-    calls = {k: n for k, (n, t) in engine.SCOPE_TIMES.items()}
+    calls = {k: n for k, (n, t) in perf.SCOPE_TIMES.items()}
     assert calls == {f"lift3d.ti.{k}": 2 for k in ("augment", "vae_encode", "text_encoder", "unet", "backward",
                                                    "optimizer")}
-    assert all(t >= 0 for n, t in engine.SCOPE_TIMES.values())
+    assert all(t >= 0 for n, t in perf.SCOPE_TIMES.values())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.io import atomic_torch_save
+from core.perf import scope
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,6 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         raise ValueError(f"textual inversion: unknown augmentation {augmentation!r} (released, crop)")
     if vae_input not in ("unit", "signed"):
         raise ValueError(f"textual inversion: unknown vae_input {vae_input!r} (unit, signed)")
-
-    from core.stages.engine import scope  # bench speed --profile times these parts
 
     tok, te, vae, unet, sched = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler
     device = next(unet.parameters()).device

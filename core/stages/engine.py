@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError, Lift3DError
 from core.io import atomic_torch_save
+from core.perf import scope
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras
 from core.rendering.shading import sample_ambient, sample_light, sample_shading
@@ -53,36 +54,6 @@ from core.stages.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
-# Where a step's time goes. Each part of a step runs in a named scope: a torch.profiler range, and
-# when SCOPE_TIMES is a dict (bench speed --profile), also timed with the device synchronised
-# around it, so that a run's seconds per part add up without the profiler's overhead.
-SCOPE_TIMES: Optional[dict] = None
-
-
-class scope:
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.rf = torch.profiler.record_function(self.name)
-        self.rf.__enter__()
-        if SCOPE_TIMES is not None:
-            _device_sync()
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if SCOPE_TIMES is not None:
-            _device_sync()
-            n, t = SCOPE_TIMES.get(self.name, (0, 0.0))
-            SCOPE_TIMES[self.name] = (n + 1, t + time.perf_counter() - self.t0)
-        self.rf.__exit__(*exc)
-        return False
-
-
-def _device_sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 FORMAT = "lift3d-stage-2"
@@ -547,11 +518,12 @@ class Stage:
                     fm = {k: _scalar(v) for k, v in metrics.items()}
                     if callback is not None:
                         callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
-                    if s % 25 == 0:  # fm's values are on the host: the device has caught up
+                    if s % 25 == 0:
                         bar.set_postfix(postfix(fm))
-                        self.state.marks.append([s, round(base + time.perf_counter() - t0, 4)])
                 bar.update(1)
                 self.state.elapsed = base + time.perf_counter() - t0
+                if s % 25 == 0:  # fm's values were read to the host above: the device has caught up
+                    self.state.marks.append([s, round(self.state.elapsed, 4)])
                 if s % self.spec.checkpoint_every == 0 or s == iters:
                     with scope("lift3d.checkpoint"):
                         self.save(ck_path)
