@@ -641,13 +641,27 @@ def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
         raise ParamsError(_format_errors(e)) from None
 
 
+def env_threads() -> Optional[int]:
+    """OMP_NUM_THREADS when it is set to a positive integer: what a Dask worker process is given
+    (distributed's nanny sets 1; flows.benchmark.task_runner sets cores ÷ workers), so that N worker
+    processes on one machine do not each start a thread per core and fight over them."""
+    import os
+
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
 def resolve_device(params: Params):
-    """The torch device of params.device; also fixes PyTorch's CPU threads (params.cpu_threads)."""
+    """The torch device of params.device; also fixes PyTorch's CPU threads: params.cpu_threads, else
+    OMP_NUM_THREADS (env_threads), else every core."""
     import os
 
     import torch
 
-    threads = params.cpu_threads or os.cpu_count() or 1
+    threads = params.cpu_threads or env_threads() or os.cpu_count() or 1
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

@@ -4,6 +4,7 @@ One Prefect test harness (a temporary database and API) serves the module; the f
 process, with the `tiny` preset (the smoke preset cut to a few steps per stage).
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def test_scheduled_benchmark_deployment_carries_cron_and_parameters():
 @pytest.mark.slow
 def test_two_dask_workers_give_the_meshes_of_one_process(harness):
     """Same seed, same numbers: the tiny benchmark in this process and on two Dask worker processes
-    (which start with one CPU thread each) ends with identical checkpoints and meshes."""
+    ends with identical checkpoints and meshes."""
     from dask.distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
@@ -185,7 +186,9 @@ def test_two_dask_workers_give_the_meshes_of_one_process(harness):
         for f in ("rgba.png", "depth.png", "learned_embeds.bin"):
             shutil.copy(BENCH / "nerf4" / name / f, ds / name / f)
     # one stage iteration fewer than tiny: the test runs two benchmarks of two assets
-    params = _params(root, "tracking.enabled=false", "coarse.iters=6", "fine.iters=2")
+    # one PyTorch thread on both sides: CPU sums compare bit for bit at one thread count, and a
+    # Dask worker takes its count from OMP_NUM_THREADS (flows.benchmark.worker_env)
+    params = _params(root, "tracking.enabled=false", "coarse.iters=6", "fine.iters=2", "cpu_threads=1")
     benchmark_flow(str(ds), str(root / "local"), params, limit=2, preset="tiny")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         runner = DaskTaskRunner(address=cluster.scheduler_address)
@@ -200,6 +203,33 @@ def test_two_dask_workers_give_the_meshes_of_one_process(harness):
             ra = json.loads((root / "local" / "mini" / name / stage / "result.json").read_text())
             rb = json.loads((root / "dask" / "mini" / name / stage / "result.json").read_text())
             assert ra["mesh_faces"] == rb["mesh_faces"] > 0, (name, stage)
+
+
+def test_local_workers_share_the_cores_out(monkeypatch):
+    """`--workers N`: each worker process runs its steps on cores ÷ N PyTorch threads, not on every
+    core (two workers on two cores each taking two threads made a smoke coarse step 5× slower)."""
+    from dask.distributed import Client, LocalCluster
+
+    from flows.benchmark import task_runner, worker_env
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_env(2)["OMP_NUM_THREADS"] == "4" and worker_env(3)["OMP_NUM_THREADS"] == "2"
+    assert worker_env(16)["OMP_NUM_THREADS"] == "1"
+    runner = task_runner(None, None, 2)  # as on an 8-core machine: 4 threads a worker
+    monkeypatch.undo()
+
+    def threads_in_a_step() -> int:  # nested: pickled by value for the worker
+        import torch
+
+        from core.params import load_params, resolve_device
+
+        resolve_device(load_params("tiny"))
+        return torch.get_num_threads()
+
+    kwargs = dict(runner.cluster_kwargs, n_workers=1)
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        (threads,) = client.run(threads_in_a_step).values()
+    assert threads == 4  # not distributed's default of 1, nor every core
 
 
 @pytest.mark.slow

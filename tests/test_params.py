@@ -79,3 +79,28 @@ def test_cuda_allocator_expandable_segments_unless_the_user_configured_it():
     assert configure_cuda_allocator(p, mine) is None and mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
     off = {}
     assert configure_cuda_allocator(load_params("smoke", ["cuda_expandable_segments=false"]), off) is None and off == {}
+
+
+def test_cpu_threads_come_from_the_params_then_omp_num_threads_then_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from core.params import env_threads, resolve_device
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert env_threads() == 1
+        resolve_device(load_params("tiny"))
+        assert torch.get_num_threads() == 1
+        resolve_device(load_params("tiny", ["cpu_threads=2"]))  # the params win over the environment
+        assert torch.get_num_threads() == 2
+        for bad in ("", "0", "two"):
+            monkeypatch.setenv("OMP_NUM_THREADS", bad)
+            assert env_threads() is None
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        resolve_device(load_params("tiny"))
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
