@@ -99,6 +99,14 @@ def test_fidelity_variants_are_the_released_and_paper_readings():
     for g in fv.GROUPS:
         diff = {s.split("=")[0] for s in set(v[f"paper{g}"]) ^ set(v["released"])}
         assert diff and diff <= {s.split("=")[0] for s in fv.PAPER[g]}, g
+    # at the paper's lengths 'released' is the magic123 preset itself, key for key
+    full = fv.variants("magic123")
+    assert set(full) == set(v)
+    for s in full["released"]:
+        key = s.split("=")[0]
+        assert value(load_params("magic123", full["released"]), key) == value(m123, key), key
+    assert load_params("magic123", full["paper"]).coarse.ref_warmup == 0
+    assert fv.main(["--size", "huge", "paper"]) == 2
 
 
 def test_scale_bench_photos_and_environment(tmp_path):

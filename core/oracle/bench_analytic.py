@@ -83,16 +83,20 @@ def run_object(params, name: str, names: list[str], out_dir: Path, device, progr
 
 
 def bench_analytic(params, names: list[str], out_dir: Path | str, device, progress: bool = True,
-                   meta: Optional[dict[str, Any]] = None) -> dict:
-    """Every object of `names` (procedural names or mesh files) under the analytic priors of them
-    all; DIR/analytic.json is rewritten after each object."""
+                   meta: Optional[dict[str, Any]] = None, only: Optional[list[str]] = None) -> dict:
+    """Every object of `names` (procedural names or mesh files), or those of `only` (a subset, for
+    one process per object), under the analytic priors of them all; DIR/analytic.json is rewritten
+    after each object."""
     from core.io import atomic_write_text
     from core.oracle.objects import make_object
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"bench": "analytic", "device": str(device), **(meta or {}), "objects": {}}
-    for name in names:
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise ValueError(f"bench analytic: --only {', '.join(unknown)} is not among the objects {', '.join(names)}")
+    for name in only or names:
         label = make_object(name).name
         m = run_object(params, name, names, out, device, progress)
         report["objects"][label] = m
