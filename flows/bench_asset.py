@@ -145,13 +145,16 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
 
     if not tiny:
         t0 = time.perf_counter()
-        from core.testmodels.fullsize_priors import sd_arch_of, write_fullsize_priors
+        from core.testmodels.fullsize_priors import fullsize_judge_overrides, sd_arch_of, write_fullsize_priors
 
         arch = sd_arch_of(params.sd.model)
         folders = write_fullsize_priors(models_dir or out / "models", device, sd_arch=arch)
+        judges = fullsize_judge_overrides(params, models_dir or out / "models")
         result["sd_architecture"] = arch
         result["models_written_seconds"] = round(time.perf_counter() - t0, 1)  # not part of the asset's time
-        params = apply_overrides(params, [f"sd.model={folders['sd']}", f"zero123.model={folders['zero123']}"])
+        if judges:
+            result["judges"] = judges
+        params = apply_overrides(params, [f"sd.model={folders['sd']}", f"zero123.model={folders['zero123']}", *judges])
     if image is None:
         from core.oracle.bench import write_reference_view
 

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-oracle", action="store_true", help="skip the oracle bench")
     ap.add_argument("--tag", default="", help="a suffix of the JSON names (e.g. a variant's name)")
+    ap.add_argument("--progress", action="store_true", help="the stages' progress bars (on stderr)")
     ap.add_argument("--only", nargs="+", default=None, metavar="OBJECT",
                     help="run only these of --objects (the priors still know them all): one process per object")
     args = ap.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             only = None if args.only is None else [objects[args.objects.index(n)] if n in args.objects else n for n in args.only]
-            rep = bench_analytic(params, objects, out / "runs" / f"analytic_{tag}", device, progress=False, meta=meta,
+            rep = bench_analytic(params, objects, out / "runs" / f"analytic_{tag}", device, progress=args.progress, meta=meta,
                                  only=only)
             rep["seconds"] = round(time.perf_counter() - t0, 1)
             atomic_write_text(out / f"analytic_{tag}.json", json.dumps(rep, indent=2))

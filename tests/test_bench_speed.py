@@ -95,3 +95,32 @@ def test_profile_skips_the_reference_only_warm_up(tmp_path):
     text = (tmp_path / "p.txt").read_text()
     profiled = sorted(int(w[-2:]) for w in text.split() if w.startswith("iteration_"))
     assert profiled == [9, 10], profiled
+
+
+def test_the_detectors_clip_at_full_size_loads_through_the_real_loader(tmp_path):
+    """bench speed --preset consistent123 on a machine without the real weights: the detector's CLIP
+    is written once with random weights (here the tiny architecture; ViT-B-32 on the GPU machine) and
+    the run's detector.clip_pretrained points at it; the file loads through load_clip."""
+    import open_clip
+
+    from core.evaluation.clip import load_clip
+    from core.testmodels.fullsize_priors import fullsize_judge_overrides, write_fullsize_clip
+    from core.testmodels.judges import TINY_CLIP_CONFIG, TINY_CLIP_NAME
+
+    cfg = tmp_path / f"{TINY_CLIP_NAME}.json"
+    cfg.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(cfg)
+    assert fullsize_judge_overrides(load_params("magic123"), tmp_path) == []  # no detector, nothing written
+    c123 = load_params("consistent123", [f"detector.clip_model={TINY_CLIP_NAME}"])
+    (override,) = fullsize_judge_overrides(c123, tmp_path)
+    path = tmp_path / f"fullsize-clip-{TINY_CLIP_NAME}-1.pt"
+    assert override == f"detector.clip_pretrained={path}" and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert write_fullsize_clip(tmp_path, TINY_CLIP_NAME) == path and path.stat().st_mtime_ns == mtime  # once
+    state = torch.load(path)["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    clip = load_clip(TINY_CLIP_NAME, str(path), "cpu", offline=True)
+    ref = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    ref.load_state_dict(state)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(clip.model.state_dict()[k].float(), v.float()), k

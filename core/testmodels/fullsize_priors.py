@@ -106,3 +106,32 @@ def write_fullsize_priors(root: Path | str, device: torch.device | str = "cpu",
         tmp.rename(folder)
     del sd, z
     return {k: str(v) for k, v in folders.items()}
+
+
+def write_fullsize_clip(root: Path | str, arch: str, dtype: torch.dtype = torch.float16) -> Path:
+    """An open_clip model of architecture `arch` (Consistent123's detector: ViT-B-32) with random
+    weights, saved once as a checkpoint file under root: with `detector.clip_pretrained` set to it the
+    detector loads through core.evaluation.clip.load_clip as the real one would, and costs what it
+    costs, on a machine that cannot download the real weights."""
+    import open_clip
+
+    path = Path(root) / f"fullsize-clip-{arch}-{VERSION}.pt"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"state_dict": {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}},
+               tmp)
+    tmp.replace(path)
+    return path
+
+
+def fullsize_judge_overrides(params, root: Path | str) -> list[str]:
+    """`--set` overrides that point the judges a run uses during its stages (the Consistent123 detector's
+    CLIP) at full-size random weights under root; none when the run has no detector."""
+    if not params.detector.enabled:
+        return []
+    return [f"detector.clip_pretrained={write_fullsize_clip(root, params.detector.clip_model)}"]
+
