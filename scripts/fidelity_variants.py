@@ -13,7 +13,7 @@ The released run lengths are scaled to the smoke preset's 300 iterations and 6 g
     python scripts/fidelity_variants.py            # every variant's overrides as JSON
 
 At the paper's lengths (`--size magic123`: the magic123 preset's own warm-up and level mask), on the
-GPU machine (reports/fidelity/items_2_7_magic123_gpu.json):
+GPU machine (reports/analytic/gpu_analytic_magic123_s9.json, one process per object with --only):
 
     python scripts/analytic_bench.py --out DIR --presets magic123 --objects torus blocks snowman house.glb \\
         --no-oracle --tag paper --set device=cuda $(python scripts/fidelity_variants.py --size magic123 paper)
