@@ -100,3 +100,74 @@ class scope:
 def _device_sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's text (c10/cuda/CUDAFunctions.cpp)
+_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _own_site(frames) -> str:
+    """'core/guidance/sds.py:120 (sds_step)': the innermost frame of lift3d's own code (not this file),
+    else the innermost frame at all."""
+    from pathlib import Path
+
+    for f in reversed(frames):
+        path = Path(f.filename).resolve()
+        if path == Path(__file__).resolve() or _ROOT not in path.parents or ".venv" in path.parts:
+            continue
+        return f"{path.relative_to(_ROOT)}:{f.lineno} ({f.name})"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({f.name})"
+
+
+class SyncAudit:
+    """Count the host–device synchronisations of a block of work, by the line of lift3d that caused them.
+
+    `torch.cuda.set_sync_debug_mode("warn")` makes every synchronising CUDA call warn (`.item()`,
+    `float()` of a GPU tensor, a copy to the host, a copy from pageable memory, `nonzero`, …): each
+    such warning is attributed to the innermost frame of lift3d's own code on the stack and counted in
+    `counts`; other warnings pass through. A sync stalls the host until the GPU has caught up, so a
+    loop that is launch-bound pays for each one. The stack walk slows the audited run: its times are
+    not figures. Off (`enabled=False`), or without CUDA, it counts only what is warned by hand."""
+
+    def __init__(self, enabled: bool = True):
+        from collections import Counter
+
+        self.enabled, self.counts = enabled, Counter()
+        self._catch = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()  # restores the filters and showwarning on exit
+        warnings.filterwarnings("always", message=SYNC_WARNING)  # every occurrence, not once per line
+        self._show = warnings.showwarning
+        warnings.showwarning = self._record
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        if SYNC_WARNING in str(message):
+            self.counts[_own_site(traceback.extract_stack()[:-1])] += 1
+        else:
+            self._show(message, category, filename, lineno, file, line)
+
+    def __exit__(self, *exc):
+        if self._catch is not None:
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode(0)
+            self._catch.__exit__(*exc)
+            self._catch = None
+        return False
+
+    def summary(self, iterations: int, top: int = 20) -> dict:
+        """{"total", "per_iteration", "sites": {site: count} (the `top` most frequent)}."""
+        total = sum(self.counts.values())
+        return {"total": total, "per_iteration": round(total / max(iterations, 1), 2),
+                "sites": dict(self.counts.most_common(top))}

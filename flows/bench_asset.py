@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from core.io import atomic_write_text
+from core.perf import SyncAudit
 
 
 def _backends(params, device: torch.device) -> dict[str, str]:
@@ -115,12 +116,16 @@ def steady_ms_per_iter(marks: list, from_step: int) -> Optional[float]:
 
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
-                    progress: bool = True, profile_steps: int = 0) -> dict[str, Any]:
+                    progress: bool = True, profile_steps: int = 0, sync_audit: bool = False) -> dict[str, Any]:
     """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
 
     `profile_steps=N`: torch.profiler over N iterations of each stage (after 5 + 2 warm-up ones),
     written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
-    those runs' timings are not the bench's figures)."""
+    those runs' timings are not the bench's figures).
+
+    `sync_audit=True`: every host–device synchronisation of each stage counted by the line of lift3d
+    that caused it (core.perf.SyncAudit) → speed.json "host_syncs" and DIR/sync_audit.txt (the stack
+    walk slows the run: not the bench's figures either)."""
     from core.params import apply_overrides
     from core.pipeline import coarse_stage, fine_stage, needs_textual_inversion, textual_inversion_stage
 
@@ -143,6 +148,16 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         result["total_seconds"] = round(time.perf_counter() - t_all, 1)
         atomic_write_text(out / "speed.json", json.dumps(result, indent=2))
 
+    def syncs(stage: str, audit: SyncAudit, iterations: int) -> None:
+        if not sync_audit:
+            return
+        result.setdefault("host_syncs", {})[stage] = audit.summary(iterations)
+        lines = []
+        for name, rec in result["host_syncs"].items():
+            lines.append(f"{name}: {rec['total']} host syncs, {rec['per_iteration']} an iteration")
+            lines += [f"  {n:7d}  {site}" for site, n in rec["sites"].items()]
+        atomic_write_text(out / "sync_audit.txt", "\n".join(lines) + "\n")
+
     if not tiny:
         t0 = time.perf_counter()
         from core.testmodels.fullsize_priors import fullsize_judge_overrides, sd_arch_of, write_fullsize_priors
@@ -164,10 +179,12 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     save()
     t_asset = time.perf_counter()
     if needs_textual_inversion(params):
-        with _Stage(device) as st, _Profile(out / "profile_textual_inversion.txt", profile_steps, device) as prof:
+        with _Stage(device) as st, _Profile(out / "profile_textual_inversion.txt", profile_steps, device) as prof, \
+                SyncAudit(sync_audit) as audit:
             embeds = textual_inversion_stage(image, out / "textual_inversion", params, progress=progress,
                                              callback=prof.callback)
         n = params.textual_inversion.steps
+        syncs("textual_inversion", audit, n)
         result["stages"]["textual_inversion"] = {"wall_s": st.wall_s, "iters": n,
                                                  "ms_per_iter": round(1000 * st.wall_s / max(n, 1), 1),
                                                  "peak_gib": st.peak_gib}
@@ -183,9 +200,11 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                        callback=cb)),
     ):
         warmup = getattr(params, name).ref_warmup  # profile guided steps, not the reference-only ones
-        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup) as prof:
+        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup) as prof, \
+                SyncAudit(sync_audit) as audit:
             record = run(prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))
+        syncs(name, audit, steps)
         if profile_steps:
             result.setdefault("scopes", {})[name] = prof.summary()
         result["stages"][name] = {"wall_s": st.wall_s, "iters": steps, "loop_s": round(loop_s, 2),

@@ -261,7 +261,8 @@ def cli_bench_speed(args) -> int:
         r = run_asset_bench(params, device, out, models_dir=Path(models) if models else None,
                             image=Path(args.image) if getattr(args, "image", None) else None,
                             depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
-                            profile_steps=getattr(args, "profile", 0) or 0)
+                            profile_steps=getattr(args, "profile", 0) or 0,
+                            sync_audit=bool(getattr(args, "sync_audit", False)))
         print(format_asset_table(r))
         print(f"wrote {out / 'speed.json'}")
         return 0

@@ -65,8 +65,11 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
                               "fine.checkpoint_every=2", "textual_inversion.enabled=true", "textual_inversion.steps=2",
                               "textual_inversion.batch_size=1", "guidance.coarse.lambda_2d=1.0", "coarse.resolution=32", "fine.resolution=64",
                               "fine.tet_resolution=32"])
-    r = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False)
+    r = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False, sync_audit=True)
     saved = json.loads((tmp_path / "speed.json").read_text())
+    # --sync-audit: a record per stage (a CPU run has no device to wait for: none counted)
+    assert {s: v["total"] for s, v in saved["host_syncs"].items()} == {"textual_inversion": 0, "coarse": 0, "fine": 0}
+    assert (tmp_path / "sync_audit.txt").read_text().startswith("textual_inversion: 0 host syncs")
     assert list(saved["stages"]) == ["textual_inversion", "coarse", "fine"]
     assert [saved["stages"][s]["iters"] for s in ("textual_inversion", "coarse", "fine")] == [2, 2, 2]
     for s in saved["stages"].values():

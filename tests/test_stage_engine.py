@@ -338,3 +338,36 @@ def test_steady_ms_per_iter_by_hand():
     assert steady_ms_per_iter(marks, 50) == 20.0  # (7.0 - 6.0) s / 50 steps
     assert steady_ms_per_iter(marks, 0) == 26.7  # (7.0 - 5.0) / 75, rounded
     assert steady_ms_per_iter(marks, 90) is None and steady_ms_per_iter([], 0) is None
+
+
+def _sync_here():
+    import warnings
+
+    from core.perf import SYNC_WARNING
+
+    warnings.warn(SYNC_WARNING)  # what torch warns under set_sync_debug_mode("warn")
+
+
+def test_sync_audit_counts_each_sync_at_the_line_that_caused_it():
+    """`bench speed --sync-audit` (issue 15): every synchronisation counted (not once per line, as
+    Python's default filter would), attributed to lift3d's innermost frame; other warnings pass."""
+    import inspect
+    import warnings
+
+    from core.perf import SyncAudit
+
+    line = inspect.getsourcelines(_sync_here)[1] + 5
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with SyncAudit() as audit:
+            for _ in range(3):
+                _sync_here()
+            warnings.warn("something else")
+        _sync_here()  # after the block: not counted, shown as usual
+    assert dict(audit.counts) == {f"tests/test_stage_engine.py:{line} (_sync_here)": 3}
+    assert [str(w.message) for w in seen] == ["something else", "called a synchronizing CUDA operation"]
+    assert audit.summary(iterations=2) == {"total": 3, "per_iteration": 1.5, "sites": dict(audit.counts)}
+    with SyncAudit(enabled=False) as off:
+        with warnings.catch_warnings(record=True):
+            _sync_here()
+    assert off.summary(1)["total"] == 0
