@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -103,17 +104,16 @@ def _device_sync() -> None:
 
 
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's text (c10/cuda/CUDAFunctions.cpp)
-_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+_THIS = Path(__file__).resolve()
+_ROOT = _THIS.parent.parent
 
 
 def _own_site(frames) -> str:
     """'core/guidance/sds.py:120 (sds_step)': the innermost frame of lift3d's own code (not this file),
     else the innermost frame at all."""
-    from pathlib import Path
-
     for f in reversed(frames):
         path = Path(f.filename).resolve()
-        if path == Path(__file__).resolve() or _ROOT not in path.parents or ".venv" in path.parts:
+        if path == _THIS or _ROOT not in path.parents or ".venv" in path.parts:
             continue
         return f"{path.relative_to(_ROOT)}:{f.lineno} ({f.name})"
     f = frames[-1]

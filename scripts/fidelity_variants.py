@@ -56,18 +56,22 @@ def items(size: str = "smoke") -> dict[str, list[tuple[str, object, object]]]:
     }
 
 
+def readings(size: str = "smoke") -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(released, paper): item group → its `--set KEY=VALUE` overrides in each reading."""
+    it = items(size)
+    return ({g: [f"{k}={r}" for k, r, _ in rows] for g, rows in it.items()},
+            {g: [f"{k}={p}" for k, _, p in rows] for g, rows in it.items()})
+
+
 ITEMS = items("smoke")
 GROUPS = tuple(ITEMS)
-RELEASED = {g: [f"{k}={r}" for k, r, _ in rows] for g, rows in ITEMS.items()}
-PAPER = {g: [f"{k}={p}" for k, _, p in rows] for g, rows in ITEMS.items()}
+RELEASED, PAPER = readings("smoke")
 # the released values that are scaled to the smoke run rather than taken from the magic123 preset
 SCALED = {"coarse.ref_warmup", "fine.ref_warmup", "coarse.level_mask_levels", "coarse.level_mask_iters"}
 
 
 def variants(size: str = "smoke") -> dict[str, list[str]]:
-    it = items(size)
-    released = {g: [f"{k}={r}" for k, r, _ in rows] for g, rows in it.items()}
-    paper = {g: [f"{k}={p}" for k, _, p in rows] for g, rows in it.items()}
+    released, paper = readings(size)
     out = {"released": [s for g in GROUPS for s in released[g]], "paper": [s for g in GROUPS for s in paper[g]]}
     for g in GROUPS:
         out[f"paper{g}"] = [s for h in GROUPS for s in (paper if h == g else released)[h]]

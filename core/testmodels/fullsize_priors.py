@@ -134,4 +134,3 @@ def fullsize_judge_overrides(params, root: Path | str) -> list[str]:
     if not params.detector.enabled:
         return []
     return [f"detector.clip_pretrained={write_fullsize_clip(root, params.detector.clip_model)}"]
-
