@@ -218,14 +218,15 @@ def asset_row(name: str, photo: str, run_dir: Path, failure=None, flow_run_id: O
     return row
 
 
-def summarize(rows: list[dict], skipped: int, wall_seconds: float) -> dict:
-    """Counts, mean metrics, and per worker: the assets with a step on it (an asset's steps are
+def summarize(rows: list[dict], skipped: int, wall_seconds: float, ran_now: set[str]) -> dict:
+    """Counts, mean metrics, and per worker of this run (`ran_now`: the assets it ran; the rows kept
+    from earlier runs still name their workers): the assets with a step on it (an asset's steps are
     separate Dask tasks and may run on several workers), prior loads (the worker's total)."""
     ok = [r for r in rows if r["status"] == "ok"]
     workers: dict[str, dict] = {}
-    ran = [r for r in rows if r.get("worker")]
+    ran = [r for r in rows if r["asset"] in ran_now]
     for r in ran:
-        for w in str(r["worker"]).split():
+        for w in str(r.get("worker") or "").split():
             d = workers.setdefault(w, {"assets_with_steps": 0, "prior_loads": 0})
             d["assets_with_steps"] += 1
             d["prior_loads"] = max(d["prior_loads"], int(r.get("worker_prior_loads") or 0))
@@ -286,7 +287,8 @@ def generate_many_flow(assets: dict[str, str], out: str, params: Params, kept: O
             progress.update(done)
         rows = sorted(rows_by_name.values(), key=lambda r: r["asset"])
         written = write_manifest(out_p, manifest, rows)
-        summary = summarize(rows, sum(1 for r in kept if r.get("status") == "ok"), time.perf_counter() - t0)
+        summary = summarize(rows, sum(1 for r in kept if r.get("status") == "ok"), time.perf_counter() - t0,
+                            set(assets))
         (out_p / f"{manifest}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         written["summary"] = str(out_p / f"{manifest}.summary.json")
         publish_table(f"generate-many-{out_p.name}-{manifest}", rows, f"generate-many into {out_p}: one row per asset")

@@ -624,6 +624,8 @@ def test_generate_many_records_a_failed_photo_and_skips_what_is_done_on_a_rerun(
     assert "3 photo(s); this shard 3: 2 done before (skipped), 1 to run" in said
     again = pd.read_csv(out / "manifest.csv").set_index("asset")
     assert list(again.loc[["chair", "ficus"], "finished"]) == list(m.loc[["chair", "ficus"], "finished"])
+    summary = json.loads((out / "manifest.summary.json").read_text())  # this run's counts, not the kept rows'
+    assert (summary["skipped_done"], summary["ran_now"], summary["assets"]) == (2, 1, 3)
 
 
 def test_tables_reports_and_progress_become_prefect_artifacts(harness):
