@@ -58,8 +58,8 @@ def _guided_calls(tmp_path, sets: dict, calls: int = 32) -> list[dict]:
     from core.rendering.batch import RenderBatch
     from core.rendering.cameras import Cameras
 
-    p = load_params("smoke", {"device": DEVICE, "textual_inversion.enabled": False, "guidance.sds_gradient_scale": "none",
-                              **sets}).with_inputs(text="a torus")
+    sets = {"device": DEVICE, "textual_inversion.enabled": False, "guidance.sds_gradient_scale": "none", **sets}
+    p = load_params("smoke", sets).with_inputs(text="a torus")
     ref = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     g = build_guidance(p, ref, "coarse", DEVICE)
     gen, res, out = torch.Generator().manual_seed(1), p.coarse.resolution, []
