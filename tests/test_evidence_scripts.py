@@ -156,3 +156,22 @@ def test_flops_floor_counts_the_real_architectures_and_divides_by_hand():
     fl = ff.floors({"ti_step": 40.0, "sds_step_both_priors": 4.0}, peak_tflops=800.0, ti_steps=3000, guided_steps=100)
     assert fl["100%_of_peak"] == {"ti_ms_per_step": 50.0, "ti_total_s": 150.0, "sds_ms_per_step": 5.0, "sds_total_s": 0.5}
     assert fl["50%_of_peak"]["ti_total_s"] == 300.0
+
+
+def test_install_extensions_says_what_is_wrong_in_one_line(tmp_path):
+    """scripts/install_extensions.sh (tinycudann and nvdiffrast from upstream): a bad argument, or a
+    machine without CUDA (CI's), stops before anything is fetched or built, exit 2, one line."""
+    import subprocess
+
+    def run(*args):
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "install_extensions.sh"), *args], capture_output=True,
+                           text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    assert run("--only", "cutlass") == (2, ["install_extensions: --only takes tinycudann or nvdiffrast, not 'cutlass'"])
+    assert run("--frobnicate")[0] == 2
+    if not __import__("torch").cuda.is_available():
+        assert run() == (2, ["install_extensions: no CUDA device for PyTorch here; the extensions are built for a GPU"])
+    helped = subprocess.run(["bash", str(ROOT / "scripts" / "install_extensions.sh"), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0 and "--src DIR" in helped.stdout and "nvdiffrast" in helped.stdout
