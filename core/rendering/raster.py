@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -140,19 +141,22 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
     if ids.numel() == 0:
         return best.view(B, H, W)
     csum = torch.cumsum(count[ids], 0)
+    # the chunks' boundaries on the host, from one copy of the running sum (one sync, not three a chunk)
+    csum_h = csum.cpu()
     start = 0
     flat = lambda t: t.reshape(B * F, *t.shape[2:])  # noqa: E731
     TX, TY, TZ, AREA = flat(tx), flat(ty), flat(tz), area.reshape(-1)
     X0, Y0, BW = x0.reshape(-1).long(), y0.reshape(-1).long(), bw.reshape(-1)
     results = []
     while start < ids.numel():
-        base = 0 if start == 0 else int(csum[start - 1])
-        end = int(torch.searchsorted(csum, torch.tensor(base + _CANDIDATE_CHUNK, device=dev), right=True))
+        base = 0 if start == 0 else int(csum_h[start - 1])
+        end = int(torch.searchsorted(csum_h, torch.tensor(base + _CANDIDATE_CHUNK), right=True))
         end = max(end, start + 1)
         sel = ids[start:end]
         n = count[sel]
-        owner = torch.repeat_interleave(sel, n)
-        local = torch.arange(int(n.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        total = int(csum_h[end - 1]) - base  # this chunk's candidates (output_size: no sync to count them)
+        owner = torch.repeat_interleave(sel, n, output_size=total)
+        local = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n, output_size=total)
         px = X0[owner] + local % BW[owner]
         py = Y0[owner] + torch.div(local, BW[owner], rounding_mode="floor")
         cx, cy = px.float() + 0.5, py.float() + 0.5
@@ -167,74 +171,78 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
         inside &= (z >= -1) & (z <= 1)
         b = torch.div(owner, F, rounding_mode="floor")
         key = (b * H + py) * W + px
-        results.append((key[inside], z[inside], (owner % F)[inside]))
+        hit = torch.nonzero(inside).squeeze(1)  # one sync for the three
+        results.append((key[hit], z[hit], (owner % F)[hit]))
         start = end
     key = torch.cat([r[0] for r in results])
     z = torch.cat([r[1] for r in results])
     f = torch.cat([r[2] for r in results])
     zbuf.scatter_reduce_(0, key, z, reduce="amin")
     win = z <= zbuf[key]
-    best.scatter_reduce_(0, key[win], f[win], reduce="amax")
+    best.scatter_reduce_(0, key, torch.where(win, f, -1), reduce="amax")  # a loser's −1 changes nothing
     return best.view(B, H, W)
 
 
 def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
-    """nvdiffrast-style rast output (B, H, W, 4); differentiable in `pos` through (u, v, z/w)."""
+    """nvdiffrast-style rast output (B, H, W, 4); differentiable in `pos` through (u, v, z/w).
+
+    After the coverage pass, every pixel is computed with fixed shapes (no compaction, so no host
+    sync): an uncovered pixel computes a stand-in triangle, then takes zeros, as nvdiffrast's
+    output has there."""
     H, W = int(resolution[0]), int(resolution[1])
     tri = tri.long()
     tid = _coverage(pos.detach(), tri, H, W)  # (B, H, W)
     B = pos.shape[0]
     covered = tid >= 0
-    out = pos.new_zeros(B, H, W, 4)
-    if not covered.any():
-        return out
-    bidx, iy, ix = torch.nonzero(covered, as_tuple=True)
-    f = tid[covered]
-    v = tri[f]  # (N, 3)
-    p = pos[bidx[:, None], v]  # (N, 3, 4) with autograd
+    f = tid.clamp_min(0)
+    p = pos[torch.arange(B, device=pos.device).view(B, 1, 1, 1), tri[f]]  # (B, H, W, 3, 4) with autograd
+    # uncovered pixels: a fixed triangle (finite w, non-zero area), so no inf/NaN reaches the gradient
+    p = torch.where(covered[..., None, None], p, _STAND_IN.to(p))
     X, Y, Z = _screen(p, H, W)
     w = p[..., 3]
+    iy, ix = torch.meshgrid(torch.arange(H, device=pos.device), torch.arange(W, device=pos.device), indexing="ij")
     cx, cy = ix.to(pos.dtype) + 0.5, iy.to(pos.dtype) + 0.5
-    e0 = (X[:, 1] - cx) * (Y[:, 2] - cy) - (X[:, 2] - cx) * (Y[:, 1] - cy)
-    e1 = (X[:, 2] - cx) * (Y[:, 0] - cy) - (X[:, 0] - cx) * (Y[:, 2] - cy)
-    e2 = (X[:, 0] - cx) * (Y[:, 1] - cy) - (X[:, 1] - cx) * (Y[:, 0] - cy)
+    e0 = (X[..., 1] - cx) * (Y[..., 2] - cy) - (X[..., 2] - cx) * (Y[..., 1] - cy)
+    e1 = (X[..., 2] - cx) * (Y[..., 0] - cy) - (X[..., 0] - cx) * (Y[..., 2] - cy)
+    e2 = (X[..., 0] - cx) * (Y[..., 1] - cy) - (X[..., 1] - cx) * (Y[..., 0] - cy)
     area = e0 + e1 + e2
     b0, b1, b2 = e0 / area, e1 / area, e2 / area  # screen-space barycentrics
-    zw = b0 * Z[:, 0] + b1 * Z[:, 1] + b2 * Z[:, 2]  # z/w is affine in screen space
-    q0, q1, q2 = b0 / w[:, 0], b1 / w[:, 1], b2 / w[:, 2]  # perspective correction
+    zw = b0 * Z[..., 0] + b1 * Z[..., 1] + b2 * Z[..., 2]  # z/w is affine in screen space
+    q0, q1, q2 = b0 / w[..., 0], b1 / w[..., 1], b2 / w[..., 2]  # perspective correction
     s = q0 + q1 + q2
     vals = torch.stack([q0 / s, q1 / s, zw, (f + 1).to(pos.dtype)], -1)
-    return out.index_put((bidx, iy, ix), vals)
+    return torch.where(covered[..., None], vals, torch.zeros_like(vals))
+
+
+# clip-space corners of the triangle an uncovered pixel computes before its zeros are taken
+_STAND_IN = torch.tensor([[-1.0, -1.0, 0.0, 1.0], [1.0, -1.0, 0.0, 1.0], [-1.0, 1.0, 0.0, 1.0]])
 
 
 def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """Vertex attributes (B or 1, V, C) at each pixel of `rast` (B, H, W, C): every pixel computed
+    with fixed shapes (no host sync), zeros where no triangle covers it."""
     B, H, W, _ = rast.shape
     tid = rast[..., 3].detach().long() - 1
-    covered = tid >= 0
-    C = attr.shape[-1]
-    out = attr.new_zeros(B, H, W, C)
-    if not covered.any():
-        return out
-    bidx, iy, ix = torch.nonzero(covered, as_tuple=True)
-    v = tri.long()[tid[covered]]  # (N, 3)
-    ab = bidx if attr.shape[0] == B else torch.zeros_like(bidx)
-    a = attr[ab[:, None], v]  # (N, 3, C)
-    r = rast[bidx, iy, ix]
-    u, vv = r[:, 0:1], r[:, 1:2]
-    val = u * a[:, 0] + vv * a[:, 1] + (1 - u - vv) * a[:, 2]
-    return out.index_put((bidx, iy, ix), val)
+    covered = (tid >= 0)[..., None]
+    v = tri.long()[tid.clamp_min(0)]  # (B, H, W, 3)
+    a = attr[torch.arange(B, device=v.device).view(B, 1, 1, 1), v] if attr.shape[0] == B else attr[0][v]
+    u, vv = rast[..., 0:1], rast[..., 1:2]
+    val = u * a[..., 0, :] + vv * a[..., 1, :] + (1 - u - vv) * a[..., 2, :]
+    return torch.where(covered, val, torch.zeros_like(val))
 
 
-def opposite_vertices(tri: torch.Tensor) -> torch.Tensor:
+def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> torch.Tensor:
     """(F, 3): for edge i of each triangle (the edge opposite its vertex i), the vertex of the
-    neighbouring triangle across that edge that is not on the edge; −1 for boundary or non-manifold."""
+    neighbouring triangle across that edge that is not on the edge; −1 for boundary or non-manifold.
+    `n_vertices`: any bound above the largest index (the vertex count; read from `tri` if not given,
+    which waits for the device)."""
     tri = tri.long()
     F = tri.shape[0]
     a = torch.stack([tri[:, 1], tri[:, 2], tri[:, 0]], 1).reshape(-1)
     b = torch.stack([tri[:, 2], tri[:, 0], tri[:, 1]], 1).reshape(-1)
     opp = tri.reshape(-1)  # vertex i is opposite edge i
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    n = int(tri.max()) + 1 if F else 1
+    n = (int(n_vertices) if n_vertices is not None else int(tri.max()) + 1) if F else 1
     key = lo * n + hi
     order = torch.argsort(key)
     ks = key[order]
@@ -256,7 +264,7 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
     tri = tri.long()
     tid = rast[..., 3].detach().long() - 1
     zw = rast[..., 2].detach()
-    opp = opposite_vertices(tri)
+    opp = opposite_vertices(tri, pos.shape[1])
     flat_c = color.reshape(-1, C)
     deltas, targets = [], []
     for d in (0, 1):  # 0: right neighbour (horizontal pairs), 1: lower neighbour (vertical pairs)
@@ -266,12 +274,17 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
         else:
             t0, t1 = tid[:, :-1, :], tid[:, 1:, :]
             z0, z1 = zw[:, :-1, :], zw[:, 1:, :]
-        diff = t0 != t1
-        if not diff.any():
+        # one compaction (one host sync) for the pairs whose triangles differ; the same elements,
+        # in the same order, as boolean indexing with the mask would give
+        at = torch.nonzero((t0 != t1).reshape(-1)).squeeze(1)
+        if at.numel() == 0:
             continue
-        bi, yi, xi = torch.nonzero(diff, as_tuple=True)
-        a0, a1 = t0[diff], t1[diff]
-        use0 = (a0 >= 0) & ((a1 < 0) | (z0[diff] < z1[diff]))
+        shape = t0.shape
+        xi = at % shape[2]
+        yi = torch.div(at, shape[2], rounding_mode="floor") % shape[1]
+        bi = torch.div(at, shape[1] * shape[2], rounding_mode="floor")
+        a0, a1 = t0.reshape(-1)[at], t1.reshape(-1)[at]
+        use0 = (a0 >= 0) & ((a1 < 0) | (z0.reshape(-1)[at] < z1.reshape(-1)[at]))
         T = torch.where(use0, a0, a1)
         # pixel of T and the other pixel (row, column)
         p0 = (bi * H + yi) * W + xi
@@ -314,11 +327,11 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
         ex, ey = (Xk - Xj).detach().abs(), (Yk - Yj).detach().abs()
         across = ey >= ex if d == 0 else ex >= ey
         eps = 1.0 / 16.0
-        ok = found & silhouette & across & (t > -eps) & (t < 1 + eps)
-        if not ok.any():
+        keep = torch.nonzero(found & silhouette & across & (t > -eps) & (t < 1 + eps)).squeeze(1)  # one sync
+        if keep.numel() == 0:
             continue
-        tt = t_grad[ok].clamp(0.0, 1.0)
-        pTo, pOo = pT[ok], pO[ok]
+        tt = t_grad[keep].clamp(0.0, 1.0)
+        pTo, pOo = pT[keep], pO[keep]
         cT, cO = flat_c[pTo], flat_c[pOo]
         alpha = (0.5 - tt)[:, None]
         to_T = alpha.detach()[:, 0] > 0
