@@ -58,10 +58,10 @@ def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_c
     device = latents.device
     if t is None:
         t = sample_timesteps(latents.shape[0], num_t, t_range, generator)
-    t = t.to(device)
+    t = t.to(device, non_blocking=True)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator)
-    noise = noise.to(device)
+    noise = noise.to(device, non_blocking=True)
     with torch.no_grad():
         latents_noisy = scheduler.add_noise(latents.detach().float(), noise.float(), t)
         eps_hat = predict_noise(latents_noisy, t)

@@ -33,15 +33,28 @@ def cartesian_to_spherical(xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return polar, azimuth, r
 
 
+_CONSTANTS: dict = {}
+
+
+def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, copied to `device` once and kept (a fresh torch.tensor(…, device=cuda)
+    each call is a host → GPU copy that waits for the GPU's queue). Read-only: do not write to it."""
+    key = (tuple(map(tuple, values)) if isinstance(values[0], (tuple, list)) else tuple(values), dtype, str(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
 def look_at(eye: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Camera-to-world matrices (B, 4, 4) for cameras at `eye` (B, 3) looking at `target`."""
     target = torch.zeros_like(eye) if target is None else target.expand_as(eye)
     back = torch.nn.functional.normalize(eye - target, dim=-1)  # camera +z points away from the scene
-    up = torch.tensor(UP, dtype=eye.dtype, device=eye.device).expand_as(eye)
+    up = device_constant(UP, eye.dtype, eye.device).expand_as(eye)
     right = torch.cross(up, back, dim=-1)
     # at the poles up ∥ back: pick +z·sign as the right-vector reference instead
     degenerate = right.norm(dim=-1, keepdim=True) < 1e-6
-    alt = torch.tensor((0.0, 0.0, -1.0), dtype=eye.dtype, device=eye.device).expand_as(eye)
+    alt = device_constant((0.0, 0.0, -1.0), eye.dtype, eye.device).expand_as(eye)
     right = torch.where(degenerate, torch.cross(alt, back, dim=-1), right)
     right = torch.nn.functional.normalize(right, dim=-1)
     true_up = torch.cross(back, right, dim=-1)
@@ -80,7 +93,9 @@ class Cameras:
         return self.polar.device
 
     def to(self, device) -> "Cameras":
-        return Cameras(*(t.to(device) for t in (self.polar, self.azimuth, self.radius, self.fovy)))
+        # non_blocking: a host → GPU copy of these few numbers need not wait for the GPU's queue
+        return Cameras(*(t.to(device, non_blocking=True)
+                         for t in (self.polar, self.azimuth, self.radius, self.fovy)))
 
     def __getitem__(self, idx) -> "Cameras":
         sel = [t[idx] for t in (self.polar, self.azimuth, self.radius, self.fovy)]

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras
+from core.rendering.cameras import Cameras, device_constant
 from core.representations.hashgrid import HashGrid
 from core.rendering.shading import shade
 
@@ -212,8 +212,8 @@ class NeRFField(nn.Module):
         return self._fd_normals(x, eps)
 
     def _fd_normals(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        e = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, 1.0, 1.0]],
-                         device=x.device, dtype=x.dtype)
+        e = device_constant(((1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0), (1.0, 1.0, 1.0)),
+                            x.dtype, x.device)
         r = self.raw((x[:, None, :] + eps * e[None]).reshape(-1, 3))[0].view(-1, 4)
         grad = r @ e
         return -F.normalize(grad, dim=-1, eps=1e-8)
@@ -294,8 +294,9 @@ class OccupancyGrid(nn.Module):
         hi = (idx.amax(0).float() + 1) * cell - self.bound
         return lo, hi
 
-    def fraction(self) -> float:
-        return float(self.occupied.float().mean())
+    def fraction(self) -> torch.Tensor:
+        """The occupied share of the cells, a 0-d tensor (read to the host only when shown)."""
+        return self.occupied.float().mean()
 
 
 # ----------------------------------------------------------------------------------- volume render
@@ -346,8 +347,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     o, d = cameras.rays(height, width)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     if ray_offsets is not None:
-        o = o + ray_offsets[0].to(o)
-        d = F.normalize(d + ray_offsets[1].to(d), dim=-1)
+        o = o + ray_offsets[0].to(o, non_blocking=True)
+        d = F.normalize(d + ray_offsets[1].to(d, non_blocking=True), dim=-1)
     R = o.shape[0]
     fwd = -cameras.c2w()[:, :3, 2]  # camera viewing axis, (B, 3)
     cos = (d.view(B, -1, 3) * fwd[:, None, :]).sum(-1).reshape(-1)  # ray direction · axis

@@ -132,7 +132,7 @@ class NeRFRepresentation:
             regs["normal_smooth_tv"] = (w.normal_smooth_tv, l_tv)
         return regs
 
-    def progress(self) -> dict[str, float]:
+    def progress(self) -> dict[str, torch.Tensor]:
         return {"occupied": self.occupancy.fraction()}
 
     def train(self, mode: bool = True):

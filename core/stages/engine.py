@@ -359,12 +359,13 @@ class Stage:
                                         torch.randn(3, generator=gen) * spec.ref_ray_noise)
         else:
             # Consistent123's progressive view ranges widen over the NeRF stage only (camera.progressive_view)
-            cams = sample_cameras(p.camera, 1, gen, device=self.device,
-                                  progress=step / total if spec.name == "coarse" else None)
+            # drawn on the host (the seeded stream), moved without waiting for the GPU's queue
+            cams_host = sample_cameras(p.camera, 1, gen, progress=step / total if spec.name == "coarse" else None)
+            cams = cams_host.to(self.device)
             shading = sample_shading(step, total, shading_params, gen, stage=spec.name)
-            light = sample_light(cams.centers.cpu(), gen).to(self.device)
+            light = sample_light(cams_host.centers, gen).to(self.device, non_blocking=True)
             if spec.novel_background == "random":
-                background = torch.rand(len(cams), 3, generator=gen).to(self.device)
+                background = torch.rand(len(cams), 3, generator=gen).to(self.device, non_blocking=True)
         ambient, diffuse = sample_ambient(shading_params, shading, gen)
         with scope("lift3d.render"):
             out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
