@@ -38,6 +38,8 @@ from typing import Optional
 
 import torch
 
+from core.rendering.cameras import device_constant
+
 log = logging.getLogger(__name__)
 
 _CANDIDATE_CHUNK = 4_000_000  # (triangle, pixel) candidates per chunk in the torch rasteriser
@@ -197,7 +199,7 @@ def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     f = tid.clamp_min(0)
     p = pos[torch.arange(B, device=pos.device).view(B, 1, 1, 1), tri[f]]  # (B, H, W, 3, 4) with autograd
     # uncovered pixels: a fixed triangle (finite w, non-zero area), so no inf/NaN reaches the gradient
-    p = torch.where(covered[..., None, None], p, _STAND_IN.to(p))
+    p = torch.where(covered[..., None, None], p, device_constant(_STAND_IN, p.dtype, p.device))
     X, Y, Z = _screen(p, H, W)
     w = p[..., 3]
     iy, ix = torch.meshgrid(torch.arange(H, device=pos.device), torch.arange(W, device=pos.device), indexing="ij")
@@ -215,7 +217,7 @@ def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
 
 
 # clip-space corners of the triangle an uncovered pixel computes before its zeros are taken
-_STAND_IN = torch.tensor([[-1.0, -1.0, 0.0, 1.0], [1.0, -1.0, 0.0, 1.0], [-1.0, 1.0, 0.0, 1.0]])
+_STAND_IN = ((-1.0, -1.0, 0.0, 1.0), (1.0, -1.0, 0.0, 1.0), (-1.0, 1.0, 0.0, 1.0))
 
 
 def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
