@@ -83,3 +83,20 @@ def test_relative_pose_wraps_azimuth():
     dp, da, dr = relative_pose(ref, tgt)
     assert math.isclose(dp.item(), -30.0, abs_tol=1e-5) and math.isclose(da.item(), 20.0, abs_tol=1e-4)
     assert math.isclose(dr.item(), 0.2, abs_tol=1e-6)
+
+
+def test_to_device_keeps_values_and_dtype_and_blocks_towards_the_host():
+    """core.rendering.cameras.to_device: the values and the asked dtype; a host→host move is the same
+    tensor; only a host→GPU copy is non-blocking (a GPU→host one must block: it would land in pinned
+    memory and could be read before it is written)."""
+    from core.rendering.cameras import to_device
+
+    t = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float64)
+    assert to_device(t, "cpu") is t
+    assert to_device(t, "cpu", torch.float32).dtype == torch.float32
+    cams = Cameras.make([60.0, 90.0], [0.0, 45.0], 2.0, 40.0).to("cpu")
+    assert torch.equal(cams.azimuth, torch.tensor([0.0, 45.0]))
+    if torch.cuda.is_available():
+        g = to_device(t, "cuda")
+        back = to_device(g, "cpu")
+        assert not back.is_pinned() and torch.equal(back, t)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from core.rendering.cameras import to_device
+
 
 def sample_timesteps(batch: int, num_train_timesteps: int, t_range: tuple[float, float],
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,10 +60,10 @@ def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_c
     device = latents.device
     if t is None:
         t = sample_timesteps(latents.shape[0], num_t, t_range, generator)
-    t = t.to(device, non_blocking=True)
+    t = to_device(t, device)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator)
-    noise = noise.to(device, non_blocking=True)
+    noise = to_device(noise, device)
     with torch.no_grad():
         latents_noisy = scheduler.add_noise(latents.detach().float(), noise.float(), t)
         eps_hat = predict_noise(latents_noisy, t)

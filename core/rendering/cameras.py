@@ -46,6 +46,16 @@ def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.T
     return t
 
 
+def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t` on `device` (and `dtype`). A host tensor going to a GPU is copied with non_blocking: the
+    copy of a few numbers need not wait for the GPU's queue (pageable memory is staged at once, so
+    the source may change afterwards). Other directions block as usual: a non_blocking copy to the
+    host would land in pinned memory and could be read before the GPU wrote it."""
+    device = torch.device(device)
+    fast = t.device.type == "cpu" and device.type != "cpu"
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=fast)
+
+
 def look_at(eye: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Camera-to-world matrices (B, 4, 4) for cameras at `eye` (B, 3) looking at `target`."""
     target = torch.zeros_like(eye) if target is None else target.expand_as(eye)
@@ -93,8 +103,7 @@ class Cameras:
         return self.polar.device
 
     def to(self, device) -> "Cameras":
-        # non_blocking: a host → GPU copy of these few numbers need not wait for the GPU's queue
-        return Cameras(*(t.to(device, non_blocking=True)
+        return Cameras(*(to_device(t, device)
                          for t in (self.polar, self.azimuth, self.radius, self.fovy)))
 
     def __getitem__(self, idx) -> "Cameras":

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras, device_constant
+from core.rendering.cameras import Cameras, device_constant, to_device
 from core.representations.hashgrid import HashGrid
 from core.rendering.shading import shade
 
@@ -347,8 +347,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     o, d = cameras.rays(height, width)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     if ray_offsets is not None:
-        o = o + ray_offsets[0].to(o, non_blocking=True)
-        d = F.normalize(d + ray_offsets[1].to(d, non_blocking=True), dim=-1)
+        o = o + to_device(ray_offsets[0], o.device, o.dtype)
+        d = F.normalize(d + to_device(ray_offsets[1], d.device, d.dtype), dim=-1)
     R = o.shape[0]
     fwd = -cameras.c2w()[:, :3, 2]  # camera viewing axis, (B, 3)
     cos = (d.view(B, -1, 3) * fwd[:, None, :]).sum(-1).reshape(-1)  # ray direction · axis

@@ -47,7 +47,7 @@ from core.errors import InputError, Lift3DError
 from core.io import atomic_torch_save
 from core.perf import scope
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras
+from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras, to_device
 from core.rendering.shading import sample_ambient, sample_light, sample_shading
 from core.stages.losses import pearson_depth_loss, reference_mask_loss, reference_rgb_loss
 from core.stages.optim import build_optimizer
@@ -363,9 +363,9 @@ class Stage:
             cams_host = sample_cameras(p.camera, 1, gen, progress=step / total if spec.name == "coarse" else None)
             cams = cams_host.to(self.device)
             shading = sample_shading(step, total, shading_params, gen, stage=spec.name)
-            light = sample_light(cams_host.centers, gen).to(self.device, non_blocking=True)
+            light = to_device(sample_light(cams_host.centers, gen), self.device)
             if spec.novel_background == "random":
-                background = torch.rand(len(cams), 3, generator=gen).to(self.device, non_blocking=True)
+                background = to_device(torch.rand(len(cams), 3, generator=gen), self.device)
         ambient, diffuse = sample_ambient(shading_params, shading, gen)
         with scope("lift3d.render"):
             out = self.rep.render(cams, res, shading=shading, light_dir=light, ambient=ambient,
