@@ -192,3 +192,22 @@ def test_uncovered_pixels_give_zeros_and_finite_gradients():
     assert (rast[empty] == 0).all() and (val[empty] == 0).all() and (rast[..., 3][~empty] >= 2).all()
     (rast[..., :3].square().sum() + val.square().sum()).backward()
     assert torch.isfinite(pos.grad).all() and torch.isfinite(attr.grad).all() and pos.grad[0, :6].abs().sum() > 0
+
+
+def test_vertex_gather_is_indexing_with_a_fixed_order_backward():
+    """raster._gather_vertices: the values of advanced indexing, and a gradient summed by index_add
+    (fixed order) — advanced indexing's index_put-with-accumulate backward varied between runs on a
+    2-thread CPU at these sizes, which broke the killed-and-resumed stage test's bit-equality."""
+    from core.rendering.raster import _gather_vertices
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 50, 4, generator=g, requires_grad=True)
+    v = torch.randint(0, 50, (2, 96, 96, 3), generator=g)
+    out = _gather_vertices(values, v)
+    assert torch.equal(out, values[torch.arange(2).view(2, 1, 1, 1), v])
+    w = torch.randn(out.shape, generator=g)
+    grads = [torch.autograd.grad((_gather_vertices(values, v) * w).sum(), values)[0] for _ in range(3)]
+    assert all(torch.equal(grads[0], q) for q in grads[1:])
+    ref = torch.zeros(2, 50, 4, dtype=torch.float64)
+    ref.index_put_((torch.arange(2).view(2, 1, 1, 1).expand_as(v), v), w.double(), accumulate=True)
+    torch.testing.assert_close(grads[0].double(), ref, rtol=1e-5, atol=1e-4)

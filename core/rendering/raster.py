@@ -185,6 +185,16 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
     return best.view(B, H, W)
 
 
+def _gather_vertices(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """values (B, V, C) at vertex ids v (B, …): (B, …, C). By index_select on the flattened rows, whose
+    backward (index_add) sums in a fixed order: advanced indexing's backward (index_put with
+    accumulate) sums in an order that varies between runs on a multi-threaded CPU once it is large,
+    and a resumed run must equal an uninterrupted one bit for bit."""
+    B, V, C = values.shape
+    rows = v + (torch.arange(B, device=v.device) * V).view(B, *([1] * (v.dim() - 1)))
+    return values.reshape(B * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
+
+
 def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
     """nvdiffrast-style rast output (B, H, W, 4); differentiable in `pos` through (u, v, z/w).
 
@@ -197,7 +207,7 @@ def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     B = pos.shape[0]
     covered = tid >= 0
     f = tid.clamp_min(0)
-    p = pos[torch.arange(B, device=pos.device).view(B, 1, 1, 1), tri[f]]  # (B, H, W, 3, 4) with autograd
+    p = _gather_vertices(pos, tri[f])  # (B, H, W, 3, 4) with autograd
     # uncovered pixels: a fixed triangle (finite w, non-zero area), so no inf/NaN reaches the gradient
     p = torch.where(covered[..., None, None], p, device_constant(_STAND_IN, p.dtype, p.device))
     X, Y, Z = _screen(p, H, W)
@@ -227,7 +237,7 @@ def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor)
     tid = rast[..., 3].detach().long() - 1
     covered = (tid >= 0)[..., None]
     v = tri.long()[tid.clamp_min(0)]  # (B, H, W, 3)
-    a = attr[torch.arange(B, device=v.device).view(B, 1, 1, 1), v] if attr.shape[0] == B else attr[0][v]
+    a = _gather_vertices(attr if attr.shape[0] == B else attr.expand(B, *attr.shape[1:]), v)  # (B, H, W, 3, C)
     u, vv = rast[..., 0:1], rast[..., 1:2]
     val = u * a[..., 0, :] + vv * a[..., 1, :] + (1 - u - vv) * a[..., 2, :]
     return torch.where(covered, val, torch.zeros_like(val))
