@@ -18,6 +18,29 @@ from typing import Optional
 import torch
 
 
+_CONSTANTS: dict = {}
+
+
+def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, copied to `device` once and kept (a fresh torch.tensor(…, device=cuda)
+    each call is a host → GPU copy that waits for the GPU's queue). Read-only: do not write to it."""
+    key = (tuple(map(tuple, values)) if isinstance(values[0], (tuple, list)) else tuple(values), dtype, str(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
+def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t` on `device` (and `dtype`). A host tensor going to a GPU is copied with non_blocking: the
+    copy of a few numbers need not wait for the GPU's queue (pageable memory is staged at once, so
+    the source may change afterwards). Other directions block as usual: a non_blocking copy to the
+    host would land in pinned memory and could be read before the GPU wrote it."""
+    device = torch.device(device)
+    fast = t.device.type == "cpu" and device.type != "cpu"
+    return t.to(device=device, dtype=dtype or t.dtype, non_blocking=fast)
+
+
 def reset_peak_memory(device: torch.device | str) -> None:
     """Start the GPU's peak-memory counter afresh (nothing to do on a CPU)."""
     device = torch.device(device)

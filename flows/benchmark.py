@@ -140,8 +140,8 @@ def task_runner(gpus: Optional[int], scheduler: Optional[str], workers: Optional
     dask-cuda worker per GPU (`--gpus N`), or N local worker processes (`--workers N`, CPU), each
     running one step at a time on its share of the cores (worker_env); else in-process, one step at
     a time. A worker started by Dask's nanny without worker_env (dask-cuda's, or `dask worker` on
-    another host) has OMP_NUM_THREADS=1, so its PyTorch CPU work runs on one thread. Each worker keeps the priors it loaded for the next
-    asset it runs (core.models.cache)."""
+    another host) has OMP_NUM_THREADS=1, so its PyTorch CPU work runs on one thread. Each worker
+    keeps the priors it loaded for the next asset it runs (core.models.cache)."""
     if scheduler or gpus or workers:
         from prefect_dask import DaskTaskRunner
 

@@ -86,10 +86,10 @@ def test_relative_pose_wraps_azimuth():
 
 
 def test_to_device_keeps_values_and_dtype_and_blocks_towards_the_host():
-    """core.rendering.cameras.to_device: the values and the asked dtype; a host→host move is the same
+    """core.perf.to_device: the values and the asked dtype; a host→host move is the same
     tensor; only a host→GPU copy is non-blocking (a GPU→host one must block: it would land in pinned
     memory and could be read before it is written)."""
-    from core.rendering.cameras import to_device
+    from core.perf import to_device
 
     t = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float64)
     assert to_device(t, "cpu") is t

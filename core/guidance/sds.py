@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from core.rendering.cameras import to_device
+from core.perf import to_device
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, t_range: tuple[float, float],

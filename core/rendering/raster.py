@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from core.rendering.cameras import device_constant
+from core.perf import device_constant
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,13 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
 
 
 def _gather_vertices(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """values (B, V, C) at vertex ids v (B, …): (B, …, C). By index_select on the flattened rows, whose
+    """values (B or 1, V, C) at vertex ids v (B, …): (B, …, C), one batch of values serving all. By index_select on the flattened rows, whose
     backward (index_add) sums in a fixed order: advanced indexing's backward (index_put with
     accumulate) sums in an order that varies between runs on a multi-threaded CPU once it is large,
     and a resumed run must equal an uninterrupted one bit for bit."""
-    B, V, C = values.shape
-    rows = v + (torch.arange(B, device=v.device) * V).view(B, *([1] * (v.dim() - 1)))
-    return values.reshape(B * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
+    n, V, C = values.shape
+    rows = v if n == 1 else v + (torch.arange(n, device=v.device) * V).view(n, *([1] * (v.dim() - 1)))
+    return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
 
 
 def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
@@ -237,7 +237,7 @@ def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor)
     tid = rast[..., 3].detach().long() - 1
     covered = (tid >= 0)[..., None]
     v = tri.long()[tid.clamp_min(0)]  # (B, H, W, 3)
-    a = _gather_vertices(attr if attr.shape[0] == B else attr.expand(B, *attr.shape[1:]), v)  # (B, H, W, 3, C)
+    a = _gather_vertices(attr if attr.shape[0] == B else attr[:1], v)  # (B, H, W, 3, C)
     u, vv = rast[..., 0:1], rast[..., 1:2]
     val = u * a[..., 0, :] + vv * a[..., 1, :] + (1 - u - vv) * a[..., 2, :]
     return torch.where(covered, val, torch.zeros_like(val))

@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras, device_constant, to_device
+from core.perf import device_constant, to_device
+from core.rendering.cameras import Cameras
 from core.representations.hashgrid import HashGrid
 from core.rendering.shading import shade
 

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 
 from core.errors import InputError, Lift3DError
 from core.io import atomic_torch_save
-from core.perf import scope
+from core.perf import scope, to_device
 from core.rendering.batch import RenderBatch
-from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras, to_device
+from core.rendering.cameras import Cameras, orbit_cameras, reference_cameras, sample_cameras
 from core.rendering.shading import sample_ambient, sample_light, sample_shading
 from core.stages.losses import pearson_depth_loss, reference_mask_loss, reference_rgb_loss
 from core.stages.optim import build_optimizer
