@@ -187,9 +187,10 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
 
 def _gather_vertices(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """values (B or 1, V, C) at vertex ids v (B, …): (B, …, C), one batch of values serving all.
-    By index_select on the flattened rows, whose backward (index_add) sums in a fixed order: advanced indexing's backward (index_put with
-    accumulate) sums in an order that varies between runs on a multi-threaded CPU once it is large,
-    and a resumed run must equal an uninterrupted one bit for bit."""
+    By index_select on the flattened rows, whose backward (index_add) sums in a fixed order:
+    advanced indexing's backward (index_put with accumulate) sums in an order that varies between
+    runs on a multi-threaded CPU once it is large, and a resumed run must equal an uninterrupted one
+    bit for bit."""
     n, V, C = values.shape
     rows = v if n == 1 else v + (torch.arange(n, device=v.device) * V).view(n, *([1] * (v.dim() - 1)))
     return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
