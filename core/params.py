@@ -281,6 +281,9 @@ class StableDiffusionParams(_Section):
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
+    # layout conversion around each one); the same numbers up to the convolution algorithm
+    channels_last: bool = False
     # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
     # [0.2, 0.5]); null: t_range in both stages
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
@@ -297,6 +300,7 @@ class Zero123Params(_Section):
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
     compile: Literal["none", "default", "reduce-overhead"] = "none"
+    channels_last: bool = False  # as sd.channels_last
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
     # the SDS gradient of each view × (angle to the reference view)/180° (released
     # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)
@@ -369,6 +373,8 @@ class TextualInversionParams(_Section):
     vae_input: Literal["unit", "signed"] = "unit"
     placeholder: str = "<e>"
     initializer: str = "object"  # released: a word per object, given on the command line
+    # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU; 'none' on a CPU
+    compile: Literal["none", "default"] = "none"
 
 
 # --------------------------------------------------------------------------------- inputs & judgement

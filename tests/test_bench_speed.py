@@ -75,6 +75,9 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     for s in saved["stages"].values():
         assert s["wall_s"] > 0 and s["ms_per_iter"] > 0
     assert saved["stages"]["fine"]["outside_loop_s"] > 0  # set-up and export are part of the asset's time
+    ti = saved["stages"]["textual_inversion"]  # the loop's time apart from loading the model
+    assert 0 < ti["loop_s"] < ti["wall_s"] and ti["outside_loop_s"] > 0
+    assert abs(2 * ti["ms_per_iter"] / 1000 - ti["loop_s"]) <= 0.006  # loop_s is rounded to 10 ms
     assert saved["stages"]["coarse"]["ms_per_iter_steady"] is None  # 2 iterations: no two marks
     assert saved["backends"] == {"hash_grid": "torch", "rasteriser": "torch"}
     assert saved["asset_seconds"] >= sum(s["wall_s"] for s in saved["stages"].values()) - 0.1

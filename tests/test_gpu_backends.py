@@ -110,6 +110,40 @@ def test_fp16_priors_give_the_fp32_sds_gradients(tmp_path):
            cos_min=0.95, norm_rel=0.05)
 
 
+def test_channels_last_priors_give_the_default_layouts_sds_gradients(tmp_path):
+    """sd/zero123.channels_last (NHWC convolutions in fp16) against the default layout, both fp16
+    and eager, over the same 32 calls: only the convolution algorithms differ."""
+    _agree(_guided_calls(tmp_path, {}), _guided_calls(tmp_path, {"sd.channels_last": True, "zero123.channels_last": True}),
+           cos_min=0.99, norm_rel=0.02)
+
+
+def test_compiled_textual_inversion_learns_the_eager_token():
+    """textual_inversion.compile=default (the step's VAE encoder and UNet, forward and backward,
+    under torch.compile) against eager: the same draws, so the same losses step by step and the
+    same learned row, up to fp16 kernels' rounding. Batches of 3 with repeats 5: both shapes (3 and
+    the epoch's last, 2) are compiled."""
+    from core.guidance.factory import stable_diffusion_parts
+    from core.guidance.textual_inversion import learn_token_from_params
+
+    rgb = torch.ones(3, 64, 64)
+    rgb[:, 16:48, 20:44] = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 20:44] = 1
+    runs = []
+    for mode in ("none", "default"):
+        p = load_params("smoke", {"device": DEVICE, "textual_inversion.steps": 8, "textual_inversion.batch_size": 3,
+                                  "textual_inversion.repeats": 5, "textual_inversion.lr": 5e-2,
+                                  "textual_inversion.compile": mode})
+        losses = []
+        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, mask, p, progress=False,
+                                          callback=lambda s, l: losses.append(l))
+        runs.append((torch.tensor(losses), learned["<e>"]))
+    (la, ea), (lb, eb) = runs
+    assert len(la) == 8 and torch.isfinite(la).all()
+    assert ((la - lb).abs() / la.abs()).max() < 0.02, (la, lb)
+    assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999
+
+
 def test_released_augmentation_on_the_gpu_is_the_cpu_one():
     """Textual inversion's augmentation runs on the GPU (issue 15): the same random draws (they come
     from the CPU stream), so the same views up to the interpolation's rounding."""

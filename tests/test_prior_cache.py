@@ -58,3 +58,37 @@ def test_two_assets_share_the_priors_but_not_their_tokens():
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     PRIORS.clear()
+
+
+def test_channels_last_priors_are_their_own_cache_entry_and_guide_the_same():
+    """sd/zero123.channels_last (issue 15): the UNets' and VAEs' 4-d weights channels-last, loaded
+    as a cache entry of their own (the default-layout one is untouched), and the same SDS gradient
+    on the same render and draws (on this CPU up to the convolution's order of additions)."""
+    from core.guidance.factory import build_guidance
+    from core.rendering.batch import RenderBatch
+    from core.rendering.cameras import Cameras
+
+    PRIORS.clear()
+    ref = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rgb0 = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    grads, built = [], []
+    for cl in (False, True):
+        p = load_params("tiny", {"prompt.text": "a chair", "sd.channels_last": cl, "zero123.channels_last": cl,
+                                 "guidance.sds_gradient_scale": "none"})
+        g = build_guidance(p, ref, "coarse", "cpu")
+        built.append(g)
+        rgb = rgb0.clone().requires_grad_(True)
+        r = g(RenderBatch(rgb=rgb, opacity=torch.ones_like(rgb[:, :1]), depth=torch.ones_like(rgb[:, :1]),
+                          normal=None, cameras=Cameras.make(70.0, 45.0, 2.0, 40.0), step=50, total_steps=100))
+        r.loss.backward()
+        grads.append(rgb.grad)
+    assert PRIORS.stats()["loads"] == 4  # two layouts × two priors
+    for g, cl in zip(built, (False, True)):
+        for m in (g.sd.parts.unet, g.sd.parts.vae, g.zero123.parts.unet, g.zero123.parts.vae):
+            w = next(p for p in m.parameters() if p.dim() == 4)
+            assert w.is_contiguous(memory_format=torch.channels_last) == cl
+            assert w.is_contiguous() == (not cl)
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5 * float(grads[0].abs().max())), \
+        float((grads[0] - grads[1]).abs().max())
+    PRIORS.clear()

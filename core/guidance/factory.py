@@ -83,15 +83,22 @@ def _cache_key(which: str, name: str, device, dtype, models_params) -> tuple:
 
 def _shared_prior(which: str, params, device, dtype: Optional[torch.dtype], load):
     """params' `which` prior ('sd' or 'zero123') as `load(name, device, dtype, models)` gives it,
-    loaded once per process and key (core.models.cache)."""
-    from core.guidance.sd import weights_dtype
+    loaded once per process and key (core.models.cache); its UNet and VAE channels-last when
+    params.<which>.channels_last."""
+    from core.guidance.sd import to_channels_last, weights_dtype
 
     device = torch.device(device)
     dtype = dtype or weights_dtype(device, getattr(params, which).fp16)
     name = prior_model(params, which)
-    return PRIORS.get(_cache_key(which, name, device, dtype, params.models),
-                      lambda: load(name, device, dtype, params.models),
-                      label=f"{which}:{name}:{str(dtype).replace('torch.', '')}:{device}")
+    channels_last = bool(getattr(params, which).channels_last)
+
+    def load_it():
+        parts = load(name, device, dtype, params.models)
+        return to_channels_last(parts) if channels_last else parts
+
+    return PRIORS.get(_cache_key(which, name, device, dtype, params.models) + (channels_last,), load_it,
+                      label=f"{which}:{name}:{str(dtype).replace('torch.', '')}:{device}"
+                            + (":channels_last" if channels_last else ""))
 
 
 def stable_diffusion_parts(params, device, dtype: Optional[torch.dtype] = None):

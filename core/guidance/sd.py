@@ -46,6 +46,18 @@ def compile_unet(unet, mode: str, device):
     return torch.compile(unet, mode=mode, dynamic=False)
 
 
+def to_channels_last(parts):
+    """`parts` (Stable Diffusion's or Zero-1-to-3's) with the UNet's and the VAE's weights in the
+    channels-last layout, in place: cuDNN runs half-precision convolutions NHWC, so an NCHW model
+    converts the layout around each one. The outputs are the same up to the convolution algorithm
+    (tests/test_prior_cache.py)."""
+    for name in ("unet", "vae"):
+        module = getattr(parts, name, None)
+        if module is not None:
+            module.to(memory_format=torch.channels_last)
+    return parts
+
+
 @dataclass
 class StableDiffusionParts:
     tokenizer: Any
@@ -96,12 +108,19 @@ def encode_prompts(parts: StableDiffusionParts, prompts: list[str]) -> torch.Ten
     return parts.text_encoder(tok.input_ids.to(dev))[0]
 
 
-def encode_images(vae, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Images in [0, 1] → scaled VAE latents, differentiable (the ∂z/∂I of eq. 5)."""
+def vae_moments(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of the VAE's posterior for images in [0, 1]."""
     dtype = next(vae.parameters()).dtype
     posterior = vae.encode(images.to(dtype) * 2.0 - 1.0).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(
-        posterior.mean.shape, generator=generator, device="cpu").to(posterior.mean)  # .sample(), seeded
+    return posterior.mean, posterior.std
+
+
+def encode_images(vae, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                  moments=vae_moments) -> torch.Tensor:
+    """Images in [0, 1] → scaled VAE latents, differentiable (the ∂z/∂I of eq. 5). `moments` is
+    vae_moments or a compiled copy of it."""
+    mean, std = moments(vae, images)
+    z = mean + std * torch.randn(mean.shape, generator=generator, device="cpu").to(mean)  # .sample(), seeded
     return z.float() * vae.config.scaling_factor
 
 

@@ -198,21 +198,24 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                 augmentation: str = "released", background: str = "black", vae_input: str = "unit",
-                progress: bool = True) -> dict[str, torch.Tensor]:
+                compile: str = "none", progress: bool = True) -> dict[str, torch.Tensor]:
     """Learn a token for the object in `rgb` (3, H, W) on white. `parts` is a StableDiffusionParts
     (core.guidance.sd). Only the new embedding row trains. Returns {token: embedding}; writes it to
     `out` (learned_embeds.bin) when given. The defaults are the released recipe
     (params.textual_inversion; `learn_token_from_params` passes them all); a tqdm bar shows the
-    steps unless `progress` is False."""
+    steps unless `progress` is False. `compile` 'default' runs the VAE encoder and the UNet (forward
+    and backward) under torch.compile on a GPU (two shapes: the full batch and the epoch's last)."""
     from tqdm import tqdm
 
-    from core.guidance.sd import encode_images
+    from core.guidance.sd import encode_images, vae_moments
     from core.guidance.sds import sample_timesteps
 
     if augmentation not in ("released", "crop"):
         raise ValueError(f"textual inversion: unknown augmentation {augmentation!r} (released, crop)")
     if vae_input not in ("unit", "signed"):
         raise ValueError(f"textual inversion: unknown vae_input {vae_input!r} (unit, signed)")
+    if compile not in ("none", "default"):
+        raise ValueError(f"textual inversion: unknown compile {compile!r} (none, default)")
 
     tok, te, vae, unet, sched = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler
     device = next(unet.parameters()).device
@@ -230,6 +233,10 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     mask = mask.detach().float().cpu() if mask is not None else None
     rgb = on_background(rgb.detach().float().cpu(), mask, background)
     udtype = next(unet.parameters()).dtype
+    moments, unet_step = vae_moments, unet
+    if compile != "none" and device.type == "cuda":
+        moments = torch.compile(vae_moments, mode=compile, dynamic=False)
+        unet_step = torch.compile(unet, mode=compile, dynamic=False)
     te.train()
     bar = tqdm(total=steps, desc="textual inversion", disable=not progress, dynamic_ncols=True)
     micro = 0  # DataLoader batches drawn (gradient_accumulation per optimiser step)
@@ -249,7 +256,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
                     images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
                 with torch.no_grad(), scope("lift3d.ti.vae_encode"):
-                    latents = encode_images(vae, images, gen)
+                    latents = encode_images(vae, images, gen, moments=moments)
                 noise = torch.randn(latents.shape, generator=gen).to(device)
                 t = sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen).to(device)
                 noisy = sched.add_noise(latents, noise, t)
@@ -260,7 +267,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                               return_tensors="pt").input_ids.to(device)
                     states = te(ids)[0].to(udtype)
                 with scope("lift3d.ti.unet"):
-                    pred = unet(noisy.to(udtype), t, encoder_hidden_states=states).sample
+                    pred = unet_step(noisy.to(udtype), t, encoder_hidden_states=states).sample
                     loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
                 with scope("lift3d.ti.backward"):
                     (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
@@ -297,4 +304,4 @@ def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.
                        callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
                        repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
                        adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
-                       vae_input=ti.vae_input, progress=progress)
+                       vae_input=ti.vae_input, compile=ti.compile, progress=progress)

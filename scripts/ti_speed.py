@@ -1,0 +1,104 @@
+"""Textual inversion's step at the released recipe (batch 16, 512²) by variant, on one GPU: ms a
+step once warm, where a step goes (augmentation, VAE encoder, text encoder, UNet, backward,
+optimiser; timed with the device synchronised around each part), and peak memory.
+
+    python scripts/ti_speed.py --models-dir DIR --out FILE.json [--steps 40] \
+        [--variant NAME=KEY=VALUE,KEY=VALUE ...]
+
+The priors are core.testmodels.fullsize_priors' full-size random ones (written to DIR once), loaded
+through core.models. Without --variant: the default, channels-last, compiled, and both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_VARIANTS = {
+    "default": [],
+    "channels_last": ["sd.channels_last=true"],
+    "compile": ["textual_inversion.compile=default"],
+    "channels_last+compile": ["sd.channels_last=true", "textual_inversion.compile=default"],
+}
+
+
+def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, device: torch.device) -> dict:
+    from core import perf
+    from core.guidance.factory import stable_diffusion_parts
+    from core.guidance.textual_inversion import learn_token_from_params
+    from core.models.cache import PRIORS
+    from core.params import apply_overrides, load_params
+
+    torch._dynamo.reset()
+    PRIORS.clear()
+    rgb = torch.ones(3, 512, 512)
+    rgb[:, 128:384, 160:352] = torch.tensor([0.7, 0.3, 0.2])[:, None, None]
+    mask = torch.zeros(1, 512, 512)
+    mask[:, 128:384, 160:352] = 1
+    p = load_params("magic123", [f"device={device.type}", f"sd.model={folder}", f"textual_inversion.steps={steps}", *sets])
+    parts = stable_diffusion_parts(p, device)
+    stamps: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    learn_token_from_params(parts, rgb, mask, p, progress=False, callback=lambda s, loss: stamps.append(time.perf_counter()))
+    first_s = time.perf_counter() - t0
+    per_step = [1000 * (b - a) for a, b in zip(stamps[steps // 2:], stamps[steps // 2 + 1:])]
+    rec = {"sets": sets, "steps": steps, "seconds": round(first_s, 1),
+           "ms_per_step_steady": round(statistics.median(per_step), 1),
+           "ms_per_step_mean_2nd_half": round(statistics.fmean(per_step), 1),
+           "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None}
+    perf.SCOPE_TIMES = {}
+    try:
+        short = apply_overrides(p, [f"textual_inversion.steps={scoped_steps}"])
+        learn_token_from_params(stable_diffusion_parts(short, device), rgb, mask, short, progress=False)
+        rec["scopes_ms_per_step"] = {k.removeprefix("lift3d.ti."): round(1000 * t / n, 1)
+                                     for k, (n, t) in perf.SCOPE_TIMES.items()}
+    finally:
+        perf.SCOPE_TIMES = None
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models-dir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--scoped-steps", type=int, default=8)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,…")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ti_speed.py: needs a CUDA device", file=sys.stderr)
+        return 2
+    if a.steps < 6:
+        print("ti_speed.py: --steps must be at least 6", file=sys.stderr)
+        return 2
+    variants = dict(DEFAULT_VARIANTS)
+    if a.variant:
+        variants = {v.split("=", 1)[0]: [s for s in v.split("=", 1)[1].split(",") if s] if "=" in v else []
+                    for v in a.variant}
+    from core.testmodels.fullsize_priors import write_fullsize_priors
+
+    device = torch.device("cuda")
+    folder = write_fullsize_priors(a.models_dir, device)["sd"]
+    result = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "variants": {}}
+    for name, sets in variants.items():
+        try:
+            result["variants"][name] = time_variant(sets, folder, a.steps, a.scoped_steps, device)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is a finding; the others still run
+            result["variants"][name] = {"sets": sets, "failed": f"{type(e).__name__}: {str(e)[:400]}"}
+        print(name, json.dumps(result["variants"][name]), flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
