@@ -28,6 +28,7 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     from core.guidance.textual_inversion import learn_token_from_params
     from core.inputs.images import load_reference
     from core.io import atomic_write_text
+    from core.params import step_digest
     from core.perf import Timer, reset_peak_memory, summary, summary_line
 
     device = resolve_device(params)
@@ -39,10 +40,14 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     parts = stable_diffusion_parts(params, device)  # loaded once per process; its text encoder is ours
     out.mkdir(parents=True, exist_ok=True)
     target = out / "learned_embeds.bin"
-    loop = Timer()
+    stats: dict = {}
     learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,
-                            callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None)
-    summ = summary(device, loop.seconds, params.textual_inversion.steps, wall_seconds=wall.seconds)
+                            callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None,
+                            checkpoint=out / "checkpoint.pt", digest=step_digest(params, "textual_inversion"),
+                            stats=stats)
+    # the loop's seconds over every run of this stage's checkpoint (a resumed run adds to them)
+    summ = summary(device, stats["loop_seconds"], params.textual_inversion.steps, wall_seconds=wall.seconds,
+                   resumed_from=stats["resumed_from"], seconds_before_resume=stats["loop_seconds_before"])
     atomic_write_text(out / "result.json", json.dumps({"stage": "textual_inversion", "steps": summ["iterations"],
                                                        "token": "learned_embeds.bin", "summary": summ}, indent=2))
     log.info("%s", summary_line("textual inversion", summ) + f" (with model loading {wall.seconds:.1f} s)")

@@ -249,6 +249,12 @@ def cli_bench_speed(args) -> int:
         raise Lift3DError("bench speed measures full-size priors on a GPU; no CUDA device here "
                           "(use --tiny to check the code path on the CPU)")
     out = Path(args.out)
+    stages = tuple(x.strip() for x in (getattr(args, "stages", None) or "textual_inversion,coarse,fine").split(",")
+                   if x.strip())
+    from flows.bench_asset import STAGES
+
+    if not stages or any(x not in STAGES for x in stages):
+        raise Lift3DError(f"bench speed --stages {getattr(args, 'stages', '')!r}: choose from {', '.join(STAGES)}")
     out.mkdir(parents=True, exist_ok=True)
     if args.stage == "asset":
         from flows.bench_asset import format_asset_table, run_asset_bench
@@ -262,7 +268,8 @@ def cli_bench_speed(args) -> int:
                             image=Path(args.image) if getattr(args, "image", None) else None,
                             depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
                             profile_steps=getattr(args, "profile", 0) or 0,
-                            sync_audit=bool(getattr(args, "sync_audit", False)))
+                            sync_audit=bool(getattr(args, "sync_audit", False)),
+                            stages=stages)
         print(format_asset_table(r))
         print(f"wrote {out / 'speed.json'}")
         return 0

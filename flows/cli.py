@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-audit", action="store_true",
                    help="--stage asset: count every host-device synchronisation by the line that caused it "
                         "→ OUT/sync_audit.txt (GPU; slows the run)")
+    p.add_argument("--stages", default=",".join(("textual_inversion", "coarse", "fine")), metavar="LIST",
+                   help="--stage asset: the stages to run now, e.g. 'fine' to continue a run split across calls or "
+                        "machines in the same OUT (the others' records are kept; a cut stage resumes)")
     p.add_argument("--iters", type=int, default=20, help="--stage coarse: timed iterations after warm-up")
     p.add_argument("--ti-steps", type=int, default=23, help="--stage coarse: textual-inversion steps to time (3 warm-up)")
     p.add_argument("--compile", default="", metavar="MODES",

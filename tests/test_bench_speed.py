@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from core.testmodels.fullsize_priors import FULLSIZE
@@ -130,3 +131,36 @@ def test_the_detectors_clip_at_full_size_loads_through_the_real_loader(tmp_path)
     ref.load_state_dict(state)
     for k, v in ref.state_dict().items():
         assert torch.equal(clip.model.state_dict()[k].float(), v.float()), k
+
+
+def test_asset_bench_split_across_runs_keeps_each_stages_record(tmp_path, monkeypatch):
+    """--stages: textual inversion and the coarse stage in one run, the fine stage in a second (as on
+    two machines, the coarse checkpoint carried over): speed.json ends with all three records and the
+    asset's time as their sum. Run again, the finished textual inversion resumes at its last step
+    (nothing left to train) and keeps its loop seconds. A fine stage without a coarse checkpoint, or
+    an unknown stage, is a one-line error."""
+    from core.errors import InputError
+    from flows.bench_asset import run_asset_bench
+
+    monkeypatch.setenv("LIFT3D_TINY_DIR", str(Path(tiny_models()["sd"]).parent))
+    p = load_params("smoke", ["models.tiny=true", "coarse.iters=2", "coarse.checkpoint_every=2", "fine.iters=2",
+                              "fine.checkpoint_every=2", "textual_inversion.enabled=true", "textual_inversion.steps=2",
+                              "textual_inversion.batch_size=1", "guidance.coarse.lambda_2d=1.0", "coarse.resolution=32",
+                              "fine.resolution=64", "fine.tet_resolution=32"])
+    with pytest.raises(InputError, match="no coarse checkpoint"):
+        run_asset_bench(p, torch.device("cpu"), tmp_path / "x", tiny=True, progress=False, stages=("fine",))
+    with pytest.raises(InputError, match="choose from"):
+        run_asset_bench(p, torch.device("cpu"), tmp_path / "x", tiny=True, progress=False, stages=("texture",))
+    first = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False,
+                            stages=("textual_inversion", "coarse"))
+    assert list(first["stages"]) == ["textual_inversion", "coarse"] and "asset_seconds" not in first
+    second = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False, stages=("fine",))
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert list(saved["stages"]) == ["textual_inversion", "coarse", "fine"] and saved["stages_this_run"] == ["fine"]
+    assert saved["stages"]["coarse"] == first["stages"]["coarse"]  # kept as the first run measured it
+    assert saved["asset_seconds"] == round(sum(s["wall_s"] for s in saved["stages"].values()), 1)
+    assert second["stages"]["fine"]["iters"] == 2 and any((tmp_path / "fine").glob("*.glb"))
+    again = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False,
+                            stages=("textual_inversion",))["stages"]["textual_inversion"]
+    ti = first["stages"]["textual_inversion"]
+    assert again["resumed_from"] == 2 and abs(again["loop_s"] - ti["loop_s"]) <= 0.01

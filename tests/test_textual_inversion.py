@@ -103,3 +103,44 @@ def test_learn_token_times_its_parts_for_the_speed_profile(monkeypatch):
     assert calls == {f"lift3d.ti.{k}": 2 for k in ("augment", "vae_encode", "text_encoder", "unet", "backward",
                                                    "optimizer")}
     assert all(t >= 0 for n, t in perf.SCOPE_TIMES.values())
+
+
+def test_stopped_and_started_again_it_learns_the_uninterrupted_row(tmp_path):
+    """The checkpoint (every 2 steps here) holds the row, its AdamW moments and the random stream:
+    a run killed after step 3 of 6 and started again in a fresh process (fresh text encoder) ends
+    with the row, bit for bit, that one run of 6 steps learns; it trains only the 3 steps left. A
+    checkpoint of other settings is not resumed."""
+    rgb = torch.ones(3, 48, 48)
+    rgb[:, 12:36, 16:32] = torch.tensor([0.8, 0.2, 0.1])[:, None, None]
+    mask = torch.zeros(1, 48, 48)
+    mask[:, 12:36, 16:32] = 1
+    kw = dict(token="<e>", initializer="object", steps=6, lr=5e-2, batch_size=2, repeats=3, resolution=64, seed=0,
+              progress=False, checkpoint_every=2, digest="abc")
+
+    def fresh():
+        return load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+
+    whole = learn_token(fresh(), rgb, mask, **kw)["<e>"]
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    ck = tmp_path / "checkpoint.pt"
+    with pytest.raises(Killed):
+        learn_token(fresh(), rgb, mask, checkpoint=ck, callback=kill_after_3, **kw)
+    assert torch.load(ck, weights_only=True)["step"] == 2  # written after steps 1-2; step 3 (index 3) was cut
+    stats, steps_run = {}, []
+    resumed = learn_token(fresh(), rgb, mask, checkpoint=ck, stats=stats, callback=lambda s, l: steps_run.append(s),
+                          **kw)["<e>"]
+    assert steps_run == [2, 3, 4, 5] and stats["resumed_from"] == 2 and stats["steps_run"] == 4
+    assert torch.equal(resumed, whole)
+    assert torch.load(ck, weights_only=True)["step"] == 6
+    # other settings: afresh (all 6 steps)
+    steps_run.clear()
+    learn_token(fresh(), rgb, mask, checkpoint=ck, callback=lambda s, l: steps_run.append(s),
+                **{**kw, "digest": "other"})
+    assert steps_run == list(range(6))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -192,19 +193,75 @@ def augment_views(rgb: torch.Tensor, mask: Optional[torch.Tensor], n: int, size:
     return torch.cat(views).clamp(0, 1)
 
 
+CHECKPOINT_FORMAT = "lift3d-textual-inversion-1"
+
+
+def _write_checkpoint(path, digest: str, token: str, emb_weight: torch.Tensor, token_id: int, opt, gen: torch.Generator,
+                      step: int, micro: int, elapsed: float) -> None:
+    """Only the new row matters: every other row is put back after each step, and AdamW is
+    element-wise, so the row, its two moments and the step count continue the run exactly."""
+    state = opt.state.get(emb_weight, {})
+    row = lambda name: state[name][token_id].detach().float().cpu().clone() if name in state else None  # noqa: E731
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "digest": digest, "token": token, "width": emb_weight.shape[1],
+                       "step": step, "micro": micro, "elapsed": elapsed,
+                       "row": emb_weight[token_id].detach().float().cpu().clone(),
+                       "exp_avg": row("exp_avg"), "exp_avg_sq": row("exp_avg_sq"),
+                       "adam_step": float(state["step"]) if "step" in state else 0.0,
+                       "generator": gen.get_state()}, Path(path))
+
+
+def _read_checkpoint(path, digest: str, token: str, width: int) -> Optional[dict]:
+    """The checkpoint at `path` when it continues this run; None (start afresh) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated file: start afresh, as the stages do
+        log.warning("textual inversion: %s is unreadable (%s); starting afresh", path, type(e).__name__)
+        return None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        log.warning("textual inversion: %s is not a textual-inversion checkpoint; starting afresh", path)
+        return None
+    if (saved["digest"], saved["token"], saved["width"]) != (digest, token, width):
+        log.warning("textual inversion: %s was made with other settings; starting afresh", path)
+        return None
+    return saved
+
+
+def _restore(saved: dict, emb_weight: torch.Tensor, token_id: int, opt, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        emb_weight[token_id] = saved["row"].to(emb_weight)
+    if saved["exp_avg"] is not None:
+        state = opt.state[emb_weight]
+        state["step"] = torch.tensor(saved["adam_step"], dtype=torch.float32)
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = torch.zeros_like(emb_weight, memory_format=torch.preserve_format)
+            moment[token_id] = saved[name].to(moment)
+            state[name] = moment
+    gen.set_state(saved["generator"])
+
+
 def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = None, *, token: str = "<e>",
                 initializer: str = "object", steps: int = 3000, lr: float = 1e-4, batch_size: int = 16,
                 resolution: int = 512, seed: int = 0, out: Optional[Path | str] = None,
                 callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                 augmentation: str = "released", background: str = "black", vae_input: str = "unit",
-                compile: str = "none", progress: bool = True) -> dict[str, torch.Tensor]:
+                compile: str = "none", progress: bool = True, checkpoint: Optional[Path | str] = None,
+                checkpoint_every: int = 500, digest: str = "", stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Learn a token for the object in `rgb` (3, H, W) on white. `parts` is a StableDiffusionParts
     (core.guidance.sd). Only the new embedding row trains. Returns {token: embedding}; writes it to
     `out` (learned_embeds.bin) when given. The defaults are the released recipe
     (params.textual_inversion; `learn_token_from_params` passes them all); a tqdm bar shows the
     steps unless `progress` is False. `compile` 'default' runs the VAE encoder and the UNet (forward
-    and backward) under torch.compile on a GPU (two shapes: the full batch and the epoch's last)."""
+    and backward) under torch.compile on a GPU (two shapes: the full batch and the epoch's last).
+
+    `checkpoint`: a file the state is written to every `checkpoint_every` steps and at the end (the
+    new row, its AdamW moments and step count, the random stream; a few kB) and resumed from when it
+    holds the same `digest` (of the settings) and token: a run stopped and started again ends with
+    the row an uninterrupted one learns. `stats`, when given, gets steps_run, resumed_from and
+    loop_seconds (over every run of this checkpoint)."""
     from tqdm import tqdm
 
     from core.guidance.sd import encode_images, vae_moments
@@ -230,6 +287,12 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     lr_used = textual_inversion_lr(lr, batch_size, gradient_accumulation, scale_lr)
     opt = torch.optim.AdamW([emb_weight], lr=lr_used, betas=tuple(adam_betas), eps=adam_eps,
                             weight_decay=weight_decay)
+    start, micro, before = 0, 0, 0.0  # micro: DataLoader batches drawn (gradient_accumulation per optimiser step)
+    saved = _read_checkpoint(checkpoint, digest, token, emb_weight.shape[1]) if checkpoint is not None else None
+    if saved is not None:
+        start, micro, before = int(saved["step"]), int(saved["micro"]), float(saved["elapsed"])
+        _restore(saved, emb_weight, token_id, opt, gen)
+        log.info("textual inversion: resuming from step %d (%s)", start, checkpoint)
     mask = mask.detach().float().cpu() if mask is not None else None
     rgb = on_background(rgb.detach().float().cpu(), mask, background)
     udtype = next(unet.parameters()).dtype
@@ -238,10 +301,11 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         moments = torch.compile(vae_moments, mode=compile, dynamic=False)
         unet_step = torch.compile(unet, mode=compile, dynamic=False)
     te.train()
-    bar = tqdm(total=steps, desc="textual inversion", disable=not progress, dynamic_ncols=True)
-    micro = 0  # DataLoader batches drawn (gradient_accumulation per optimiser step)
+    bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,
+               dynamic_ncols=True)
+    t_loop = time.perf_counter()
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(gradient_accumulation):
@@ -283,8 +347,14 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 bar.set_postfix(loss=f"{total:.4f}")
             if not math.isfinite(total):
                 raise RuntimeError(f"textual inversion diverged at step {step} (loss {total})")
+            if checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1):
+                _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro,
+                                  before + time.perf_counter() - t_loop)
     finally:
         bar.close()
+    if stats is not None:
+        stats.update(steps_run=max(0, steps - start), resumed_from=start, loop_seconds_before=before,
+                     loop_seconds=before + time.perf_counter() - t_loop)
     emb_weight.requires_grad_(False)
     te.eval()
     learned = {token: emb_weight[token_id].detach().float().cpu().clone()}
@@ -295,8 +365,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
 
 
 def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor], params, *,
-                            out: Optional[Path | str] = None, callback=None,
-                            progress: bool = True) -> dict[str, torch.Tensor]:
+                            out: Optional[Path | str] = None, callback=None, progress: bool = True,
+                            checkpoint: Optional[Path | str] = None, digest: str = "",
+                            stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """learn_token with every setting of params.textual_inversion (and the SD resolution and seed)."""
     ti = params.textual_inversion
     return learn_token(parts, rgb, mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps, lr=ti.lr,
@@ -304,4 +375,5 @@ def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.
                        callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
                        repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
                        adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
-                       vae_input=ti.vae_input, compile=ti.compile, progress=progress)
+                       vae_input=ti.vae_input, compile=ti.compile, progress=progress, checkpoint=checkpoint,
+                       checkpoint_every=ti.checkpoint_every, digest=digest, stats=stats)
