@@ -375,6 +375,9 @@ class TextualInversionParams(_Section):
     initializer: str = "object"  # released: a word per object, given on the command line
     # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU; 'none' on a CPU
     compile: Literal["none", "default"] = "none"
+    # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
+    # its own, the loss read back a step late); the same numbers
+    overlap: bool = False
     # the state (the row, its AdamW moments, the random stream: a few kB) every this many steps; a
     # run started again continues from it (the example saves its learned_embeds every 500 steps)
     checkpoint_every: int = Field(500, ge=1)

@@ -144,6 +144,30 @@ def test_compiled_textual_inversion_learns_the_eager_token():
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999
 
 
+def test_overlapped_textual_inversion_learns_the_same_token():
+    """textual_inversion.overlap (the augmentation on a side stream, each loss read a step late)
+    against the plain loop: the same draws and kernels, so the same losses and row; a missing
+    wait between the streams would hand the VAE a half-written batch and move both."""
+    from core.guidance.factory import stable_diffusion_parts
+    from core.guidance.textual_inversion import learn_token_from_params
+
+    rgb = torch.ones(3, 64, 64)
+    rgb[:, 16:48, 20:44] = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
+    runs = []
+    for overlap in (False, True):
+        p = load_params("smoke", {"device": DEVICE, "textual_inversion.steps": 12, "textual_inversion.batch_size": 4,
+                                  "textual_inversion.lr": 5e-2, "textual_inversion.overlap": overlap,
+                                  "sd.resolution": 256})
+        losses = []
+        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, None, p, progress=False,
+                                          callback=lambda s, l: losses.append((s, l)))
+        runs.append((losses, learned["<e>"]))
+    (la, ea), (lb, eb) = runs
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(12))
+    assert max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(la, lb)) < 1e-4, (la, lb)
+    assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
+
+
 def test_released_augmentation_on_the_gpu_is_the_cpu_one():
     """Textual inversion's augmentation runs on the GPU (issue 15): the same random draws (they come
     from the CPU stream), so the same views up to the interpolation's rounding."""

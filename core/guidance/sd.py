@@ -119,8 +119,10 @@ def encode_images(vae, images: torch.Tensor, generator: Optional[torch.Generator
                   moments=vae_moments) -> torch.Tensor:
     """Images in [0, 1] → scaled VAE latents, differentiable (the ∂z/∂I of eq. 5). `moments` is
     vae_moments or a compiled copy of it."""
+    from core.perf import to_device
+
     mean, std = moments(vae, images)
-    z = mean + std * torch.randn(mean.shape, generator=generator, device="cpu").to(mean)  # .sample(), seeded
+    z = mean + std * to_device(torch.randn(mean.shape, generator=generator), mean.device, mean.dtype)  # .sample(), seeded
     return z.float() * vae.config.scaling_factor
 
 

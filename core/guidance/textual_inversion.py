@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.io import atomic_torch_save
-from core.perf import scope
+from core.perf import scope, to_device
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                 augmentation: str = "released", background: str = "black", vae_input: str = "unit",
-                compile: str = "none", progress: bool = True, checkpoint: Optional[Path | str] = None,
+                compile: str = "none", overlap: bool = False, progress: bool = True,
+                checkpoint: Optional[Path | str] = None,
                 checkpoint_every: int = 500, digest: str = "", stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Learn a token for the object in `rgb` (3, H, W) on white. `parts` is a StableDiffusionParts
     (core.guidance.sd). Only the new embedding row trains. Returns {token: embedding}; writes it to
@@ -256,6 +257,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     (params.textual_inversion; `learn_token_from_params` passes them all); a tqdm bar shows the
     steps unless `progress` is False. `compile` 'default' runs the VAE encoder and the UNet (forward
     and backward) under torch.compile on a GPU (two shapes: the full batch and the epoch's last).
+    `overlap` (GPU): the host queues a step while the GPU runs the one before (the same numbers).
 
     `checkpoint`: a file the state is written to every `checkpoint_every` steps and at the end (the
     new row, its AdamW moments and step count, the random stream; a few kB) and resumed from when it
@@ -282,8 +284,6 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     emb_weight = te.get_input_embeddings().weight
     emb_weight.requires_grad_(True)
     original = emb_weight.detach().clone()
-    keep = torch.ones(emb_weight.shape[0], dtype=torch.bool, device=emb_weight.device)
-    keep[token_id] = False
     lr_used = textual_inversion_lr(lr, batch_size, gradient_accumulation, scale_lr)
     opt = torch.optim.AdamW([emb_weight], lr=lr_used, betas=tuple(adam_betas), eps=adam_eps,
                             weight_decay=weight_decay)
@@ -303,53 +303,91 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     te.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,
                dynamic_ncols=True)
+    # overlap: the augmentation runs on a stream of its own (its small host→GPU copies wait for that
+    # stream only) and each step's loss is read back after the next step is queued, so the host
+    # prepares step k+1 while the GPU runs step k; the same numbers as without
+    side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
     t_loop = time.perf_counter()
+
+    def augmented(n: int) -> torch.Tensor:
+        if augmentation != "released":
+            return augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0).to(device)
+        if side is None:
+            return released_augment(rgb, n, resolution, gen, device=device)
+        with torch.cuda.stream(side):
+            images = released_augment(rgb, n, resolution, gen, device=device)
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(side)
+        images.record_stream(main)
+        return images
+
+    def one_step() -> torch.Tensor:
+        """Queue one optimiser step; its loss (a device scalar, the mean over accumulation)."""
+        nonlocal micro
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for _ in range(gradient_accumulation):
+            n = batch_size_at(micro, batch_size, repeats)
+            micro += 1
+            with scope("lift3d.ti.augment"):
+                images = augmented(n)
+            if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
+                images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
+            with torch.no_grad(), scope("lift3d.ti.vae_encode"):
+                latents = encode_images(vae, images, gen, moments=moments)
+            noise = to_device(torch.randn(latents.shape, generator=gen), device)
+            t = to_device(sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen), device)
+            noisy = sched.add_noise(latents, noise, t)
+            prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
+                       for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (n,), generator=gen)]
+            with scope("lift3d.ti.text_encoder"):
+                ids = to_device(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                    return_tensors="pt").input_ids, device)
+                states = te(ids)[0].to(udtype)
+            with scope("lift3d.ti.unet"):
+                pred = unet_step(noisy.to(udtype), t, encoder_hidden_states=states).sample
+                loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
+            with scope("lift3d.ti.backward"):
+                (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
+            total += loss.detach() / gradient_accumulation
+        with scope("lift3d.ti.optimizer"):
+            opt.step()
+            with torch.no_grad():  # only the new row changes: every other row back as it was
+                row = emb_weight[token_id].clone()
+                emb_weight.copy_(original)
+                emb_weight[token_id] = row
+        return total
+
+    def finish(step: int, loss: torch.Tensor) -> None:
+        """What needs the loss on the host: the callback, the bar, the finite check, the checkpoint."""
+        total = float(loss)
+        if callback is not None:
+            callback(step, total)
+        bar.update(1)
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{total:.4f}")
+        if not math.isfinite(total):
+            raise RuntimeError(f"textual inversion diverged at step {step} (loss {total})")
+        if checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1):
+            _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro,
+                              before + time.perf_counter() - t_loop)
+
+    pending: Optional[tuple[int, torch.Tensor]] = None
     try:
         for step in range(start, steps):
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for _ in range(gradient_accumulation):
-                n = batch_size_at(micro, batch_size, repeats)
-                micro += 1
-                with scope("lift3d.ti.augment"):
-                    if augmentation == "released":
-                        images = released_augment(rgb, n, resolution, gen, device=device)
-                    else:
-                        images = augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0)
-                    images = images.to(device)
-                if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
-                    images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
-                with torch.no_grad(), scope("lift3d.ti.vae_encode"):
-                    latents = encode_images(vae, images, gen, moments=moments)
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                t = sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen).to(device)
-                noisy = sched.add_noise(latents, noise, t)
-                prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
-                           for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (n,), generator=gen)]
-                with scope("lift3d.ti.text_encoder"):
-                    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                              return_tensors="pt").input_ids.to(device)
-                    states = te(ids)[0].to(udtype)
-                with scope("lift3d.ti.unet"):
-                    pred = unet_step(noisy.to(udtype), t, encoder_hidden_states=states).sample
-                    loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
-                with scope("lift3d.ti.backward"):
-                    (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
-                total += float(loss.detach()) / gradient_accumulation
-            with scope("lift3d.ti.optimizer"):
-                opt.step()
-                with torch.no_grad():  # only the new row changes
-                    emb_weight[keep] = original[keep]
-            if callback is not None:
-                callback(step, total)
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{total:.4f}")
-            if not math.isfinite(total):
-                raise RuntimeError(f"textual inversion diverged at step {step} (loss {total})")
-            if checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1):
-                _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro,
-                                  before + time.perf_counter() - t_loop)
+            due = checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1)
+            if pending is not None and due:
+                finish(*pending)  # the state saved after `step` must follow a checked step
+                pending = None
+            loss = one_step()
+            if pending is not None:
+                finish(*pending)
+            pending = (step, loss)
+            if side is None or due:
+                finish(*pending)
+                pending = None
+        if pending is not None:
+            finish(*pending)
     finally:
         bar.close()
     if stats is not None:
@@ -375,5 +413,5 @@ def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.
                        callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
                        repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
                        adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
-                       vae_input=ti.vae_input, compile=ti.compile, progress=progress, checkpoint=checkpoint,
+                       vae_input=ti.vae_input, compile=ti.compile, overlap=ti.overlap, progress=progress, checkpoint=checkpoint,
                        checkpoint_every=ti.checkpoint_every, digest=digest, stats=stats)
