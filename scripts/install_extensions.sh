@@ -10,6 +10,8 @@
 #   bash scripts/install_extensions.sh --src DIR         # offline: DIR/tiny-cuda-nn (with its
 #                                                        # submodules' files) and DIR/nvdiffrast
 #   bash scripts/install_extensions.sh --src FILE.tgz    # the same, packed (a top folder inside is fine)
+#   bash scripts/install_extensions.sh --wheel-dir DIR   # also keep the built wheels in DIR: on other
+#       machines of the same GPU, CUDA and PyTorch, `pip install --no-deps DIR/*.whl` (no build)
 #
 # Needs a CUDA GPU, a CUDA compiler (nvcc) matching PyTorch's CUDA, and PyTorch installed in
 # $PYTHON (default: .venv/bin/python, else python3). Builds for this machine's GPU architecture
@@ -23,12 +25,13 @@ TCNN_COMMIT=6ee3546bda615f51abe684ce9edefeb414689135
 NVDR_URL=https://github.com/NVlabs/nvdiffrast
 NVDR_COMMIT=253ac4fcea7de5f396371124af597e6cc957bfae
 
-src="" only=""
+src="" only="" wheels=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --src) src="${2:?--src needs a folder or a .tgz}"; shift 2 ;;
     --only) only="${2:?--only needs tinycudann or nvdiffrast}"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --wheel-dir) wheels="${2:-}"; [ -n "$wheels" ] || { echo "install_extensions: --wheel-dir needs a folder" >&2; exit 2; }; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install_extensions: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,6 +68,17 @@ fetch() {  # name url commit → a source folder
   echo "$work/$1.build"
 }
 
+build() {  # source folder, name → installed (and its wheel kept in --wheel-dir)
+  if [ -z "$wheels" ]; then
+    "$PYTHON" -m pip install -q --no-build-isolation "$1"
+  else
+    mkdir -p "$wheels"
+    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" "$1"
+    "$PYTHON" -m pip install -q --no-deps --force-reinstall "$(ls -t "$wheels"/"$2"-*.whl | head -1)"
+    echo "install_extensions: kept $(ls -t "$wheels"/"$2"-*.whl | head -1)"
+  fi
+}
+
 if [ "$only" != nvdiffrast ]; then
   d=$(fetch tiny-cuda-nn "$TCNN_URL" "$TCNN_COMMIT")
   # Two patches, both to the build and not to the maths:
@@ -89,12 +103,12 @@ else:
     print("install_extensions: tiny-cuda-nn bytes_to_string not as expected; left as it is")
 PY
   echo "install_extensions: building tinycudann for sm_$TCNN_CUDA_ARCHITECTURES (a few minutes)"
-  "$PYTHON" -m pip install -q --no-build-isolation "$d/bindings/torch"
+  build "$d/bindings/torch" tinycudann
 fi
 if [ "$only" != tinycudann ]; then
   d=$(fetch nvdiffrast "$NVDR_URL" "$NVDR_COMMIT")
   echo "install_extensions: building nvdiffrast for $TORCH_CUDA_ARCH_LIST"
-  "$PYTHON" -m pip install -q --no-build-isolation "$d"
+  build "$d" nvdiffrast
 fi
 
 # What lift3d picks now (the same choice its stages make, and the log line they write).

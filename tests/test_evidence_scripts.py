@@ -169,6 +169,7 @@ def test_install_extensions_says_what_is_wrong_in_one_line(tmp_path):
         return r.returncode, r.stderr.strip().splitlines()
 
     assert run("--only", "cutlass") == (2, ["install_extensions: --only takes tinycudann or nvdiffrast, not 'cutlass'"])
+    assert run("--wheel-dir") == (2, ["install_extensions: --wheel-dir needs a folder"])
     assert run("--frobnicate")[0] == 2
     if not __import__("torch").cuda.is_available():
         assert run() == (2, ["install_extensions: no CUDA device for PyTorch here; the extensions are built for a GPU"])
