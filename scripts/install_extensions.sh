@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --src) src="${2:?--src needs a folder or a .tgz}"; shift 2 ;;
     --only) only="${2:?--only needs tinycudann or nvdiffrast}"; shift 2 ;;
     --wheel-dir) wheels="${2:-}"; [ -n "$wheels" ] || { echo "install_extensions: --wheel-dir needs a folder" >&2; exit 2; }; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install_extensions: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
