@@ -120,7 +120,7 @@ STAGES = ("textual_inversion", "coarse", "fine")
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
                     progress: bool = True, profile_steps: int = 0, sync_audit: bool = False,
-                    stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+                    stages: tuple[str, ...] = STAGES, compile_cache: Optional[Path] = None) -> dict[str, Any]:
     """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
 
     `stages`: a part of the asset in this run, the rest from DIR (a run split across machines or
@@ -128,6 +128,10 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     DIR/coarse/checkpoint.pt, the coarse one guides with DIR/textual_inversion/learned_embeds.bin
     when it is there (else with a text prompt: the same cost). A stage cut short resumes from its
     checkpoint in DIR; the textual inversion's record then counts its loop seconds over every run.
+
+    `compile_cache`: torch.compile's artifacts (torch.compiler's portable "mega-cache") read from this
+    file before the run when it is there, and written to it after: a run on another machine of the
+    same GPU and software compiles the UNets from it instead of from nothing.
 
     `profile_steps=N`: torch.profiler over N iterations of each stage (after 5 + 2 warm-up ones),
     written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
@@ -166,6 +170,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     }
     if tuple(stages) != STAGES:
         result["stages_this_run"] = list(stages)
+    if compile_cache is not None:
+        result["compile_cache"] = {"file": str(compile_cache), "loaded": _load_compile_cache(compile_cache)}
 
     def save() -> None:
         result["stages"] = {k: result["stages"][k] for k in STAGES if k in result["stages"]}
@@ -265,6 +271,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                                                            max(warmup, steps // 2)),
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib}
         save()
+    if compile_cache is not None:
+        result["compile_cache"]["saved_bytes"] = _save_compile_cache(compile_cache)
     if tuple(stages) == STAGES:
         result["asset_seconds"] = round(time.perf_counter() - t_asset, 1)
     elif all(s in result["stages"] for s in STAGES if s != "textual_inversion" or ti_needed):
@@ -273,6 +281,24 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         result["asset_seconds_note"] = "the sum of the stages' wall times, measured in separate runs"
     save()
     return result
+
+
+def _load_compile_cache(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True
+
+
+def _save_compile_cache(path: Path) -> int:
+    """Write what this process compiled; the byte count (0: nothing was compiled)."""
+    from core.io import atomic_write_bytes
+
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved or not saved[0]:
+        return 0
+    atomic_write_bytes(path, saved[0])
+    return len(saved[0])
 
 
 def format_asset_table(r: dict[str, Any]) -> str:

@@ -269,7 +269,8 @@ def cli_bench_speed(args) -> int:
                             depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
                             profile_steps=getattr(args, "profile", 0) or 0,
                             sync_audit=bool(getattr(args, "sync_audit", False)),
-                            stages=stages)
+                            stages=stages,
+                            compile_cache=Path(args.compile_cache) if getattr(args, "compile_cache", None) else None)
         print(format_asset_table(r))
         print(f"wrote {out / 'speed.json'}")
         return 0

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(("textual_inversion", "coarse", "fine")), metavar="LIST",
                    help="--stage asset: the stages to run now, e.g. 'fine' to continue a run split across calls or "
                         "machines in the same OUT (the others' records are kept; a cut stage resumes)")
+    p.add_argument("--compile-cache", type=Path, default=None, metavar="FILE",
+                   help="--stage asset: torch.compile's artifacts read from FILE first (when it exists) and "
+                        "written to it after, for a run on another machine of the same GPU and software")
     p.add_argument("--iters", type=int, default=20, help="--stage coarse: timed iterations after warm-up")
     p.add_argument("--ti-steps", type=int, default=23, help="--stage coarse: textual-inversion steps to time (3 warm-up)")
     p.add_argument("--compile", default="", metavar="MODES",

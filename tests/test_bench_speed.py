@@ -164,3 +164,28 @@ def test_asset_bench_split_across_runs_keeps_each_stages_record(tmp_path, monkey
                             stages=("textual_inversion",))["stages"]["textual_inversion"]
     ti = first["stages"]["textual_inversion"]
     assert again["resumed_from"] == 2 and abs(again["loop_s"] - ti["loop_s"]) <= 0.01
+
+
+def test_compile_cache_carries_compiled_code_to_a_fresh_cache(tmp_path, monkeypatch):
+    """bench speed --compile-cache: what torch.compile built is written to one file; read into an
+    empty Inductor cache (as on another machine), the same function compiles from it (a cache hit)."""
+    from torch._dynamo.utils import counters
+
+    from flows.bench_asset import _load_compile_cache, _save_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_a"))
+    torch._dynamo.reset()
+    x = torch.arange(8.0)
+    f = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
+    want = f(x)
+    path = tmp_path / "compile_cache.bin"
+    assert not _load_compile_cache(path)  # nothing there yet: nothing loaded
+    assert _save_compile_cache(path) > 0 and path.is_file()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_b"))  # "another machine"
+    torch._dynamo.reset()
+    assert _load_compile_cache(path)
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    g = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
+    assert torch.equal(g(x), want)
+    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1
+    torch._dynamo.reset()
