@@ -4,6 +4,7 @@ optimiser; timed with the device synchronised around each part), and peak memory
 
     python scripts/ti_speed.py --models-dir DIR --out FILE.json [--steps 40] \
         [--variant NAME=KEY=VALUE,KEY=VALUE ...]
+    python scripts/ti_speed.py --plot FILE.json OUT.png   # the parts of a step by variant, as bars
 
 The priors are core.testmodels.fullsize_priors' full-size random ones (written to DIR once), loaded
 through core.models. Without --variant: the default, the overlapped loop, channels-last with
@@ -68,14 +69,58 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     return rec
 
 
+PARTS = ("augment", "vae_encode", "text_encoder", "unet", "backward", "optimizer")
+
+
+def plot(result: dict, png: Path) -> Path:
+    """Stacked bars: each variant's step split into its parts (synchronised), with the free-running
+    steady step as a black tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {k: v for k, v in result["variants"].items() if "scopes_ms_per_step" in v}
+    fig, ax = plt.subplots(figsize=(3.6 + 1.9 * len(runs), 4.2))
+    for i, (name, v) in enumerate(runs.items()):
+        bottom = 0.0
+        for j, part in enumerate(PARTS):
+            ms = float(v["scopes_ms_per_step"].get(part, 0.0))
+            ax.bar(i, ms, bottom=bottom, color=f"C{j}", label=part if i == 0 else None, width=0.6)
+            bottom += ms
+        ax.plot([i - 0.35, i + 0.35], [v["ms_per_step_steady"]] * 2, color="black", lw=2,
+                label="step, free-running (median)" if i == 0 else None)
+    ax.set_xticks(range(len(runs)), [n.replace("+", "+\n") for n in runs], fontsize=8)
+    ax.set_ylabel("ms per step (batch 16, 512²)")
+    ax.set_title(f"textual inversion's step by variant — {result.get('gpu', '')}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models-dir", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--plot", nargs=2, type=Path, metavar=("FILE.json", "OUT.png"),
+                    help="only draw FILE.json's variants into OUT.png")
+    ap.add_argument("--models-dir", type=Path)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--scoped-steps", type=int, default=8)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,…")
     a = ap.parse_args(argv)
+    if a.plot:
+        src, png = a.plot
+        if not src.is_file():
+            print(f"ti_speed.py: {src} not found", file=sys.stderr)
+            return 2
+        print(f"wrote {plot(json.loads(src.read_text()), png)}")
+        return 0
+    if a.models_dir is None or a.out is None:
+        print("ti_speed.py: --models-dir and --out are needed (or --plot FILE.json OUT.png)", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("ti_speed.py: needs a CUDA device", file=sys.stderr)
         return 2
@@ -99,6 +144,7 @@ def main(argv=None) -> int:
         print(name, json.dumps(result["variants"][name]), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {plot(result, a.out.with_suffix('.png'))}")
     return 0
 
 

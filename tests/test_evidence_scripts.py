@@ -176,3 +176,25 @@ def test_install_extensions_says_what_is_wrong_in_one_line(tmp_path):
     helped = subprocess.run(["bash", str(ROOT / "scripts" / "install_extensions.sh"), "--help"], capture_output=True,
                             text=True, timeout=60)
     assert helped.returncode == 0 and "--src DIR" in helped.stdout and "nvdiffrast" in helped.stdout
+
+
+def test_ti_speed_plots_its_variants_and_says_what_is_missing(tmp_path):
+    """scripts/ti_speed.py --plot: a saved result → a PNG of the step's parts by variant; a missing
+    file or missing arguments are one line, exit 2 (the timing itself needs a GPU)."""
+    import json
+    import subprocess
+
+    src = tmp_path / "ti.json"
+    src.write_text(json.dumps({"gpu": "test", "variants": {
+        "default": {"ms_per_step_steady": 270.0, "scopes_ms_per_step": {"augment": 36.0, "vae_encode": 89.0,
+                                                                       "unet": 52.0, "backward": 72.0}},
+        "failed_one": {"failed": "RuntimeError: x"}}}))
+
+    def run(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ti_speed.py"), *map(str, args)], capture_output=True,
+                           text=True, timeout=120)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    assert run("--plot", src, tmp_path / "ti.png")[0] == 0 and (tmp_path / "ti.png").stat().st_size > 5000
+    assert run("--plot", tmp_path / "none.json", tmp_path / "x.png") == (2, [f"ti_speed.py: {tmp_path / 'none.json'} not found"])
+    assert run()[0] == 2 and not (tmp_path / "x.png").exists()
