@@ -211,3 +211,24 @@ def test_vertex_gather_is_indexing_with_a_fixed_order_backward():
     ref = torch.zeros(2, 50, 4, dtype=torch.float64)
     ref.index_put_((torch.arange(2).view(2, 1, 1, 1).expand_as(v), v), w.double(), accumulate=True)
     torch.testing.assert_close(grads[0].double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_antialias_gathers_vertices_with_a_fixed_order_backward():
+    """raster._gather_at (antialias's per-pixel vertex gathers, many pixels to a vertex): the values
+    of advanced indexing, and index_select's fixed-order backward, so a CPU run at paper resolution
+    resumes bit for bit (the hazard of _gather_vertices, above)."""
+    from core.rendering.raster import _gather_at
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(3, 40, 4, generator=g, requires_grad=True)
+    b = torch.randint(0, 3, (5000,), generator=g)
+    v = torch.randint(0, 40, (5000, 3), generator=g)
+    out = _gather_at(values, b, v)
+    assert torch.equal(out, values[b[:, None], v]) and out.grad_fn.name().startswith("View")
+    assert torch.equal(_gather_at(values, b, v[:, 0]), values[b, v[:, 0]])
+    w = torch.randn(out.shape, generator=g)
+    grads = [torch.autograd.grad((_gather_at(values, b, v) * w).sum(), values)[0] for _ in range(3)]
+    assert all(torch.equal(grads[0], q) for q in grads[1:])
+    ref = torch.zeros(3, 40, 4, dtype=torch.float64)
+    ref.index_put_((b[:, None].expand_as(v), v), w.double(), accumulate=True)
+    torch.testing.assert_close(grads[0].double(), ref, rtol=1e-5, atol=1e-4)

@@ -196,6 +196,14 @@ def _gather_vertices(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
 
 
+def _gather_at(values: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """values (B, V, C) at the (batch b[i], vertex v[i, …]) pairs, b (N,), v (N, …): (N, …, C); by
+    index_select, for the fixed-order backward (_gather_vertices)."""
+    n, V, C = values.shape
+    rows = v + (b * V).view(-1, *([1] * (v.dim() - 1)))
+    return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
+
+
 def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
     """nvdiffrast-style rast output (B, H, W, 4); differentiable in `pos` through (u, v, z/w).
 
@@ -309,7 +317,7 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
         cOx = (pO % W).to(pos.dtype) + 0.5
         cOy = (torch.div(pO, W, rounding_mode="floor") % H).to(pos.dtype) + 0.5
         vidx = tri[T]  # (N, 3)
-        pv = pos[bi[:, None], vidx]  # (N, 3, 4), differentiable
+        pv = _gather_at(pos, bi, vidx)  # (N, 3, 4), differentiable
         X, Y, _ = _screen(pv, H, W)
         area = (X[:, 1] - X[:, 0]) * (Y[:, 2] - Y[:, 0]) - (X[:, 2] - X[:, 0]) * (Y[:, 1] - Y[:, 0])
         sg = torch.sign(area.detach())
@@ -329,7 +337,7 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
         # silhouette test: boundary edge, or the neighbour's far vertex lies on T's side of the edge
         o = torch.gather(opp[T], 1, di[:, None]).squeeze(1)
         has_o = o >= 0
-        po = pos[bi, o.clamp_min(0)]
+        po = _gather_at(pos, bi, o.clamp_min(0))
         ox, oy, _ = _screen(po, H, W)
         j, k = (di + 1) % 3, (di + 2) % 3
         Xj, Yj = X.gather(1, j[:, None]).squeeze(1), Y.gather(1, j[:, None]).squeeze(1)
