@@ -308,6 +308,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     # prepares step k+1 while the GPU runs step k; the same numbers as without
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
     t_loop = time.perf_counter()
+    elapsed = [before]
 
     def augmented(n: int) -> torch.Tensor:
         if augmentation != "released":
@@ -361,6 +362,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     def finish(step: int, loss: torch.Tensor) -> None:
         """What needs the loss on the host: the callback, the bar, the finite check, the checkpoint."""
         total = float(loss)
+        elapsed[0] = before + time.perf_counter() - t_loop  # the loop's seconds to the end of this step
         if callback is not None:
             callback(step, total)
         bar.update(1)
@@ -369,8 +371,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         if not math.isfinite(total):
             raise RuntimeError(f"textual inversion diverged at step {step} (loss {total})")
         if checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1):
-            _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro,
-                              before + time.perf_counter() - t_loop)
+            _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro, elapsed[0])
 
     pending: Optional[tuple[int, torch.Tensor]] = None
     try:
@@ -392,7 +393,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         bar.close()
     if stats is not None:
         stats.update(steps_run=max(0, steps - start), resumed_from=start, loop_seconds_before=before,
-                     loop_seconds=before + time.perf_counter() - t_loop)
+                     loop_seconds=elapsed[0])
     emb_weight.requires_grad_(False)
     te.eval()
     learned = {token: emb_weight[token_id].detach().float().cpu().clone()}
