@@ -140,10 +140,9 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     `sync_audit=True`: every host–device synchronisation of each stage counted by the line of lift3d
     that caused it (core.perf.SyncAudit) → speed.json "host_syncs" and DIR/sync_audit.txt (the stack
     walk slows the run: not the bench's figures either)."""
+    from core.errors import InputError
     from core.params import apply_overrides
     from core.pipeline import coarse_stage, fine_stage, needs_textual_inversion, textual_inversion_stage
-
-    from core.errors import InputError
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -210,10 +209,10 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     t_asset = time.perf_counter()
     ti_needed = needs_textual_inversion(params)
     ti_token = out / "textual_inversion" / "learned_embeds.bin"
-    if needs_textual_inversion(params) and "textual_inversion" not in stages:
+    if ti_needed and "textual_inversion" not in stages:
         params = params.with_inputs(learned_embeds=str(ti_token)) if ti_token.is_file() else \
             params.with_inputs(text="a torus")
-    elif needs_textual_inversion(params):
+    elif ti_needed:
         marks: list = []  # [step, seconds] every 25 steps: each step reads its loss back, so the device has caught up
         t_ti = time.perf_counter()
 

@@ -27,6 +27,7 @@ from core.errors import InputError
 from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models.loader import load_pretrained
+from core.perf import to_device
 from core.rendering.cameras import Cameras, wrap_degrees
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ def encode_images(vae, images: torch.Tensor, generator: Optional[torch.Generator
                   moments=vae_moments) -> torch.Tensor:
     """Images in [0, 1] → scaled VAE latents, differentiable (the ∂z/∂I of eq. 5). `moments` is
     vae_moments or a compiled copy of it."""
-    from core.perf import to_device
-
     mean, std = moments(vae, images)
     z = mean + std * to_device(torch.randn(mean.shape, generator=generator), mean.device, mean.dtype)  # .sample(), seeded
     return z.float() * vae.config.scaling_factor

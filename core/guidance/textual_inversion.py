@@ -308,7 +308,10 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     # prepares step k+1 while the GPU runs step k; the same numbers as without
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
     t_loop = time.perf_counter()
-    elapsed = [before]
+    elapsed = before  # the loop's seconds to the end of the last finished step, over every run
+
+    def due(step: int) -> bool:  # a checkpoint after this step
+        return checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1)
 
     def augmented(n: int) -> torch.Tensor:
         if augmentation != "released":
@@ -361,8 +364,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
 
     def finish(step: int, loss: torch.Tensor) -> None:
         """What needs the loss on the host: the callback, the bar, the finite check, the checkpoint."""
+        nonlocal elapsed
         total = float(loss)
-        elapsed[0] = before + time.perf_counter() - t_loop  # the loop's seconds to the end of this step
+        elapsed = before + time.perf_counter() - t_loop
         if callback is not None:
             callback(step, total)
         bar.update(1)
@@ -370,21 +374,17 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             bar.set_postfix(loss=f"{total:.4f}")
         if not math.isfinite(total):
             raise RuntimeError(f"textual inversion diverged at step {step} (loss {total})")
-        if checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1):
-            _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro, elapsed[0])
+        if due(step):
+            _write_checkpoint(checkpoint, digest, token, emb_weight, token_id, opt, gen, step + 1, micro, elapsed)
 
     pending: Optional[tuple[int, torch.Tensor]] = None
     try:
         for step in range(start, steps):
-            due = checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1)
-            if pending is not None and due:
-                finish(*pending)  # the state saved after `step` must follow a checked step
-                pending = None
             loss = one_step()
-            if pending is not None:
+            if pending is not None:  # overlap: the step before, read now that this one is queued
                 finish(*pending)
             pending = (step, loss)
-            if side is None or due:
+            if side is None or due(step):  # a checkpoint saves the random stream as of this step
                 finish(*pending)
                 pending = None
         if pending is not None:
@@ -393,7 +393,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         bar.close()
     if stats is not None:
         stats.update(steps_run=max(0, steps - start), resumed_from=start, loop_seconds_before=before,
-                     loop_seconds=elapsed[0])
+                     loop_seconds=elapsed)
     emb_weight.requires_grad_(False)
     te.eval()
     learned = {token: emb_weight[token_id].detach().float().cpu().clone()}

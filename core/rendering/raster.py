@@ -191,14 +191,13 @@ def _gather_vertices(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     advanced indexing's backward (index_put with accumulate) sums in an order that varies between
     runs on a multi-threaded CPU once it is large, and a resumed run must equal an uninterrupted one
     bit for bit."""
-    n, V, C = values.shape
-    rows = v if n == 1 else v + (torch.arange(n, device=v.device) * V).view(n, *([1] * (v.dim() - 1)))
-    return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
+    batch = torch.arange(v.shape[0], device=v.device) if values.shape[0] > 1 else v.new_zeros(v.shape[0])
+    return _gather_at(values, batch, v)
 
 
 def _gather_at(values: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """values (B, V, C) at the (batch b[i], vertex v[i, …]) pairs, b (N,), v (N, …): (N, …, C); by
-    index_select, for the fixed-order backward (_gather_vertices)."""
+    index_select, for the fixed-order backward (_gather_vertices; antialias's per-pixel gathers)."""
     n, V, C = values.shape
     rows = v + (b * V).view(-1, *([1] * (v.dim() - 1)))
     return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
