@@ -1,0 +1,24 @@
+#!/bin/bash
+# The paper-length bench asset on the GPU machine, started detached (setsid) so that no stage depends
+# on one call's 10-minute limit: coarse, then fine, into one DIR ($D/run). Each stage's exit code
+# and epoch seconds go to $D/events; poll.sh waits on them. Run from the repository root.
+#   setsid nohup bash reports/speed/paper_run/chain.sh > /tmp/s12/chain.out 2>&1 < /dev/null &
+# Env: D (default /tmp/s12), STAGES (default "coarse fine"), PACK=1 to pack the coarse stage's field
+# for a fine stage on another machine (slim.py), PRESET / MODELS / EXTRA (extra lift3d options).
+D=${D:-/tmp/s12}; R=$D/run; mkdir -p $D
+export PYTHONUNBUFFERED=1
+# the settings of the session-12 run (the textual inversion's checkpoint digest depends on them)
+SETS=(${EXTRA:-} --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead
+      --set textual_inversion.checkpoint_every=250)
+run() { python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
+          "${SETS[@]}" --compile-cache $D/cc.bin --out $R "$@"; }
+ev() { echo "$* $(date +%s)" >> $D/events; }
+for stage in ${STAGES:-coarse fine}; do
+  ev "$stage start"
+  run --stages $stage > $D/$stage.log 2>&1; ev "$stage rc $?"
+  cp $R/speed.json $D/speed_$stage.json 2>/dev/null
+  if [ "$stage" = coarse ] && [ "${PACK:-0}" = 1 ]; then
+    python3 "$(dirname "$0")/slim.py" pack $R/coarse $D/pack > $D/slim.log 2>&1; ev "slim rc $?"
+  fi
+done
+ev "chain done"
