@@ -139,3 +139,40 @@ def test_init_from_a_density_below_the_threshold_lowers_the_level(caplog):
     empty = DMTet(16, 1.0, cache=False)
     empty.init_from_density(lambda x: torch.zeros(x.shape[0]), 10.0)
     assert empty.extract().faces.shape[0] == 0
+
+
+def test_mesh_gradients_are_the_same_bits_run_to_run():
+    """The fine stage's gradient through the mesh (marching tets' interpolation, vertex normals, the
+    normal-consistency and Laplacian regularisers) is the same to the bit on every run. Advanced
+    indexing's backward adds a vertex's many contributions with atomics across a CPU's threads, in
+    an order that changes from run to run; two `lift3d refine` runs of one coarse checkpoint
+    drifted apart from their first guided step (session 12). Gathers by index_select sum in index
+    order."""
+    from core.rendering.mesh_render import vertex_normals
+    from core.stages.losses import mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        dm = DMTet(40, 1.0, cache=False)
+        dm.init_from_sdf(lambda x: 0.6 - x.norm(dim=-1) + 0.05 * torch.sin(9 * x).prod(-1))
+        with torch.no_grad():
+            dm.deform.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+
+        def grads():
+            dm.zero_grad(set_to_none=True)
+            mesh = dm.extract()
+            w = torch.linspace(-1, 1, mesh.verts.numel()).view_as(mesh.verts)
+            loss = ((vertex_normals(mesh.verts, mesh.faces) * w).sum() + mesh_normal_consistency(mesh.verts, mesh.faces)
+                    + mesh_laplacian_loss(mesh.verts, mesh.faces)
+                    + mesh_laplacian_loss_unnormalised(mesh.verts, mesh.faces) + (mesh.verts * w).sum())
+            loss.backward()
+            return dm.sdf.grad.clone(), dm.deform.grad.clone()
+
+        first = grads()
+        assert first[0].abs().sum() > 0 and first[1].abs().sum() > 0
+        for _ in range(5):
+            again = grads()
+            assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    finally:
+        torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from core.ops import gather_rows
 from core.rendering.cameras import Cameras
 from core.rendering.batch import RenderBatch
 from core.rendering.raster import Rasterizer
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Area-weighted vertex normals (N, 3) of a mesh with outward-oriented faces."""
-    v = verts[faces]  # (F, 3, 3)
+    v = gather_rows(verts, faces)  # (F, 3, 3), with a fixed-order backward (core.ops)
     fn = torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1)  # length = 2·area
     vn = torch.zeros_like(verts).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, 0))
     return torch.nn.functional.normalize(vn, dim=-1, eps=1e-12)

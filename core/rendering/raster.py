@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 
+from core.ops import gather_rows
 from core.perf import device_constant
 
 log = logging.getLogger(__name__)
@@ -187,10 +188,8 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
 
 def _gather_vertices(values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """values (B or 1, V, C) at vertex ids v (B, …): (B, …, C), one batch of values serving all.
-    By index_select on the flattened rows, whose backward (index_add) sums in a fixed order:
-    advanced indexing's backward (index_put with accumulate) sums in an order that varies between
-    runs on a multi-threaded CPU once it is large, and a resumed run must equal an uninterrupted one
-    bit for bit."""
+    By index_select on the flattened rows (core.ops.gather_rows), whose backward sums in a fixed
+    order: a resumed run must equal an uninterrupted one bit for bit."""
     batch = torch.arange(v.shape[0], device=v.device) if values.shape[0] > 1 else v.new_zeros(v.shape[0])
     return _gather_at(values, batch, v)
 
@@ -200,7 +199,7 @@ def _gather_at(values: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.
     index_select, for the fixed-order backward (_gather_vertices; antialias's per-pixel gathers)."""
     n, V, C = values.shape
     rows = v + (b * V).view(-1, *([1] * (v.dim() - 1)))
-    return values.reshape(n * V, C).index_select(0, rows.reshape(-1)).view(*v.shape, C)
+    return gather_rows(values.reshape(n * V, C), rows)
 
 
 def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:

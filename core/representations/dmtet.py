@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from core.export.mesh import surface_level
+from core.ops import gather_rows
 from core.representations.tets import load_tet_grid
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
@@ -113,9 +114,10 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         second_rows = ntri == 2
         second = torch.gather(edge_to_vert[second_rows], 1, table[second_rows, 1])
         faces = torch.cat([first, second], 0)
-    s_a, s_b = sdf[a], sdf[b]
+    # gathers with a fixed-order backward (core.ops): a grid vertex is the end of many crossing edges
+    s_a, s_b = gather_rows(sdf, a), gather_rows(sdf, b)
     # the zero crossing of the linear interpolation along the edge (DMTet, Shen et al. 2021)
-    verts = (pos[a] * s_b[:, None] - pos[b] * s_a[:, None]) / (s_b - s_a)[:, None]
+    verts = (gather_rows(pos, a) * s_b[:, None] - gather_rows(pos, b) * s_a[:, None]) / (s_b - s_a)[:, None]
     return Mesh(verts, faces)
 
 

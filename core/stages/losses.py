@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.ops import gather_rows
+
 
 def reference_rgb_loss(rgb: torch.Tensor, ref_rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Magic123 eq. 1, first term: ‖M ⊙ (I^r − G_θ(v^r))‖², as a mean over pixels and channels."""
@@ -123,7 +125,7 @@ def coarse_objective(l_rec, l_guidance, l_depth, l_normal, lambda_depth: float, 
 # normal consistency 0.1 and Laplacian smoothing 0.1 in the fine stage.
 def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Mean of 1 − cos(n_i, n_j) over pairs of faces sharing an edge (edges of exactly two faces)."""
-    v = verts[faces]
+    v = gather_rows(verts, faces)
     fn = F.normalize(torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1), dim=-1, eps=1e-12)
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0).sort(1).values
     fid = torch.arange(faces.shape[0], device=faces.device).repeat(3)
@@ -133,7 +135,7 @@ def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     pair = torch.nonzero(ks[1:] == ks[:-1]).squeeze(1)
     if pair.numel() == 0:
         return verts.new_zeros(())
-    return (1.0 - (fn[fs[pair]] * fn[fs[pair + 1]]).sum(-1)).mean()
+    return (1.0 - (gather_rows(fn, fs[pair]) * gather_rows(fn, fs[pair + 1])).sum(-1)).mean()
 
 
 def _directed_edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +152,7 @@ def mesh_laplacian_loss_unnormalised(verts: torch.Tensor, faces: torch.Tensor) -
     src, dst = _directed_edges(faces)
     if src.numel() == 0:
         return verts.new_zeros(())
-    lap = torch.zeros_like(verts).index_add(0, src, verts[src] - verts[dst])
+    lap = torch.zeros_like(verts).index_add(0, src, gather_rows(verts, src) - gather_rows(verts, dst))
     return lap.norm(dim=-1).mean()
 
 
@@ -159,7 +161,7 @@ def mesh_laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tenso
     src, dst = _directed_edges(faces)
     if src.numel() == 0:
         return verts.new_zeros(())
-    acc = torch.zeros_like(verts).index_add(0, src, verts[dst])
+    acc = torch.zeros_like(verts).index_add(0, src, gather_rows(verts, dst))
     deg = torch.zeros(verts.shape[0], device=verts.device, dtype=verts.dtype).index_add(0, src, torch.ones_like(src, dtype=verts.dtype))
     used = deg > 0
     lap = acc[used] / deg[used, None] - verts[used]
