@@ -2,10 +2,12 @@
 # One call on the GPU machine: the paper-length bench asset's textual inversion (3,000 steps at the
 # released recipe), resumed from reports/speed/paper_run/ti_checkpoint.pt when present, stopped after
 # DEADLINE s; its checkpoint (every 250 steps, a few kB) and speed.json come back in $OUT.
-#   bash reports/speed/paper_run/ti.sh DEADLINE
+#   [SPEED_JSON=FILE] bash reports/speed/paper_run/ti.sh DEADLINE
 T0=$(date +%s); DEADLINE=${1:-430}; D=${D:-/tmp/s12}; R=$D/run; HERE=$(dirname "$0")
 mkdir -p $R/textual_inversion
 [ -f $HERE/ti_checkpoint.pt ] && cp $HERE/ti_checkpoint.pt $R/textual_inversion/checkpoint.pt
+# on a machine without the coarse and fine stages' DIR: SPEED_JSON=their speed.json keeps their records
+[ -f $R/speed.json ] || { [ -n "${SPEED_JSON:-}" ] && cp "$SPEED_JSON" $R/speed.json; }
 export PYTHONUNBUFFERED=1
 python3 -m flows.cli bench speed --preset magic123 --models-dir /tmp/models --set sd.compile=reduce-overhead \
   --set zero123.compile=reduce-overhead --set textual_inversion.checkpoint_every=250 --stages textual_inversion \
