@@ -198,7 +198,7 @@ def _gather_at(values: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.
     """values (B, V, C) at the (batch b[i], vertex v[i, …]) pairs, b (N,), v (N, …): (N, …, C); by
     index_select, for the fixed-order backward (_gather_vertices; antialias's per-pixel gathers)."""
     n, V, C = values.shape
-    rows = v + (b * V).view(-1, *([1] * (v.dim() - 1)))
+    rows = v if n == 1 else v + (b * V).view(-1, *([1] * (v.dim() - 1)))  # one batch: b is all zeros
     return gather_rows(values.reshape(n * V, C), rows)
 
 
