@@ -50,7 +50,10 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
                    resumed_from=stats["resumed_from"], seconds_before_resume=stats["loop_seconds_before"])
     atomic_write_text(out / "result.json", json.dumps({"stage": "textual_inversion", "steps": summ["iterations"],
                                                        "token": "learned_embeds.bin", "summary": summ}, indent=2))
-    log.info("%s", summary_line("textual inversion", summ) + f" (with model loading {wall.seconds:.1f} s)")
+    this_run = f"this run {wall.seconds:.1f} s with model loading"  # the summary's seconds span every resumed run
+    if stats["resumed_from"]:
+        this_run += f", resumed from step {stats['resumed_from']}"
+    log.info("%s", summary_line("textual inversion", summ) + f" ({this_run})")
     return target
 
 
