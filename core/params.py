@@ -279,8 +279,9 @@ class StableDiffusionParams(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 512
     fp16: bool = True
-    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
-    compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
+    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere
+    compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm
     channels_last: bool = False
@@ -298,8 +299,9 @@ class Zero123Params(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 256
     fp16: bool = True
-    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/ has the figures); 'none' on a CPU
-    compile: Literal["none", "default", "reduce-overhead"] = "none"
+    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
+    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere
+    compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
     channels_last: bool = False  # as sd.channels_last
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
     # the SDS gradient of each view × (angle to the reference view)/180° (released
@@ -376,8 +378,9 @@ class TextualInversionParams(_Section):
     # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU; 'none' on a CPU
     compile: Literal["none", "default"] = "none"
     # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
-    # its own, the loss read back a step late); the same numbers
-    overlap: bool = False
+    # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%
+    # less a step on an H200 (reports/speed, session 13); no effect on a CPU
+    overlap: bool = True
     # the state (the row, its AdamW moments, the random stream: a few kB) every this many steps; a
     # run started again continues from it (the example saves its learned_embeds every 500 steps)
     checkpoint_every: int = Field(500, ge=1)

@@ -26,8 +26,12 @@ def _backends(params, device: torch.device) -> dict[str, str]:
     from core.representations.hashgrid import choose_backend
     from core.rendering.raster import nvdiffrast_available
 
+    from core.guidance.sd import compile_mode
+
     raster = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
-    return {"hash_grid": choose_backend(params.coarse.grid.backend, device), "rasteriser": raster}
+    return {"hash_grid": choose_backend(params.coarse.grid.backend, device), "rasteriser": raster,
+            "unet_compile": {"sd": compile_mode(params.sd.compile, device),
+                             "zero123": compile_mode(params.zero123.compile, device)}}
 
 
 class _Stage:
@@ -300,9 +304,20 @@ def _save_compile_cache(path: Path) -> int:
     return len(saved[0])
 
 
+def _compiled(modes: dict[str, str]) -> str:
+    """'eager', 'reduce-overhead' or 'sd reduce-overhead, zero123 none' (older speed.json: '?')."""
+    if not modes:
+        return "?"
+    if len(set(modes.values())) == 1:
+        m = next(iter(modes.values()))
+        return "eager" if m == "none" else m
+    return ", ".join(f"{k} {v}" for k, v in modes.items())
+
+
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
-             f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}; {r['models']}",
+             f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}, UNets "
+             f"{_compiled(r['backends'].get('unet_compile', {}))}; {r['models']}",
              "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'steady':>7s} {'outside loop s':>15s} "
              f"{'peak GiB':>9s}"]
     for name, s in r["stages"].items():

@@ -7,8 +7,9 @@ optimiser; timed with the device synchronised around each part), and peak memory
     python scripts/ti_speed.py --plot FILE.json OUT.png   # the parts of a step by variant, as bars
 
 The priors are core.testmodels.fullsize_priors' full-size random ones (written to DIR once), loaded
-through core.models. Without --variant: the default, the overlapped loop, channels-last with
-compile, and all three (session 11: channels-last alone is slower, 318 against 272 ms).
+through core.models. Without --variant: the plain loop, the overlapped loop (the default since
+session 13), channels-last with compile, and all three (session 11: channels-last alone is
+slower, 318 against 272 ms).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DEFAULT_VARIANTS = {
-    "default": [],
+DEFAULT_VARIANTS = {  # each names its switches, whatever params.yaml's defaults are now
+    "plain": ["textual_inversion.overlap=false"],
     "overlap": ["textual_inversion.overlap=true"],
-    "channels_last+compile": ["sd.channels_last=true", "textual_inversion.compile=default"],
+    "channels_last+compile": ["textual_inversion.overlap=false", "sd.channels_last=true",
+                              "textual_inversion.compile=default"],
     "overlap+channels_last+compile": ["textual_inversion.overlap=true", "sd.channels_last=true",
                                       "textual_inversion.compile=default"],
 }

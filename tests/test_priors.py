@@ -143,13 +143,21 @@ def test_reference_is_reread_at_the_prior_resolution():
     assert _reference_rgb_mask(ref, 32, p)[0].shape[-1] == 64  # big enough already: not re-read
 
 
-def test_unet_compile_is_gpu_only_and_off_by_default():
-    from core.guidance.sd import compile_unet
+def test_unet_compile_is_gpu_only_and_auto_by_default():
+    """compile: auto (the default) is CUDA graphs on a GPU where Inductor can build (Triton and a C
+    compiler) and eager where it cannot; any mode is eager on the CPU."""
+    from core.guidance.sd import compile_mode, compile_unet
 
     p = load_params("magic123")
-    assert p.sd.compile == "none" and p.zero123.compile == "none"
+    assert p.sd.compile == "auto" and p.zero123.compile == "auto"
     unet = torch.nn.Linear(2, 2)
     assert compile_unet(unet, "reduce-overhead", "cpu") is unet
+    assert compile_unet(unet, "auto", "cpu") is unet
     assert compile_unet(unet, "none", "cuda") is unet
+    assert compile_mode("auto", "cuda", have_triton=True, have_cc=True) == "reduce-overhead"
+    assert compile_mode("auto", "cuda", have_triton=False, have_cc=True) == "none"
+    assert compile_mode("auto", "cuda", have_triton=True, have_cc=False) == "none"
+    assert compile_mode("auto", "cpu", have_triton=True, have_cc=True) == "none"
+    assert compile_mode("default", "cuda", have_triton=False, have_cc=False) == "default"  # asked for: as asked
     with pytest.raises(Exception):
         load_params("magic123", {"sd.compile": "fast"})

@@ -38,10 +38,36 @@ def weights_dtype(device: torch.device | str, fp16: bool) -> torch.dtype:
     return torch.float16 if fp16 and torch.device(device).type == "cuda" else torch.float32
 
 
-def compile_unet(unet, mode: str, device):
-    """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'.
-    'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are launch-bound eagerly."""
+def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc: Optional[bool] = None) -> str:
+    """The torch.compile mode `mode` ('none' | 'auto' | 'default' | 'reduce-overhead') comes to on
+    `device`: 'none' off a GPU; 'auto' is 'reduce-overhead' where Inductor can build its kernels
+    (Triton importable, a C compiler for Triton's launchers) and 'none' where it cannot, so that a
+    plain `pip install` on a machine without a compiler gets the eager UNet, not an error mid-run.
+    The compiled UNets give the eager SDS gradients (tests/test_gpu_backends.py) and save ~25% of a
+    guided iteration after a ~90 s compile (reports/speed/README.md, sessions 9 and 12–13)."""
     if mode == "none" or torch.device(device).type != "cuda":
+        return "none"
+    if mode != "auto":
+        return mode
+    if have_triton is None:
+        import importlib.util
+        have_triton = importlib.util.find_spec("triton") is not None
+    if have_cc is None:
+        import os
+        import shutil
+        have_cc = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang") if c)
+    if not (have_triton and have_cc):
+        log.info("UNet: eager (compile=auto: %s)", "no triton" if not have_triton else "no C compiler on PATH")
+        return "none"
+    return "reduce-overhead"
+
+
+def compile_unet(unet, mode: str, device):
+    """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'
+    (`compile_mode`). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are
+    launch-bound eagerly."""
+    mode = compile_mode(mode, device)
+    if mode == "none":
         return unet
     log.info("UNet: torch.compile(mode=%r)", mode)
     return torch.compile(unet, mode=mode, dynamic=False)

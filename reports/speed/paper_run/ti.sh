@@ -10,7 +10,8 @@ mkdir -p $R/textual_inversion
 [ -f $R/speed.json ] || { [ -n "${SPEED_JSON:-}" ] && cp "$SPEED_JSON" $R/speed.json; }
 export PYTHONUNBUFFERED=1
 python3 -m flows.cli bench speed --preset magic123 --models-dir /tmp/models --set sd.compile=reduce-overhead \
-  --set zero123.compile=reduce-overhead --set textual_inversion.checkpoint_every=250 --stages textual_inversion \
+  --set zero123.compile=reduce-overhead --set textual_inversion.checkpoint_every=250 \
+  --set textual_inversion.overlap=false --stages textual_inversion \
   --out $R > $D/textual_inversion.log 2>&1 &
 P=$!
 while kill -0 $P 2>/dev/null && [ $(( $(date +%s) - T0 )) -lt $DEADLINE ]; do sleep 5; done
