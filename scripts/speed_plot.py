@@ -1,6 +1,10 @@
 """Where one asset's time goes, before and after each change (issue 15): reports/speed/*.json → a PNG.
 
-  python3 scripts/speed_plot.py OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
+  python3 scripts/speed_plot.py [--paper] OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
+
+--paper: runs at the paper's counts (textual inversion 3,000 steps, coarse 5,000 + fine 5,000
+iterations), with the issue's targets drawn (≤ 2 min of textual inversion + ≤ 5 min for the rest)
+and the stages a run lacks named beside its bar.
 
 Left: each run's wall seconds per stage (textual inversion, coarse, fine; the fine stage's time
 outside its loop — set-up and export — apart). Right: a coarse iteration split into the loop's
@@ -32,7 +36,18 @@ def coarse_split(run: dict) -> dict[str, float]:
     return split
 
 
+STAGES = ("textual_inversion", "coarse", "fine")
+TARGET_TI_S, TARGET_REST_S = 120.0, 300.0  # issue 15: one H100/H200, paper settings
+
+
+def missing_stages(run: dict) -> list[str]:
+    """The stages of an asset that `run` has no record of (a split run not yet finished)."""
+    return [s for s in STAGES if s not in run.get("stages", {})]
+
+
 def main(argv: list[str]) -> int:
+    paper = bool(argv) and argv[0] == "--paper"
+    argv = argv[1:] if paper else argv
     if len(argv) < 2:
         print(__doc__)
         return 2
@@ -50,10 +65,22 @@ def main(argv: list[str]) -> int:
         vals = [float(r["stages"].get(stage, {}).get(key, 0.0)) for _, r in runs]
         ax1.barh(y, vals, left=left, label=name)
         left = [a + b for a, b in zip(left, vals)]
+    for i, (_, r) in enumerate(runs):
+        if missing_stages(r):
+            ax1.text(left[i], i, "  no " + ", ".join(m.replace("_", " ") for m in missing_stages(r)),
+                     va="center", fontsize=8)
+    if paper:
+        ax1.axvline(TARGET_TI_S + TARGET_REST_S, color="k", ls="--", lw=1)
+        ax1.text(TARGET_TI_S + TARGET_REST_S, -0.6, " target: 2 + 5 min", fontsize=8, va="bottom")
     ax1.set_yticks(list(y), labels)
     ax1.invert_yaxis()
-    ax1.set_xlabel("seconds (200 + 200 iterations, textual inversion 100 steps)")
-    ax1.legend(fontsize=8, loc="lower right")
+    ax1.set_xlabel("seconds at the paper's counts (textual inversion 3,000 steps, coarse 5,000 + fine 5,000)" if paper
+                   else "seconds (200 + 200 iterations, textual inversion 100 steps)")
+    legend = ({"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncol": 4} if paper
+              else {"loc": "lower right"})  # below the axes: the paper-length bars reach the right edge
+    if paper:
+        ax1.set_xlim(0, 1.3 * max(left + [TARGET_TI_S + TARGET_REST_S]))
+    ax1.legend(fontsize=8, **legend)
     left = [0.0] * len(runs)
     splits = [coarse_split(r) for _, r in runs]
     for scope in SCOPES + ("rest",):
@@ -61,7 +88,7 @@ def main(argv: list[str]) -> int:
         ax2.barh(y, vals, left=left, label="rest (or not split)" if scope == "rest" else scope.replace("lift3d.", ""))
         left = [a + b for a, b in zip(left, vals)]
     ax2.set_xlabel("coarse: ms per iteration, by scope (averaged over the stage)")
-    ax2.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, **legend)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -67,6 +67,12 @@ def test_speed_plot_splits_a_coarse_iteration_by_scope(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
         runs.append(f"{name}={tmp_path / f'{name}.json'}")
     assert sp.main([str(tmp_path / "plot.png")] + runs) == 0 and (tmp_path / "plot.png").stat().st_size > 1000
+    # a split run at the paper's counts, its fine stage not yet run: named, not drawn as zero seconds
+    assert sp.missing_stages(profiled) == ["textual_inversion", "fine"]
+    assert sp.missing_stages(json.loads((tmp_path / "a.json").read_text())) == []
+    (tmp_path / "p.json").write_text(json.dumps(profiled))
+    assert sp.main(["--paper", str(tmp_path / "paper.png"), f"p={tmp_path / 'p.json'}"]) == 0
+    assert (tmp_path / "paper.png").stat().st_size > 1000
 
 
 
