@@ -3,9 +3,12 @@
 # on one call's 10-minute limit: coarse, then fine, into one DIR ($D/run). Each stage's exit code
 # and epoch seconds go to $D/events; poll.sh waits on them. Run from the repository root.
 #   setsid nohup bash reports/speed/paper_run/chain.sh > /tmp/s12/chain.out 2>&1 < /dev/null &
-# Env: D (default /tmp/s12), STAGES (default "coarse fine"), PACK=1 to pack the coarse stage's field
+# Env: D (default /tmp/s12), SPEED_JSON (above), STAGES (default "coarse fine"), PACK=1 to pack the coarse stage's field
 # for a fine stage on another machine (slim.py), PRESET / MODELS / EXTRA (extra lift3d options).
-D=${D:-/tmp/s12}; R=$D/run; mkdir -p $D
+D=${D:-/tmp/s12}; R=$D/run; mkdir -p $R
+# SPEED_JSON=FILE: the other stages' records from earlier runs (the textual inversion's, session 13:
+# ../h200_magic123_paper_s13_ti_coarse.json), so that speed.json ends with the whole asset's total
+[ -f $R/speed.json ] || { [ -n "${SPEED_JSON:-}" ] && cp "$SPEED_JSON" $R/speed.json; }
 export PYTHONUNBUFFERED=1
 # the settings of the session-12 run (the textual inversion's checkpoint digest depends on them)
 SETS=(${EXTRA:-} --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead
