@@ -22,11 +22,10 @@ from core.io import atomic_write_text
 from core.perf import SyncAudit
 
 
-def _backends(params, device: torch.device) -> dict[str, str]:
-    from core.representations.hashgrid import choose_backend
-    from core.rendering.raster import nvdiffrast_available
-
+def _backends(params, device: torch.device) -> dict[str, Any]:
     from core.guidance.sd import compile_mode
+    from core.rendering.raster import nvdiffrast_available
+    from core.representations.hashgrid import choose_backend
 
     raster = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
     return {"hash_grid": choose_backend(params.coarse.grid.backend, device), "rasteriser": raster,
