@@ -78,7 +78,9 @@ def build_lpips(net: str = "alex", trunk: Optional[Path | str] = None, random_tr
     key = (net, str(trunk), random_trunk, str(device))
     if key in _LPIPS:
         return _LPIPS[key]
-    model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream untouched
+        torch.manual_seed(0)  # a random trunk is the same in every run, so its LPIPS is reproducible
+        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
     if not random_trunk:
         path = Path(trunk) if trunk else lpips_trunk_file(net)
         if not path.is_file():
