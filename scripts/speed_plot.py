@@ -66,9 +66,8 @@ def main(argv: list[str]) -> int:
         ax1.barh(y, vals, left=left, label=name)
         left = [a + b for a, b in zip(left, vals)]
     for i, (_, r) in enumerate(runs):
-        if missing_stages(r):
-            ax1.text(left[i], i, "  no " + ", ".join(m.replace("_", " ") for m in missing_stages(r)),
-                     va="center", fontsize=8)
+        if missing := missing_stages(r):
+            ax1.text(left[i], i, "  no " + ", ".join(m.replace("_", " ") for m in missing), va="center", fontsize=8)
     if paper:
         ax1.axvline(TARGET_TI_S + TARGET_REST_S, color="k", ls="--", lw=1)
         ax1.text(TARGET_TI_S + TARGET_REST_S, -0.6, " target: 2 + 5 min", fontsize=8, va="bottom")

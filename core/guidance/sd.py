@@ -50,8 +50,9 @@ def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc:
     if mode != "auto":
         return mode
     if have_triton is None:
-        import importlib.util
-        have_triton = importlib.util.find_spec("triton") is not None
+        from core.representations.hashgrid import triton_available  # the hash grid's own test: it imports
+
+        have_triton = triton_available()
     if have_cc is None:
         import os
         import shutil
