@@ -285,6 +285,9 @@ class StableDiffusionParams(_Section):
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm
     channels_last: bool = False
+    # torch.compile of the VAE encoder, forward and backward, in SDS on a GPU (the render's gradient
+    # goes through it: eq. 5); 'none' on a CPU. Not yet timed on a GPU (reports/speed session 14)
+    vae_compile: Literal["none", "default"] = "none"
     # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
     # [0.2, 0.5]); null: t_range in both stages
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
@@ -303,6 +306,7 @@ class Zero123Params(_Section):
     # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
     channels_last: bool = False  # as sd.channels_last
+    vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
     # the SDS gradient of each view × (angle to the reference view)/180° (released
     # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)

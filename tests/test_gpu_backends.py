@@ -103,6 +103,15 @@ def test_compiled_priors_give_the_eager_sds_gradients(tmp_path):
     _agree(eager, graphs, cos_min=0.99, norm_rel=0.02)
 
 
+def test_compiled_vae_encoders_give_the_eager_sds_gradients(tmp_path):
+    """sd/zero123.vae_compile=default (the VAE encoder that SDS differentiates through, eq. 5, under
+    Inductor forward and backward) against the eager encoder, both fp16 with eager UNets, over the
+    same 32 calls: only the fused kernels' rounding differs."""
+    eager = _guided_calls(tmp_path, {})
+    fused = _guided_calls(tmp_path, {"sd.vae_compile": "default", "zero123.vae_compile": "default"})
+    _agree(eager, fused, cos_min=0.99, norm_rel=0.02)
+
+
 def test_fp16_priors_give_the_fp32_sds_gradients(tmp_path):
     """The priors' fp16 weights (the default on a GPU, as released) against fp32, eager, over the same
     32 calls: the SDS gradient agrees up to half precision's rounding, amplified by the CFG scale

@@ -161,3 +161,57 @@ def test_unet_compile_is_gpu_only_and_auto_by_default():
     assert compile_mode("default", "cuda", have_triton=False, have_cc=False) == "default"  # asked for: as asked
     with pytest.raises(Exception):
         load_params("magic123", {"sd.compile": "fast"})
+
+
+def test_vae_compile_is_off_by_default_gpu_only_and_traces_the_encoder_whole(monkeypatch):
+    """sd/zero123.vae_compile (torch.compile of the VAE encoder that SDS differentiates through,
+    eq. 5): off by default, eager on a CPU whatever is asked, and the guidances take the compiled
+    copy. The tiny real AutoencoderKL's `vae_moments` compiles as one graph forward and backward
+    (fullgraph=True fails on any graph break) and gives the eager moments and input gradient; the
+    same with Inductor's kernels is tests/test_gpu_backends.py's."""
+    from diffusers import AutoencoderKL
+
+    from core.guidance.sd import compile_vae_moments, vae_moments
+
+    p = load_params("magic123")
+    assert p.sd.vae_compile == "none" and p.zero123.vae_compile == "none"
+    assert compile_vae_moments("default", "cpu") is vae_moments
+    assert compile_vae_moments("none", "cuda") is vae_moments
+    with pytest.raises(Exception):
+        load_params("magic123", {"zero123.vae_compile": "reduce-overhead"})
+    assert compile_vae_moments("default", "cuda") is not vae_moments  # torch.compile is lazy: no GPU needed here
+    g = build_guidance(_tiny_params("magic123", **{"sd.vae_compile": "default", "zero123.vae_compile": "default"}),
+                       torch.rand(3, 64, 64), "coarse", "cpu")
+    assert g.sd.moments is vae_moments and g.zero123.moments is vae_moments  # CPU: the eager function
+
+    # the factory hands each prior what compile_vae_moments makes of its own setting, and the SDS
+    # encodes through it
+    import core.guidance.sd as sd_module
+
+    calls, asked = [], []
+
+    def recording(mode, device):
+        asked.append(mode)
+
+        def moments(vae, images):
+            calls.append((mode, images.shape[-1]))
+            return vae_moments(vae, images)
+        return moments
+
+    monkeypatch.setattr(sd_module, "compile_vae_moments", recording)
+    g = build_guidance(_tiny_params("magic123", **{"sd.vae_compile": "default"}), torch.rand(3, 64, 64), "coarse", "cpu")
+    assert sorted(asked) == ["default", "none"]
+    g(_batch(step=50, total=100))
+    assert sorted(calls) == [("default", 64), ("none", 64)]  # SD's encoder, Zero-1-to-3's, once each
+
+    vae = AutoencoderKL.from_pretrained(tiny_models()["sd"], subfolder="vae").eval().requires_grad_(False)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    traced = torch.compile(vae_moments, backend="aot_eager", fullgraph=True, dynamic=False)
+    out = {}
+    for name, fn in (("eager", vae_moments), ("traced", traced)):
+        img = x.clone().requires_grad_(True)
+        mean, std = fn(vae, img)
+        (mean.square().sum() + std.sum()).backward()
+        out[name] = (mean.detach(), std.detach(), img.grad)
+    for a, b in zip(out["eager"], out["traced"]):
+        assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6), float((a - b).abs().max())

@@ -126,7 +126,7 @@ def zero123_parts(params, device, dtype: Optional[torch.dtype] = None):
 
 
 def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
-    from core.guidance.sd import StableDiffusionGuidance, compile_unet, compose_prompt
+    from core.guidance.sd import StableDiffusionGuidance, compile_unet, compile_vae_moments, compose_prompt
 
     parts = stable_diffusion_parts(params, device)
     embeds = resolve_token(params, parts, reference, token)
@@ -136,12 +136,13 @@ def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = No
     guidance = StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
                                        t_range=stage_t_range(params.sd, stage), resolution=params.sd.resolution,
                                        seed=params.seed, view_dependent=params.sd.view_dependent_prompt,
-                                       reference_azimuth=params.camera.ref_azimuth)
+                                       reference_azimuth=params.camera.ref_azimuth,
+                                       moments=compile_vae_moments(params.sd.vae_compile, device))
     return guidance, embeds
 
 
 def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"):
-    from core.guidance.sd import compile_unet
+    from core.guidance.sd import compile_unet, compile_vae_moments
     from core.guidance.zero123 import Zero123Guidance
 
     parts = zero123_parts(params, device)
@@ -149,7 +150,8 @@ def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=stage_t_range(params.zero123, stage), resolution=params.zero123.resolution,
-                           seed=params.seed, angle_weighting=params.zero123.angle_weighting)
+                           seed=params.seed, angle_weighting=params.zero123.angle_weighting,
+                           moments=compile_vae_moments(params.zero123.vae_compile, device))
 
 
 def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", token: Optional[dict] = None):

@@ -266,7 +266,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     loop_seconds (over every run of this checkpoint)."""
     from tqdm import tqdm
 
-    from core.guidance.sd import encode_images, vae_moments
+    from core.guidance.sd import compile_vae_moments, encode_images
     from core.guidance.sds import sample_timesteps
 
     if augmentation not in ("released", "crop"):
@@ -296,9 +296,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     mask = mask.detach().float().cpu() if mask is not None else None
     rgb = on_background(rgb.detach().float().cpu(), mask, background)
     udtype = next(unet.parameters()).dtype
-    moments, unet_step = vae_moments, unet
+    moments, unet_step = compile_vae_moments(compile, device), unet
     if compile != "none" and device.type == "cuda":
-        moments = torch.compile(vae_moments, mode=compile, dynamic=False)
         unet_step = torch.compile(unet, mode=compile, dynamic=False)
     te.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,

@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from core.rendering.cameras import Cameras, relative_pose
 from core.guidance.base import GuidanceOutput, RenderBatch
-from core.guidance.sd import encode_images
+from core.guidance.sd import encode_images, vae_moments
 from core.guidance.sds import classifier_free_guidance, sample_timesteps, score_distillation
 from core.models.loader import load_pretrained
 
@@ -137,8 +137,9 @@ class Zero123Guidance:
 
     def __init__(self, parts: Zero123Parts, reference_rgb: torch.Tensor, reference_camera: Cameras, *,
                  guidance_scale: float = 5.0, t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 256,
-                 seed: int = 0, angle_weighting: bool = False):
+                 seed: int = 0, angle_weighting: bool = False, moments=vae_moments):
         self.parts = parts
+        self.moments = moments  # vae_moments or its compiled copy (core.guidance.sd.compile_vae_moments)
         self.angle_weighting = bool(angle_weighting)
         self.guidance_scale = float(guidance_scale)
         self.t_range = tuple(t_range)
@@ -207,6 +208,6 @@ class Zero123Guidance:
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
-        latents = encode_images(self.parts.vae, rgb.to(self.device), self.generator)
+        latents = encode_images(self.parts.vae, rgb.to(self.device), self.generator, self.moments)
         loss, diag = self.sds(latents, batch.cameras)
         return GuidanceOutput(loss=loss, diagnostics=diag)
