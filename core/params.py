@@ -243,7 +243,11 @@ class FineParams(_Section):
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
-    texture_size: int = Field(1024, ge=16)
+    # the baked albedo texture's side and xatlas's chart-growing iterations: both released code
+    # bases export at 2048² with ChartOptions.max_iterations = 4 (Magic123 nerf/renderer.py:823,
+    # :840-842; Consistent123 nerf/renderer.py:428, :444-446); xatlas's own default is 1
+    texture_size: int = Field(2048, ge=16)
+    atlas_iterations: int = Field(4, ge=1)
     # faces of the exported mesh: a larger DMTet surface is simplified (quadric edge collapse) to
     # this many before its UV atlas, as released (decimate_target 5e4, Magic123 main.py:107,
     # nerf/renderer.py:811); 0 exports the whole surface

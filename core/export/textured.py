@@ -52,11 +52,17 @@ def decimate(mesh: Mesh, faces: int) -> Mesh:
                 torch.as_tensor(np.asarray(out.faces), dtype=torch.int64, device=dev))
 
 
-def uv_atlas(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """xatlas: (vmapping (M,), uv_faces (F, 3), uvs (M, 2))."""
+def uv_atlas(verts: np.ndarray, faces: np.ndarray, iterations: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas: (vmapping (M,), uv_faces (F, 3), uvs (M, 2)). `iterations`: the chart-growing and
+    seeding passes (ChartOptions.max_iterations; released 4, xatlas's default 1)."""
     import xatlas
 
-    vmapping, indices, uvs = xatlas.parametrize(verts.astype(np.float32), faces.astype(np.uint32))
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(verts.astype(np.float32), faces.astype(np.uint32))
+    charts = xatlas.ChartOptions()
+    charts.max_iterations = int(iterations)
+    atlas.generate(chart_options=charts)
+    vmapping, indices, uvs = atlas[0]
     return vmapping.astype(np.int64), indices.astype(np.int64), uvs.astype(np.float32)
 
 
@@ -78,12 +84,13 @@ def dilate(img: torch.Tensor, covered: torch.Tensor, pad: int) -> torch.Tensor:
 
 @torch.no_grad()
 def bake_texture(mesh: Mesh, colour_fn: Callable[[torch.Tensor], torch.Tensor], size: int = 1024,
-                 rasterizer: Rasterizer | None = None, pad: int = 4, chunk: int = 1 << 18) -> TexturedMesh:
+                 rasterizer: Rasterizer | None = None, pad: int = 4, chunk: int = 1 << 18,
+                 atlas_iterations: int = 1) -> TexturedMesh:
     verts = mesh.verts.detach().float()
     faces = mesh.faces.long()
     dev = verts.device
     rasterizer = rasterizer or make_rasterizer("auto", dev)
-    vmapping, uv_faces, uvs = uv_atlas(verts.cpu().numpy(), faces.cpu().numpy())
+    vmapping, uv_faces, uvs = uv_atlas(verts.cpu().numpy(), faces.cpu().numpy(), atlas_iterations)
     uv_t = torch.from_numpy(uvs).to(dev)
     pos = torch.cat([uv_t * 2 - 1, torch.zeros_like(uv_t[:, :1]), torch.ones_like(uv_t[:, :1])], -1)[None]
     tri = torch.from_numpy(uv_faces).to(dev)
@@ -158,7 +165,8 @@ def turntable(mesh: Mesh, colour_fn, path: Path, rasterizer: Rasterizer | None =
 
 def export_textured_mesh(mesh: Mesh, colour_fn, out_dir: Path, texture_size: int = 1024,
                          rasterizer: Rasterizer | None = None, name: str = "mesh",
-                         turntable_frames: int = 36, turntable_resolution: int = 256) -> dict[str, str]:
+                         turntable_frames: int = 36, turntable_resolution: int = 256,
+                         atlas_iterations: int = 1) -> dict[str, str]:
     """Everything at once: OBJ+MTL+PNG, GLB, turntable GIF. Returns the file names. A line per part
     (and a bar over the turntable's frames) says where it is."""
     import time
@@ -166,8 +174,9 @@ def export_textured_mesh(mesh: Mesh, colour_fn, out_dir: Path, texture_size: int
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    log.info("export: UV atlas (xatlas) and a %d² texture for %d faces", texture_size, int(mesh.faces.shape[0]))
-    tm = bake_texture(mesh, colour_fn, texture_size, rasterizer)
+    log.info("export: UV atlas (xatlas, %d iteration%s) and a %d² texture for %d faces", atlas_iterations,
+             "s" if atlas_iterations != 1 else "", texture_size, int(mesh.faces.shape[0]))
+    tm = bake_texture(mesh, colour_fn, texture_size, rasterizer, atlas_iterations=atlas_iterations)
     obj = write_obj(tm, out_dir, name)
     glb = write_glb(tm, out_dir / f"{name}.glb")
     t1 = time.perf_counter()

@@ -168,7 +168,7 @@ def write_outputs(rep: DMTetRepresentation, params, reference: Reference, out: P
     surface = rep.dmtet.extract().detach()
     mesh = decimate(surface, f.export_faces)
     exported = export_textured_mesh(mesh, rep.colour, out, texture_size=f.texture_size, rasterizer=rep.rasterizer,
-                                    turntable_frames=turntable_frames)
+                                    turntable_frames=turntable_frames, atlas_iterations=f.atlas_iterations)
     files += list(exported.values())
     if mesh.faces.shape[0] == 0:
         log.warning("fine stage: the final mesh is empty (no surface left in the tet grid); see %s", out / "renders")
