@@ -273,7 +273,9 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                   # the second half, past the reference-only warm-up (and any compiling)
                                   "ms_per_iter_steady": steady_ms_per_iter(record.get("marks") or [],
                                                                            max(warmup, steps // 2)),
-                                  "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib}
+                                  "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib,
+                                  # of which writing the stage's outputs (renders; the fine stage's export)
+                                  "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2)}
         save()
     if compile_cache is not None:
         result["compile_cache"]["saved_bytes"] = _save_compile_cache(compile_cache)
@@ -321,12 +323,13 @@ def format_asset_table(r: dict[str, Any]) -> str:
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
              f"{_compiled(r['backends'].get('vae_compile', {}))}; {r['models']}",
              "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'steady':>7s} {'outside loop s':>15s} "
-             f"{'peak GiB':>9s}"]
+             f"{'(outputs s)':>12s} {'peak GiB':>9s}"]
     for name, s in r["stages"].items():
         peak = "-" if s.get("peak_gib") is None else f"{s['peak_gib']:.2f}"
         steady = "-" if s.get("ms_per_iter_steady") is None else f"{s['ms_per_iter_steady']:.1f}"
+        outputs = "-" if s.get("outputs_s") is None else f"{s['outputs_s']:.1f}"
         lines.append(f"{name:18s} {s['iters']:6d} {s['wall_s']:8.1f} {s['ms_per_iter']:8.1f} {steady:>7s} "
-                     f"{s.get('outside_loop_s', 0.0):15.1f} {peak:>9s}")
+                     f"{s.get('outside_loop_s', 0.0):15.1f} {outputs:>12s} {peak:>9s}")
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))
