@@ -3,7 +3,8 @@
 # on one call's 10-minute limit: coarse, then fine, into one DIR ($D/run). Each stage's exit code
 # and epoch seconds go to $D/events; poll.sh waits on them. Run from the repository root.
 #   setsid nohup bash reports/speed/paper_run/chain.sh > /tmp/s12/chain.out 2>&1 < /dev/null &
-# Env: D (default /tmp/s12), SPEED_JSON (above), STAGES (default "coarse fine"), PACK=1 to pack the coarse stage's field
+# Env: D (default /tmp/s12), SPEED_JSON (above), STAGES (default "coarse fine"), BEFORE_FINE (a command run
+# before the fine stage; the chain stops if it fails), PACK=1 to pack the coarse stage's field
 # for a fine stage on another machine (slim.py), PRESET / MODELS / EXTRA (extra lift3d options).
 D=${D:-/tmp/s12}; R=$D/run; mkdir -p $R
 # SPEED_JSON=FILE: the other stages' records from earlier runs (the textual inversion's, session 13:
@@ -17,6 +18,10 @@ run() { python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-d
           "${SETS[@]}" --compile-cache $D/cc.bin --out $R "$@"; }
 ev() { echo "$* $(date +%s)" >> $D/events; }
 for stage in ${STAGES:-coarse fine}; do
+  # BEFORE_FINE: a command that must succeed before the fine stage (ext.sh: nvdiffrast's build)
+  if [ "$stage" = fine ] && [ -n "${BEFORE_FINE:-}" ]; then
+    bash -c "$BEFORE_FINE"; rc=$?; ev "before fine rc $rc"; [ $rc = 0 ] || break
+  fi
   ev "$stage start"
   run --stages $stage > $D/$stage.log 2>&1; ev "$stage rc $?"
   cp $R/speed.json $D/speed_$stage.json 2>/dev/null

@@ -19,7 +19,7 @@ while :; do
 done
 cp $R/speed.json $OUT/ 2>/dev/null
 { echo "=== events"; cat $D/events
-  for f in build coarse slim fine textual_inversion; do [ -f $D/$f.log ] || continue; echo "=== $f"
+  for f in build_tinycudann build_nvdiffrast coarse slim fine textual_inversion; do [ -f $D/$f.log ] || continue; echo "=== $f"
     tr '\r' '\n' < $D/$f.log | grep -v '^\s*$' | grep -v -E '(it/s|s/it)(, [^]]*)?\]$' | tail -60
     echo "--- $f progress (every 20th report)"; progress $D/$f.log | awk 'NR%20==1' | tail -60; done
 } > $OUT/logs.txt
