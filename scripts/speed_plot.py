@@ -7,7 +7,7 @@ iterations), with the issue's targets drawn (≤ 2 min of textual inversion + �
 and the stages a run lacks named beside its bar.
 
 Left: each run's wall seconds per stage (textual inversion, coarse, fine; the fine stage's time
-outside its loop — set-up and export — apart). Right: a coarse iteration split into the loop's
+outside its loop apart: set-up, and the export where the run records it as `outputs_s`). Right: a coarse iteration split into the loop's
 scopes (render, backward, guidance, the rest), from runs made with `--profile`; runs without scopes
 show their ms per iteration as one bar.
 """
@@ -40,6 +40,15 @@ STAGES = ("textual_inversion", "coarse", "fine")
 TARGET_TI_S, TARGET_REST_S = 120.0, 300.0  # issue 15: one H100/H200, paper settings
 
 
+def fine_parts(run: dict) -> dict[str, float]:
+    """The fine stage's seconds as loop, set-up (model loading, tet grid, compiling) and export (the
+    outputs: renders, atlas, texture, OBJ, GLB, turntable). Runs from before `outputs_s` existed
+    keep their export inside the set-up."""
+    f = run.get("stages", {}).get("fine", {})
+    outside, export = float(f.get("outside_loop_s", 0.0)), float(f.get("outputs_s", 0.0))
+    return {"loop": float(f.get("loop_s", 0.0)), "set-up": max(0.0, outside - export), "export": export}
+
+
 def missing_stages(run: dict) -> list[str]:
     """The stages of an asset that `run` has no record of (a split run not yet finished)."""
     return [s for s in STAGES if s not in run.get("stages", {})]
@@ -59,10 +68,13 @@ def main(argv: list[str]) -> int:
     y = range(len(runs))
     labels = [label for label, _ in runs]
     left = [0.0] * len(runs)
-    parts = [("textual_inversion", "wall_s", "textual inversion"), ("coarse", "wall_s", "coarse"),
-             ("fine", "loop_s", "fine loop"), ("fine", "outside_loop_s", "fine set-up + export")]
-    for stage, key, name in parts:
-        vals = [float(r["stages"].get(stage, {}).get(key, 0.0)) for _, r in runs]
+    parts = [("textual inversion", lambda r: float(r["stages"].get("textual_inversion", {}).get("wall_s", 0.0))),
+             ("coarse", lambda r: float(r["stages"].get("coarse", {}).get("wall_s", 0.0))),
+             ("fine loop", lambda r: fine_parts(r)["loop"]),
+             ("fine set-up (+ export in runs before outputs_s)", lambda r: fine_parts(r)["set-up"]),
+             ("fine export", lambda r: fine_parts(r)["export"])]
+    for name, value in parts:
+        vals = [value(r) for _, r in runs]
         ax1.barh(y, vals, left=left, label=name)
         left = [a + b for a, b in zip(left, vals)]
     for i, (_, r) in enumerate(runs):
@@ -75,7 +87,7 @@ def main(argv: list[str]) -> int:
     ax1.invert_yaxis()
     ax1.set_xlabel("seconds at the paper's counts (textual inversion 3,000 steps, coarse 5,000 + fine 5,000)" if paper
                    else "seconds (200 + 200 iterations, textual inversion 100 steps)")
-    legend = ({"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncol": 4} if paper
+    legend = ({"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncol": 3} if paper
               else {"loc": "lower right"})  # below the axes: the paper-length bars reach the right edge
     if paper:
         ax1.set_xlim(0, 1.3 * max(left + [TARGET_TI_S + TARGET_REST_S]))

@@ -73,6 +73,10 @@ def test_speed_plot_splits_a_coarse_iteration_by_scope(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(profiled))
     assert sp.main(["--paper", str(tmp_path / "paper.png"), f"p={tmp_path / 'p.json'}"]) == 0
     assert (tmp_path / "paper.png").stat().st_size > 1000
+    # the fine stage's time outside its loop: set-up and, where recorded, the export apart
+    fine = {"stages": {"fine": {"loop_s": 462.7, "outside_loop_s": 37.5, "outputs_s": 21.1}}}
+    assert sp.fine_parts(fine) == {"loop": 462.7, "set-up": 37.5 - 21.1, "export": 21.1}
+    assert sp.fine_parts({"stages": {"fine": {"loop_s": 1.0, "outside_loop_s": 2.0}}})["set-up"] == 2.0
 
 
 
