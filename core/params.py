@@ -514,6 +514,28 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Settings that change how fast a step runs or how often it saves, not what it computes (the same
+# numbers up to float rounding: tests/test_gpu_backends.py, tests/test_hashgrid*.py). Step digests
+# leave them out, so that a run started with one of them resumes, and a cached step is reused,
+# under another. The run's params.json still records them.
+HOW_NOT_WHAT: tuple[str, ...] = (
+    "sd.compile", "sd.channels_last", "sd.vae_compile",
+    "zero123.compile", "zero123.channels_last", "zero123.vae_compile",
+    "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.checkpoint_every",
+    "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
+    "coarse.checkpoint_every", "fine.rasterizer", "fine.checkpoint_every",
+)
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    node: Any = tree
+    *head, last = dotted.split(".")
+    for k in head:
+        node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
 def _pick(tree: dict, dotted: str) -> Any:
     node: Any = tree
     for k in dotted.split("."):
@@ -522,8 +544,11 @@ def _pick(tree: dict, dotted: str) -> Any:
 
 
 def sections_digest(params: "Params | dict", sections: tuple[str, ...] | list[str]) -> str:
-    """A hash of the named sections' values (a dotted name picks one value)."""
-    tree = params.to_dict() if isinstance(params, Params) else params
+    """A hash of the named sections' values (a dotted name picks one value), without the settings
+    in HOW_NOT_WHAT."""
+    tree = copy.deepcopy(params.to_dict() if isinstance(params, Params) else params)
+    for key in HOW_NOT_WHAT:
+        _drop(tree, key)
     picked = {s: _pick(tree, s) for s in sorted(sections)}
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

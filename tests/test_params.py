@@ -104,3 +104,25 @@ def test_cpu_threads_come_from_the_params_then_omp_num_threads_then_the_cores(mo
         assert torch.get_num_threads() == (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_speed_and_saving_settings_leave_the_step_digests_alone():
+    """HOW_NOT_WHAT (compile modes, layouts, backends, checkpoint cadence): a run made with one
+    value resumes, and a cached step is reused, under another; each key names a real setting; a
+    setting of the method in the same sections still changes the digest."""
+    from core.params import HOW_NOT_WHAT, STEP_READS, _pick, step_digest
+
+    base = load_params("magic123")
+    tree = base.to_dict()
+    assert all(_pick(tree, key) is not None for key in HOW_NOT_WHAT)
+    other = load_params("magic123", {"sd.compile": "none", "sd.channels_last": True, "sd.vae_compile": "default",
+                                     "zero123.compile": "reduce-overhead", "textual_inversion.overlap": False,
+                                     "textual_inversion.checkpoint_every": 250, "coarse.grid.backend": "torch",
+                                     "coarse.checkpoint_every": 7, "fine.rasterizer": "torch",
+                                     "coarse.normals_recompute": True})
+    assert other.digest() != base.digest()  # the whole record still tells them apart
+    for step in STEP_READS:
+        assert step_digest(other, step) == step_digest(base, step), step
+    method = load_params("magic123", {"sd.guidance_scale": 50})
+    assert step_digest(method, "textual_inversion") != step_digest(base, "textual_inversion")
+    assert step_digest(method, "coarse") != step_digest(base, "coarse")
