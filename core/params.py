@@ -527,20 +527,18 @@ HOW_NOT_WHAT: tuple[str, ...] = (
 )
 
 
-def _drop(tree: dict, dotted: str) -> None:
-    node: Any = tree
-    *head, last = dotted.split(".")
-    for k in head:
-        node = node.get(k) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(last, None)
-
-
 def _pick(tree: dict, dotted: str) -> Any:
     node: Any = tree
     for k in dotted.split("."):
         node = node.get(k) if isinstance(node, dict) else None
     return node
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    parent, _, last = dotted.rpartition(".")
+    node = _pick(tree, parent) if parent else tree
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def sections_digest(params: "Params | dict", sections: tuple[str, ...] | list[str]) -> str:
