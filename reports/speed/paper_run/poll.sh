@@ -1,6 +1,7 @@
 #!/bin/bash
 # On the GPU machine: wait (at most LIMIT s from now) until chain.sh's $D/events has a line with
-# STOP, a failed stage or "chain done", printing progress each minute; then copy speed.json and the
+# STOP at its start (ext.sh's "before fine rc 0" must not stop a wait for "fine rc"), a failed
+# stage or "chain done", printing progress each minute; then copy speed.json and the
 # logs' ends to $OUT (and the coarse pack's parts with a third argument "pack").
 #   bash reports/speed/paper_run/poll.sh LIMIT STOP [pack]
 # A call that must find the machine warm again has to follow a call that returned only small files:
@@ -11,7 +12,7 @@ progress() { tr '\r' '\n' < "$1" | grep -E '(it/s|s/it)(, [^]]*)?\]$'; }
 last() { for f in coarse fine textual_inversion; do [ -f $D/$f.log ] && echo "$f: $(progress $D/$f.log | tail -1 | cut -c1-150)"; done; }
 n=0
 while :; do
-  grep -q "$STOP" $D/events && break
+  grep -q "^$STOP" $D/events && break
   grep -q "chain done" $D/events && break
   grep -q "rc [1-9]" $D/events && { echo "A STAGE FAILED"; break; }
   [ $(( $(date +%s) - T0 )) -ge $LIMIT ] && { echo "NOT DONE: $STOP"; break; }
