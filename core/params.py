@@ -290,7 +290,8 @@ class StableDiffusionParams(_Section):
     # layout conversion around each one); the same numbers up to the convolution algorithm
     channels_last: bool = False
     # torch.compile of the VAE encoder, forward and backward, in SDS on a GPU (the render's gradient
-    # goes through it: eq. 5); 'none' on a CPU. Not yet timed on a GPU (reports/speed session 14)
+    # goes through it: eq. 5); 'none' on a CPU. H200: 6.6 ms less a guided iteration for ~60 s of
+    # compiling a process (reports/speed session 15), so off unless a process runs several assets
     vae_compile: Literal["none", "default"] = "none"
     # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
     # [0.2, 0.5]); null: t_range in both stages
