@@ -68,6 +68,7 @@ class _Profile:
     def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0):
         self.path, self.steps, self.device, self.prof, self.skip = path, steps, device, None, int(skip)
         self.times: dict = {}
+        self.iterations = 0  # the stage's iterations seen by the callback
 
     def __enter__(self):
         if self.steps > 0:
@@ -84,7 +85,13 @@ class _Profile:
 
     @property
     def callback(self):
-        return (lambda step, metrics: self.prof.step()) if self.prof is not None else None
+        if self.prof is None:
+            return None
+
+        def step(step, metrics):
+            self.iterations += 1
+            self.prof.step()
+        return step
 
     def summary(self) -> dict:
         return {k: {"calls": n, "seconds": round(t, 3), "ms_per_call": round(1000 * t / max(n, 1), 2)}
@@ -101,12 +108,20 @@ class _Profile:
         lines += [f"{k:24s} {v['calls']:6d} {v['seconds']:9.2f} {v['ms_per_call']:9.2f}" for k, v in self.summary().items()]
         text = "\n".join(lines)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        try:
-            text += f"\n\ntorch.profiler, {self.steps} iterations:\n" + self.prof.key_averages().table(sort_by=key, row_limit=30)
-        except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
-            text += f"\n\nno profiler table: {type(e).__name__}: {e}"
+        needed = self.skip + 5 + 1 + self.steps  # the schedule's wait + warm-up + active iterations
+        if self.iterations < needed:
+            text += (f"\n\nno profiler table: the stage ran {self.iterations} iterations; the profile "
+                     f"needs {needed} ({self.skip} reference-only + 5 + 1 warm-up + {self.steps})")
+        else:
+            text += self._table(key)
         atomic_write_text(self.path, text)
         return False
+
+    def _table(self, key: str) -> str:
+        try:
+            return f"\n\ntorch.profiler, {self.steps} iterations:\n" + self.prof.key_averages().table(sort_by=key, row_limit=30)
+        except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
+            return f"\n\nno profiler table: {type(e).__name__}: {e}"
 
 
 def steady_ms_per_iter(marks: list, from_step: int) -> Optional[float]:

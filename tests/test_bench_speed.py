@@ -109,6 +109,22 @@ def test_profile_skips_the_reference_only_warm_up(tmp_path):
     assert profiled == [9, 10], profiled
 
 
+def test_a_profile_window_the_stage_never_reached_says_how_many_iterations_it_needs(tmp_path):
+    """A stage shorter than the profile's window (reference-only warm-up + 5 + 1 + N) still writes
+    its scope times, and says in one line why there is no table, with the count it needs."""
+    import torch
+
+    from flows.bench_asset import _Profile
+
+    with _Profile(tmp_path / "p.txt", 2, torch.device("cpu"), skip=3) as prof:
+        for i in range(7):
+            torch.ones(8).sum()
+            prof.callback(i, {})
+    text = (tmp_path / "p.txt").read_text()
+    assert text.startswith("scope")
+    assert "no profiler table: the stage ran 7 iterations; the profile needs 11" in text
+
+
 def test_the_detectors_clip_at_full_size_loads_through_the_real_loader(tmp_path):
     """bench speed --preset consistent123 on a machine without the real weights: the detector's CLIP
     is written once with random weights (here the tiny architecture; ViT-B-32 on the GPU machine) and
