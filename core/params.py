@@ -384,7 +384,8 @@ class TextualInversionParams(_Section):
     vae_input: Literal["unit", "signed"] = "unit"
     placeholder: str = "<e>"
     initializer: str = "object"  # released: a word per object, given on the command line
-    # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU; 'none' on a CPU
+    # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU, for the full
+    # batch (the epoch's short last batch runs eagerly: one shape to compile); 'none' on a CPU
     compile: Literal["none", "default"] = "none"
     # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
     # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%

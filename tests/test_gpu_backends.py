@@ -130,8 +130,8 @@ def test_channels_last_priors_give_the_default_layouts_sds_gradients(tmp_path):
 def test_compiled_textual_inversion_learns_the_eager_token():
     """textual_inversion.compile=default (the step's VAE encoder and UNet, forward and backward,
     under torch.compile) against eager: the same draws, so the same losses step by step and the
-    same learned row, up to fp16 kernels' rounding. Batches of 3 with repeats 5: both shapes (3 and
-    the epoch's last, 2) are compiled."""
+    same learned row, up to fp16 kernels' rounding. Batches of 3 with repeats 5: the full batches of
+    3 run compiled, the epoch's last of 2 eagerly."""
     from core.guidance.factory import stable_diffusion_parts
     from core.guidance.textual_inversion import learn_token_from_params
 

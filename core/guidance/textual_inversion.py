@@ -124,6 +124,12 @@ def batch_size_at(index: int, batch_size: int, repeats: Optional[int] = None) ->
     return int(batch_size) if pos < per_epoch - 1 else int(repeats) - (per_epoch - 1) * int(batch_size)
 
 
+def _full_batch_compiled(compiled: tuple, eager: tuple, batch_size: int):
+    """n → the step's (VAE moments, UNet): the compiled pair for a full batch, the eager pair for a
+    short one (torch.compile with static shapes compiles each batch size anew)."""
+    return lambda n: compiled if int(n) == int(batch_size) else eager
+
+
 def on_background(rgb: torch.Tensor, mask: Optional[torch.Tensor], background: str) -> torch.Tensor:
     """The object (3, H, W) composited on white, recomposited on `background` ('white' | 'black':
     what converting the rgba.png to RGB gives where it is transparent)."""
@@ -266,7 +272,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     loop_seconds (over every run of this checkpoint)."""
     from tqdm import tqdm
 
-    from core.guidance.sd import compile_vae_moments, encode_images
+    from core.guidance.sd import compile_vae_moments, encode_images, vae_moments
     from core.guidance.sds import sample_timesteps
 
     if augmentation not in ("released", "crop"):
@@ -296,9 +302,12 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     mask = mask.detach().float().cpu() if mask is not None else None
     rgb = on_background(rgb.detach().float().cpu(), mask, background)
     udtype = next(unet.parameters()).dtype
+    # compiled for the full batch only: the epoch's short last batch (100 mod 16 = 4 images, one step
+    # in seven) runs eagerly, so one shape is compiled instead of two (session 11: ~230 s for both)
     moments, unet_step = compile_vae_moments(compile, device), unet
     if compile != "none" and device.type == "cuda":
         unet_step = torch.compile(unet, mode=compile, dynamic=False)
+    parts_for = _full_batch_compiled((moments, unet_step), (vae_moments, unet), batch_size)
     te.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,
                dynamic_ncols=True)
@@ -336,8 +345,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 images = augmented(n)
             if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
                 images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
+            moments_n, unet_n = parts_for(n)
             with torch.no_grad(), scope("lift3d.ti.vae_encode"):
-                latents = encode_images(vae, images, gen, moments=moments)
+                latents = encode_images(vae, images, gen, moments=moments_n)
             noise = to_device(torch.randn(latents.shape, generator=gen), device)
             t = to_device(sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen), device)
             noisy = sched.add_noise(latents, noise, t)
@@ -348,7 +358,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                                     return_tensors="pt").input_ids, device)
                 states = te(ids)[0].to(udtype)
             with scope("lift3d.ti.unet"):
-                pred = unet_step(noisy.to(udtype), t, encoder_hidden_states=states).sample
+                pred = unet_n(noisy.to(udtype), t, encoder_hidden_states=states).sample
                 loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
             with scope("lift3d.ti.backward"):
                 (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
