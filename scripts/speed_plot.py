@@ -9,7 +9,9 @@ and the stages a run lacks named beside its bar.
 Left: each run's wall seconds per stage (textual inversion, coarse, fine; the fine stage's time
 outside its loop apart: set-up, and the export where the run records it as `outputs_s`). Right: a coarse iteration split into the loop's
 scopes (render, backward, guidance, the rest), from runs made with `--profile`; runs without scopes
-show their ms per iteration as one bar.
+show their ms per iteration as one bar. With --paper the right panel is instead each run's steady
+ms per iteration (the loop's second half, past compiling) of the coarse and fine stages, with the
+hash grid and rasteriser each ran on.
 """
 from __future__ import annotations
 
@@ -47,6 +49,15 @@ def fine_parts(run: dict) -> dict[str, float]:
     f = run.get("stages", {}).get("fine", {})
     outside, export = float(f.get("outside_loop_s", 0.0)), float(f.get("outputs_s", 0.0))
     return {"loop": float(f.get("loop_s", 0.0)), "set-up": max(0.0, outside - export), "export": export}
+
+
+def steady(run: dict) -> dict[str, float]:
+    """The coarse and fine stages' steady ms per iteration (0 for a stage the run lacks or did not
+    time so), and 'backends': 'hash grid / rasteriser' as the run recorded them."""
+    st, b = run.get("stages", {}), run.get("backends", {})
+    out: dict = {k: float(st.get(k, {}).get("ms_per_iter_steady") or 0.0) for k in ("coarse", "fine")}
+    out["backends"] = f"{b.get('hash_grid', '?')} / {b.get('rasteriser', '?')}"
+    return out
 
 
 def missing_stages(run: dict) -> list[str]:
@@ -92,6 +103,34 @@ def main(argv: list[str]) -> int:
     if paper:
         ax1.set_xlim(0, 1.3 * max(left + [TARGET_TI_S + TARGET_REST_S]))
     ax1.legend(fontsize=8, **legend)
+    if paper:
+        _steady_panel(ax2, runs, legend)
+    else:
+        _scope_panel(ax2, runs, legend)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(out)
+    return 0
+
+
+def _steady_panel(ax, runs: list, legend: dict) -> None:
+    """Coarse and fine steady ms per iteration side by side, each run's backends beside its bars."""
+    vals = [steady(r) for _, r in runs]
+    h = 0.38
+    for k, (stage, dy) in enumerate((("coarse", -h / 2), ("fine", h / 2))):
+        ax.barh([i + dy for i in range(len(runs))], [v[stage] for v in vals], height=h, label=stage,
+                color=("C1", "C2")[k])
+    for i, v in enumerate(vals):
+        ax.text(max(v["coarse"], v["fine"]), i, f"  {v['backends']}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.35 * max([v[s] for v in vals for s in ("coarse", "fine")] + [1.0]))
+    ax.set_xlabel("steady ms per iteration (hash grid / rasteriser)")
+    ax.legend(fontsize=8, **legend)
+
+
+def _scope_panel(ax2, runs: list, legend: dict) -> None:
+    """A coarse iteration's ms by the loop's scopes."""
+    y = range(len(runs))
     left = [0.0] * len(runs)
     splits = [coarse_split(r) for _, r in runs]
     for scope in SCOPES + ("rest",):
@@ -100,11 +139,6 @@ def main(argv: list[str]) -> int:
         left = [a + b for a, b in zip(left, vals)]
     ax2.set_xlabel("coarse: ms per iteration, by scope (averaged over the stage)")
     ax2.legend(fontsize=8, **legend)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    print(out)
-    return 0
 
 
 if __name__ == "__main__":
