@@ -69,6 +69,7 @@ class _Profile:
         self.path, self.steps, self.device, self.prof, self.skip = path, steps, device, None, int(skip)
         self.times: dict = {}
         self.iterations = 0  # the stage's iterations seen by the callback
+        self.wait, self.warmup = self.skip + 5, 1  # the schedule's iterations before the active ones
 
     def __enter__(self):
         if self.steps > 0:
@@ -79,7 +80,7 @@ class _Profile:
             perf.SCOPE_TIMES = self.times
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=acts,
-                                schedule=schedule(wait=self.skip + 5, warmup=1, active=self.steps, repeat=1))
+                                schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.steps, repeat=1))
             self.prof.__enter__()
         return self
 
@@ -108,7 +109,7 @@ class _Profile:
         lines += [f"{k:24s} {v['calls']:6d} {v['seconds']:9.2f} {v['ms_per_call']:9.2f}" for k, v in self.summary().items()]
         text = "\n".join(lines)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        needed = self.skip + 5 + 1 + self.steps  # the schedule's wait + warm-up + active iterations
+        needed = self.wait + self.warmup + self.steps
         if self.iterations < needed:
             text += (f"\n\nno profiler table: the stage ran {self.iterations} iterations; the profile "
                      f"needs {needed} ({self.skip} reference-only + 5 + 1 warm-up + {self.steps})")

@@ -124,12 +124,6 @@ def batch_size_at(index: int, batch_size: int, repeats: Optional[int] = None) ->
     return int(batch_size) if pos < per_epoch - 1 else int(repeats) - (per_epoch - 1) * int(batch_size)
 
 
-def _full_batch_compiled(compiled: tuple, eager: tuple, batch_size: int):
-    """n → the step's (VAE moments, UNet): the compiled pair for a full batch, the eager pair for a
-    short one (torch.compile with static shapes compiles each batch size anew)."""
-    return lambda n: compiled if int(n) == int(batch_size) else eager
-
-
 def on_background(rgb: torch.Tensor, mask: Optional[torch.Tensor], background: str) -> torch.Tensor:
     """The object (3, H, W) composited on white, recomposited on `background` ('white' | 'black':
     what converting the rgba.png to RGB gives where it is transparent)."""
@@ -307,7 +301,6 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     moments, unet_step = compile_vae_moments(compile, device), unet
     if compile != "none" and device.type == "cuda":
         unet_step = torch.compile(unet, mode=compile, dynamic=False)
-    parts_for = _full_batch_compiled((moments, unet_step), (vae_moments, unet), batch_size)
     te.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,
                dynamic_ncols=True)
@@ -345,7 +338,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 images = augmented(n)
             if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
                 images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
-            moments_n, unet_n = parts_for(n)
+            moments_n, unet_n = (moments, unet_step) if n == batch_size else (vae_moments, unet)
             with torch.no_grad(), scope("lift3d.ti.vae_encode"):
                 latents = encode_images(vae, images, gen, moments=moments_n)
             noise = to_device(torch.randn(latents.shape, generator=gen), device)
