@@ -293,6 +293,13 @@ class StableDiffusionParams(_Section):
     # goes through it: eq. 5); 'none' on a CPU. H200: 6.6 ms less a guided iteration for ~60 s of
     # compiling a process (reports/speed session 15), so off unless a process runs several assets
     vae_compile: Literal["none", "default"] = "none"
+    # the VAE encoder's kernels: 'lift3d' = its GroupNorms as Triton kernels that spread each group
+    # over the card (torch's runs one block a group: 32 at batch 1) and its attention as plain
+    # matmuls (diffusers' AttnProcessor; the memory-efficient kernel's backward is slow at head
+    # dim 512); 'diffusers' as loaded; 'auto' = lift3d where Triton runs on a GPU. H200, 512²,
+    # forward + backward: 23.9 → 13.8 ms an encode (reports/speed session 16); the same numbers
+    # up to fp16 rounding
+    vae_kernels: Literal["auto", "diffusers", "lift3d"] = "auto"
     # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
     # [0.2, 0.5]); null: t_range in both stages
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
@@ -312,6 +319,9 @@ class Zero123Params(_Section):
     compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile
+    # as sd.vae_kernels; 'diffusers' by default: at 256² the encoder is bound by launching kernels,
+    # and lift3d's were no faster there (11.0 against 11.8 ms an encode, reports/speed session 16)
+    vae_kernels: Literal["auto", "diffusers", "lift3d"] = "diffusers"
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
     # the SDS gradient of each view × (angle to the reference view)/180° (released
     # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)
@@ -521,8 +531,8 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 # leave them out, so that a run started with one of them resumes, and a cached step is reused,
 # under another. The run's params.json still records them.
 HOW_NOT_WHAT: tuple[str, ...] = (
-    "sd.compile", "sd.channels_last", "sd.vae_compile",
-    "zero123.compile", "zero123.channels_last", "zero123.vae_compile",
+    "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels",
+    "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels",
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.checkpoint_every", "fine.rasterizer", "fine.checkpoint_every",

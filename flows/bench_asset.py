@@ -23,7 +23,7 @@ from core.perf import SyncAudit
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
-    from core.guidance.sd import compile_mode, vae_compile_mode
+    from core.guidance.sd import compile_mode, vae_compile_mode, vae_kernels_mode
     from core.rendering.raster import nvdiffrast_available
     from core.representations.hashgrid import choose_backend
 
@@ -32,7 +32,9 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
                              "zero123": compile_mode(params.zero123.compile, device)},
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),
-                            "zero123": vae_compile_mode(params.zero123.vae_compile, device)}}
+                            "zero123": vae_compile_mode(params.zero123.vae_compile, device)},
+            "vae_kernels": {"sd": vae_kernels_mode(params.sd.vae_kernels, device),
+                            "zero123": vae_kernels_mode(params.zero123.vae_kernels, device)}}
 
 
 class _Stage:
@@ -337,7 +339,8 @@ def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
              f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}, UNets "
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
-             f"{_compiled(r['backends'].get('vae_compile', {}))}; {r['models']}",
+             f"{_compiled(r['backends'].get('vae_compile', {}))} on {_compiled(r['backends'].get('vae_kernels', {}))} "
+             f"kernels; {r['models']}",
              "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'steady':>7s} {'outside loop s':>15s} "
              f"{'(outputs s)':>12s} {'peak GiB':>9s}"]
     for name, s in r["stages"].items():

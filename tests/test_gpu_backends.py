@@ -112,6 +112,40 @@ def test_compiled_vae_encoders_give_the_eager_sds_gradients(tmp_path):
     _agree(eager, fused, cos_min=0.99, norm_rel=0.02)
 
 
+def test_lift3d_vae_kernels_give_the_diffusers_sds_gradients(tmp_path, monkeypatch):
+    """sd/zero123.vae_kernels=lift3d (the encoder's GroupNorms as Triton kernels, its attention as
+    matmuls) against diffusers' kernels, both fp16 and eager, over the same 32 calls: only the
+    kernels' rounding differs. The tiny encoder's rows are all shorter than TritonGroupNorm.min_row,
+    so it is lowered here to put every GroupNorm on the kernels."""
+    from core.guidance.group_norm_triton import TritonGroupNorm
+
+    monkeypatch.setattr(TritonGroupNorm, "min_row", 1)
+    _agree(_guided_calls(tmp_path, {}),
+           _guided_calls(tmp_path, {"sd.vae_kernels": "lift3d", "zero123.vae_kernels": "lift3d"}),
+           cos_min=0.99, norm_rel=0.02)
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 128, 512, 512), 32), ((1, 512, 128, 128), 32), ((16, 128, 256, 256), 32)])
+def test_triton_group_norm_gives_torchs_at_the_encoders_sizes(shape, groups):
+    """core.guidance.group_norm_triton on the GPU at SD's encoder sizes (batch 1 at 512², its third
+    resolution, the textual inversion's batch of 16), fp16 in and out: the forward and the input
+    gradient within fp16 rounding of torch's GroupNorm computed in fp32."""
+    from core.guidance.group_norm_triton import group_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(shape, device="cuda", generator=gen) * 2 + 1).half()
+    w, b = (torch.randn(shape[1], device="cuda", generator=gen).half() for _ in range(2))
+    up = torch.randn(shape, device="cuda", generator=gen).half()
+    out = {}
+    for name, fn, dtype in (("torch", torch.nn.functional.group_norm, torch.float32), ("triton", group_norm, torch.half)):
+        xx = x.to(dtype).requires_grad_(True)
+        y = fn(xx, groups, w.to(dtype), b.to(dtype), 1e-6)
+        y.backward(up.to(dtype))
+        out[name] = (y.float(), xx.grad.float())
+    for a, t in zip(out["torch"], out["triton"]):
+        assert (t - a).abs().max() <= 4e-3 * a.abs().max(), float((t - a).abs().max() / a.abs().max())
+
+
 def test_fp16_priors_give_the_fp32_sds_gradients(tmp_path):
     """The priors' fp16 weights (the default on a GPU, as released) against fp32, eager, over the same
     32 calls: the SDS gradient agrees up to half precision's rounding, amplified by the CFG scale

@@ -1,16 +1,12 @@
 """The PyTorch hash grid against tiny-cuda-nn's formulas, computed by hand point by point; the
 Triton backend against the PyTorch one (on the CPU through Triton's interpreter)."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _interpreted import run_interpreted
 
-from core.representations.hashgrid import (HashGrid, copy_hashgrid_params, level_layout, per_level_scale, tcnn_available,
-                                           triton_available)
+from core.representations.hashgrid import HashGrid, copy_hashgrid_params, level_layout, per_level_scale, tcnn_available
 
 
 def naive_encode(g: HashGrid, x: torch.Tensor) -> torch.Tensor:
@@ -199,10 +195,7 @@ def test_chunked_encoding_gives_the_same_values_and_gradients():
 
 
 # --------------------------------------------------------------------------------- triton backend
-# Triton reads TRITON_INTERPRET when it is imported and when it decorates a kernel (its own library
-# functions, tl.zeros among them, are decorated at `import triton`), so the interpreted run is a
-# child process with TRITON_INTERPRET=1 from the start; this process stays as it was. The child
-# evaluates both backends on the same table, points and output gradients and saves the tensors;
+# Under Triton's interpreter in a child process (tests/_interpreted.py). The child evaluates both backends on the same table, points and output gradients and saves the tensors;
 # the tests compare them here.
 TRITON_CONFIGS = {
     "magic123": dict(levels=16, features_per_level=2, log2_table_size=19, base_resolution=16, max_resolution=2048),
@@ -282,15 +275,7 @@ torch.save(res, out)
 
 @pytest.fixture(scope="module")
 def triton_run(tmp_path_factory):
-    if not triton_available():
-        pytest.skip("triton does not import")
-    out = tmp_path_factory.mktemp("triton") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-c", _TRITON_CHILD, repr(TRITON_CONFIGS), str(out)], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return torch.load(out)
+    return run_interpreted(_TRITON_CHILD, tmp_path_factory.mktemp("triton") / "results.pt", repr(TRITON_CONFIGS))
 
 
 @pytest.mark.parametrize("name", list(TRITON_CONFIGS))

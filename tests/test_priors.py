@@ -215,3 +215,42 @@ def test_vae_compile_is_off_by_default_gpu_only_and_traces_the_encoder_whole(mon
         out[name] = (mean.detach(), std.detach(), img.grad)
     for a, b in zip(out["eager"], out["traced"]):
         assert a.abs().max() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-6), float((a - b).abs().max())
+
+
+def test_vae_kernels_setting_swaps_only_its_priors_encoder():
+    """sd/zero123.vae_kernels: 'auto' for SD, 'diffusers' for Zero-1-to-3 by default; 'auto' is lift3d
+    only on a GPU with Triton;
+    'lift3d' puts that prior's VAE encoder (not its decoder, not the other prior's) on TritonGroupNorm
+    and AttnProcessor, and the guidance encodes through it with diffusers' numbers (on a CPU the
+    GroupNorm falls back to torch's; the kernels' own check is tests/test_group_norm_triton.py)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from core.guidance.group_norm_triton import TritonGroupNorm
+    from core.guidance.sd import vae_kernels_mode
+    from core.representations.hashgrid import triton_available
+
+    p = load_params("magic123")
+    assert p.sd.vae_kernels == "auto" and p.zero123.vae_kernels == "diffusers"
+    with pytest.raises(Exception):
+        load_params("magic123", {"sd.vae_kernels": "triton"})
+    assert vae_kernels_mode("auto", "cpu") == "diffusers" and vae_kernels_mode("lift3d", "cpu") == "lift3d"
+    assert vae_kernels_mode("auto", "cuda") == ("lift3d" if triton_available() else "diffusers")
+
+    def kinds(module):
+        return ({type(m) for m in module.modules() if isinstance(m, torch.nn.GroupNorm)},
+                {type(m.processor) for m in module.modules() if hasattr(m, "processor")})
+
+    ref = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = build_guidance(_tiny_params("magic123"), ref, "coarse", "cpu")
+    fast = build_guidance(_tiny_params("magic123", **{"sd.vae_kernels": "lift3d"}), ref, "coarse", "cpu")
+    assert kinds(fast.sd.parts.vae.encoder) == ({TritonGroupNorm}, {AttnProcessor})
+    assert kinds(fast.sd.parts.vae.decoder) == ({torch.nn.GroupNorm}, {AttnProcessor2_0})
+    assert kinds(fast.zero123.parts.vae.encoder) == ({torch.nn.GroupNorm}, {AttnProcessor2_0})
+    assert kinds(plain.sd.parts.vae.encoder) == ({torch.nn.GroupNorm}, {AttnProcessor2_0})  # its own load
+    out = []
+    for g in (plain, fast):
+        b = _batch(step=50, total=100)
+        g(b).loss.backward()
+        out.append(b.rgb.grad)
+    assert out[0].abs().max() > 0
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-7)

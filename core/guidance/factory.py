@@ -84,21 +84,24 @@ def _cache_key(which: str, name: str, device, dtype, models_params) -> tuple:
 def _shared_prior(which: str, params, device, dtype: Optional[torch.dtype], load):
     """params' `which` prior ('sd' or 'zero123') as `load(name, device, dtype, models)` gives it,
     loaded once per process and key (core.models.cache); its UNet and VAE channels-last when
-    params.<which>.channels_last."""
-    from core.guidance.sd import to_channels_last, weights_dtype
+    params.<which>.channels_last, its VAE encoder on lift3d's kernels when params.<which>.vae_kernels
+    comes to 'lift3d' (core.guidance.sd.use_vae_kernels)."""
+    from core.guidance.sd import to_channels_last, use_vae_kernels, vae_kernels_mode, weights_dtype
 
     device = torch.device(device)
     dtype = dtype or weights_dtype(device, getattr(params, which).fp16)
     name = prior_model(params, which)
     channels_last = bool(getattr(params, which).channels_last)
+    kernels = vae_kernels_mode(getattr(params, which).vae_kernels, device)
 
     def load_it():
         parts = load(name, device, dtype, params.models)
-        return to_channels_last(parts) if channels_last else parts
+        parts = to_channels_last(parts) if channels_last else parts
+        return use_vae_kernels(parts, kernels, device)
 
-    return PRIORS.get(_cache_key(which, name, device, dtype, params.models) + (channels_last,), load_it,
+    return PRIORS.get(_cache_key(which, name, device, dtype, params.models) + (channels_last, kernels), load_it,
                       label=f"{which}:{name}:{str(dtype).replace('torch.', '')}:{device}"
-                            + (":channels_last" if channels_last else ""))
+                            + (":channels_last" if channels_last else "") + (":lift3d_vae" if kernels == "lift3d" else ""))
 
 
 def stable_diffusion_parts(params, device, dtype: Optional[torch.dtype] = None):

@@ -86,6 +86,46 @@ def to_channels_last(parts):
     return parts
 
 
+def vae_kernels_mode(mode: str, device) -> str:
+    """What `vae_kernels` ('auto' | 'diffusers' | 'lift3d') comes to on `device`: 'auto' is lift3d
+    on a GPU where Triton imports; off a GPU the kernels would fall back to torch's anyway."""
+    if mode != "auto":
+        return mode
+    from core.representations.hashgrid import triton_available
+
+    return "lift3d" if torch.device(device).type == "cuda" and triton_available() else "diffusers"
+
+
+def use_vae_kernels(parts, mode: str, device):
+    """`parts` (Stable Diffusion's or Zero-1-to-3's) with its VAE encoder on lift3d's kernels, in
+    place, for mode 'lift3d' (`vae_kernels_mode`): every GroupNorm becomes a
+    core.guidance.group_norm_triton.TritonGroupNorm (same parameters; torch's kernel where the Triton
+    one does not apply) and the attention runs diffusers' AttnProcessor (baddbmm, softmax in fp32,
+    bmm: cuBLAS forward and backward) instead of scaled_dot_product_attention, whose
+    memory-efficient backward at head dim 512 (the encoder's one attention, 64² tokens at 512²)
+    takes ~3 ms an H200 (reports/speed session 16). The same function up to float rounding
+    (tests/test_priors.py, tests/test_gpu_backends.py)."""
+    if vae_kernels_mode(mode, device) != "lift3d":
+        return parts
+    lift3d_encoder_kernels(parts.vae.encoder)
+    log.info("VAE encoder: lift3d kernels (Triton GroupNorm, matmul attention)")
+    return parts
+
+
+def lift3d_encoder_kernels(encoder, group_norm: bool = True, attention: bool = True):
+    """`encoder`'s GroupNorms as TritonGroupNorm and/or its attention on AttnProcessor, in place."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from core.guidance.group_norm_triton import TritonGroupNorm
+
+    for module in encoder.modules():
+        if group_norm and type(module) is torch.nn.GroupNorm:
+            module.__class__ = TritonGroupNorm
+        elif attention and isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+    return encoder
+
+
 @dataclass
 class StableDiffusionParts:
     tokenizer: Any

@@ -1,0 +1,99 @@
+"""The VAE encoder's forward and backward as SDS runs it (issue 15): batch 1, fp16, the render's
+gradient back through the encoder (the ∂z/∂I of Magic123 eq. 5), at Stable Diffusion's 512² and
+Zero-1-to-3's 256², with diffusers' kernels and with lift3d's (`sd.vae_kernels` / `zero123.vae_kernels`:
+Triton GroupNorm, matmul attention), each part alone and both. Prints a table and writes JSON: ms
+per encode (CUDA events over `--iters` after `--warmup`), and how far each variant's latent mean and
+image gradient are from diffusers' (max |Δ| / max |reference|).
+
+    python scripts/vae_bench.py --out reports/speed/h200_vae_kernels_s16.json [--iters 50]
+
+The full-size SD 1.5 VAE architecture (core.testmodels.fullsize_priors' config) with random weights:
+the kernels' cost does not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def variant(vae, kind: str):
+    """`vae` with kind's kernels: diffusers | groupnorm | attention | lift3d (both)."""
+    from core.guidance.sd import lift3d_encoder_kernels
+
+    lift3d_encoder_kernels(vae.encoder, group_norm=kind in ("groupnorm", "lift3d"),
+                           attention=kind in ("attention", "lift3d"))
+    return vae
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--resolutions", default="512,256")
+    a = ap.parse_args(argv)
+
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from core.guidance.group_norm_triton import MIN_ROW
+    from core.guidance.sd import vae_moments
+    from core.testmodels.fullsize_priors import _cfg
+
+    if not torch.cuda.is_available():
+        print("vae_bench: needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    base = AutoencoderKL.from_config(_cfg("sd15_vae.json")).to(dev, torch.half).eval().requires_grad_(False)
+    kinds = ("diffusers", "groupnorm", "attention", "lift3d")
+    vaes = {k: variant(copy.deepcopy(base), k) for k in kinds}
+    rows = []
+    for res in (int(r) for r in a.resolutions.split(",")):
+        gen = torch.Generator(device=dev).manual_seed(res)
+        img = torch.rand(1, 3, res, res, device=dev, generator=gen)
+        up = torch.randn(1, 4, res // 8, res // 8, device=dev, generator=gen)
+
+        def step(vae):
+            x = img.clone().requires_grad_(True)
+            mean, std = vae_moments(vae, x)
+            (mean.float() * up).sum().backward()
+            return mean.detach().float(), x.grad
+
+        ref_mean, ref_grad = step(vaes["diffusers"])
+        for kind in kinds:
+            vae = vaes[kind]
+            mean, grad = step(vae)
+            for _ in range(a.warmup):
+                step(vae)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(a.iters):
+                step(vae)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / a.iters
+            rows.append(dict(resolution=res, kernels=kind, ms=round(ms, 3),
+                             mean_rel_diff=float((mean - ref_mean).abs().max() / ref_mean.abs().max()),
+                             grad_rel_diff=float((grad - ref_grad).abs().max() / ref_grad.abs().max())))
+            r = rows[-1]
+            print(f"{res:4d}²  {kind:10s} {r['ms']:8.3f} ms  Δmean {r['mean_rel_diff']:.2e}  Δgrad {r['grad_rel_diff']:.2e}",
+                  flush=True)
+    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, iters=a.iters, warmup=a.warmup, min_row=MIN_ROW,
+               what="SD 1.5 VAE encoder, batch 1, fp16, forward + backward to the image (vae_moments)", rows=rows)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

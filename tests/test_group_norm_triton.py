@@ -1,0 +1,102 @@
+"""core.guidance.group_norm_triton (`sd.vae_kernels` / `zero123.vae_kernels: lift3d`): the Triton
+GroupNorm gives torch's GroupNorm, forward and backward, and the tiny real VAE encoder on lift3d's
+kernels gives diffusers' moments and image gradient. The kernels run on CPU tensors through Triton's
+interpreter in a child process (tests/_interpreted.py); the tensors come back here. On the GPU:
+tests/test_gpu_backends.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _interpreted import run_interpreted
+from _tiny_priors import tiny_models
+
+# (shape, groups): rows shorter than a chunk, rows of several chunks with a ragged last one,
+# channels that straddle chunks (HW < chunk), a 3-D input, batch > 1
+CASES = [((1, 8, 33, 35), 4), ((2, 12, 70, 70), 3), ((1, 4, 5), 2), ((1, 8, 16, 16), 2), ((3, 6, 9, 11), 6)]
+
+_CHILD = r"""
+import sys, torch
+import torch.nn.functional as F
+from core.guidance.group_norm_triton import TritonGroupNorm, group_norm, runs_here
+from core.guidance.sd import lift3d_encoder_kernels, vae_moments
+from diffusers import AutoencoderKL
+
+cases, tiny_sd, out = eval(sys.argv[1]), sys.argv[2], sys.argv[3]
+gen = torch.Generator().manual_seed(0)
+res = {"cases": []}
+for shape, groups in cases:
+    x = torch.randn(shape, generator=gen) * 3 + 5   # an offset mean: the variance must not cancel
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    up = torch.randn(shape, generator=gen)
+    r = {"runs_here": runs_here(x, groups)}
+    for name, fn in (("torch", F.group_norm), ("triton", group_norm)):
+        xx, ww, bb = (t.clone().requires_grad_(True) for t in (x, w, b))
+        y = fn(xx, groups, ww, bb, 1e-6)
+        (y * up).sum().backward()
+        r[name] = dict(y=y.detach(), dx=xx.grad, dw=ww.grad, db=bb.grad, fn=type(y.grad_fn).__name__)
+    xh = x.half()
+    r["half"] = dict(torch=F.group_norm(xh.float(), groups, w, b, 1e-6), triton=group_norm(xh, groups, w.half(), b.half(), 1e-6))
+    res["cases"].append(r)
+
+# the module: frozen weights (no weight gradient asked), channels-last input falls back to torch's
+m = torch.nn.GroupNorm(2, 8).requires_grad_(False)
+m.__class__ = TritonGroupNorm
+m.min_row = 4 * 144  # rows of 4 channels × 12²: the kernels; the 11² input below: torch's
+x = torch.randn(1, 8, 12, 12, generator=gen).requires_grad_(True)
+y = m(x)
+y.square().sum().backward()
+res["module"] = dict(fn=type(y.grad_fn).__name__, dx=x.grad,
+                     fallback=type(m(x.detach().to(memory_format=torch.channels_last)).grad_fn).__name__,
+                     short=type(m(torch.randn(1, 8, 11, 11).requires_grad_(True)).grad_fn).__name__)
+
+# the tiny real VAE encoder, diffusers' kernels against lift3d's: moments and the image gradient
+img = torch.rand(1, 3, 64, 64, generator=gen)
+enc = {}
+for kind in ("diffusers", "lift3d"):
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae").eval().requires_grad_(False)
+    if kind == "lift3d":
+        lift3d_encoder_kernels(vae.encoder)
+        for q in vae.encoder.modules():
+            if isinstance(q, TritonGroupNorm):
+                q.min_row = 1  # the tiny encoder's rows are all short: every GroupNorm on the kernels
+    xx = img.clone().requires_grad_(True)
+    mean, std = vae_moments(vae, xx)
+    (mean.square().sum() + std.sum()).backward()
+    enc[kind] = dict(mean=mean.detach(), std=std.detach(), grad=xx.grad,
+                     triton_norms=sum(type(q) is TritonGroupNorm for q in vae.encoder.modules()))
+res["encoder"] = enc
+torch.save(res, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    return run_interpreted(_CHILD, tmp_path_factory.mktemp("gn") / "results.pt", repr(CASES), tiny_models()["sd"])
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_group_norm_equals_torch_forward_and_backward(interpreted, case):
+    r = interpreted["cases"][case]
+    assert r["runs_here"] and r["triton"]["fn"] == "TritonGroupNormFnBackward"  # the kernels ran
+    a, b = r["torch"], r["triton"]
+    torch.testing.assert_close(b["y"], a["y"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b["dx"], a["dx"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b["dw"], a["dw"], rtol=1e-4, atol=1e-3)  # sums of many terms, another order
+    torch.testing.assert_close(b["db"], a["db"], rtol=1e-4, atol=1e-3)
+    h = r["half"]  # fp16 in and out, fp32 inside: within fp16's rounding of the fp32 result
+    assert h["triton"].dtype == torch.half
+    torch.testing.assert_close(h["triton"].float(), h["torch"], rtol=2e-3, atol=2e-3)
+
+
+def test_the_module_runs_the_kernels_on_frozen_weights_and_falls_back_for_channels_last_and_short_rows(interpreted):
+    r = interpreted["module"]
+    assert r["fn"] == "TritonGroupNormFnBackward" and r["dx"].abs().sum() > 0
+    assert r["fallback"] != "TritonGroupNormFnBackward" and r["short"] != "TritonGroupNormFnBackward"
+
+
+def test_the_tiny_vae_encoder_on_lift3d_kernels_gives_diffusers_moments_and_gradient(interpreted):
+    a, b = interpreted["encoder"]["diffusers"], interpreted["encoder"]["lift3d"]
+    assert a["triton_norms"] == 0 and b["triton_norms"] > 0
+    for key in ("mean", "std", "grad"):
+        assert a[key].abs().max() > 0
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
