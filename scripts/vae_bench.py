@@ -6,6 +6,7 @@ per encode (CUDA events over `--iters` after `--warmup`), and how far each varia
 image gradient are from diffusers' (max |Δ| / max |reference|).
 
     python scripts/vae_bench.py --out reports/speed/h200_vae_kernels_s16.json [--iters 50]
+    python scripts/vae_bench.py --plot reports/speed/h200_vae_kernels_s16_final.json   # → the .png beside it
 
 The full-size SD 1.5 VAE architecture (core.testmodels.fullsize_priors' config) with random weights:
 the kernels' cost does not depend on the weights' values.
@@ -30,13 +31,47 @@ def variant(vae, kind: str):
     return vae
 
 
+def plot(path: Path) -> Path:
+    """Bars of ms per encode, a group per resolution, a bar per kernels variant: `path` with .png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = json.loads(path.read_text())
+    kinds = list(dict.fromkeys(row["kernels"] for row in r["rows"]))
+    resolutions = list(dict.fromkeys(row["resolution"] for row in r["rows"]))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        ms = [next(row["ms"] for row in r["rows"] if row["resolution"] == res and row["kernels"] == kind)
+              for res in resolutions]
+        bars = ax.bar([i + k * width for i in range(len(resolutions))], ms, width, label=kind)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks([i + width * (len(kinds) - 1) / 2 for i in range(len(resolutions))],
+                  [f"{res}² ({'SD' if res == 512 else 'Zero-1-to-3' if res == 256 else 'other'})" for res in resolutions])
+    ax.set_ylabel("ms per encode, forward + backward")
+    ax.set_title(f"VAE encoder as SDS runs it (batch 1, fp16) — {r['gpu']}", fontsize=10)
+    ax.legend(fontsize=8, title="kernels", title_fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--out", type=Path, help="JSON file to write (and its .png)")
+    ap.add_argument("--plot", type=Path, help="only draw the .png of a JSON this script wrote")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--resolutions", default="512,256")
     a = ap.parse_args(argv)
+    if a.plot:
+        print(f"wrote {plot(a.plot)}")
+        return 0
+    if not a.out:
+        ap.error("--out is required (or --plot JSON)")
 
     import copy
 
@@ -91,7 +126,7 @@ def main(argv=None) -> int:
                what="SD 1.5 VAE encoder, batch 1, fp16, forward + backward to the image (vae_moments)", rows=rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))
-    print(f"wrote {a.out}")
+    print(f"wrote {a.out} and {plot(a.out)}")
     return 0
 
 

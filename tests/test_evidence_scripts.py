@@ -213,3 +213,27 @@ def test_ti_speed_plots_its_variants_and_says_what_is_missing(tmp_path):
     assert run("--plot", src, tmp_path / "ti.png")[0] == 0 and (tmp_path / "ti.png").stat().st_size > 5000
     assert run("--plot", tmp_path / "none.json", tmp_path / "x.png") == (2, [f"ti_speed.py: {tmp_path / 'none.json'} not found"])
     assert run()[0] == 2 and not (tmp_path / "x.png").exists()
+
+
+def test_vae_bench_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
+    """scripts/vae_bench.py --plot: a saved result → a PNG beside it; timing without --out or
+    without a CUDA device is one line and exit 2."""
+    import json
+    import subprocess
+
+    src = tmp_path / "vae.json"
+    src.write_text(json.dumps({"gpu": "test", "rows": [
+        {"resolution": res, "kernels": k, "ms": ms} for res, k, ms in
+        ((512, "diffusers", 23.4), (512, "lift3d", 13.3), (256, "diffusers", 11.0), (256, "lift3d", 15.5))]}))
+
+    def run(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "vae_bench.py"), *map(str, args)], capture_output=True,
+                           text=True, timeout=120)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    assert run("--plot", src)[0] == 0 and src.with_suffix(".png").stat().st_size > 5000
+    rc, err = run()
+    assert rc == 2 and "--out is required" in err[-1]
+    if not __import__("torch").cuda.is_available():
+        rc, err = run("--out", tmp_path / "x.json")
+        assert rc == 2 and err == ["vae_bench: needs a CUDA device"] and not (tmp_path / "x.json").exists()
