@@ -300,6 +300,10 @@ class StableDiffusionParams(_Section):
     # forward + backward: 23.9 → 13.8 ms an encode (reports/speed session 16); the same numbers
     # up to fp16 rounding
     vae_kernels: Literal["auto", "diffusers", "lift3d"] = "auto"
+    # the VAE encoder's forward and backward in SDS captured once as CUDA graphs and replayed (GPU
+    # only; core.guidance.sd.graph_vae_moments): the host launches two graphs instead of the
+    # encoder's kernels one by one. Not yet timed on a GPU (session 16), so off
+    vae_graphs: bool = False
     # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
     # [0.2, 0.5]); null: t_range in both stages
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
@@ -322,6 +326,7 @@ class Zero123Params(_Section):
     # as sd.vae_kernels; 'diffusers' by default: at 256² the encoder is bound by launching kernels,
     # and lift3d's were no faster there (11.0 against 11.8 ms an encode, reports/speed session 16)
     vae_kernels: Literal["auto", "diffusers", "lift3d"] = "diffusers"
+    vae_graphs: bool = False  # as sd.vae_graphs
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
     # the SDS gradient of each view × (angle to the reference view)/180° (released
     # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)
@@ -531,8 +536,8 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 # leave them out, so that a run started with one of them resumes, and a cached step is reused,
 # under another. The run's params.json still records them.
 HOW_NOT_WHAT: tuple[str, ...] = (
-    "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels",
-    "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels",
+    "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
+    "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.checkpoint_every", "fine.rasterizer", "fine.checkpoint_every",

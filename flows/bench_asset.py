@@ -34,7 +34,8 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),
                             "zero123": vae_compile_mode(params.zero123.vae_compile, device)},
             "vae_kernels": {"sd": vae_kernels_mode(params.sd.vae_kernels, device),
-                            "zero123": vae_kernels_mode(params.zero123.vae_kernels, device)}}
+                            "zero123": vae_kernels_mode(params.zero123.vae_kernels, device)},
+            "vae_graphs": {k: bool(getattr(params, k).vae_graphs and device.type == "cuda") for k in ("sd", "zero123")}}
 
 
 class _Stage:
@@ -335,12 +336,18 @@ def _compiled(modes: dict[str, str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in modes.items())
 
 
+def _graphed(on: dict[str, bool]) -> str:
+    """', replayed as CUDA graphs (sd)' for the priors whose encoder is graphed; '' for none."""
+    names = [k for k, v in on.items() if v]
+    return f", replayed as CUDA graphs ({', '.join(names)})" if names else ""
+
+
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
              f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}, UNets "
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
              f"{_compiled(r['backends'].get('vae_compile', {}))} on {_compiled(r['backends'].get('vae_kernels', {}))} "
-             f"kernels; {r['models']}",
+             f"kernels{_graphed(r['backends'].get('vae_graphs', {}))}; {r['models']}",
              "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'steady':>7s} {'outside loop s':>15s} "
              f"{'(outputs s)':>12s} {'peak GiB':>9s}"]
     for name, s in r["stages"].items():

@@ -1,7 +1,8 @@
 """The VAE encoder's forward and backward as SDS runs it (issue 15): batch 1, fp16, the render's
 gradient back through the encoder (the ∂z/∂I of Magic123 eq. 5), at Stable Diffusion's 512² and
 Zero-1-to-3's 256², with diffusers' kernels and with lift3d's (`sd.vae_kernels` / `zero123.vae_kernels`:
-Triton GroupNorm, matmul attention), each part alone and both. Prints a table and writes JSON: ms
+Triton GroupNorm, matmul attention), each part alone and both, and each kernel set replayed as CUDA
+graphs (`vae_graphs`). Prints a table and writes JSON: ms
 per encode (CUDA events over `--iters` after `--warmup`), and how far each variant's latent mean and
 image gradient are from diffusers' (max |Δ| / max |reference|).
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL
 
     from core.guidance.group_norm_triton import MIN_ROW
-    from core.guidance.sd import vae_moments
+    from core.guidance.sd import graph_vae_moments, vae_moments
     from core.testmodels.fullsize_priors import _cfg
 
     if not torch.cuda.is_available():
@@ -88,31 +89,33 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     base = AutoencoderKL.from_config(_cfg("sd15_vae.json")).to(dev, torch.half).eval().requires_grad_(False)
-    kinds = ("diffusers", "groupnorm", "attention", "lift3d")
-    vaes = {k: variant(copy.deepcopy(base), k) for k in kinds}
+    kinds = ("diffusers", "groupnorm", "attention", "lift3d", "diffusers+graphs", "lift3d+graphs")
+    vaes = {k: variant(copy.deepcopy(base), k.split("+")[0]) for k in kinds}
+    # "+graphs": the encode replayed as CUDA graphs (`vae_graphs`), captured at its first call
+    fns = {k: graph_vae_moments(vae_moments, dev) if k.endswith("+graphs") else vae_moments for k in kinds}
     rows = []
     for res in (int(r) for r in a.resolutions.split(",")):
         gen = torch.Generator(device=dev).manual_seed(res)
         img = torch.rand(1, 3, res, res, device=dev, generator=gen)
         up = torch.randn(1, 4, res // 8, res // 8, device=dev, generator=gen)
 
-        def step(vae):
+        def step(vae, fn):
             x = img.clone().requires_grad_(True)
-            mean, std = vae_moments(vae, x)
+            mean, std = fn(vae, x)
             (mean.float() * up).sum().backward()
-            return mean.detach().float(), x.grad
+            return mean.detach().float(), x.grad.clone()  # a graph's input gradient is its own buffer
 
-        ref_mean, ref_grad = step(vaes["diffusers"])
+        ref_mean, ref_grad = step(vaes["diffusers"], vae_moments)
         for kind in kinds:
-            vae = vaes[kind]
-            mean, grad = step(vae)
+            vae, fn = vaes[kind], fns[kind]
+            mean, grad = step(vae, fn)
             for _ in range(a.warmup):
-                step(vae)
+                step(vae, fn)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
             for _ in range(a.iters):
-                step(vae)
+                step(vae, fn)
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end) / a.iters

@@ -85,8 +85,11 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert saved["backends"] == {"hash_grid": "torch", "rasteriser": "torch",  # the UNets: eager off a GPU
                                  "unet_compile": {"sd": "none", "zero123": "none"},
                                  "vae_compile": {"sd": "none", "zero123": "none"},
-                                 "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"}}
-    assert "UNets eager, VAE encoders eager on diffusers kernels" in format_asset_table(r)
+                                 "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"},
+                                 "vae_graphs": {"sd": False, "zero123": False}}
+    assert "UNets eager, VAE encoders eager on diffusers kernels;" in format_asset_table(r)
+    graphed = {**r, "backends": {**r["backends"], "vae_graphs": {"sd": True, "zero123": False}}}
+    assert "on diffusers kernels, replayed as CUDA graphs (sd);" in format_asset_table(graphed)
     assert saved["asset_seconds"] >= sum(s["wall_s"] for s in saved["stages"].values()) - 0.1
     assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
     assert any((tmp_path / "fine").glob("*.glb"))

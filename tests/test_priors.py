@@ -254,3 +254,23 @@ def test_vae_kernels_setting_swaps_only_its_priors_encoder():
         out.append(b.rgb.grad)
     assert out[0].abs().max() > 0
     torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-7)
+
+
+def test_vae_graphs_is_off_by_default_gpu_only_and_wraps_the_chosen_encode(monkeypatch):
+    """sd/zero123.vae_graphs (the SDS encode's forward and backward replayed as CUDA graphs): off by
+    default; off a GPU the encode function is the one vae_compile chose, untouched; on a GPU it
+    wraps that one (the capture itself is tests/test_gpu_backends.py's)."""
+    import core.guidance.sd as sd_module
+    from core.guidance.sd import encoder_moments, graph_vae_moments, vae_moments
+
+    p = load_params("magic123")
+    assert p.sd.vae_graphs is False and p.zero123.vae_graphs is False
+    on = load_params("magic123", {"sd.vae_graphs": True})
+    assert graph_vae_moments(vae_moments, "cpu") is vae_moments
+    assert encoder_moments(on.sd, "cpu") is vae_moments and encoder_moments(p.sd, "cuda") is vae_moments
+    g = build_guidance(_tiny_params("magic123", **{"sd.vae_graphs": True, "zero123.vae_graphs": True}),
+                       torch.rand(3, 64, 64), "coarse", "cpu")
+    assert g.sd.moments is vae_moments and g.zero123.moments is vae_moments
+    wrapped = []
+    monkeypatch.setattr(sd_module, "graph_vae_moments", lambda fn, device: wrapped.append((fn, str(device))) or "graphed")
+    assert encoder_moments(on.sd, "cuda") == "graphed" and wrapped == [(vae_moments, "cuda")]

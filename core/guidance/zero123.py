@@ -139,7 +139,7 @@ class Zero123Guidance:
                  guidance_scale: float = 5.0, t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 256,
                  seed: int = 0, angle_weighting: bool = False, moments=vae_moments):
         self.parts = parts
-        self.moments = moments  # vae_moments or its compiled copy (core.guidance.sd.compile_vae_moments)
+        self.moments = moments  # the encode function (core.guidance.sd.encoder_moments)
         self.angle_weighting = bool(angle_weighting)
         self.guidance_scale = float(guidance_scale)
         self.t_range = tuple(t_range)
