@@ -214,3 +214,32 @@ def test_fine_bench_reports_the_coarse_bench_figures(tmp_path):
     coarse = bench_oracle_coarse(p, ["torus"], tmp_path / "coarse", torch.device("cpu"), progress=False)["torus"]
     assert fine["coarse_psnr_novel"] == coarse["psnr_novel"] and fine["coarse_mask_iou"] == coarse["mask_iou"]
     assert fine["psnr_novel_coarse"] > 0 and 0 < fine["chamfer_rel"] < 1
+
+
+def test_edge_bookkeeping_without_sort_kernels_gives_what_the_sorts_gave():
+    """core.ops.sort_pairs / face_edges / unique_edges (the fine stage's edge bookkeeping without a
+    bitonic sort or a row-wise unique, session 16) against torch.sort and torch.unique(dim=0); and
+    the sync-free normal consistency against its definition summed edge by edge in Python."""
+    import trimesh
+
+    from core.ops import face_edges, sort_pairs, unique_edges
+    from core.representations.dmtet import mesh_edges
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = torch.randint(0, 50, (300, 7, 2), generator=gen)
+    pairs[0, 0] = torch.tensor([3, 3])  # equal ends
+    assert torch.equal(sort_pairs(pairs), torch.sort(pairs, dim=-1).values)
+    m = trimesh.creation.icosphere(1)
+    v = torch.tensor(m.vertices, dtype=torch.float32) + 0.05 * torch.randn(len(m.vertices), 3, generator=gen)
+    f = torch.tensor(m.faces, dtype=torch.long)
+    rows = torch.unique(torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]], 0).sort(1).values, dim=0)
+    assert torch.equal(unique_edges(face_edges(f), len(v)), rows) and torch.equal(mesh_edges(f), rows)
+    assert torch.equal(unique_edges(face_edges(f), 10 * len(v)), rows)  # any bound above the indices
+    normals = torch.nn.functional.normalize(torch.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]], dim=-1), dim=-1)
+    by_edge: dict = {}
+    for i, face in enumerate(f.tolist()):
+        for a, b in ((face[0], face[1]), (face[1], face[2]), (face[2], face[0])):
+            by_edge.setdefault((min(a, b), max(a, b)), []).append(i)
+    terms = [1 - float(normals[i] @ normals[j]) for i, j in by_edge.values()]
+    assert len(terms) == len(rows) == 120  # a closed icosphere: every edge has two faces
+    assert float(mesh_normal_consistency(v, f)) == pytest.approx(sum(terms) / len(terms), rel=1e-5)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core.export.mesh import surface_level
-from core.ops import gather_rows
+from core.ops import face_edges, gather_rows, sort_pairs, unique_edges
 from core.representations.tets import load_tet_grid
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
@@ -99,7 +99,7 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
             return Mesh(pos.new_zeros((0, 3)), torch.zeros((0, 3), dtype=torch.long, device=device))
         occ_v = occ_t[valid]
         edges = tv[:, torch.as_tensor(TET_EDGES, device=device)]  # (Tv, 6, 2)
-        edges = torch.sort(edges, dim=-1).values
+        edges = sort_pairs(edges)
         crossing = occ[edges[..., 0]] != occ[edges[..., 1]]  # (Tv, 6)
         n_vert = pos.shape[0]
         keys = edges[..., 0] * n_vert + edges[..., 1]
@@ -205,17 +205,13 @@ class ColourField(nn.Module):
 
 
 def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
-    """Unique undirected edges (E, 2) of a triangle mesh."""
-    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0)
-    e = torch.sort(e, dim=1).values
-    return torch.unique(e, dim=0)
+    """Unique undirected edges (E, 2) of a triangle mesh, ascending pairs in lexicographic order."""
+    return unique_edges(face_edges(faces), int(faces.max()) + 1 if faces.numel() else 1)
 
 
 def boundary_edge_count(faces: torch.Tensor) -> int:
     """Edges used by exactly one face (0 for a closed, watertight mesh)."""
-    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0)
-    e = torch.sort(e, dim=1).values
-    _, counts = torch.unique(e, dim=0, return_counts=True)
+    _, counts = torch.unique(face_edges(faces), dim=0, return_counts=True)
     return int((counts == 1).sum())
 
 
