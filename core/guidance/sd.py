@@ -215,26 +215,27 @@ def graph_vae_moments(moments, device):
     resolution) stays reserved for the process."""
     if torch.device(device).type != "cuda":
         return moments
-    import weakref
-
-    graphs: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+    graphs: dict = {}  # (VAE, shape, dtype, device) → its graphed encode; lives as long as this function
     pending: set = set()  # graphs whose last forward's backward has not run yet
 
     def graphed(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (id(vae), tuple(images.shape), images.dtype, images.device)
         if not (torch.is_grad_enabled() and images.requires_grad and images.is_cuda) or key in pending:
             return moments(vae, images)
-        per_vae = graphs.setdefault(vae, {})
-        if key not in per_vae:
+        if key not in graphs:
             log.info("VAE encoder: capturing CUDA graphs (forward and backward) for %s", tuple(images.shape))
             sample = images.detach().clone().requires_grad_(True)
-            per_vae[key] = torch.cuda.make_graphed_callables(lambda x: moments(vae, x), (sample,))
+            graphs[key] = torch.cuda.make_graphed_callables(lambda x: moments(vae, x), (sample,))
         # × 1: the graph's input gradient is one buffer that each replay overwrites; the product's
         # backward hands a fresh tensor on (a leaf image would otherwise keep the buffer as its .grad)
-        mean, std = per_vae[key](images * 1.0)
+        mean, std = graphs[key](images * 1.0)
         pending.add(key)
-        for out in (mean, std):  # the gradient reaching either output: the backward replays next
-            out.register_hook(lambda grad: (pending.discard(key), grad)[1])
+
+        def backward_reached(grad):  # the gradient reaches an output: the backward graph replays next
+            pending.discard(key)
+
+        mean.register_hook(backward_reached)
+        std.register_hook(backward_reached)
         return mean.clone(), std.clone()
 
     return graphed
