@@ -1,4 +1,4 @@
-"""GroupNorm as Triton kernels that spread each group over many programs: the 'triton' `vae_kernels`
+"""GroupNorm as Triton kernels that spread each group over many programs: the 'lift3d' `vae_kernels`
 of the priors' VAE encoders (core.guidance.sd.use_vae_kernels).
 
 In SDS the render's gradient goes back through the VAE encoder at every guided iteration (the ∂z/∂I
