@@ -30,6 +30,8 @@ import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from core.representations.hashgrid import triton_interpreting
+
 CHUNK = 4096     # elements a program (32 fp32 registers a thread at 4 warps)
 MAX_CHUNKS = 4096  # chunks a row: beyond (rows of > 16M elements) torch's kernel is used
 # rows shorter than this (the module) stay on torch's kernel: there its one block a row is quick, and
@@ -140,11 +142,16 @@ def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int]:
     return n * groups, m, hw, c // groups, triton.cdiv(m, CHUNK)
 
 
+def _block_s(chunks: int) -> int:
+    """The partials a program loads to combine a row of `chunks` chunks (MIN_BLOCK_S at least)."""
+    return max(MIN_BLOCK_S, triton.next_power_of_2(chunks))
+
+
 class TritonGroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps):
         rows, m, hw, cg, s = _layout(x, groups)
-        block_s = max(MIN_BLOCK_S, triton.next_power_of_2(s))
+        block_s = _block_s(s)
         part = torch.empty(rows, s, 2, device=x.device, dtype=torch.float32)
         stats = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
         y = torch.empty_like(x)
@@ -167,7 +174,7 @@ class TritonGroupNormFn(torch.autograd.Function):
             dx = torch.empty_like(x)
             _backward_sums[(rows, s)](x, dy, weight, stats, part, m, s, hw, cg, groups, CHUNK=CHUNK)
             _backward_dx[(rows, s)](x, dy, weight, stats, part, dx, m, s, hw, cg, groups,
-                                    CHUNK=CHUNK, BLOCK_S=max(MIN_BLOCK_S, triton.next_power_of_2(s)))
+                                    CHUNK=CHUNK, BLOCK_S=_block_s(s))
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # torch ops: not on SDS's path
             n, c = x.shape[:2]
             mean, rstd = (t.view(n, groups, 1) for t in stats.unbind(-1))
@@ -178,15 +185,15 @@ class TritonGroupNormFn(torch.autograd.Function):
         return dx, None, dw, db, None
 
 
-def runs_here(x: torch.Tensor, groups: int) -> bool:
-    """The kernels take x: NCHW-contiguous (any trailing dims), on a CUDA device or interpreted."""
-    from core.representations.hashgrid import triton_interpreting
-
+def runs_here(x: torch.Tensor, groups: int, min_row: int = 0) -> bool:
+    """The kernels take x: NCHW-contiguous (any trailing dims), on a CUDA device or interpreted,
+    rows of at least `min_row` and at most CHUNK·MAX_CHUNKS elements."""
     if x.dim() < 3 or not x.is_contiguous() or x.shape[1] % groups:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and triton_interpreting())):
         return False
-    return _layout(x, groups)[4] <= MAX_CHUNKS
+    _, m, _, _, chunks = _layout(x, groups)
+    return m >= min_row and chunks <= MAX_CHUNKS
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
@@ -202,7 +209,6 @@ class TritonGroupNorm(nn.GroupNorm):
     min_row = MIN_ROW
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.affine and not torch.compiler.is_compiling() and runs_here(x, self.num_groups)
-                and _layout(x, self.num_groups)[1] >= self.min_row):
+        if self.affine and not torch.compiler.is_compiling() and runs_here(x, self.num_groups, self.min_row):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
