@@ -302,8 +302,9 @@ class StableDiffusionParams(_Section):
     vae_kernels: Literal["auto", "diffusers", "lift3d"] = "auto"
     # the VAE encoder's forward and backward in SDS captured once as CUDA graphs and replayed (GPU
     # only; core.guidance.sd.graph_vae_moments): the host launches two graphs instead of the
-    # encoder's kernels one by one. Not yet timed on a GPU (session 16), so off
-    vae_graphs: bool = False
+    # encoder's kernels one by one. H200, one machine (reports/speed session 17): a steady coarse
+    # iteration 64.5 → 59.2 ms, fine 73.7 → 66.2 ms; SD's encode at 512² 13.6 → 11.5 ms
+    vae_graphs: bool = True
     # the fine stage's t range (released: Magic123 main.py:413 [0.02, 0.5]; Consistent123 main.py:352
     # [0.2, 0.5]); null: t_range in both stages
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)
@@ -323,10 +324,11 @@ class Zero123Params(_Section):
     compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile
-    # as sd.vae_kernels; 'diffusers' by default: at 256² the encoder is bound by launching kernels,
-    # and lift3d's were no faster there (11.0 against 11.8 ms an encode, reports/speed session 16)
-    vae_kernels: Literal["auto", "diffusers", "lift3d"] = "diffusers"
-    vae_graphs: bool = False  # as sd.vae_graphs
+    # as sd.vae_kernels. At 256² the eager encoder is bound by launching kernels and lift3d's are no
+    # faster (9.2 against 10.5 ms an encode); replayed as CUDA graphs (vae_graphs) they are
+    # (6.1 → 4.3 ms; H200, reports/speed session 17)
+    vae_kernels: Literal["auto", "diffusers", "lift3d"] = "auto"
+    vae_graphs: bool = True  # as sd.vae_graphs
     fine_t_range: Optional[tuple[float, float]] = (0.02, 0.5)  # as sd.fine_t_range
     # the SDS gradient of each view × (angle to the reference view)/180° (released
     # zero123_grad_scale='angle', guidance/zero123_utils.py:133-137; docs/fidelity.md item 3)

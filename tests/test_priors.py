@@ -218,9 +218,8 @@ def test_vae_compile_is_off_by_default_gpu_only_and_traces_the_encoder_whole(mon
 
 
 def test_vae_kernels_setting_swaps_only_its_priors_encoder():
-    """sd/zero123.vae_kernels: 'auto' for SD, 'diffusers' for Zero-1-to-3 by default; 'auto' is lift3d
-    only on a GPU with Triton;
-    'lift3d' puts that prior's VAE encoder (not its decoder, not the other prior's) on TritonGroupNorm
+    """sd/zero123.vae_kernels: 'auto' for both priors by default; 'auto' is lift3d only on a GPU with
+    Triton; 'lift3d' puts that prior's VAE encoder (not its decoder, not the other prior's) on TritonGroupNorm
     and AttnProcessor, and the guidance encodes through it with diffusers' numbers (on a CPU the
     GroupNorm falls back to torch's; the kernels' own check is tests/test_group_norm_triton.py)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -230,7 +229,7 @@ def test_vae_kernels_setting_swaps_only_its_priors_encoder():
     from core.representations.hashgrid import triton_available
 
     p = load_params("magic123")
-    assert p.sd.vae_kernels == "auto" and p.zero123.vae_kernels == "diffusers"
+    assert p.sd.vae_kernels == "auto" and p.zero123.vae_kernels == "auto"
     with pytest.raises(Exception):
         load_params("magic123", {"sd.vae_kernels": "triton"})
     assert vae_kernels_mode("auto", "cpu") == "diffusers" and vae_kernels_mode("lift3d", "cpu") == "lift3d"
@@ -256,18 +255,18 @@ def test_vae_kernels_setting_swaps_only_its_priors_encoder():
     torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-7)
 
 
-def test_vae_graphs_is_off_by_default_gpu_only_and_wraps_the_chosen_encode(monkeypatch):
-    """sd/zero123.vae_graphs (the SDS encode's forward and backward replayed as CUDA graphs): off by
-    default; off a GPU the encode function is the one vae_compile chose, untouched; on a GPU it
+def test_vae_graphs_is_on_by_default_gpu_only_and_wraps_the_chosen_encode(monkeypatch):
+    """sd/zero123.vae_graphs (the SDS encode's forward and backward replayed as CUDA graphs): on by
+    default, and false leaves the encode as vae_compile chose it; off a GPU the encode function is the one vae_compile chose, untouched; on a GPU it
     wraps that one (the capture itself is tests/test_gpu_backends.py's)."""
     import core.guidance.sd as sd_module
     from core.guidance.sd import encoder_moments, graph_vae_moments, vae_moments
 
     p = load_params("magic123")
-    assert p.sd.vae_graphs is False and p.zero123.vae_graphs is False
-    on = load_params("magic123", {"sd.vae_graphs": True})
+    assert p.sd.vae_graphs is True and p.zero123.vae_graphs is True
+    on, off = p, load_params("magic123", {"sd.vae_graphs": False})
     assert graph_vae_moments(vae_moments, "cpu") is vae_moments
-    assert encoder_moments(on.sd, "cpu") is vae_moments and encoder_moments(p.sd, "cuda") is vae_moments
+    assert encoder_moments(on.sd, "cpu") is vae_moments and encoder_moments(off.sd, "cuda") is vae_moments
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_graphs": True, "zero123.vae_graphs": True}),
                        torch.rand(3, 64, 64), "coarse", "cpu")
     assert g.sd.moments is vae_moments and g.zero123.moments is vae_moments
