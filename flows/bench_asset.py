@@ -138,6 +138,25 @@ def steady_ms_per_iter(marks: list, from_step: int) -> Optional[float]:
     return round(1000 * (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0]), 1)
 
 
+def trace_faces(trace: Path, from_step: int) -> dict[str, int]:
+    """The fine mesh's face count from a stage's trace.csv: the median over the rows at or after
+    `from_step` (the rows ms_per_iter_steady covers) and the last row's. The fine iteration's time
+    grows with the mesh (reports/speed session 17), so a fine figure is quoted with its mesh.
+    Empty for a stage without faces (the coarse stage) or without a trace."""
+    import pandas as pd
+
+    try:
+        rows = pd.read_csv(trace)
+    except (OSError, ValueError):  # no trace yet, or an empty one
+        return {}
+    if "faces" not in rows or rows["faces"].dropna().empty:
+        return {}
+    faces = rows.dropna(subset=["faces"])
+    steady = faces[faces["step"] >= from_step]["faces"]
+    return {"faces_steady_median": int((steady if len(steady) else faces["faces"]).median()),
+            "faces_last": int(faces["faces"].iloc[-1])}
+
+
 STAGES = ("textual_inversion", "coarse", "fine")
 
 
@@ -294,7 +313,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                                                            max(warmup, steps // 2)),
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib,
                                   # of which writing the stage's outputs (renders; the fine stage's export)
-                                  "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2)}
+                                  "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2),
+                                  **trace_faces(out / name / "trace.csv", max(warmup, steps // 2))}
         save()
     if compile_cache is not None:
         result["compile_cache"]["saved_bytes"] = _save_compile_cache(compile_cache)
@@ -356,6 +376,10 @@ def format_asset_table(r: dict[str, Any]) -> str:
         outputs = "-" if s.get("outputs_s") is None else f"{s['outputs_s']:.1f}"
         lines.append(f"{name:18s} {s['iters']:6d} {s['wall_s']:8.1f} {s['ms_per_iter']:8.1f} {steady:>7s} "
                      f"{s.get('outside_loop_s', 0.0):15.1f} {outputs:>12s} {peak:>9s}")
+    for name, s in r["stages"].items():
+        if s.get("faces_steady_median") is not None:
+            lines.append(f"{name}: a mesh of {s['faces_steady_median']:,} faces over the steady iterations "
+                         f"(median; {s['faces_last']:,} at the end)")
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))

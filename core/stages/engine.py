@@ -403,9 +403,10 @@ class Stage:
                 self.optimizer.step()
         self._detector_check(step)
         self.state.step += 1
+        progress = self.rep.progress()  # the coarse field's occupancy, the fine mesh's face count
         if step % spec.trace_every == 0 or step == total - 1:
-            self._trace(step, {"loss": loss, **terms, **diag})
-        return {"loss": loss, **terms, **self.rep.progress(), "reference": float(is_ref), "shading": shading, **diag}
+            self._trace(step, {"loss": loss, **terms, **progress, **diag})
+        return {"loss": loss, **terms, **progress, "reference": float(is_ref), "shading": shading, **diag}
 
     def _stop(self, step: int, what: str) -> None:
         last = read_state(self._ck_path).step if getattr(self, "_ck_path", None) and self._ck_path.is_file() else None
@@ -424,7 +425,8 @@ class Stage:
             self._stop(step, "a gradient")
 
     def _trace(self, step: int, metrics: dict) -> None:
-        """One row of trace.csv: the loss terms, the priors' weights on the guidance clock, their SDS
+        """One row of trace.csv: the loss terms, the representation's progress (the coarse field's
+        occupancy, the fine mesh's faces), the priors' weights on the guidance clock, their SDS
         gradient norms, and the detector's score and rate where it checked at this step."""
         row: dict[str, Any] = {"step": step, "clock": self.spec.clock_offset + step}
         row.update({k: _scalar(v) for k, v in metrics.items() if not isinstance(v, str)})
