@@ -72,7 +72,8 @@ def _guided_calls(tmp_path, sets: dict, calls: int = 32) -> list[dict]:
         r = g(RenderBatch(rgb=rgb, opacity=torch.ones_like(rgb[:, :1]), depth=torch.ones_like(rgb[:, :1]), normal=None,
                           cameras=cams, step=200 + k, total_steps=1000))
         r.loss.backward()
-        out.append({"grad": rgb.grad.detach().double().cpu().flatten(), **r.diagnostics})
+        # the diagnostics are read here, as the engine reads them when it logs (0-d device tensors)
+        out.append({"grad": rgb.grad.detach().double().cpu().flatten(), **{k: float(v) for k, v in r.diagnostics.items()}})
     return out
 
 

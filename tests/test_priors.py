@@ -110,6 +110,16 @@ def test_factory_builds_joint_prior_and_skips_ablated_priors():
     out.loss.backward()
     for k in ("sd/loss", "zero123/loss", "sd/t", "zero123/t", "lambda_2d", "lambda_3d"):
         assert k in out.diagnostics
+    # what the UNets computed stays on the device as 0-d tensors: the step does not wait for the
+    # priors to log them (the engine reads them for a trace row or the progress bar); what the host
+    # drew (t) or set (λ) is a float
+    d = out.diagnostics
+    for k in ("sd/loss", "zero123/loss", "sd/grad_norm", "zero123/grad_norm", "zero123/angle_weight", "loss"):
+        assert isinstance(d[k], torch.Tensor) and d[k].dim() == 0 and not d[k].requires_grad, k
+    assert all(isinstance(d[k], float) for k in ("sd/t", "zero123/t", "lambda_2d", "lambda_3d"))
+    assert float(d["loss"]) == pytest.approx(float(out.loss))
+    joint = 1.0 * float(d["sd/loss"]) + 40.0 * float(d["zero123/loss"])  # eq. 7, × the released 1/loss scale
+    assert float(d["loss"]) == pytest.approx(joint * d["sds_multiplier"]) and d["sds_multiplier"] < 1
 
 
 def test_factory_dynamic_and_none():

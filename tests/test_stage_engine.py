@@ -274,6 +274,27 @@ def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tm
     assert read_state(tmp_path / "checkpoint.pt").step == 8 and not (tmp_path / "result.json").exists()
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_stops_the_stage_before_the_optimiser(tmp_path):
+    """The loss and the gradients are checked together after the backward (one read of the device a
+    step): a finite loss whose gradient is not (√ at 0: an infinite slope times 0) stops the stage
+    at that step with 'a gradient', and the last good checkpoint is kept."""
+    from core.errors import Lift3DError
+    from core.stages.coarse import run_coarse
+
+    class InfiniteSlopeAt:
+        def __call__(self, batch):
+            from core.guidance.base import GuidanceOutput
+
+            if batch.step >= 9:  # value 0 (finite), gradient (1 / 2√0) · 0 = NaN
+                return GuidanceOutput(loss=torch.sqrt(batch.rgb.sum() * 0.0), diagnostics={})
+            return GuidanceOutput(loss=batch.rgb.sum() * 0.0, diagnostics={})
+
+    p = load_params("tiny", {**TINY_NERF, "coarse.iters": 12, "coarse.checkpoint_every": 4, "camera.ref_every": 4})
+    with pytest.raises(Lift3DError, match=r"coarse stage, step 9: a gradient is not finite.*step 8\)"):
+        run_coarse(p, _oracle_ref(p), tmp_path, guidance=InfiniteSlopeAt(), progress=False)
+    assert read_state(tmp_path / "checkpoint.pt").step == 8 and not (tmp_path / "result.json").exists()
+
+
 def test_a_truncated_checkpoint_is_one_line_and_fresh_starts_over(chair, tmp_path, capsys):
     from flows.cli import main
 

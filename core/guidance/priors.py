@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sds import SDS_GRADIENT_SCALES, sds_gradient_multiplier
 
 
@@ -126,7 +126,7 @@ class SDSGradientScale:
 
 
 def _scaled(loss: torch.Tensor, batch: RenderBatch, sds_scale: Optional[SDSGradientScale],
-            diag: dict[str, float]) -> torch.Tensor:
+            diag: Diagnostics) -> torch.Tensor:
     """`loss` times the SDS balance factor of this iteration (recorded as diag['sds_multiplier'])."""
     if sds_scale is None:
         return loss
@@ -135,11 +135,11 @@ def _scaled(loss: torch.Tensor, batch: RenderBatch, sds_scale: Optional[SDSGradi
     return loss if m == 1.0 else loss * m
 
 
-def _run(prior, batch: RenderBatch, name: str, diag: dict[str, float]) -> torch.Tensor:
+def _run(prior, batch: RenderBatch, name: str, diag: Diagnostics) -> torch.Tensor:
     out = prior(batch)
     for k, v in out.diagnostics.items():
         diag[f"{name}/{k}"] = v
-    diag[f"{name}/loss"] = float(out.loss.detach())
+    diag[f"{name}/loss"] = out.loss.detach()  # read when logged (core.guidance.base)
     return out.loss
 
 
@@ -164,11 +164,11 @@ class JointPrior:
         return _generators(self)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
-        diag: dict[str, float] = {"lambda_2d": self.lambda_2d, "lambda_3d": self.lambda_3d}
+        diag: Diagnostics = {"lambda_2d": self.lambda_2d, "lambda_3d": self.lambda_3d}
         l2 = _run(self.sd, batch, "sd", diag) if self.sd is not None and self.lambda_2d else None
         l3 = _run(self.zero123, batch, "zero123", diag) if self.zero123 is not None and self.lambda_3d else None
         loss = _scaled(joint_prior_loss(l2, l3, self.lambda_2d, self.lambda_3d), batch, self.sds_scale, diag)
-        diag["loss"] = float(loss.detach())
+        diag["loss"] = loss.detach()
         return GuidanceOutput(loss=loss, diagnostics=diag)
 
 
@@ -218,7 +218,7 @@ class DynamicPrior:
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         w3, w2 = self.weights(batch.step, batch.total_steps)
-        diag: dict[str, float] = {"w_3d": w3, "w_2d": w2, "in_stage2": float(self.in_stage2)}
+        diag: Diagnostics = {"w_3d": w3, "w_2d": w2, "in_stage2": float(self.in_stage2)}
         loss = None
         if w3 != 0.0 and self.lambda_3d:
             loss = self.lambda_3d * w3 * _run(self.zero123, batch, "zero123", diag)
@@ -229,7 +229,7 @@ class DynamicPrior:
             loss = batch.rgb.sum() * 0.0
         else:
             loss = _scaled(loss, batch, self.sds_scale, diag)
-        diag["loss"] = float(loss.detach())
+        diag["loss"] = loss.detach()
         return GuidanceOutput(loss=loss, diagnostics=diag)
 
 

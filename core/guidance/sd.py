@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import InputError
-from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models.loader import load_pretrained
 from core.perf import to_device
@@ -330,7 +330,7 @@ class StableDiffusionGuidance:
 
     def sds(self, latents: torch.Tensor, t: Optional[torch.Tensor] = None,
             noise: Optional[torch.Tensor] = None, cameras: Optional[Cameras] = None
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+            ) -> tuple[torch.Tensor, Diagnostics]:
         """SDS on given latents (B, 4, h, w): the loss whose gradient on `latents` is w(t)(ε̂ − ε)/B,
         conditioned on the view-dependent prompt of `cameras` when that is on."""
         text = self.text_embeddings_for(cameras)

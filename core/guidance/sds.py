@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from core.guidance.base import Diagnostics
 from core.perf import to_device
 
 
@@ -52,7 +53,7 @@ def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_cumprod: torch.Tensor,
                        t_range: tuple[float, float], generator: torch.Generator | None = None,
                        t: torch.Tensor | None = None, noise: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+                       ) -> tuple[torch.Tensor, Diagnostics]:
     """One SDS step on latents (B, C, h, w): sample t and ε, noise the latents, ask the prior for
     ε̂ = predict_noise(z_t, t) (guided) under no_grad, and return the loss whose gradient on the
     latents is w(t)(ε̂ − ε)/B (Magic123 eqs. 5–6) with its diagnostics."""
@@ -60,6 +61,8 @@ def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_c
     device = latents.device
     if t is None:
         t = sample_timesteps(latents.shape[0], num_t, t_range, generator)
+    # a diagnostic; t is drawn on the host (the seeded stream), where reading it waits for nothing
+    t_frac = float(t.float().mean()) / num_t if t.device.type == "cpu" else t.float().mean() / num_t
     t = to_device(t, device)
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator)
@@ -69,7 +72,9 @@ def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_c
         eps_hat = predict_noise(latents_noisy, t)
         grad = sds_gradient(eps_hat, noise, sds_weight(alphas_cumprod, t))
     loss = sds_loss(latents, grad)
-    return loss, {"t": float(t.float().mean()) / num_t, "grad_norm": float(grad.norm()), "loss": float(loss.detach())}
+    # the diagnostics stay scalar tensors on the device (core.guidance.base): float() of them here
+    # would make the host wait for the UNet at every step
+    return loss, {"t": t_frac, "grad_norm": grad.norm(), "loss": loss.detach()}
 
 
 # ------------------------------------------------------------------------ the released SDS balance

@@ -38,7 +38,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from core.rendering.cameras import Cameras, relative_pose
-from core.guidance.base import GuidanceOutput, RenderBatch
+from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images, vae_moments
 from core.guidance.sds import classifier_free_guidance, sample_timesteps, score_distillation
 from core.models.loader import load_pretrained
@@ -182,7 +182,7 @@ class Zero123Guidance:
         return classifier_free_guidance(eps_uncond, eps_cond, self.guidance_scale)
 
     def sds(self, latents: torch.Tensor, cameras: Cameras, t: Optional[torch.Tensor] = None,
-            noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+            noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Diagnostics]:
         """SDS on given latents for novel views `cameras` (Magic123 eq. 6). With angle weighting the
         gradient on each view's latent is k·w(t)(ε̂ − ε)/B, k = γ/180° (`angle_weight`)."""
         predict = lambda z, t_: self.predict_noise(z, t_, cameras)  # noqa: E731
@@ -203,7 +203,7 @@ class Zero123Guidance:
 
         loss, diag = score_distillation(latents, weighted, self.parts.scheduler, self.alphas_cumprod, self.t_range,
                                         self.generator, t, noise)
-        diag["angle_weight"] = float(k.mean())
+        diag["angle_weight"] = k.mean()  # read when logged (core.guidance.base)
         return loss, diag
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:

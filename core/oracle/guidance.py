@@ -37,9 +37,9 @@ class OracleGuidance:
         l_rgb = ((batch.rgb - tgt["rgb"].to(dev)) ** 2).mean()
         l_mask = ((batch.opacity - tgt["opacity"].to(dev)) ** 2).mean()
         loss = self.rgb_weight * l_rgb + self.mask_weight * l_mask
-        diag = {"oracle_rgb_mse": float(l_rgb.detach()), "oracle_mask_mse": float(l_mask.detach())}
+        diag = {"oracle_rgb_mse": l_rgb.detach(), "oracle_mask_mse": l_mask.detach()}  # read when logged
         if self.depth_weight > 0:
             l_depth = ((batch.depth - tgt["depth"].to(dev)) ** 2).mean()
             loss = loss + self.depth_weight * l_depth
-            diag["oracle_depth_mse"] = float(l_depth.detach())
+            diag["oracle_depth_mse"] = l_depth.detach()
         return GuidanceOutput(loss=loss, diagnostics=diag)

@@ -393,14 +393,18 @@ class Stage:
         for w, term in regs.values():
             loss = loss + w * term
         terms = {"rgb": l_rgb, "mask": l_mask, "depth": l_depth, "guidance": l_g, **{k: t for k, (_, t) in regs.items()}}
-        self._check_finite(step, loss, terms)
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             with scope("lift3d.backward"):
                 loss.backward()
-            self._check_finite_gradients(step)
+            # the loss and the gradients checked together, after the backward: one read of the device
+            # a step, and the host queues the backward without waiting for the priors' UNets. A
+            # non-finite loss's backward changes nothing that is kept: the step stops before the optimiser
+            self._check_finite(step, loss, terms, gradients=True)
             with scope("lift3d.optimizer"):
                 self.optimizer.step()
+        else:
+            self._check_finite(step, loss, terms)
         self._detector_check(step)
         self.state.step += 1
         progress = self.rep.progress()  # the coarse field's occupancy, the fine mesh's face count
@@ -413,16 +417,20 @@ class Stage:
         kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written yet"
         raise NonFiniteError(f"{self.spec.name} stage, step {step}: {what} is not finite; stopped ({kept})")
 
-    def _check_finite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        if bool(torch.isfinite(loss.detach())):  # one host sync per step; the terms are looked at only on failure
+    def _check_finite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                      gradients: bool = False) -> None:
+        """Stop the stage when the loss (or, with `gradients`, a parameter's gradient) is not finite,
+        naming the loss term first. One host sync a step; the terms are looked at only on failure."""
+        flags = [torch.isfinite(loss.detach())]
+        if gradients:
+            flags += [torch.isfinite(p.grad).all() for g in self.optimizer.param_groups for p in g["params"]
+                      if p.grad is not None]
+        if bool(torch.stack(flags).all()):
             return
-        bad = [k for k, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
-        self._stop(step, f"the loss term '{bad[0]}'" if bad else "the loss")
-
-    def _check_finite_gradients(self, step: int) -> None:
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self._stop(step, "a gradient")
+        if not bool(flags[0]):
+            bad = [k for k, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+            self._stop(step, f"the loss term '{bad[0]}'" if bad else "the loss")
+        self._stop(step, "a gradient")
 
     def _trace(self, step: int, metrics: dict) -> None:
         """One row of trace.csv: the loss terms, the representation's progress (the coarse field's
