@@ -311,7 +311,8 @@ class StableDiffusionGuidance:
         (`view_prompt_weights`) when on, else the one prompt's embedding."""
         if not self.view_dependent or cameras is None:
             return self.text_embeddings
-        w = view_prompt_weights(cameras.azimuth.detach().cpu(), self.reference_azimuth).to(self.device)
+        # on the cameras' device: copying the azimuths back to the host would wait for the render
+        w = view_prompt_weights(cameras.azimuth.detach().to(self.device), self.reference_azimuth)
         return torch.einsum("bk,kld->bld", w, self.view_embeddings).to(self.dtype)
 
     @torch.no_grad()
