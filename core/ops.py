@@ -33,9 +33,15 @@ def face_edges(faces: torch.Tensor) -> torch.Tensor:
     return sort_pairs(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0))
 
 
+def edge_keys(edges: torch.Tensor, n_verts: int) -> torch.Tensor:
+    """One integer a·n_verts + b per ascending pair (..., 2) of vertex indices < n_verts: equal for
+    the same undirected edge, ordered as the pairs are lexicographically."""
+    return edges[..., 0] * n_verts + edges[..., 1]
+
+
 def unique_edges(edges: torch.Tensor, n_verts: int) -> torch.Tensor:
     """torch.unique(edges, dim=0) for ascending pairs of vertex indices < n_verts: one 1-D unique of
-    the keys a·n_verts + b (a radix sort, where unique(dim=0) sorts rows), the same rows in the
-    same (lexicographic) order."""
-    keys = torch.unique(edges[:, 0] * n_verts + edges[:, 1])
+    their edge_keys (a radix sort, where unique(dim=0) sorts rows), the same rows in the same
+    (lexicographic) order."""
+    keys = torch.unique(edge_keys(edges, n_verts))
     return torch.stack([keys // n_verts, keys % n_verts], 1)

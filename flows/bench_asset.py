@@ -23,7 +23,7 @@ from core.perf import SyncAudit
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
-    from core.guidance.sd import compile_mode, vae_compile_mode, vae_kernels_mode
+    from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
     from core.rendering.raster import nvdiffrast_available
     from core.representations.hashgrid import choose_backend
 
@@ -35,7 +35,7 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
                             "zero123": vae_compile_mode(params.zero123.vae_compile, device)},
             "vae_kernels": {"sd": vae_kernels_mode(params.sd.vae_kernels, device),
                             "zero123": vae_kernels_mode(params.zero123.vae_kernels, device)},
-            "vae_graphs": {k: bool(getattr(params, k).vae_graphs and device.type == "cuda") for k in ("sd", "zero123")}}
+            "vae_graphs": {k: getattr(params, k).vae_graphs and vae_graphs_run_on(device) for k in ("sd", "zero123")}}
 
 
 class _Stage:
@@ -140,8 +140,8 @@ def steady_ms_per_iter(marks: list, from_step: int) -> Optional[float]:
 
 def trace_faces(trace: Path, from_step: int) -> dict[str, int]:
     """The fine mesh's face count from a stage's trace.csv: the median over the rows at or after
-    `from_step` (the rows ms_per_iter_steady covers) and the last row's. The fine iteration's time
-    grows with the mesh (reports/speed session 17), so a fine figure is quoted with its mesh.
+    `from_step` (the rows ms_per_iter_steady covers) and the last row's. A fine figure is quoted with
+    its mesh: its iteration most likely grows with it (reports/speed session 17).
     Empty for a stage without faces (the coarse stage) or without a trace."""
     import pandas as pd
 

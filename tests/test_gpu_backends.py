@@ -58,8 +58,10 @@ def _guided_calls(tmp_path, sets: dict, calls: int = 32) -> list[dict]:
     from core.rendering.batch import RenderBatch
     from core.rendering.cameras import Cameras
 
-    sets = {"device": DEVICE, "textual_inversion.enabled": False, "guidance.sds_gradient_scale": "none",
-            "sd.compile": "none", "zero123.compile": "none", **sets}  # eager unless a test asks
+    # eager, on diffusers' kernels, not graphed, unless a test asks (the defaults are the fast path)
+    plain = {f"{k}.{o}": v for k in ("sd", "zero123")
+             for o, v in (("compile", "none"), ("vae_kernels", "diffusers"), ("vae_graphs", False))}
+    sets = {"device": DEVICE, "textual_inversion.enabled": False, "guidance.sds_gradient_scale": "none", **plain, **sets}
     p = load_params("smoke", sets).with_inputs(text="a torus")
     ref = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     g = build_guidance(p, ref, "coarse", DEVICE)

@@ -202,6 +202,11 @@ def compile_vae_moments(mode: str, device):
     return torch.compile(vae_moments, mode=mode, dynamic=False)
 
 
+def vae_graphs_run_on(device) -> bool:
+    """Whether `vae_graphs` takes effect on `device`: CUDA graphs, so only on a GPU."""
+    return torch.device(device).type == "cuda"
+
+
 def graph_vae_moments(moments, device):
     """`moments` (vae_moments or its compiled copy) replayed as CUDA graphs on a GPU, itself
     elsewhere: per VAE and input shape, the first call with gradients on captures the encoder's
@@ -213,7 +218,7 @@ def graph_vae_moments(moments, device):
     call's backward is still to come, or without gradients, runs `moments` itself. The outputs are
     cloned out of the graph's buffers. The graph's memory (the encoder's activations at its
     resolution) stays reserved for the process."""
-    if torch.device(device).type != "cuda":
+    if not vae_graphs_run_on(device):
         return moments
     graphs: dict = {}  # (VAE, shape, dtype, device) → its graphed encode; lives as long as this function
     pending: set = set()  # graphs whose last forward's backward has not run yet

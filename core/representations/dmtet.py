@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core.export.mesh import surface_level
-from core.ops import face_edges, gather_rows, sort_pairs, unique_edges
+from core.ops import edge_keys, face_edges, gather_rows, sort_pairs, unique_edges
 from core.representations.tets import load_tet_grid
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
@@ -102,7 +102,7 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         edges = sort_pairs(edges)
         crossing = occ[edges[..., 0]] != occ[edges[..., 1]]  # (Tv, 6)
         n_vert = pos.shape[0]
-        keys = edges[..., 0] * n_vert + edges[..., 1]
+        keys = edge_keys(edges, n_vert)
         uniq, inv = torch.unique(keys[crossing], return_inverse=True)
         edge_to_vert = torch.full(crossing.shape, -1, dtype=torch.long, device=device)
         edge_to_vert[crossing] = inv

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.ops import face_edges, gather_rows, unique_edges
+from core.ops import edge_keys, face_edges, gather_rows, unique_edges
 
 
 def reference_rgb_loss(rgb: torch.Tensor, ref_rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.T
     fn = F.normalize(torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1), dim=-1, eps=1e-12)
     e = face_edges(faces)
     fid = torch.arange(faces.shape[0], device=faces.device).repeat(3)
-    key = e[:, 0] * max(1, verts.shape[0]) + e[:, 1]
+    key = edge_keys(e, max(1, verts.shape[0]))
     order = torch.argsort(key)
     ks, fs = key[order], fid[order]
     pair = (ks[1:] == ks[:-1]).to(fn.dtype)  # entry k: edges k and k+1 of the sorted list are one edge
