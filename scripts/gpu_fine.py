@@ -129,7 +129,7 @@ def time_fine(device, resolution: int, guidance_kind: str, iters: int = 40, warm
         faces.append(float(m["faces"]))
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / iters
-    return {"resolution": resolution, "tet_resolution": p.fine.tet_resolution, "tets": int(tr.rep.dmtet.tets.shape[0]),
+    return {"resolution": resolution, "tet_resolution": p.fine.tet_resolution, "tets": tr.rep.dmtet.num_tets,
             "guidance": guidance_kind, "rasterizer": tr.rep.backend, "iters_timed": iters,
             "ms_per_iter": round(1000 * dt, 2), "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3),
             "mesh_faces": int(sum(faces) / len(faces))}

@@ -28,7 +28,7 @@ def test_triangle_table_covers_all_cases():
 
 def test_marching_tets_sphere_watertight_and_accurate():
     R = 0.55
-    dm = DMTet(24, 1.0, cache=False)
+    dm = DMTet(24, 1.0)
     dm.init_from_sdf(lambda x: R - x.norm(dim=-1))  # positive inside
     mesh = dm.extract()
     assert mesh.faces.shape[0] > 1000
@@ -42,7 +42,7 @@ def test_marching_tets_sphere_watertight_and_accurate():
 
 
 def test_marching_tets_is_differentiable_in_sdf_and_deformation():
-    dm = DMTet(12, 1.0, cache=False)
+    dm = DMTet(12, 1.0)
     dm.init_from_sdf(lambda x: 0.5 - x.norm(dim=-1))
     mesh = dm.extract()
     mesh.verts.norm(dim=-1).sum().backward()
@@ -56,7 +56,7 @@ def test_marching_tets_is_differentiable_in_sdf_and_deformation():
 
 
 def test_torus_has_genus_one():
-    dm = DMTet(32, 1.0, cache=False)
+    dm = DMTet(32, 1.0)
 
     def torus(x):
         q = torch.stack([torch.sqrt(x[:, 0] ** 2 + x[:, 2] ** 2) - 0.5, x[:, 1]], -1)
@@ -90,7 +90,7 @@ class BlobField(nn.Module):
 
 def test_init_from_density_reproduces_the_level_set():
     field = BlobField()
-    dm = DMTet(32, 1.0, cache=False)
+    dm = DMTet(32, 1.0)
     dm.init_from_density(field.density, threshold=20.0)
     assert (dm.deform == 0).all()
     m = dm.extract()
@@ -128,7 +128,7 @@ def test_empty_and_full_grids_give_empty_meshes():
 def test_init_from_a_density_below_the_threshold_lowers_the_level(caplog):
     # a faint blob (peak density 4) never reaches the mesh threshold 10: the start mesh is taken at
     # half the peak, as the coarse mesh is, instead of starting (and staying) empty
-    dm = DMTet(16, 1.0, cache=False)
+    dm = DMTet(16, 1.0)
     with caplog.at_level("WARNING"):
         dm.init_from_density(lambda x: 4.0 * torch.exp(-(x.norm(dim=-1) / 0.4) ** 2), 10.0)
     mesh = dm.extract()
@@ -136,7 +136,7 @@ def test_init_from_a_density_below_the_threshold_lowers_the_level(caplog):
     r = mesh.verts.detach().norm(dim=-1)  # σ = 2 at r = 0.4·sqrt(ln 2) ≈ 0.333
     assert (r.mean() - 0.4 * math.sqrt(math.log(2))).abs() < 0.05
     assert "never crosses" in caplog.text
-    empty = DMTet(16, 1.0, cache=False)
+    empty = DMTet(16, 1.0)
     empty.init_from_density(lambda x: torch.zeros(x.shape[0]), 10.0)
     assert empty.extract().faces.shape[0] == 0
 
@@ -154,7 +154,7 @@ def test_mesh_gradients_are_the_same_bits_run_to_run():
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
-        dm = DMTet(40, 1.0, cache=False)
+        dm = DMTet(40, 1.0)
         dm.init_from_sdf(lambda x: 0.6 - x.norm(dim=-1) + 0.05 * torch.sin(9 * x).prod(-1))
         with torch.no_grad():
             dm.deform.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
@@ -176,3 +176,25 @@ def test_mesh_gradients_are_the_same_bits_run_to_run():
             assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_surface_voxels_give_the_mesh_of_every_tetrahedron():
+    """extract() marches only the tetrahedra of voxels the surface passes through (surface_tets): the
+    same vertices, faces and gradients, in the same order, as marching every tetrahedron of the grid."""
+    from core.representations.tets import generate_tet_grid
+
+    dm = DMTet(14, 1.0)
+    _, tets = generate_tet_grid(14, 1.0)
+    assert torch.equal(dm.all_tets(), torch.from_numpy(tets).long()) and dm.num_tets == tets.shape[0]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # two blobs and noise: many cut voxels, some isolated
+        x = dm.grid_verts
+        dm.sdf.copy_(0.5 - (x - 0.2).norm(dim=-1) + 0.3 * torch.rand(x.shape[0], generator=g) - 0.15)
+        dm.deform.copy_(torch.randn(x.shape, generator=g))
+    sub = dm.surface_tets()
+    assert 0 < sub.shape[0] < dm.num_tets and sub.shape[0] % 6 == 0
+    fast, full = dm.extract(), marching_tets(dm.vertices(), dm.sdf, dm.all_tets())
+    assert torch.equal(fast.faces, full.faces) and torch.equal(fast.verts, full.verts)
+    w = torch.randn(fast.verts.shape, generator=g)
+    grads = [torch.autograd.grad((m.verts * w).sum(), (dm.sdf, dm.deform)) for m in (fast, full)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

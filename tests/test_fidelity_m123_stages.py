@@ -364,7 +364,7 @@ def test_tet_grid_rescaled_to_the_occupied_extent_plus_margin():
         inside = (x[:, 0].abs() <= 0.3 + 1e-6) & (x[:, 1].abs() <= 0.5 + 1e-6) & (x[:, 2].abs() <= 0.2 + 1e-6)
         return inside.float() * 20.0
 
-    dm = DMTet(20, 1.0, cache=False)
+    dm = DMTet(20, 1.0)
     scale = dm.rescale_to_density(box, 10.0, 0.1)
     assert scale.tolist() == pytest.approx([0.4, 0.6, 0.3], abs=1e-6)
     assert dm.grid_verts.abs().amax(0).tolist() == pytest.approx([0.4, 0.6, 0.3], abs=1e-6)
@@ -375,7 +375,7 @@ def test_tet_grid_rescaled_to_the_occupied_extent_plus_margin():
     dm.init_from_density(lambda x: 10.2 - 3 * x[:, 0], 10.0, sdf_scale="threshold")  # lift3d's earlier reading
     torch.testing.assert_close(dm.sdf, ((0.2 - 3 * dm.grid_verts[:, 0]) / 10.0).clamp(-1, 1))
     # nothing above τ: the grid stays as it was
-    assert DMTet(8, 1.0, cache=False).rescale_to_density(lambda x: torch.zeros(len(x)), 10.0).tolist() == [1, 1, 1]
+    assert DMTet(8, 1.0).rescale_to_density(lambda x: torch.zeros(len(x)), 10.0).tolist() == [1, 1, 1]
 
 
 def test_tet_counts_match_the_released_quartet_grids():

@@ -1,7 +1,7 @@
 """The project's tetrahedral grid (core/representations/tets.py): orientation, volume, conformity, caching."""
 import numpy as np
 
-from core.representations.tets import generate_tet_grid, load_tet_grid, tet_faces, tet_volumes
+from core.representations.tets import generate_tet_grid, tet_faces, tet_volumes
 
 
 def test_kuhn_grid_volumes_positive_and_fill_the_cube():
@@ -46,12 +46,3 @@ def test_shared_faces_are_consistent():
         nn = np.cross(fv[:, 1] - fv[:, 0], fv[:, 2] - fv[:, 0])
         assert ((nn * (verts[t[:, i]] - fv[:, 0])).sum(-1) < 0).all()
 
-
-def test_cache_roundtrip(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIFT3D_CACHE", str(tmp_path))
-    v1, t1 = load_tet_grid(6, 1.0)
-    files = list((tmp_path / "tets").glob("*.npz"))
-    assert len(files) == 1
-    v2, t2 = load_tet_grid(6, 1.0)
-    np.testing.assert_array_equal(v1, v2)
-    np.testing.assert_array_equal(t1, t2)

@@ -27,7 +27,7 @@ from torch import nn
 
 from core.export.mesh import surface_level
 from core.ops import edge_keys, face_edges, gather_rows, sort_pairs, unique_edges
-from core.representations.tets import load_tet_grid
+from core.representations.tets import grid_vertices, voxel_tet_offsets
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
 TET_EDGES = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], dtype=np.int64)
@@ -125,14 +125,17 @@ class DMTet(nn.Module):
     """Per-vertex SDF and deformation on the project's Kuhn grid of [-bound, bound]^3, optionally
     rescaled per axis (`rescale_to_density`: the released code's tet_scale)."""
 
-    def __init__(self, resolution: int = 128, bound: float = 1.0, device="cpu", cache: bool = True):
+    def __init__(self, resolution: int = 128, bound: float = 1.0, device="cpu"):
         super().__init__()
-        verts, tets = load_tet_grid(resolution, bound, cache=cache)
+        verts = grid_vertices(resolution, bound)
         self.resolution = int(resolution)
         self.bound = float(bound)
         self.spacing = 2.0 * bound / resolution
         self.register_buffer("grid_verts", torch.from_numpy(verts).to(device))
-        self.register_buffer("tets", torch.from_numpy(tets.astype(np.int64)).to(device), persistent=False)
+        # the tetrahedra are not stored (6 r³ of them: 3.2 GB at r = 256): those of a voxel are its
+        # corner's index + these offsets (core.representations.tets.generate_tet_grid's order)
+        self.register_buffer("tet_offsets", torch.from_numpy(voxel_tet_offsets(resolution)).to(device),
+                             persistent=False)
         self.sdf = nn.Parameter(torch.zeros(verts.shape[0], device=device))
         self.deform = nn.Parameter(torch.zeros(verts.shape[0], 3, device=device))  # initialised to zero
         self.register_buffer("scale", torch.ones(3, device=device))  # per-axis scale of the grid
@@ -162,8 +165,36 @@ class DMTet(nn.Module):
         self.set_scale(pts[inside].abs().amax(0) + margin)
         return self.scale.clone()
 
+    @property
+    def num_tets(self) -> int:
+        return 6 * self.resolution ** 3
+
+    def all_tets(self) -> torch.Tensor:
+        """Every tetrahedron of the grid (6 r³, 4), as `generate_tet_grid` gives them."""
+        return self._voxel_tets(torch.arange(self.resolution ** 3, device=self.tet_offsets.device))
+
+    def _voxel_tets(self, voxels: torch.Tensor) -> torch.Tensor:
+        """The 6 tetrahedra of each voxel index (i r² + j r + k), in the grid's order: (6 len(voxels), 4)."""
+        r, n = self.resolution, self.resolution + 1
+        i, rest = torch.div(voxels, r * r, rounding_mode="floor"), voxels % (r * r)
+        j, k = torch.div(rest, r, rounding_mode="floor"), rest % r
+        base = (i * n + j) * n + k  # the voxel's (0,0,0) corner
+        return (base[:, None, None] + self.tet_offsets[None]).reshape(-1, 4)
+
+    @torch.no_grad()
+    def surface_tets(self) -> torch.Tensor:
+        """The tetrahedra of the voxels whose 8 corners are not all on one side (sdf > 0 or not), in
+        the grid's order. A tetrahedron's corners are corners of its voxel, so the others cannot be
+        cut: marching tetrahedra over these gives the mesh it gives over all 6 r³ (the same vertices
+        and faces, in the same order), reading 8 bytes a voxel instead of 4 indices a tetrahedron."""
+        r, n = self.resolution, self.resolution + 1
+        occ = (self.sdf > 0).view(n, n, n).to(torch.uint8)
+        corners = sum(occ[a:a + r, b:b + r, c:c + r] for a in (0, 1) for b in (0, 1) for c in (0, 1))
+        voxels = torch.nonzero(((corners > 0) & (corners < 8)).reshape(-1)).squeeze(1)
+        return self._voxel_tets(voxels)
+
     def extract(self) -> Mesh:
-        return marching_tets(self.vertices(), self.sdf, self.tets)
+        return marching_tets(self.vertices(), self.sdf, self.surface_tets())
 
     @torch.no_grad()
     def init_from_density(self, density_fn, threshold: float, chunk: int = 262144, sdf_scale: str = "threshold") -> None:

@@ -9,21 +9,15 @@ conforming (each interior triangle is shared by exactly two tetrahedra). Every t
 with positive orientation (det[v1-v0, v2-v0, v3-v0] > 0), which the marching-tets triangle table of
 core/representations/dmtet.py relies on.
 
-Sizes: resolution r gives (r+1)^3 vertices and 6 r^3 tetrahedra (r=128: 2.1 M vertices, 12.6 M tets);
-grids are cached as .npz files (LIFT3D_CACHE or ~/.cache/lift3d, folder tets/).
+Sizes: resolution r gives (r+1)^3 vertices and 6 r^3 tetrahedra (r=128: 2.1 M vertices, 12.6 M tets).
+DMTet (core/representations/dmtet.py) stores only the vertices and forms a voxel's tetrahedra from
+`voxel_tet_offsets` when the surface passes through it.
 """
 from __future__ import annotations
 
 import itertools
-import logging
-import os
-from pathlib import Path
 
 import numpy as np
-
-from core.io import atomic_write
-
-log = logging.getLogger(__name__)
 
 
 def _kuhn_tets() -> np.ndarray:
@@ -45,48 +39,34 @@ def _kuhn_tets() -> np.ndarray:
 KUHN_TETS = _kuhn_tets()
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("LIFT3D_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "lift3d"
-    return base / "tets"
-
-
 def generate_tet_grid(resolution: int, bound: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Vertices (V, 3) float32 in [-bound, bound]^3 and tetrahedra (T, 4) int32, vectorised."""
     r = int(resolution)
-    if r < 1:
-        raise ValueError(f"tet grid resolution must be ≥ 1, got {resolution}")
+    verts = grid_vertices(r, bound)
     n = r + 1
-    lin = np.linspace(-bound, bound, n, dtype=np.float32)
-    gx, gy, gz = np.meshgrid(lin, lin, lin, indexing="ij")
-    verts = np.stack([gx, gy, gz], axis=-1).reshape(-1, 3)
-    # vertex index of grid point (i, j, k) = i n² + j n + k
     i, j, k = np.meshgrid(np.arange(r), np.arange(r), np.arange(r), indexing="ij")
     base = (i * n * n + j * n + k).reshape(-1).astype(np.int64)  # voxel's (0,0,0) corner
-    bits = np.arange(8)
-    corner_offset = (bits & 1) * n * n + ((bits >> 1) & 1) * n + ((bits >> 2) & 1)  # x + 2y + 4z → index offset
-    offs = corner_offset[KUHN_TETS]  # (6, 4)
-    tets = (base[:, None, None] + offs[None]).reshape(-1, 4)
+    tets = (base[:, None, None] + voxel_tet_offsets(r)[None]).reshape(-1, 4)
     return verts, tets.astype(np.int32)
 
 
-def load_tet_grid(resolution: int, bound: float = 1.0, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The grid of `generate_tet_grid`, from the .npz cache when there (written atomically otherwise)."""
-    path = cache_dir() / f"kuhn_r{int(resolution)}_b{float(bound):g}.npz"
-    if cache and path.is_file():
-        try:
-            with np.load(path) as z:
-                return z["verts"], z["tets"]
-        except Exception as e:  # a damaged cache file is rebuilt, not fatal
-            log.warning("tet grid cache %s unreadable (%s); regenerating", path, e)
-    verts, tets = generate_tet_grid(resolution, bound)
-    if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda t: np.savez(t, verts=verts, tets=tets), suffix=".npz")
-        except OSError as e:
-            log.warning("could not cache the tet grid at %s: %s", path, e)
-    return verts, tets
+def grid_vertices(resolution: int, bound: float = 1.0) -> np.ndarray:
+    """The grid's (r+1)^3 vertices (V, 3) float32; grid point (i, j, k) has index i n² + j n + k (n = r+1)."""
+    r = int(resolution)
+    if r < 1:
+        raise ValueError(f"tet grid resolution must be ≥ 1, got {resolution}")
+    lin = np.linspace(-bound, bound, r + 1, dtype=np.float32)
+    gx, gy, gz = np.meshgrid(lin, lin, lin, indexing="ij")
+    return np.stack([gx, gy, gz], axis=-1).reshape(-1, 3)
+
+
+def voxel_tet_offsets(resolution: int) -> np.ndarray:
+    """(6, 4) int64: the vertex indices of a voxel's 6 tetrahedra less the index of its (0,0,0) corner;
+    voxel (i, j, k)'s tetrahedra are rows 6 (i r² + j r + k) … + 5 of `generate_tet_grid`'s tets."""
+    n = int(resolution) + 1
+    bits = np.arange(8)
+    corner_offset = (bits & 1) * n * n + ((bits >> 1) & 1) * n + ((bits >> 2) & 1)  # x + 2y + 4z → index offset
+    return corner_offset[KUHN_TETS].astype(np.int64)
 
 
 def tet_volumes(verts: np.ndarray, tets: np.ndarray) -> np.ndarray:

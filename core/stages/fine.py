@@ -205,7 +205,7 @@ def run_fine(params, reference: Reference, coarse_field, out_dir: Path | str, *,
         clear_outputs(out)  # an earlier run's mesh and renders must not stand beside a new run
     f = params.fine
     log.info("fine stage: %d iterations at %d², tet grid %d³ (%d tets), rasteriser %s, device %s",
-             f.iters, f.resolution, f.tet_resolution, rep.dmtet.tets.shape[0], rep.backend, device)
+             f.iters, f.resolution, f.tet_resolution, rep.dmtet.num_tets, rep.backend, device)
     done = stage.run(out / CHECKPOINT, callback=callback, stop_after=stop_after, progress=progress,
                      postfix=lambda m: {"loss": f"{m['loss']:.4f}", "faces": int(m["faces"])})
     if done:
