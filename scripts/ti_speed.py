@@ -5,6 +5,12 @@ optimiser; timed with the device synchronised around each part), and peak memory
     python scripts/ti_speed.py --models-dir DIR --out FILE.json [--steps 40] \
         [--variant NAME=KEY=VALUE,KEY=VALUE ...]
     python scripts/ti_speed.py --plot FILE.json OUT.png   # the parts of a step by variant, as bars
+    python scripts/ti_speed.py --models-dir DIR --out FILE.json --flops --variant …   # + the floor
+
+`--flops` also counts the step's floating-point work part by part (torch.utils.flop_counter: the
+matmuls, convolutions and attention; not the elementwise work), times a large fp16 matmul on the
+same GPU, and writes each part's floor: its FLOPs at that matmul rate. What a step cannot go below
+on this card at this recipe, however it is scheduled.
 
 The priors are core.testmodels.fullsize_priors' full-size random ones (written to DIR once), loaded
 through core.models. Without --variant: the plain loop, the overlapped loop (the default since
@@ -71,6 +77,65 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     return rec
 
 
+def step_flops(folder: str, device: torch.device, batch: int = 16, resolution: int = 512, matmul: int = 8192) -> dict:
+    """FLOPs of one released-recipe step's parts at `batch` × `resolution`², counted by
+    torch.utils.flop_counter.FlopCounterMode on the step's own calls (the VAE's moments, the text
+    encoder, the UNet forward, the backward to the new embedding row), and the fp16 matmul rate
+    measured here: {"gflop": {part: …}, "matmul_tflops": …, "floor_ms": {part: …, "step": …}}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from core.guidance.factory import stable_diffusion_parts
+    from core.guidance.sd import vae_moments
+    from core.models.cache import PRIORS
+    from core.params import load_params
+
+    PRIORS.clear()
+    p = load_params("magic123", [f"device={device.type}", f"sd.model={folder}"])
+    parts = stable_diffusion_parts(p, device)
+    tok, te, vae, unet = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet
+    udtype = next(unet.parameters()).dtype
+    g = torch.Generator(device).manual_seed(0)
+    images = torch.rand(batch, 3, resolution, resolution, device=device, generator=g)
+    ids = tok(["a photo of a object"] * batch, padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids.to(device)
+    te.get_input_embeddings().weight.requires_grad_(True)  # as learn_token: the table trains, one row kept
+    t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops() / 1e9
+
+    out = {}
+    with torch.no_grad():
+        out["vae_encode"] = count(lambda: vae_moments(vae, images))
+        latents = vae_moments(vae, images)[0].float() * vae.config.scaling_factor
+    box = {}
+    out["text_encoder"] = count(lambda: box.update(states=te(ids)[0].to(udtype)))
+    noisy = latents.to(udtype)
+    out["unet"] = count(lambda: box.update(pred=unet(noisy, t, encoder_hidden_states=box["states"]).sample))
+    loss = box["pred"].float().square().mean()
+    out["backward"] = count(loss.backward)
+    te.get_input_embeddings().weight.requires_grad_(False)
+    # the card's fp16 matmul rate, as cuBLAS gives it for a large square product (fp32 on a CPU)
+    a = torch.randn(matmul, matmul, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    for _ in range(3):
+        a @ a
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
+    sync(device)
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ a
+    sync(device)
+    tflops = float(f"{2 * matmul ** 3 * n / (time.perf_counter() - t0) / 1e12:.4g}")
+    floor = {k: float(f"{v / tflops:.4g}") for k, v in out.items()}  # GFLOP / (TFLOP/s) = ms
+    floor["step"] = float(f"{sum(floor.values()):.4g}")
+    del parts
+    PRIORS.clear()
+    return {"batch": batch, "resolution": resolution, "gflop": {k: float(f"{v:.6g}") for k, v in out.items()},
+            "matmul_tflops": tflops, "floor_ms": floor}
+
+
 PARTS = ("augment", "vae_encode", "text_encoder", "unet", "backward", "optimizer")
 
 
@@ -92,6 +157,10 @@ def plot(result: dict, png: Path) -> Path:
             bottom += ms
         ax.plot([i - 0.35, i + 0.35], [v["ms_per_step_steady"]] * 2, color="black", lw=2,
                 label="step, free-running (median)" if i == 0 else None)
+    floor = result.get("flops", {}).get("floor_ms", {}).get("step")
+    if floor:
+        ax.axhline(floor, color="grey", ls="--", lw=1,
+                   label=f"floor: the step's FLOPs at {result['flops']['matmul_tflops']:.0f} TFLOP/s")
     ax.set_xticks(range(len(runs)), [n.replace("+", "+\n") for n in runs], fontsize=8)
     ax.set_ylabel("ms per step (batch 16, 512²)")
     ax.set_title(f"textual inversion's step by variant — {result.get('gpu', '')}", fontsize=9)
@@ -112,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--scoped-steps", type=int, default=8)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,…")
+    ap.add_argument("--flops", action="store_true", help="also count the step's FLOPs and write its floor")
     a = ap.parse_args(argv)
     if a.plot:
         src, png = a.plot
@@ -138,6 +208,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     folder = write_fullsize_priors(a.models_dir, device)["sd"]
     result = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "variants": {}}
+    if a.flops:
+        result["flops"] = step_flops(folder, device)
+        print("flops", json.dumps(result["flops"]), flush=True)
     for name, sets in variants.items():
         try:
             result["variants"][name] = time_variant(sets, folder, a.steps, a.scoped_steps, device)

@@ -237,3 +237,26 @@ def test_vae_bench_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
     if not __import__("torch").cuda.is_available():
         rc, err = run("--out", tmp_path / "x.json")
         assert rc == 2 and err == ["vae_bench: needs a CUDA device"] and not (tmp_path / "x.json").exists()
+
+
+def test_ti_speed_counts_the_steps_flops_part_by_part():
+    """ti_speed.step_flops on the tiny SD (CPU): each part of the step does matmul work, the
+    backward to the embedding row costs between half and three times the forwards it runs back through,
+    the counts are linear in the batch, and each floor is its FLOPs over the measured matmul rate."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_priors import tiny_models
+
+    step_flops = load("ti_speed").step_flops
+    one = step_flops(tiny_models()["sd"], torch.device("cpu"), batch=1, resolution=64, matmul=128)
+    two = step_flops(tiny_models()["sd"], torch.device("cpu"), batch=2, resolution=64, matmul=128)
+    parts = ("vae_encode", "text_encoder", "unet", "backward")
+    assert all(one["gflop"][k] > 0 for k in parts)
+    g = one["gflop"]  # the backward runs through the UNet and the text encoder to the row
+    assert 0.5 * (g["unet"] + g["text_encoder"]) < g["backward"] <= 3 * (g["unet"] + g["text_encoder"])
+    for k in parts:
+        assert two["gflop"][k] == pytest.approx(2 * one["gflop"][k], rel=0.02)
+    rate = two["matmul_tflops"]
+    assert rate > 0 and two["floor_ms"]["unet"] == pytest.approx(two["gflop"]["unet"] / rate, rel=1e-3)
+    assert two["floor_ms"]["step"] == pytest.approx(sum(two["floor_ms"][k] for k in parts), rel=1e-3)
