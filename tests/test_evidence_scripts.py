@@ -260,3 +260,28 @@ def test_ti_speed_counts_the_steps_flops_part_by_part():
     rate = two["matmul_tflops"]
     assert rate > 0 and two["floor_ms"]["unet"] == pytest.approx(two["gflop"]["unet"] / rate, rel=1e-3)
     assert two["floor_ms"]["step"] == pytest.approx(sum(two["floor_ms"][k] for k in parts), rel=1e-3)
+
+
+def test_flop_floor_counts_the_full_size_priors_on_the_meta_device(tmp_path):
+    """scripts/flop_floor.py: the full-size architectures' FLOPs without weights or a GPU. The
+    textual inversion's VAE encoder and UNet forward are the counts ti_speed.py --flops made on the
+    H200 (reports/speed/h200_ti_compile_s18.json); the stages' floors are their counts × the parts'
+    sum at the given rate."""
+    import json
+
+    from core.params import load_params
+
+    ff = load("flop_floor")
+    gflop = ff.count_gflop()
+    ti, it = gflop["textual_inversion_step"], gflop["guided_iteration"]
+    on_gpu = json.loads((ROOT / "reports" / "speed" / "h200_ti_compile_s18.json").read_text())["flops"]["gflop"]
+    assert ti["vae_encode"] == pytest.approx(on_gpu["vae_encode"], rel=1e-5)
+    assert ti["unet"] == pytest.approx(on_gpu["unet"], rel=1e-5)
+    # CFG: the UNet at batch 2 is 2/16 of the textual inversion's batch of 16 at the same 64² latent
+    assert it["sd_unet_cfg"] == pytest.approx(ti["unet"] / 8, rel=1e-6)
+    assert it["zero123_vae_encode_fwd_bwd"] < it["sd_vae_encode_fwd_bwd"] / 3  # 256² against 512²
+    p = load_params("magic123")
+    f = ff.floors(gflop, 500.0, p)
+    assert f["stages"]["coarse"]["count"] == p.coarse.iters - p.coarse.ref_warmup == 4901
+    assert f["stages"]["textual_inversion"]["seconds"] == pytest.approx(3000 * sum(ti.values()) / 500.0 / 1000)
+    assert ff.main(["--tflops", "0"]) == 2
