@@ -121,6 +121,20 @@ class scope:
         return False
 
 
+def profile_table(fn, device: torch.device, rows: int = 30) -> str:
+    """torch.profiler's table for running `fn()` once on `device`: operators and kernels by their own
+    device time (CPU time off a GPU), the `rows` largest, with the scopes above as ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def _device_sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

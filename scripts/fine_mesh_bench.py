@@ -328,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--amplitude", type=float, default=0.45, help="the displacement's amplitude A (default: %(default)s)")
     ap.add_argument("--iters", type=int, default=20, help="timed repetitions (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions first (default: %(default)s)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also torch.profiler's table of N iterations at each face count, to OUT_profile_FACES.txt")
     a = ap.parse_args(argv)
     if a.plot:
         print(f"wrote {plot(a.plot)}")
@@ -341,7 +343,7 @@ def main(argv=None) -> int:
     import torch
 
     from core.params import load_params, parse_override
-    from core.perf import peak_memory, reset_peak_memory
+    from core.perf import peak_memory, profile_table, reset_peak_memory
     from core.rendering.cameras import reference_cameras
     from core.representations.nerf import NeRFField
     from core.stages.engine import erode_mask
@@ -397,6 +399,12 @@ def main(argv=None) -> int:
         it = bench_iteration(rep, optimizer, cams, res, ref, params, clock, a.iters, a.warmup)
         gib, kind = peak_memory(dev)
         faces_after = rep.mesh.num_faces
+        if a.profile > 0:
+            table = profile_table(lambda: bench_iteration(rep, optimizer, cams, res, ref, params, clock, a.profile, 0), dev)
+            where = a.out.with_name(f"{a.out.stem}_profile_{faces}.txt")
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text(f"fine_mesh_bench: {a.profile} iterations at {faces:,} faces, {res}², {dev}\n{table}\n")
+            print(f"    profile: {where}", flush=True)
         alone = bench_alone(rep, cams, res, clock, a.iters, a.warmup)
         rows.append(dict(target_faces=target, faces=faces, faces_timed=faces_after, verts=verts, frequency=k,
                          view_coverage=coverage, iteration_ms={p: round(v, 4) for p, v in it.items()},

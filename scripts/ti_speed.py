@@ -40,7 +40,8 @@ DEFAULT_VARIANTS = {  # each names its switches, whatever params.yaml's defaults
 }
 
 
-def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, device: torch.device) -> dict:
+def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, device: torch.device,
+                 profile: int = 0, profile_path: Path | None = None) -> dict:
     from core import perf
     from core.guidance.factory import stable_diffusion_parts
     from core.guidance.textual_inversion import learn_token_from_params
@@ -74,6 +75,13 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
                                      for k, (n, t) in perf.SCOPE_TIMES.items()}
     finally:
         perf.SCOPE_TIMES = None
+    if profile > 0 and profile_path is not None:  # after the runs above: compiled code is warm
+        short = apply_overrides(p, [f"textual_inversion.steps={profile}"])
+        table = perf.profile_table(lambda: learn_token_from_params(stable_diffusion_parts(short, device), rgb, mask,
+                                                                   short, progress=False), device)
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        profile_path.write_text(f"ti_speed: {profile} steps, {' '.join(sets) or 'defaults'}\n{table}\n")
+        rec["profile"] = str(profile_path)
     return rec
 
 
@@ -182,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scoped-steps", type=int, default=8)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,…")
     ap.add_argument("--flops", action="store_true", help="also count the step's FLOPs and write its floor")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also torch.profiler's table of N steps of each variant, to OUT_profile_NAME.txt")
     a = ap.parse_args(argv)
     if a.plot:
         src, png = a.plot
@@ -213,7 +223,8 @@ def main(argv=None) -> int:
         print("flops", json.dumps(result["flops"]), flush=True)
     for name, sets in variants.items():
         try:
-            result["variants"][name] = time_variant(sets, folder, a.steps, a.scoped_steps, device)
+            result["variants"][name] = time_variant(sets, folder, a.steps, a.scoped_steps, device, a.profile,
+                                                    a.out.with_name(f"{a.out.stem}_profile_{name.replace('+', '_')}.txt"))
         except Exception as e:  # noqa: BLE001 - a variant that fails is a finding; the others still run
             result["variants"][name] = {"sets": sets, "failed": f"{type(e).__name__}: {str(e)[:400]}"}
         print(name, json.dumps(result["variants"][name]), flush=True)

@@ -23,7 +23,7 @@ def test_fine_mesh_bench_cpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # 1,000 is below the plain sphere's count at tet grid 24³ (~2.7k faces), so it gets k = 0; 8,000 needs bumps
     rc = bench.main(["--device", "cpu", "--tet-resolution", "24", "--resolution", "64", "--iters", "1", "--warmup", "1",
-                     "--faces", "8000,1000", "--out", str(out)])
+                     "--faces", "8000,1000", "--profile", "1", "--out", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["device"] == "cpu" and r["rasterizer"] == "torch" and r["resolution"] == 64 and r["tet_resolution"] == 24
@@ -47,6 +47,9 @@ def test_fine_mesh_bench_cpu(tmp_path, capsys):
         for part in bench.ALONE_SUBPARTS:
             assert math.isfinite(alone[part]["forward"]) and alone[part]["forward"] > 0 and alone[part]["backward"] is None
         assert 0 < row["view_coverage"] < 1
+    for row in rows:  # --profile: the profiler's table of one iteration at each face count
+        table = (tmp_path / f"bench_profile_{row['faces']}.txt").read_text()
+        assert f"1 iterations at {row['faces']:,} faces" in table and "Self CPU" in table and "aten::" in table
     png = out.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
