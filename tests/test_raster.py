@@ -157,8 +157,9 @@ def test_nvdiffrast_matches_torch():
 
 
 def test_coverage_is_the_same_in_many_chunks_as_in_one(monkeypatch):
-    """The torch rasteriser cuts its (triangle, pixel) candidates into chunks at boundaries computed
-    on the host from one copy of the running sum: any chunk size gives the same triangle ids."""
+    """The torch rasteriser cuts its (triangle, pixel) candidates into chunks where their running sum
+    passes a multiple of the chunk size: any chunk size gives the same triangle ids, also one
+    smaller than a triangle's candidates (chunks of one triangle, and cuts that fall twice in one)."""
     import trimesh
 
     from core.rendering import raster
@@ -169,8 +170,10 @@ def test_coverage_is_the_same_in_many_chunks_as_in_one(monkeypatch):
     pos = clip_positions(verts, Cameras.make([70.0, 100.0], [10.0, 200.0], [1.8, 2.2], [40.0, 40.0]))
     faces = torch.tensor(m.faces)
     whole = raster._coverage(pos, faces, 67, 67)
-    monkeypatch.setattr(raster, "_CANDIDATE_CHUNK", 3_000)  # tens of chunks
-    assert (whole >= 0).sum() > 3000 and torch.equal(raster._coverage(pos, faces, 67, 67), whole)
+    assert (whole >= 0).sum() > 3000
+    for size in (3_000, 5_000, 9_000, 7):  # a few chunks, each ending elsewhere; 7: below the larger triangles' boxes
+        monkeypatch.setattr(raster, "_CANDIDATE_CHUNK", size)
+        assert torch.equal(raster._coverage(pos, faces, 67, 67), whole), size
     assert torch.equal(opposite_vertices(faces, len(verts)), opposite_vertices(faces))
 
 
