@@ -67,6 +67,28 @@ def test_released_augmentation_is_seeded_and_leaves_the_global_stream_alone():
     assert not torch.equal(a, c)
 
 
+def test_released_augmentation_is_the_one_pipeline_with_its_fixed_part_made_once():
+    """ReleasedAugment resizes and crops the image once and draws the rest per view: the views of
+    the example's pipeline as one Compose run per view, over 40 draws."""
+    from torchvision import transforms as T
+
+    from core.guidance.textual_inversion import ReleasedAugment, released_pipeline
+
+    rgb = torch.rand(3, 48, 40, generator=torch.Generator().manual_seed(2))
+    fixed, drawn = released_pipeline(32)
+    whole = T.Compose([*fixed.transforms, *drawn.transforms])
+    aug, gen = ReleasedAugment(rgb, 32), torch.Generator().manual_seed(5)
+    for _ in range(4):
+        peek = torch.Generator()
+        peek.set_state(gen.get_state())  # the seed the call is about to draw
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=peek).item())
+        views = aug(10, gen)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = torch.stack([whole(rgb) for _ in range(10)]).clamp(0, 1)
+        assert torch.equal(views, expected)
+
+
 class _Recorder:
     """Wraps the VAE's encode to record what the VAE receives."""
 

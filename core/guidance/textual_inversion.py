@@ -134,22 +134,15 @@ def on_background(rgb: torch.Tensor, mask: Optional[torch.Tensor], background: s
     raise ValueError(f"textual inversion: unknown background {background!r} (black, white)")
 
 
-def released_augment(rgb: torch.Tensor, n: int, size: int, generator: torch.Generator,
-                     device: Optional[torch.device | str] = None) -> torch.Tensor:
-    """n views (n, 3, size, size) in [0, 1] by the example's `--use_augmentations` pipeline, with
-    torchvision's transforms on the image tensor: resize to 5/4·size (and centre-crop it square);
-    with p = 0.75 rotate by up to ±10° (white fill), centre-crop 5/6·size and resize to size; a
-    random resized crop to size of 85–115% of the area; with p = 0.75 colour jitter 0.04; grey with
-    p = 0.1; with p = 0.1 a 5×5 Gaussian blur, σ ∈ [0.1, 2]; a horizontal flip with p = 0.5.
-    torchvision draws from the global generator: it is forked and seeded from `generator`. The
-    transforms run on `device` (default: rgb's) — on a GPU they cost milliseconds where the CPU took
-    ~1.5 s a batch of 16 at 512² (2 cores), most of a step; their random parameters come from the
-    CPU stream either way, so a device changes only the interpolation's rounding."""
+def released_pipeline(size: int):
+    """The example's `--use_augmentations` pipeline as torchvision transforms, in two parts: what
+    draws nothing (resize to 5/4·size and centre-crop it square: the same for every view) and what
+    draws (the rest, per view)."""
     from torchvision import transforms as T
 
     big, small = int(size * 5 / 4), int(size * 5 / 6)
-    pipeline = T.Compose([
-        T.Resize(big, antialias=True), T.CenterCrop(big),
+    fixed = T.Compose([T.Resize(big, antialias=True), T.CenterCrop(big)])
+    drawn = T.Compose([
         T.RandomApply([T.RandomRotation(degrees=10, fill=1.0), T.CenterCrop(small), T.Resize(size, antialias=True)],
                       p=0.75),
         T.RandomResizedCrop(size, scale=(0.85, 1.15), antialias=True),
@@ -158,12 +151,39 @@ def released_augment(rgb: torch.Tensor, n: int, size: int, generator: torch.Gene
         T.RandomApply([T.GaussianBlur(5, (0.1, 2))], p=0.10),
         T.RandomHorizontalFlip(),
     ])
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        src = rgb.float().to(device if device is not None else rgb.device)
-        views = [pipeline(src) for _ in range(n)]
-    return torch.stack(views).clamp(0, 1)
+    return fixed, drawn
+
+
+class ReleasedAugment:
+    """n views (n, 3, size, size) in [0, 1] of `rgb` by the example's `--use_augmentations` pipeline,
+    with torchvision's transforms on the image tensor: resize to 5/4·size (and centre-crop it square);
+    with p = 0.75 rotate by up to ±10° (white fill), centre-crop 5/6·size and resize to size; a
+    random resized crop to size of 85–115% of the area; with p = 0.75 colour jitter 0.04; grey with
+    p = 0.1; with p = 0.1 a 5×5 Gaussian blur, σ ∈ [0.1, 2]; a horizontal flip with p = 0.5.
+    torchvision draws from the global generator: it is forked and seeded from `generator`. The
+    transforms run on `device` (default: rgb's) — on a GPU they cost milliseconds where the CPU took
+    ~1.5 s a batch of 16 at 512² (2 cores), most of a step; their random parameters come from the
+    CPU stream either way, so a device changes only the interpolation's rounding.
+
+    The first resize and crop draw nothing, so they are made once, here, not once a view: the same
+    views (tests/test_fidelity_textual_inversion.py), one antialiased resize of three fewer a view."""
+
+    def __init__(self, rgb: torch.Tensor, size: int, device: Optional[torch.device | str] = None):
+        fixed, self.drawn = released_pipeline(size)
+        self.base = fixed(rgb.float().to(device if device is not None else rgb.device))
+
+    def __call__(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views = [self.drawn(self.base) for _ in range(n)]
+        return torch.stack(views).clamp(0, 1)
+
+
+def released_augment(rgb: torch.Tensor, n: int, size: int, generator: torch.Generator,
+                     device: Optional[torch.device | str] = None) -> torch.Tensor:
+    """ReleasedAugment(rgb, size, device)(n, generator): n views of one call."""
+    return ReleasedAugment(rgb, size, device)(n, generator)
 
 
 def augment_views(rgb: torch.Tensor, mask: Optional[torch.Tensor], n: int, size: int,
@@ -314,13 +334,17 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     def due(step: int) -> bool:  # a checkpoint after this step
         return checkpoint is not None and ((step + 1) % max(1, checkpoint_every) == 0 or step == steps - 1)
 
+    released = ReleasedAugment(rgb, resolution, device) if augmentation == "released" else None
+    if side is not None:  # the side stream reads the fixed part made on this one
+        side.wait_stream(torch.cuda.current_stream(device))
+
     def augmented(n: int) -> torch.Tensor:
-        if augmentation != "released":
+        if released is None:
             return augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0).to(device)
         if side is None:
-            return released_augment(rgb, n, resolution, gen, device=device)
+            return released(n, gen)
         with torch.cuda.stream(side):
-            images = released_augment(rgb, n, resolution, gen, device=device)
+            images = released(n, gen)
         main = torch.cuda.current_stream(device)
         main.wait_stream(side)
         images.record_stream(main)
