@@ -12,7 +12,9 @@ weights, no GPU, a few seconds), the matmuls, convolutions and attention of:
     and its classifier-free twin (batch 2 at 64²), the VAE encoder forward and backward at 512² (SDS
     differentiates the render through it, eq. 5 of Magic123); Zero-1-to-3's the same at 32² / 256²
     with the reference latent concatenated (8 input channels).
-Each part's floor is its FLOPs at `--tflops` (the default, 748.6, is a large fp16 matmul on the
+On the meta device attention is counted as the math path's matmuls; on a GPU as its fused kernels'
+formulas (ti_speed.py --flops): the textual inversion's backward comes out 6% lower here. Each
+part's floor is its FLOPs at `--tflops` (the default, 748.6, is a large fp16 matmul on the
 H200 of session 18, `scripts/ti_speed.py --flops`); a stage's floor is its steps or guided
 iterations (iters − ref_warmup of the preset) times that. The NeRF, the mesh and the elementwise
 work are not counted: the floor is the priors' alone.
@@ -61,7 +63,7 @@ def count_gflop(sd_arch: str = "sd15", batch: int = 16, ti_resolution: int = 512
         unet = half(UNet2DConditionModel.from_config(_cfg(f"{sd_arch}_unet.json")))
         vae = half(AutoencoderKL.from_config(_cfg("sd15_vae.json")))
         zunet = half(UNet2DConditionModel.from_config(_cfg("zero123_unet.json")))
-        text = CLIPTextModel(CLIPTextConfig(**_cfg(f"{sd_arch}_text_encoder.json")))
+        text = CLIPTextModel(CLIPTextConfig(**_cfg(f"{sd_arch}_text_encoder.json"))).requires_grad_(False)
     width = unet.config.cross_attention_dim
     ti = {}
     img = torch.randn(batch, 3, ti_resolution, ti_resolution, device="meta", dtype=torch.float16)
