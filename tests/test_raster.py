@@ -235,3 +235,25 @@ def test_antialias_gathers_vertices_with_a_fixed_order_backward():
     ref = torch.zeros(3, 40, 4, dtype=torch.float64)
     ref.index_put_((b[:, None].expand_as(v), v), w.double(), accumulate=True)
     torch.testing.assert_close(grads[0].double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_antialias_of_one_pixel_wide_or_high_images():
+    """The one pass over both directions of pixel pairs: an image one pixel wide has vertical pairs
+    only, one pixel high horizontal ones only. A triangle over all of it changes nothing; one with
+    an edge across it blends the two pixels at the edge and no other."""
+    from core.rendering.raster import torch_antialias, torch_rasterize
+
+    everywhere = torch.tensor([[[-3.0, -3.0, 0.0, 1.0], [3.0, -3.0, 0.0, 1.0], [-3.0, 3.0, 0.0, 1.0]]])
+    half = torch.tensor([[[-3.0, -3.0, 0.0, 1.0], [0.1, -3.0, 0.0, 1.0], [0.1, 3.0, 0.0, 1.0],
+                          [-3.0, 3.0, 0.0, 1.0]]])  # x < 0.1 covered, for every y
+    tri, quad = torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 2], [0, 2, 3]])
+    for H, W in ((1, 8), (8, 1), (1, 1)):
+        colour = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(H * 10 + W))
+        assert torch.equal(torch_antialias(colour, torch_rasterize(everywhere, tri, (H, W)), everywhere, tri), colour)
+    for H, W in ((1, 8), (8, 1)):
+        p = half if W > 1 else half[..., [1, 0, 2, 3]]  # the edge x = 0.1, or y = 0.1 for the tall image
+        rast = torch_rasterize(p, quad, (H, W))
+        colour = (rast[..., 3:] > 0).float().expand(1, H, W, 3).contiguous()
+        out = torch_antialias(colour, rast, p, quad).reshape(-1, 3)
+        changed = torch.nonzero((out != colour.reshape(-1, 3)).any(1)).squeeze(1).tolist()
+        assert 1 <= len(changed) <= 2 and all(i in (3, 4) for i in changed), changed  # pixels 3 | 4 straddle 0.1

@@ -293,80 +293,77 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
     zw = rast[..., 2].detach()
     opp = opposite_vertices(tri, pos.shape[1])
     flat_c = color.reshape(-1, C)
-    deltas, targets = [], []
-    for d in (0, 1):  # 0: right neighbour (horizontal pairs), 1: lower neighbour (vertical pairs)
-        if d == 0:
-            t0, t1 = tid[:, :, :-1], tid[:, :, 1:]
-            z0, z1 = zw[:, :, :-1], zw[:, :, 1:]
-        else:
-            t0, t1 = tid[:, :-1, :], tid[:, 1:, :]
-            z0, z1 = zw[:, :-1, :], zw[:, 1:, :]
-        # one compaction (one host sync) for the pairs whose triangles differ; the same elements,
-        # in the same order, as boolean indexing with the mask would give
-        at = torch.nonzero((t0 != t1).reshape(-1)).squeeze(1)
-        if at.numel() == 0:
-            continue
-        shape = t0.shape
-        xi = at % shape[2]
-        yi = torch.div(at, shape[2], rounding_mode="floor") % shape[1]
-        bi = torch.div(at, shape[1] * shape[2], rounding_mode="floor")
-        a0, a1 = t0.reshape(-1)[at], t1.reshape(-1)[at]
-        use0 = (a0 >= 0) & ((a1 < 0) | (z0.reshape(-1)[at] < z1.reshape(-1)[at]))
-        T = torch.where(use0, a0, a1)
-        # pixel of T and the other pixel (row, column)
-        p0 = (bi * H + yi) * W + xi
-        p1 = p0 + (W if d else 1)
-        pT = torch.where(use0, p0, p1)
-        pO = torch.where(use0, p1, p0)
-        cTx = (pT % W).to(pos.dtype) + 0.5
-        cTy = (torch.div(pT, W, rounding_mode="floor") % H).to(pos.dtype) + 0.5
-        cOx = (pO % W).to(pos.dtype) + 0.5
-        cOy = (torch.div(pO, W, rounding_mode="floor") % H).to(pos.dtype) + 0.5
-        vidx = tri[T]  # (N, 3)
-        pv = _gather_at(pos, bi, vidx)  # (N, 3, 4), differentiable
-        X, Y, _ = _screen(pv, H, W)
-        area = (X[:, 1] - X[:, 0]) * (Y[:, 2] - Y[:, 0]) - (X[:, 2] - X[:, 0]) * (Y[:, 1] - Y[:, 0])
-        sg = torch.sign(area.detach())
-
-        def edge(i, px, py):
-            j, k = (i + 1) % 3, (i + 2) % 3
-            return sg * ((X[:, j] - px) * (Y[:, k] - py) - (X[:, k] - px) * (Y[:, j] - py))
-
-        eT = torch.stack([edge(i, cTx, cTy) for i in range(3)], 1)  # (N, 3) ≥ 0 inside T
-        eO = torch.stack([edge(i, cOx, cOy) for i in range(3)], 1)
-        exits = eO.detach() < 0
-        tcross = eT / (eT - eO).where(exits, torch.ones_like(eO))
-        tcross = torch.where(exits, tcross, torch.full_like(tcross, float("inf")))
-        t, di = tcross.detach().min(1)
-        found = torch.isfinite(t)
-        t_grad = torch.gather(tcross, 1, di[:, None]).squeeze(1)
-        # silhouette test: boundary edge, or the neighbour's far vertex lies on T's side of the edge
-        o = torch.gather(opp[T], 1, di[:, None]).squeeze(1)
-        has_o = o >= 0
-        po = _gather_at(pos, bi, o.clamp_min(0))
-        ox, oy, _ = _screen(po, H, W)
-        j, k = (di + 1) % 3, (di + 2) % 3
-        Xj, Yj = X.gather(1, j[:, None]).squeeze(1), Y.gather(1, j[:, None]).squeeze(1)
-        Xk, Yk = X.gather(1, k[:, None]).squeeze(1), Y.gather(1, k[:, None]).squeeze(1)
-        side_o = sg * ((Xj - ox) * (Yk - oy) - (Xk - ox) * (Yj - oy))
-        silhouette = ~has_o | (side_o.detach() > 0)
-        # the edge must run more across the pair's direction than along it
-        ex, ey = (Xk - Xj).detach().abs(), (Yk - Yj).detach().abs()
-        across = ey >= ex if d == 0 else ex >= ey
-        eps = 1.0 / 16.0
-        keep = torch.nonzero(found & silhouette & across & (t > -eps) & (t < 1 + eps)).squeeze(1)  # one sync
-        if keep.numel() == 0:
-            continue
-        tt = t_grad[keep].clamp(0.0, 1.0)
-        pTo, pOo = pT[keep], pO[keep]
-        cT, cO = flat_c[pTo], flat_c[pOo]
-        alpha = (0.5 - tt)[:, None]
-        to_T = alpha.detach()[:, 0] > 0
-        # t < ½: T's pixel takes (½ − t) of the other's colour; t > ½: the other takes (t − ½) of T's
-        delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
-        deltas.append(delta)
-        targets.append(torch.where(to_T, pTo, pOo))
-    if not deltas:
+    # the pixel pairs whose triangles differ, horizontal (right neighbour: d = 0) then vertical (lower
+    # neighbour: d = 1), in one compaction and one pass (one host sync for both directions, each
+    # kernel launched once, not twice): the same pairs in the same order as a pass per direction,
+    # so the same colour sums
+    across_h = (tid[:, :, :-1] != tid[:, :, 1:]).reshape(-1)
+    n_h = across_h.numel()
+    at = torch.nonzero(torch.cat([across_h, (tid[:, :-1, :] != tid[:, 1:, :]).reshape(-1)])).squeeze(1)
+    if at.numel() == 0:
         return color
-    out = flat_c.index_add(0, torch.cat(targets), torch.cat(deltas))
+    d = at >= n_h  # vertical pair
+    av = at - n_h
+    # (b, y, x) of the pair's first pixel: in (B, H, W−1) for a horizontal pair, (B, H−1, W) for a vertical
+    # one (w1, h1: W−1 and H−1, never 0 as divisors; an image one pixel wide has no pair of that kind)
+    w1, h1 = max(W - 1, 1), max(H - 1, 1)
+    xi = torch.where(d, av % W, at % w1)
+    yi = torch.where(d, torch.div(av, W, rounding_mode="floor") % h1, torch.div(at, w1, rounding_mode="floor") % H)
+    bi = torch.where(d, torch.div(av, W * h1, rounding_mode="floor"), torch.div(at, w1 * H, rounding_mode="floor"))
+    p0 = (bi * H + yi) * W + xi
+    p1 = p0 + torch.where(d, W, 1)
+    flat_t, flat_z = tid.reshape(-1), zw.reshape(-1)
+    a0, a1 = flat_t[p0], flat_t[p1]
+    use0 = (a0 >= 0) & ((a1 < 0) | (flat_z[p0] < flat_z[p1]))
+    T = torch.where(use0, a0, a1)
+    # pixel of T and the other pixel (row, column)
+    pT = torch.where(use0, p0, p1)
+    pO = torch.where(use0, p1, p0)
+    cTx = (pT % W).to(pos.dtype) + 0.5
+    cTy = (torch.div(pT, W, rounding_mode="floor") % H).to(pos.dtype) + 0.5
+    cOx = (pO % W).to(pos.dtype) + 0.5
+    cOy = (torch.div(pO, W, rounding_mode="floor") % H).to(pos.dtype) + 0.5
+    vidx = tri[T]  # (N, 3)
+    pv = _gather_at(pos, bi, vidx)  # (N, 3, 4), differentiable
+    X, Y, _ = _screen(pv, H, W)
+    area = (X[:, 1] - X[:, 0]) * (Y[:, 2] - Y[:, 0]) - (X[:, 2] - X[:, 0]) * (Y[:, 1] - Y[:, 0])
+    sg = torch.sign(area.detach())
+
+    def edge(i, px, py):
+        j, k = (i + 1) % 3, (i + 2) % 3
+        return sg * ((X[:, j] - px) * (Y[:, k] - py) - (X[:, k] - px) * (Y[:, j] - py))
+
+    eT = torch.stack([edge(i, cTx, cTy) for i in range(3)], 1)  # (N, 3) ≥ 0 inside T
+    eO = torch.stack([edge(i, cOx, cOy) for i in range(3)], 1)
+    exits = eO.detach() < 0
+    tcross = eT / (eT - eO).where(exits, torch.ones_like(eO))
+    tcross = torch.where(exits, tcross, torch.full_like(tcross, float("inf")))
+    t, di = tcross.detach().min(1)
+    found = torch.isfinite(t)
+    t_grad = torch.gather(tcross, 1, di[:, None]).squeeze(1)
+    # silhouette test: boundary edge, or the neighbour's far vertex lies on T's side of the edge
+    o = torch.gather(opp[T], 1, di[:, None]).squeeze(1)
+    has_o = o >= 0
+    po = _gather_at(pos, bi, o.clamp_min(0))
+    ox, oy, _ = _screen(po, H, W)
+    j, k = (di + 1) % 3, (di + 2) % 3
+    Xj, Yj = X.gather(1, j[:, None]).squeeze(1), Y.gather(1, j[:, None]).squeeze(1)
+    Xk, Yk = X.gather(1, k[:, None]).squeeze(1), Y.gather(1, k[:, None]).squeeze(1)
+    side_o = sg * ((Xj - ox) * (Yk - oy) - (Xk - ox) * (Yj - oy))
+    silhouette = ~has_o | (side_o.detach() > 0)
+    # the edge must run more across the pair's direction than along it
+    ex, ey = (Xk - Xj).detach().abs(), (Yk - Yj).detach().abs()
+    across = torch.where(d, ex >= ey, ey >= ex)
+    eps = 1.0 / 16.0
+    keep = torch.nonzero(found & silhouette & across & (t > -eps) & (t < 1 + eps)).squeeze(1)  # one sync
+    if keep.numel() == 0:
+        return color
+    tt = t_grad[keep].clamp(0.0, 1.0)
+    pTo, pOo = pT[keep], pO[keep]
+    cT, cO = flat_c[pTo], flat_c[pOo]
+    alpha = (0.5 - tt)[:, None]
+    to_T = alpha.detach()[:, 0] > 0
+    # t < ½: T's pixel takes (½ − t) of the other's colour; t > ½: the other takes (t − ½) of T's
+    delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
+    out = flat_c.index_add(0, torch.where(to_T, pTo, pOo), delta)
     return out.view(B, H, W, C)
