@@ -403,7 +403,7 @@ class TextualInversionParams(_Section):
     initializer: str = "object"  # released: a word per object, given on the command line
     # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU, for the full
     # batch (the epoch's short last batch runs eagerly: one shape to compile); no effect on a CPU.
-    # H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, ~75 s of compiling
+    # H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, 80–150 s of compiling
     compile: Literal["none", "default"] = "default"
     # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
     # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%
