@@ -18,7 +18,7 @@ def _unique_rows(a, decimals=5):
 
 
 def test_obj_and_glb_round_trip(tmp_path):
-    dm = DMTet(16, 1.0, cache=False)
+    dm = DMTet(16, 1.0)
     dm.init_from_sdf(lambda x: 0.5 - (x / torch.tensor([1.0, 0.8, 0.6])).norm(dim=-1))
     mesh = dm.extract().detach()
     files = export_textured_mesh(mesh, _colour, tmp_path, texture_size=128, turntable_frames=4, turntable_resolution=48)
@@ -79,7 +79,7 @@ def test_glb_renders_in_a_browser(tmp_path):
     spec = importlib.util.spec_from_file_location("glb_screenshot", Path(__file__).parent.parent / "scripts" / "glb_screenshot.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    dm = DMTet(16, 1.0, cache=False)
+    dm = DMTet(16, 1.0)
     dm.init_from_sdf(lambda x: 0.5 - x.norm(dim=-1))
     red = lambda x: torch.tensor([0.9, 0.1, 0.1]).expand(x.shape[0], 3)  # noqa: E731
     files = export_textured_mesh(dm.extract().detach(), red, tmp_path, texture_size=64, turntable_frames=1,
