@@ -135,6 +135,34 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def gflop_of(fn) -> float:
+    """GFLOP of running `fn()` once, as torch.utils.flop_counter counts them (matmuls, convolutions,
+    attention; not the elementwise work); on the meta device too, where nothing runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops() / 1e9
+
+
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 20) -> float:
+    """The card's rate for a large square matmul, as its BLAS gives it (fp16 on a GPU, fp32 on a
+    CPU), in TFLOP/s to 4 significant digits: the rate a part's FLOPs are a floor at."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    a = torch.randn(size, size, device=device, dtype=torch.float16 if cuda else torch.float32)
+    for _ in range(3):
+        a @ a
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    if cuda:
+        torch.cuda.synchronize(device)
+    return float(f"{2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e12:.4g}")
+
+
 def _device_sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

@@ -31,23 +31,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core.perf import gflop_of  # noqa: E402
+
 H200_FP16_MATMUL_TFLOPS = 748.6  # reports/speed/h200_ti_compile_s18.json: an 8192² fp16 matmul
-
-
-def _count(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops() / 1e9
 
 
 def _encoder_forward_backward(vae, size: int) -> float:
     """GFLOP of one VAE encode of a render at size², forward and backward to the image."""
     img = torch.randn(1, 3, size, size, device="meta", dtype=torch.float16, requires_grad=True)
     box = {}
-    fwd = _count(lambda: box.update(m=vae.encode(img).latent_dist.mean))
-    return fwd + _count(lambda: box["m"].float().sum().backward())
+    fwd = gflop_of(lambda: box.update(m=vae.encode(img).latent_dist.mean))
+    return fwd + gflop_of(lambda: box["m"].float().sum().backward())
 
 
 def count_gflop(sd_arch: str = "sd15", batch: int = 16, ti_resolution: int = 512, sd_resolution: int = 512,
@@ -67,27 +61,27 @@ def count_gflop(sd_arch: str = "sd15", batch: int = 16, ti_resolution: int = 512
     width = unet.config.cross_attention_dim
     ti = {}
     img = torch.randn(batch, 3, ti_resolution, ti_resolution, device="meta", dtype=torch.float16)
-    ti["vae_encode"] = _count(lambda: vae.encode(img).latent_dist.mean)
+    ti["vae_encode"] = gflop_of(lambda: vae.encode(img).latent_dist.mean)
     ids = torch.zeros(batch, 77, dtype=torch.long, device="meta")
     text.get_input_embeddings().weight.requires_grad_(True)  # the table trains (one row kept), as in learn_token
     box = {}
-    ti["text_encoder"] = _count(lambda: box.update(s=text(ids)[0].half()))
+    ti["text_encoder"] = gflop_of(lambda: box.update(s=text(ids)[0].half()))
     lat = ti_resolution // 8
     x = torch.randn(batch, 4, lat, lat, device="meta", dtype=torch.float16)
     t = torch.zeros(batch, dtype=torch.long, device="meta")
-    ti["unet"] = _count(lambda: box.update(p=unet(x, t, encoder_hidden_states=box["s"]).sample))
-    ti["backward"] = _count(lambda: box["p"].float().square().mean().backward())
+    ti["unet"] = gflop_of(lambda: box.update(p=unet(x, t, encoder_hidden_states=box["s"]).sample))
+    ti["backward"] = gflop_of(lambda: box["p"].float().square().mean().backward())
 
     it = {}
     lat = sd_resolution // 8
     x2, t2 = torch.randn(2, 4, lat, lat, device="meta", dtype=torch.float16), torch.zeros(2, dtype=torch.long, device="meta")
     cond = torch.randn(2, 77, width, device="meta", dtype=torch.float16)
-    it["sd_unet_cfg"] = _count(lambda: unet(x2, t2, encoder_hidden_states=cond).sample)
+    it["sd_unet_cfg"] = gflop_of(lambda: unet(x2, t2, encoder_hidden_states=cond).sample)
     it["sd_vae_encode_fwd_bwd"] = _encoder_forward_backward(vae, sd_resolution)
     zl = zero123_resolution // 8
     zx = torch.randn(2, zunet.config.in_channels, zl, zl, device="meta", dtype=torch.float16)
     zc = torch.randn(2, 1, zunet.config.cross_attention_dim, device="meta", dtype=torch.float16)
-    it["zero123_unet_cfg"] = _count(lambda: zunet(zx, t2, encoder_hidden_states=zc).sample)
+    it["zero123_unet_cfg"] = gflop_of(lambda: zunet(zx, t2, encoder_hidden_states=zc).sample)
     it["zero123_vae_encode_fwd_bwd"] = _encoder_forward_backward(vae, zero123_resolution)
     return {"textual_inversion_step": ti, "guided_iteration": it}
 

@@ -90,12 +90,11 @@ def step_flops(folder: str, device: torch.device, batch: int = 16, resolution: i
     torch.utils.flop_counter.FlopCounterMode on the step's own calls (the VAE's moments, the text
     encoder, the UNet forward, the backward to the new embedding row), and the fp16 matmul rate
     measured here: {"gflop": {part: …}, "matmul_tflops": …, "floor_ms": {part: …, "step": …}}."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from core.guidance.factory import stable_diffusion_parts
     from core.guidance.sd import vae_moments
     from core.models.cache import PRIORS
     from core.params import load_params
+    from core.perf import gflop_of as count, matmul_tflops
 
     PRIORS.clear()
     p = load_params("magic123", [f"device={device.type}", f"sd.model={folder}"])
@@ -109,11 +108,6 @@ def step_flops(folder: str, device: torch.device, batch: int = 16, resolution: i
     te.get_input_embeddings().weight.requires_grad_(True)  # as learn_token: the table trains, one row kept
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
 
-    def count(fn) -> float:
-        with FlopCounterMode(display=False) as fc:
-            fn()
-        return fc.get_total_flops() / 1e9
-
     out = {}
     with torch.no_grad():
         out["vae_encode"] = count(lambda: vae_moments(vae, images))
@@ -125,17 +119,7 @@ def step_flops(folder: str, device: torch.device, batch: int = 16, resolution: i
     loss = box["pred"].float().square().mean()
     out["backward"] = count(loss.backward)
     te.get_input_embeddings().weight.requires_grad_(False)
-    # the card's fp16 matmul rate, as cuBLAS gives it for a large square product (fp32 on a CPU)
-    a = torch.randn(matmul, matmul, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    for _ in range(3):
-        a @ a
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
-    sync(device)
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ a
-    sync(device)
-    tflops = float(f"{2 * matmul ** 3 * n / (time.perf_counter() - t0) / 1e12:.4g}")
+    tflops = matmul_tflops(device, matmul)
     floor = {k: float(f"{v / tflops:.4g}") for k, v in out.items()}  # GFLOP / (TFLOP/s) = ms
     floor["step"] = float(f"{sum(floor.values()):.4g}")
     del parts
