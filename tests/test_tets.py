@@ -1,12 +1,20 @@
-"""The project's tetrahedral grid (core/representations/tets.py): orientation, volume, conformity, caching."""
+"""The project's tetrahedral grid (core/representations/tets.py), as DMTet forms it: orientation,
+volume, conformity."""
 import numpy as np
 
-from core.representations.tets import generate_tet_grid, tet_faces, tet_volumes
+from core.representations.dmtet import DMTet
+from core.representations.tets import tet_faces, tet_volumes
+
+
+def _grid(resolution: int, bound: float):
+    """DMTet's grid as numpy: its vertices and every tetrahedron (all_tets)."""
+    dm = DMTet(resolution, bound)
+    return dm.grid_verts.numpy(), dm.all_tets().numpy()
 
 
 def test_kuhn_grid_volumes_positive_and_fill_the_cube():
     bound = 0.7
-    verts, tets = generate_tet_grid(5, bound)
+    verts, tets = _grid(5, bound)
     assert verts.shape == (6 ** 3, 3) and tets.shape == (6 * 5 ** 3, 4)
     vol = tet_volumes(verts, tets)
     assert (vol > 0).all()
@@ -19,7 +27,7 @@ def test_shared_faces_are_consistent():
     """Every interior triangle belongs to exactly two tets, with opposite orientations; every
     other triangle lies on the cube's boundary."""
     r = 4
-    verts, tets = generate_tet_grid(r, 1.0)
+    verts, tets = _grid(r, 1.0)
     faces = tet_faces(tets).reshape(-1, 3)
     key = np.sort(faces, 1)
     uniq, inv, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)

@@ -133,7 +133,7 @@ class DMTet(nn.Module):
         self.spacing = 2.0 * bound / resolution
         self.register_buffer("grid_verts", torch.from_numpy(verts).to(device))
         # the tetrahedra are not stored (6 r³ of them: 3.2 GB at r = 256): those of a voxel are its
-        # corner's index + these offsets (core.representations.tets.generate_tet_grid's order)
+        # corner's index + these offsets (core.representations.tets.voxel_tet_offsets)
         self.register_buffer("tet_offsets", torch.from_numpy(voxel_tet_offsets(resolution)).to(device),
                              persistent=False)
         self.sdf = nn.Parameter(torch.zeros(verts.shape[0], device=device))
@@ -170,7 +170,7 @@ class DMTet(nn.Module):
         return 6 * self.resolution ** 3
 
     def all_tets(self) -> torch.Tensor:
-        """Every tetrahedron of the grid (6 r³, 4), as `generate_tet_grid` gives them."""
+        """Every tetrahedron of the grid (6 r³, 4): voxel (i, j, k)'s six are rows 6 (i r² + j r + k) … + 5."""
         return self._voxel_tets(torch.arange(self.resolution ** 3, device=self.tet_offsets.device))
 
     def _voxel_tets(self, voxels: torch.Tensor) -> torch.Tensor:

@@ -39,17 +39,6 @@ def _kuhn_tets() -> np.ndarray:
 KUHN_TETS = _kuhn_tets()
 
 
-def generate_tet_grid(resolution: int, bound: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (V, 3) float32 in [-bound, bound]^3 and tetrahedra (T, 4) int32, vectorised."""
-    r = int(resolution)
-    verts = grid_vertices(r, bound)
-    n = r + 1
-    i, j, k = np.meshgrid(np.arange(r), np.arange(r), np.arange(r), indexing="ij")
-    base = (i * n * n + j * n + k).reshape(-1).astype(np.int64)  # voxel's (0,0,0) corner
-    tets = (base[:, None, None] + voxel_tet_offsets(r)[None]).reshape(-1, 4)
-    return verts, tets.astype(np.int32)
-
-
 def grid_vertices(resolution: int, bound: float = 1.0) -> np.ndarray:
     """The grid's (r+1)^3 vertices (V, 3) float32; grid point (i, j, k) has index i n² + j n + k (n = r+1)."""
     r = int(resolution)
@@ -62,7 +51,7 @@ def grid_vertices(resolution: int, bound: float = 1.0) -> np.ndarray:
 
 def voxel_tet_offsets(resolution: int) -> np.ndarray:
     """(6, 4) int64: the vertex indices of a voxel's 6 tetrahedra less the index of its (0,0,0) corner;
-    voxel (i, j, k)'s tetrahedra are rows 6 (i r² + j r + k) … + 5 of `generate_tet_grid`'s tets."""
+    voxel (i, j, k)'s tetrahedra are rows 6 (i r² + j r + k) … + 5 of the grid's (DMTet.all_tets)."""
     n = int(resolution) + 1
     bits = np.arange(8)
     corner_offset = (bits & 1) * n * n + ((bits >> 1) & 1) * n + ((bits >> 2) & 1)  # x + 2y + 4z → index offset
