@@ -2,7 +2,8 @@
 gradient back through the encoder (the ∂z/∂I of Magic123 eq. 5), at Stable Diffusion's 512² and
 Zero-1-to-3's 256², with diffusers' kernels and with lift3d's (`sd.vae_kernels` / `zero123.vae_kernels`:
 Triton GroupNorm, matmul attention), each part alone and both, and each kernel set replayed as CUDA
-graphs (`vae_graphs`). Prints a table and writes JSON: ms
+graphs (`vae_graphs`), whose capture puts rows of at least group_norm_triton.GRAPH_MIN_ROW on the
+Triton GroupNorm (`lift3d+graphs`; `lift3d+graphs@N` with N instead, `--graph-min-rows`). Prints a table and writes JSON: ms
 per encode (CUDA events over `--iters` after `--warmup`), and how far each variant's latent mean and
 image gradient are from diffusers' (max |Δ| / max |reference|).
 
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--resolutions", default="512,256")
+    ap.add_argument("--graph-min-rows", default="16384,65536,262144",
+                    help="'lift3d+graphs@N' variants: the graphs captured with rows of ≥ N elements on the Triton "
+                         "GroupNorm (262144: eager's MIN_ROW, session 17's graphs; default: %(default)s)")
     a = ap.parse_args(argv)
     if a.plot:
         print(f"wrote {plot(a.plot)}")
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     import torch
     from diffusers import AutoencoderKL
 
+    from core.guidance import group_norm_triton as gnt
     from core.guidance.group_norm_triton import MIN_ROW
     from core.guidance.sd import graph_vae_moments, vae_moments
     from core.testmodels.fullsize_priors import _cfg
@@ -89,10 +94,12 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     base = AutoencoderKL.from_config(_cfg("sd15_vae.json")).to(dev, torch.half).eval().requires_grad_(False)
-    kinds = ("diffusers", "groupnorm", "attention", "lift3d", "diffusers+graphs", "lift3d+graphs")
+    kinds = ("diffusers", "groupnorm", "attention", "lift3d", "diffusers+graphs", "lift3d+graphs",
+             *(f"lift3d+graphs@{int(n)}" for n in a.graph_min_rows.split(",") if n))
+    graph_min_row = {k: int(k.split("@")[1]) if "@" in k else gnt.GRAPH_MIN_ROW for k in kinds}
     vaes = {k: variant(copy.deepcopy(base), k.split("+")[0]) for k in kinds}
     # "+graphs": the encode replayed as CUDA graphs (`vae_graphs`), captured at its first call
-    fns = {k: graph_vae_moments(vae_moments, dev) if k.endswith("+graphs") else vae_moments for k in kinds}
+    fns = {k: graph_vae_moments(vae_moments, dev) if "+graphs" in k else vae_moments for k in kinds}
     rows = []
     for res in (int(r) for r in a.resolutions.split(",")):
         gen = torch.Generator(device=dev).manual_seed(res)
@@ -108,7 +115,11 @@ def main(argv=None) -> int:
         ref_mean, ref_grad = step(vaes["diffusers"], vae_moments)
         for kind in kinds:
             vae, fn = vaes[kind], fns[kind]
-            mean, grad = step(vae, fn)
+            default, gnt.GRAPH_MIN_ROW = gnt.GRAPH_MIN_ROW, graph_min_row[kind]  # read when a graph is captured
+            try:
+                mean, grad = step(vae, fn)  # a "+graphs" variant's capture
+            finally:
+                gnt.GRAPH_MIN_ROW = default
             for _ in range(a.warmup):
                 step(vae, fn)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"{res:4d}²  {kind:10s} {r['ms']:8.3f} ms  Δmean {r['mean_rel_diff']:.2e}  Δgrad {r['grad_rel_diff']:.2e}",
                   flush=True)
-    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, iters=a.iters, warmup=a.warmup, min_row=MIN_ROW,
+    out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, iters=a.iters, warmup=a.warmup, min_row=MIN_ROW, graph_min_row=gnt.GRAPH_MIN_ROW,
                what="SD 1.5 VAE encoder, batch 1, fp16, forward + backward to the image (vae_moments)", rows=rows)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1))

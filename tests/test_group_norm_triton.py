@@ -49,6 +49,26 @@ res["module"] = dict(fn=type(y.grad_fn).__name__, dx=x.grad,
                      fallback=type(m(x.detach().to(memory_format=torch.channels_last)).grad_fn).__name__,
                      short=type(m(torch.randn(1, 8, 11, 11).requires_grad_(True)).grad_fn).__name__)
 
+# min_row_within: short rows on the kernels inside the block, each norm's own min_row after it (its
+# instance value, or the class's); graph_group_norms: what a VAE graph's capture runs in
+from core.guidance.group_norm_triton import GRAPH_MIN_ROW, MIN_ROW, min_row_within
+from core.guidance.sd import graph_group_norms
+m2 = torch.nn.GroupNorm(2, 8).requires_grad_(False)
+m2.__class__ = TritonGroupNorm  # the class's min_row
+short_x = torch.randn(1, 8, 11, 11).requires_grad_(True)
+kind = lambda q: type(q(short_x).grad_fn).__name__  # noqa: E731
+before = [kind(m), kind(m2)]
+with min_row_within(torch.nn.Sequential(m, m2), 1):
+    inside = [kind(m), kind(m2)]
+res["within"] = dict(before=before, inside=inside, after=[kind(m), kind(m2)], m_row=m.min_row,
+                     m2_own="min_row" in m2.__dict__, m2_row=m2.min_row, class_row=MIN_ROW)
+vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+lift3d_encoder_kernels(vae.encoder)
+rows = lambda: sorted({q.min_row for q in vae.encoder.modules() if isinstance(q, TritonGroupNorm)})  # noqa: E731
+with graph_group_norms(vae):
+    inside = rows()
+res["graph_rows"] = dict(inside=inside, after=rows(), graph=GRAPH_MIN_ROW)
+
 # the tiny real VAE encoder, diffusers' kernels against lift3d's: moments and the image gradient
 img = torch.rand(1, 3, 64, 64, generator=gen)
 enc = {}
@@ -100,3 +120,15 @@ def test_the_tiny_vae_encoder_on_lift3d_kernels_gives_diffusers_moments_and_grad
     for key in ("mean", "std", "grad"):
         assert a[key].abs().max() > 0
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_min_row_within_puts_short_rows_on_the_kernels_for_the_block_only(interpreted):
+    """What a VAE graph is captured in (core.guidance.sd.graph_group_norms): every lift3d GroupNorm of
+    the encoder takes rows of at least GRAPH_MIN_ROW onto the kernels, and its own threshold after."""
+    w = interpreted["within"]
+    assert w["before"] == ["NativeGroupNormBackward0"] * 2  # 8/2 channels × 11² = 484 < both thresholds
+    assert w["inside"] == ["TritonGroupNormFnBackward"] * 2
+    assert w["after"] == w["before"]
+    assert w["m_row"] == 4 * 144 and not w["m2_own"] and w["m2_row"] == w["class_row"]
+    g = interpreted["graph_rows"]
+    assert g["inside"] == [g["graph"]] and g["after"] == [w["class_row"]]

@@ -24,6 +24,8 @@ This module imports triton at its top; core.guidance.sd imports it only when the
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,10 @@ MAX_CHUNKS = 4096  # chunks a row: beyond (rows of > 16M elements) torch's kerne
 # GroupNorm here, reports/speed session 16). 2^18: SD's encoder at 512² runs its first three
 # resolutions' GroupNorms (rows of 1M, 512K and 256K elements) here, its 64² ones on torch's
 MIN_ROW = 1 << 18
+# in a CUDA graph a launch costs the host nothing, so the graphs over the VAE encoder
+# (core.guidance.sd.graph_vae_moments) are captured with rows of at least this on the kernels
+# (`min_row_within`): there torch's one block a row is all that is left of the launch-bound case above
+GRAPH_MIN_ROW = 0
 # the partials a program combines: at least this many (masked), so that rows of 1 to 256 chunks
 # share one compiled kernel; with the sizes not specialised (do_not_specialize) each kernel compiles
 # once a dtype (a fresh process compiled nine variants in ~10 s before, session 16)
@@ -212,3 +218,21 @@ class TritonGroupNorm(nn.GroupNorm):
         if self.affine and not torch.compiler.is_compiling() and runs_here(x, self.num_groups, self.min_row):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
+
+
+@contextmanager
+def min_row_within(module: nn.Module, min_row: int):
+    """Every TritonGroupNorm in `module` takes rows of at least `min_row` onto the kernels inside the
+    block (what a CUDA graph captured there keeps) and its own `min_row` again after it."""
+    norms = [m for m in module.modules() if isinstance(m, TritonGroupNorm)]
+    own = [m.__dict__.get("min_row") for m in norms]
+    for m in norms:
+        m.min_row = min_row
+    try:
+        yield norms
+    finally:
+        for m, value in zip(norms, own):
+            if value is None:
+                del m.min_row
+            else:
+                m.min_row = value

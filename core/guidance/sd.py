@@ -16,7 +16,9 @@ guided by the text embedding interpolated linearly in |Δazimuth| to the referen
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -207,6 +209,14 @@ def vae_graphs_run_on(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def graph_group_norms(vae):
+    """While a graph over `vae`'s encoder is captured: its lift3d GroupNorms (if any) take every row
+    of at least group_norm_triton.GRAPH_MIN_ROW onto the Triton kernels, whose launches a graph makes
+    free (eagerly, rows below MIN_ROW stay on torch's kernel, for the launches' host time)."""
+    gnt = sys.modules.get("core.guidance.group_norm_triton")  # imported by use_vae_kernels, or no such norms
+    return contextlib.nullcontext() if gnt is None else gnt.min_row_within(vae.encoder, gnt.GRAPH_MIN_ROW)
+
+
 def graph_vae_moments(moments, device):
     """`moments` (vae_moments or its compiled copy) replayed as CUDA graphs on a GPU, itself
     elsewhere: per VAE and input shape, the first call with gradients on captures the encoder's
@@ -230,7 +240,8 @@ def graph_vae_moments(moments, device):
         if key not in graphs:
             log.info("VAE encoder: capturing CUDA graphs (forward and backward) for %s", tuple(images.shape))
             sample = images.detach().clone().requires_grad_(True)
-            graphs[key] = torch.cuda.make_graphed_callables(lambda x: moments(vae, x), (sample,))
+            with graph_group_norms(vae):
+                graphs[key] = torch.cuda.make_graphed_callables(lambda x: moments(vae, x), (sample,))
         # × 1: the graph's input gradient is one buffer that each replay overwrites; the product's
         # backward hands a fresh tensor on (a leaf image would otherwise keep the buffer as its .grad)
         mean, std = graphs[key](images * 1.0)
