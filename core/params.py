@@ -241,6 +241,9 @@ class FineParams(_Section):
     level_mask: Literal["none", "progressive"] = "none"
     mask_erode_px: int = Field(2, ge=0)
     rasterizer: Literal["auto", "torch", "nvdiffrast"] = "auto"
+    # the torch rasteriser's coverage pass: auto = one Triton kernel on a GPU (no host sync), the
+    # tensors' pass elsewhere (core.rendering.raster.coverage_kind) | torch | triton
+    coverage: Literal["auto", "torch", "triton"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
     # the baked albedo texture's side and xatlas's chart-growing iterations: both released code
@@ -543,7 +546,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
-    "coarse.checkpoint_every", "fine.rasterizer", "fine.checkpoint_every",
+    "coarse.checkpoint_every", "fine.rasterizer", "fine.coverage", "fine.checkpoint_every",
 )
 
 

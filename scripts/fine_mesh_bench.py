@@ -49,7 +49,9 @@ sys.path.insert(0, str(ROOT))
 ITERATION_PARTS = ("extract", "render", "losses", "regularisers", "backward", "optimizer")
 ALONE_PARTS = ("marching_tets", "rasterize", "vertex_normals", "interpolate", "colour_field", "antialias",
                "normal_consistency", "laplacian")
-ALONE_SUBPARTS = ("rasterize.coverage", "antialias.opposite_vertices")  # torch backend, within their parent
+# torch backend, within their parent; coverage_torch: the tensors' coverage pass where the rasteriser runs the
+# Triton one (fine.coverage), for the comparison
+ALONE_SUBPARTS = ("rasterize.coverage", "rasterize.coverage_torch", "antialias.opposite_vertices")
 
 
 # ----------------------------------------------------------------------------------------- the surface
@@ -233,7 +235,9 @@ def bench_alone(rep, cams, resolution: int, clock: Clock, iters: int, warmup: in
         "laplacian": time_alone(clock, lambda: lap(v_l, faces), [v_l], iters, warmup),
     }
     if r.backend == "torch":
-        ms["rasterize.coverage"] = time_alone(clock, lambda: _coverage(pos, faces, H, H), [], iters, warmup)
+        ms["rasterize.coverage"] = time_alone(clock, lambda: _coverage(pos, faces, H, H, r.coverage), [], iters, warmup)
+        if r.coverage != "torch":
+            ms["rasterize.coverage_torch"] = time_alone(clock, lambda: _coverage(pos, faces, H, H), [], iters, warmup)
         ms["antialias.opposite_vertices"] = time_alone(clock, lambda: opposite_vertices(faces, verts.shape[0]), [],
                                                        iters, warmup)
     for p in [d.sdf, d.deform, *colour_params]:
@@ -273,7 +277,8 @@ def plot(path: Path) -> Path:
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_ylabel("ms")
         ax.legend(fontsize=7)
-    fig.suptitle(f"fine stage mesh path — {r['device_name']}, {r['rasterizer']} rasteriser, "
+    cov = f" ({r['coverage']} coverage pass)" if r.get("coverage") not in (None, "torch") else ""
+    fig.suptitle(f"fine stage mesh path — {r['device_name']}, {r['rasterizer']} rasteriser{cov}, "
                  f"{r['resolution']}², tet grid {r['tet_resolution']}³", fontsize=10)
     fig.tight_layout()
     out = Path(path).with_suffix(".png")
@@ -297,7 +302,7 @@ def _fmt_table(rows: list[dict]) -> str:
     parts = [p for p in ALONE_PARTS + ALONE_SUBPARTS if p in rows[0]["alone_ms"]]
     short = {"marching_tets": "mtets", "rasterize": "raster", "vertex_normals": "vnormal", "interpolate": "interp",
              "colour_field": "colour", "antialias": "aa", "normal_consistency": "nc", "laplacian": "lap",
-             "rasterize.coverage": "⊂cover", "antialias.opposite_vertices": "⊂opp"}
+             "rasterize.coverage": "⊂cover", "rasterize.coverage_torch": "⊂cover(t)", "antialias.opposite_vertices": "⊂opp"}
     lines += ["", "ms of each operation alone, forward/backward (⊂: within the one before, forward only)",
               f"{'faces':>9} " + " ".join(f"{short[p]:>13}" for p in parts)]
     for row in rows:
@@ -417,7 +422,8 @@ def main(argv=None) -> int:
     result = dict(what="the fine stage's mesh path without the priors: one reference-view iteration part by part, "
                        "and each operation alone (forward/backward), at dialled face counts",
                   device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                  torch=torch.__version__, rasterizer=rep.backend, hash_grid=rep.colour.field.encoding.backend,
+                  torch=torch.__version__, rasterizer=rep.backend,
+                  coverage=rep.rasterizer.coverage if rep.backend == "torch" else None, hash_grid=rep.colour.field.encoding.backend,
                   preset=a.preset, overrides=a.set, resolution=res, tet_resolution=a.tet_resolution,
                   grid_extent=a.grid_extent, radius=a.radius, amplitude=a.amplitude, k_max=k_max, iters=a.iters,
                   warmup=a.warmup, timer="CUDA events" if dev.type == "cuda" else "time.perf_counter", rows=rows)

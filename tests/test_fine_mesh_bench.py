@@ -40,11 +40,13 @@ def test_fine_mesh_bench_cpu(tmp_path, capsys):
             assert math.isfinite(it[part]) and it[part] > 0, (part, it[part])
         assert math.isclose(sum(it[p] for p in bench.ITERATION_PARTS), it["iteration"], rel_tol=1e-3)
         alone = row["alone_ms"]
-        assert set(alone) == set(bench.ALONE_PARTS) | set(bench.ALONE_SUBPARTS)  # torch backend: both sub-parts
+        # torch backend: its sub-parts; the tensors' coverage pass a second time only beside the Triton one (GPU)
+        assert r["coverage"] == "torch"
+        assert set(alone) == set(bench.ALONE_PARTS) | set(bench.ALONE_SUBPARTS) - {"rasterize.coverage_torch"}
         for part in bench.ALONE_PARTS:
             for kind in ("forward", "backward"):
                 assert math.isfinite(alone[part][kind]) and alone[part][kind] > 0, (part, kind, alone[part])
-        for part in bench.ALONE_SUBPARTS:
+        for part in set(bench.ALONE_SUBPARTS) & set(alone):
             assert math.isfinite(alone[part]["forward"]) and alone[part]["forward"] > 0 and alone[part]["backward"] is None
         assert 0 < row["view_coverage"] < 1
     for row in rows:  # --profile: the profiler's table of one iteration at each face count

@@ -2,7 +2,8 @@
 
 - `nvdiffrast` (Laine et al. 2020, its CUDA context `dr.RasterizeCudaContext`) when it imports and the
   device is CUDA: fast at 1024² and above.
-- `torch`: a pure-PyTorch rasteriser for CPU tests and small resolutions.
+- `torch`: a pure-PyTorch rasteriser for CPU tests and small resolutions; on a GPU its coverage
+  pass is one Triton kernel (core.rendering.coverage_triton, `fine.coverage`).
 
 The interface follows nvdiffrast's conventions so the backends are interchangeable:
   rasterize(pos (B,V,4) clip space, tri (F,3), (H, W)) -> rast (B,H,W,4) = (u, v, z/w, triangle_id + 1),
@@ -59,6 +60,7 @@ class Rasterizer:
     backend: str  # 'torch' | 'nvdiffrast'
     device: torch.device
     _ctx: object = None
+    coverage: str = "torch"  # the torch backend's coverage pass: 'torch' | 'triton' (_coverage)
 
     def rasterize(self, pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         if self.backend == "nvdiffrast":
@@ -66,7 +68,7 @@ class Rasterizer:
 
             rast, _ = dr.rasterize(self._ctx, pos.float().contiguous(), tri.int().contiguous(), tuple(resolution))
             return rast
-        return torch_rasterize(pos, tri, resolution)
+        return torch_rasterize(pos, tri, resolution, coverage=self.coverage)
 
     def interpolate(self, attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
         if attr.dim() == 2:
@@ -85,8 +87,27 @@ class Rasterizer:
         return torch_antialias(color, rast, pos, tri)
 
 
-def make_rasterizer(kind: str = "auto", device="cpu") -> Rasterizer:
-    """`kind` is params.fine.rasterizer: auto | torch | nvdiffrast. Logs which backend runs."""
+def coverage_kind(coverage: str, device) -> str:
+    """What params.fine.coverage (auto | torch | triton) comes to on `device`: 'auto' is the Triton
+    kernel on a GPU where Triton imports, torch's pass elsewhere; 'triton' off a GPU is an error."""
+    from core.representations.hashgrid import triton_available
+
+    if coverage not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown coverage {coverage!r} (auto | torch | triton)")
+    on_gpu = torch.device(device).type == "cuda"
+    if coverage == "triton" and not (on_gpu and triton_available()):
+        from core.errors import Lift3DError
+
+        why = "the device is not CUDA" if not on_gpu else "triton does not import"
+        raise Lift3DError(f"fine.coverage is 'triton' but {why}; use fine.coverage=auto or torch")
+    if coverage == "auto":
+        return "triton" if on_gpu and triton_available() else "torch"
+    return coverage
+
+
+def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto") -> Rasterizer:
+    """`kind` is params.fine.rasterizer: auto | torch | nvdiffrast; `coverage` params.fine.coverage,
+    the torch backend's coverage pass (`coverage_kind`). Logs which backend runs."""
     device = torch.device(device)
     if kind not in ("auto", "torch", "nvdiffrast"):
         raise ValueError(f"unknown rasterizer {kind!r} (auto | torch | nvdiffrast)")
@@ -104,8 +125,9 @@ def make_rasterizer(kind: str = "auto", device="cpu") -> Rasterizer:
 
         r = Rasterizer("nvdiffrast", device, dr.RasterizeCudaContext(device=device))
     else:
-        r = Rasterizer("torch", device)
-    log.info("mesh rasteriser: %s (fine.rasterizer=%s, device %s)", r.backend, kind, device)
+        r = Rasterizer("torch", device, coverage=coverage_kind(coverage, device))
+    log.info("mesh rasteriser: %s%s (fine.rasterizer=%s, device %s)", r.backend,
+             f", {r.coverage} coverage pass" if r.backend == "torch" else "", kind, device)
     return r
 
 
@@ -118,12 +140,10 @@ def _screen(pos: torch.Tensor, H: int, W: int):
     return x, y, pos[..., 2] / w
 
 
-@torch.no_grad()
-def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Index of the nearest triangle at each pixel (B, H, W), −1 where none."""
-    B = pos.shape[0]
-    F = tri.shape[0]
-    dev = pos.device
+def _boxes(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int):
+    """Each triangle's screen-space corners tx, ty, tz (B, F, 3), signed doubled area (B, F), pixel
+    box x0, y0, bw (B, F) long, and its candidates count (B·F,) long: bw·bh, 0 where the triangle is
+    rejected (a vertex behind the camera, zero area, entirely off-screen)."""
     sx, sy, sz = _screen(pos.float(), H, W)  # (B, V)
     tx, ty, tz = sx[:, tri], sy[:, tri], sz[:, tri]  # (B, F, 3)
     w_ok = (pos[:, :, 3][:, tri] > 1e-8).all(-1)
@@ -138,6 +158,22 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
     offscreen = (tx.max(-1).values < 0.5) | (tx.min(-1).values > W - 0.5) | (ty.max(-1).values < 0.5) | (ty.min(-1).values > H - 0.5)
     ok = w_ok & (area.abs() > 1e-12) & ~offscreen
     count = torch.where(ok, bw * bh, torch.zeros_like(bw)).reshape(-1)  # (B*F,)
+    return tx, ty, tz, area, x0.long(), y0.long(), bw, count
+
+
+@torch.no_grad()
+def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int, kind: str = "torch") -> torch.Tensor:
+    """Index of the nearest triangle at each pixel (B, H, W), −1 where none. `kind` 'triton': one
+    kernel, no host sync (core.rendering.coverage_triton); 'torch': the candidates as tensors, below."""
+    B = pos.shape[0]
+    F = tri.shape[0]
+    dev = pos.device
+    tx, ty, tz, area, x0, y0, bw, count = _boxes(pos, tri, H, W)
+    if kind == "triton":
+        from core.rendering.coverage_triton import triton_coverage
+
+        box = torch.stack([x0.reshape(-1), y0.reshape(-1), bw.reshape(-1), count], 1).int()
+        return triton_coverage(*(t.reshape(B * F, 3).contiguous() for t in (tx, ty, tz)), box, B, F, H, W)
     zbuf = torch.full((B * H * W,), float("inf"), device=dev)
     best = torch.full((B * H * W,), -1, dtype=torch.long, device=dev)
     ids = torch.nonzero(count > 0).squeeze(1)
@@ -157,7 +193,7 @@ def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Ten
     ends_h, sums_h = torch.stack([ends, csum[(ends - 1).clamp_min(0)]]).tolist()
     flat = lambda t: t.reshape(B * F, *t.shape[2:])  # noqa: E731
     TX, TY, TZ, AREA = flat(tx), flat(ty), flat(tz), area.reshape(-1)
-    X0, Y0, BW = x0.reshape(-1).long(), y0.reshape(-1).long(), bw.reshape(-1)
+    X0, Y0, BW = x0.reshape(-1), y0.reshape(-1), bw.reshape(-1)
     results = []
     start, base = 0, 0
     for end, upto in zip(ends_h, sums_h):
@@ -210,15 +246,17 @@ def _gather_at(values: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.
     return gather_rows(values.reshape(n * V, C), rows)
 
 
-def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
+def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
+                    coverage: str = "torch") -> torch.Tensor:
     """nvdiffrast-style rast output (B, H, W, 4); differentiable in `pos` through (u, v, z/w).
+    `coverage`: the coverage pass's kind ('torch' | 'triton', _coverage).
 
     After the coverage pass, every pixel is computed with fixed shapes (no compaction, so no host
     sync): an uncovered pixel computes a stand-in triangle, then takes zeros, as nvdiffrast's
     output has there."""
     H, W = int(resolution[0]), int(resolution[1])
     tri = tri.long()
-    tid = _coverage(pos.detach(), tri, H, W)  # (B, H, W)
+    tid = _coverage(pos.detach(), tri, H, W, coverage)  # (B, H, W)
     B = pos.shape[0]
     covered = tid >= 0
     f = tid.clamp_min(0)
