@@ -14,7 +14,9 @@ atomic min of a 64-bit key per pixel:
 so the nearest depth wins and, at equal depth, the larger triangle id (as _coverage's amin, then
 amax over the depth's winners). −0.0 is made +0.0 first, so the two zeros tie as they do there.
 Nothing is read back on the host. The boxes and what is rejected (behind the camera, zero area,
-off-screen) are _coverage's own (raster._boxes).
+off-screen) are _coverage's own (raster._boxes). One program walks a whole box, so a triangle that
+covers most of a 1024² image takes ~32k steps alone: fine for meshes of thousands of small triangles
+(the fine stage's, the texture bake's), not the kernel for a handful of huge ones.
 
 On a GPU the compiler may fuse a multiply and an add where torch rounds twice, so a pixel whose
 centre lies on an edge or at an exact depth tie can differ from _coverage's choice; under Triton's
