@@ -229,7 +229,7 @@ def min_row_within(module: nn.Module, min_row: int):
     for m in norms:
         m.min_row = min_row
     try:
-        yield norms
+        yield
     finally:
         for m, value in zip(norms, own):
             if value is None:

@@ -37,6 +37,12 @@ _LOW_K = tl.constexpr(_LOW)  # the same, for the kernel (a jit function reads co
 
 
 @triton.jit
+def _corners(ptr, t):
+    """Triangle t's three values of (B·F, 3) `ptr`."""
+    return tl.load(ptr + t * 3), tl.load(ptr + t * 3 + 1), tl.load(ptr + t * 3 + 2)
+
+
+@triton.jit
 def _cover(tx_ptr, ty_ptr, tz_ptr, box_ptr, key_ptr, F, H, W, BLOCK: tl.constexpr):
     t = tl.program_id(0)  # batch · F + triangle
     count = tl.load(box_ptr + t * 4 + 3)  # 0 for a rejected triangle
@@ -44,15 +50,9 @@ def _cover(tx_ptr, ty_ptr, tz_ptr, box_ptr, key_ptr, F, H, W, BLOCK: tl.constexp
         x0 = tl.load(box_ptr + t * 4)
         y0 = tl.load(box_ptr + t * 4 + 1)
         bw = tl.load(box_ptr + t * 4 + 2)
-        X0 = tl.load(tx_ptr + t * 3)
-        X1 = tl.load(tx_ptr + t * 3 + 1)
-        X2 = tl.load(tx_ptr + t * 3 + 2)
-        Y0 = tl.load(ty_ptr + t * 3)
-        Y1 = tl.load(ty_ptr + t * 3 + 1)
-        Y2 = tl.load(ty_ptr + t * 3 + 2)
-        Z0 = tl.load(tz_ptr + t * 3)
-        Z1 = tl.load(tz_ptr + t * 3 + 1)
-        Z2 = tl.load(tz_ptr + t * 3 + 2)
+        X0, X1, X2 = _corners(tx_ptr, t)
+        Y0, Y1, Y2 = _corners(ty_ptr, t)
+        Z0, Z1, Z2 = _corners(tz_ptr, t)
         A = (X1 - X0) * (Y2 - Y0) - (X2 - X0) * (Y1 - Y0)  # as raster._boxes' area
         sgn = tl.where(A > 0, 1.0, -1.0)  # A ≠ 0 for every triangle with a count
         b = t // F
