@@ -244,6 +244,10 @@ class FineParams(_Section):
     # the torch rasteriser's coverage pass: auto = one Triton kernel on a GPU (no host sync), the
     # tensors' pass elsewhere (core.rendering.raster.coverage_kind) | torch | triton
     coverage: Literal["auto", "torch", "triton"] = "auto"
+    # torch.compile of the torch rasteriser's arithmetic over pixels and pixel pairs (rasterize's
+    # barycentrics, interpolate, antialias), forward and backward: auto = on a GPU where Inductor
+    # builds (core.rendering.raster.compile_kind) | none | default
+    compile: Literal["auto", "none", "default"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
     # the baked albedo texture's side and xatlas's chart-growing iterations: both released code
@@ -412,6 +416,9 @@ class TextualInversionParams(_Section):
     # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%
     # less a step on an H200 (reports/speed, session 13); no effect on a CPU
     overlap: bool = True
+    # the fp32 text encoder's matmuls (forward and backward) in TF32 on a GPU: the example's
+    # --allow_tf32, which the released script does not pass (fidelity.md item 8); no effect on a CPU
+    tf32: bool = True
     # the state (the row, its AdamW moments, the random stream: a few kB) every this many steps; a
     # run started again continues from it (the example saves its learned_embeds every 500 steps)
     checkpoint_every: int = Field(500, ge=1)
@@ -544,9 +551,9 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 HOW_NOT_WHAT: tuple[str, ...] = (
     "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
-    "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.checkpoint_every",
+    "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
-    "coarse.checkpoint_every", "fine.rasterizer", "fine.coverage", "fine.checkpoint_every",
+    "coarse.checkpoint_every", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
 )
 
 

@@ -10,6 +10,7 @@ same process, and says so (`memory_kind`).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,19 @@ def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.T
     if t is None:
         t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
     return t
+
+
+@contextlib.contextmanager
+def tf32_matmuls(on: bool = True):
+    """fp32 matmuls on the tensor cores in TF32 inside the block (`on`; off, the process's setting
+    stands), the process's setting again after it. Only what runs inside is affected: a step whose
+    forward and backward both run in the block (the textual inversion's) has both in TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(on) or before
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -133,6 +147,43 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
             torch.cuda.synchronize(device)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
+    """How many operators each scope launched a step, from torch.profiler's `events()`: every aten
+    operator called from outside another aten operator (what the host dispatched: a launch or more
+    each on a GPU) counted under the innermost `prefix` scope whose time span holds its start (the
+    autograd engine runs the backward on another thread, outside the scope's record_function stack),
+    with its GPU kernels where the profiler saw any. A loop that waits on its host is made faster by
+    fewer of these, not by faster kernels."""
+    from collections import Counter
+
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(prefix)),
+                   key=lambda s: (s[0], -s[1]))
+    ops, kernels, names = Counter(), Counter(), {}
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if nested:
+            continue
+        t = e.time_range.start
+        inner = [s for s in spans if s[0] <= t <= s[1]]
+        where = min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
+        ops[where] += 1
+        kernels[where] += len(getattr(e, "kernels", []) or [])
+        names.setdefault(where, Counter())[e.name] += 1
+    steps = max(int(steps), 1)
+    lines = [f"{'scope':24s} {'ops/step':>9s} {'kernels/step':>13s}  most called (a step)"]
+    for where, n in ops.most_common():
+        top = ", ".join(f"{k.removeprefix('aten::')} {v / steps:.0f}" for k, v in names[where].most_common(6))
+        lines.append(f"{where:24s} {n / steps:9.0f} {kernels[where] / steps:13.0f}  {top}")
+    return "\n".join(lines)
 
 
 def gflop_of(fn) -> float:

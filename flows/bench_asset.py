@@ -24,11 +24,15 @@ from core.perf import SyncAudit
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
     from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
-    from core.rendering.raster import nvdiffrast_available
+    from core.rendering.raster import compile_kind, nvdiffrast_available
     from core.representations.hashgrid import choose_backend
 
     raster = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
     return {"hash_grid": choose_backend(params.coarse.grid.backend, device), "rasteriser": raster,
+            # the torch rasteriser's pixel arithmetic compiled (fine.compile); the textual inversion's
+            # text encoder in TF32 (textual_inversion.tf32)
+            "rasteriser_compile": compile_kind(params.fine.compile, device) if raster == "torch" else "none",
+            "ti_tf32": bool(params.textual_inversion.tf32 and device.type == "cuda"),
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
                              "zero123": compile_mode(params.zero123.compile, device)},
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),
@@ -123,7 +127,11 @@ class _Profile:
 
     def _table(self, key: str) -> str:
         try:
-            return f"\n\ntorch.profiler, {self.steps} iterations:\n" + self.prof.key_averages().table(sort_by=key, row_limit=30)
+            from core.perf import ops_by_scope
+
+            table = self.prof.key_averages().table(sort_by=key, row_limit=30)
+            return (f"\n\ntorch.profiler, {self.steps} iterations:\n{table}\n\noperators the host dispatched, by "
+                    f"scope:\n{ops_by_scope(self.prof.events(), self.steps)}")
         except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
             return f"\n\nno profiler table: {type(e).__name__}: {e}"
 
@@ -364,7 +372,8 @@ def _graphed(on: dict[str, bool]) -> str:
 
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
-             f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}, UNets "
+             f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}"
+             f"{' (compiled)' if r['backends'].get('rasteriser_compile', 'none') != 'none' else ''}, UNets "
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
              f"{_compiled(r['backends'].get('vae_compile', {}))} on {_compiled(r['backends'].get('vae_kernels', {}))} "
              f"kernels{_graphed(r['backends'].get('vae_graphs', {}))}; {r['models']}",

@@ -263,3 +263,61 @@ def test_triton_coverage_picks_the_tensor_passes_triangle_on_the_gpu():
         assert (a >= 0).sum() > 100_000
         assert (a != b).float().mean() < 1e-4, int((a != b).sum())
         assert ((a >= 0) != (b >= 0)).sum() <= 20
+
+
+def test_compiled_rasteriser_renders_and_differentiates_as_the_eager_one():
+    """fine.compile (the default on a GPU): the torch rasteriser's pixel and pixel-pair arithmetic
+    under torch.compile gives the eager images at 1024² and the eager gradients to the mesh's
+    vertices, on two meshes of different face and silhouette-pair counts (one compiled graph of the
+    pairs' arithmetic serves every count)."""
+    from core.rendering.cameras import Cameras
+    from core.rendering.mesh_render import render_mesh
+    from core.rendering.raster import Rasterizer
+    from core.representations.dmtet import DMTet, Mesh
+
+    cams = Cameras.make(80.0, 20.0, 1.8, 40.0).to(DEVICE)
+    light = torch.tensor([[0.3, 0.2, 1.0]], device=DEVICE)
+    for k in (0.0, 9.0):
+        d = DMTet(96, 1.0, device=DEVICE)
+        d.init_from_sdf(lambda x: 0.5 - x.norm(dim=-1) + 0.08 * torch.sin(k * x).prod(-1))
+        mesh = d.extract().detach()
+        res = {}
+        for compiled in (False, True):
+            v = mesh.verts.clone().requires_grad_(True)
+            r = Rasterizer("torch", torch.device(DEVICE), coverage="triton", compiled=compiled)
+            out = render_mesh(Mesh(v, mesh.faces), lambda x: torch.sigmoid(3 * x), cams, 1024, r,
+                              shading="lambertian", light_dir=light)
+            w = torch.linspace(0, 1, 1024, device=DEVICE)
+            (out.rgb * w).sum().add(out.opacity.square().sum()).add(out.depth.sum()).backward()
+            res[compiled] = (out, v.grad)
+        (a, ga), (b, gb) = res[False], res[True]
+        for name in ("rgb", "opacity", "depth", "normal"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4), (k, name)
+        assert a.opacity.sum() > 1e5
+        cos = torch.nn.functional.cosine_similarity(ga.flatten(), gb.flatten(), dim=0)
+        assert cos > 0.9999 and abs(gb.norm() / ga.norm() - 1) < 1e-3, (k, float(cos))
+
+
+def test_tf32_text_encoder_learns_the_fp32_token():
+    """textual_inversion.tf32 (the default on a GPU): the fp32 text encoder's matmuls in TF32 against
+    full fp32 matmuls, the same draws: the losses step by step and the learned row agree within
+    TF32's rounding (10-bit mantissas; the UNet and VAE run in fp16 either way)."""
+    from core.guidance.factory import stable_diffusion_parts
+    from core.guidance.textual_inversion import learn_token_from_params
+
+    rgb = torch.ones(3, 64, 64)
+    rgb[:, 16:48, 20:44] = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
+    runs = []
+    for tf32 in (False, True):
+        p = load_params("smoke", {"device": DEVICE, "textual_inversion.steps": 8, "textual_inversion.batch_size": 4,
+                                  "textual_inversion.lr": 5e-2, "textual_inversion.tf32": tf32,
+                                  "textual_inversion.compile": "none", "sd.resolution": 256})
+        losses = []
+        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, None, p, progress=False,
+                                          callback=lambda s, l: losses.append(l))
+        runs.append((torch.tensor(losses), learned["<e>"]))
+    assert torch.backends.cuda.matmul.allow_tf32 is False  # the process's setting, after the loop
+    (la, ea), (lb, eb) = runs
+    assert len(la) == 8 and torch.isfinite(la).all()
+    assert ((la - lb).abs() / la.abs()).max() < 0.02, (la, lb)
+    assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999

@@ -167,3 +167,26 @@ def test_stopped_and_started_again_it_learns_the_uninterrupted_row(tmp_path):
     learn_token(fresh(), rgb, mask, checkpoint=ck, callback=lambda s, l: steps_run.append(s),
                 **{**kw, "digest": "other"})
     assert steps_run == list(range(6))
+
+
+def test_tf32_matmuls_holds_only_inside_its_block():
+    """textual_inversion.tf32: TF32 matmuls inside the step's block, the process's setting after it
+    (also when the block raises); off, the block leaves a setting made elsewhere alone."""
+    from core.perf import tf32_matmuls
+
+    flag = torch.backends.cuda.matmul
+    before = flag.allow_tf32
+    try:
+        flag.allow_tf32 = False
+        with tf32_matmuls(True):
+            assert flag.allow_tf32 is True
+        assert flag.allow_tf32 is False
+        with pytest.raises(RuntimeError), tf32_matmuls(True):
+            raise RuntimeError("a step that fails")
+        assert flag.allow_tf32 is False
+        flag.allow_tf32 = True
+        with tf32_matmuls(False):
+            assert flag.allow_tf32 is True
+        assert flag.allow_tf32 is True
+    finally:
+        flag.allow_tf32 = before

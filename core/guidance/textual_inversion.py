@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.io import atomic_torch_save
-from core.perf import scope, to_device
+from core.perf import scope, tf32_matmuls, to_device
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                 augmentation: str = "released", background: str = "black", vae_input: str = "unit",
-                compile: str = "none", overlap: bool = False, progress: bool = True,
+                compile: str = "none", overlap: bool = False, tf32: bool = False, progress: bool = True,
                 checkpoint: Optional[Path | str] = None,
                 checkpoint_every: int = 500, digest: str = "", stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Learn a token for the object in `rgb` (3, H, W) on white. `parts` is a StableDiffusionParts
@@ -278,6 +278,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     steps unless `progress` is False. `compile` 'default' runs the VAE encoder and the UNet (forward
     and backward) under torch.compile on a GPU (two shapes: the full batch and the epoch's last).
     `overlap` (GPU): the host queues a step while the GPU runs the one before (the same numbers).
+    `tf32` (GPU): the fp32 text encoder's matmuls, forward and backward, on the tensor cores in TF32
+    (10-bit mantissas, fp32 range and sums); the process's setting is restored after the loop.
 
     `checkpoint`: a file the state is written to every `checkpoint_every` steps and at the end (the
     new row, its AdamW moments and step count, the random stream; a few kB) and resumed from when it
@@ -406,7 +408,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     pending: Optional[tuple[int, torch.Tensor]] = None
     try:
         for step in range(start, steps):
-            loss = one_step()
+            with tf32_matmuls(tf32 and device.type == "cuda"):
+                loss = one_step()
             if pending is not None:  # overlap: the step before, read now that this one is queued
                 finish(*pending)
             pending = (step, loss)
@@ -440,5 +443,5 @@ def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.
                        callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
                        repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
                        adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
-                       vae_input=ti.vae_input, compile=ti.compile, overlap=ti.overlap, progress=progress, checkpoint=checkpoint,
+                       vae_input=ti.vae_input, compile=ti.compile, overlap=ti.overlap, tf32=ti.tf32, progress=progress, checkpoint=checkpoint,
                        checkpoint_every=ti.checkpoint_every, digest=digest, stats=stats)

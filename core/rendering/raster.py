@@ -61,6 +61,7 @@ class Rasterizer:
     device: torch.device
     _ctx: object = None
     coverage: str = "torch"  # the torch backend's coverage pass: 'torch' | 'triton' (_coverage)
+    compiled: bool = False  # the torch backend's pixel and pixel-pair arithmetic under torch.compile (fine.compile)
 
     def rasterize(self, pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         if self.backend == "nvdiffrast":
@@ -68,7 +69,7 @@ class Rasterizer:
 
             rast, _ = dr.rasterize(self._ctx, pos.float().contiguous(), tri.int().contiguous(), tuple(resolution))
             return rast
-        return torch_rasterize(pos, tri, resolution, coverage=self.coverage)
+        return torch_rasterize(pos, tri, resolution, coverage=self.coverage, compiled=self.compiled)
 
     def interpolate(self, attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
         if attr.dim() == 2:
@@ -77,14 +78,14 @@ class Rasterizer:
             import nvdiffrast.torch as dr
 
             return dr.interpolate(attr.float().contiguous(), rast, tri.int().contiguous())[0]
-        return torch_interpolate(attr, rast, tri)
+        return torch_interpolate(attr, rast, tri, compiled=self.compiled)
 
     def antialias(self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
         if self.backend == "nvdiffrast":
             import nvdiffrast.torch as dr
 
             return dr.antialias(color.float().contiguous(), rast, pos.float().contiguous(), tri.int().contiguous())
-        return torch_antialias(color, rast, pos, tri)
+        return torch_antialias(color, rast, pos, tri, compiled=self.compiled)
 
 
 def coverage_kind(coverage: str, device) -> str:
@@ -105,9 +106,25 @@ def coverage_kind(coverage: str, device) -> str:
     return coverage
 
 
-def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto") -> Rasterizer:
+def compile_kind(mode: str, device) -> str:
+    """What params.fine.compile (auto | none | default) comes to on `device`: 'none' off a GPU; 'auto'
+    is 'default' where Inductor can build its kernels (core.guidance.sd.compile_mode's test: Triton
+    imports, a C compiler on PATH), else 'none'."""
+    if mode not in ("auto", "none", "default"):
+        raise ValueError(f"unknown fine.compile {mode!r} (auto | none | default)")
+    if mode == "none" or torch.device(device).type != "cuda":
+        return "none"
+    if mode == "auto":
+        from core.guidance.sd import compile_mode
+
+        return "default" if compile_mode("auto", device) != "none" else "none"
+    return mode
+
+
+def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto", compile: str = "none") -> Rasterizer:
     """`kind` is params.fine.rasterizer: auto | torch | nvdiffrast; `coverage` params.fine.coverage,
-    the torch backend's coverage pass (`coverage_kind`). Logs which backend runs."""
+    the torch backend's coverage pass (`coverage_kind`); `compile` params.fine.compile, its per-pixel
+    arithmetic under torch.compile (`compile_kind`). Logs which backend runs."""
     device = torch.device(device)
     if kind not in ("auto", "torch", "nvdiffrast"):
         raise ValueError(f"unknown rasterizer {kind!r} (auto | torch | nvdiffrast)")
@@ -125,9 +142,11 @@ def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto") ->
 
         r = Rasterizer("nvdiffrast", device, dr.RasterizeCudaContext(device=device))
     else:
-        r = Rasterizer("torch", device, coverage=coverage_kind(coverage, device))
+        r = Rasterizer("torch", device, coverage=coverage_kind(coverage, device),
+                       compiled=compile_kind(compile, device) == "default")
     log.info("mesh rasteriser: %s%s (fine.rasterizer=%s, device %s)", r.backend,
-             f", {r.coverage} coverage pass" if r.backend == "torch" else "", kind, device)
+             f", {r.coverage} coverage pass{', compiled' if r.compiled else ''}" if r.backend == "torch" else "",
+             kind, device)
     return r
 
 
@@ -247,9 +266,10 @@ def _gather_at(values: torch.Tensor, b: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
-                    coverage: str = "torch") -> torch.Tensor:
+                    coverage: str = "torch", compiled: bool = False) -> torch.Tensor:
     """nvdiffrast-style rast output (B, H, W, 4); differentiable in `pos` through (u, v, z/w).
-    `coverage`: the coverage pass's kind ('torch' | 'triton', _coverage).
+    `coverage`: the coverage pass's kind ('torch' | 'triton', _coverage); `compiled`: the per-pixel
+    arithmetic (_pixel_rast) under torch.compile.
 
     After the coverage pass, every pixel is computed with fixed shapes (no compaction, so no host
     sync): an uncovered pixel computes a stand-in triangle, then takes zeros, as nvdiffrast's
@@ -257,16 +277,22 @@ def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     H, W = int(resolution[0]), int(resolution[1])
     tri = tri.long()
     tid = _coverage(pos.detach(), tri, H, W, coverage)  # (B, H, W)
-    B = pos.shape[0]
-    covered = tid >= 0
     f = tid.clamp_min(0)
     p = _gather_vertices(pos, tri[f])  # (B, H, W, 3, 4) with autograd
+    return _compiled(_pixel_rast, compiled)(p, tid, device_constant(_STAND_IN, p.dtype, p.device))
+
+
+def _pixel_rast(p: torch.Tensor, tid: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
+    """rast (B, H, W, 4) from each pixel's triangle's clip corners p (B, H, W, 3, 4) and triangle id
+    tid (B, H, W), −1 where none: elementwise over fixed shapes (torch.compile fuses it, fine.compile)."""
+    B, H, W = tid.shape
+    covered = tid >= 0
     # uncovered pixels: a fixed triangle (finite w, non-zero area), so no inf/NaN reaches the gradient
-    p = torch.where(covered[..., None, None], p, device_constant(_STAND_IN, p.dtype, p.device))
+    p = torch.where(covered[..., None, None], p, stand_in)
     X, Y, Z = _screen(p, H, W)
     w = p[..., 3]
-    iy, ix = torch.meshgrid(torch.arange(H, device=pos.device), torch.arange(W, device=pos.device), indexing="ij")
-    cx, cy = ix.to(pos.dtype) + 0.5, iy.to(pos.dtype) + 0.5
+    cx = torch.arange(W, device=p.device, dtype=p.dtype) + 0.5  # (W,): pixel centres along a row
+    cy = (torch.arange(H, device=p.device, dtype=p.dtype) + 0.5)[:, None]  # (H, 1)
     e0 = (X[..., 1] - cx) * (Y[..., 2] - cy) - (X[..., 2] - cx) * (Y[..., 1] - cy)
     e1 = (X[..., 2] - cx) * (Y[..., 0] - cy) - (X[..., 0] - cx) * (Y[..., 2] - cy)
     e2 = (X[..., 0] - cx) * (Y[..., 1] - cy) - (X[..., 1] - cx) * (Y[..., 0] - cy)
@@ -275,25 +301,47 @@ def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     zw = b0 * Z[..., 0] + b1 * Z[..., 1] + b2 * Z[..., 2]  # z/w is affine in screen space
     q0, q1, q2 = b0 / w[..., 0], b1 / w[..., 1], b2 / w[..., 2]  # perspective correction
     s = q0 + q1 + q2
-    vals = torch.stack([q0 / s, q1 / s, zw, (f + 1).to(pos.dtype)], -1)
+    vals = torch.stack([q0 / s, q1 / s, zw, (tid + 1).to(p.dtype)], -1)
     return torch.where(covered[..., None], vals, torch.zeros_like(vals))
 
 
 # clip-space corners of the triangle an uncovered pixel computes before its zeros are taken
 _STAND_IN = ((-1.0, -1.0, 0.0, 1.0), (1.0, -1.0, 0.0, 1.0), (-1.0, 1.0, 0.0, 1.0))
 
+# the torch backend's arithmetic under torch.compile (fine.compile), built on first use: the pixels'
+# functions see the training image's fixed shape (compiled for it; a second size, the export's,
+# makes Inductor's automatic dynamic shapes compile once more for any size), the pixel pairs' a count
+# that changes every iteration (dynamic from the start)
+_COMPILED: dict = {}
 
-def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+
+def _compiled(fn, on: bool, dynamic: Optional[bool] = None):
+    """`fn` itself, or (on) its torch.compile'd twin, built once a process. Inductor fuses each into a
+    few kernels forward and backward where eagerly every operation is a kernel and, for the
+    backward of an indexed corner, a zero-filled tensor of the image's size."""
+    if not on:
+        return fn
+    c = _COMPILED.get(fn)
+    if c is None:
+        c = _COMPILED[fn] = torch.compile(fn, dynamic=dynamic)
+    return c
+
+
+def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """Vertex attributes (B or 1, V, C) at each pixel of `rast` (B, H, W, C): every pixel computed
     with fixed shapes (no host sync), zeros where no triangle covers it."""
     B, H, W, _ = rast.shape
     tid = rast[..., 3].detach().long() - 1
-    covered = (tid >= 0)[..., None]
     v = tri.long()[tid.clamp_min(0)]  # (B, H, W, 3)
     a = _gather_vertices(attr if attr.shape[0] == B else attr[:1], v)  # (B, H, W, 3, C)
+    return _compiled(_blend_corners, compiled)(a, rast, tid)
+
+
+def _blend_corners(a: torch.Tensor, rast: torch.Tensor, tid: torch.Tensor) -> torch.Tensor:
+    """u·a0 + v·a1 + (1−u−v)·a2 at every pixel, zeros where tid < 0 (torch_interpolate)."""
     u, vv = rast[..., 0:1], rast[..., 1:2]
     val = u * a[..., 0, :] + vv * a[..., 1, :] + (1 - u - vv) * a[..., 2, :]
-    return torch.where(covered, val, torch.zeros_like(val))
+    return torch.where((tid >= 0)[..., None], val, torch.zeros_like(val))
 
 
 def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> torch.Tensor:
@@ -324,22 +372,38 @@ def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> to
     return out.view(F, 3)
 
 
-def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
-    B, H, W, C = color.shape
+def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+                    compiled: bool = False) -> torch.Tensor:
+    """The silhouette blending of the module's docstring; `compiled`: the pixel pairs' arithmetic
+    (_pair_edges, _blend_pairs) under torch.compile, for any count of pairs."""
     tri = tri.long()
     tid = rast[..., 3].detach().long() - 1
     zw = rast[..., 2].detach()
     opp = opposite_vertices(tri, pos.shape[1])
-    flat_c = color.reshape(-1, C)
     # the pixel pairs whose triangles differ, horizontal (right neighbour: d = 0) then vertical (lower
     # neighbour: d = 1), in one compaction and one pass (one host sync for both directions, each
     # kernel launched once, not twice): the same pairs in the same order as a pass per direction,
     # so the same colour sums
     across_h = (tid[:, :, :-1] != tid[:, :, 1:]).reshape(-1)
-    n_h = across_h.numel()
     at = torch.nonzero(torch.cat([across_h, (tid[:, :-1, :] != tid[:, 1:, :]).reshape(-1)])).squeeze(1)
     if at.numel() == 0:
         return color
+    blend, t_grad, pT, pO = _compiled(_pair_edges, compiled, dynamic=True)(at, tid, zw, pos, tri, opp)
+    keep = torch.nonzero(blend).squeeze(1)  # one sync
+    if keep.numel() == 0:
+        return color
+    return _compiled(_blend_pairs, compiled, dynamic=True)(color, keep, t_grad, pT, pO)
+
+
+def _pair_edges(at: torch.Tensor, tid: torch.Tensor, zw: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+                opp: torch.Tensor):
+    """For the pixel pairs `at` (indices into the horizontal pairs (B, H, W−1), then the vertical ones
+    (B, H−1, W), flattened) across which the triangle id `tid` (B, H, W) changes: whether the pair is
+    blended (the edge where the segment between the two centres leaves the nearer triangle T is a
+    silhouette running more across the pair than along it), where (t, differentiable in `pos`), and
+    the flat indices of T's pixel and the other's (torch_antialias)."""
+    B, H, W = tid.shape
+    n_h = B * H * (W - 1)
     d = at >= n_h  # vertical pair
     av = at - n_h
     # (b, y, x) of the pair's first pixel: in (B, H, W−1) for a horizontal pair, (B, H−1, W) for a vertical
@@ -393,15 +457,20 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
     ex, ey = (Xk - Xj).detach().abs(), (Yk - Yj).detach().abs()
     across = torch.where(d, ex >= ey, ey >= ex)
     eps = 1.0 / 16.0
-    keep = torch.nonzero(found & silhouette & across & (t > -eps) & (t < 1 + eps)).squeeze(1)  # one sync
-    if keep.numel() == 0:
-        return color
+    return found & silhouette & across & (t > -eps) & (t < 1 + eps), t_grad, pT, pO
+
+
+def _blend_pairs(color: torch.Tensor, keep: torch.Tensor, t_grad: torch.Tensor, pT: torch.Tensor,
+                 pO: torch.Tensor) -> torch.Tensor:
+    """The blend of the pairs `keep` (torch_antialias): t < ½: T's pixel takes (½ − t) of the other's
+    colour; t > ½: the other takes (t − ½) of T's."""
+    B, H, W, C = color.shape
+    flat_c = color.reshape(-1, C)
     tt = t_grad[keep].clamp(0.0, 1.0)
     pTo, pOo = pT[keep], pO[keep]
     cT, cO = flat_c[pTo], flat_c[pOo]
     alpha = (0.5 - tt)[:, None]
     to_T = alpha.detach()[:, 0] > 0
-    # t < ½: T's pixel takes (½ − t) of the other's colour; t > ½: the other takes (t − ½) of T's
     delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
     out = flat_c.index_add(0, torch.where(to_T, pTo, pOo), delta)
     return out.view(B, H, W, C)

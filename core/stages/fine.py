@@ -81,7 +81,7 @@ class DMTetRepresentation:
         if hasattr(self.colour.field, "level_mask"):  # a NeRFField: every level to start with (fine.level_mask)
             self.colour.field.active_levels = None
         self.field_config = dict(getattr(coarse_field, "config", {}))
-        self.rasterizer = make_rasterizer(f.rasterizer, device, f.coverage)
+        self.rasterizer = make_rasterizer(f.rasterizer, device, f.coverage, f.compile)
         self.backend = self.rasterizer.backend
         self.mesh: Mesh | None = None
 
