@@ -318,8 +318,10 @@ _COMPILED: dict = {}
 def _compiled(fn, on: bool, dynamic: Optional[bool] = None):
     """`fn` itself, or (on) its torch.compile'd twin, built once a process. Inductor fuses each into a
     few kernels forward and backward where eagerly every operation is a kernel and, for the
-    backward of an indexed corner, a zero-filled tensor of the image's size."""
-    if not on:
+    backward of an indexed corner, a zero-filled tensor of the image's size. Without gradients (the
+    stage's output views, the texture's bake, the turntable) `fn` itself: a few renders at new sizes
+    gain less than compiling their inference graphs costs (seconds a graph)."""
+    if not (on and torch.is_grad_enabled()):
         return fn
     c = _COMPILED.get(fn)
     if c is None:
