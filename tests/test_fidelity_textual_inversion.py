@@ -67,16 +67,32 @@ def test_released_augmentation_is_seeded_and_leaves_the_global_stream_alone():
     assert not torch.equal(a, c)
 
 
-def test_released_augmentation_is_the_one_pipeline_with_its_fixed_part_made_once():
-    """ReleasedAugment resizes and crops the image once and draws the rest per view: the views of
-    the example's pipeline as one Compose run per view, over 40 draws."""
+def _example_pipeline(size: int):
+    """The example's `--use_augmentations` transforms as its textual_inversion.py:487-507 writes them
+    (torchvision's own classes throughout, its RandomRotation included)."""
     from torchvision import transforms as T
 
-    from core.guidance.textual_inversion import ReleasedAugment, released_pipeline
+    big, small = int(size * 5 / 4), int(size * 5 / 6)
+    return T.Compose([
+        T.Resize(big, antialias=True), T.CenterCrop(big),
+        T.RandomApply([T.RandomRotation(degrees=10, fill=1.0), T.CenterCrop(small), T.Resize(size, antialias=True)],
+                      p=0.75),
+        T.RandomResizedCrop(size, scale=(0.85, 1.15), antialias=True),
+        T.RandomApply([T.ColorJitter(0.04, 0.04, 0.04, 0.04)], p=0.75),
+        T.RandomGrayscale(p=0.10),
+        T.RandomApply([T.GaussianBlur(5, (0.1, 2))], p=0.10),
+        T.RandomHorizontalFlip(),
+    ])
+
+
+def test_released_augmentation_is_the_one_pipeline_with_its_fixed_part_made_once():
+    """ReleasedAugment resizes and crops the image once and draws the rest per view, and rotates
+    without torchvision's boolean-mask fill (no host sync): the views of the example's pipeline,
+    torchvision's classes as one Compose run per view, to the bit, over 40 draws."""
+    from core.guidance.textual_inversion import ReleasedAugment
 
     rgb = torch.rand(3, 48, 40, generator=torch.Generator().manual_seed(2))
-    fixed, drawn = released_pipeline(32)
-    whole = T.Compose([*fixed.transforms, *drawn.transforms])
+    whole = _example_pipeline(32)
     aug, gen = ReleasedAugment(rgb, 32), torch.Generator().manual_seed(5)
     for _ in range(4):
         peek = torch.Generator()
@@ -153,3 +169,35 @@ def test_batches_accumulation_optimizer_and_progress_bar(monkeypatch, capsys):
     assert seen["weight_decay"] == 1e-2 and tuple(seen["betas"]) == (0.9, 0.999) and seen["eps"] == 1e-8
     err = capsys.readouterr().err
     assert "textual inversion" in err and "3/3" in err  # the tqdm bar
+
+
+def test_released_augmentation_compacts_nothing():
+    """The augmentation runs on the GPU each step, beside the UNet: a `nonzero` there waits for the
+    GPU. torchvision's RandomRotation fills by boolean indexing (two `nonzero`s a rotated view);
+    ReleasedAugment's pipeline calls none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from core.guidance.textual_inversion import ReleasedAugment
+
+    aten = torch.ops.aten
+    masked = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default)
+
+    class Compactions(TorchDispatchMode):
+        """`nonzero`, and indexing by a boolean mask (which runs one inside)."""
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.nonzero.default, aten.masked_select.default) or (
+                    func in masked and any(t is not None and t.dtype == torch.bool for t in args[1])):
+                Compactions.n += 1
+            return func(*args, **(kwargs or {}))
+
+    rgb = torch.rand(3, 48, 40, generator=torch.Generator().manual_seed(2))
+    with Compactions():
+        ReleasedAugment(rgb, 32)(16, torch.Generator().manual_seed(0))
+    assert Compactions.n == 0
+    with Compactions(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(16):
+            _example_pipeline(32)(rgb)
+    assert Compactions.n >= 2  # torchvision's own rotation compacts (p = 0.75 a view)
