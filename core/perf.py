@@ -150,39 +150,40 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
 
 
 def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
-    """How many operators each scope launched a step, from torch.profiler's `events()`: every aten
-    operator called from outside another aten operator (what the host dispatched: a launch or more
-    each on a GPU) counted under the innermost `prefix` scope whose time span holds its start (the
-    autograd engine runs the backward on another thread, outside the scope's record_function stack),
-    with its GPU kernels where the profiler saw any. A loop that waits on its host is made faster by
-    fewer of these, not by faster kernels."""
+    """How many operators each scope dispatched a step, from torch.profiler's `events()`: every aten
+    operator called from outside another aten operator (what the host dispatched), and every GPU
+    kernel the profiler tied to an operator at any depth, each counted under the innermost `prefix`
+    scope whose time span holds the operator's start (the autograd engine runs the backward on
+    another thread, outside the scope's record_function stack). A loop that waits on its host is
+    made faster by fewer of these, not by faster kernels."""
     from collections import Counter
 
     spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(prefix)),
                    key=lambda s: (s[0], -s[1]))
+
+    def where(e) -> str:
+        t = e.time_range.start
+        inner = [s for s in spans if s[0] <= t <= s[1]]
+        return min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
+
     ops, kernels, names = Counter(), Counter(), {}
     for e in events:
         if not e.name.startswith("aten::"):
             continue
-        parent, nested = e.cpu_parent, False
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                nested = True
-                break
+        w = where(e)
+        kernels[w] += len(getattr(e, "kernels", []) or [])  # a kernel is tied to the innermost operator
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
             parent = parent.cpu_parent
-        if nested:
+        if parent is not None:  # called by another aten operator: not a dispatch of the loop's own
             continue
-        t = e.time_range.start
-        inner = [s for s in spans if s[0] <= t <= s[1]]
-        where = min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
-        ops[where] += 1
-        kernels[where] += len(getattr(e, "kernels", []) or [])
-        names.setdefault(where, Counter())[e.name] += 1
+        ops[w] += 1
+        names.setdefault(w, Counter())[e.name] += 1
     steps = max(int(steps), 1)
     lines = [f"{'scope':24s} {'ops/step':>9s} {'kernels/step':>13s}  most called (a step)"]
-    for where, n in ops.most_common():
-        top = ", ".join(f"{k.removeprefix('aten::')} {v / steps:.0f}" for k, v in names[where].most_common(6))
-        lines.append(f"{where:24s} {n / steps:9.0f} {kernels[where] / steps:13.0f}  {top}")
+    for w, n in ops.most_common():
+        top = ", ".join(f"{k.removeprefix('aten::')} {v / steps:.0f}" for k, v in names[w].most_common(6))
+        lines.append(f"{w:24s} {n / steps:9.0f} {kernels[w] / steps:13.0f}  {top}")
     return "\n".join(lines)
 
 

@@ -119,6 +119,31 @@ def test_profile_skips_the_reference_only_warm_up(tmp_path):
     assert profiled == [9, 10], profiled
 
 
+def test_the_profile_counts_the_operators_each_scope_dispatched(tmp_path):
+    """bench speed --profile N also writes, per scope, the operators the host dispatched a step:
+    those called from outside another operator (linear's own addmm is not one), counted where they
+    start, outside every scope under its own row."""
+    import torch
+
+    from core.perf import scope
+    from flows.bench_asset import _Profile
+
+    with _Profile(tmp_path / "p.txt", 2, torch.device("cpu"), skip=0) as prof:
+        for i in range(8):
+            with scope("lift3d.a"):
+                x = torch.ones(4) * 2
+                x = x + 1
+            with scope("lift3d.b"):
+                torch.nn.functional.linear(x, torch.ones(3, 4))
+            x - 1
+            prof.callback(i, {})
+    text = (tmp_path / "p.txt").read_text()
+    rows = {ln.split()[0]: ln for ln in text.split("operators the host dispatched, by scope:\n")[1].splitlines()[1:]}
+    assert rows["lift3d.a"].split()[1] == "3" and "mul 1" in rows["lift3d.a"] and "add 1" in rows["lift3d.a"]
+    assert rows["lift3d.b"].split()[1] == "2" and "linear 1" in rows["lift3d.b"] and "addmm" not in rows["lift3d.b"]
+    assert "sub 1" in rows["(outside"]
+
+
 def test_a_profile_window_the_stage_never_reached_says_how_many_iterations_it_needs(tmp_path):
     """A stage shorter than the profile's window (reference-only warm-up + 5 + 1 + N) still writes
     its scope times, and says in one line why there is no table, with the count it needs."""
