@@ -176,28 +176,35 @@ def test_channels_last_priors_give_the_default_layouts_sds_gradients(tmp_path):
            cos_min=0.99, norm_rel=0.02)
 
 
-def test_compiled_textual_inversion_learns_the_eager_token():
-    """textual_inversion.compile=default (the step's VAE encoder and UNet, forward and backward,
-    under torch.compile) against eager: the same draws, so the same losses step by step and the
-    same learned row, up to fp16 kernels' rounding. Batches of 3 with repeats 5: the full batches of
-    3 run compiled, the epoch's last of 2 eagerly."""
+def _learned_tokens(variants: list[dict], sets: dict, mask: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The textual inversion of the tiny priors under each of `variants` (params over `sets`), the same
+    draws: each run's losses step by step (steps checked in order) and its learned row."""
     from core.guidance.factory import stable_diffusion_parts
     from core.guidance.textual_inversion import learn_token_from_params
 
     rgb = torch.ones(3, 64, 64)
     rgb[:, 16:48, 20:44] = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
-    mask = torch.zeros(1, 64, 64)
-    mask[:, 16:48, 20:44] = 1
+    m = torch.zeros(1, 64, 64)
+    m[:, 16:48, 20:44] = 1
     runs = []
-    for mode in ("none", "default"):
-        p = load_params("smoke", {"device": DEVICE, "textual_inversion.steps": 8, "textual_inversion.batch_size": 3,
-                                  "textual_inversion.repeats": 5, "textual_inversion.lr": 5e-2,
-                                  "textual_inversion.compile": mode})
-        losses = []
-        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, mask, p, progress=False,
-                                          callback=lambda s, l: losses.append(l))
-        runs.append((torch.tensor(losses), learned["<e>"]))
-    (la, ea), (lb, eb) = runs
+    for v in variants:
+        p = load_params("smoke", {"device": DEVICE, "textual_inversion.lr": 5e-2, **sets, **v})
+        seen = []
+        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, m if mask else None, p,
+                                          progress=False, callback=lambda s, l: seen.append((s, l)))
+        assert [s for s, _ in seen] == list(range(p.textual_inversion.steps))
+        runs.append((torch.tensor([l for _, l in seen]), learned["<e>"]))
+    return runs
+
+
+def test_compiled_textual_inversion_learns_the_eager_token():
+    """textual_inversion.compile=default (the step's VAE encoder and UNet, forward and backward,
+    under torch.compile) against eager: the same draws, so the same losses step by step and the
+    same learned row, up to fp16 kernels' rounding. Batches of 3 with repeats 5: the full batches of
+    3 run compiled, the epoch's last of 2 eagerly."""
+    (la, ea), (lb, eb) = _learned_tokens(
+        [{"textual_inversion.compile": "none"}, {"textual_inversion.compile": "default"}],
+        {"textual_inversion.steps": 8, "textual_inversion.batch_size": 3, "textual_inversion.repeats": 5}, mask=True)
     assert len(la) == 8 and torch.isfinite(la).all()
     assert ((la - lb).abs() / la.abs()).max() < 0.02, (la, lb)
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999
@@ -207,23 +214,10 @@ def test_overlapped_textual_inversion_learns_the_same_token():
     """textual_inversion.overlap (the augmentation on a side stream, each loss read a step late)
     against the plain loop: the same draws and kernels, so the same losses and row; a missing
     wait between the streams would hand the VAE a half-written batch and move both."""
-    from core.guidance.factory import stable_diffusion_parts
-    from core.guidance.textual_inversion import learn_token_from_params
-
-    rgb = torch.ones(3, 64, 64)
-    rgb[:, 16:48, 20:44] = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
-    runs = []
-    for overlap in (False, True):
-        p = load_params("smoke", {"device": DEVICE, "textual_inversion.steps": 12, "textual_inversion.batch_size": 4,
-                                  "textual_inversion.lr": 5e-2, "textual_inversion.overlap": overlap,
-                                  "sd.resolution": 256})
-        losses = []
-        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, None, p, progress=False,
-                                          callback=lambda s, l: losses.append((s, l)))
-        runs.append((losses, learned["<e>"]))
-    (la, ea), (lb, eb) = runs
-    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(12))
-    assert max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(la, lb)) < 1e-4, (la, lb)
+    (la, ea), (lb, eb) = _learned_tokens(
+        [{"textual_inversion.overlap": False}, {"textual_inversion.overlap": True}],
+        {"textual_inversion.steps": 12, "textual_inversion.batch_size": 4, "sd.resolution": 256})
+    assert ((la - lb).abs() / la.abs()).max() < 1e-4, (la, lb)
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
 
 
@@ -302,22 +296,11 @@ def test_tf32_text_encoder_learns_the_fp32_token():
     """textual_inversion.tf32 (the default on a GPU): the fp32 text encoder's matmuls in TF32 against
     full fp32 matmuls, the same draws: the losses step by step and the learned row agree within
     TF32's rounding (10-bit mantissas; the UNet and VAE run in fp16 either way)."""
-    from core.guidance.factory import stable_diffusion_parts
-    from core.guidance.textual_inversion import learn_token_from_params
-
-    rgb = torch.ones(3, 64, 64)
-    rgb[:, 16:48, 20:44] = torch.tensor([0.8, 0.3, 0.1])[:, None, None]
-    runs = []
-    for tf32 in (False, True):
-        p = load_params("smoke", {"device": DEVICE, "textual_inversion.steps": 8, "textual_inversion.batch_size": 4,
-                                  "textual_inversion.lr": 5e-2, "textual_inversion.tf32": tf32,
-                                  "textual_inversion.compile": "none", "sd.resolution": 256})
-        losses = []
-        learned = learn_token_from_params(stable_diffusion_parts(p, DEVICE), rgb, None, p, progress=False,
-                                          callback=lambda s, l: losses.append(l))
-        runs.append((torch.tensor(losses), learned["<e>"]))
+    (la, ea), (lb, eb) = _learned_tokens(
+        [{"textual_inversion.tf32": False}, {"textual_inversion.tf32": True}],
+        {"textual_inversion.steps": 8, "textual_inversion.batch_size": 4, "textual_inversion.compile": "none",
+         "sd.resolution": 256})
     assert torch.backends.cuda.matmul.allow_tf32 is False  # the process's setting, after the loop
-    (la, ea), (lb, eb) = runs
     assert len(la) == 8 and torch.isfinite(la).all()
     assert ((la - lb).abs() / la.abs()).max() < 0.02, (la, lb)
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999
