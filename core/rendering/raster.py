@@ -110,15 +110,11 @@ def compile_kind(mode: str, device) -> str:
     """What params.fine.compile (auto | none | default) comes to on `device`: 'none' off a GPU; 'auto'
     is 'default' where Inductor can build its kernels (core.guidance.sd.compile_mode's test: Triton
     imports, a C compiler on PATH), else 'none'."""
+    from core.guidance.sd import compile_mode
+
     if mode not in ("auto", "none", "default"):
         raise ValueError(f"unknown fine.compile {mode!r} (auto | none | default)")
-    if mode == "none" or torch.device(device).type != "cuda":
-        return "none"
-    if mode == "auto":
-        from core.guidance.sd import compile_mode
-
-        return "default" if compile_mode("auto", device) != "none" else "none"
-    return mode
+    return "none" if compile_mode(mode, device) == "none" else "default"  # auto's CUDA graphs are the UNets
 
 
 def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto", compile: str = "none") -> Rasterizer:
