@@ -45,6 +45,18 @@ def tf32_matmuls(on: bool = True):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@contextlib.contextmanager
+def exact_matmuls():
+    """fp32 matmuls in full fp32 inside the block (TF32 off), the caller's setting again after it:
+    for arithmetic that must not change with a surrounding `tf32_matmuls` (geometry, not learning)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`t` on `device` (and `dtype`). A host tensor going to a GPU is copied with non_blocking: the
     copy of a few numbers need not wait for the GPU's queue (pageable memory is staged at once, so

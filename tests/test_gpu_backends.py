@@ -304,3 +304,32 @@ def test_tf32_text_encoder_learns_the_fp32_token():
     assert len(la) == 8 and torch.isfinite(la).all()
     assert ((la - lb).abs() / la.abs()).max() < 0.02, (la, lb)
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999
+
+
+def _syncs(fn) -> int:
+    """The host–device synchronisations `fn()` makes (torch's sync debug mode, counted)."""
+    from core.perf import SyncAudit
+
+    with SyncAudit() as audit:
+        fn()
+    return sum(audit.counts.values())
+
+
+def test_released_augmentation_neither_waits_for_the_gpu_nor_follows_tf32():
+    """Issue 15, session 21: the augmentation queues a batch of 16 views without one host sync
+    (torchvision's rotation made two copies and two nonzeros a view), and gives the same views when
+    the step around it runs its matmuls in TF32 (the rotation's grid stays in full fp32)."""
+    from core.guidance.textual_inversion import ReleasedAugment
+    from core.perf import tf32_matmuls
+
+    rgb = torch.zeros(3, 512, 512)
+    rgb[:, 128:384, 160:352] = torch.tensor([0.7, 0.4, 0.2])[:, None, None]
+    aug = ReleasedAugment(rgb, 256, "cuda")
+    aug(16, torch.Generator().manual_seed(0))  # the base grid made once
+    torch.cuda.synchronize()
+    assert _syncs(lambda: aug(16, torch.Generator().manual_seed(1))) == 0
+    plain = aug(16, torch.Generator().manual_seed(2))
+    with tf32_matmuls(True):
+        under_tf32 = aug(16, torch.Generator().manual_seed(2))
+    assert torch.equal(plain, under_tf32)
+

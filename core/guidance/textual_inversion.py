@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.io import atomic_torch_save
-from core.perf import scope, tf32_matmuls, to_device
+from core.perf import exact_matmuls, scope, tf32_matmuls, to_device
 
 log = logging.getLogger(__name__)
 
@@ -134,27 +134,60 @@ def on_background(rgb: torch.Tensor, mask: Optional[torch.Tensor], background: s
     raise ValueError(f"textual inversion: unknown background {background!r} (black, white)")
 
 
+_BASE_GRIDS: dict = {}  # (h, w, dtype, device) → torchvision's base grid for an h×w image
+
+
+def _base_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torchvision's `_gen_affine_grid` base grid (1, h·w, 3) for an unexpanded h×w output: pixel
+    centres from the image centre and a column of ones, made the way it makes them (linspace,
+    copy, fill), once per size and device instead of once a view."""
+    key = (h, w, dtype, str(device))
+    if key not in _BASE_GRIDS:
+        base = torch.empty(1, h, w, 3, dtype=dtype, device=device)
+        base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 + 0.5 - 1, steps=w, device=device))
+        base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 + 0.5 - 1, steps=h, device=device).unsqueeze_(-1))
+        base[..., 2].fill_(1)
+        _BASE_GRIDS[key] = base.view(1, h * w, 3)
+    return _BASE_GRIDS[key]
+
+
 def _rotation(degrees: float, fill: float):
     """torchvision's RandomRotation(degrees, fill=fill) for image tensors: the same draw of the angle
-    and the same pixels, without its host syncs. torchvision rotates the image with a channel of
-    ones beside it and, with nearest sampling, puts the fill where that channel came out 0 by boolean
-    indexing (`img[mask] = fill[mask]`): two `nonzero`s a view, each a wait for the GPU (24 a batch of
-    16, session 20's profile). Here the same channel and mask, and `torch.where`."""
+    and the same pixels, without its host syncs. torchvision makes the rotation's 2×3 matrix and the
+    grid's scale as tensors on the image's device from Python lists (a copy that waits for the GPU's
+    queue, two a view), rotates the image with a channel of ones beside it and, with nearest
+    sampling, puts the fill where that channel came out 0 by boolean indexing (`img[mask] =
+    fill[mask]`: two `nonzero`s a view, each a wait for the GPU). Session 21's audit: 24 syncs a
+    step of 16 views. Here the matrix is scaled on the host (the same IEEE division) and sent without
+    waiting (core.perf.to_device), the base grid is made once, the fill is `torch.where`; the grid's
+    matmul runs in full fp32 whatever the caller's TF32 setting (a TF32 grid moves nearest samples by
+    up to ~0.2 px at 640²; the example's augmentation is PIL's, on the CPU, exact)."""
     import torchvision.transforms.functional as TF
     from torchvision import transforms as T
 
     class RandomRotation(T.RandomRotation):
         def forward(self, img):
-            if not isinstance(img, torch.Tensor) or self.interpolation != TF.InterpolationMode.NEAREST:
+            if (not isinstance(img, torch.Tensor) or self.interpolation != TF.InterpolationMode.NEAREST
+                    or self.expand or self.center is not None or not img.is_floating_point()):
                 return super().forward(img)
             angle = self.get_params(self.degrees)  # the draw RandomRotation.forward makes
-            with_ones = torch.cat([img, torch.ones_like(img[..., :1, :, :])], -3)
-            out = TF.rotate(with_ones, angle, self.interpolation, self.expand, self.center, None)
-            outside = out[..., -1:, :, :] < 0.5  # no source pixel: the fill
+            # TF.rotate's matrix (its angle negated) and _gen_affine_grid's scaling, on the host
+            matrix = TF._get_inverse_affine_matrix([0.0, 0.0], -angle, [0.0, 0.0], 1.0, [0.0, 0.0])
+            h, w = img.shape[-2:]
+            theta = torch.tensor(matrix, dtype=img.dtype).reshape(1, 2, 3)
+            theta = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=img.dtype)
+            with exact_matmuls():
+                grid = _base_grid(h, w, img.dtype, img.device).bmm(to_device(theta, img.device)).view(1, h, w, 2)
+            batch = img if img.dim() == 4 else img[None]
+            with_ones = torch.cat([batch, torch.ones_like(batch[:, :1])], 1)
+            out = F.grid_sample(with_ones, grid.expand(batch.shape[0], h, w, 2), mode="nearest",
+                                padding_mode="zeros", align_corners=False)
+            outside = out[:, -1:] < 0.5  # no source pixel: the fill
             f = self.fill
-            f = float(f) if isinstance(f, (int, float)) else torch.tensor(
-                [float(v) for v in f], dtype=out.dtype, device=out.device).view(-1, 1, 1)
-            return torch.where(outside, f, out[..., :-1, :, :])
+            f = float(f) if isinstance(f, (int, float)) else to_device(
+                torch.tensor([float(v) for v in f], dtype=out.dtype).view(-1, 1, 1), out.device)
+            out = torch.where(outside, f, out[:, :-1])
+            return out if img.dim() == 4 else out[0]
 
     return RandomRotation(degrees=degrees, fill=fill)
 
