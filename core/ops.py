@@ -30,7 +30,9 @@ def sort_pairs(pairs: torch.Tensor) -> torch.Tensor:
 
 def face_edges(faces: torch.Tensor) -> torch.Tensor:
     """The (3F, 2) edges of triangles (F, 3), each ascending: the faces' (0,1) edges, then (1,2), then (2,0)."""
-    return sort_pairs(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0))
+    # slices, not faces[:, [0, 1]]: a list index is a tensor copied to the device each call (a wait
+    # for the GPU's queue; three a call, session 21's audit)
+    return sort_pairs(torch.cat([faces[:, 0:2], faces[:, 1:3], torch.stack([faces[:, 2], faces[:, 0]], 1)], 0))
 
 
 def edge_keys(edges: torch.Tensor, n_verts: int) -> torch.Tensor:

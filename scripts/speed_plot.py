@@ -1,6 +1,6 @@
 """Where one asset's time goes, before and after each change (issue 15): reports/speed/*.json → a PNG.
 
-  python3 scripts/speed_plot.py [--paper] OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
+  python3 scripts/speed_plot.py [--paper | --steady] OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
 
 --paper: runs at the paper's counts (textual inversion 3,000 steps, coarse 5,000 + fine 5,000
 iterations), with the issue's targets drawn (≤ 2 min of textual inversion + ≤ 5 min for the rest)
@@ -11,7 +11,8 @@ outside its loop apart: set-up, and the export where the run records it as `outp
 scopes (render, backward, guidance, the rest), from runs made with `--profile`; runs without scopes
 show their ms per iteration as one bar. With --paper the right panel is instead each run's steady
 ms per iteration (the loop's second half, past compiling) of the coarse and fine stages, with the
-hash grid and rasteriser each ran on.
+hash grid and rasteriser each ran on. --steady: that right panel for runs of any length (an A/B of
+short runs), the left panel each run's wall seconds at its own counts.
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def missing_stages(run: dict) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    paper = bool(argv) and argv[0] == "--paper"
-    argv = argv[1:] if paper else argv
+    mode = argv[0] if argv and argv[0] in ("--paper", "--steady") else ""
+    paper = mode == "--paper"
+    argv = argv[1:] if mode else argv
     if len(argv) < 2:
         print(__doc__)
         return 2
@@ -97,13 +99,14 @@ def main(argv: list[str]) -> int:
     ax1.set_yticks(list(y), labels)
     ax1.invert_yaxis()
     ax1.set_xlabel("seconds at the paper's counts (textual inversion 3,000 steps, coarse 5,000 + fine 5,000)" if paper
+                   else "seconds at each run's counts (its speed.json)" if mode
                    else "seconds (200 + 200 iterations, textual inversion 100 steps)")
-    legend = ({"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncol": 3} if paper
+    legend = ({"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "ncol": 3} if mode
               else {"loc": "lower right"})  # below the axes: the paper-length bars reach the right edge
     if paper:
         ax1.set_xlim(0, 1.3 * max(left + [TARGET_TI_S + TARGET_REST_S]))
     ax1.legend(fontsize=8, **legend)
-    if paper:
+    if mode:
         _steady_panel(ax2, runs, legend)
     else:
         _scope_panel(ax2, runs, legend)

@@ -78,6 +78,10 @@ def test_speed_plot_splits_a_coarse_iteration_by_scope(tmp_path):
            "stages": {"coarse": {"ms_per_iter_steady": 75.0}, "fine": {"ms_per_iter_steady": 82.5}}}
     assert sp.steady(ext) == {"coarse": 75.0, "fine": 82.5, "backends": "tcnn / nvdiffrast"}
     assert sp.steady(profiled) == {"coarse": 0.0, "fine": 0.0, "backends": "? / ?"}
+    # --steady: that panel for short runs side by side (an A/B), the figure written
+    (tmp_path / "e.json").write_text(json.dumps(ext))
+    assert sp.main(["--steady", str(tmp_path / "ab.png"), f"e={tmp_path / 'e.json'}", runs[0]]) == 0
+    assert (tmp_path / "ab.png").stat().st_size > 1000
     # the fine stage's time outside its loop: set-up and, where recorded, the export apart
     fine = {"stages": {"fine": {"loop_s": 462.7, "outside_loop_s": 37.5, "outputs_s": 21.1}}}
     assert sp.fine_parts(fine) == {"loop": 462.7, "set-up": 37.5 - 21.1, "export": 21.1}

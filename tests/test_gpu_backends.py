@@ -333,3 +333,22 @@ def test_released_augmentation_neither_waits_for_the_gpu_nor_follows_tf32():
         under_tf32 = aug(16, torch.Generator().manual_seed(2))
     assert torch.equal(plain, under_tf32)
 
+
+def test_marching_tets_waits_for_the_gpu_only_for_its_sizes():
+    """Marching tetrahedra each fine iteration compacts three times and takes one unique (the mesh's
+    size is the data's): at most five syncs (torch's unique may read its size twice), not session
+    20's eleven (tables copied per call, boolean masks indexed twice). The mesh is the CPU's."""
+    from core.representations.dmtet import DMTet, marching_tets
+
+    net = DMTet(resolution=16)
+    with torch.no_grad():
+        net.sdf.copy_(0.6 - net.grid_verts.norm(dim=-1))  # a sphere
+    cpu = marching_tets(net.grid_verts, net.sdf.detach(), net.all_tets())
+    pos, sdf, tets = net.grid_verts.cuda(), net.sdf.detach().cuda(), net.all_tets().cuda()
+    marching_tets(pos, sdf, tets)  # the constants copied once
+    torch.cuda.synchronize()
+    n = _syncs(lambda: marching_tets(pos, sdf, tets))
+    assert 4 <= n <= 5, n
+    gpu = marching_tets(pos, sdf, tets)
+    assert torch.equal(gpu.faces.cpu(), cpu.faces)
+    assert torch.allclose(gpu.verts.cpu(), cpu.verts, atol=1e-6)

@@ -392,3 +392,18 @@ def test_sync_audit_counts_each_sync_at_the_line_that_caused_it():
         with warnings.catch_warnings(record=True):
             _sync_here()
     assert off.summary(1)["total"] == 0
+
+
+def test_metrics_reach_the_host_in_one_read_with_floats_values():
+    """The loop's metrics for the callback and trace.csv (issue 15, session 21): the tensors read in
+    one copy per device, the numbers float() gives each, in the same order, strings kept."""
+    from core.stages.engine import _to_host
+
+    metrics = {"loss": torch.tensor(0.1234567, dtype=torch.float32), "faces": 12.0, "shading": "albedo",
+               "half": torch.tensor(0.3333, dtype=torch.float16), "flag": torch.tensor(True), "n": 3,
+               "one": torch.tensor([2.5e-8])}
+    host = _to_host(metrics)
+    assert list(host) == list(metrics)
+    assert host["shading"] == "albedo" and host["n"] == 3.0 and host["faces"] == 12.0
+    for k in ("loss", "half", "flag", "one"):
+        assert host[k] == float(metrics[k]) and isinstance(host[k], float)

@@ -97,7 +97,9 @@ class Cameras:
         return look_at(self.centers)
 
     def w2c(self) -> torch.Tensor:
-        return torch.linalg.inv(self.c2w())
+        # inv_ex: linalg.inv's numbers without its error check (a read of `info`, a wait for the
+        # GPU); a look-at matrix is a rotation and a translation, never singular
+        return torch.linalg.inv_ex(self.c2w()).inverse
 
     def focal(self, height: int) -> torch.Tensor:
         """Focal length in pixels for an image `height` pixels tall."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from core.export.mesh import surface_level
 from core.ops import edge_keys, face_edges, gather_rows, sort_pairs, unique_edges
+from core.perf import device_constant
 from core.representations.tets import grid_vertices, voxel_tet_offsets
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
@@ -90,29 +91,32 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
     device = pos.device
     tets = tets.long()
     with torch.no_grad():
+        # compactions by index (one nonzero each) and the tables as kept device constants: a boolean
+        # mask index is a nonzero, a table made from numpy each call a copy, each a wait for the GPU
+        # (eleven a call before session 21, four now: three nonzeros and the unique); the same
+        # elements in the same order as the masks gave
         occ = sdf > 0
         occ_t = occ[tets]  # (T, 4)
         n_in = occ_t.sum(1)
-        valid = (n_in > 0) & (n_in < 4)
-        tv = tets[valid]  # tetrahedra the surface passes through
-        if tv.shape[0] == 0:
+        rows = torch.nonzero((n_in > 0) & (n_in < 4)).squeeze(1)  # tetrahedra the surface passes through
+        if rows.shape[0] == 0:
             return Mesh(pos.new_zeros((0, 3)), torch.zeros((0, 3), dtype=torch.long, device=device))
-        occ_v = occ_t[valid]
-        edges = tv[:, torch.as_tensor(TET_EDGES, device=device)]  # (Tv, 6, 2)
+        tv, occ_v = tets.index_select(0, rows), occ_t.index_select(0, rows)
+        edges = tv[:, device_constant(TET_EDGES.tolist(), torch.long, device)]  # (Tv, 6, 2)
         edges = sort_pairs(edges)
         crossing = occ[edges[..., 0]] != occ[edges[..., 1]]  # (Tv, 6)
         n_vert = pos.shape[0]
-        keys = edge_keys(edges, n_vert)
-        uniq, inv = torch.unique(keys[crossing], return_inverse=True)
+        cut = torch.nonzero(crossing.reshape(-1)).squeeze(1)
+        uniq, inv = torch.unique(edge_keys(edges, n_vert).reshape(-1).index_select(0, cut), return_inverse=True)
         edge_to_vert = torch.full(crossing.shape, -1, dtype=torch.long, device=device)
-        edge_to_vert[crossing] = inv
+        edge_to_vert.view(-1)[cut] = inv
         a, b = uniq // n_vert, uniq % n_vert
-        code = (occ_v.long() * torch.tensor([1, 2, 4, 8], device=device)).sum(1)
-        table = torch.as_tensor(TRIANGLE_TABLE, device=device)[code]  # (Tv, 2, 3)
-        ntri = torch.as_tensor(NUM_TRIANGLES, device=device)[code]  # (Tv,)
+        code = (occ_v.long() * device_constant((1, 2, 4, 8), torch.long, device)).sum(1)
+        table = device_constant(TRIANGLE_TABLE.reshape(16, 6).tolist(), torch.long, device).view(16, 2, 3)[code]
+        ntri = device_constant(NUM_TRIANGLES.tolist(), torch.long, device)[code]  # (Tv,)
         first = torch.gather(edge_to_vert, 1, table[:, 0])  # (Tv, 3)
-        second_rows = ntri == 2
-        second = torch.gather(edge_to_vert[second_rows], 1, table[second_rows, 1])
+        two = torch.nonzero(ntri == 2).squeeze(1)
+        second = torch.gather(edge_to_vert.index_select(0, two), 1, table.index_select(0, two)[:, 1])
         faces = torch.cat([first, second], 0)
     # gathers with a fixed-order backward (core.ops): a grid vertex is the end of many crossing edges
     s_a, s_b = gather_rows(sdf, a), gather_rows(sdf, b)

@@ -264,8 +264,23 @@ def composite_background(out: RenderBatch, background: torch.Tensor) -> RenderBa
     return out
 
 
-def _scalar(v: Any) -> float | str:
-    return v if isinstance(v, str) else float(torch.as_tensor(v).detach())
+def _to_host(metrics: dict) -> dict:
+    """{name: float} of one-element tensors and numbers (strings kept as they are), the tensors read
+    in one copy per device: a float() each is a wait for the GPU each (a dozen a traced step; session
+    21's audit). float64 holds every fp32 and fp16 value exactly: the numbers float() gives."""
+    out: dict = {}
+    by_device: dict = {}
+    for k, v in metrics.items():
+        if isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append((k, v))
+        else:
+            out[k] = float(v)
+    for items in by_device.values():
+        values = torch.stack([v.detach().reshape(()).double() for _, v in items]).tolist()
+        out.update((k, x) for (k, _), x in zip(items, values))
+    return {k: out[k] for k in metrics}
 
 
 class Stage:
@@ -437,7 +452,7 @@ class Stage:
         occupancy, the fine mesh's faces), the priors' weights on the guidance clock, their SDS
         gradient norms, and the detector's score and rate where it checked at this step."""
         row: dict[str, Any] = {"step": step, "clock": self.spec.clock_offset + step}
-        row.update({k: _scalar(v) for k, v in metrics.items() if not isinstance(v, str)})
+        row.update(_to_host({k: v for k, v in metrics.items() if not isinstance(v, str)}))
         g = self.guidance
         if hasattr(g, "weights"):  # Consistent123's schedule at this step, also on reference-view steps
             row["w_3d"], row["w_2d"] = g.weights(self.spec.clock_offset + step, self.spec.clock_total)
@@ -526,7 +541,7 @@ class Stage:
                 metrics = self.step()
                 s = self.state.step
                 if callback is not None or s % 25 == 0:
-                    fm = {k: _scalar(v) for k, v in metrics.items()}
+                    fm = _to_host(metrics)
                     if callback is not None:
                         callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
                     if s % 25 == 0:
