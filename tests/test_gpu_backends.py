@@ -352,3 +352,19 @@ def test_marching_tets_waits_for_the_gpu_only_for_its_sizes():
     gpu = marching_tets(pos, sdf, tets)
     assert torch.equal(gpu.faces.cpu(), cpu.faces)
     assert torch.allclose(gpu.verts.cpu(), cpu.verts, atol=1e-6)
+
+
+def test_opposite_vertices_do_not_wait_for_the_gpu():
+    """The antialias's neighbours across each edge (issue 15, session 21): no host sync on a GPU
+    (session 20: a unique_consecutive and a nonzero each call), and the CPU's answer."""
+    import trimesh
+
+    from core.rendering.raster import opposite_vertices
+
+    faces = torch.tensor(trimesh.creation.icosphere(subdivisions=4).faces)
+    n = int(faces.max()) + 1
+    on_gpu = faces.cuda()
+    opposite_vertices(on_gpu, n)
+    torch.cuda.synchronize()
+    assert _syncs(lambda: opposite_vertices(on_gpu, n)) == 0
+    assert torch.equal(opposite_vertices(on_gpu, n).cpu(), opposite_vertices(faces, n))

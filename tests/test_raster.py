@@ -281,3 +281,37 @@ def test_compiled_rasteriser_renders_without_gradients_eagerly(monkeypatch):
     assert compile_kind("auto", "cpu") == compile_kind("default", "cpu") == "none"
     with pytest.raises(ValueError, match="fine.compile"):
         compile_kind("fast", "cpu")
+
+
+def _opposite_by_dict(tri: torch.Tensor) -> torch.Tensor:
+    """opposite_vertices by a Python dict of the undirected edges (the reference)."""
+    faces = tri.tolist()
+    by_edge: dict = {}
+    for f, t in enumerate(faces):
+        for i in range(3):
+            by_edge.setdefault(frozenset((t[(i + 1) % 3], t[(i + 2) % 3])), []).append((f, i))
+    out = torch.full((len(faces), 3), -1, dtype=torch.long)
+    for users in by_edge.values():
+        if len(users) == 2:
+            (f, i), (g, j) = users
+            out[f, i], out[g, j] = faces[g][j], faces[f][i]
+    return out
+
+
+def test_opposite_vertices_without_compaction_are_the_dicts():
+    """Issue 15, session 21: the neighbours across each edge found without a compaction (no host
+    sync), against a dict of edges on meshes with boundaries, non-manifold edges (three triangles on
+    one) and repeated triangles; with and without the vertex count given."""
+    import trimesh
+
+    m = trimesh.creation.icosphere(subdivisions=2)
+    sphere = torch.tensor(m.faces)
+    g = torch.Generator().manual_seed(3)
+    meshes = [sphere, sphere[:57], torch.cat([sphere, sphere[:5]]),  # closed, open, doubled triangles
+              torch.cat([sphere, torch.tensor([[0, 1, 7], [1, 0, 9]])]),  # edge (0, 1) on three and four
+              torch.randint(0, 12, (40, 3), generator=g), torch.tensor([[0, 1, 2]])]
+    for tri in meshes:
+        expected = _opposite_by_dict(tri)
+        assert torch.equal(opposite_vertices(tri), expected)
+        assert torch.equal(opposite_vertices(tri, int(tri.max()) + 5), expected)
+    assert opposite_vertices(torch.zeros((0, 3), dtype=torch.long)).shape == (0, 3)

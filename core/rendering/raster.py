@@ -346,28 +346,32 @@ def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> to
     """(F, 3): for edge i of each triangle (the edge opposite its vertex i), the vertex of the
     neighbouring triangle across that edge that is not on the edge; −1 for boundary or non-manifold.
     `n_vertices`: any bound above the largest index (the vertex count; read from `tri` if not given,
-    which waits for the device)."""
+    which waits for the device).
+
+    The triangles' 3F edges sorted by key; an edge shared by exactly two triangles is a run of two
+    equal keys, found by comparing neighbours, and each of the two gets the other's opposite vertex
+    by a scatter (the positions not in a pair write to one spare slot, dropped). No compaction, so
+    no wait for the GPU (session 20: a unique_consecutive and a nonzero, two syncs an iteration)."""
     tri = tri.long()
     F = tri.shape[0]
+    if F == 0:
+        return torch.full((0, 3), -1, dtype=torch.long, device=tri.device)
     a = torch.stack([tri[:, 1], tri[:, 2], tri[:, 0]], 1).reshape(-1)
     b = torch.stack([tri[:, 2], tri[:, 0], tri[:, 1]], 1).reshape(-1)
     opp = tri.reshape(-1)  # vertex i is opposite edge i
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    n = (int(n_vertices) if n_vertices is not None else int(tri.max()) + 1) if F else 1
-    key = lo * n + hi
-    order = torch.argsort(key)
-    ks = key[order]
-    out = torch.full((F * 3,), -1, dtype=torch.long, device=tri.device)
-    if F == 0:
-        return out.view(F, 3)
-    _, inverse, counts = torch.unique_consecutive(ks, return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(ks.numel(), device=tri.device) - starts[inverse]
-    pair_start = (counts[inverse] == 2) & (rank == 0)  # edges shared by exactly two triangles
-    i = torch.nonzero(pair_start).squeeze(1)
-    out[order[i]] = opp[order[i + 1]]
-    out[order[i + 1]] = opp[order[i]]
-    return out.view(F, 3)
+    n = int(n_vertices) if n_vertices is not None else int(tri.max()) + 1
+    order = torch.argsort(lo * n + hi)
+    ks = (lo * n + hi)[order]
+    same = ks[1:] == ks[:-1]  # sorted position j and j + 1 are one edge
+    no = same.new_zeros(1)
+    pair = same & ~torch.cat([no, same[:-1]]) & ~torch.cat([same[1:], no])  # a run of exactly two from j
+    first, second = order[:-1], order[1:]
+    spare = torch.full_like(first, F * 3)
+    out = torch.full((F * 3 + 1,), -1, dtype=torch.long, device=tri.device)
+    out.scatter_(0, torch.where(pair, first, spare), opp[second])
+    out.scatter_(0, torch.where(pair, second, spare), opp[first])
+    return out[:F * 3].view(F, 3)
 
 
 def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
