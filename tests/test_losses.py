@@ -81,3 +81,23 @@ def test_psnr_and_iou():
     m1 = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     m2 = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
     assert mask_iou(m1, m2) == pytest.approx(1 / 3)
+
+
+def test_pearson_depth_loss_by_index_is_the_boolean_masks_to_the_bit():
+    """Issue 15, session 21: eq. 2's pixels taken by one compaction (one host sync a reference step,
+    not three): the loss and its gradient those of boolean-mask indexing, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(2, 1, 24, 24, generator=g, requires_grad=True)
+    ref = torch.rand(2, 1, 24, 24, generator=g)
+    mask = (torch.rand(2, 1, 24, 24, generator=g) > 0.4).float()
+    mask[1] = 0
+    mask[1, 0, 3, 4] = 1  # one pixel: no statistics, zero
+    loss = pearson_depth_loss(d, ref, mask)
+    (grad,) = torch.autograd.grad(loss, d)
+    x = d[0].reshape(-1)[mask[0].reshape(-1) > 0.5]
+    y = ref[0].reshape(-1)[mask[0].reshape(-1) > 0.5]
+    xc, yc = x - x.mean(), y - y.mean()
+    corr = (xc * yc).mean() / (xc.pow(2).mean().sqrt() * yc.pow(2).mean().sqrt() + 1e-8)
+    by_mask = torch.stack([0.5 * (1.0 - corr), d.new_zeros(())]).mean()
+    (grad_mask,) = torch.autograd.grad(by_mask, d)
+    assert torch.equal(loss, by_mask) and torch.equal(grad, grad_mask)

@@ -34,12 +34,14 @@ def pearson_depth_loss(depth: torch.Tensor, ref_depth: torch.Tensor, mask: torch
     """
     losses = []
     for d, r, m in zip(depth, ref_depth, mask):
-        sel = m.reshape(-1) > 0.5
-        if sel.sum() < 2:
+        # the mask's pixels by one compaction (one wait for the GPU; a count and two boolean-mask
+        # indexings were three), the same pixels in the same order
+        sel = torch.nonzero(m.reshape(-1) > 0.5).squeeze(1)
+        if sel.numel() < 2:
             losses.append(depth.new_zeros(()))
             continue
-        x = d.reshape(-1)[sel]
-        y = r.reshape(-1)[sel]
+        x = d.reshape(-1).index_select(0, sel)
+        y = r.reshape(-1).index_select(0, sel)
         xc, yc = x - x.mean(), y - y.mean()
         corr = (xc * yc).mean() / (xc.pow(2).mean().sqrt() * yc.pow(2).mean().sqrt() + eps)
         losses.append(0.5 * (1.0 - corr))
