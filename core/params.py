@@ -497,6 +497,7 @@ class Params(_Section):
     # it is fixed per step so that a Dask worker (which starts with 1) computes what this process does.
     cpu_threads: Optional[int] = Field(None, ge=1)
     cuda_expandable_segments: bool = True
+    cudnn_benchmark: bool = False
     camera: CameraParams = CameraParams()
     coarse: CoarseParams = CoarseParams()
     fine: FineParams = FineParams()
@@ -554,6 +555,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.checkpoint_every", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
+    "cudnn_benchmark",
 )
 
 
@@ -749,7 +751,20 @@ def resolve_device(params: Params):
         device = torch.device(params.device)
     if device.type == "cuda":
         configure_cuda_allocator(params)
+    configure_cudnn(params)
     return device
+
+
+def configure_cudnn(params: Params) -> bool:
+    """cuDNN picks each convolution's algorithm by timing the candidates on the first call of a shape
+    (params.cudnn_benchmark; `torch.backends.cudnn.benchmark`), or by its heuristics (the default).
+    Timed choices can differ from run to run, and so can the last bits of a convolution's sums:
+    off by default. The priors' shapes are fixed within a stage, so timing is paid once a shape.
+    Returns the setting now in force."""
+    import torch
+
+    torch.backends.cudnn.benchmark = bool(params.cudnn_benchmark)
+    return torch.backends.cudnn.benchmark
 
 
 ALLOC_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")

@@ -33,6 +33,7 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             # text encoder in TF32 (textual_inversion.tf32)
             "rasteriser_compile": compile_kind(params.fine.compile, device) if raster == "torch" else "none",
             "ti_tf32": bool(params.textual_inversion.tf32 and device.type == "cuda"),
+            "cudnn_benchmark": bool(params.cudnn_benchmark),
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
                              "zero123": compile_mode(params.zero123.compile, device)},
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),

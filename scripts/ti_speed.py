@@ -46,7 +46,7 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     from core.guidance.factory import stable_diffusion_parts
     from core.guidance.textual_inversion import learn_token_from_params
     from core.models.cache import PRIORS
-    from core.params import apply_overrides, load_params
+    from core.params import apply_overrides, configure_cudnn, load_params
 
     torch._dynamo.reset()
     PRIORS.clear()
@@ -55,6 +55,7 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     mask = torch.zeros(1, 512, 512)
     mask[:, 128:384, 160:352] = 1
     p = load_params("magic123", [f"device={device.type}", f"sd.model={folder}", f"textual_inversion.steps={steps}", *sets])
+    configure_cudnn(p)  # as `generate` does (resolve_device): --variant …=cudnn_benchmark=true
     parts = stable_diffusion_parts(p, device)
     stamps: list[float] = []
     if device.type == "cuda":

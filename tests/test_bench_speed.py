@@ -88,7 +88,7 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert abs(2 * ti["ms_per_iter"] / 1000 - ti["loop_s"]) <= 0.006  # loop_s is rounded to 10 ms
     assert saved["stages"]["coarse"]["ms_per_iter_steady"] is None  # 2 iterations: no two marks
     assert saved["backends"] == {"hash_grid": "torch", "rasteriser": "torch",  # the UNets: eager off a GPU
-                                 "rasteriser_compile": "none", "ti_tf32": False,
+                                 "rasteriser_compile": "none", "ti_tf32": False, "cudnn_benchmark": False,
                                  "unet_compile": {"sd": "none", "zero123": "none"},
                                  "vae_compile": {"sd": "none", "zero123": "none"},
                                  "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"},

@@ -81,6 +81,26 @@ def test_cuda_allocator_expandable_segments_unless_the_user_configured_it():
     assert configure_cuda_allocator(load_params("smoke", ["cuda_expandable_segments=false"]), off) is None and off == {}
 
 
+def test_cudnn_benchmark_is_a_how_not_what_switch_off_by_default():
+    """params.cudnn_benchmark (issue 15): resolve_device sets torch.backends.cudnn.benchmark from it
+    (off unless asked: timed algorithm choices can change a convolution's last bits run to run); a
+    step's digest leaves it out, as the other speed switches."""
+    import torch
+
+    from core.params import HOW_NOT_WHAT, resolve_device
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        assert load_params("smoke").cudnn_benchmark is False
+        resolve_device(load_params("smoke", ["device=cpu", "cudnn_benchmark=true"]))
+        assert torch.backends.cudnn.benchmark is True
+        resolve_device(load_params("smoke", ["device=cpu"]))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert "cudnn_benchmark" in HOW_NOT_WHAT
+
+
 def test_cpu_threads_come_from_the_params_then_omp_num_threads_then_the_cores(monkeypatch):
     import os
 
