@@ -534,14 +534,14 @@ class Params(_Section):
 # cache key and its checkpoint's resume check hash these; tests/test_params.py records what each
 # step really reads (`recording_reads`) and holds it to this table.
 STEP_READS: dict[str, tuple[str, ...]] = {
-    "prepare": ("segment", "depth", "models", "device", "cpu_threads"),
-    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device", "cpu_threads"),
+    "prepare": ("segment", "depth", "models", "device", "cpu_threads", "cudnn_benchmark"),
+    "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device", "cpu_threads", "cudnn_benchmark"),
     # the stages render the novel views that evaluation scores: their number is a stage input too
-    "coarse": ("method", "seed", "device", "cpu_threads", "camera", "coarse", "fine.iters", "optimizer", "guidance", "sd",
+    "coarse": ("method", "seed", "device", "cpu_threads", "cudnn_benchmark", "camera", "coarse", "fine.iters", "optimizer", "guidance", "sd",
                "zero123", "prompt", "textual_inversion", "detector", "models", "segment", "evaluate.novel_views"),
-    "fine": ("method", "seed", "device", "cpu_threads", "camera", "coarse", "fine", "optimizer", "guidance", "sd", "zero123",
+    "fine": ("method", "seed", "device", "cpu_threads", "cudnn_benchmark", "camera", "coarse", "fine", "optimizer", "guidance", "sd", "zero123",
              "prompt", "textual_inversion", "models", "segment", "evaluate.novel_views"),
-    "evaluate": ("evaluate", "models", "method", "device", "cpu_threads"),
+    "evaluate": ("evaluate", "models", "method", "device", "cpu_threads", "cudnn_benchmark"),
 }
 
 
