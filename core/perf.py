@@ -33,28 +33,27 @@ def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.T
 
 
 @contextlib.contextmanager
+def _tf32_setting(allow: bool):
+    """torch.backends.cuda.matmul.allow_tf32 = `allow` inside the block, the setting before after it."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def tf32_matmuls(on: bool = True):
     """fp32 matmuls on the tensor cores in TF32 inside the block (`on`; off, the process's setting
     stands), the process's setting again after it. Only what runs inside is affected: a step whose
     forward and backward both run in the block (the textual inversion's) has both in TF32."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = bool(on) or before
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return _tf32_setting(bool(on) or torch.backends.cuda.matmul.allow_tf32)
 
 
-@contextlib.contextmanager
 def exact_matmuls():
     """fp32 matmuls in full fp32 inside the block (TF32 off), the caller's setting again after it:
     for arithmetic that must not change with a surrounding `tf32_matmuls` (geometry, not learning)."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    return _tf32_setting(False)
 
 
 def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:

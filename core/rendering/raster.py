@@ -361,8 +361,9 @@ def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> to
     opp = tri.reshape(-1)  # vertex i is opposite edge i
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
     n = int(n_vertices) if n_vertices is not None else int(tri.max()) + 1
-    order = torch.argsort(lo * n + hi)
-    ks = (lo * n + hi)[order]
+    key = lo * n + hi
+    order = torch.argsort(key)
+    ks = key[order]
     same = ks[1:] == ks[:-1]  # sorted position j and j + 1 are one edge
     no = same.new_zeros(1)
     pair = same & ~torch.cat([no, same[:-1]]) & ~torch.cat([same[1:], no])  # a run of exactly two from j

@@ -71,6 +71,10 @@ def _build_triangle_table() -> tuple[np.ndarray, np.ndarray]:
 
 
 TRIANGLE_TABLE, NUM_TRIANGLES = _build_triangle_table()
+# the tables as nested lists, the keys of their kept device copies (core.perf.device_constant)
+_TET_EDGES_ROWS = TET_EDGES.tolist()
+_TRIANGLE_ROWS = TRIANGLE_TABLE.reshape(16, 6).tolist()
+_NUM_TRIANGLES_ROW = NUM_TRIANGLES.tolist()
 
 
 @dataclass
@@ -102,7 +106,7 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         if rows.shape[0] == 0:
             return Mesh(pos.new_zeros((0, 3)), torch.zeros((0, 3), dtype=torch.long, device=device))
         tv, occ_v = tets.index_select(0, rows), occ_t.index_select(0, rows)
-        edges = tv[:, device_constant(TET_EDGES.tolist(), torch.long, device)]  # (Tv, 6, 2)
+        edges = tv[:, device_constant(_TET_EDGES_ROWS, torch.long, device)]  # (Tv, 6, 2)
         edges = sort_pairs(edges)
         crossing = occ[edges[..., 0]] != occ[edges[..., 1]]  # (Tv, 6)
         n_vert = pos.shape[0]
@@ -112,8 +116,8 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         edge_to_vert.view(-1)[cut] = inv
         a, b = uniq // n_vert, uniq % n_vert
         code = (occ_v.long() * device_constant((1, 2, 4, 8), torch.long, device)).sum(1)
-        table = device_constant(TRIANGLE_TABLE.reshape(16, 6).tolist(), torch.long, device).view(16, 2, 3)[code]
-        ntri = device_constant(NUM_TRIANGLES.tolist(), torch.long, device)[code]  # (Tv,)
+        table = device_constant(_TRIANGLE_ROWS, torch.long, device).view(16, 2, 3)[code]
+        ntri = device_constant(_NUM_TRIANGLES_ROW, torch.long, device)[code]  # (Tv,)
         first = torch.gather(edge_to_vert, 1, table[:, 0])  # (Tv, 3)
         two = torch.nonzero(ntri == 2).squeeze(1)
         second = torch.gather(edge_to_vert.index_select(0, two), 1, table.index_select(0, two)[:, 1])
