@@ -497,6 +497,8 @@ class Params(_Section):
     # it is fixed per step so that a Dask worker (which starts with 1) computes what this process does.
     cpu_threads: Optional[int] = Field(None, ge=1)
     cuda_expandable_segments: bool = True
+    # cuDNN times a convolution's algorithms on each shape's first call (configure_cudnn): no faster
+    # on an H200 for the textual inversion, coarse or fine stage, and more memory (reports/speed s22)
     cudnn_benchmark: bool = False
     camera: CameraParams = CameraParams()
     coarse: CoarseParams = CoarseParams()
