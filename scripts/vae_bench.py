@@ -25,11 +25,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def variant(vae, kind: str):
-    """`vae` with kind's kernels: diffusers | groupnorm | attention | lift3d (both)."""
+    """`vae` with kind's kernels: diffusers | groupnorm | attention | lift3d (both); a '-cl' suffix:
+    its weights channels-last as well (`sd.channels_last`), so that cuDNN runs NHWC convolutions
+    without converting the layout around each."""
+    import torch
+
     from core.guidance.sd import lift3d_encoder_kernels
 
-    lift3d_encoder_kernels(vae.encoder, group_norm=kind in ("groupnorm", "lift3d"),
-                           attention=kind in ("attention", "lift3d"))
+    kernels, _, layout = kind.partition("-")
+    lift3d_encoder_kernels(vae.encoder, group_norm=kernels in ("groupnorm", "lift3d"),
+                           attention=kernels in ("attention", "lift3d"))
+    if layout == "cl":
+        vae.to(memory_format=torch.channels_last)
     return vae
 
 
@@ -71,6 +78,10 @@ def main(argv=None) -> int:
     ap.add_argument("--graph-min-rows", default="16384,65536,262144",
                     help="'lift3d+graphs@N' variants: the graphs captured with rows of ≥ N elements on the Triton "
                          "GroupNorm (262144: eager's MIN_ROW, session 17's graphs; default: %(default)s)")
+    ap.add_argument("--kinds", default=None,
+                    help="comma-separated variants to time (default: all; e.g. lift3d+graphs,lift3d-cl+graphs). "
+                         "Variants: diffusers, groupnorm, attention, lift3d, each with '-cl' (channels-last "
+                         "weights) and/or '+graphs' (replayed as CUDA graphs)")
     a = ap.parse_args(argv)
     if a.plot:
         print(f"wrote {plot(a.plot)}")
@@ -95,7 +106,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     base = AutoencoderKL.from_config(_cfg("sd15_vae.json")).to(dev, torch.half).eval().requires_grad_(False)
     kinds = ("diffusers", "groupnorm", "attention", "lift3d", "diffusers+graphs", "lift3d+graphs",
-             *(f"lift3d+graphs@{int(n)}" for n in a.graph_min_rows.split(",") if n))
+             *(f"lift3d+graphs@{int(n)}" for n in a.graph_min_rows.split(",") if n), "lift3d-cl", "lift3d-cl+graphs")
+    if a.kinds:
+        kinds = tuple(k for k in a.kinds.split(",") if k)
     graph_min_row = {k: int(k.split("@")[1]) if "@" in k else gnt.GRAPH_MIN_ROW for k in kinds}
     vaes = {k: variant(copy.deepcopy(base), k.split("+")[0]) for k in kinds}
     # "+graphs": the encode replayed as CUDA graphs (`vae_graphs`), captured at its first call
@@ -112,7 +125,7 @@ def main(argv=None) -> int:
             (mean.float() * up).sum().backward()
             return mean.detach().float(), x.grad.clone()  # a graph's input gradient is its own buffer
 
-        ref_mean, ref_grad = step(vaes["diffusers"], vae_moments)
+        ref_mean, ref_grad = step(base, vae_moments)  # diffusers' kernels, NCHW
         for kind in kinds:
             vae, fn = vaes[kind], fns[kind]
             default, gnt.GRAPH_MIN_ROW = gnt.GRAPH_MIN_ROW, graph_min_row[kind]  # read when a graph is captured

@@ -17,7 +17,9 @@ chunks of CHUNK and every chunk is a program:
 
 Everything is computed in fp32 and stored in x's dtype. The weight and bias gradients (not needed in
 SDS: the VAE is frozen) are computed with torch ops when they are asked for. Inputs must be NCHW
-contiguous on a CUDA device (or CPU tensors under TRITON_INTERPRET=1, the tests); `TritonGroupNorm`
+contiguous, or dense with the channels innermost (channels-last; `sd.channels_last`: cuDNN's NHWC
+convolutions without a layout conversion around each; a row's elements are then taken pixel by
+pixel, its CG channels adjacent), on a CUDA device (or CPU tensors under TRITON_INTERPRET=1, the tests); `TritonGroupNorm`
 falls back to torch's GroupNorm otherwise and under torch.compile (Inductor fuses it there).
 
 This module imports triton at its top; core.guidance.sd imports it only when the kernels are used.
@@ -52,14 +54,32 @@ GRAPH_MIN_ROW = 0
 MIN_BLOCK_S = 256
 
 
-@triton.jit(do_not_specialize=["M", "S"])
-def _chunk_stats(x_ptr, part_ptr, M, S, CHUNK: tl.constexpr):
+@triton.jit
+def _at(row, offs, M, HW, CG, G, CL: tl.constexpr):
+    """Elements `offs` of row `row` (sample row // G, group row % G): their offsets in the tensor
+    (int64) and their channels. NCHW: the row is one contiguous run, channel by channel
+    (offs = (c − g·CG)·HW + pixel). Channels-last (CL): pixel by pixel (offs = pixel·CG + c − g·CG),
+    each pixel's CG channels adjacent and pixels C = G·CG elements apart."""
+    g = row % G
+    if CL:
+        j = offs % CG
+        addr = (row // G).to(tl.int64) * M * G + (offs // CG).to(tl.int64) * (CG * G) + g * CG + j
+        c = g * CG + j
+    else:
+        addr = row.to(tl.int64) * M + offs
+        c = g * CG + offs // HW
+    return addr, c
+
+
+@triton.jit(do_not_specialize=["M", "S", "HW", "CG", "G"])
+def _chunk_stats(x_ptr, part_ptr, M, S, HW, CG, G, CHUNK: tl.constexpr, CL: tl.constexpr):
     """part[row, s] = (mean, M2) of chunk s of row `row`."""
     row = tl.program_id(0)
     s = tl.program_id(1)
     offs = s * CHUNK + tl.arange(0, CHUNK)
     m = offs < M
-    x = tl.load(x_ptr + row.to(tl.int64) * M + offs, mask=m, other=0.0).to(tl.float32)
+    addr, c = _at(row, offs, M, HW, CG, G, CL)
+    x = tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32)
     cnt = tl.minimum(M - s * CHUNK, CHUNK).to(tl.float32)
     mean = tl.sum(x, axis=0) / cnt
     d = tl.where(m, x - mean, 0.0)
@@ -84,7 +104,7 @@ def _row_stats(part_ptr, row, M, S, eps, CHUNK: tl.constexpr, BLOCK_S: tl.conste
 
 @triton.jit(do_not_specialize=["M", "S", "HW", "CG", "G"])
 def _normalize(x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, stats_ptr, M, S, HW, CG, G, eps,
-               CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+               CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, CL: tl.constexpr):
     row = tl.program_id(0)
     s = tl.program_id(1)
     mean, rstd = _row_stats(part_ptr, row, M, S, eps, CHUNK, BLOCK_S)
@@ -93,34 +113,36 @@ def _normalize(x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, stats_ptr, M, S, HW, CG, G,
         tl.store(stats_ptr + row * 2 + 1, rstd)
     offs = s * CHUNK + tl.arange(0, CHUNK)
     m = offs < M
-    c = (row % G) * CG + offs // HW  # the element's channel
-    x = tl.load(x_ptr + row.to(tl.int64) * M + offs, mask=m, other=0.0).to(tl.float32)
+    addr, c = _at(row, offs, M, HW, CG, G, CL)  # the elements' offsets and channels
+    x = tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
     y = (x - mean) * rstd * w + b
-    tl.store(y_ptr + row.to(tl.int64) * M + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_ptr + addr, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _chunk_grads(x_ptr, dy_ptr, w_ptr, stats_ptr, row, s, M, HW, CG, G, CHUNK: tl.constexpr):
-    """Chunk s of row `row`: its offsets, mask, x̂ = (x − mean)·rstd, g = w_c·dy (fp32) and rstd."""
+def _chunk_grads(x_ptr, dy_ptr, w_ptr, stats_ptr, row, s, M, HW, CG, G, CHUNK: tl.constexpr, CL: tl.constexpr):
+    """Chunk s of row `row`: its elements' offsets in the tensor, mask, x̂ = (x − mean)·rstd,
+    g = w_c·dy (fp32) and rstd."""
     mean = tl.load(stats_ptr + row * 2)
     rstd = tl.load(stats_ptr + row * 2 + 1)
     offs = s * CHUNK + tl.arange(0, CHUNK)
     m = offs < M
-    c = (row % G) * CG + offs // HW
-    x = tl.load(x_ptr + row.to(tl.int64) * M + offs, mask=m, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + row.to(tl.int64) * M + offs, mask=m, other=0.0).to(tl.float32)
+    addr, c = _at(row, offs, M, HW, CG, G, CL)
+    x = tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + addr, mask=m, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-    return offs, m, (x - mean) * rstd, w * dy, rstd
+    return addr, m, (x - mean) * rstd, w * dy, rstd
 
 
 @triton.jit(do_not_specialize=["M", "S", "HW", "CG", "G"])
-def _backward_sums(x_ptr, dy_ptr, w_ptr, stats_ptr, part_ptr, M, S, HW, CG, G, CHUNK: tl.constexpr):
+def _backward_sums(x_ptr, dy_ptr, w_ptr, stats_ptr, part_ptr, M, S, HW, CG, G, CHUNK: tl.constexpr,
+                   CL: tl.constexpr):
     """part[row, s] = (Σ g, Σ g·x̂) over chunk s, g = w_c·dy."""
     row = tl.program_id(0)
     s = tl.program_id(1)
-    offs, m, xhat, g, rstd = _chunk_grads(x_ptr, dy_ptr, w_ptr, stats_ptr, row, s, M, HW, CG, G, CHUNK)
+    addr, m, xhat, g, rstd = _chunk_grads(x_ptr, dy_ptr, w_ptr, stats_ptr, row, s, M, HW, CG, G, CHUNK, CL)
     base = (row * S + s) * 2
     tl.store(part_ptr + base, tl.sum(g, axis=0))  # masked elements load as 0: g = 0 there
     tl.store(part_ptr + base + 1, tl.sum(g * xhat, axis=0))
@@ -128,16 +150,16 @@ def _backward_sums(x_ptr, dy_ptr, w_ptr, stats_ptr, part_ptr, M, S, HW, CG, G, C
 
 @triton.jit(do_not_specialize=["M", "S", "HW", "CG", "G"])
 def _backward_dx(x_ptr, dy_ptr, w_ptr, stats_ptr, part_ptr, dx_ptr, M, S, HW, CG, G,
-                 CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+                 CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, CL: tl.constexpr):
     row = tl.program_id(0)
     s = tl.program_id(1)
     si = tl.arange(0, BLOCK_S)
     ms = si < S
     mean_g = tl.sum(tl.load(part_ptr + (row * S + si) * 2, mask=ms, other=0.0), axis=0) / M
     mean_gx = tl.sum(tl.load(part_ptr + (row * S + si) * 2 + 1, mask=ms, other=0.0), axis=0) / M
-    offs, m, xhat, g, rstd = _chunk_grads(x_ptr, dy_ptr, w_ptr, stats_ptr, row, s, M, HW, CG, G, CHUNK)
+    addr, m, xhat, g, rstd = _chunk_grads(x_ptr, dy_ptr, w_ptr, stats_ptr, row, s, M, HW, CG, G, CHUNK, CL)
     dx = rstd * (g - mean_g - xhat * mean_gx)
-    tl.store(dx_ptr + row.to(tl.int64) * M + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    tl.store(dx_ptr + addr, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int]:
@@ -146,6 +168,18 @@ def _layout(x: torch.Tensor, groups: int) -> tuple[int, int, int, int, int]:
     hw = x[0, 0].numel()
     m = (c // groups) * hw
     return n * groups, m, hw, c // groups, triton.cdiv(m, CHUNK)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """x (N, C, …) is dense with its channels innermost (4-D: torch.channels_last; 3-D: (N, C, L) as
+    the transpose of a contiguous (N, L, C), the attention block's GroupNorm input) but not dense in
+    the default layout (a tensor dense in both, as with 1×1 images, takes the NCHW path)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _like(t: torch.Tensor, cl: bool) -> torch.Tensor:
+    """t (x's shape) dense in x's layout: channels innermost where `cl`, else contiguous."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if cl else t.contiguous()
 
 
 def _block_s(chunks: int) -> int:
@@ -160,41 +194,44 @@ class TritonGroupNormFn(torch.autograd.Function):
         block_s = _block_s(s)
         part = torch.empty(rows, s, 2, device=x.device, dtype=torch.float32)
         stats = torch.empty(rows, 2, device=x.device, dtype=torch.float32)
-        y = torch.empty_like(x)
-        _chunk_stats[(rows, s)](x, part, m, s, CHUNK=CHUNK)
-        _normalize[(rows, s)](x, y, part, weight, bias, stats, m, s, hw, cg, groups, eps, CHUNK=CHUNK, BLOCK_S=block_s)
+        cl = _channels_last(x)
+        y = torch.empty_like(x)  # x's layout
+        _chunk_stats[(rows, s)](x, part, m, s, hw, cg, groups, CHUNK=CHUNK, CL=cl)
+        _normalize[(rows, s)](x, y, part, weight, bias, stats, m, s, hw, cg, groups, eps, CHUNK=CHUNK, BLOCK_S=block_s,
+                              CL=cl)
         ctx.save_for_backward(x, weight, stats)
-        ctx.groups = groups
+        ctx.groups, ctx.cl = groups, cl
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        groups = ctx.groups
-        dy = dy.contiguous()
+        groups, cl = ctx.groups, ctx.cl
+        dy = _like(dy, cl)  # x's layout
         rows, m, hw, cg, s = _layout(x, groups)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             part = torch.empty(rows, s, 2, device=x.device, dtype=torch.float32)
             dx = torch.empty_like(x)
-            _backward_sums[(rows, s)](x, dy, weight, stats, part, m, s, hw, cg, groups, CHUNK=CHUNK)
+            _backward_sums[(rows, s)](x, dy, weight, stats, part, m, s, hw, cg, groups, CHUNK=CHUNK, CL=cl)
             _backward_dx[(rows, s)](x, dy, weight, stats, part, dx, m, s, hw, cg, groups,
-                                    CHUNK=CHUNK, BLOCK_S=_block_s(s))
+                                    CHUNK=CHUNK, BLOCK_S=_block_s(s), CL=cl)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # torch ops: not on SDS's path
             n, c = x.shape[:2]
             mean, rstd = (t.view(n, groups, 1) for t in stats.unbind(-1))
-            xhat = ((x.float().view(n, groups, -1) - mean) * rstd).view(n, c, -1)
-            dyf = dy.float().view(n, c, -1)
+            xhat = ((x.float().reshape(n, groups, -1) - mean) * rstd).view(n, c, -1)  # reshape: either layout
+            dyf = dy.float().reshape(n, c, -1)
             dw = (dyf * xhat).sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[2] else None
             db = dyf.sum((0, 2)).to(weight.dtype) if ctx.needs_input_grad[3] else None
         return dx, None, dw, db, None
 
 
 def runs_here(x: torch.Tensor, groups: int, min_row: int = 0) -> bool:
-    """The kernels take x: NCHW-contiguous (any trailing dims), on a CUDA device or interpreted,
-    rows of at least `min_row` and at most CHUNK·MAX_CHUNKS elements."""
-    if x.dim() < 3 or not x.is_contiguous() or x.shape[1] % groups:
+    """The kernels take x: NCHW-contiguous (any trailing dims) or dense with its channels innermost
+    (channels-last), on a CUDA device or interpreted, rows of at least `min_row` and at most
+    CHUNK·MAX_CHUNKS elements."""
+    if x.dim() < 3 or not (x.is_contiguous() or _channels_last(x)) or x.shape[1] % groups:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and triton_interpreting())):
         return False
