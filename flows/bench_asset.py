@@ -71,13 +71,15 @@ class _Profile:
     regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
     around each, over the whole stage; then torch.profiler's table over `steps` iterations, stepped by
     the stage's callback, after the stage's reference-only warm-up (`skip` iterations: the released
-    99, which have no guidance) and 5 + 1 more. Both written to `path`."""
+    99, which have no guidance), `after` more (`bench speed --profile-after`: past the first guided
+    iterations' compiling and graph captures) and 5 + 1 more. Both written to `path`."""
 
-    def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0):
-        self.path, self.steps, self.device, self.prof, self.skip = path, steps, device, None, int(skip)
+    def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0, after: int = 0):
+        self.path, self.steps, self.device, self.prof = path, steps, device, None
+        self.skip, self.after = int(skip), int(after)
         self.times: dict = {}
         self.iterations = 0  # the stage's iterations seen by the callback
-        self.wait, self.warmup = self.skip + 5, 1  # the schedule's iterations before the active ones
+        self.wait, self.warmup = self.skip + self.after + 5, 1  # the schedule's iterations before the active ones
 
     def __enter__(self):
         if self.steps > 0:
@@ -119,8 +121,9 @@ class _Profile:
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         needed = self.wait + self.warmup + self.steps
         if self.iterations < needed:
+            after = f" + {self.after} more (--profile-after)" if self.after else ""
             text += (f"\n\nno profiler table: the stage ran {self.iterations} iterations; the profile "
-                     f"needs {needed} ({self.skip} reference-only + 5 + 1 warm-up + {self.steps})")
+                     f"needs {needed} ({self.skip} reference-only{after} + 5 + 1 warm-up + {self.steps})")
         else:
             text += self._table(key)
         atomic_write_text(self.path, text)
@@ -171,7 +174,7 @@ STAGES = ("textual_inversion", "coarse", "fine")
 
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
-                    progress: bool = True, profile_steps: int = 0, sync_audit: bool = False,
+                    progress: bool = True, profile_steps: int = 0, profile_after: int = 0, sync_audit: bool = False,
                     stages: tuple[str, ...] = STAGES, compile_cache: Optional[Path] = None) -> dict[str, Any]:
     """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
 
@@ -185,8 +188,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     file before the run when it is there, and written to it after: a run on another machine of the
     same GPU and software compiles the UNets from it instead of from nothing.
 
-    `profile_steps=N`: torch.profiler over N iterations of each stage (after 5 + 2 warm-up ones),
-    written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
+    `profile_steps=N`: torch.profiler over N iterations of each stage (after its reference-only
+    warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
     those runs' timings are not the bench's figures).
 
     `sync_audit=True`: every host–device synchronisation of each stage counted by the line of lift3d
@@ -274,7 +277,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
             if prof.callback is not None:
                 prof.callback(step, metrics)
 
-        with _Stage(device) as st, _Profile(out / "profile_textual_inversion.txt", profile_steps, device) as prof, \
+        with _Stage(device) as st, _Profile(out / "profile_textual_inversion.txt", profile_steps, device,
+                                            after=profile_after) as prof, \
                 SyncAudit(sync_audit) as audit:
             embeds = textual_inversion_stage(image, out / "textual_inversion", params, progress=progress,
                                              callback=ti_callback)
@@ -308,7 +312,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         if name not in stages:
             continue
         warmup = getattr(params, name).ref_warmup  # profile guided steps, not the reference-only ones
-        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup) as prof, \
+        with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup,
+                                            after=profile_after) as prof, \
                 SyncAudit(sync_audit) as audit:
             record = run(prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))

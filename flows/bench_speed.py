@@ -261,6 +261,7 @@ def cli_bench_speed(args) -> int:
                             image=Path(args.image) if getattr(args, "image", None) else None,
                             depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
                             profile_steps=getattr(args, "profile", 0) or 0,
+                            profile_after=getattr(args, "profile_after", 0) or 0,
                             sync_audit=bool(getattr(args, "sync_audit", False)),
                             stages=tuple(x.strip() for x in (getattr(args, "stages", None) or
                                                              "textual_inversion,coarse,fine").split(",") if x.strip()),

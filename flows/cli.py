@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the full-size random priors are written once and reused (default: OUT/models)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="--stage asset: torch.profiler over N iterations of each stage → OUT/profile_STAGE.txt")
+    p.add_argument("--profile-after", type=int, default=0, metavar="K",
+                   help="--profile: start each stage's window K iterations later (past the first guided "
+                        "iterations' compiling and CUDA-graph captures: a steady window)")
     p.add_argument("--sync-audit", action="store_true",
                    help="--stage asset: count every host-device synchronisation by the line that caused it "
                         "→ OUT/sync_audit.txt (GPU; slows the run)")

@@ -119,6 +119,32 @@ def test_profile_skips_the_reference_only_warm_up(tmp_path):
     assert profiled == [9, 10], profiled
 
 
+def test_profile_after_moves_the_window_past_the_first_guided_iterations(tmp_path):
+    """bench speed --profile N --profile-after K: the window starts K iterations later (a steady one,
+    past the compiling and graph captures of the first guided iterations); a stage too short for it
+    says so with the count it needs."""
+    import torch
+
+    from flows.bench_asset import _Profile
+    from flows.cli import build_parser
+
+    with _Profile(tmp_path / "p.txt", 2, torch.device("cpu"), skip=3, after=4) as prof:
+        for i in range(20):
+            with torch.profiler.record_function(f"iteration_{i:02d}"):
+                torch.ones(8).sum()
+            prof.callback(i, {})
+    text = (tmp_path / "p.txt").read_text()
+    assert sorted(int(w[-2:]) for w in text.split() if w.startswith("iteration_")) == [13, 14]
+    with _Profile(tmp_path / "q.txt", 2, torch.device("cpu"), skip=3, after=4) as prof:
+        for i in range(12):
+            prof.callback(i, {})
+    assert "the profile needs 15 (3 reference-only + 4 more (--profile-after) + 5 + 1 warm-up + 2)" in (
+        tmp_path / "q.txt").read_text()
+    args = build_parser().parse_args(["bench", "speed", "--out", str(tmp_path), "--profile", "10",
+                                      "--profile-after", "300"])
+    assert (args.profile, args.profile_after) == (10, 300)
+
+
 def test_the_profile_counts_the_operators_each_scope_dispatched(tmp_path):
     """bench speed --profile N also writes, per scope, the operators the host dispatched a step:
     those called from outside another operator (linear's own addmm is not one), counted where they
