@@ -189,8 +189,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     same GPU and software compiles the UNets from it instead of from nothing.
 
     `profile_steps=N`: torch.profiler over N iterations of each stage (after its reference-only
-    warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (a per-step callback then syncs the host every iteration, so
-    those runs' timings are not the bench's figures).
+    warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (a per-step callback
+    then syncs the host every iteration, so those runs' timings are not the bench's figures).
 
     `sync_audit=True`: every host–device synchronisation of each stage counted by the line of lift3d
     that caused it (core.perf.SyncAudit) → speed.json "host_syncs" and DIR/sync_audit.txt (the stack

@@ -19,8 +19,9 @@ Everything is computed in fp32 and stored in x's dtype. The weight and bias grad
 SDS: the VAE is frozen) are computed with torch ops when they are asked for. Inputs must be NCHW
 contiguous, or dense with the channels innermost (channels-last; `sd.channels_last`: cuDNN's NHWC
 convolutions without a layout conversion around each; a row's elements are then taken pixel by
-pixel, its CG channels adjacent), on a CUDA device (or CPU tensors under TRITON_INTERPRET=1, the tests); `TritonGroupNorm`
-falls back to torch's GroupNorm otherwise and under torch.compile (Inductor fuses it there).
+pixel, its CG channels adjacent), on a CUDA device (or CPU tensors under TRITON_INTERPRET=1, the
+tests); `TritonGroupNorm` falls back to torch's GroupNorm otherwise and under torch.compile
+(Inductor fuses it there).
 
 This module imports triton at its top; core.guidance.sd imports it only when the kernels are used.
 """
@@ -78,7 +79,7 @@ def _chunk_stats(x_ptr, part_ptr, M, S, HW, CG, G, CHUNK: tl.constexpr, CL: tl.c
     s = tl.program_id(1)
     offs = s * CHUNK + tl.arange(0, CHUNK)
     m = offs < M
-    addr, c = _at(row, offs, M, HW, CG, G, CL)
+    addr, _ = _at(row, offs, M, HW, CG, G, CL)
     x = tl.load(x_ptr + addr, mask=m, other=0.0).to(tl.float32)
     cnt = tl.minimum(M - s * CHUNK, CHUNK).to(tl.float32)
     mean = tl.sum(x, axis=0) / cnt

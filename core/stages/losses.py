@@ -40,8 +40,7 @@ def pearson_depth_loss(depth: torch.Tensor, ref_depth: torch.Tensor, mask: torch
         if sel.numel() < 2:
             losses.append(depth.new_zeros(()))
             continue
-        x = d.reshape(-1).index_select(0, sel)
-        y = r.reshape(-1).index_select(0, sel)
+        x, y = gather_rows(d.reshape(-1), sel), gather_rows(r.reshape(-1), sel)
         xc, yc = x - x.mean(), y - y.mean()
         corr = (xc * yc).mean() / (xc.pow(2).mean().sqrt() * yc.pow(2).mean().sqrt() + eps)
         losses.append(0.5 * (1.0 - corr))
