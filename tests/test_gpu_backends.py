@@ -140,15 +140,20 @@ def test_graphed_vae_encoders_give_the_eager_sds_gradients(tmp_path):
     _agree(_guided_calls(tmp_path, lift3d), _guided_calls(tmp_path, {**lift3d, **graphs}), cos_min=0.999, norm_rel=0.005)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape,groups", [((1, 128, 512, 512), 32), ((1, 512, 128, 128), 32), ((16, 128, 256, 256), 32)])
-def test_triton_group_norm_gives_torchs_at_the_encoders_sizes(shape, groups):
+def test_triton_group_norm_gives_torchs_at_the_encoders_sizes(shape, groups, layout):
     """core.guidance.group_norm_triton on the GPU at SD's encoder sizes (batch 1 at 512², its third
-    resolution, the textual inversion's batch of 16), fp16 in and out: the forward and the input
-    gradient within fp16 rounding of torch's GroupNorm computed in fp32."""
+    resolution, the textual inversion's batch of 16), fp16 in and out, in either memory layout (the
+    channels-last one is what `sd.channels_last` hands it): the forward and the input gradient
+    within fp16 rounding of torch's GroupNorm computed in fp32."""
     from core.guidance.group_norm_triton import group_norm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(shape, device="cuda", generator=gen) * 2 + 1).half()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
     w, b = (torch.randn(shape[1], device="cuda", generator=gen).half() for _ in range(2))
     up = torch.randn(shape, device="cuda", generator=gen).half()
     out = {}
