@@ -274,6 +274,7 @@ class OptimizerParams(_Section):
     eps: float = Field(1e-15, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)  # Adam: L2 added to the gradient; Adan: decoupled (÷(1 + lr·wd))
     max_grad_norm: float = Field(0.0, ge=0.0)  # clip the global gradient norm to this (0: off)
+    fused: bool = True  # GPU Adam as torch's fused kernel (the same update, one pass); CPU: unchanged
 
     @model_validator(mode="after")
     def _betas(self) -> "OptimizerParams":
@@ -557,7 +558,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
-    "coarse.checkpoint_every", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
+    "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
     "cudnn_benchmark",
 )
 

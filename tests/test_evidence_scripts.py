@@ -289,3 +289,45 @@ def test_flop_floor_counts_the_full_size_priors_on_the_meta_device(tmp_path):
     assert f["stages"]["coarse"]["count"] == p.coarse.iters - p.coarse.ref_warmup == 4901
     assert f["stages"]["textual_inversion"]["seconds"] == pytest.approx(3000 * sum(ti.values()) / 500.0 / 1000)
     assert ff.main(["--tflops", "0"]) == 2
+
+
+def test_step_bench_times_each_stages_optimiser_and_the_field_by_precision(tmp_path):
+    """scripts/step_bench.py on the CPU at the tiny preset: a row for each stage's foreach Adam over
+    that stage's parameters (fused is GPU-only: build_optimizer never fuses on a CPU, so no fused
+    row), and one for each field precision at each sample count; --plot draws a GPU result; timing
+    without a CUDA device is one line and exit 2, nothing written."""
+    import json
+    import subprocess
+
+    import torch
+
+    from core.params import load_params
+    from core.stages.coarse import NeRFRepresentation
+
+    bench = load("step_bench")
+    p = load_params("tiny")
+    rows = bench.optimiser_rows(p, torch.device("cpu"), iters=2, warmup=1)
+    coarse_n = sum(q.numel() for q in NeRFRepresentation(p, torch.device("cpu")).field.parameters())
+    assert [(r["stage"], r["variant"]) for r in rows] == [("coarse", "foreach"), ("fine", "foreach")]
+    assert rows[0]["parameters"] == coarse_n and rows[1]["parameters"] > coarse_n  # the fine stage adds the tets' SDF and deformation
+    assert all(r["gpu_ms"] is None and r["host_ms"] > 0 for r in rows)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    frows = bench.field_rows(p, torch.device("cpu"), [64, 128], iters=1, warmup=0)
+    assert [(r["samples"], r["variant"]) for r in frows] == [(n, v) for n in (64, 128) for v in ("fp32", "tf32", "bf16")]
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32  # the TF32 variant put the setting back
+
+    gpu = [dict(r, gpu_ms=1.0 + i) for i, r in enumerate(rows + frows)]
+    src = tmp_path / "steps.json"
+    src.write_text(json.dumps({"device": "test", "preset": "tiny", "rows": gpu}))
+
+    def run(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "step_bench.py"), *map(str, args)], capture_output=True,
+                           text=True, timeout=120)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    assert run("--plot", src, tmp_path / "steps.png")[0] == 0 and (tmp_path / "steps.png").stat().st_size > 5000
+    rc, err = run()
+    assert rc == 2 and "--out is required" in err[-1]
+    if not torch.cuda.is_available():
+        rc, err = run("--out", tmp_path / "x.json")
+        assert rc == 2 and err == ["step_bench: needs a CUDA device (it times GPU kernels)"] and not (tmp_path / "x.json").exists()

@@ -402,6 +402,12 @@ def test_magic123_adam_as_released():
     assert type(opt) is torch.optim.Adam  # main.py:554-555
     g = opt.param_groups[0]
     assert g["betas"] == (0.9, 0.99) and g["eps"] == 1e-15 and g["weight_decay"] == 0.0 and g["lr"] == 1e-3
+    # optimizer.fused (default true) applies on a GPU only: on the CPU the same foreach/for-loop Adam as
+    # before, so CPU runs keep their numbers (tests/test_gpu_backends.py: fused against foreach on a GPU)
+    assert p.optimizer.fused and not opt.defaults["fused"]
+    w.grad = torch.tensor([1.0, -2.0])
+    opt.step()  # the released update's first step: −lr·sign(g) (m̂ = g, v̂ = g², eps 1e-15)
+    assert w.detach().tolist() == pytest.approx([-1e-3, 1e-3])
 
 
 def test_consistent123_adan_settings():

@@ -10,6 +10,10 @@ optimizer.py); the global-norm clip, which timm's Adan lacks, is applied to the 
 its step, as the released optimizer does at the start of its own (clip = min(1, max/(‖g‖ + eps)),
 every gradient scaled in place).
 
+On a GPU Adam runs as torch's fused kernel (`optimizer.fused`): the released update, computed in one
+pass over every parameter instead of foreach's dozen passes and their per-parameter host work
+(reports/speed, session 23); on the CPU the foreach/for-loop Adam as before.
+
 Every group keeps its unscaled-schedule learning rate as `base_lr` (lr × lr_scale) so a
 representation's lr schedule (core/stages/coarse.py) scales that.
 """
@@ -50,6 +54,13 @@ def _with_clip(opt_cls):
     return Clipped
 
 
+def _all_cuda(groups: list[dict]) -> bool:
+    """Whether every parameter of `groups` is a floating-point tensor on a CUDA device (what torch's
+    fused Adam takes)."""
+    every = [q for g in groups for q in g["params"]]
+    return bool(every) and all(q.is_cuda and q.is_floating_point() for q in every)
+
+
 def build_optimizer(groups: list[dict], p) -> torch.optim.Optimizer:
     """The optimiser of `params.optimizer` (`p`) over a representation's parameter groups."""
     groups = [dict(g, lr=g["lr"] * p.lr_scale) for g in groups]
@@ -58,6 +69,8 @@ def build_optimizer(groups: list[dict], p) -> torch.optim.Optimizer:
     if p.name == "adam":
         cls = _with_clip(torch.optim.Adam) if p.max_grad_norm > 0 else torch.optim.Adam
         kw = {"max_grad_norm": p.max_grad_norm} if p.max_grad_norm > 0 else {}
+        if p.fused and _all_cuda(groups):
+            kw["fused"] = True  # one kernel for every parameter, no host work a step: the same update
         return cls(groups, betas=tuple(p.betas), eps=p.eps, weight_decay=p.weight_decay, **kw)
     if p.name == "adan":
         from timm.optim import Adan

@@ -1,0 +1,181 @@
+"""Two parts of a guided iteration timed alone on one GPU, by variant: the optimiser's step over each
+stage's parameters (foreach Adam against torch's fused Adam, `optimizer.fused`) and the coarse
+field's evaluation, forward and backward, at a stage's sample counts (the MLP in fp32, in TF32, or
+under bf16 autocast, `coarse.mlp.precision`).
+
+    python scripts/step_bench.py --out FILE.json [--preset magic123] [--samples 524288,2097152]
+    python scripts/step_bench.py --plot FILE.json OUT.png
+
+Each row: the GPU's ms a call (CUDA events around `--iters` calls, after `--warmup`) and the host's
+ms to issue one (the same calls, timed on the host without waiting; where the host is the slower
+of the two, as in the fine loop, that is what a call costs the iteration). The parameters are the
+preset's (the fine stage's at its tet grid); their values and gradients random, as only their
+sizes matter to the time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _time(fn, iters: int, warmup: int, device) -> dict:
+    """GPU ms a call (CUDA events around `iters` calls; None on a CPU) and host ms to issue a call
+    (no wait inside the calls)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / iters
+    if not cuda:
+        return {"gpu_ms": None, "host_ms": round(host, 4)}
+    end.record()
+    end.synchronize()
+    return {"gpu_ms": round(start.elapsed_time(end) / iters, 4), "host_ms": round(host, 4)}
+
+
+def _ms(row: dict) -> str:
+    gpu = "–" if row["gpu_ms"] is None else f"{row['gpu_ms']:.3f}"
+    return f"GPU {gpu} ms, host {row['host_ms']:.3f} ms"
+
+
+def optimiser_rows(params, device, iters: int, warmup: int) -> list[dict]:
+    import torch
+
+    from core.stages.coarse import NeRFRepresentation
+    from core.stages.fine import DMTetRepresentation
+    from core.stages.optim import build_optimizer
+
+    rows = []
+    for stage in ("coarse", "fine"):
+        torch.manual_seed(0)
+        rep = NeRFRepresentation(params, device)
+        if stage == "fine":
+            rep = DMTetRepresentation(params, rep.field, device)
+        groups = rep.param_groups()
+        every = [q for g in groups for q in g["params"]]
+        for q in every:
+            q.grad = torch.randn_like(q) * 1e-3
+        n = sum(q.numel() for q in every)
+        for fused in (False, True):
+            opt = build_optimizer(groups, params.optimizer.model_copy(update={"fused": fused}))
+            if bool(opt.defaults["fused"]) != fused:  # on a CPU build_optimizer never fuses
+                continue
+            row = _time(opt.step, iters, warmup, device)
+            rows.append({"part": "optimizer", "stage": stage, "variant": "fused" if fused else "foreach",
+                         "parameters": n, "tensors": len(every), **row})
+            print(f"optimizer {stage:6s} {rows[-1]['variant']:8s} {n:>11,} parameters: {_ms(row)}", flush=True)
+            del opt
+        del rep, groups, every
+    return rows
+
+
+def field_rows(params, device, samples: list[int], iters: int, warmup: int) -> list[dict]:
+    import torch
+
+    from core.representations.nerf import NeRFField
+
+    rows = []
+    torch.manual_seed(0)
+    field = NeRFField.from_params(params, device=device)
+    before = torch.backends.cuda.matmul.allow_tf32
+    for n in samples:
+        x = (torch.rand(n, 3, device=device) * 2 - 1) * params.coarse.bound * 0.5
+        up = torch.randn(n, device=device), torch.randn(n, 3, device=device)
+        for variant in ("fp32", "tf32", "bf16"):
+            field.mlp_precision = "bf16" if variant == "bf16" else "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"
+
+            def call():
+                raw, logits = field.raw(x)
+                torch.autograd.backward((raw, logits), up)
+
+            try:
+                row = _time(call, iters, warmup, device)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+            field.zero_grad(set_to_none=True)
+            rows.append({"part": "field", "samples": n, "variant": variant, **row})
+            print(f"field {n:>9,} samples {variant}: {_ms(row)}", flush=True)
+    return rows
+
+
+def plot(src: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(src.read_text())
+    parts = [("optimizer", lambda r: f"{r['stage']} step, {r['variant']}"),
+             ("field", lambda r: f"{r['samples'] / 2**20:g}M samples, {r['variant']}")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (part, label) in zip(axes, parts):
+        rows = [r for r in data["rows"] if r["part"] == part]
+        ys = range(len(rows))
+        ax.barh([y + 0.2 for y in ys], [r["gpu_ms"] for r in rows], 0.4, label="GPU ms a call")
+        ax.barh([y - 0.2 for y in ys], [r["host_ms"] for r in rows], 0.4, label="host ms to issue it")
+        ax.set_yticks(list(ys), [label(r) for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("ms")
+        ax.set_title({"optimizer": "Adam's step (optimizer.fused)",
+                      "field": "coarse field forward + backward (coarse.mlp.precision)"}[part])
+        ax.legend(loc="lower right")
+    fig.suptitle(f"{data['device']} · {data['preset']} · {data.get('label', '')}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="the JSON to write")
+    ap.add_argument("--preset", default="magic123")
+    ap.add_argument("--samples", default="524288,2097152", help="field sample counts, comma-separated")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--plot", nargs=2, type=Path, metavar=("JSON", "PNG"), help="draw a JSON written before")
+    a = ap.parse_args(argv)
+    if a.plot:
+        print(f"wrote {plot(*a.plot)}")
+        return 0
+    if not a.out:
+        ap.error("--out is required (or --plot JSON PNG)")
+    if a.iters < 1 or a.warmup < 0:
+        ap.error("--iters must be ≥ 1 and --warmup ≥ 0")
+    try:
+        samples = [int(float(s)) for s in a.samples.split(",")]
+    except ValueError:
+        ap.error(f"--samples: comma-separated counts, got {a.samples!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        print("step_bench: needs a CUDA device (it times GPU kernels)", file=sys.stderr)
+        return 2
+    from core.params import load_params
+
+    device = torch.device("cuda")
+    params = load_params(a.preset, {"device": "cuda"})
+    rows = optimiser_rows(params, device, a.iters, a.warmup) + field_rows(params, device, samples, a.iters, a.warmup)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                                 "preset": a.preset, "label": a.label, "iters": a.iters, "rows": rows}, indent=1))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
