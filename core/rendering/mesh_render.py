@@ -22,7 +22,9 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Area-weighted vertex normals (N, 3) of a mesh with outward-oriented faces."""
     v = gather_rows(verts, faces)  # (F, 3, 3), with a fixed-order backward (core.ops)
     fn = torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1)  # length = 2·area
-    vn = torch.zeros_like(verts).index_add(0, faces.reshape(-1), fn.repeat_interleave(3, 0))
+    # each face's normal once per corner: an expand's copy, whose backward sums the three corners
+    # (repeat_interleave's backward is an index_add over 3F rows: a scatter of atomics on a GPU)
+    vn = torch.zeros_like(verts).index_add(0, faces.reshape(-1), fn[:, None].expand(-1, 3, -1).reshape(-1, 3))
     return torch.nn.functional.normalize(vn, dim=-1, eps=1e-12)
 
 
@@ -65,21 +67,26 @@ def render_mesh(
     xyz = interp[..., :3]
     normal = torch.nn.functional.normalize(interp[..., 3:], dim=-1, eps=1e-12)
     depth = rasterizer.interpolate(pos[..., 3:4].contiguous(), rast, tri)  # clip w = distance along the camera axis
-    bidx, iy, ix = torch.nonzero(covered, as_tuple=True)
-    colour = torch.ones(B, H, W, 3, device=dev, dtype=verts.dtype)
-    if bidx.numel():
-        n_pix = normal[bidx, iy, ix]
+    # the covered pixels as flat indices into (B·H·W) rows: gathers by index_select (core.ops), whose
+    # backward is an index_add, and the colours written back by index_copy. Indexing by the three
+    # (b, y, x) tensors gave the same values, with an accumulating index_put (a sort on a GPU) in
+    # each gather's backward
+    pix = torch.nonzero(covered.reshape(-1)).squeeze(1)
+    colour = torch.ones(B * H * W, 3, device=dev, dtype=verts.dtype)
+    if pix.numel():
+        n_pix = gather_rows(normal.reshape(-1, 3), pix)
         if shading in ("albedo", "lambertian"):
-            albedo = colour_fn(xyz[bidx, iy, ix])
+            albedo = colour_fn(gather_rows(interp.reshape(-1, interp.shape[-1]), pix)[:, :3])
         else:
             albedo = torch.ones_like(n_pix)
         light = None
         if shading in ("lambertian", "textureless"):
             if light_dir is None:
                 light_dir = torch.nn.functional.normalize(cameras.centers.to(dev), dim=-1)
-            light = light_dir.to(dev)[bidx]
+            light = gather_rows(light_dir.to(dev), torch.div(pix, H * W, rounding_mode="floor"))
         c = shade(albedo, n_pix, light if light is not None else n_pix, shading, ambient, diffuse)
-        colour = colour.index_put((bidx, iy, ix), c.to(colour.dtype))
+        colour = colour.index_copy(0, pix, c.to(colour.dtype))
+    colour = colour.view(B, H, W, 3)
     mask = covered.unsqueeze(-1).to(verts.dtype)
     # antialias the composite on white together with the mask, so silhouettes blend into the
     # background and their gradients reach the vertex positions (core/rendering/raster.py)
