@@ -13,8 +13,10 @@ atomic min of a 64-bit key per pixel:
 
 so the nearest depth wins and, at equal depth, the larger triangle id (as _coverage's amin, then
 amax over the depth's winners). −0.0 is made +0.0 first, so the two zeros tie as they do there.
-Nothing is read back on the host. The boxes and what is rejected (behind the camera, zero area,
-off-screen) are _coverage's own (raster._boxes). One program walks a whole box, so a triangle that
+Nothing is read back on the host. Each program first projects its triangle's three corners from the
+clip positions and finds its box and whether it is rejected (behind the camera, zero area,
+off-screen) as raster._boxes does, in the same order of operations: one launch where _boxes' ~60
+tensor operations over the faces were as many launches from the host (session 23). One program walks a whole box, so a triangle that
 covers most of a 1024² image takes ~32k steps alone: fine for meshes of thousands of small triangles
 (the fine stage's, the texture bake's), not the kernel for a handful of huge ones.
 
@@ -37,30 +39,45 @@ _LOW_K = tl.constexpr(_LOW)  # the same, for the kernel (a jit function reads co
 
 
 @triton.jit
-def _corners(ptr, t):
-    """Triangle t's three values of (B·F, 3) `ptr`."""
-    return tl.load(ptr + t * 3), tl.load(ptr + t * 3 + 1), tl.load(ptr + t * 3 + 2)
+def _screen_corner(pos_ptr, tri_ptr, b, f, i, V, H, W):
+    """Corner i of triangle f in view b: raster._screen's pixel-space x, y and z/w, and w, from the
+    clip positions (B, V, 4) and the faces (F, 3), in _screen's order of operations."""
+    v = tl.load(tri_ptr + f * 3 + i).to(tl.int64)
+    at = (b * V + v) * 4
+    x, y, z, w = tl.load(pos_ptr + at), tl.load(pos_ptr + at + 1), tl.load(pos_ptr + at + 2), tl.load(pos_ptr + at + 3)
+    return (x / w * 0.5 + 0.5) * W, (y / w * 0.5 + 0.5) * H, z / w, w
 
 
 @triton.jit
-def _cover(tx_ptr, ty_ptr, tz_ptr, box_ptr, key_ptr, F, H, W, BLOCK: tl.constexpr):
+def _cover(pos_ptr, tri_ptr, key_ptr, F, V, H, W, BLOCK: tl.constexpr):
     t = tl.program_id(0)  # batch · F + triangle
-    count = tl.load(box_ptr + t * 4 + 3)  # 0 for a rejected triangle
-    if count > 0:
-        x0 = tl.load(box_ptr + t * 4)
-        y0 = tl.load(box_ptr + t * 4 + 1)
-        bw = tl.load(box_ptr + t * 4 + 2)
-        X0, X1, X2 = _corners(tx_ptr, t)
-        Y0, Y1, Y2 = _corners(ty_ptr, t)
-        Z0, Z1, Z2 = _corners(tz_ptr, t)
-        A = (X1 - X0) * (Y2 - Y0) - (X2 - X0) * (Y1 - Y0)  # as raster._boxes' area
-        sgn = tl.where(A > 0, 1.0, -1.0)  # A ≠ 0 for every triangle with a count
-        b = t // F
-        low = _LOW_K - (t % F).to(tl.int64)
+    b = t // F
+    f = t % F
+    X0, Y0, Z0, W0 = _screen_corner(pos_ptr, tri_ptr, b, f, 0, V, H, W)
+    X1, Y1, Z1, W1 = _screen_corner(pos_ptr, tri_ptr, b, f, 1, V, H, W)
+    X2, Y2, Z2, W2 = _screen_corner(pos_ptr, tri_ptr, b, f, 2, V, H, W)
+    # raster._boxes: the signed doubled area, the pixel box, and what is rejected (a corner behind the
+    # camera, zero area, entirely off-screen)
+    A = (X1 - X0) * (Y2 - Y0) - (X2 - X0) * (Y1 - Y0)
+    xmin, xmax = tl.minimum(tl.minimum(X0, X1), X2), tl.maximum(tl.maximum(X0, X1), X2)
+    ymin, ymax = tl.minimum(tl.minimum(Y0, Y1), Y2), tl.maximum(tl.maximum(Y0, Y1), Y2)
+    x0 = tl.minimum(tl.maximum(tl.ceil(xmin - 0.5), 0.0), W - 1.0)
+    x1 = tl.minimum(tl.maximum(tl.floor(xmax - 0.5), -1.0), W - 1.0)
+    y0 = tl.minimum(tl.maximum(tl.ceil(ymin - 0.5), 0.0), H - 1.0)
+    y1 = tl.minimum(tl.maximum(tl.floor(ymax - 0.5), -1.0), H - 1.0)
+    ok = (W0 > 1e-8) & (W1 > 1e-8) & (W2 > 1e-8) & (tl.abs(A) > 1e-12)
+    ok = ok & ~((xmax < 0.5) | (xmin > W - 0.5) | (ymax < 0.5) | (ymin > H - 0.5))
+    if ok:
+        bw = tl.maximum(x1 - x0 + 1.0, 0.0).to(tl.int32)
+        count = bw * tl.maximum(y1 - y0 + 1.0, 0.0).to(tl.int32)
+        sgn = tl.where(A > 0, 1.0, -1.0)  # A ≠ 0 for every triangle kept
+        low = _LOW_K - f.to(tl.int64)
+        x0i = x0.to(tl.int32)
+        y0i = y0.to(tl.int32)
         for start in range(0, count, BLOCK):
             idx = start + tl.arange(0, BLOCK)
-            px = x0 + idx % bw
-            py = y0 + idx // bw
+            px = x0i + idx % bw
+            py = y0i + idx // bw
             cx = px.to(tl.float32) + 0.5
             cy = py.to(tl.float32) + 0.5
             # raster._coverage's edge functions (signed areas: barycentric i × A) and depth
@@ -75,12 +92,14 @@ def _cover(tx_ptr, ty_ptr, tz_ptr, box_ptr, key_ptr, F, H, W, BLOCK: tl.constexp
             tl.atomic_min(key_ptr + (b * H + py).to(tl.int64) * W + px, key, mask=inside)
 
 
-def triton_coverage(tx: torch.Tensor, ty: torch.Tensor, tz: torch.Tensor, box: torch.Tensor,
-                    B: int, F: int, H: int, W: int) -> torch.Tensor:
-    """The nearest triangle's index at each pixel (B, H, W), −1 where none, from raster._boxes'
-    screen-space corners tx, ty, tz (B·F, 3) float32 and boxes (B·F, 4) int32 (x0, y0, width, count)."""
-    key = torch.full((B * H * W,), _EMPTY, dtype=torch.int64, device=tx.device)
+def triton_coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The nearest triangle's index at each pixel (B, H, W), −1 where none, from the clip positions
+    pos (B, V, 4) float32 and the faces tri (F, 3): one program a (view, triangle), which projects its
+    corners, rejects it or finds its pixel box as raster._boxes does, then walks the box."""
+    B, V = pos.shape[0], pos.shape[1]
+    F = tri.shape[0]
+    key = torch.full((B * H * W,), _EMPTY, dtype=torch.int64, device=pos.device)
     if B * F > 0:
-        _cover[(B * F,)](tx, ty, tz, box, key, F, H, W, BLOCK=BLOCK)
+        _cover[(B * F,)](pos.float().contiguous(), tri.contiguous(), key, F, V, H, W, BLOCK=BLOCK)
     best = torch.where(key == _EMPTY, -1, _LOW - (key & _LOW))
     return best.view(B, H, W)

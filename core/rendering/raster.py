@@ -180,15 +180,14 @@ def _boxes(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int):
 def _coverage(pos: torch.Tensor, tri: torch.Tensor, H: int, W: int, kind: str = "torch") -> torch.Tensor:
     """Index of the nearest triangle at each pixel (B, H, W), −1 where none. `kind` 'triton': one
     kernel, no host sync (core.rendering.coverage_triton); 'torch': the candidates as tensors, below."""
+    if kind == "triton":  # the boxes inside the kernel
+        from core.rendering.coverage_triton import triton_coverage
+
+        return triton_coverage(pos, tri, H, W)
     B = pos.shape[0]
     F = tri.shape[0]
     dev = pos.device
     tx, ty, tz, area, x0, y0, bw, count = _boxes(pos, tri, H, W)
-    if kind == "triton":
-        from core.rendering.coverage_triton import triton_coverage
-
-        box = torch.stack([x0.reshape(-1), y0.reshape(-1), bw.reshape(-1), count], 1).int()
-        return triton_coverage(*(t.reshape(B * F, 3).contiguous() for t in (tx, ty, tz)), box, B, F, H, W)
     zbuf = torch.full((B * H * W,), float("inf"), device=dev)
     best = torch.full((B * H * W,), -1, dtype=torch.long, device=dev)
     ids = torch.nonzero(count > 0).squeeze(1)
