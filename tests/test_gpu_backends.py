@@ -194,6 +194,39 @@ def test_fused_adam_gives_the_foreach_update():
     assert float((ends[True] - ends[False]).abs().max()) <= 1e-5 * moved
 
 
+def test_the_finiteness_check_does_not_wait_for_the_gpu_with_fused_adam():
+    """Stage._check_finite with the fused Adam (the default on a GPU): no host sync, the flag handed
+    to the optimiser as found_inf (a NaN gradient's step changes nothing), and the host reads it
+    later, stopping the stage at the step it names."""
+    from core.oracle.bench import oracle_reference
+    from core.oracle.objects import make_object
+    from core.stages.coarse import make_coarse_stage
+    from core.stages.engine import NonFiniteError
+
+    p = load_params("tiny", {"device": "cuda", "coarse.iters": 8})
+    stage = make_coarse_stage(p, oracle_reference(make_object("torus"), p), device="cuda")
+    assert stage._skips_on_device()
+    params = [q for g in stage.optimizer.param_groups for q in g["params"]]
+    loss = torch.ones((), device="cuda", requires_grad=True) * 2.0
+    for q in params:
+        q.grad = torch.ones_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stage._check_finite(3, loss, {"rgb": loss}, gradients=True)  # finite
+        stage.optimizer.step()
+        before = [q.detach().clone() for q in params]
+        params[0].grad[0] = float("nan")
+        stage._check_finite(4, loss, {"rgb": loss}, gradients=True)
+        stage.optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.equal(a, q.detach()) for a, q in zip(before, params))  # step 4 skipped on the device
+    assert [u.step for u in stage._unchecked] == [3, 4]
+    with pytest.raises(NonFiniteError, match="coarse stage, step 4: a gradient is not finite"):
+        stage._read_checks(wait=True)
+
+
 def test_fp16_priors_give_the_fp32_sds_gradients(tmp_path):
     """The priors' fp16 weights (the default on a GPU, as released) against fp32, eager, over the same
     32 calls: the SDS gradient agrees up to half precision's rounding, amplified by the CFG scale

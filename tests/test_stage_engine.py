@@ -295,6 +295,55 @@ def test_a_non_finite_gradient_of_a_finite_loss_stops_the_stage_before_the_optim
     assert read_state(tmp_path / "checkpoint.pt").step == 8 and not (tmp_path / "result.json").exists()
 
 
+def test_with_fused_adam_the_host_reads_the_check_later_and_the_bad_step_changes_nothing(tmp_path, monkeypatch):
+    """With torch's fused Adam (the default on a GPU; here on the CPU) the finiteness check does not
+    stop the host: the flag goes to the optimiser as GradScaler's found_inf, so the step whose
+    gradient is not finite changes no parameter, moment or step count, and the host reads the flag
+    at the next step, then stops naming the bad step. The loop as a whole stops as without it: the
+    same messages, the last good checkpoint kept."""
+    from core.errors import Lift3DError
+    from core.guidance.base import GuidanceOutput
+    from core.stages import optim
+    from core.stages.coarse import make_coarse_stage, run_coarse
+    from core.stages.engine import NonFiniteError
+
+    monkeypatch.setattr(optim, "_all_cuda", lambda groups: True)  # build_optimizer fuses as on a GPU
+
+    class BadFrom:
+        def __init__(self, step, kind):
+            self.step, self.kind = step, kind
+
+        def __call__(self, batch):
+            if batch.step < self.step:
+                return GuidanceOutput(loss=batch.rgb.sum() * 0.0, diagnostics={})
+            if self.kind == "nan":
+                return GuidanceOutput(loss=batch.rgb.sum() * float("nan"), diagnostics={})
+            return GuidanceOutput(loss=torch.sqrt(batch.rgb.sum() * 0.0), diagnostics={})  # finite, gradient NaN
+
+    p = load_params("tiny", {**TINY_NERF, "coarse.iters": 12, "coarse.checkpoint_every": 4, "camera.ref_every": 4})
+    stage = make_coarse_stage(p, _oracle_ref(p), guidance=BadFrom(5, "slope"))
+    assert stage._skips_on_device() and stage.optimizer.defaults["fused"]
+    for _ in range(5):
+        stage.step()
+    params = [q.detach().clone() for g in stage.optimizer.param_groups for q in g["params"]]
+    moments = [stage.optimizer.state[q]["exp_avg"].clone() for g in stage.optimizer.param_groups for q in g["params"]]
+    stage.step()  # step 5: its gradient is NaN; the host does not look yet
+    assert stage.state.step == 6 and [u.step for u in stage._unchecked] == [5]
+    now = [q.detach() for g in stage.optimizer.param_groups for q in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(params, now))  # the optimiser skipped the step
+    assert all(torch.equal(a, stage.optimizer.state[q]["exp_avg"])
+               for a, q in zip(moments, (q for g in stage.optimizer.param_groups for q in g["params"])))
+    assert all(float(stage.optimizer.state[q]["step"]) == 5 for g in stage.optimizer.param_groups for q in g["params"])
+    with pytest.raises(NonFiniteError, match=r"coarse stage, step 5: a gradient is not finite"):
+        stage.step()
+
+    for kind, what in (("nan", "the loss term 'guidance'"), ("slope", "a gradient")):
+        out = tmp_path / kind
+        with pytest.raises(Lift3DError, match=rf"coarse stage, step 9: {what} is not finite.*step 8\)"):
+            run_coarse(p, _oracle_ref(p), out, guidance=BadFrom(9, kind), progress=False)
+        assert read_state(out / "checkpoint.pt").step == 8 and not (out / "result.json").exists()
+
+
 def test_a_truncated_checkpoint_is_one_line_and_fresh_starts_over(chair, tmp_path, capsys):
     from flows.cli import main
 

@@ -283,6 +283,27 @@ def _to_host(metrics: dict) -> dict:
     return {k: out[k] for k in metrics}
 
 
+class _Unchecked:
+    """A step's finiteness on its way to the host (Stage._check_finite): the flag, the event after
+    which it is readable (None on a CPU), and the loss and terms to name on failure."""
+
+    __slots__ = ("step", "ok", "event", "loss", "terms")
+
+    def __init__(self, step: int, copy: tuple, loss: torch.Tensor, terms: dict):
+        self.step, (self.ok, self.event), self.loss, self.terms = step, copy, loss, terms
+
+
+def _host_copy(t: torch.Tensor) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
+    """`t` copied to the host without waiting (pinned memory) and the event after which the copy
+    holds it; a CPU tensor as it is, with no event."""
+    if t.device.type != "cuda":
+        return t, None
+    host = t.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class Stage:
     """One stage run: the loop over a representation, its state, its checkpoints."""
 
@@ -293,6 +314,7 @@ class Stage:
         self.guidance, self.detector = guidance, detector
         self.device = torch.device(device)
         self.optimizer = build_optimizer(representation.param_groups(), params.optimizer)
+        self._unchecked: list[_Unchecked] = []  # steps whose finiteness the host has not read yet
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.state = StageState(stage=spec.name, params=params.to_dict(), params_digest=params_digest,
                                 clock={"offset": spec.clock_offset, "total": spec.clock_total},
@@ -315,7 +337,9 @@ class Stage:
         return self.state.step
 
     def snapshot(self) -> StageState:
-        """The state as of now, every part filled in."""
+        """The state as of now, every part filled in (every step's finiteness read first: a kept state
+        is a checked one)."""
+        self._read_checks(wait=True)
         s = self.state
         s.rng = rng_state(self.generator, self.guidance)
         s.optimizer = self.optimizer.state_dict()
@@ -360,6 +384,7 @@ class Stage:
         return step % cam.ref_every == 0
 
     def step(self) -> dict[str, Any]:
+        self._read_checks(wait=False)  # earlier steps' finiteness, where the device has got there
         spec, gen, p = self.spec, self.generator, self.params
         step, total = self.state.step, spec.iters
         shading_params = p.coarse.shading
@@ -435,14 +460,49 @@ class Stage:
     def _check_finite(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor],
                       gradients: bool = False) -> None:
         """Stop the stage when the loss (or, with `gradients`, a parameter's gradient) is not finite,
-        naming the loss term first. One host sync a step; the terms are looked at only on failure."""
+        naming the loss term first; the terms are looked at only on failure.
+
+        With torch's fused Adam and `gradients` the host does not wait for the answer: the flag goes to
+        the optimiser as GradScaler's `found_inf`, so a step whose loss or gradients are not finite
+        changes no parameter, moment or step count on the device, and the host reads the flag later
+        (`_read_checks`: at the start of a later step where the device has got there, and always
+        before a snapshot or a checkpoint), then stops the stage naming that step. Otherwise one host
+        sync here, before the optimiser."""
         flags = [torch.isfinite(loss.detach())]
         if gradients:
             flags += [torch.isfinite(p.grad).all() for g in self.optimizer.param_groups for p in g["params"]
                       if p.grad is not None]
-        if bool(torch.stack(flags).all()):
+        ok = torch.stack(flags).all()
+        if gradients and self._skips_on_device():
+            self.optimizer.found_inf = (~ok).float()
+            self._unchecked.append(_Unchecked(step, _host_copy(ok), loss.detach(),
+                                              {k: t.detach() for k, t in terms.items()}))
             return
-        if not bool(flags[0]):
+        if not bool(ok):
+            self._failed(step, flags[0], terms)
+
+    def _skips_on_device(self) -> bool:
+        """Whether the optimiser skips a step on the device given `found_inf` (torch's fused Adam, as
+        GradScaler drives it), so the finiteness check need not stop the host."""
+        opt = self.optimizer
+        return type(opt) is torch.optim.Adam and bool(opt.defaults.get("fused"))
+
+    def _read_checks(self, wait: bool) -> None:
+        """The finiteness of earlier steps, oldest first: those the device has answered (all of them
+        with `wait`); the first that failed stops the stage."""
+        while self._unchecked:
+            u = self._unchecked[0]
+            if not wait and u.event is not None and not u.event.query():
+                return
+            if u.event is not None:
+                u.event.synchronize()
+            self._unchecked.pop(0)
+            if not bool(u.ok):
+                self._unchecked.clear()
+                self._failed(u.step, torch.isfinite(u.loss), u.terms)
+
+    def _failed(self, step: int, loss_finite: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if not bool(loss_finite):
             bad = [k for k, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
             self._stop(step, f"the loss term '{bad[0]}'" if bad else "the loss")
         self._stop(step, "a gradient")
