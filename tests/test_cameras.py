@@ -101,3 +101,27 @@ def test_to_device_keeps_values_and_dtype_and_blocks_towards_the_host():
         g = to_device(t, "cuda")
         back = to_device(g, "cpu")
         assert not back.is_pinned() and torch.equal(back, t)
+
+
+def test_cameras_moved_off_the_host_compute_their_few_numbers_there(monkeypatch):
+    """Cameras moved from the host to a device keep their host copy: centre, c2w, w2c, projection,
+    mvp and focal length are computed on it and sent (here to the meta device, which stands for a
+    GPU: it keeps shapes, not values), `to('cpu')` gives the copy back without a copy, and indexing
+    by position keeps it."""
+    from core.rendering import cameras as cam_mod
+
+    host = Cameras.make([60.0, 120.0], [10.0, -170.0], 1.8, 40.0)
+    moved = host.to("meta")
+    assert moved.host is host and moved.to("cpu") is host and moved.for_small_math() is host
+    seen = []
+    real = cam_mod.look_at
+    monkeypatch.setattr(cam_mod, "look_at", lambda eye, target=None: seen.append(eye.device.type) or real(eye, target))
+    for out, shape in ((moved.centers, (2, 3)), (moved.c2w(), (2, 4, 4)), (moved.w2c(), (2, 4, 4)),
+                       (moved.projection(), (2, 4, 4)), (moved.mvp(), (2, 4, 4)), (moved.focal(64), (2,))):
+        assert out.device.type == "meta" and tuple(out.shape) == shape
+    assert seen and set(seen) == {"cpu"}  # look_at ran on the host copy every time
+    one = moved[1]
+    assert one.host is not None and torch.equal(one.host.azimuth, host.azimuth[1:])
+    assert moved[torch.tensor([1], device="meta")].host is None  # a device index: no host copy to take from
+    # on the host itself nothing changes: the same numbers as computing them directly
+    torch.testing.assert_close(host.mvp(), host.projection() @ torch.linalg.inv(cam_mod.look_at(host.centers)), rtol=0, atol=0)

@@ -227,6 +227,26 @@ def test_the_finiteness_check_does_not_wait_for_the_gpu_with_fused_adam():
         stage._read_checks(wait=True)
 
 
+def test_cameras_sent_from_the_host_give_the_gpus_numbers_without_a_wait():
+    """Cameras moved to the GPU compute centre, c2w, w2c, mvp and focal length on their host copy and
+    send them without a host sync; the numbers are the GPU-computed ones up to float rounding."""
+    from core.rendering.cameras import Cameras, sample_cameras
+
+    host = sample_cameras(load_params().camera, 4, torch.Generator().manual_seed(0))
+    moved = host.to("cuda")
+    on_gpu = Cameras(moved.polar, moved.azimuth, moved.radius, moved.fovy)  # no host copy: computed on the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [moved.centers, moved.c2w(), moved.w2c(), moved.mvp(), moved.focal(512)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = [on_gpu.centers, on_gpu.c2w(), on_gpu.w2c(), on_gpu.mvp(), on_gpu.focal(512)]
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda"
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_fp16_priors_give_the_fp32_sds_gradients(tmp_path):
     """The priors' fp16 weights (the default on a GPU, as released) against fp32, eager, over the same
     32 calls: the SDS gradient agrees up to half precision's rounding, amplified by the CFG scale

@@ -327,8 +327,10 @@ class StableDiffusionGuidance:
         (`view_prompt_weights`) when on, else the one prompt's embedding."""
         if not self.view_dependent or cameras is None:
             return self.text_embeddings
-        # on the cameras' device: copying the azimuths back to the host would wait for the render
-        w = view_prompt_weights(cameras.azimuth.detach().to(self.device), self.reference_azimuth)
+        # the weights from the cameras' host copy where they have one (a few numbers, sent without
+        # waiting), else on their device: copying the azimuths back would wait for the render
+        az = cameras.for_small_math().azimuth.detach()
+        w = to_device(view_prompt_weights(az, self.reference_azimuth), self.device)
         return torch.einsum("bk,kld->bld", w, self.view_embeddings).to(self.dtype)
 
     @torch.no_grad()

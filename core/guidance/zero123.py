@@ -41,6 +41,7 @@ from core.rendering.cameras import Cameras, relative_pose
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images, vae_moments
 from core.guidance.sds import classifier_free_guidance, sample_timesteps, score_distillation
+from core.perf import to_device
 from core.models.loader import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ class Zero123Guidance:
     @torch.no_grad()
     def condition(self, cameras: Cameras) -> torch.Tensor:
         """The projected condition (B, 1, 768): cc_projection(CLIP(I_ref) ⊕ [Δθ, sin Δφ, cos Δφ, Δr])."""
-        pose = zero123_condition(self.reference_camera.to(cameras.device), cameras).to(self.device, self.dtype)
+        c = cameras.for_small_math()  # the host copy where there is one
+        pose = to_device(zero123_condition(self.reference_camera.to(c.device), c), self.device, self.dtype)
         emb = self.clip_embedding.expand(len(cameras), -1, -1)
         return self.parts.cc_projection(torch.cat([emb, pose[:, None, :]], dim=-1))
 
@@ -195,7 +197,8 @@ class Zero123Guidance:
             t = sample_timesteps(latents.shape[0], self.num_train_timesteps, self.t_range, self.generator)
         if noise is None:
             noise = torch.randn(latents.shape, generator=self.generator)
-        k = angle_weight(self.reference_camera.to(cameras.device), cameras).to(self.device).reshape(-1, 1, 1, 1)
+        c = cameras.for_small_math()  # the host copy where there is one
+        k = to_device(angle_weight(self.reference_camera.to(c.device), c), self.device).reshape(-1, 1, 1, 1)
         eps = noise.to(self.device).float()
 
         def weighted(z, t_):

@@ -9,7 +9,8 @@ All angles crossing this module's interface are in degrees.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -54,12 +55,18 @@ def look_at(eye: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tens
 
 @dataclass
 class Cameras:
-    """A batch of B cameras on the viewing sphere. Tensors of shape (B,), degrees."""
+    """A batch of B cameras on the viewing sphere. Tensors of shape (B,), degrees.
+
+    Cameras moved from the host to a GPU keep their host copy (`host`): the few numbers a camera
+    needs (its centre, c2w, w2c, projection and focal length) are computed there and sent in one copy
+    each, without waiting (each was a dozen one-thread kernels on the GPU, launched from the host
+    every iteration: session 23)."""
 
     polar: torch.Tensor
     azimuth: torch.Tensor
     radius: torch.Tensor
     fovy: torch.Tensor
+    host: Optional["Cameras"] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.polar.shape[0]
@@ -69,10 +76,10 @@ class Cameras:
 
     @classmethod
     def make(cls, polar, azimuth, radius, fovy, device="cpu") -> "Cameras":
-        vals = [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1) for v in (polar, azimuth, radius, fovy)]
+        vals = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in (polar, azimuth, radius, fovy)]
         n = max(v.numel() for v in vals)
         vals = [v.expand(n).clone() if v.numel() == 1 else v for v in vals]
-        return cls(*vals)
+        return cls(*vals).to(device)
 
     def __len__(self) -> int:
         return self.polar.shape[0]
@@ -82,28 +89,47 @@ class Cameras:
         return self.polar.device
 
     def to(self, device) -> "Cameras":
-        return Cameras(*(to_device(t, device)
-                         for t in (self.polar, self.azimuth, self.radius, self.fovy)))
+        device = torch.device(device)
+        if device.type == "cpu" and self.host is not None:
+            return self.host  # the host copy they came from: no copy back, no wait
+        moved = Cameras(*(to_device(t, device) for t in (self.polar, self.azimuth, self.radius, self.fovy)))
+        if device.type != "cpu":
+            moved.host = self if self.device.type == "cpu" else self.host
+        return moved
+
+    def for_small_math(self) -> "Cameras":
+        """Where a few numbers per camera are best computed: the host copy where these cameras have one
+        (the result then sent with core.perf.to_device, without waiting), else the cameras themselves
+        (copying them back would wait for the GPU)."""
+        return self.host if self.host is not None and self.device.type != "cpu" else self
+
+    def _small(self, fn: Callable[["Cameras"], torch.Tensor]) -> torch.Tensor:
+        """fn(cameras): on the host copy where there is one, then sent to these cameras' device."""
+        c = self.for_small_math()
+        return fn(self) if c is self else to_device(fn(c), self.device)
 
     def __getitem__(self, idx) -> "Cameras":
         sel = [t[idx] for t in (self.polar, self.azimuth, self.radius, self.fovy)]
-        return Cameras(*(s.reshape(-1) for s in sel))
+        out = Cameras(*(s.reshape(-1) for s in sel))
+        if self.host is not None and not isinstance(idx, torch.Tensor):
+            out.host = self.host[idx]
+        return out
 
     @property
     def centers(self) -> torch.Tensor:
-        return spherical_to_cartesian(self.polar, self.azimuth, self.radius)
+        return self._small(lambda c: spherical_to_cartesian(c.polar, c.azimuth, c.radius))
 
     def c2w(self) -> torch.Tensor:
-        return look_at(self.centers)
+        return self._small(lambda c: look_at(c.centers))
 
     def w2c(self) -> torch.Tensor:
         # inv_ex: linalg.inv's numbers without its error check (a read of `info`, a wait for the
-        # GPU); a look-at matrix is a rotation and a translation, never singular
-        return torch.linalg.inv_ex(self.c2w()).inverse
+        # GPU where it runs there); a look-at matrix is a rotation and a translation, never singular
+        return self._small(lambda c: torch.linalg.inv_ex(c.c2w()).inverse)
 
     def focal(self, height: int) -> torch.Tensor:
         """Focal length in pixels for an image `height` pixels tall."""
-        return 0.5 * height / torch.tan(0.5 * torch.deg2rad(self.fovy))
+        return self._small(lambda c: 0.5 * height / torch.tan(0.5 * torch.deg2rad(c.fovy)))
 
     def rays(self, height: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """World-space ray origins and unit directions, each (B, H, W, 3), through pixel centres."""
@@ -124,18 +150,21 @@ class Cameras:
 
     def projection(self, near: float = 0.1, far: float = 100.0, aspect: float = 1.0) -> torch.Tensor:
         """OpenGL perspective projection matrices (B, 4, 4)."""
-        t = torch.tan(0.5 * torch.deg2rad(self.fovy))
-        p = torch.zeros(len(self), 4, 4, device=self.device)
-        p[:, 0, 0] = 1.0 / (t * aspect)
-        p[:, 1, 1] = 1.0 / t
-        p[:, 2, 2] = -(far + near) / (far - near)
-        p[:, 2, 3] = -2.0 * far * near / (far - near)
-        p[:, 3, 2] = -1.0
-        return p
+        def make(c: "Cameras") -> torch.Tensor:
+            t = torch.tan(0.5 * torch.deg2rad(c.fovy))
+            p = torch.zeros(len(c), 4, 4, device=c.device)
+            p[:, 0, 0] = 1.0 / (t * aspect)
+            p[:, 1, 1] = 1.0 / t
+            p[:, 2, 2] = -(far + near) / (far - near)
+            p[:, 2, 3] = -2.0 * far * near / (far - near)
+            p[:, 3, 2] = -1.0
+            return p
+
+        return self._small(make)
 
     def mvp(self, near: float = 0.1, far: float = 100.0) -> torch.Tensor:
         """World → clip space (B, 4, 4), for rasterisers."""
-        return self.projection(near, far) @ self.w2c()
+        return self._small(lambda c: c.projection(near, far) @ c.w2c())
 
     def project(self, points: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
         """World points (B, N, 3) → pixel coordinates (B, N, 2) as (column, row), and depth (B, N)."""
