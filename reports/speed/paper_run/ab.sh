@@ -6,16 +6,21 @@
 # B.json: B's coarse, and B's fine on A's field) and the logs' ends come back in $OUT.
 #   bash reports/speed/paper_run/ab.sh "A options" "B options" [COARSE] [FINE]
 # e.g. ab.sh "" "--set sd.vae_graphs=true --set zero123.vae_graphs=true" 400 300   (~6.5 min on an H200)
-# Env: D (default /tmp/ab), PRESET, MODELS, EXTRA (options both get, e.g. --tiny to check it on a CPU).
+# Env: D (default /tmp/ab), PRESET, MODELS, EXTRA (options both get, e.g. --tiny to check it on a CPU);
+# A_DIR, B_DIR: the source tree each side runs from (default: this one), for an A/B of two commits, e.g.
+#   git archive 21cf978 | (mkdir -p .diag/old && tar x -C .diag/old)   # here; carry .diag/old to the GPU machine
+#   B_DIR=.diag/old bash reports/speed/paper_run/ab.sh "" "" 200 150   # A: this tree, B: 21cf978's
+# (python3 -m puts the run's own tree first on sys.path, ahead of a PYTHONPATH naming this one)
 A=${1:-}; B=${2:-}; C=${3:-400}; F=${4:-300}
 D=${D:-/tmp/ab}; mkdir -p $D
 export PYTHONUNBUFFERED=1
 run() {  # run OUT STAGE OPTIONS…
-  local out=$1 stage=$2; shift 2
-  timeout ${LIMIT:-280} python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
+  local out=$1 stage=$2 dir=${A_DIR:-.}; shift 2
+  [ "${out##*/}" = a ] || dir=${B_DIR:-.}
+  (cd $dir && timeout ${LIMIT:-280} python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
     --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead \
     --set coarse.iters=$C --set fine.iters=$F ${EXTRA:-} --compile-cache $D/cc.bin "$@" \
-    --stages $stage --out $out > $D/${out##*/}_$stage.log 2>&1
+    --stages $stage --out $out) > $D/${out##*/}_$stage.log 2>&1
   local rc=$?  # before anything else runs: a command substitution would reset $?
   echo "${out##*/} $stage rc $rc"
   tr '\r' '\n' < $D/${out##*/}_$stage.log | grep -E '^(stage|coarse|fine) ' | tail -2
