@@ -3,8 +3,15 @@ stage's parameters (foreach Adam against torch's fused Adam, `optimizer.fused`) 
 field's evaluation, forward and backward, at a stage's sample counts (the MLP in fp32, in TF32, or
 under bf16 autocast, `coarse.mlp.precision`).
 
-    python scripts/step_bench.py --out FILE.json [--preset magic123] [--samples 524288,2097152]
+    python scripts/step_bench.py --out FILE.json [--preset magic123] [--samples 524288,2097152] \
+        [--parts optimizer,field,cameras,coverage,check] [--faces 300000]
     python scripts/step_bench.py --plot FILE.json OUT.png
+
+Three more parts time session 23's changes to the host's share of an iteration, each against what it
+replaced: `cameras`, a moved camera's mvp and c2w computed on its host copy against on the GPU;
+`coverage`, the fine rasteriser's Triton coverage pass (its boxes inside the kernel) against
+raster._boxes alone, the ~60 tensor operations that fed the kernel before; `check`, the stage's
+finiteness check with torch's fused Adam (no wait) against the one that waits, each with Adam's step.
 
 Each row: the GPU's ms a call (CUDA events around `--iters` calls back to back, after `--warmup`)
 and the host's ms to issue one (each call timed alone on the host, started on an idle device: what
@@ -120,6 +127,85 @@ def field_rows(params, device, samples: list[int], iters: int, warmup: int) -> l
     return rows
 
 
+def camera_rows(params, device, iters: int, warmup: int) -> list[dict]:
+    import torch
+
+    from core.rendering.cameras import Cameras, sample_cameras
+
+    moved = sample_cameras(params.camera, 1, torch.Generator().manual_seed(0)).to(device)
+    bare = Cameras(moved.polar, moved.azimuth, moved.radius, moved.fovy)  # no host copy: as before session 23
+    rows = []
+    for variant, cams in (("on the device", bare), ("host copy", moved)):
+        row = _time(lambda: (cams.mvp(), cams.c2w()), iters, warmup, device)
+        rows.append({"part": "cameras", "variant": variant, **row})
+        print(f"cameras mvp + c2w, {variant}: {_ms(row)}", flush=True)
+    return rows
+
+
+def coverage_rows(params, device, faces: int, iters: int, warmup: int) -> list[dict]:
+    """The coverage pass of an icosphere of ~`faces` triangles at the fine stage's resolution, seen by
+    the reference camera."""
+    import math
+
+    import torch
+    import trimesh
+
+    from core.rendering.cameras import reference_cameras
+    from core.rendering.mesh_render import clip_positions
+    from core.rendering.raster import _boxes, _coverage
+
+    sub = max(1, round(math.log(max(faces, 80) / 20, 4)))  # an icosphere has 20·4^k faces
+    s = trimesh.creation.icosphere(subdivisions=sub, radius=0.5)
+    verts = torch.tensor(s.vertices, dtype=torch.float32, device=device)
+    tri = torch.tensor(s.faces, dtype=torch.long, device=device)
+    pos = clip_positions(verts, reference_cameras(params.camera, device=device))
+    H = W = params.fine.resolution
+    rows = []
+    for variant, fn in (("raster._boxes alone (before)", lambda: _boxes(pos, tri, H, W)),
+                        ("Triton pass, boxes inside", lambda: _coverage(pos, tri, H, W, "triton"))):
+        row = _time(fn, iters, warmup, device)
+        rows.append({"part": "coverage", "variant": variant, "faces": int(tri.shape[0]), **row})
+        print(f"coverage {tri.shape[0]:,} faces, {variant}: {_ms(row)}", flush=True)
+    return rows
+
+
+def check_rows(params, device, iters: int, warmup: int) -> list[dict]:
+    """Stage._check_finite and Adam's step over the coarse field's parameters: with the fused Adam (the
+    flag handed to it, read later) and with foreach Adam (the host waits for the flag)."""
+    import torch
+
+    from core.oracle.bench import oracle_reference
+    from core.oracle.objects import make_object
+    from core.stages.coarse import make_coarse_stage
+    from core.stages.optim import build_optimizer
+
+    stage = make_coarse_stage(params, oracle_reference(make_object("torus"), params), device=device)
+    every = [q for g in stage.optimizer.param_groups for q in g["params"]]
+    loss = torch.ones((), device=device)
+    rows = []
+    for fused in (False, True):
+        stage.optimizer = build_optimizer(stage.rep.param_groups(), params.optimizer.model_copy(update={"fused": fused}))
+        if bool(stage.optimizer.defaults["fused"]) != fused:
+            continue
+        for q in every:
+            q.grad = torch.randn_like(q) * 1e-3
+
+        def call():
+            stage._check_finite(0, loss, {"rgb": loss}, gradients=True)
+            stage.optimizer.step()
+            stage._read_checks(wait=False)
+
+        row = _time(call, iters, warmup, device)
+        stage._read_checks(wait=True)
+        variant = "fused Adam, read later" if fused else "foreach Adam, the host waits"
+        rows.append({"part": "check", "variant": variant, **row})
+        print(f"finiteness check + Adam, {variant}: {_ms(row)}", flush=True)
+    return rows
+
+
+PARTS = ("optimizer", "field", "cameras", "coverage", "check")
+
+
 def plot(src: Path, out: Path) -> Path:
     import matplotlib
 
@@ -127,10 +213,13 @@ def plot(src: Path, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(src.read_text())
-    parts = [("optimizer", lambda r: f"{r['stage']} step, {r['variant']}"),
-             ("field", lambda r: f"{r['samples'] / 2**20:g}M samples, {r['variant']}")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (part, label) in zip(axes, parts):
+    labels = {"optimizer": lambda r: f"{r['stage']} step, {r['variant']}",
+              "field": lambda r: f"{r['samples'] / 2**20:g}M samples, {r['variant']}",
+              "cameras": lambda r: r["variant"], "coverage": lambda r: f"{r['faces'] / 1e3:.0f}k faces, {r['variant']}",
+              "check": lambda r: r["variant"]}
+    parts = [(k, labels[k]) for k in PARTS if any(r["part"] == k for r in data["rows"])]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, (part, label) in zip(axes[0], parts):
         rows = [r for r in data["rows"] if r["part"] == part]
         ys = range(len(rows))
         ax.barh([y + 0.2 for y in ys], [r["gpu_ms"] for r in rows], 0.4, label="GPU ms a call")
@@ -141,7 +230,9 @@ def plot(src: Path, out: Path) -> Path:
         ax.invert_yaxis()
         ax.set_xlabel("ms")
         ax.set_title({"optimizer": "Adam's step (optimizer.fused)",
-                      "field": "coarse field forward + backward (coarse.mlp.precision)"}[part])
+                      "field": "coarse field forward + backward (coarse.mlp.precision)",
+                      "cameras": "a camera's mvp + c2w", "coverage": "the fine coverage pass",
+                      "check": "finiteness check + Adam's step"}[part])
         ax.legend(loc="lower right")
     fig.suptitle(f"{data['device']} · {data['preset']} · {data.get('label', '')}")
     fig.tight_layout()
@@ -154,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="the JSON to write")
     ap.add_argument("--preset", default="magic123")
     ap.add_argument("--samples", default="524288,2097152", help="field sample counts, comma-separated")
+    ap.add_argument("--parts", default=",".join(PARTS), help="which parts to time, comma-separated (default: all)")
+    ap.add_argument("--faces", type=int, default=300000, help="the coverage part's triangle count (about)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--label", default="")
@@ -170,6 +263,9 @@ def main(argv=None) -> int:
         samples = [int(float(s)) for s in a.samples.split(",")]
     except ValueError:
         ap.error(f"--samples: comma-separated counts, got {a.samples!r}")
+    parts = [x for x in a.parts.split(",") if x]
+    if not parts or set(parts) - set(PARTS):
+        ap.error(f"--parts: some of {', '.join(PARTS)}, got {a.parts!r}")
     import torch
 
     if not torch.cuda.is_available():
@@ -179,7 +275,12 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda")
     params = load_params(a.preset, {"device": "cuda"})
-    rows = optimiser_rows(params, device, a.iters, a.warmup) + field_rows(params, device, samples, a.iters, a.warmup)
+    timed = {"optimizer": lambda: optimiser_rows(params, device, a.iters, a.warmup),
+             "field": lambda: field_rows(params, device, samples, a.iters, a.warmup),
+             "cameras": lambda: camera_rows(params, device, a.iters, a.warmup),
+             "coverage": lambda: coverage_rows(params, device, a.faces, a.iters, a.warmup),
+             "check": lambda: check_rows(params, device, a.iters, a.warmup)}
+    rows = [r for part in PARTS if part in parts for r in timed[part]()]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                                  "preset": a.preset, "label": a.label, "iters": a.iters, "host_method": "each call alone, on an idle device",

@@ -294,8 +294,9 @@ def test_flop_floor_counts_the_full_size_priors_on_the_meta_device(tmp_path):
 def test_step_bench_times_each_stages_optimiser_and_the_field_by_precision(tmp_path):
     """scripts/step_bench.py on the CPU at the tiny preset: a row for each stage's foreach Adam over
     that stage's parameters (fused is GPU-only: build_optimizer never fuses on a CPU, so no fused
-    row), and one for each field precision at each sample count; --plot draws a GPU result; timing
-    without a CUDA device is one line and exit 2, nothing written."""
+    row), one for each field precision at each sample count, the cameras' two ways, the finiteness
+    check's waiting one, and (under Triton's interpreter) the coverage pass's two; --plot draws a GPU
+    result with a panel a part; timing without a CUDA device is one line and exit 2, nothing written."""
     import json
     import subprocess
 
@@ -316,7 +317,19 @@ def test_step_bench_times_each_stages_optimiser_and_the_field_by_precision(tmp_p
     assert [(r["samples"], r["variant"]) for r in frows] == [(n, v) for n in (64, 128) for v in ("fp32", "tf32", "bf16")]
     assert torch.backends.cuda.matmul.allow_tf32 is tf32  # the TF32 variant put the setting back
 
-    gpu = [dict(r, gpu_ms=1.0 + i) for i, r in enumerate(rows + frows)]
+    crows = bench.camera_rows(p, torch.device("cpu"), iters=2, warmup=1)
+    assert [r["variant"] for r in crows] == ["on the device", "host copy"] and all(r["host_ms"] > 0 for r in crows)
+    krows = bench.check_rows(p, torch.device("cpu"), iters=2, warmup=1)  # fused Adam is GPU-only: one row
+    assert [r["variant"] for r in krows] == ["foreach Adam, the host waits"]
+    from _interpreted import run_interpreted
+
+    cov = run_interpreted(
+        "import sys, torch\nsys.path.insert(0, 'scripts')\nimport step_bench\nfrom core.params import load_params\n"
+        "torch.save(step_bench.coverage_rows(load_params('tiny'), torch.device('cpu'), 80, 1, 0), sys.argv[-1])",
+        tmp_path / "cov.pt")
+    assert [(r["variant"], r["faces"]) for r in cov] == [("raster._boxes alone (before)", 80), ("Triton pass, boxes inside", 80)]
+
+    gpu = [dict(r, gpu_ms=1.0 + i) for i, r in enumerate(rows + frows + crows + krows + cov)]
     src = tmp_path / "steps.json"
     src.write_text(json.dumps({"device": "test", "preset": "tiny", "rows": gpu}))
 
