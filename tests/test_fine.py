@@ -243,3 +243,35 @@ def test_edge_bookkeeping_without_sort_kernels_gives_what_the_sorts_gave():
     terms = [1 - float(normals[i] @ normals[j]) for i, j in by_edge.values()]
     assert len(terms) == len(rows) == 120  # a closed icosphere: every edge has two faces
     assert float(mesh_normal_consistency(v, f)) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_unnormalised_laplacian_without_unique_is_the_unique_edges_sum_to_the_bit():
+    """The released Laplacian (core.stages.losses.mesh_laplacian_loss_unnormalised, the paper preset's
+    form) takes the unique edges by a 0/1 weight on the sorted face edges, not torch.unique (a wait
+    for the GPU): its value and gradient equal the unique-edges sum's bit for bit, on a closed mesh
+    and on a soup with repeated and degenerate edges."""
+    import trimesh
+
+    from core.ops import face_edges, gather_rows, unique_edges
+    from core.stages.losses import mesh_laplacian_loss_unnormalised
+
+    def by_unique(verts, faces):
+        e = unique_edges(face_edges(faces), verts.shape[0])
+        src, dst = torch.cat([e[:, 0], e[:, 1]]), torch.cat([e[:, 1], e[:, 0]])
+        lap = torch.zeros_like(verts).index_add(0, src, gather_rows(verts, src) - gather_rows(verts, dst))
+        return lap.norm(dim=-1).mean()
+
+    gen = torch.Generator().manual_seed(0)
+    s = trimesh.creation.icosphere(subdivisions=3)
+    soup = torch.randint(0, 40, (90, 3), generator=gen)
+    soup[0] = torch.tensor([5, 5, 7])  # a degenerate face: the edge (5, 5)
+    for v0, f in ((torch.tensor(s.vertices, dtype=torch.float32), torch.tensor(s.faces)), (torch.randn(40, 3, generator=gen), soup)):
+        v0 = v0 + 0.01 * torch.randn(v0.shape, generator=gen)
+        got = []
+        for fn in (by_unique, mesh_laplacian_loss_unnormalised):
+            v = v0.clone().requires_grad_(True)
+            loss = fn(v, f)
+            loss.backward()
+            got.append((loss.detach(), v.grad))
+        assert float(got[0][0]) > 0 and torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert float(mesh_laplacian_loss_unnormalised(torch.zeros(3, 3), torch.zeros(0, 3, dtype=torch.long))) == 0.0
