@@ -218,8 +218,12 @@ def plot(src: Path, out: Path) -> Path:
               "cameras": lambda r: r["variant"], "coverage": lambda r: f"{r['faces'] / 1e3:.0f}k faces, {r['variant']}",
               "check": lambda r: r["variant"]}
     parts = [(k, labels[k]) for k in PARTS if any(r["part"] == k for r in data["rows"])]
-    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
-    for ax, (part, label) in zip(axes[0], parts):
+    cols = min(3, len(parts))
+    nrows = -(-len(parts) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(parts):]:
+        ax.set_visible(False)
+    for ax, (part, label) in zip(axes.flat, parts):
         rows = [r for r in data["rows"] if r["part"] == part]
         ys = range(len(rows))
         ax.barh([y + 0.2 for y in ys], [r["gpu_ms"] for r in rows], 0.4, label="GPU ms a call")
