@@ -16,9 +16,10 @@ amax over the depth's winners). −0.0 is made +0.0 first, so the two zeros tie 
 Nothing is read back on the host. Each program first projects its triangle's three corners from the
 clip positions and finds its box and whether it is rejected (behind the camera, zero area,
 off-screen) as raster._boxes does, in the same order of operations: one launch where _boxes' ~60
-tensor operations over the faces were as many launches from the host (session 23). One program walks a whole box, so a triangle that
-covers most of a 1024² image takes ~32k steps alone: fine for meshes of thousands of small triangles
-(the fine stage's, the texture bake's), not the kernel for a handful of huge ones.
+tensor operations over the faces were as many launches from the host (session 23). One program
+walks a whole box, so a triangle that covers most of a 1024² image takes ~32k steps alone: fine for
+meshes of thousands of small triangles (the fine stage's, the texture bake's), not the kernel for a
+handful of huge ones.
 
 On a GPU the compiler may fuse a multiply and an add where torch rounds twice, so a pixel whose
 centre lies on an edge or at an exact depth tie can differ from _coverage's choice; under Triton's

@@ -64,7 +64,6 @@ def render_mesh(
     vn = vertex_normals(verts, faces)
     attrs = torch.cat([verts, vn], -1)  # (N, 6)
     interp = rasterizer.interpolate(attrs, rast, tri)  # (B, H, W, 6)
-    xyz = interp[..., :3]
     normal = torch.nn.functional.normalize(interp[..., 3:], dim=-1, eps=1e-12)
     depth = rasterizer.interpolate(pos[..., 3:4].contiguous(), rast, tri)  # clip w = distance along the camera axis
     # the covered pixels as flat indices into (B·H·W) rows: gathers by index_select (core.ops), whose

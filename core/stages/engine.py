@@ -289,8 +289,8 @@ class _Unchecked:
 
     __slots__ = ("step", "ok", "event", "loss", "terms")
 
-    def __init__(self, step: int, copy: tuple, loss: torch.Tensor, terms: dict):
-        self.step, (self.ok, self.event), self.loss, self.terms = step, copy, loss, terms
+    def __init__(self, step: int, ok: torch.Tensor, event, loss: torch.Tensor, terms: dict):
+        self.step, self.ok, self.event, self.loss, self.terms = step, ok, event, loss, terms
 
 
 def _host_copy(t: torch.Tensor) -> tuple[torch.Tensor, Optional["torch.cuda.Event"]]:
@@ -475,7 +475,7 @@ class Stage:
         ok = torch.stack(flags).all()
         if gradients and self._skips_on_device():
             self.optimizer.found_inf = (~ok).float()
-            self._unchecked.append(_Unchecked(step, _host_copy(ok), loss.detach(),
+            self._unchecked.append(_Unchecked(step, *_host_copy(ok), loss.detach(),
                                               {k: t.detach() for k, t in terms.items()}))
             return
         if not bool(ok):
