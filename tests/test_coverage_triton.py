@@ -57,7 +57,7 @@ torch.save(res, out)
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    return run_interpreted(_CHILD, tmp_path_factory.mktemp("cov") / "results.pt")
+    return run_interpreted(_CHILD, tmp_path_factory.mktemp("cov") / "results.pt", loaded_loop_bound=True)
 
 
 @pytest.mark.parametrize("case", ["soup", "ties", "sphere", "big", "offscreen"])
