@@ -161,6 +161,10 @@ class CoarseParams(_Section):
     # MLP activations for the backward; true recomputes them there instead (torch.utils.checkpoint:
     # the same gradient, one more forward of those evaluations)
     normals_recompute: bool = False
+    # torch.compile of the volume renderer's arithmetic between the field's evaluations (rays and
+    # samples, weights, the images' sums; core.representations.nerf.render), forward and backward:
+    # default | auto = on a GPU where Inductor builds (core.perf.compile_kind) | none
+    compile: Literal["auto", "none", "default"] = "none"
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)
@@ -246,7 +250,7 @@ class FineParams(_Section):
     coverage: Literal["auto", "torch", "triton"] = "auto"
     # torch.compile of the torch rasteriser's arithmetic over pixels and pixel pairs (rasterize's
     # barycentrics, interpolate, antialias), forward and backward: auto = on a GPU where Inductor
-    # builds (core.rendering.raster.compile_kind) | none | default
+    # builds (core.perf.compile_kind) | none | default
     compile: Literal["auto", "none", "default"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
@@ -558,6 +562,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
+    "coarse.compile",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
     "cudnn_benchmark",
 )

@@ -32,6 +32,35 @@ def device_constant(values, dtype: torch.dtype, device: torch.device) -> torch.T
     return t
 
 
+# torch.compile'd twins of pure tensor functions (fine.compile, coarse.compile), built on first use
+_COMPILED: dict = {}
+
+
+def compiled_twin(fn, on: bool, dynamic: Optional[bool] = None):
+    """`fn` itself, or (on) its torch.compile'd twin, built once a process. Inductor fuses each into a
+    few kernels forward and backward where eagerly every operation is a kernel the host launches.
+    Without gradients (a stage's output views, the texture's bake, the turntable) `fn` itself: a few
+    renders at new sizes gain less than compiling their inference graphs costs (seconds a graph).
+    `dynamic`: torch.compile's, True for inputs whose length changes every call."""
+    if not (on and torch.is_grad_enabled()):
+        return fn
+    c = _COMPILED.get(fn)
+    if c is None:
+        c = _COMPILED[fn] = torch.compile(fn, dynamic=dynamic)
+    return c
+
+
+def compile_kind(mode: str, device, key: str = "fine.compile") -> str:
+    """What a renderer's compile setting `key` (auto | none | default) comes to on `device`: 'none'
+    off a GPU; 'auto' is 'default' where Inductor can build its kernels (core.guidance.sd.compile_mode's
+    test: Triton imports, a C compiler on PATH), else 'none'."""
+    from core.guidance.sd import compile_mode
+
+    if mode not in ("auto", "none", "default"):
+        raise ValueError(f"unknown {key} {mode!r} (auto | none | default)")
+    return "none" if compile_mode(mode, device) == "none" else "default"  # auto's CUDA graphs are the UNets'
+
+
 @contextlib.contextmanager
 def _tf32_setting(allow: bool):
     """torch.backends.cuda.matmul.allow_tf32 = `allow` inside the block, the setting before after it."""

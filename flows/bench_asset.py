@@ -24,7 +24,8 @@ from core.perf import SyncAudit
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
     from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
-    from core.rendering.raster import compile_kind, nvdiffrast_available
+    from core.perf import compile_kind
+    from core.rendering.raster import nvdiffrast_available
     from core.representations.hashgrid import choose_backend
 
     raster = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
@@ -32,6 +33,8 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             # the torch rasteriser's pixel arithmetic compiled (fine.compile); the textual inversion's
             # text encoder in TF32 (textual_inversion.tf32)
             "rasteriser_compile": compile_kind(params.fine.compile, device) if raster == "torch" else "none",
+            # the volume renderer's arithmetic compiled (coarse.compile)
+            "volume_render_compile": compile_kind(params.coarse.compile, device, "coarse.compile"),
             "ti_tf32": bool(params.textual_inversion.tf32 and device.type == "cuda"),
             "cudnn_benchmark": bool(params.cudnn_benchmark),
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
@@ -378,7 +381,9 @@ def _graphed(on: dict[str, bool]) -> str:
 
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
-             f"backends: hash grid {r['backends']['hash_grid']}, rasteriser {r['backends']['rasteriser']}"
+             f"backends: hash grid {r['backends']['hash_grid']}"
+             f"{' (renderer compiled)' if r['backends'].get('volume_render_compile', 'none') != 'none' else ''}, "
+             f"rasteriser {r['backends']['rasteriser']}"
              f"{' (compiled)' if r['backends'].get('rasteriser_compile', 'none') != 'none' else ''}, UNets "
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
              f"{_compiled(r['backends'].get('vae_compile', {}))} on {_compiled(r['backends'].get('vae_kernels', {}))} "

@@ -88,7 +88,8 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert abs(2 * ti["ms_per_iter"] / 1000 - ti["loop_s"]) <= 0.006  # loop_s is rounded to 10 ms
     assert saved["stages"]["coarse"]["ms_per_iter_steady"] is None  # 2 iterations: no two marks
     assert saved["backends"] == {"hash_grid": "torch", "rasteriser": "torch",  # the UNets: eager off a GPU
-                                 "rasteriser_compile": "none", "ti_tf32": False, "cudnn_benchmark": False,
+                                 "rasteriser_compile": "none", "volume_render_compile": "none",
+                                 "ti_tf32": False, "cudnn_benchmark": False,
                                  "unet_compile": {"sd": "none", "zero123": "none"},
                                  "vae_compile": {"sd": "none", "zero123": "none"},
                                  "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"},
@@ -96,6 +97,8 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert "UNets eager, VAE encoders eager on diffusers kernels;" in format_asset_table(r)
     graphed = {**r, "backends": {**r["backends"], "vae_graphs": {"sd": True, "zero123": False}}}
     assert "on diffusers kernels, replayed as CUDA graphs (sd);" in format_asset_table(graphed)
+    rendered = {**r, "backends": {**r["backends"], "volume_render_compile": "default"}}
+    assert "backends: hash grid torch (renderer compiled), rasteriser torch," in format_asset_table(rendered)
     assert saved["asset_seconds"] >= sum(s["wall_s"] for s in saved["stages"].values()) - 0.1
     assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
     assert any((tmp_path / "fine").glob("*.glb"))

@@ -203,3 +203,47 @@ def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda(monkeypatc
         outs.append((raw.detach(), logits.detach(), field.encoding.table.grad.clone()))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_renderer_gives_the_eager_images_and_gradients():
+    """coarse.compile: the renderer's arithmetic between the field's evaluations under torch.compile
+    (here Inductor's CPU backend; on a GPU, tests/test_gpu_backends.py) gives the eager images and
+    the eager gradients to every parameter, for each shading mode, the reference rays' offsets and
+    views of different active-sample counts (the weights' and images' functions compile once for any
+    count: a fifth render, lambertian again from other views, compiles nothing new)."""
+    from torch._dynamo.utils import counters
+
+    from core.rendering.cameras import Cameras
+    from core.stages.coarse import NeRFRepresentation
+
+    rep = NeRFRepresentation(load_params("smoke"), torch.device("cpu"))
+    rep.occupancy.update(rep.field, rep.step_size, torch.Generator().manual_seed(3))
+    views = [Cameras.make([60.0, 80.0], [10.0, -40.0], 1.8, 40.0)] * 4 + [Cameras.make([95.0, 70.0], [150.0, 60.0], 2.0, 40.0)]
+    offsets = (torch.tensor([0.01, 0.0, -0.02]), torch.tensor([0.0, 0.003, 0.0]))
+    runs, counts = {}, []
+    for compiled in (False, True):
+        rep.compiled = compiled
+        g = torch.Generator().manual_seed(5)
+        runs[compiled] = []
+        for i, (cams, shading) in enumerate(zip(views, ("lambertian", "albedo", "normal", "textureless", "lambertian"))):
+            if compiled and i == 4:
+                frames = counters["stats"]["unique_graphs"]
+            rep.field.zero_grad(set_to_none=True)
+            out = rep.render(cams, 24, shading=shading, light_dir=None, ambient=0.1 + 0.2 * i, diffuse=0.8,
+                             generator=g, ray_offsets=offsets if shading == "albedo" else None)
+            loss = out.rgb.square().sum() + out.opacity.sum() + out.depth.sum()
+            if out.normal is not None:
+                loss = loss + out.normal.sum() + out.normal_sg.sum()
+            loss.backward()
+            counts.append(out.sample_weights.numel())
+            runs[compiled].append([out.rgb, out.opacity, out.depth, out.albedo, out.normal, out.normal_sg,
+                                   out.sample_weights] + [q.grad.clone() for q in rep.field.parameters()])
+        assert not compiled or counters["stats"]["unique_graphs"] == frames
+    for a, b in zip(runs[False], runs[True]):
+        assert len(a) == len(b) and a[-1] is not None
+        for x, y in zip(a, b):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5), float((x - y).abs().max())
+    assert runs[False][0][1].sum() > 1.0  # the blob is seen: the images are not all background
+    assert counts[4] != counts[0]  # the fifth render's active samples are another count

@@ -263,20 +263,21 @@ def test_compiled_rasteriser_renders_without_gradients_eagerly(monkeypatch):
     """fine.compile: a render without gradients (the outputs, the texture's bake) takes the eager
     functions, so nothing is compiled for a few renders at new sizes; the images are the eager ones.
     (With gradients the compiled functions serve: tests/test_gpu_backends.py.)"""
-    from core.rendering import raster
-    from core.rendering.raster import Rasterizer, compile_kind
+    from core import perf
+    from core.perf import compile_kind
+    from core.rendering.raster import Rasterizer
 
     def no_compile(*a, **k):
         raise AssertionError("torch.compile called for a render without gradients")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    monkeypatch.setattr(raster, "_COMPILED", {})
+    monkeypatch.setattr(perf, "_COMPILED", {})
     verts, faces, cams = _scene()
     eager, compiled = Rasterizer("torch", torch.device("cpu")), Rasterizer("torch", torch.device("cpu"), compiled=True)
     with torch.no_grad():
         a, b = (render_mesh(Mesh(verts, faces), lambda x: x.sigmoid(), cams, 32, r, shading="lambertian")
                 for r in (eager, compiled))
-    assert torch.equal(a.rgb, b.rgb) and torch.equal(a.opacity, b.opacity) and not raster._COMPILED
+    assert torch.equal(a.rgb, b.rgb) and torch.equal(a.opacity, b.opacity) and not perf._COMPILED
     # fine.compile's auto is compiled only on a GPU; an unknown mode is an error
     assert compile_kind("auto", "cpu") == compile_kind("default", "cpu") == "none"
     with pytest.raises(ValueError, match="fine.compile"):

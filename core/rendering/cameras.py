@@ -134,19 +134,8 @@ class Cameras:
     def rays(self, height: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """World-space ray origins and unit directions, each (B, H, W, 3), through pixel centres."""
         width = width or height
-        dev = self.device
-        j = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
-        i = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
-        ii, jj = torch.meshgrid(i, j, indexing="ij")
-        f = self.focal(height)[:, None, None]
-        x = (jj[None] - 0.5 * width) / f
-        y = -(ii[None] - 0.5 * height) / f
-        d_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
-        c2w = self.c2w()
-        d = torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], d_cam)
-        d = torch.nn.functional.normalize(d, dim=-1)
-        o = c2w[:, None, None, :3, 3].expand_as(d)
-        return o, d
+        f = self.focal(height)
+        return pixel_rays(self.c2w(), f, height, width)
 
     def projection(self, near: float = 0.1, far: float = 100.0, aspect: float = 1.0) -> torch.Tensor:
         """OpenGL perspective projection matrices (B, 4, 4)."""
@@ -175,6 +164,24 @@ class Cameras:
         u = f * pc[..., 0] / (-pc[..., 2]) + 0.5 * width
         v = -f * pc[..., 1] / (-pc[..., 2]) + 0.5 * height
         return torch.stack([u, v, -pc[..., 2]], dim=-1)
+
+
+def pixel_rays(c2w: torch.Tensor, focal: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ray origins and unit directions (B, H, W, 3) through the pixel centres of cameras with
+    camera-to-world matrices c2w (B, 4, 4) and focal lengths `focal` (B,) in pixels (Cameras.rays;
+    a function of tensors alone, for torch.compile: core.representations.nerf)."""
+    dev = c2w.device
+    j = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
+    i = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
+    ii, jj = torch.meshgrid(i, j, indexing="ij")
+    f = focal[:, None, None]
+    x = (jj[None] - 0.5 * width) / f
+    y = -(ii[None] - 0.5 * height) / f
+    d_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)
+    d = torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], d_cam)
+    d = torch.nn.functional.normalize(d, dim=-1)
+    o = c2w[:, None, None, :3, 3].expand_as(d)
+    return o, d
 
 
 def reference_cameras(cam_params, device="cpu") -> Cameras:

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from core.ops import gather_rows
-from core.perf import device_constant
+from core.perf import compile_kind, compiled_twin, device_constant
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +104,6 @@ def coverage_kind(coverage: str, device) -> str:
     if coverage == "auto":
         return "triton" if on_gpu and triton_available() else "torch"
     return coverage
-
-
-def compile_kind(mode: str, device) -> str:
-    """What params.fine.compile (auto | none | default) comes to on `device`: 'none' off a GPU; 'auto'
-    is 'default' where Inductor can build its kernels (core.guidance.sd.compile_mode's test: Triton
-    imports, a C compiler on PATH), else 'none'."""
-    from core.guidance.sd import compile_mode
-
-    if mode not in ("auto", "none", "default"):
-        raise ValueError(f"unknown fine.compile {mode!r} (auto | none | default)")
-    return "none" if compile_mode(mode, device) == "none" else "default"  # auto's CUDA graphs are the UNets
 
 
 def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto", compile: str = "none") -> Rasterizer:
@@ -274,7 +263,7 @@ def torch_rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     tid = _coverage(pos.detach(), tri, H, W, coverage)  # (B, H, W)
     f = tid.clamp_min(0)
     p = _gather_vertices(pos, tri[f])  # (B, H, W, 3, 4) with autograd
-    return _compiled(_pixel_rast, compiled)(p, tid, device_constant(_STAND_IN, p.dtype, p.device))
+    return compiled_twin(_pixel_rast, compiled)(p, tid, device_constant(_STAND_IN, p.dtype, p.device))
 
 
 def _pixel_rast(p: torch.Tensor, tid: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
@@ -303,25 +292,10 @@ def _pixel_rast(p: torch.Tensor, tid: torch.Tensor, stand_in: torch.Tensor) -> t
 # clip-space corners of the triangle an uncovered pixel computes before its zeros are taken
 _STAND_IN = ((-1.0, -1.0, 0.0, 1.0), (1.0, -1.0, 0.0, 1.0), (-1.0, 1.0, 0.0, 1.0))
 
-# the torch backend's arithmetic under torch.compile (fine.compile), built on first use: the pixels'
-# functions see the training image's fixed shape (compiled for it; a second size, the export's,
-# makes Inductor's automatic dynamic shapes compile once more for any size), the pixel pairs' a count
-# that changes every iteration (dynamic from the start)
-_COMPILED: dict = {}
-
-
-def _compiled(fn, on: bool, dynamic: Optional[bool] = None):
-    """`fn` itself, or (on) its torch.compile'd twin, built once a process. Inductor fuses each into a
-    few kernels forward and backward where eagerly every operation is a kernel and, for the
-    backward of an indexed corner, a zero-filled tensor of the image's size. Without gradients (the
-    stage's output views, the texture's bake, the turntable) `fn` itself: a few renders at new sizes
-    gain less than compiling their inference graphs costs (seconds a graph)."""
-    if not (on and torch.is_grad_enabled()):
-        return fn
-    c = _COMPILED.get(fn)
-    if c is None:
-        c = _COMPILED[fn] = torch.compile(fn, dynamic=dynamic)
-    return c
+# fine.compile: the torch backend's arithmetic under torch.compile (core.perf.compiled_twin), built on
+# first use. The pixels' functions see the training image's fixed shape (compiled for it; a second
+# size, the export's, makes Inductor's automatic dynamic shapes compile once more for any size), the
+# pixel pairs' a count that changes every iteration (dynamic from the start).
 
 
 def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, compiled: bool = False) -> torch.Tensor:
@@ -331,7 +305,7 @@ def torch_interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor,
     tid = rast[..., 3].detach().long() - 1
     v = tri.long()[tid.clamp_min(0)]  # (B, H, W, 3)
     a = _gather_vertices(attr if attr.shape[0] == B else attr[:1], v)  # (B, H, W, 3, C)
-    return _compiled(_blend_corners, compiled)(a, rast, tid)
+    return compiled_twin(_blend_corners, compiled)(a, rast, tid)
 
 
 def _blend_corners(a: torch.Tensor, rast: torch.Tensor, tid: torch.Tensor) -> torch.Tensor:
@@ -390,11 +364,11 @@ def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
     at = torch.nonzero(torch.cat([across_h, (tid[:, :-1, :] != tid[:, 1:, :]).reshape(-1)])).squeeze(1)
     if at.numel() == 0:
         return color
-    blend, t_grad, pT, pO = _compiled(_pair_edges, compiled, dynamic=True)(at, tid, zw, pos, tri, opp)
+    blend, t_grad, pT, pO = compiled_twin(_pair_edges, compiled, dynamic=True)(at, tid, zw, pos, tri, opp)
     keep = torch.nonzero(blend).squeeze(1)  # one sync
     if keep.numel() == 0:
         return color
-    return _compiled(_blend_pairs, compiled, dynamic=True)(color, keep, t_grad, pT, pO)
+    return compiled_twin(_blend_pairs, compiled, dynamic=True)(color, keep, t_grad, pT, pO)
 
 
 def _pair_edges(at: torch.Tensor, tid: torch.Tensor, zw: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from core.rendering.batch import RenderBatch
-from core.perf import device_constant, to_device
-from core.rendering.cameras import Cameras
+from core.perf import compiled_twin, device_constant, to_device
+from core.rendering.cameras import Cameras, pixel_rays
 from core.representations.hashgrid import HashGrid
 from core.rendering.shading import shade
 
@@ -274,11 +274,7 @@ class OccupancyGrid(nn.Module):
 
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3) → (N,) bool: in an occupied cell (and inside the bound)."""
-        r = self.resolution
-        idx = ((x + self.bound) / (2 * self.bound) * r).floor().long()
-        inside = ((idx >= 0) & (idx < r)).all(-1)
-        idx = idx.clamp(0, r - 1)
-        return inside & self.occupied[idx[:, 0], idx[:, 1], idx[:, 2]]
+        return occupied_at(self.occupied, x, self.bound)
 
     def bbox(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The axis-aligned box (lo, hi) (3,) around the occupied cells (cached at each update)."""
@@ -300,6 +296,16 @@ class OccupancyGrid(nn.Module):
         return self.occupied.float().mean()
 
 
+def occupied_at(occupied: torch.Tensor, x: torch.Tensor, bound: float) -> torch.Tensor:
+    """(N, 3) → (N,) bool: the points in an occupied cell of the (r, r, r) grid `occupied` over
+    [−bound, bound]³ (and inside the bound)."""
+    r = occupied.shape[0]
+    idx = ((x + bound) / (2 * bound) * r).floor().long()
+    inside = ((idx >= 0) & (idx < r)).all(-1)
+    idx = idx.clamp(0, r - 1)
+    return inside & occupied[idx[:, 0], idx[:, 1], idx[:, 2]]
+
+
 # ----------------------------------------------------------------------------------- volume render
 def _ray_aabb(o: torch.Tensor, d: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
@@ -310,13 +316,75 @@ def _ray_aabb(o: torch.Tensor, d: torch.Tensor, lo, hi) -> tuple[torch.Tensor, t
     return near, far
 
 
+def _ray_samples(c2w: torch.Tensor, focal: torch.Tensor, height: int, width: int, S: int,
+                 jitter: Optional[torch.Tensor], offset_o: Optional[torch.Tensor], offset_d: Optional[torch.Tensor],
+                 lo, hi, occupied: Optional[torch.Tensor], bound: float):
+    """`render`'s rays and samples, a function of tensors (compiled with coarse.compile): the rays
+    (R, 3) (moved by the offsets where given), each ray's cosine to its camera's axis, and the
+    `S` stratified samples between its entry to and exit from the box (lo, hi): distances t, their
+    spacing δ (R, S), positions (R, S, 3) and whether each is active (on a ray that meets the box, in
+    an occupied cell of `occupied`). `jitter` (R, S) ∈ [0, 1) moves each sample within its stratum."""
+    B = c2w.shape[0]
+    o, d = pixel_rays(c2w, focal, height, width)
+    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    if offset_o is not None:
+        o = o + offset_o
+        d = F.normalize(d + offset_d, dim=-1)
+    R = o.shape[0]
+    fwd = -c2w[:, :3, 2]  # camera viewing axis, (B, 3)
+    cos = (d.view(B, -1, 3) * fwd[:, None, :]).sum(-1).reshape(-1)  # ray direction · axis
+    near, far = _ray_aabb(o, d, lo, hi)
+    hit = far > near
+    span = (far - near).clamp_min(0.0)
+    u = (torch.arange(S, device=o.device, dtype=torch.float32) + 0.5)[None].expand(R, S)
+    if jitter is not None:
+        u = u + (jitter - 0.5)
+    t = near[:, None] + span[:, None] * (u / S)  # (R, S)
+    delta = (span / S)[:, None].expand(R, S)
+    pts = o[:, None, :] + d[:, None, :] * t[..., None]  # (R, S, 3)
+    active = hit[:, None].expand(R, S)
+    if occupied is not None:
+        active = active & occupied_at(occupied, pts.reshape(-1, 3), bound).view(R, S)
+    return o, d, cos, t, delta, pts, active
+
+
+def _weights(sig_a: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, cos: torch.Tensor):
+    """Volume rendering's weights from the active samples' densities `sig_a` at flat positions `idx`
+    of the (R, S) samples: α_i = 1 − exp(−σ_i δ_i), w_i = α_i Π_{j<i}(1 − α_j); the opacity Σ w_i and
+    z-depth Σ w_i t_i · cos per ray, and the active samples' weights (compiled with coarse.compile)."""
+    R, S = delta.shape
+    sigma = torch.zeros(R * S, device=sig_a.device, dtype=sig_a.dtype).index_put((idx,), sig_a).view(R, S)
+    alpha = 1.0 - torch.exp(-sigma * delta)
+    trans = torch.cumprod(torch.cat([torch.ones(R, 1, device=sig_a.device), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]
+    w = alpha * trans  # (R, S)
+    opacity = w.sum(1)
+    depth = (w * t).sum(1) * cos
+    return opacity, depth, w.reshape(-1)[idx]
+
+
+def _images(ws: torch.Tensor, ray_of: torch.Tensor, alb: torch.Tensor, col: torch.Tensor,
+            nrm: Optional[torch.Tensor], opacity: torch.Tensor):
+    """The per-ray sums of the samples' weighted albedo, colour and normals, on white (the colour and
+    albedo), and the released code's normal image Σ sg(w_i)(n_i + 1)/2 (compiled with coarse.compile)."""
+    R = opacity.shape[0]
+    albedo_img = torch.zeros(R, 3, device=ws.device).index_add(0, ray_of, ws[:, None] * alb)
+    rgb = torch.zeros(R, 3, device=ws.device).index_add(0, ray_of, ws[:, None] * col)
+    rgb = rgb + (1.0 - opacity)[:, None]  # white background
+    albedo_img = albedo_img + (1.0 - opacity)[:, None]
+    normal_img = normal_sg = None
+    if nrm is not None:
+        normal_img = torch.zeros(R, 3, device=ws.device).index_add(0, ray_of, ws[:, None] * nrm)
+        normal_sg = torch.zeros(R, 3, device=ws.device).index_add(0, ray_of, ws.detach()[:, None] * (nrm + 1.0) * 0.5)
+    return rgb, albedo_img, normal_img, normal_sg
+
+
 def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int] = None, *,
            samples_per_ray: int = 64, occupancy: Optional[OccupancyGrid] = None, shading: str = "albedo",
            light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
            perturb: bool = False, generator: Optional[torch.Generator] = None,
            need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
            normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64,
-           ray_offsets: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> RenderBatch:
+           ray_offsets: Optional[tuple[torch.Tensor, torch.Tensor]] = None, compiled: bool = False) -> RenderBatch:
     """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
 
     Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
@@ -340,34 +408,28 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     reference rays, Magic123 nerf/utils.py:599-603, applied there to unnormalised directions).
     Besides the composited normal map, the batch carries `normal_sg` = Σ_i sg(w_i)·(n_i + 1)/2, the
     released code's normal image (composited with the detached density, no background).
+
+    `compiled` (coarse.compile): the arithmetic between the field's evaluations — rays and samples
+    (`_ray_samples`), weights (`_weights`) and the images' sums (`_images`) — under torch.compile
+    while gradients are on, a few fused kernels forward and backward for the ~150 operators the host
+    launches one by one eagerly; the same numbers up to float rounding (tests/test_gpu_backends.py).
     """
     width = width or height
     B, S = len(cameras), samples_per_ray
     dev = cameras.device
     bound = field.bound
-    o, d = cameras.rays(height, width)
-    o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+    R = B * height * width
+    off_o = off_d = None
     if ray_offsets is not None:
-        o = o + to_device(ray_offsets[0], o.device, o.dtype)
-        d = F.normalize(d + to_device(ray_offsets[1], d.device, d.dtype), dim=-1)
-    R = o.shape[0]
-    fwd = -cameras.c2w()[:, :3, 2]  # camera viewing axis, (B, 3)
-    cos = (d.view(B, -1, 3) * fwd[:, None, :]).sum(-1).reshape(-1)  # ray direction · axis
+        off_o, off_d = (to_device(v, dev, torch.float32) for v in ray_offsets)
     # samples span the ray's stretch inside the box around the occupied cells (the whole
     # [−bound, bound]³ before the occupancy grid knows better)
     lo, hi = occupancy.bbox() if occupancy is not None else (-bound, bound)
-    near, far = _ray_aabb(o, d, lo, hi)
-    hit = far > near
-    span = (far - near).clamp_min(0.0)
-    u = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5)[None].expand(R, S)
-    if perturb:
-        u = u + (rand_on((R, S), generator, dev) - 0.5)
-    t = near[:, None] + span[:, None] * (u / S)  # (R, S)
-    delta = (span / S)[:, None].expand(R, S)
-    pts = o[:, None, :] + d[:, None, :] * t[..., None]  # (R, S, 3)
-    active = hit[:, None].expand(R, S)
-    if occupancy is not None:
-        active = active & occupancy.lookup(pts.reshape(-1, 3)).view(R, S)
+    focal = cameras.focal(height)
+    jitter = rand_on((R, S), generator, dev) if perturb else None
+    o, d, cos, t, delta, pts, active = compiled_twin(_ray_samples, compiled)(
+        cameras.c2w(), focal, height, width, S, jitter, off_o, off_d, lo, hi,
+        occupancy.occupied if occupancy is not None else None, bound)
     need_n = need_normals or shading in ("lambertian", "textureless", "normal")
     analytic = need_n and normals == "analytic"
     gate = need_n and normal_min_weight > 0 and not analytic
@@ -423,16 +485,9 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
         nrm = torch.zeros(idx.numel(), 3, device=dev, dtype=nrm.dtype).index_put((nsel,), nrm)
     sig_a = field.activate(raw)
     alb = torch.sigmoid(logits)
-    sigma = torch.zeros(R * S, device=dev, dtype=sig_a.dtype).index_put((idx,), sig_a).view(R, S)
-    alpha = 1.0 - torch.exp(-sigma * delta)
-    trans = torch.cumprod(torch.cat([torch.ones(R, 1, device=dev), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]
-    w = alpha * trans  # (R, S)
-    opacity = w.sum(1)
-    depth = (w * t).sum(1) * cos
-    ws = w.reshape(-1)[idx]
+    opacity, depth, ws = compiled_twin(_weights, compiled, dynamic=True)(sig_a, idx, delta, t, cos)
     ray_of = idx // S
     ds = d[ray_of]
-    albedo_img = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * alb)
     if shading == "albedo":
         col = alb
     else:
@@ -441,13 +496,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
         else:
             light = light_dir.to(dev)[:, None, :].expand(B, height * width, 3).reshape(-1, 3)[ray_of]
         col = shade(alb, nrm, light, shading, ambient, diffuse)
-    rgb = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * col)
-    rgb = rgb + (1.0 - opacity)[:, None]  # white background
-    albedo_img = albedo_img + (1.0 - opacity)[:, None]
-    normal_img = normal_sg = None
-    if nrm is not None:
-        normal_img = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws[:, None] * nrm)
-        normal_sg = torch.zeros(R, 3, device=dev).index_add(0, ray_of, ws.detach()[:, None] * (nrm + 1.0) * 0.5)
+    rgb, albedo_img, normal_img, normal_sg = compiled_twin(_images, compiled, dynamic=True)(
+        ws, ray_of, alb, col, nrm, opacity)
 
     def img(v: torch.Tensor, c: int) -> torch.Tensor:
         return v.view(B, height, width, c).permute(0, 3, 1, 2)

@@ -20,6 +20,7 @@ import torch
 from core.export.mesh import extract_mesh, write_mesh
 from core.inputs.images import Reference
 from core.io import writable_folder
+from core.perf import compile_kind
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
@@ -68,6 +69,7 @@ class NeRFRepresentation:
                                        density_threshold=c.occupancy_density_threshold)
         self.step_size = 2.0 * c.bound / c.samples_per_ray  # a typical sample spacing
         self.backend = self.field.encoding.backend
+        self.compiled = compile_kind(c.compile, device, "coarse.compile") == "default"
         self.step, self.total = 0, c.iters
 
     def param_groups(self) -> list[dict]:
@@ -100,7 +102,7 @@ class NeRFRepresentation:
                diffuse: float, generator, ray_offsets=None) -> RenderBatch:
         return render(self.field, cameras, resolution, shading=shading, light_dir=light_dir, perturb=True,
                       generator=generator, need_normals=self.needs_normals(shading), ambient=ambient,
-                      diffuse=diffuse, ray_offsets=ray_offsets, **self._render_kw())
+                      diffuse=diffuse, ray_offsets=ray_offsets, compiled=self.compiled, **self._render_kw())
 
     def render_views(self, cameras: Cameras, resolution: int) -> RenderBatch:
         """Albedo renders without gradients (the detector's views, the outputs)."""
