@@ -163,7 +163,8 @@ class CoarseParams(_Section):
     normals_recompute: bool = False
     # torch.compile of the volume renderer's arithmetic between the field's evaluations (rays and
     # samples, weights, the images' sums; core.representations.nerf.render), forward and backward:
-    # default | auto = on a GPU where Inductor builds (core.perf.compile_kind) | none
+    # default | auto = on a GPU where Inductor builds (core.perf.compile_kind) | none. Off: on an H200
+    # a coarse iteration was 7 ms slower with it (reports/speed, session 24)
     compile: Literal["auto", "none", "default"] = "none"
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
