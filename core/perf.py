@@ -50,17 +50,6 @@ def compiled_twin(fn, on: bool, dynamic: Optional[bool] = None):
     return c
 
 
-def compile_kind(mode: str, device, key: str = "fine.compile") -> str:
-    """What a renderer's compile setting `key` (auto | none | default) comes to on `device`: 'none'
-    off a GPU; 'auto' is 'default' where Inductor can build its kernels (core.guidance.sd.compile_mode's
-    test: Triton imports, a C compiler on PATH), else 'none'."""
-    from core.guidance.sd import compile_mode
-
-    if mode not in ("auto", "none", "default"):
-        raise ValueError(f"unknown {key} {mode!r} (auto | none | default)")
-    return "none" if compile_mode(mode, device) == "none" else "default"  # auto's CUDA graphs are the UNets'
-
-
 @contextlib.contextmanager
 def _tf32_setting(allow: bool):
     """torch.backends.cuda.matmul.allow_tf32 = `allow` inside the block, the setting before after it."""

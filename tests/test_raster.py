@@ -264,7 +264,7 @@ def test_compiled_rasteriser_renders_without_gradients_eagerly(monkeypatch):
     functions, so nothing is compiled for a few renders at new sizes; the images are the eager ones.
     (With gradients the compiled functions serve: tests/test_gpu_backends.py.)"""
     from core import perf
-    from core.perf import compile_kind
+    from core.guidance.sd import compile_kind
     from core.rendering.raster import Rasterizer
 
     def no_compile(*a, **k):
@@ -316,3 +316,51 @@ def test_opposite_vertices_without_compaction_are_the_dicts():
         assert torch.equal(opposite_vertices(tri), expected)
         assert torch.equal(opposite_vertices(tri, int(tri.max()) + 5), expected)
     assert opposite_vertices(torch.zeros((0, 3), dtype=torch.long)).shape == (0, 3)
+
+
+def test_antialias_gradient_stays_finite_where_the_coverage_rounded_the_other_way():
+    """A coverage pass whose multiply-adds round differently from the antialias's edge functions (the
+    Triton kernel's on a GPU, nvdiffrast's) can give a triangle a pixel whose centre lies just outside
+    one of its edges. Where that edge runs along a pixel pair, both centres have the same edge value,
+    and the crossing's division was 0 / 0 in the backward: every vertex gradient NaN under a finite
+    loss (session 24: a fine stage stopped at step 0). The pair is not blended, as before, and the
+    gradient is finite."""
+    from core.rendering.raster import torch_antialias, torch_rasterize
+
+    H = W = 8
+
+    def clip(x, y):  # screen → clip, w = 1
+        return [x / W * 2 - 1, y / H * 2 - 1, 0.0, 1.0]
+
+    # a horizontal edge at y = 3.25, a quarter pixel above row 3's centres
+    pos = torch.tensor([[clip(0.5, 3.25), clip(6.5, 3.25), clip(3.5, 0.25)]], requires_grad=True)
+    tri = torch.tensor([[0, 1, 2]])
+    rast = torch_rasterize(pos, tri, (H, W)).detach().clone()
+    assert not (rast[0, 3, :, 3] > 0).any()  # row 3 is outside the triangle by the tensors' arithmetic
+    color = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(0))
+    rast[0, 3, 3, 3], rast[0, 3, 3, 2] = 1.0, rast[0, 2, 3, 2]  # pixel (3, 3) given to the triangle
+    out = torch_antialias(color, rast, pos, tri)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(pos.grad).all() and pos.grad.abs().sum() > 0
+
+
+def test_pixel_barycentrics_stay_finite_on_a_zero_area_pixel():
+    """A covered pixel whose triangle's edge functions sum to exactly 0 there (a sliver the coverage
+    pass kept by its corners' area) gets its first corner's barycentrics (1, 0), finite where 0 / 0
+    was NaN in the image and the gradient; other pixels are unchanged."""
+    from core.rendering.raster import _STAND_IN, _pixel_rast
+
+    H = W = 4
+    p = torch.tensor(_STAND_IN).expand(1, H, W, 3, 4).clone()
+    p[0, 1, 2] = torch.tensor([[-1.0, -0.25, 0.0, 1.0], [0.0, -0.25, 0.0, 1.0], [1.0, -0.25, 0.0, 1.0]])  # collinear
+    p.requires_grad_(True)
+    tid = torch.full((1, H, W), -1)
+    tid[0, 1, 2] = 0
+    tid[0, 2, 1] = 0
+    r = _pixel_rast(p, tid, torch.tensor(_STAND_IN))
+    r[..., :3].sum().backward()
+    assert torch.isfinite(r).all() and torch.isfinite(p.grad).all()
+    assert r[0, 1, 2, :2].tolist() == [1.0, 0.0]  # the sliver's pixel: its first corner
+    # the stand-in triangle's pixel: the barycentrics of its centre, as without the sliver beside it
+    alone = _pixel_rast(torch.tensor(_STAND_IN).expand(1, H, W, 3, 4), tid, torch.tensor(_STAND_IN))
+    assert torch.equal(r[0, 2, 1], alone[0, 2, 1]) and r[0, 2, 1, 3] == 1.0

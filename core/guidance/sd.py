@@ -65,6 +65,15 @@ def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc:
     return "reduce-overhead"
 
 
+def compile_kind(mode: str, device, key: str = "fine.compile") -> str:
+    """What a renderer's compile setting `key` (auto | none | default; fine.compile, coarse.compile)
+    comes to on `device`: 'none' off a GPU; 'auto' is 'default' where Inductor can build its kernels
+    (`compile_mode`'s test: Triton imports, a C compiler on PATH), else 'none'."""
+    if mode not in ("auto", "none", "default"):
+        raise ValueError(f"unknown {key} {mode!r} (auto | none | default)")
+    return "none" if compile_mode(mode, device) == "none" else "default"  # auto's CUDA graphs are the UNets'
+
+
 def compile_unet(unet, mode: str, device):
     """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'
     (`compile_mode`). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are

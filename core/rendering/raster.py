@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from core.ops import gather_rows
-from core.perf import compile_kind, compiled_twin, device_constant
+from core.perf import compiled_twin, device_constant
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto", co
 
         r = Rasterizer("nvdiffrast", device, dr.RasterizeCudaContext(device=device))
     else:
+        from core.guidance.sd import compile_kind
+
         r = Rasterizer("torch", device, coverage=coverage_kind(coverage, device),
                        compiled=compile_kind(compile, device) == "default")
     log.info("mesh rasteriser: %s%s (fine.rasterizer=%s, device %s)", r.backend,
@@ -281,7 +283,14 @@ def _pixel_rast(p: torch.Tensor, tid: torch.Tensor, stand_in: torch.Tensor) -> t
     e1 = (X[..., 2] - cx) * (Y[..., 0] - cy) - (X[..., 0] - cx) * (Y[..., 2] - cy)
     e2 = (X[..., 0] - cx) * (Y[..., 1] - cy) - (X[..., 1] - cx) * (Y[..., 0] - cy)
     area = e0 + e1 + e2
-    b0, b1, b2 = e0 / area, e1 / area, e2 / area  # screen-space barycentrics
+    # a sliver the coverage pass kept (|area| > 1e-12 by its corners) whose edge functions at this
+    # pixel sum to exactly 0: its first corner (1, 0, 0), finite where 0 / 0 was NaN. Every other
+    # pixel's numbers are unchanged
+    flat = area == 0
+    area = torch.where(flat, torch.ones_like(area), area)
+    b0 = torch.where(flat, torch.ones_like(e0), e0 / area)  # screen-space barycentrics
+    b1 = torch.where(flat, torch.zeros_like(e1), e1 / area)
+    b2 = torch.where(flat, torch.zeros_like(e2), e2 / area)
     zw = b0 * Z[..., 0] + b1 * Z[..., 1] + b2 * Z[..., 2]  # z/w is affine in screen space
     q0, q1, q2 = b0 / w[..., 0], b1 / w[..., 1], b2 / w[..., 2]  # perspective correction
     s = q0 + q1 + q2
@@ -414,8 +423,16 @@ def _pair_edges(at: torch.Tensor, tid: torch.Tensor, zw: torch.Tensor, pos: torc
     eT = torch.stack([edge(i, cTx, cTy) for i in range(3)], 1)  # (N, 3) ≥ 0 inside T
     eO = torch.stack([edge(i, cOx, cOy) for i in range(3)], 1)
     exits = eO.detach() < 0
-    tcross = eT / (eT - eO).where(exits, torch.ones_like(eO))
-    tcross = torch.where(exits, tcross, torch.full_like(tcross, float("inf")))
+    # eT − eO is 0 where T's own centre is outside an edge that runs along the pair (eT = eO < 0): a
+    # coverage pass whose multiply-adds rounded the other way (the Triton kernel's, nvdiffrast's) gave
+    # T that pixel. The segment never crosses that edge inside T: t = −inf, as eT / 0 was, but without
+    # the 0 / 0 the division's backward made there, which turned every vertex gradient to NaN
+    # (session 24: a fine stage stopped at step 0 on "a gradient is not finite")
+    den = eT - eO
+    outside = exits & (den.detach() == 0)
+    crossing = exits & ~outside
+    tcross = eT / den.where(crossing, torch.ones_like(den))
+    tcross = torch.where(crossing, tcross, torch.where(outside, float("-inf"), float("inf")))
     t, di = tcross.detach().min(1)
     found = torch.isfinite(t)
     t_grad = torch.gather(tcross, 1, di[:, None]).squeeze(1)
