@@ -101,3 +101,14 @@ def test_pearson_depth_loss_by_index_is_the_boolean_masks_to_the_bit():
     by_mask = torch.stack([0.5 * (1.0 - corr), d.new_zeros(())]).mean()
     (grad_mask,) = torch.autograd.grad(by_mask, d)
     assert torch.equal(loss, by_mask) and torch.equal(grad, grad_mask)
+
+
+def test_pearson_depth_loss_gradient_is_finite_on_a_flat_render():
+    """A render whose depth is constant over the mask (an empty field there: all 0) has no
+    correlation to speak of: the loss is ½ and its gradient finite (it was NaN: the square root of
+    a zero variance)."""
+    d = torch.zeros(1, 1, 8, 8, requires_grad=True)
+    ref = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    loss = pearson_depth_loss(d, ref, torch.ones(1, 1, 8, 8))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5) and torch.isfinite(d.grad).all()

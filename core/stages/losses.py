@@ -42,7 +42,11 @@ def pearson_depth_loss(depth: torch.Tensor, ref_depth: torch.Tensor, mask: torch
             continue
         x, y = gather_rows(d.reshape(-1), sel), gather_rows(r.reshape(-1), sel)
         xc, yc = x - x.mean(), y - y.mean()
-        corr = (xc * yc).mean() / (xc.pow(2).mean().sqrt() * yc.pow(2).mean().sqrt() + eps)
+        # the variances held off 0 before the square root: a render whose depth is constant over the
+        # mask (an empty field there) has a zero variance, whose square root's gradient is inf, and
+        # inf × 0 made the depth's gradient NaN. Any variance above 1e-20 gives the same numbers
+        sx, sy = xc.pow(2).mean().clamp_min(1e-20).sqrt(), yc.pow(2).mean().clamp_min(1e-20).sqrt()
+        corr = (xc * yc).mean() / (sx * sy + eps)
         losses.append(0.5 * (1.0 - corr))
     return torch.stack(losses).mean()
 
