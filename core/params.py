@@ -163,7 +163,7 @@ class CoarseParams(_Section):
     normals_recompute: bool = False
     # torch.compile of the volume renderer's arithmetic between the field's evaluations (rays and
     # samples, weights, the images' sums; core.representations.nerf.render), forward and backward:
-    # default | auto = on a GPU where Inductor builds (core.guidance.sd.compile_kind) | none. Off: on an H200
+    # default | auto = on a GPU where Inductor builds (core.perf.compile_kind) | none. Off: on an H200
     # a coarse iteration was 7 ms slower with it (reports/speed, session 24)
     compile: Literal["auto", "none", "default"] = "none"
     occupancy_resolution: int = Field(64, ge=8)
@@ -251,7 +251,7 @@ class FineParams(_Section):
     coverage: Literal["auto", "torch", "triton"] = "auto"
     # torch.compile of the torch rasteriser's arithmetic over pixels and pixel pairs (rasterize's
     # barycentrics, interpolate, antialias), forward and backward: auto = on a GPU where Inductor
-    # builds (core.guidance.sd.compile_kind) | none | default
+    # builds (core.perf.compile_kind) | none | default
     compile: Literal["auto", "none", "default"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)

@@ -50,6 +50,31 @@ def compiled_twin(fn, on: bool, dynamic: Optional[bool] = None):
     return c
 
 
+def inductor_missing(have_triton: Optional[bool] = None, have_cc: Optional[bool] = None) -> str:
+    """Why Inductor cannot build its GPU kernels here ('' where it can): Triton must import and a C
+    compiler be on PATH (for Triton's launchers). `have_*` stand in for the tests (tests/test_priors.py)."""
+    if have_triton is None:
+        from core.representations.hashgrid import triton_available  # the hash grid's own test: it imports
+
+        have_triton = triton_available()
+    if have_cc is None:
+        import os
+        import shutil
+        have_cc = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang") if c)
+    return "" if have_triton and have_cc else ("no triton" if not have_triton else "no C compiler on PATH")
+
+
+def compile_kind(mode: str, device, key: str = "fine.compile") -> str:
+    """What a renderer's compile setting `key` (auto | none | default; fine.compile, coarse.compile)
+    comes to on `device`: 'none' off a GPU; 'auto' is 'default' where Inductor can build its kernels
+    (`inductor_missing`), else 'none'."""
+    if mode not in ("auto", "none", "default"):
+        raise ValueError(f"unknown {key} {mode!r} (auto | none | default)")
+    if mode == "none" or torch.device(device).type != "cuda":
+        return "none"
+    return "default" if mode == "default" or not inductor_missing() else "none"
+
+
 @contextlib.contextmanager
 def _tf32_setting(allow: bool):
     """torch.backends.cuda.matmul.allow_tf32 = `allow` inside the block, the setting before after it."""

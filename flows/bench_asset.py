@@ -23,7 +23,8 @@ from core.perf import SyncAudit
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
-    from core.guidance.sd import compile_kind, compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
+    from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
+    from core.perf import compile_kind
     from core.rendering.raster import nvdiffrast_available
     from core.representations.hashgrid import choose_backend
 

@@ -264,7 +264,7 @@ def test_compiled_rasteriser_renders_without_gradients_eagerly(monkeypatch):
     functions, so nothing is compiled for a few renders at new sizes; the images are the eager ones.
     (With gradients the compiled functions serve: tests/test_gpu_backends.py.)"""
     from core import perf
-    from core.guidance.sd import compile_kind
+    from core.perf import compile_kind
     from core.rendering.raster import Rasterizer
 
     def no_compile(*a, **k):

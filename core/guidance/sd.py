@@ -29,7 +29,7 @@ from core.errors import InputError
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models.loader import load_pretrained
-from core.perf import to_device
+from core.perf import inductor_missing, to_device
 from core.rendering.cameras import Cameras, wrap_degrees
 
 log = logging.getLogger(__name__)
@@ -51,27 +51,11 @@ def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc:
         return "none"
     if mode != "auto":
         return mode
-    if have_triton is None:
-        from core.representations.hashgrid import triton_available  # the hash grid's own test: it imports
-
-        have_triton = triton_available()
-    if have_cc is None:
-        import os
-        import shutil
-        have_cc = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang") if c)
-    if not (have_triton and have_cc):
-        log.info("UNet: eager (compile=auto: %s)", "no triton" if not have_triton else "no C compiler on PATH")
+    why = inductor_missing(have_triton, have_cc)
+    if why:
+        log.info("UNet: eager (compile=auto: %s)", why)
         return "none"
     return "reduce-overhead"
-
-
-def compile_kind(mode: str, device, key: str = "fine.compile") -> str:
-    """What a renderer's compile setting `key` (auto | none | default; fine.compile, coarse.compile)
-    comes to on `device`: 'none' off a GPU; 'auto' is 'default' where Inductor can build its kernels
-    (`compile_mode`'s test: Triton imports, a C compiler on PATH), else 'none'."""
-    if mode not in ("auto", "none", "default"):
-        raise ValueError(f"unknown {key} {mode!r} (auto | none | default)")
-    return "none" if compile_mode(mode, device) == "none" else "default"  # auto's CUDA graphs are the UNets'
 
 
 def compile_unet(unet, mode: str, device):

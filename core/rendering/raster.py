@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from core.ops import gather_rows
-from core.perf import compiled_twin, device_constant
+from core.perf import compile_kind, compiled_twin, device_constant
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,6 @@ def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto", co
 
         r = Rasterizer("nvdiffrast", device, dr.RasterizeCudaContext(device=device))
     else:
-        from core.guidance.sd import compile_kind
-
         r = Rasterizer("torch", device, coverage=coverage_kind(coverage, device),
                        compiled=compile_kind(compile, device) == "default")
     log.info("mesh rasteriser: %s%s (fine.rasterizer=%s, device %s)", r.backend,

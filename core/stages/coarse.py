@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from core.export.mesh import extract_mesh, write_mesh
-from core.guidance.sd import compile_kind
 from core.inputs.images import Reference
 from core.io import writable_folder
+from core.perf import compile_kind
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
