@@ -241,6 +241,82 @@ def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
     return "\n".join(lines)
 
 
+def _merged(intervals: list) -> list:
+    """Sorted, disjoint union of (start, end) intervals."""
+    out: list = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def gpu_idle(events, steps: int, prefix: str = "lift3d.", top: int = 12) -> str:
+    """Where the device waited on its host, from torch.profiler's `events()`: the gaps between the
+    device's activities (kernels, copies, sets; those inside CUDA graphs too), over the window from
+    its first activity to its last, a step. Each gap is charged (1) to the innermost `prefix` scope
+    open on the host during it (split where scopes open or close inside it), and (2) to the host's
+    operators running during it: every aten operator called from outside another (on any thread: the
+    backward's are on the autograd engine's), by how much of the gap it overlaps; the gap time under
+    no operator is the host's own Python and engine work. A loop whose device idles here is made
+    faster by less host work in these places, not by faster kernels."""
+    import bisect
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    steps = max(int(steps), 1)
+    busy = _merged([(e.time_range.start, e.time_range.end) for e in events
+                    if e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start])
+    if not busy:
+        return "no device activity in the window"
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] > busy[i][1]]
+    window = busy[-1][1] - busy[0][0]
+    idle = sum(b - a for a, b in gaps)
+
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(prefix)]
+    cuts = sorted({t for s in spans for t in s[:2]})
+    by_scope: Counter = Counter()
+    for a, b in gaps:
+        edges = [a] + cuts[bisect.bisect_right(cuts, a):bisect.bisect_left(cuts, b)] + [b]
+        for u, v in zip(edges, edges[1:]):
+            m = 0.5 * (u + v)
+            inner = [s for s in spans if s[0] <= m <= s[1]]
+            by_scope[min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"] += v - u
+
+    starts = [g[0] for g in gaps]
+    by_op: Counter = Counter()
+    covered: list = []
+    for e in events:
+        if e.device_type != DeviceType.CPU or not e.name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is not None:
+            continue
+        s, t = e.time_range.start, e.time_range.end
+        i = max(bisect.bisect_right(starts, s) - 1, 0)
+        while i < len(gaps) and gaps[i][0] < t:
+            o = min(t, gaps[i][1]) - max(s, gaps[i][0])
+            if o > 0:
+                by_op[e.name] += o
+                covered.append((max(s, gaps[i][0]), min(t, gaps[i][1])))
+            i += 1
+    under_ops = sum(b - a for a, b in _merged(covered))
+
+    ms = lambda us: us / 1000.0 / steps  # noqa: E731 - the events' times are µs
+    lines = [f"device busy {ms(window - idle):.2f} ms a step, idle {ms(idle):.2f} ms in {len(gaps) / steps:.0f} gaps "
+             f"(the window from its first activity to its last: {ms(window):.2f} ms a step)",
+             f"{'idle, by the scope open on the host':40s} {'ms/step':>8s}"]
+    lines += [f"{k:40s} {ms(v):8.2f}" for k, v in by_scope.most_common()]
+    lines.append(f"{'idle, by the host operator running':40s} {'ms/step':>8s}")
+    lines += [f"{k.removeprefix('aten::'):40s} {ms(v):8.2f}" for k, v in by_op.most_common(top)]
+    lines.append(f"{'(under no operator: Python, the engine)':40s} {ms(idle - under_ops):8.2f}")
+    return "\n".join(lines)
+
+
 def gflop_of(fn) -> float:
     """GFLOP of running `fn()` once, as torch.utils.flop_counter counts them (matmuls, convolutions,
     attention; not the elementwise work); on the meta device too, where nothing runs."""

@@ -134,11 +134,15 @@ class _Profile:
 
     def _table(self, key: str) -> str:
         try:
-            from core.perf import ops_by_scope
+            from core.perf import gpu_idle, ops_by_scope
 
+            events = self.prof.events()
             table = self.prof.key_averages().table(sort_by=key, row_limit=30)
-            return (f"\n\ntorch.profiler, {self.steps} iterations:\n{table}\n\noperators the host dispatched, by "
-                    f"scope:\n{ops_by_scope(self.prof.events(), self.steps)}")
+            text = (f"\n\ntorch.profiler, {self.steps} iterations:\n{table}\n\noperators the host dispatched, by "
+                    f"scope:\n{ops_by_scope(events, self.steps)}")
+            if self.device.type == "cuda":
+                text += f"\n\nwhere the device waited on its host:\n{gpu_idle(events, self.steps)}"
+            return text
         except Exception as e:  # noqa: BLE001 - a profile that cannot be summarised is not a failed bench
             return f"\n\nno profiler table: {type(e).__name__}: {e}"
 

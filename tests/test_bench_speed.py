@@ -288,3 +288,29 @@ def test_trace_faces_is_the_steady_rows_median_and_the_last_row(tmp_path):
     assert trace_faces(tmp_path / "t.csv", 900)["faces_steady_median"] == 2000  # past the trace: all rows
     pd.DataFrame({"step": [0, 1], "occupied": [0.1, 0.2]}).to_csv(tmp_path / "c.csv", index=False)
     assert trace_faces(tmp_path / "c.csv", 0) == {} and trace_faces(tmp_path / "none.csv", 0) == {}
+
+
+def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it():
+    """The device's idle gaps (between kernels) charged to the innermost scope open on the host and to
+    the top-level operators running then; a nested operator is not charged twice."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from core.perf import gpu_idle
+
+    def ev(name, a, b, dev=DeviceType.CPU, parent=None):
+        return NS(name=name, time_range=NS(start=a, end=b), device_type=dev, cpu_parent=parent)
+
+    add = ev("aten::add", 1000, 1200)
+    events = [ev("lift3d.a", 0, 1000), ev("lift3d.b", 1000, 2000), ev("lift3d.inner", 700, 800),
+              ev("k1", 0, 100, DeviceType.CUDA), ev("k2", 500, 600, DeviceType.CUDA), ev("k3", 550, 580, DeviceType.CUDA),
+              ev("k4", 1500, 2000, DeviceType.CUDA),
+              ev("aten::nonzero", 50, 400), add, ev("aten::mul", 1050, 1100, parent=add)]
+    text = gpu_idle(events, steps=2)
+    rows = {ln[:40].strip(): float(ln[40:]) for ln in text.splitlines()[1:] if "ms/step" not in ln}
+    # gaps 100-500 and 600-1500: 1,300 µs idle of a 2,000 µs window, two steps
+    assert text.startswith("device busy 0.35 ms a step, idle 0.65 ms in 1 gaps")
+    assert rows["lift3d.a"] == 0.35 and rows["lift3d.inner"] == 0.05 and rows["lift3d.b"] == 0.25
+    assert rows["nonzero"] == 0.15 and rows["add"] == 0.1 and "mul" not in rows
+    assert rows["(under no operator: Python, the engine)"] == 0.4

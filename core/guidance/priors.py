@@ -25,6 +25,7 @@ import torch
 
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sds import SDS_GRADIENT_SCALES, sds_gradient_multiplier
+from core.perf import scope
 
 
 def joint_prior_loss(loss_2d: Optional[torch.Tensor], loss_3d: Optional[torch.Tensor],
@@ -136,7 +137,8 @@ def _scaled(loss: torch.Tensor, batch: RenderBatch, sds_scale: Optional[SDSGradi
 
 
 def _run(prior, batch: RenderBatch, name: str, diag: Diagnostics) -> torch.Tensor:
-    out = prior(batch)
+    with scope(f"lift3d.guidance.{name}"):
+        out = prior(batch)
     for k, v in out.diagnostics.items():
         diag[f"{name}/{k}"] = v
     diag[f"{name}/loss"] = out.loss.detach()  # read when logged (core.guidance.base)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from core.ops import gather_rows
+from core.perf import scope
 from core.rendering.cameras import Cameras
 from core.rendering.batch import RenderBatch
 from core.rendering.raster import Rasterizer
@@ -58,39 +59,42 @@ def render_mesh(
         return RenderBatch(white + 0 * verts.sum(), zeros, zeros.clone(), torch.zeros(B, 3, H, W, device=dev),
                            cameras, shading, light_dir, step, total_steps, stage, ambient, diffuse)
     tri = faces.int() if rasterizer.backend == "nvdiffrast" else faces
-    pos = clip_positions(verts, cameras)
-    rast = rasterizer.rasterize(pos, tri, (H, W))
-    covered = rast[..., 3] > 0  # (B, H, W)
-    vn = vertex_normals(verts, faces)
-    attrs = torch.cat([verts, vn], -1)  # (N, 6)
-    interp = rasterizer.interpolate(attrs, rast, tri)  # (B, H, W, 6)
-    normal = torch.nn.functional.normalize(interp[..., 3:], dim=-1, eps=1e-12)
-    depth = rasterizer.interpolate(pos[..., 3:4].contiguous(), rast, tri)  # clip w = distance along the camera axis
-    # the covered pixels as flat indices into (B·H·W) rows: gathers by index_select (core.ops), whose
-    # backward is an index_add, and the colours written back by index_copy. Indexing by the three
-    # (b, y, x) tensors gave the same values, with an accumulating index_put (a sort on a GPU) in
-    # each gather's backward
-    pix = torch.nonzero(covered.reshape(-1)).squeeze(1)
-    colour = torch.ones(B * H * W, 3, device=dev, dtype=verts.dtype)
-    if pix.numel():
-        n_pix = gather_rows(normal.reshape(-1, 3), pix)
-        if shading in ("albedo", "lambertian"):
-            albedo = colour_fn(gather_rows(interp.reshape(-1, interp.shape[-1]), pix)[:, :3])
-        else:
-            albedo = torch.ones_like(n_pix)
-        light = None
-        if shading in ("lambertian", "textureless"):
-            if light_dir is None:
-                light_dir = torch.nn.functional.normalize(cameras.centers.to(dev), dim=-1)
-            light = gather_rows(light_dir.to(dev), torch.div(pix, H * W, rounding_mode="floor"))
-        c = shade(albedo, n_pix, light if light is not None else n_pix, shading, ambient, diffuse)
-        colour = colour.index_copy(0, pix, c.to(colour.dtype))
-    colour = colour.view(B, H, W, 3)
-    mask = covered.unsqueeze(-1).to(verts.dtype)
+    with scope("lift3d.render.raster"):
+        pos = clip_positions(verts, cameras)
+        rast = rasterizer.rasterize(pos, tri, (H, W))
+        covered = rast[..., 3] > 0  # (B, H, W)
+    with scope("lift3d.render.shade"):
+        vn = vertex_normals(verts, faces)
+        attrs = torch.cat([verts, vn], -1)  # (N, 6)
+        interp = rasterizer.interpolate(attrs, rast, tri)  # (B, H, W, 6)
+        normal = torch.nn.functional.normalize(interp[..., 3:], dim=-1, eps=1e-12)
+        depth = rasterizer.interpolate(pos[..., 3:4].contiguous(), rast, tri)  # clip w = distance along the camera axis
+        # the covered pixels as flat indices into (B·H·W) rows: gathers by index_select (core.ops), whose
+        # backward is an index_add, and the colours written back by index_copy. Indexing by the three
+        # (b, y, x) tensors gave the same values, with an accumulating index_put (a sort on a GPU) in
+        # each gather's backward
+        pix = torch.nonzero(covered.reshape(-1)).squeeze(1)
+        colour = torch.ones(B * H * W, 3, device=dev, dtype=verts.dtype)
+        if pix.numel():
+            n_pix = gather_rows(normal.reshape(-1, 3), pix)
+            if shading in ("albedo", "lambertian"):
+                albedo = colour_fn(gather_rows(interp.reshape(-1, interp.shape[-1]), pix)[:, :3])
+            else:
+                albedo = torch.ones_like(n_pix)
+            light = None
+            if shading in ("lambertian", "textureless"):
+                if light_dir is None:
+                    light_dir = torch.nn.functional.normalize(cameras.centers.to(dev), dim=-1)
+                light = gather_rows(light_dir.to(dev), torch.div(pix, H * W, rounding_mode="floor"))
+            c = shade(albedo, n_pix, light if light is not None else n_pix, shading, ambient, diffuse)
+            colour = colour.index_copy(0, pix, c.to(colour.dtype))
+        colour = colour.view(B, H, W, 3)
+        mask = covered.unsqueeze(-1).to(verts.dtype)
     # antialias the composite on white together with the mask, so silhouettes blend into the
     # background and their gradients reach the vertex positions (core/rendering/raster.py)
-    both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri)
-    colour, opacity = both[..., :3], both[..., 3:]
+    with scope("lift3d.render.antialias"):
+        both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri)
+        colour, opacity = both[..., :3], both[..., 3:]
     # rasterisers put row 0 at NDC y = −1; images have row 0 at the top
     to_img = lambda t: torch.flip(t, dims=[1]).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     return RenderBatch(

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from core.rendering.batch import RenderBatch
-from core.perf import compiled_twin, device_constant, to_device
+from core.perf import compiled_twin, device_constant, scope, to_device
 from core.rendering.cameras import Cameras, pixel_rays
 from core.representations.hashgrid import HashGrid
 from core.rendering.shading import shade
@@ -428,9 +428,10 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     lo, hi = occupancy.bbox() if occupancy is not None else (-bound, bound)
     focal = cameras.focal(height)
     jitter = rand_on((R, S), generator, dev) if perturb else None
-    o, d, cos, t, delta, pts, active = compiled_twin(_ray_samples, compiled)(
-        cameras.c2w(), focal, height, width, S, jitter, off_o, off_d, lo, hi,
-        occupancy.occupied if occupancy is not None else None, bound)
+    with scope("lift3d.render.samples"):
+        o, d, cos, t, delta, pts, active = compiled_twin(_ray_samples, compiled)(
+            cameras.c2w(), focal, height, width, S, jitter, off_o, off_d, lo, hi,
+            occupancy.occupied if occupancy is not None else None, bound)
     need_n = need_normals or shading in ("lambertian", "textureless", "normal")
     analytic = need_n and normals == "analytic"
     gate = need_n and normal_min_weight > 0 and not analytic
@@ -441,7 +442,7 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
         # need normals; the differentiable pass below has the same parameters, hence the same
         # weights); it marches front to back `segment` samples at a time and stops evaluating a
         # ray once its transmittance is below `early_stop`, so the inside of an object costs nothing
-        with torch.no_grad():
+        with torch.no_grad(), scope("lift3d.render.early_stop"):
             s0 = torch.zeros(R, S, device=dev)
             log_t = torch.zeros(R, device=dev)
             alive = torch.ones(R, dtype=torch.bool, device=dev)
@@ -459,46 +460,48 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
             if early_stop > 0:
                 active = active & (t0 > early_stop)
             w0 = (a0 * t0).reshape(-1)
-    idx = active.reshape(-1).nonzero(as_tuple=True)[0]
-    grad_on = torch.is_grad_enabled()
-    x_all = pts.reshape(-1, 3)[idx]
-    # the samples that carry normals: positions `nsel` within idx
-    nsel = (w0[idx] >= normal_min_weight).nonzero(as_tuple=True)[0] if gate else None
-    nrm = None
-    empty = (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
-    if analytic:
-        # the density's gradient at every active sample (create_graph while training)
-        with torch.enable_grad():
-            x_all = x_all.detach().requires_grad_(True)
-            raw, logits = field.raw(x_all) if idx.numel() else empty
-            if idx.numel():
-                g = torch.autograd.grad(raw, x_all, torch.ones_like(raw), create_graph=grad_on)[0]
-                nrm = -F.normalize(g, dim=-1, eps=1e-8)
-            else:
-                nrm = torch.zeros(0, 3, device=dev)
-    else:
-        raw, logits = field.raw(x_all) if idx.numel() else empty
-        if need_n:
-            xs = x_all if nsel is None else x_all[nsel]
-            nrm = field.normals(xs, normal_eps) if xs.shape[0] else torch.zeros(0, 3, device=dev)
-    if nrm is not None and nsel is not None:
-        # samples below normal_min_weight: a zero normal (ambient light only, no orientation term)
-        nrm = torch.zeros(idx.numel(), 3, device=dev, dtype=nrm.dtype).index_put((nsel,), nrm)
-    sig_a = field.activate(raw)
-    alb = torch.sigmoid(logits)
-    opacity, depth, ws = compiled_twin(_weights, compiled, dynamic=True)(sig_a, idx, delta, t, cos)
-    ray_of = idx // S
-    ds = d[ray_of]
-    if shading == "albedo":
-        col = alb
-    else:
-        if light_dir is None:
-            light = -ds
+    with scope("lift3d.render.field"):
+        idx = active.reshape(-1).nonzero(as_tuple=True)[0]
+        grad_on = torch.is_grad_enabled()
+        x_all = pts.reshape(-1, 3)[idx]
+        # the samples that carry normals: positions `nsel` within idx
+        nsel = (w0[idx] >= normal_min_weight).nonzero(as_tuple=True)[0] if gate else None
+        nrm = None
+        empty = (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
+        if analytic:
+            # the density's gradient at every active sample (create_graph while training)
+            with torch.enable_grad():
+                x_all = x_all.detach().requires_grad_(True)
+                raw, logits = field.raw(x_all) if idx.numel() else empty
+                if idx.numel():
+                    g = torch.autograd.grad(raw, x_all, torch.ones_like(raw), create_graph=grad_on)[0]
+                    nrm = -F.normalize(g, dim=-1, eps=1e-8)
+                else:
+                    nrm = torch.zeros(0, 3, device=dev)
         else:
-            light = light_dir.to(dev)[:, None, :].expand(B, height * width, 3).reshape(-1, 3)[ray_of]
-        col = shade(alb, nrm, light, shading, ambient, diffuse)
-    rgb, albedo_img, normal_img, normal_sg = compiled_twin(_images, compiled, dynamic=True)(
-        ws, ray_of, alb, col, nrm, opacity)
+            raw, logits = field.raw(x_all) if idx.numel() else empty
+            if need_n:
+                xs = x_all if nsel is None else x_all[nsel]
+                nrm = field.normals(xs, normal_eps) if xs.shape[0] else torch.zeros(0, 3, device=dev)
+        if nrm is not None and nsel is not None:
+            # samples below normal_min_weight: a zero normal (ambient light only, no orientation term)
+            nrm = torch.zeros(idx.numel(), 3, device=dev, dtype=nrm.dtype).index_put((nsel,), nrm)
+        sig_a = field.activate(raw)
+        alb = torch.sigmoid(logits)
+    with scope("lift3d.render.composite"):
+        opacity, depth, ws = compiled_twin(_weights, compiled, dynamic=True)(sig_a, idx, delta, t, cos)
+        ray_of = idx // S
+        ds = d[ray_of]
+        if shading == "albedo":
+            col = alb
+        else:
+            if light_dir is None:
+                light = -ds
+            else:
+                light = light_dir.to(dev)[:, None, :].expand(B, height * width, 3).reshape(-1, 3)[ray_of]
+            col = shade(alb, nrm, light, shading, ambient, diffuse)
+        rgb, albedo_img, normal_img, normal_sg = compiled_twin(_images, compiled, dynamic=True)(
+            ws, ray_of, alb, col, nrm, opacity)
 
     def img(v: torch.Tensor, c: int) -> torch.Tensor:
         return v.view(B, height, width, c).permute(0, 3, 1, 2)

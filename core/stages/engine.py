@@ -388,7 +388,8 @@ class Stage:
         spec, gen, p = self.spec, self.generator, self.params
         step, total = self.state.step, spec.iters
         shading_params = p.coarse.shading
-        self.rep.before_step(step, total, gen, self.optimizer)
+        with scope("lift3d.before_step"):  # the fine stage's marching tetrahedra; the coarse grid's updates
+            self.rep.before_step(step, total, gen, self.optimizer)
         is_ref = self.is_reference_step(step)
         res, extra, background = spec.resolution, {}, None
         if is_ref:
