@@ -212,8 +212,11 @@ def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
     made faster by fewer of these, not by faster kernels."""
     from collections import Counter
 
-    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(prefix)),
-                   key=lambda s: (s[0], -s[1]))
+    from torch.autograd import DeviceType
+
+    # the host's scopes (the profiler also mirrors them on the device's timeline, later: not those)
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.name.startswith(prefix) and e.device_type == DeviceType.CPU), key=lambda s: (s[0], -s[1]))
 
     def where(e) -> str:
         t = e.time_range.start
@@ -267,15 +270,23 @@ def gpu_idle(events, steps: int, prefix: str = "lift3d.", top: int = 12) -> str:
     from torch.autograd import DeviceType
 
     steps = max(int(steps), 1)
-    busy = _merged([(e.time_range.start, e.time_range.end) for e in events
-                    if e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start])
+    host_names = {e.name for e in events if e.device_type == DeviceType.CPU}
+
+    def works(e) -> bool:  # a kernel, copy or set; not the host's ranges mirrored on the device
+        # (ProfilerStep#, the scopes: user annotations) nor the device's side of a synchronisation
+        return (e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start
+                and e.name not in host_names and "Sync" not in e.name and "Wait" not in e.name
+                and getattr(e, "activity_type", None) not in ("gpu_user_annotation", "cuda_sync"))
+
+    busy = _merged([(e.time_range.start, e.time_range.end) for e in events if works(e)])
     if not busy:
         return "no device activity in the window"
     gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1) if busy[i + 1][0] > busy[i][1]]
     window = busy[-1][1] - busy[0][0]
     idle = sum(b - a for a, b in gaps)
 
-    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name.startswith(prefix)]
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events
+             if e.name.startswith(prefix) and e.device_type == DeviceType.CPU]
     cuts = sorted({t for s in spans for t in s[:2]})
     by_scope: Counter = Counter()
     for a, b in gaps:

@@ -72,7 +72,7 @@ class _Stage:
 class _Profile:
     """Where a stage's time goes: the loop's scopes (core.perf.scope: render, guidance,
     regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
-    around each, over the whole stage; then torch.profiler's table over `steps` iterations, stepped by
+    around each, over the whole stage but the profiler's window, which runs free; then torch.profiler's table over `steps` iterations, stepped by
     the stage's callback, after the stage's reference-only warm-up (`skip` iterations: the released
     99, which have no guidance), `after` more (`bench speed --profile-after`: past the first guided
     iterations' compiling and graph captures) and 5 + 1 more. Both written to `path`."""
@@ -103,8 +103,14 @@ class _Profile:
             return None
 
         def step(step, metrics):
+            from core import perf
+
             self.iterations += 1
             self.prof.step()
+            # the profiler's window runs free: the scopes' synchronised timing would hold the host to
+            # the device at every scope, and the window would show a loop that does not run so
+            recorded = self.wait <= self.iterations < self.wait + self.warmup + self.steps
+            perf.SCOPE_TIMES = None if recorded else self.times
         return step
 
     def summary(self) -> dict:
