@@ -140,9 +140,10 @@ class _Profile:
 
     def _table(self, key: str) -> str:
         try:
-            from core.perf import gpu_idle, ops_by_scope
+            from core.perf import gpu_idle, ops_by_scope, save_events
 
             events = self.prof.events()
+            save_events(events, self.path.with_name(self.path.stem + "_events.npz"))  # to read again offline
             table = self.prof.key_averages().table(sort_by=key, row_limit=30)
             text = (f"\n\ntorch.profiler, {self.steps} iterations:\n{table}\n\noperators the host dispatched, by "
                     f"scope:\n{ops_by_scope(events, self.steps)}")

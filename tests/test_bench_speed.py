@@ -175,6 +175,11 @@ def test_the_profile_counts_the_operators_each_scope_dispatched(tmp_path):
     assert rows["lift3d.a"].split()[1] == "3" and "mul 1" in rows["lift3d.a"] and "add 1" in rows["lift3d.a"]
     assert rows["lift3d.b"].split()[1] == "2" and "linear 1" in rows["lift3d.b"] and "addmm" not in rows["lift3d.b"]
     assert "sub 1" in rows["(outside"]
+    # the window's events, saved beside the table, read again give the same counts
+    from core.perf import load_events, ops_by_scope
+
+    again = ops_by_scope(load_events(tmp_path / "p_events.npz"), 2)
+    assert again == text.split("operators the host dispatched, by scope:\n")[1].strip()
 
 
 def test_a_profile_window_the_stage_never_reached_says_how_many_iterations_it_needs(tmp_path):
@@ -294,7 +299,7 @@ def test_trace_faces_is_the_steady_rows_median_and_the_last_row(tmp_path):
     assert trace_faces(tmp_path / "c.csv", 0) == {} and trace_faces(tmp_path / "none.csv", 0) == {}
 
 
-def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it():
+def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it(tmp_path):
     """The device's idle gaps (between kernels) charged to the innermost scope open on the host and to
     the top-level operators running then; a nested operator is not charged twice."""
     from types import SimpleNamespace as NS
@@ -315,9 +320,21 @@ def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it(
               ev("lift3d.a", 0, 1000, DeviceType.CUDA), ev("ProfilerStep#3", 0, 2000, DeviceType.CUDA),
               ev("ProfilerStep#3", 0, 2000), ev("Stream Sync", 600, 1500, DeviceType.CUDA)]
     text = gpu_idle(events, steps=2)
-    rows = {ln[:40].strip(): float(ln[40:]) for ln in text.splitlines()[1:] if "ms/step" not in ln}
+    sections, rows = {}, None
+    for ln in text.splitlines()[1:]:
+        if "ms/step" in ln:
+            rows = sections.setdefault(ln.split(",")[1].split()[2], {})
+        else:
+            rows[ln[:40].strip()] = float(ln[40:])
     # gaps 100-500 and 600-1500: 1,300 µs idle of a 2,000 µs window, two steps
     assert text.startswith("device busy 0.35 ms a step, idle 0.65 ms in 1 gaps")
-    assert rows["lift3d.a"] == 0.35 and rows["lift3d.inner"] == 0.05 and rows["lift3d.b"] == 0.25
-    assert rows["nonzero"] == 0.15 and rows["add"] == 0.1 and "mul" not in rows
-    assert rows["(under no operator: Python, the engine)"] == 0.4
+    assert sections["scope"] == {"lift3d.a": 0.35, "lift3d.inner": 0.05, "lift3d.b": 0.25}
+    assert sections["host"] == {"nonzero": 0.15, "add": 0.1, "(under no operator: Python, the engine)": 0.4}
+    # the shortest event open: ProfilerStep, the scopes, then the operators (mul inside add)
+    assert sections["innermost"] == pytest.approx({"lift3d.a": 0.2, "aten::nonzero": 0.15, "lift3d.b": 0.15,
+                                                   "aten::add": 0.075, "lift3d.inner": 0.05, "aten::mul": 0.025,
+                                                   "(under no host event)": 0.0}, abs=0.006)
+    from core.perf import load_events, save_events
+
+    save_events(events, tmp_path / "e.npz")
+    assert gpu_idle(load_events(tmp_path / "e.npz"), steps=2) == text
