@@ -166,6 +166,10 @@ class CoarseParams(_Section):
     # default | auto = on a GPU where Inductor builds (core.perf.compile_kind) | none. Off: on an H200
     # a coarse iteration was 7 ms slower with it (reports/speed, session 24)
     compile: Literal["auto", "none", "default"] = "none"
+    # the volume renderer's rays and samples: auto = one Triton kernel launch on a GPU (the ~95
+    # operators of the tensors' pass in one; core.representations.samples_triton), the tensors'
+    # operators elsewhere | torch | triton
+    samples: Literal["auto", "torch", "triton"] = "auto"
     occupancy_resolution: int = Field(64, ge=8)
     occupancy_every: int = Field(16, ge=1)
     occupancy_threshold: float = Field(0.01, ge=0.0)
@@ -563,7 +567,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
-    "coarse.compile",
+    "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
     "cudnn_benchmark",
 )

@@ -91,5 +91,5 @@ def test_coverage_kind_picks_the_tensor_pass_off_a_gpu_and_refuses_triton_there(
     assert coverage_kind("torch", "cpu") == "torch"
     with pytest.raises(Lift3DError, match="fine.coverage is 'triton' but the device is not CUDA"):
         coverage_kind("triton", "cpu")
-    with pytest.raises(ValueError, match="unknown coverage"):
+    with pytest.raises(ValueError, match="unknown fine.coverage"):
         coverage_kind("fast", "cpu")

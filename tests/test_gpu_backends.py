@@ -66,6 +66,42 @@ def test_compiled_coarse_renderer_trains_as_the_eager_one(tmp_path):
                    _oracle_torus(tmp_path, "compiled", {"coarse.compile": "default"}))
 
 
+def test_triton_samples_render_and_train_as_the_tensor_pass(tmp_path):
+    """coarse.samples triton (one kernel launch; the default on a GPU) against the tensors' pass: the
+    rays and samples of a 128² view with 128 samples a ray, a jitter and the occupancy grid of the
+    magic123 field (all but a few active flags the same: a sample on a cell's face to the last bit),
+    the guided render forward and backward within float rounding, and 200 oracle iterations alike."""
+    pytest.importorskip("triton")
+    from core.rendering.cameras import Cameras
+    from core.representations.nerf import _ray_samples
+    from core.representations.samples_triton import triton_ray_samples
+    from core.stages.coarse import NeRFRepresentation
+
+    rep = NeRFRepresentation(load_params("magic123", {"device": "cuda"}), torch.device("cuda"))
+    rep.occupancy.update(rep.field, rep.step_size, torch.Generator().manual_seed(3))
+    cams = Cameras.make(70.0, 30.0, 1.8, 40.0).to("cuda")
+    lo, hi = rep.occupancy.bbox()
+    jit = torch.rand(128 * 128, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    args = (cams.c2w(), cams.focal(128), 128, 128, 128, jit, None, None, lo, hi, rep.occupancy.occupied, 1.0)
+    a, b = _ray_samples(*args), triton_ray_samples(*args)
+    for name, x, y in zip(("o", "d", "cos", "t", "delta", "pts"), a[:-1], b[:-1]):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-5), (name, float((x - y).abs().max()))
+    assert a[-1].sum() > 10_000 and int((a[-1] != b[-1]).sum()) <= 10, int((a[-1] != b[-1]).sum())
+    res = {}
+    for kind in ("torch", "triton"):
+        rep.samples = kind
+        rep.field.zero_grad(set_to_none=True)
+        out = rep.render(cams, 128, shading="lambertian", light_dir=None, ambient=0.3, diffuse=0.7,
+                         generator=torch.Generator().manual_seed(5))
+        (out.rgb.square().sum() + out.opacity.sum() + out.depth.sum() + out.normal_sg.sum()).backward()
+        res[kind] = [out.rgb, out.opacity, out.depth, out.normal] + [q.grad.clone() for q in rep.field.parameters()]
+    for x, y in zip(res["torch"], res["triton"]):
+        scale = float(x.abs().max())
+        assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * max(scale, 1.0)), (float((x - y).abs().max()), scale)
+    _same_training(_oracle_torus(tmp_path, "torch", {"coarse.samples": "torch"}),
+                   _oracle_torus(tmp_path, "triton", {"coarse.samples": "triton"}))
+
+
 def test_bf16_mlp_trains_as_fp32(tmp_path):
     """coarse.mlp.precision bf16 against the eager fp32 path over the first 200 iterations."""
     _same_training(_oracle_torus(tmp_path, "fp32", {"coarse.mlp.precision": "fp32"}),

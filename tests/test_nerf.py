@@ -247,3 +247,62 @@ def test_compiled_renderer_gives_the_eager_images_and_gradients():
                 assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5), float((x - y).abs().max())
     assert runs[False][0][1].sum() > 1.0  # the blob is seen: the images are not all background
     assert counts[4] != counts[0]  # the fifth render's active samples are another count
+
+
+_SAMPLES_CHILD = r"""
+import sys, torch
+from core.rendering.cameras import Cameras
+from core.representations.nerf import _ray_samples
+from core.representations.samples_triton import triton_ray_samples
+
+g = torch.Generator().manual_seed(0)
+cams = Cameras.make(torch.tensor([70.0, 95.0]), torch.tensor([30.0, -120.0]), torch.tensor([1.8, 2.2]),
+                    torch.tensor([40.0, 55.0]))
+H, W, S, bound = 12, 10, 16, 1.0
+occ = torch.rand(16, 16, 16, generator=g) < 0.4
+lo, hi = torch.tensor([-0.7, -0.6, -0.8]), torch.tensor([0.5, 0.7, 0.6])
+jit = torch.rand(2 * H * W, S, generator=g)
+off = (torch.randn(3, generator=g) * 0.05, torch.randn(3, generator=g) * 0.05)
+res = {}
+for name, kw in {"plain": dict(jitter=None, offset_o=None, offset_d=None, lo=-bound, hi=bound, occupied=None),
+                 "all": dict(jitter=jit, offset_o=off[0], offset_d=off[1], lo=lo, hi=hi, occupied=occ)}.items():
+    args = (cams.c2w(), cams.focal(H), H, W, S, kw["jitter"], kw["offset_o"], kw["offset_d"], kw["lo"], kw["hi"],
+            kw["occupied"], bound)
+    res[name] = dict(torch=_ray_samples(*args), triton=triton_ray_samples(*args))
+torch.save(res, sys.argv[1])
+"""
+
+
+def test_triton_samples_give_the_tensor_passes_rays_and_samples(tmp_path):
+    """coarse.samples triton (one kernel; the default on a GPU) against the tensors' pass, under Triton's
+    interpreter on the CPU: two cameras of different fields of view at 12×10, 16 samples a ray, with and
+    without the jitter, the reference rays' offsets, a box and an occupancy grid: rays, cosines, sample
+    distances, spacings and positions within a few float units, the same active samples."""
+    from _interpreted import run_interpreted
+
+    res = run_interpreted(_SAMPLES_CHILD, tmp_path / "samples.pt")
+    names = ("o", "d", "cos", "t", "delta", "pts", "active")
+    for case, r in res.items():
+        for name, a, b in zip(names, r["torch"], r["triton"]):
+            assert a.shape == b.shape and a.dtype == b.dtype, (case, name, a.shape, b.shape)
+            if name == "active":
+                assert torch.equal(a, b), (case, int((a != b).sum()))
+            else:
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (case, name, float((a - b).abs().max()))
+    active = res["all"]["torch"][-1]
+    assert 0.05 < active.float().mean() < 0.6  # the box and the grid leave some samples, not all
+    assert res["plain"]["torch"][-1].float().mean() > 0.3
+
+
+def test_samples_setting_picks_the_tensor_pass_off_a_gpu_and_refuses_triton_there():
+    from core.errors import Lift3DError
+    from core.representations.hashgrid import triton_kind
+
+    assert triton_kind("auto", "cpu", "coarse.samples") == "torch"
+    with pytest.raises(Lift3DError, match="coarse.samples is 'triton' but the device is not CUDA"):
+        triton_kind("triton", "cpu", "coarse.samples")
+    p = load_params("smoke", {"coarse.samples": "triton"})
+    from core.stages.coarse import NeRFRepresentation
+
+    with pytest.raises(Lift3DError, match="coarse.samples"):
+        NeRFRepresentation(p, torch.device("cpu"))

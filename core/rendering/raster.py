@@ -91,19 +91,9 @@ class Rasterizer:
 def coverage_kind(coverage: str, device) -> str:
     """What params.fine.coverage (auto | torch | triton) comes to on `device`: 'auto' is the Triton
     kernel on a GPU where Triton imports, torch's pass elsewhere; 'triton' off a GPU is an error."""
-    from core.representations.hashgrid import triton_available
+    from core.representations.hashgrid import triton_kind
 
-    if coverage not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown coverage {coverage!r} (auto | torch | triton)")
-    on_gpu = torch.device(device).type == "cuda"
-    if coverage == "triton" and not (on_gpu and triton_available()):
-        from core.errors import Lift3DError
-
-        why = "the device is not CUDA" if not on_gpu else "triton does not import"
-        raise Lift3DError(f"fine.coverage is 'triton' but {why}; use fine.coverage=auto or torch")
-    if coverage == "auto":
-        return "triton" if on_gpu and triton_available() else "torch"
-    return coverage
+    return triton_kind(coverage, device, "fine.coverage")
 
 
 def make_rasterizer(kind: str = "auto", device="cpu", coverage: str = "auto", compile: str = "none") -> Rasterizer:

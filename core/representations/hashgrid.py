@@ -55,6 +55,23 @@ def triton_available() -> bool:
     return True
 
 
+def triton_kind(setting: str, device, key: str) -> str:
+    """What a Triton-or-torch setting (auto | torch | triton; `key` names it, e.g. fine.coverage)
+    comes to on `device`: 'auto' is the Triton kernel on a GPU where Triton imports, torch's tensors
+    elsewhere; 'triton' off a GPU is a one-line error."""
+    if setting not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown {key} {setting!r} (auto | torch | triton)")
+    on_gpu = torch.device(device).type == "cuda"
+    if setting == "triton" and not (on_gpu and triton_available()):
+        from core.errors import Lift3DError
+
+        why = "the device is not CUDA" if not on_gpu else "triton does not import"
+        raise Lift3DError(f"{key} is 'triton' but {why}; use {key}=auto or torch")
+    if setting == "auto":
+        return "triton" if on_gpu and triton_available() else "torch"
+    return setting
+
+
 def triton_interpreting() -> bool:
     """Triton's interpreter is on (TRITON_INTERPRET=1): its kernels run on CPU tensors (the tests)."""
     try:

@@ -384,7 +384,8 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
            perturb: bool = False, generator: Optional[torch.Generator] = None,
            need_normals: bool = True, early_stop: float = 1e-4, normals: str = "finite_difference",
            normal_eps: float = 1e-2, normal_min_weight: float = 1e-4, segment: int = 64,
-           ray_offsets: Optional[tuple[torch.Tensor, torch.Tensor]] = None, compiled: bool = False) -> RenderBatch:
+           ray_offsets: Optional[tuple[torch.Tensor, torch.Tensor]] = None, compiled: bool = False,
+           samples: str = "torch") -> RenderBatch:
     """Volume-render `cameras` (B views) at height×width; colour composited on a white background.
 
     Samples: `samples_per_ray` stratified samples between the ray's entry to and exit from the box
@@ -414,6 +415,9 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     while gradients are on, a few fused kernels forward and backward for the ~150 operators the host
     launches one by one eagerly; the same numbers up to float rounding (tests/test_gpu_backends.py).
     Off by default: on an H200 a coarse iteration was 7 ms slower with it (reports/speed, session 24).
+
+    `samples` (coarse.samples): 'triton' makes the rays and samples in one Triton kernel launch
+    (core.representations.samples_triton; a GPU), 'torch' with the tensors' operators (`_ray_samples`).
     """
     width = width or height
     B, S = len(cameras), samples_per_ray
@@ -429,7 +433,11 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
     focal = cameras.focal(height)
     jitter = rand_on((R, S), generator, dev) if perturb else None
     with scope("lift3d.render.samples"):
-        o, d, cos, t, delta, pts, active = compiled_twin(_ray_samples, compiled)(
+        if samples == "triton":
+            from core.representations.samples_triton import triton_ray_samples as make_samples
+        else:
+            make_samples = compiled_twin(_ray_samples, compiled)
+        o, d, cos, t, delta, pts, active = make_samples(
             cameras.c2w(), focal, height, width, S, jitter, off_o, off_d, lo, hi,
             occupancy.occupied if occupancy is not None else None, bound)
     need_n = need_normals or shading in ("lambertian", "textureless", "normal")

@@ -23,6 +23,7 @@ from core.io import writable_folder
 from core.perf import compile_kind
 from core.rendering.batch import RenderBatch
 from core.rendering.cameras import Cameras
+from core.representations.hashgrid import triton_kind
 from core.representations.nerf import NeRFField, OccupancyGrid, render, render_chunked
 from core.stages.engine import (CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, read_state,
                                 write_views)
@@ -70,6 +71,7 @@ class NeRFRepresentation:
         self.step_size = 2.0 * c.bound / c.samples_per_ray  # a typical sample spacing
         self.backend = self.field.encoding.backend
         self.compiled = compile_kind(c.compile, device, "coarse.compile") == "default"
+        self.samples = triton_kind(c.samples, device, "coarse.samples")
         self.step, self.total = 0, c.iters
 
     def param_groups(self) -> list[dict]:
@@ -91,7 +93,8 @@ class NeRFRepresentation:
 
     def _render_kw(self) -> dict:
         c = self.c
-        return dict(samples_per_ray=c.samples_per_ray, occupancy=self.occupancy, normals=c.normals)
+        return dict(samples_per_ray=c.samples_per_ray, occupancy=self.occupancy, normals=c.normals,
+                    samples=self.samples)
 
     def needs_normals(self, shading: str) -> bool:
         w = self.c.losses

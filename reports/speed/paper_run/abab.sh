@@ -1,0 +1,19 @@
+#!/bin/bash
+# On the GPU machine, in one call: one stage under two settings in the order A B A B, on one machine
+# and one compile cache (the first run of a pair tends to be the slower, so each setting gets both
+# places); each run's speed.json comes back as $OUT/abab_rN_{a,b}.json and the steady figures print.
+#   bash reports/speed/paper_run/abab.sh "A options" "B options" [ITERS] [STAGE]
+# e.g. abab.sh "--set coarse.samples=torch" "--set coarse.samples=triton" 200 coarse   (~5 min on an H200)
+A=${1:-}; B=${2:-}; N=${3:-200}; STAGE=${4:-coarse}
+D=${D:-/tmp/abab}; mkdir -p $D
+export PYTHONUNBUFFERED=1
+i=0
+for side in a b a b; do
+  i=$((i + 1)); opts=$A; [ $side = b ] && opts=$B
+  timeout ${LIMIT:-200} python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
+    --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead --set $STAGE.iters=$N ${EXTRA:-} \
+    --compile-cache $D/cc.bin $opts --stages $STAGE --out $D/r$i > $D/r$i.log 2>&1
+  echo "run $i ($side: $opts) rc $?"
+  tr '\r' '\n' < $D/r$i.log | grep -E "^$STAGE " | tail -1
+  cp $D/r$i/speed.json ${OUT:-$D}/abab_r${i}_$side.json 2>/dev/null
+done
