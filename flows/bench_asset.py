@@ -26,7 +26,7 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
     from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
     from core.perf import compile_kind
     from core.rendering.raster import nvdiffrast_available
-    from core.representations.hashgrid import choose_backend
+    from core.representations.hashgrid import choose_backend, triton_kind
 
     raster = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available() else "torch"
     return {"hash_grid": choose_backend(params.coarse.grid.backend, device), "rasteriser": raster,
@@ -35,6 +35,8 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             "rasteriser_compile": compile_kind(params.fine.compile, device) if raster == "torch" else "none",
             # the volume renderer's arithmetic compiled (coarse.compile)
             "volume_render_compile": compile_kind(params.coarse.compile, device, "coarse.compile"),
+            # the volume renderer's rays and samples (coarse.samples): one Triton kernel or the tensors'
+            "volume_render_samples": triton_kind(params.coarse.samples, device, "coarse.samples"),
             "ti_tf32": bool(params.textual_inversion.tf32 and device.type == "cuda"),
             "cudnn_benchmark": bool(params.cudnn_benchmark),
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
@@ -393,7 +395,8 @@ def _graphed(on: dict[str, bool]) -> str:
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
              f"backends: hash grid {r['backends']['hash_grid']}"
-             f"{' (renderer compiled)' if r['backends'].get('volume_render_compile', 'none') != 'none' else ''}, "
+             f"{' (renderer compiled)' if r['backends'].get('volume_render_compile', 'none') != 'none' else ''}"
+             f"{' (samples on Triton)' if r['backends'].get('volume_render_samples') == 'triton' else ''}, "
              f"rasteriser {r['backends']['rasteriser']}"
              f"{' (compiled)' if r['backends'].get('rasteriser_compile', 'none') != 'none' else ''}, UNets "
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "

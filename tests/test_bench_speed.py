@@ -89,7 +89,7 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert saved["stages"]["coarse"]["ms_per_iter_steady"] is None  # 2 iterations: no two marks
     assert saved["backends"] == {"hash_grid": "torch", "rasteriser": "torch",  # the UNets: eager off a GPU
                                  "rasteriser_compile": "none", "volume_render_compile": "none",
-                                 "ti_tf32": False, "cudnn_benchmark": False,
+                                 "volume_render_samples": "torch", "ti_tf32": False, "cudnn_benchmark": False,
                                  "unet_compile": {"sd": "none", "zero123": "none"},
                                  "vae_compile": {"sd": "none", "zero123": "none"},
                                  "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"},
@@ -99,6 +99,8 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert "on diffusers kernels, replayed as CUDA graphs (sd);" in format_asset_table(graphed)
     rendered = {**r, "backends": {**r["backends"], "volume_render_compile": "default"}}
     assert "backends: hash grid torch (renderer compiled), rasteriser torch," in format_asset_table(rendered)
+    sampled = {**r, "backends": {**r["backends"], "volume_render_samples": "triton"}}
+    assert "backends: hash grid torch (samples on Triton), rasteriser torch," in format_asset_table(sampled)
     assert saved["asset_seconds"] >= sum(s["wall_s"] for s in saved["stages"].values()) - 0.1
     assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
     assert any((tmp_path / "fine").glob("*.glb"))
