@@ -301,8 +301,9 @@ class StableDiffusionParams(_Section):
     resolution: int = 512
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
-    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere
-    compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
+    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere;
+    # 'graphs': Inductor's kernels, the whole guided prediction replayed as one CUDA graph of lift3d's
+    compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm. The SDS
     # VAE encoder on lift3d's kernels: 11.09 → 10.78 ms an encode at 512² (H200, reports/speed s22)
@@ -338,8 +339,9 @@ class Zero123Params(_Section):
     resolution: int = 256
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
-    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere
-    compile: Literal["none", "auto", "default", "reduce-overhead"] = "auto"
+    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere;
+    # 'graphs': Inductor's kernels, the whole guided prediction replayed as one CUDA graph of lift3d's
+    compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile
     # as sd.vae_kernels. At 256² the eager encoder is bound by launching kernels and lift3d's are no

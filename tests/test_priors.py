@@ -283,3 +283,13 @@ def test_vae_graphs_is_on_by_default_gpu_only_and_wraps_the_chosen_encode(monkey
     wrapped = []
     monkeypatch.setattr(sd_module, "graph_vae_moments", lambda fn, device: wrapped.append((fn, str(device))) or "graphed")
     assert encoder_moments(on.sd, "cuda") == "graphed" and wrapped == [(vae_moments, "cuda")]
+
+
+def test_graphed_call_off_a_gpu_is_the_function_itself():
+    """core.perf.GraphedCall (compile 'graphs' on a GPU: tests/test_gpu_backends.py) calls its function
+    on CPU tensors and captures nothing."""
+    from core.perf import GraphedCall
+
+    g = GraphedCall(lambda x, y: x * 2 + y)
+    x, y = torch.arange(4.0), torch.ones(4)
+    assert torch.equal(g(x, y), x * 2 + y) and not g.graphs

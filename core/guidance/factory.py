@@ -129,7 +129,7 @@ def zero123_parts(params, device, dtype: Optional[torch.dtype] = None):
 
 
 def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
-    from core.guidance.sd import StableDiffusionGuidance, compile_unet, compose_prompt, encoder_moments
+    from core.guidance.sd import StableDiffusionGuidance, compile_mode, compile_unet, compose_prompt, encoder_moments
 
     parts = stable_diffusion_parts(params, device)
     embeds = resolve_token(params, parts, reference, token)
@@ -140,12 +140,13 @@ def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = No
                                        t_range=stage_t_range(params.sd, stage), resolution=params.sd.resolution,
                                        seed=params.seed, view_dependent=params.sd.view_dependent_prompt,
                                        reference_azimuth=params.camera.ref_azimuth,
-                                       moments=encoder_moments(params.sd, device))
+                                       moments=encoder_moments(params.sd, device),
+                                       graphed=compile_mode(params.sd.compile, device) == "graphs")
     return guidance, embeds
 
 
 def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"):
-    from core.guidance.sd import compile_unet, encoder_moments
+    from core.guidance.sd import compile_mode, compile_unet, encoder_moments
     from core.guidance.zero123 import Zero123Guidance
 
     parts = zero123_parts(params, device)
@@ -154,7 +155,8 @@ def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=stage_t_range(params.zero123, stage), resolution=params.zero123.resolution,
                            seed=params.seed, angle_weighting=params.zero123.angle_weighting,
-                           moments=encoder_moments(params.zero123, device))
+                           moments=encoder_moments(params.zero123, device),
+                           graphed=compile_mode(params.zero123.compile, device) == "graphs")
 
 
 def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", token: Optional[dict] = None):

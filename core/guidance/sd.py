@@ -29,7 +29,7 @@ from core.errors import InputError
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sds import classifier_free_guidance, score_distillation
 from core.models.loader import load_pretrained
-from core.perf import inductor_missing, to_device
+from core.perf import GraphedCall, inductor_missing, to_device
 from core.rendering.cameras import Cameras, wrap_degrees
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,18 @@ def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc:
 def compile_unet(unet, mode: str, device):
     """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'
     (`compile_mode`). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are
-    launch-bound eagerly."""
+    launch-bound eagerly. 'graphs': Inductor's kernels without its CUDA graphs (mode 'default'); the
+    guidance then replays its whole guided prediction (the condition, the CFG batch, the UNet, the
+    CFG sum) as one CUDA graph of its own (core.perf.GraphedCall; the guidance's `graphed`), without
+    Dynamo's guards and cudagraph trees' Python at every call (~4 ms of host time a UNet call on an
+    H200 with 'reduce-overhead': reports/speed session 25)."""
     mode = compile_mode(mode, device)
     if mode == "none":
         return unet
-    log.info("UNet: torch.compile(mode=%r)", mode)
-    return torch.compile(unet, mode=mode, dynamic=False)
+    log.info("UNet: torch.compile(mode=%r)%s", "default" if mode == "graphs" else mode,
+             ", the guided prediction replayed as one CUDA graph" if mode == "graphs" else "")
+    return torch.compile(unet, mode="default" if mode == "graphs" else mode, dynamic=False)
+
 
 
 def to_channels_last(parts):
@@ -293,8 +299,10 @@ class StableDiffusionGuidance:
     def __init__(self, parts: StableDiffusionParts, prompt: str, *, guidance_scale: float = 100.0,
                  t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 512, seed: int = 0,
                  negative_prompt: str = "", view_dependent: bool = False, reference_azimuth: float = 0.0,
-                 moments=vae_moments):
+                 moments=vae_moments, graphed: bool = False):
         self.parts = parts
+        # the guided ε̂ from tensors, replayed as one CUDA graph when `graphed` (compile 'graphs')
+        self.guided_eps = GraphedCall(self._guided_eps) if graphed else self._guided_eps
         self.moments = moments  # the encode function (encoder_moments)
         self.prompt = prompt
         self.view_dependent = bool(view_dependent)
@@ -331,10 +339,14 @@ class StableDiffusionGuidance:
                       text_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Classifier-free-guided ε̂ for a batch; the UNet runs without gradient. `text_embeddings`
         (1 or B, 77, D): the condition (default: the prompt's)."""
+        text = self.text_embeddings if text_embeddings is None else text_embeddings
+        return self.guided_eps(latents_noisy, to_device(t, self.device), text)
+
+    def _guided_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """ε̂ from tensors on the UNet's device (capturable: no copy from the host)."""
         b = latents_noisy.shape[0]
         x_in = torch.cat([latents_noisy] * 2).to(self.dtype)
-        t_in = torch.cat([t] * 2).to(self.device)
-        text = self.text_embeddings if text_embeddings is None else text_embeddings
+        t_in = torch.cat([t] * 2)
         cond = torch.cat([self.uncond_embeddings.expand(b, -1, -1), text.expand(b, -1, -1)])
         eps = self.parts.unet(x_in, t_in, encoder_hidden_states=cond).sample
         eps_uncond, eps_cond = eps.float().chunk(2)

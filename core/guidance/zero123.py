@@ -41,7 +41,7 @@ from core.rendering.cameras import Cameras, relative_pose
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images, vae_moments
 from core.guidance.sds import classifier_free_guidance, sample_timesteps, score_distillation
-from core.perf import to_device
+from core.perf import GraphedCall, to_device
 from core.models.loader import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,10 @@ class Zero123Guidance:
 
     def __init__(self, parts: Zero123Parts, reference_rgb: torch.Tensor, reference_camera: Cameras, *,
                  guidance_scale: float = 5.0, t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 256,
-                 seed: int = 0, angle_weighting: bool = False, moments=vae_moments):
+                 seed: int = 0, angle_weighting: bool = False, moments=vae_moments, graphed: bool = False):
         self.parts = parts
+        # the guided ε̂ from tensors, replayed as one CUDA graph when `graphed` (compile 'graphs')
+        self.guided_eps = GraphedCall(self._guided_eps) if graphed else self._guided_eps
         self.moments = moments  # the encode function (core.guidance.sd.encoder_moments)
         self.angle_weighting = bool(angle_weighting)
         self.guidance_scale = float(guidance_scale)
@@ -163,23 +165,33 @@ class Zero123Guidance:
         log.info("3D prior: Zero-1-to-3, CFG %.0f, t∈%s·T, %d²%s", self.guidance_scale, list(self.t_range),
                  self.resolution, ", SDS × angle/180°" if self.angle_weighting else "")
 
+    def pose(self, cameras: Cameras) -> torch.Tensor:
+        """[Δθ, sin Δφ, cos Δφ, Δr] (B, 4) to the reference view, on the UNet's device and dtype."""
+        c = cameras.for_small_math()  # the host copy where there is one
+        return to_device(zero123_condition(self.reference_camera.to(c.device), c), self.device, self.dtype)
+
     @torch.no_grad()
     def condition(self, cameras: Cameras) -> torch.Tensor:
         """The projected condition (B, 1, 768): cc_projection(CLIP(I_ref) ⊕ [Δθ, sin Δφ, cos Δφ, Δr])."""
-        c = cameras.for_small_math()  # the host copy where there is one
-        pose = to_device(zero123_condition(self.reference_camera.to(c.device), c), self.device, self.dtype)
-        emb = self.clip_embedding.expand(len(cameras), -1, -1)
+        return self._condition(self.pose(cameras))
+
+    def _condition(self, pose: torch.Tensor) -> torch.Tensor:
+        emb = self.clip_embedding.expand(pose.shape[0], -1, -1)
         return self.parts.cc_projection(torch.cat([emb, pose[:, None, :]], dim=-1))
 
     @torch.no_grad()
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        return self.guided_eps(latents_noisy, to_device(t, self.device), self.pose(cameras))
+
+    def _guided_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+        """ε̂ from tensors on the UNet's device (capturable: no copy from the host)."""
         b = latents_noisy.shape[0]
-        cond = self.condition(cameras)
+        cond = self._condition(pose)
         c_crossattn = torch.cat([torch.zeros_like(cond), cond])  # unconditional: zeroed embedding
         ref = self.reference_latent.expand(b, -1, -1, -1)
         c_concat = torch.cat([torch.zeros_like(ref), ref])  # unconditional: zeroed reference latent
         x_in = torch.cat([torch.cat([latents_noisy] * 2).to(self.dtype), c_concat], dim=1)
-        eps = self.parts.unet(x_in, torch.cat([t] * 2).to(self.device), encoder_hidden_states=c_crossattn).sample
+        eps = self.parts.unet(x_in, torch.cat([t] * 2), encoder_hidden_states=c_crossattn).sample
         eps_uncond, eps_cond = eps.float().chunk(2)
         return classifier_free_guidance(eps_uncond, eps_cond, self.guidance_scale)
 
@@ -199,7 +211,7 @@ class Zero123Guidance:
             noise = torch.randn(latents.shape, generator=self.generator)
         c = cameras.for_small_math()  # the host copy where there is one
         k = to_device(angle_weight(self.reference_camera.to(c.device), c), self.device).reshape(-1, 1, 1, 1)
-        eps = noise.to(self.device).float()
+        eps = to_device(noise, self.device).float()  # without waiting for the GPU's queue
 
         def weighted(z, t_):
             return eps + k * (predict(z, t_) - eps)
