@@ -113,6 +113,7 @@ class _Profile:
             # the device at every scope, and the window would show a loop that does not run so
             recorded = self.wait <= self.iterations < self.wait + self.warmup + self.steps
             perf.SCOPE_TIMES = None if recorded else self.times
+        step.metrics = False  # the stage calls it every iteration without reading the metrics to the host
         return step
 
     def summary(self) -> dict:

@@ -456,3 +456,43 @@ def test_metrics_reach_the_host_in_one_read_with_floats_values():
     assert host["shading"] == "albedo" and host["n"] == 3.0 and host["faces"] == 12.0
     for k in ("loss", "half", "flag", "one"):
         assert host[k] == float(metrics[k]) and isinstance(host[k], float)
+
+
+def test_the_metrics_queue_hands_every_iterations_metrics_over_in_order_and_late():
+    """A stage's callback on a GPU gets each iteration's metrics two iterations late (the host does
+    not wait for the device to read them), in order, with the values _to_host reads; the rest at the
+    flush. Here on CPU tensors with the GPU's lag."""
+    from core.stages.engine import _MetricsQueue, _to_host
+
+    seen = []
+    q = _MetricsQueue(lambda s, m: seen.append((s, m)), lag=2)
+    metrics = [{"loss": torch.tensor(0.5 + k, dtype=torch.float32), "shading": "albedo", "n": k,
+                "half": torch.tensor(1 / (k + 3), dtype=torch.float16)} for k in range(5)]
+    for k, m in enumerate(metrics):
+        q.push(k, m)
+        assert [s for s, _ in seen] == list(range(max(0, k - 1)))  # two behind
+    q.flush()
+    assert [s for s, _ in seen] == [0, 1, 2, 3, 4]
+    for (s, got), m in zip(seen, metrics):
+        want = {k: v for k, v in _to_host(m).items() if not isinstance(v, str)}
+        assert got == want and list(got) == ["loss", "n", "half"]
+
+
+def test_a_step_only_callback_is_called_every_iteration_without_metrics(tmp_path):
+    """bench speed's profiler steps through a callback marked `metrics = False`: every iteration, at
+    once, with nothing read to the host; a plain callback gets every iteration's metrics."""
+    from core.oracle.guidance import OracleGuidance
+    from core.oracle.objects import make_object
+    from core.stages.coarse import run_coarse
+    from core.oracle.bench import oracle_reference
+
+    p = load_params("smoke", {"coarse.iters": 4, "coarse.checkpoint_every": 1000})
+    obj = make_object("torus")
+    calls = []
+
+    def step(s, m):
+        calls.append((s, m))
+    step.metrics = False
+    run_coarse(p, oracle_reference(obj, p), tmp_path / "a", guidance=OracleGuidance(obj, p), device="cpu",
+               progress=False, callback=step)
+    assert calls == [(0, {}), (1, {}), (2, {}), (3, {})]

@@ -264,10 +264,10 @@ def composite_background(out: RenderBatch, background: torch.Tensor) -> RenderBa
     return out
 
 
-def _to_host(metrics: dict) -> dict:
-    """{name: float} of one-element tensors and numbers (strings kept as they are), the tensors read
-    in one copy per device: a float() each is a wait for the GPU each (a dozen a traced step; session
-    21's audit). float64 holds every fp32 and fp16 value exactly: the numbers float() gives."""
+def _start_host_copy(metrics: dict, wait: bool = True) -> tuple:
+    """The first half of `_to_host`: the one-element tensors of `metrics` stacked per device and
+    copied to the host, waiting for the device (`wait`) or not (a copy into pinned memory and an event
+    after it, readable once the event has passed). Strings and numbers are kept as they are."""
     out: dict = {}
     by_device: dict = {}
     for k, v in metrics.items():
@@ -277,10 +277,61 @@ def _to_host(metrics: dict) -> dict:
             by_device.setdefault(v.device, []).append((k, v))
         else:
             out[k] = float(v)
-    for items in by_device.values():
-        values = torch.stack([v.detach().reshape(()).double() for _, v in items]).tolist()
-        out.update((k, x) for (k, _), x in zip(items, values))
-    return {k: out[k] for k in metrics}
+    copies = []
+    for dev, items in by_device.items():
+        stacked = torch.stack([v.detach().reshape(()).double() for _, v in items])
+        event = None
+        if not wait and dev.type == "cuda":  # pinned (torch's caching host allocator), so the copy is async
+            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            stacked = host.copy_(stacked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        copies.append(([k for k, _ in items], stacked, event))
+    return list(metrics), out, copies
+
+
+def _finish_host_copy(started: tuple) -> dict:
+    """`_start_host_copy`'s copies as {name: float}, in the metrics' order (waits for each event)."""
+    order, out, copies = started
+    for keys, stacked, event in copies:
+        if event is not None:
+            event.synchronize()
+        out.update(zip(keys, stacked.tolist()))
+    return {k: out[k] for k in order}
+
+
+def _to_host(metrics: dict) -> dict:
+    """{name: float} of one-element tensors and numbers (strings kept as they are), the tensors read
+    in one copy per device: a float() each is a wait for the GPU each (a dozen a traced step; session
+    21's audit). float64 holds every fp32 and fp16 value exactly: the numbers float() gives."""
+    return _finish_host_copy(_start_host_copy(metrics))
+
+
+class _MetricsQueue:
+    """Each iteration's metrics to a stage's callback without the host waiting for the device: an
+    iteration's one-element tensors are copied to pinned host memory behind an event, and handed to
+    `callback(step, floats)` `lag` iterations later, in order, when the device is long past them (a
+    `float()` of them at once would wait for the step's whole queue every iteration, so the host
+    could not queue the next iteration while the device runs this one: the Prefect tasks' MLflow
+    logging and progress ask for every iteration's). `lag` 0 (a CPU): at once."""
+
+    def __init__(self, callback, lag: int):
+        self.callback, self.lag = callback, int(lag)
+        self.pending: list = []
+
+    def push(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, _start_host_copy(metrics, wait=self.lag == 0)))
+        while len(self.pending) > self.lag:
+            self._deliver()
+
+    def flush(self) -> None:
+        while self.pending:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        step, started = self.pending.pop(0)
+        fm = _finish_host_copy(started)
+        self.callback(step, {k: v for k, v in fm.items() if not isinstance(v, str)})
 
 
 class _Unchecked:
@@ -585,8 +636,11 @@ class Stage:
             progress: bool = True, postfix: Callable[[dict], dict] = lambda m: {"loss": f"{m['loss']:.4f}"}) -> bool:
         """Iterate to `spec.iters` with a progress bar and checkpoints; True when the stage is done.
 
-        `callback(step, metrics)` gets each iteration's float metrics; `stop_after=k` stops after
-        iteration k as a kill would (the checkpoint as of its last save)."""
+        `callback(step, metrics)` gets each iteration's float metrics, in order; on a GPU two
+        iterations late (`_MetricsQueue`: the host does not wait for the device to read them), every
+        one of them by the time this returns. A callback with the attribute `metrics = False` is
+        called every iteration, at once, with no metrics. `stop_after=k` stops after iteration k as a
+        kill would (the checkpoint as of its last save)."""
         from tqdm import tqdm
 
         from core.perf import reset_peak_memory
@@ -596,17 +650,25 @@ class Stage:
         reset_peak_memory(self.device)  # the stage's own peak (GPU; a CPU's max RSS is the process's)
         bar = tqdm(total=iters, initial=self.state.step, desc=self.spec.name, disable=not progress, dynamic_ncols=True)
         t0, base = time.perf_counter(), self.state.elapsed
+        # a callback marked `metrics = False` (bench speed's profiler) is called every iteration with
+        # no metrics and reads nothing; others get every iteration's, two iterations late on a GPU
+        step_only = callback is not None and getattr(callback, "metrics", True) is False
+        queue = _MetricsQueue(callback, lag=2 if self.device.type == "cuda" else 0) if callback and not step_only else None
         try:
             while self.state.step < iters:
                 self.rep.train(True)
                 metrics = self.step()
                 s = self.state.step
-                if callback is not None or s % 25 == 0:
+                if step_only:
+                    callback(s - 1, {})
+                if s % 25 == 0:  # the bar's figures and the clock's mark: one wait for the device
                     fm = _to_host(metrics)
-                    if callback is not None:
+                    if queue is not None:  # the earlier iterations' first, in order
+                        queue.flush()
                         callback(s - 1, {k: v for k, v in fm.items() if not isinstance(v, str)})
-                    if s % 25 == 0:
-                        bar.set_postfix(postfix(fm))
+                    bar.set_postfix(postfix(fm))
+                elif queue is not None:
+                    queue.push(s - 1, metrics)
                 bar.update(1)
                 self.state.elapsed = base + time.perf_counter() - t0
                 if s % 25 == 0:  # fm's values were read to the host above: the device has caught up
@@ -616,7 +678,11 @@ class Stage:
                         self.save(ck_path)
                         self.write_trace(ck_path.parent)
                 if stop_after is not None and stop_after <= s < iters:
+                    if queue is not None:
+                        queue.flush()
                     return False
+            if queue is not None:
+                queue.flush()
         finally:
             bar.close()
         return True
