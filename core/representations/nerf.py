@@ -53,6 +53,30 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
+class _PositiveCumprod(torch.autograd.Function):
+    """torch.cumprod along dim 1 of a tensor with no zero in it (the transmittance's factors
+    1 − α_i + 1e-10 ≥ 1e-10), with the backward torch's own takes for such a tensor,
+    reversed_cumsum(y · g) / x, bit for bit. torch's `cumprod_backward` first asks the host whether any
+    input is 0 (`(input == 0).any().item()`): a wait for the GPU's queue in every coarse backward
+    (~5 ms of host time on an H200, reports/speed session 25), which this does without."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.cumprod(x, 1)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        return (y * g).flip(1).cumsum(1).flip(1).div(x)
+
+
+def positive_cumprod(x: torch.Tensor) -> torch.Tensor:
+    """cumprod(x, dim=1) for x without zeros; its backward never waits for the device."""
+    return _PositiveCumprod.apply(x) if torch.is_grad_enabled() and x.requires_grad else torch.cumprod(x, 1)
+
+
 def rand_on(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     """U[0, 1) of `shape` on `device`. On the CPU straight from `generator`; on a GPU from a stream
     seeded by one draw from `generator`, so the big tensor is made where it is used (no host
@@ -355,7 +379,8 @@ def _weights(sig_a: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, t: tor
     R, S = delta.shape
     sigma = torch.zeros(R * S, device=sig_a.device, dtype=sig_a.dtype).index_put((idx,), sig_a).view(R, S)
     alpha = 1.0 - torch.exp(-sigma * delta)
-    trans = torch.cumprod(torch.cat([torch.ones(R, 1, device=sig_a.device), 1.0 - alpha + 1e-10], 1), 1)[:, :-1]
+    # T_i = Π_{j<i}(1 − α_j + 1e-10): every factor ≥ 1e-10, so the backward needs no zero test
+    trans = positive_cumprod(torch.cat([torch.ones(R, 1, device=sig_a.device), 1.0 - alpha + 1e-10], 1))[:, :-1]
     w = alpha * trans  # (R, S)
     opacity = w.sum(1)
     depth = (w * t).sum(1) * cos
