@@ -192,7 +192,8 @@ STAGES = ("textual_inversion", "coarse", "fine")
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
                     progress: bool = True, profile_steps: int = 0, profile_after: int = 0, sync_audit: bool = False,
-                    stages: tuple[str, ...] = STAGES, compile_cache: Optional[Path] = None) -> dict[str, Any]:
+                    stages: tuple[str, ...] = STAGES, compile_cache: Optional[Path] = None,
+                    metrics_callback: bool = False) -> dict[str, Any]:
     """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
 
     `stages`: a part of the asset in this run, the rest from DIR (a run split across machines or
@@ -206,8 +207,13 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     same GPU and software compiles the UNets from it instead of from nothing.
 
     `profile_steps=N`: torch.profiler over N iterations of each stage (after its reference-only
-    warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (a per-step callback
-    then syncs the host every iteration, so those runs' timings are not the bench's figures).
+    warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (the scopes are timed
+    with the device synchronised around each outside the profiler's window, so those runs' timings
+    are not the bench's figures).
+
+    `metrics_callback=True`: the coarse and fine stages run with a callback that takes every
+    iteration's metrics, as a real run's Prefect tasks attach one (MLflow's per-step logging, the
+    progress artifact), so the figures are those of such a run; not with `profile_steps`.
 
     `sync_audit=True`: every host–device synchronisation of each stage counted by the line of lift3d
     that caused it (core.perf.SyncAudit) → speed.json "host_syncs" and DIR/sync_audit.txt (the stack
@@ -219,6 +225,9 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise InputError(f"bench speed --stages: {', '.join(unknown) or 'none given'} (choose from {', '.join(STAGES)})")
+    if metrics_callback and profile_steps:
+        raise InputError("bench speed: --metrics-callback and --profile go apart (the profiler steps through a "
+                         "callback that reads no metrics)")
     if "fine" in stages and "coarse" not in stages and not (out / "coarse" / "checkpoint.pt").is_file():
         raise InputError(f"bench speed --stages fine: no coarse checkpoint at {out / 'coarse' / 'checkpoint.pt'} "
                          f"(run the coarse stage into {out} first)")
@@ -231,6 +240,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         "command": "lift3d bench speed --stage asset", "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "method": params.method, "backends": _backends(params, device),
+        "metrics_callback": bool(metrics_callback),
         "models": "tiny random (core.testmodels.priors)" if tiny else
         "full-size random weights in the hub layout (core.testmodels.fullsize_priors), loaded by core.models.loader",
         "iterations": {"textual_inversion": params.textual_inversion.steps if needs_textual_inversion(params) else 0,
@@ -329,10 +339,11 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         if name not in stages:
             continue
         warmup = getattr(params, name).ref_warmup  # profile guided steps, not the reference-only ones
+        seen: list = []
         with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup,
                                             after=profile_after) as prof, \
                 SyncAudit(sync_audit) as audit:
-            record = run(prof.callback)
+            record = run((lambda s, m: seen.append(len(m))) if metrics_callback else prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))
         syncs(name, audit, steps)
         if profile_steps:
@@ -346,6 +357,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                   # of which writing the stage's outputs (renders; the fine stage's export)
                                   "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2),
                                   **trace_faces(out / name / "trace.csv", max(warmup, steps // 2))}
+        if metrics_callback:  # every iteration's metrics reached the callback
+            result["stages"][name]["callback_iterations"] = len(seen)
         save()
     if compile_cache is not None:
         result["compile_cache"]["saved_bytes"] = _save_compile_cache(compile_cache)

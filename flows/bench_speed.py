@@ -263,6 +263,7 @@ def cli_bench_speed(args) -> int:
                             profile_steps=getattr(args, "profile", 0) or 0,
                             profile_after=getattr(args, "profile_after", 0) or 0,
                             sync_audit=bool(getattr(args, "sync_audit", False)),
+                            metrics_callback=bool(getattr(args, "metrics_callback", False)),
                             stages=tuple(x.strip() for x in (getattr(args, "stages", None) or
                                                              "textual_inversion,coarse,fine").split(",") if x.strip()),
                             compile_cache=Path(args.compile_cache) if getattr(args, "compile_cache", None) else None)

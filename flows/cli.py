@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-audit", action="store_true",
                    help="--stage asset: count every host-device synchronisation by the line that caused it "
                         "→ OUT/sync_audit.txt (GPU; slows the run)")
+    p.add_argument("--metrics-callback", action="store_true",
+                   help="--stage asset: run the coarse and fine stages with a callback taking every iteration's "
+                        "metrics, as the pipeline's Prefect tasks do (MLflow logging, progress): a real run's figures")
     p.add_argument("--stages", default=",".join(("textual_inversion", "coarse", "fine")), metavar="LIST",
                    help="--stage asset: the stages to run now, e.g. 'fine' to continue a run split across calls or "
                         "machines in the same OUT (the others' records are kept; a cut stage resumes)")

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from core.errors import InputError
 from core.testmodels.fullsize_priors import FULLSIZE
 from flows.bench_speed import format_table, run_speed_bench
 from core.params import load_params
@@ -67,8 +68,12 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
                               "fine.checkpoint_every=2", "textual_inversion.enabled=true", "textual_inversion.steps=2",
                               "textual_inversion.batch_size=1", "guidance.coarse.lambda_2d=1.0", "coarse.resolution=32", "fine.resolution=64",
                               "fine.tet_resolution=32"])
-    r = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False, sync_audit=True)
+    r = run_asset_bench(p, torch.device("cpu"), tmp_path, tiny=True, progress=False, sync_audit=True,
+                        metrics_callback=True)
     saved = json.loads((tmp_path / "speed.json").read_text())
+    # --metrics-callback: every coarse and fine iteration's metrics reached the callback, as in a real run
+    assert saved["metrics_callback"] is True
+    assert [saved["stages"][s]["callback_iterations"] for s in ("coarse", "fine")] == [2, 2]
     # --sync-audit: a record per stage (a CPU run has no device to wait for: none counted)
     assert {s: v["total"] for s, v in saved["host_syncs"].items()} == {"textual_inversion": 0, "coarse": 0, "fine": 0}
     assert (tmp_path / "sync_audit.txt").read_text().startswith("textual_inversion: 0 host syncs")
@@ -105,6 +110,9 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
     assert any((tmp_path / "fine").glob("*.glb"))
     assert "whole asset:" in format_asset_table(r)
+    with pytest.raises(InputError, match="--metrics-callback and --profile go apart"):
+        run_asset_bench(p, torch.device("cpu"), tmp_path / "both", tiny=True, progress=False, profile_steps=2,
+                        metrics_callback=True)
 
 
 def test_profile_skips_the_reference_only_warm_up(tmp_path):
