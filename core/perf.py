@@ -69,23 +69,24 @@ class GraphedCall:
         if not args[0].is_cuda:
             return self.fn(*args)
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        entry = self.graphs.get(key)
-        if entry is None:
-            static = [a.detach().clone() for a in args]
-            side = torch.cuda.Stream(args[0].device)
-            side.wait_stream(torch.cuda.current_stream(args[0].device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(*static)
-            torch.cuda.current_stream(args[0].device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(*static)
-            entry = self.graphs[key] = (graph, static, out)
-        graph, static, out = entry
-        for buf, a in zip(static, args):
-            buf.copy_(a)
-        graph.replay()
+        with torch.cuda.device(args[0].device):  # capture and replay on the inputs' GPU
+            entry = self.graphs.get(key)
+            if entry is None:
+                static = [a.detach().clone() for a in args]
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        self.fn(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self.fn(*static)
+                entry = self.graphs[key] = (graph, static, out)
+            graph, static, out = entry
+            for buf, a in zip(static, args):
+                buf.copy_(a)
+            graph.replay()
         return out
 
 

@@ -285,7 +285,7 @@ def _start_host_copy(metrics: dict, wait: bool = True) -> tuple:
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
             stacked = host.copy_(stacked, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(dev))  # the stream the copy went on, whatever the current device
         copies.append(([k for k, _ in items], stacked, event))
     return list(metrics), out, copies
 
