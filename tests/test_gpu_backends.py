@@ -34,6 +34,33 @@ def _same_training(a: tuple[float, pd.DataFrame], b: tuple[float, pd.DataFrame])
     assert abs(pa - pb) < 0.3, (pa, pb)
 
 
+def _magic123_field():
+    """The magic123 coarse representation on the GPU, its occupancy grid updated once, and a novel view."""
+    from core.rendering.cameras import Cameras
+    from core.stages.coarse import NeRFRepresentation
+
+    rep = NeRFRepresentation(load_params("magic123", {"device": "cuda"}), torch.device("cuda"))
+    rep.occupancy.update(rep.field, rep.step_size, torch.Generator().manual_seed(3))
+    return rep, Cameras.make(70.0, 30.0, 1.8, 40.0).to("cuda")
+
+
+def _guided_renders_agree(rep, cams, setting: str, a, b) -> None:
+    """One guided render (128², lambertian) forward and backward with rep.<setting> = a, then = b: the
+    images and every field parameter's gradient within float rounding."""
+    res = []
+    for value in (a, b):
+        setattr(rep, setting, value)
+        rep.field.zero_grad(set_to_none=True)
+        out = rep.render(cams, 128, shading="lambertian", light_dir=None, ambient=0.3, diffuse=0.7,
+                         generator=torch.Generator().manual_seed(5))
+        (out.rgb.square().sum() + out.opacity.sum() + out.depth.sum() + out.normal_sg.sum()).backward()
+        res.append([out.rgb, out.opacity, out.depth, out.normal] + [q.grad.clone() for q in rep.field.parameters()])
+    assert res[0][1].sum() > 100  # the blob covers part of the image
+    for x, y in zip(*res):
+        scale = float(x.abs().max())
+        assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * max(scale, 1.0)), (float((x - y).abs().max()), scale)
+
+
 def test_triton_grid_trains_as_the_torch_grid(tmp_path):
     pytest.importorskip("triton")
     _same_training(_oracle_torus(tmp_path, "torch", {"coarse.grid.backend": "torch"}),
@@ -44,24 +71,8 @@ def test_compiled_coarse_renderer_trains_as_the_eager_one(tmp_path):
     """coarse.compile (the volume renderer's arithmetic under torch.compile) against the eager path
     over the first 200 iterations, and one guided render of the magic123 field (128², 128 samples a
     ray) forward and backward: the images and every parameter's gradient within float rounding."""
-    from core.rendering.cameras import Cameras
-    from core.stages.coarse import NeRFRepresentation
-
-    rep = NeRFRepresentation(load_params("magic123", {"device": "cuda"}), torch.device("cuda"))
-    rep.occupancy.update(rep.field, rep.step_size, torch.Generator().manual_seed(3))
-    cams = Cameras.make(70.0, 30.0, 1.8, 40.0).to("cuda")
-    res = {}
-    for compiled in (False, True):
-        rep.compiled = compiled
-        rep.field.zero_grad(set_to_none=True)
-        out = rep.render(cams, 128, shading="lambertian", light_dir=None, ambient=0.3, diffuse=0.7,
-                         generator=torch.Generator().manual_seed(5))
-        (out.rgb.square().sum() + out.opacity.sum() + out.depth.sum() + out.normal_sg.sum()).backward()
-        res[compiled] = [out.rgb, out.opacity, out.depth, out.normal] + [q.grad.clone() for q in rep.field.parameters()]
-    assert res[False][1].sum() > 100  # the blob covers part of the image
-    for x, y in zip(res[False], res[True]):
-        scale = float(x.abs().max())
-        assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * max(scale, 1.0)), (float((x - y).abs().max()), scale)
+    rep, cams = _magic123_field()
+    _guided_renders_agree(rep, cams, "compiled", False, True)
     _same_training(_oracle_torus(tmp_path, "eager", {"coarse.compile": "none"}),
                    _oracle_torus(tmp_path, "compiled", {"coarse.compile": "default"}))
 
@@ -72,14 +83,10 @@ def test_triton_samples_render_and_train_as_the_tensor_pass(tmp_path):
     magic123 field (all but a few active flags the same: a sample on a cell's face to the last bit),
     the guided render forward and backward within float rounding, and 200 oracle iterations alike."""
     pytest.importorskip("triton")
-    from core.rendering.cameras import Cameras
     from core.representations.nerf import _ray_samples
     from core.representations.samples_triton import triton_ray_samples
-    from core.stages.coarse import NeRFRepresentation
 
-    rep = NeRFRepresentation(load_params("magic123", {"device": "cuda"}), torch.device("cuda"))
-    rep.occupancy.update(rep.field, rep.step_size, torch.Generator().manual_seed(3))
-    cams = Cameras.make(70.0, 30.0, 1.8, 40.0).to("cuda")
+    rep, cams = _magic123_field()
     lo, hi = rep.occupancy.bbox()
     jit = torch.rand(128 * 128, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     args = (cams.c2w(), cams.focal(128), 128, 128, 128, jit, None, None, lo, hi, rep.occupancy.occupied, 1.0)
@@ -87,17 +94,7 @@ def test_triton_samples_render_and_train_as_the_tensor_pass(tmp_path):
     for name, x, y in zip(("o", "d", "cos", "t", "delta", "pts"), a[:-1], b[:-1]):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-5), (name, float((x - y).abs().max()))
     assert a[-1].sum() > 10_000 and int((a[-1] != b[-1]).sum()) <= 10, int((a[-1] != b[-1]).sum())
-    res = {}
-    for kind in ("torch", "triton"):
-        rep.samples = kind
-        rep.field.zero_grad(set_to_none=True)
-        out = rep.render(cams, 128, shading="lambertian", light_dir=None, ambient=0.3, diffuse=0.7,
-                         generator=torch.Generator().manual_seed(5))
-        (out.rgb.square().sum() + out.opacity.sum() + out.depth.sum() + out.normal_sg.sum()).backward()
-        res[kind] = [out.rgb, out.opacity, out.depth, out.normal] + [q.grad.clone() for q in rep.field.parameters()]
-    for x, y in zip(res["torch"], res["triton"]):
-        scale = float(x.abs().max())
-        assert torch.allclose(x, y, rtol=1e-3, atol=1e-4 * max(scale, 1.0)), (float((x - y).abs().max()), scale)
+    _guided_renders_agree(rep, cams, "samples", "torch", "triton")
     _same_training(_oracle_torus(tmp_path, "torch", {"coarse.samples": "torch"}),
                    _oracle_torus(tmp_path, "triton", {"coarse.samples": "triton"}))
 

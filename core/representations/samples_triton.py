@@ -31,6 +31,13 @@ BLOCK = 512  # (ray, sample) pairs a program
 
 
 @triton.jit
+def _row(p, m):
+    """One row of a camera's 4×4 matrix: the rotation's three entries and the centre's coordinate."""
+    return (tl.load(p + 0, mask=m, other=0.0), tl.load(p + 1, mask=m, other=0.0), tl.load(p + 2, mask=m, other=0.0),
+            tl.load(p + 3, mask=m, other=0.0))
+
+
+@triton.jit
 def _samples_kernel(c2w_ptr, focal_ptr, jit_ptr, off_ptr, box_ptr, occ_ptr,
                     o_ptr, d_ptr, cos_ptr, t_ptr, delta_ptr, pts_ptr, active_ptr,
                     total, HW, W, half_w, half_h, Sf, res, bound,
@@ -46,18 +53,9 @@ def _samples_kernel(c2w_ptr, focal_ptr, jit_ptr, off_ptr, box_ptr, occ_ptr,
     j = pix - i * W
     # the camera: c2w[b] (row-major 4×4) and its focal length
     cb = c2w_ptr + b * 16
-    r00 = tl.load(cb + 0, mask=m, other=0.0)
-    r01 = tl.load(cb + 1, mask=m, other=0.0)
-    r02 = tl.load(cb + 2, mask=m, other=0.0)
-    ox = tl.load(cb + 3, mask=m, other=0.0)
-    r10 = tl.load(cb + 4, mask=m, other=0.0)
-    r11 = tl.load(cb + 5, mask=m, other=0.0)
-    r12 = tl.load(cb + 6, mask=m, other=0.0)
-    oy = tl.load(cb + 7, mask=m, other=0.0)
-    r20 = tl.load(cb + 8, mask=m, other=0.0)
-    r21 = tl.load(cb + 9, mask=m, other=0.0)
-    r22 = tl.load(cb + 10, mask=m, other=0.0)
-    oz = tl.load(cb + 11, mask=m, other=0.0)
+    r00, r01, r02, ox = _row(cb, m)
+    r10, r11, r12, oy = _row(cb + 4, m)
+    r20, r21, r22, oz = _row(cb + 8, m)
     f = tl.load(focal_ptr + b, mask=m, other=1.0)
     # the pixel centre's direction in the camera (cameras.pixel_rays), then in the world
     x = tl.div_rn(j.to(tl.float32) + 0.5 - half_w, f)
