@@ -496,3 +496,29 @@ def test_a_step_only_callback_is_called_every_iteration_without_metrics(tmp_path
     run_coarse(p, oracle_reference(obj, p), tmp_path / "a", guidance=OracleGuidance(obj, p), device="cpu",
                progress=False, callback=step)
     assert calls == [(0, {}), (1, {}), (2, {}), (3, {})]
+
+
+def test_with_the_gpus_lag_the_callback_still_gets_every_iteration_in_order(tmp_path, monkeypatch):
+    """The stage loop with the metrics two iterations late (as on a GPU) across the 25th iteration's
+    read, a stop_after and a resumed run: the callback gets every iteration once, in order, with the
+    values of a run that hands them over at once."""
+    import core.stages.engine as engine
+    from core.oracle.bench import oracle_reference
+    from core.oracle.guidance import OracleGuidance
+    from core.oracle.objects import make_object
+    from core.stages.coarse import run_coarse
+
+    p = load_params("smoke", {"coarse.iters": 27, "coarse.checkpoint_every": 10, "coarse.resolution": 12,
+                              "coarse.samples_per_ray": 8})
+    obj = make_object("torus")
+    runs = {}
+    for lag in (0, 2):
+        monkeypatch.setitem(engine.METRICS_LAG, "cpu", lag)
+        seen = []
+        kw = dict(guidance=OracleGuidance(obj, p), device="cpu", progress=False,
+                  callback=lambda s, m: seen.append((s, m["loss"])))
+        run_coarse(p, oracle_reference(obj, p), tmp_path / f"lag{lag}", stop_after=22, **kw)
+        run_coarse(p, oracle_reference(obj, p), tmp_path / f"lag{lag}", **kw)  # resumes from iteration 20
+        runs[lag] = seen
+    assert [s for s, _ in runs[2]] == list(range(22)) + list(range(20, 27))
+    assert runs[2] == runs[0]

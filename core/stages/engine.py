@@ -307,6 +307,10 @@ def _to_host(metrics: dict) -> dict:
     return _finish_host_copy(_start_host_copy(metrics))
 
 
+# how many iterations late a stage's callback gets an iteration's metrics, by device type (_MetricsQueue)
+METRICS_LAG = {"cuda": 2}
+
+
 class _MetricsQueue:
     """Each iteration's metrics to a stage's callback without the host waiting for the device: an
     iteration's one-element tensors are copied to pinned host memory behind an event, and handed to
@@ -653,7 +657,8 @@ class Stage:
         # a callback marked `metrics = False` (bench speed's profiler) is called every iteration with
         # no metrics and reads nothing; others get every iteration's, two iterations late on a GPU
         step_only = callback is not None and getattr(callback, "metrics", True) is False
-        queue = _MetricsQueue(callback, lag=2 if self.device.type == "cuda" else 0) if callback and not step_only else None
+        queue = (_MetricsQueue(callback, lag=METRICS_LAG.get(self.device.type, 0))
+                 if callback is not None and not step_only else None)
         try:
             while self.state.step < iters:
                 self.rep.train(True)
