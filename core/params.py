@@ -302,7 +302,7 @@ class StableDiffusionParams(_Section):
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
     # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere;
-    # 'graphs': Inductor's kernels, the whole guided prediction replayed as one CUDA graph of lift3d's
+    # 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA graph of lift3d's
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm. The SDS
@@ -340,7 +340,7 @@ class Zero123Params(_Section):
     fp16: bool = True
     # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
     # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere;
-    # 'graphs': Inductor's kernels, the whole guided prediction replayed as one CUDA graph of lift3d's
+    # 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA graph of lift3d's
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile

@@ -166,9 +166,10 @@ def test_compiled_priors_give_the_eager_sds_gradients(tmp_path):
 
 
 def test_graphed_predictions_give_the_eager_sds_gradients(tmp_path):
-    """`compile: graphs` (Inductor's kernels, each prior's whole guided prediction replayed as one CUDA
-    graph of lift3d's, core.perf.GraphedCall) against eager over 32 guided calls, as above: a replay of
-    stale inputs (the timestep, the view's prompt mix or Zero-1-to-3's pose) would turn the gradient."""
+    """`compile: graphs` (Inductor's kernels, each prior's SDS step's no-grad middle — noising, guided
+    prediction, angle weight, w(t)(ε̂ − ε) — replayed as one CUDA graph of lift3d's, core.perf.GraphedCall)
+    against eager over 32 guided calls, as above: a replay of stale inputs (the timestep, the noise, the
+    view's prompt mix, Zero-1-to-3's pose or angle weight) would turn the gradient."""
     eager = _guided_calls(tmp_path, {})
     graphs = _guided_calls(tmp_path, {"sd.compile": "graphs", "zero123.compile": "graphs"})
     _agree(eager, graphs, cos_min=0.99, norm_rel=0.02)

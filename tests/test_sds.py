@@ -131,3 +131,36 @@ def test_zero123_condition_matches_zero123_get_T():
         tgt = (30 + 120 * r[3].item(), -180 + 360 * r[4].item(), 1.5 + r[5].item())
         got = zero123_condition(Cameras.make(*ref, 40.0), Cameras.make(*tgt, 40.0))[0]
         torch.testing.assert_close(got, _zero123_get_T(ref, tgt), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prior", ["sd", "sd_views", "zero123", "zero123_weighted"])
+def test_the_graphed_gradient_is_the_eager_sds_step(prior):
+    """compile 'graphs' replays an SDS step's no-grad middle (noising, guided ε̂, the angle weight,
+    w(t)(ε̂ − ε)) as one CUDA graph (core.perf.GraphedCall; tests/test_gpu_backends.py on a GPU). Off a
+    GPU the same function runs as it is: the same loss and latent gradient as the eager step, bit for
+    bit, so the graph holds the step's own arithmetic."""
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 8, 8, generator=gen)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([260, 480])
+    cams = Cameras.make([80.0, 60.0], [40.0, -130.0], 1.8, 40.0)
+    res = []
+    for graphed in (False, True):
+        if prior.startswith("sd"):
+            parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+            g = StableDiffusionGuidance(parts, "a photo of a chair", guidance_scale=100.0, resolution=64, seed=3,
+                                        view_dependent=prior == "sd_views", graphed=graphed)
+            step = lambda x: g.sds(x, t=t, noise=noise, cameras=cams)  # noqa: E731
+        else:
+            parts = load_zero123(tiny_models()["zero123"], "cpu", torch.float32)
+            ref = torch.rand(3, 80, 80, generator=torch.Generator().manual_seed(0))
+            g = Zero123Guidance(parts, ref, Cameras.make(90.0, 0.0, 1.8, 40.0), guidance_scale=5.0, resolution=64,
+                                seed=3, angle_weighting=prior == "zero123_weighted", graphed=graphed)
+            step = lambda x: g.sds(x, cams, t=t, noise=noise)  # noqa: E731
+        assert (g.graphed_gradient is not None) == graphed
+        x = z.clone().requires_grad_(True)
+        loss, _ = step(x)
+        loss.backward()
+        res.append((loss.detach(), x.grad))
+    assert res[0][1].abs().max() > 0
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
-from core.guidance.sds import classifier_free_guidance, score_distillation
+from core.guidance.sds import classifier_free_guidance, score_distillation, sds_gradient, sds_weight
 from core.models.loader import load_pretrained
 from core.perf import GraphedCall, inductor_missing, to_device
 from core.rendering.cameras import Cameras, wrap_degrees
@@ -62,8 +62,9 @@ def compile_unet(unet, mode: str, device):
     """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'
     (`compile_mode`). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are
     launch-bound eagerly. 'graphs': Inductor's kernels without its CUDA graphs (mode 'default'); the
-    guidance then replays its whole guided prediction (the condition, the CFG batch, the UNet, the
-    CFG sum) as one CUDA graph of its own (core.perf.GraphedCall; the guidance's `graphed`), without
+    guidance then replays an SDS step's no-grad middle (the noising, the condition, the CFG batch,
+    the UNet, the CFG sum, w(t)(ε̂ − ε)) as one CUDA graph of its own (core.perf.GraphedCall; the
+    guidance's `graphed`), without
     Dynamo's guards and cudagraph trees' Python at every call (~4 ms of host time a UNet call on an
     H200 with 'reduce-overhead': reports/speed session 25)."""
     mode = compile_mode(mode, device)
@@ -301,8 +302,8 @@ class StableDiffusionGuidance:
                  negative_prompt: str = "", view_dependent: bool = False, reference_azimuth: float = 0.0,
                  moments=vae_moments, graphed: bool = False):
         self.parts = parts
-        # the guided ε̂ from tensors, replayed as one CUDA graph when `graphed` (compile 'graphs')
-        self.guided_eps = GraphedCall(self._guided_eps) if graphed else self._guided_eps
+        # compile 'graphs': an SDS step's noising, guided ε̂ and w(t)(ε̂ − ε) replayed as one CUDA graph
+        self.graphed_gradient = GraphedCall(self._gradient) if graphed else None
         self.moments = moments  # the encode function (encoder_moments)
         self.prompt = prompt
         self.view_dependent = bool(view_dependent)
@@ -340,7 +341,7 @@ class StableDiffusionGuidance:
         """Classifier-free-guided ε̂ for a batch; the UNet runs without gradient. `text_embeddings`
         (1 or B, 77, D): the condition (default: the prompt's)."""
         text = self.text_embeddings if text_embeddings is None else text_embeddings
-        return self.guided_eps(latents_noisy, to_device(t, self.device), text)
+        return self._guided_eps(latents_noisy, to_device(t, self.device), text)
 
     def _guided_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """ε̂ from tensors on the UNet's device (capturable: no copy from the host)."""
@@ -358,8 +359,15 @@ class StableDiffusionGuidance:
         """SDS on given latents (B, 4, h, w): the loss whose gradient on `latents` is w(t)(ε̂ − ε)/B,
         conditioned on the view-dependent prompt of `cameras` when that is on."""
         text = self.text_embeddings_for(cameras)
+        graphed = self.graphed_gradient
         return score_distillation(latents, lambda z, t_: self.predict_noise(z, t_, text), self.parts.scheduler,
-                                  self.alphas_cumprod, self.t_range, self.generator, t, noise)
+                                  self.alphas_cumprod, self.t_range, self.generator, t, noise,
+                                  gradient=(lambda z, e, t_: graphed(z, e, t_, text)) if graphed else None)
+
+    def _gradient(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """w(t)(ε̂ − ε) from tensors on the UNet's device, as score_distillation computes it (capturable)."""
+        latents_noisy = self.parts.scheduler.add_noise(latents, noise, t)
+        return sds_gradient(self._guided_eps(latents_noisy, t, text), noise, sds_weight(self.alphas_cumprod, t))
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)

@@ -52,11 +52,13 @@ def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_cumprod: torch.Tensor,
                        t_range: tuple[float, float], generator: torch.Generator | None = None,
-                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None, gradient=None
                        ) -> tuple[torch.Tensor, Diagnostics]:
     """One SDS step on latents (B, C, h, w): sample t and ε, noise the latents, ask the prior for
     ε̂ = predict_noise(z_t, t) (guided) under no_grad, and return the loss whose gradient on the
-    latents is w(t)(ε̂ − ε)/B (Magic123 eqs. 5–6) with its diagnostics."""
+    latents is w(t)(ε̂ − ε)/B (Magic123 eqs. 5–6) with its diagnostics. `gradient(z, ε, t)`, when
+    given, does the noising, the prediction and w(t)(ε̂ − ε) in one (a prior's CUDA-graph replay of
+    them: compile 'graphs'); `predict_noise` is then not called."""
     num_t = scheduler.config.num_train_timesteps
     device = latents.device
     if t is None:
@@ -68,9 +70,12 @@ def score_distillation(latents: torch.Tensor, predict_noise, scheduler, alphas_c
         noise = torch.randn(latents.shape, generator=generator)
     noise = to_device(noise, device)
     with torch.no_grad():
-        latents_noisy = scheduler.add_noise(latents.detach().float(), noise.float(), t)
-        eps_hat = predict_noise(latents_noisy, t)
-        grad = sds_gradient(eps_hat, noise, sds_weight(alphas_cumprod, t))
+        if gradient is not None:
+            grad = gradient(latents.detach().float(), noise.float(), t)
+        else:
+            latents_noisy = scheduler.add_noise(latents.detach().float(), noise.float(), t)
+            eps_hat = predict_noise(latents_noisy, t)
+            grad = sds_gradient(eps_hat, noise, sds_weight(alphas_cumprod, t))
     loss = sds_loss(latents, grad)
     # the diagnostics stay scalar tensors on the device (core.guidance.base): float() of them here
     # would make the host wait for the UNet at every step

@@ -40,7 +40,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from core.rendering.cameras import Cameras, relative_pose
 from core.guidance.base import Diagnostics, GuidanceOutput, RenderBatch
 from core.guidance.sd import encode_images, vae_moments
-from core.guidance.sds import classifier_free_guidance, sample_timesteps, score_distillation
+from core.guidance.sds import (classifier_free_guidance, sample_timesteps, score_distillation, sds_gradient,
+                                sds_weight)
 from core.perf import GraphedCall, to_device
 from core.models.loader import load_pretrained
 
@@ -140,8 +141,8 @@ class Zero123Guidance:
                  guidance_scale: float = 5.0, t_range: tuple[float, float] = (0.2, 0.6), resolution: int = 256,
                  seed: int = 0, angle_weighting: bool = False, moments=vae_moments, graphed: bool = False):
         self.parts = parts
-        # the guided ε̂ from tensors, replayed as one CUDA graph when `graphed` (compile 'graphs')
-        self.guided_eps = GraphedCall(self._guided_eps) if graphed else self._guided_eps
+        # compile 'graphs': an SDS step's noising, guided ε̂ (angle-weighted) and w(t)(ε̂ − ε) as one CUDA graph
+        self.graphed_gradient = GraphedCall(self._gradient) if graphed else None
         self.moments = moments  # the encode function (core.guidance.sd.encoder_moments)
         self.angle_weighting = bool(angle_weighting)
         self.guidance_scale = float(guidance_scale)
@@ -181,7 +182,7 @@ class Zero123Guidance:
 
     @torch.no_grad()
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, cameras: Cameras) -> torch.Tensor:
-        return self.guided_eps(latents_noisy, to_device(t, self.device), self.pose(cameras))
+        return self._guided_eps(latents_noisy, to_device(t, self.device), self.pose(cameras))
 
     def _guided_eps(self, latents_noisy: torch.Tensor, t: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """ε̂ from tensors on the UNet's device (capturable: no copy from the host)."""
@@ -200,9 +201,12 @@ class Zero123Guidance:
         """SDS on given latents for novel views `cameras` (Magic123 eq. 6). With angle weighting the
         gradient on each view's latent is k·w(t)(ε̂ − ε)/B, k = γ/180° (`angle_weight`)."""
         predict = lambda z, t_: self.predict_noise(z, t_, cameras)  # noqa: E731
+        graphed = self.graphed_gradient
         if not self.angle_weighting:
+            pose = self.pose(cameras) if graphed else None
             return score_distillation(latents, predict, self.parts.scheduler, self.alphas_cumprod, self.t_range,
-                                      self.generator, t, noise)
+                                      self.generator, t, noise,
+                                      gradient=(lambda z, e, t_: graphed(z, e, t_, pose)) if graphed else None)
         # ε̂ ← ε + k(ε̂ − ε) makes score_distillation's gradient k·w(t)(ε̂ − ε); t and ε are drawn
         # here, from the same stream in the same order as score_distillation draws them
         if t is None:
@@ -211,15 +215,26 @@ class Zero123Guidance:
             noise = torch.randn(latents.shape, generator=self.generator)
         c = cameras.for_small_math()  # the host copy where there is one
         k = to_device(angle_weight(self.reference_camera.to(c.device), c), self.device).reshape(-1, 1, 1, 1)
-        eps = to_device(noise, self.device).float()  # without waiting for the GPU's queue
-
         def weighted(z, t_):
+            eps = to_device(noise, self.device).float()  # without waiting for the GPU's queue
             return eps + k * (predict(z, t_) - eps)
 
+        pose = self.pose(cameras) if graphed else None
         loss, diag = score_distillation(latents, weighted, self.parts.scheduler, self.alphas_cumprod, self.t_range,
-                                        self.generator, t, noise)
+                                        self.generator, t, noise,
+                                        gradient=(lambda z, e, t_: graphed(z, e, t_, pose, k)) if graphed else None)
         diag["angle_weight"] = k.mean()  # read when logged (core.guidance.base)
         return loss, diag
+
+    def _gradient(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, pose: torch.Tensor,
+                  *k: torch.Tensor) -> torch.Tensor:
+        """w(t)(ε̂ − ε) from tensors on the UNet's device, as score_distillation computes it, with the
+        angle weight ε̂ ← ε + k(ε̂ − ε) when `k` is given (capturable)."""
+        latents_noisy = self.parts.scheduler.add_noise(latents, noise, t)
+        eps = self._guided_eps(latents_noisy, t, pose)
+        if k:
+            eps = noise + k[0] * (eps - noise)
+        return sds_gradient(eps, noise, sds_weight(self.alphas_cumprod, t))
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         rgb = F.interpolate(batch.rgb, (self.resolution, self.resolution), mode="bilinear", align_corners=False)
