@@ -243,6 +243,14 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _top_level(e) -> bool:
+    """A profiler event with no aten operator above it: one the host dispatched itself."""
+    parent = e.cpu_parent
+    while parent is not None and not parent.name.startswith("aten::"):
+        parent = parent.cpu_parent
+    return parent is None
+
+
 def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
     """How many operators each scope dispatched a step, from torch.profiler's `events()`: every aten
     operator called from outside another aten operator (what the host dispatched), and every GPU
@@ -269,10 +277,7 @@ def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
             continue
         w = where(e)
         kernels[w] += len(getattr(e, "kernels", []) or [])  # a kernel is tied to the innermost operator
-        parent = e.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if parent is not None:  # called by another aten operator: not a dispatch of the loop's own
+        if not _top_level(e):  # called by another aten operator: not a dispatch of the loop's own
             continue
         ops[w] += 1
         names.setdefault(w, Counter())[e.name] += 1
@@ -355,14 +360,8 @@ def gpu_idle(events, steps: int, prefix: str = "lift3d.", top: int = 12) -> str:
                 i += 1
         return hit
 
-    def top_level(e) -> bool:
-        parent = e.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        return parent is None
-
     by_op: Counter = Counter()
-    ops = [(e.time_range.start, e.time_range.end, e.name) for e in host if e.name.startswith("aten::") and top_level(e)]
+    ops = [(e.time_range.start, e.time_range.end, e.name) for e in host if e.name.startswith("aten::") and _top_level(e)]
     under_ops = sum(b - a for a, b in _merged(charge(ops, by_op)))
 
     # the innermost host event at each moment: a sweep over the events' ends, the shortest open one

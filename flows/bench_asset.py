@@ -74,10 +74,11 @@ class _Stage:
 class _Profile:
     """Where a stage's time goes: the loop's scopes (core.perf.scope: render, guidance,
     regularisers, backward, optimiser, checkpoint, set-up, export) timed with the device synchronised
-    around each, over the whole stage but the profiler's window, which runs free; then torch.profiler's table over `steps` iterations, stepped by
-    the stage's callback, after the stage's reference-only warm-up (`skip` iterations: the released
-    99, which have no guidance), `after` more (`bench speed --profile-after`: past the first guided
-    iterations' compiling and graph captures) and 5 + 1 more. Both written to `path`."""
+    around each, over the whole stage but the profiler's window, which runs free; then
+    torch.profiler's table over `steps` iterations, stepped by the stage's callback, after the
+    stage's reference-only warm-up (`skip` iterations: the released 99, which have no guidance),
+    `after` more (`bench speed --profile-after`: past the first guided iterations' compiling and
+    graph captures) and 5 + 1 more. Both written to `path`."""
 
     def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0, after: int = 0):
         self.path, self.steps, self.device, self.prof = path, steps, device, None

@@ -64,16 +64,14 @@ def compile_unet(unet, mode: str, device):
     launch-bound eagerly. 'graphs': Inductor's kernels without its CUDA graphs (mode 'default'); the
     guidance then replays an SDS step's no-grad middle (the noising, the condition, the CFG batch,
     the UNet, the CFG sum, w(t)(ε̂ − ε)) as one CUDA graph of its own (core.perf.GraphedCall; the
-    guidance's `graphed`), without
-    Dynamo's guards and cudagraph trees' Python at every call (~4 ms of host time a UNet call on an
-    H200 with 'reduce-overhead': reports/speed session 25)."""
+    guidance's `graphed`), without Dynamo's guards and cudagraph trees' Python at every call (~4 ms
+    of host time a UNet call on an H200 with 'reduce-overhead': reports/speed session 25)."""
     mode = compile_mode(mode, device)
     if mode == "none":
         return unet
     log.info("UNet: torch.compile(mode=%r)%s", "default" if mode == "graphs" else mode,
-             ", the guided prediction replayed as one CUDA graph" if mode == "graphs" else "")
+             ", the SDS step replayed as one CUDA graph" if mode == "graphs" else "")
     return torch.compile(unet, mode="default" if mode == "graphs" else mode, dynamic=False)
-
 
 
 def to_channels_last(parts):

@@ -215,6 +215,7 @@ class Zero123Guidance:
             noise = torch.randn(latents.shape, generator=self.generator)
         c = cameras.for_small_math()  # the host copy where there is one
         k = to_device(angle_weight(self.reference_camera.to(c.device), c), self.device).reshape(-1, 1, 1, 1)
+
         def weighted(z, t_):
             eps = to_device(noise, self.device).float()  # without waiting for the GPU's queue
             return eps + k * (predict(z, t_) - eps)
