@@ -168,6 +168,24 @@ def steady_ms_per_iter(marks: list, from_step: int) -> Optional[float]:
     return round(1000 * (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0]), 1)
 
 
+def above_steady_s(loop_s: float, iters: int, steady_ms: Optional[float]) -> Optional[float]:
+    """The loop's seconds above `iters` iterations at its steady pace: what its first iterations cost
+    beyond it (compiling, CUDA-graph captures, the priors' first calls; the reference-only warm-up runs
+    below the pace and takes some off). None without a steady figure."""
+    if steady_ms is None:
+        return None
+    return round(loop_s - iters * steady_ms / 1000, 1)
+
+
+def timing(loop_s: float, iters: int, marks: list, from_step: int) -> dict[str, Any]:
+    """A stage's ms per iteration (mean and steady), the seconds above the steady pace, and its
+    [step, seconds] marks (every 25 steps: the run's speed over time, for speed_plot.py --timeline)."""
+    steady = steady_ms_per_iter(marks, from_step)
+    return {"ms_per_iter": round(1000 * loop_s / max(iters, 1), 1), "ms_per_iter_steady": steady,
+            "above_steady_s": above_steady_s(loop_s, iters, steady),
+            "marks": [[int(a), round(float(b), 3)] for a, b in marks]}
+
+
 def trace_faces(trace: Path, from_step: int) -> dict[str, int]:
     """The fine mesh's face count from a stage's trace.csv: the median over the rows at or after
     `from_step` (the rows ms_per_iter_steady covers) and the last row's. A fine figure is quoted with
@@ -318,10 +336,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         this_loop = loop_s - earlier_loop
         wall = st.wall_s + earlier_loop  # as one uninterrupted run: one model load, every step once
         result["stages"]["textual_inversion"] = {"wall_s": round(wall, 2), "iters": n, "loop_s": round(loop_s, 2),
-                                                 "ms_per_iter": round(1000 * loop_s / max(n, 1), 1),
-                                                 # the second half: past any compiling
-                                                 "ms_per_iter_steady": steady_ms_per_iter(marks, max(resumed_from,
-                                                                                                     n // 2)),
+                                                 # steady: the second half, past any compiling
+                                                 **timing(loop_s, n, marks, max(resumed_from, n // 2)),
                                                  "outside_loop_s": round(st.wall_s - this_loop, 2),
                                                  "peak_gib": st.peak_gib}
         if resumed_from:
@@ -350,10 +366,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         if profile_steps:
             result.setdefault("scopes", {})[name] = prof.summary()
         result["stages"][name] = {"wall_s": st.wall_s, "iters": steps, "loop_s": round(loop_s, 2),
-                                  "ms_per_iter": round(1000 * loop_s / max(steps, 1), 1),
-                                  # the second half, past the reference-only warm-up (and any compiling)
-                                  "ms_per_iter_steady": steady_ms_per_iter(record.get("marks") or [],
-                                                                           max(warmup, steps // 2)),
+                                  # steady: the second half, past the reference-only warm-up (and any compiling)
+                                  **timing(loop_s, steps, record.get("marks") or [], max(warmup, steps // 2)),
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib,
                                   # of which writing the stage's outputs (renders; the fine stage's export)
                                   "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2),
@@ -425,6 +439,10 @@ def format_asset_table(r: dict[str, Any]) -> str:
         outputs = "-" if s.get("outputs_s") is None else f"{s['outputs_s']:.1f}"
         lines.append(f"{name:18s} {s['iters']:6d} {s['wall_s']:8.1f} {s['ms_per_iter']:8.1f} {steady:>7s} "
                      f"{s.get('outside_loop_s', 0.0):15.1f} {outputs:>12s} {peak:>9s}")
+    for name, s in r["stages"].items():
+        if s.get("above_steady_s") is not None:
+            lines.append(f"{name}: the loop took {s['above_steady_s']:.1f} s above its steady pace (its first "
+                         f"iterations: compiling, CUDA-graph captures, the priors' first calls)")
     for name, s in r["stages"].items():
         if s.get("faces_steady_median") is not None:
             lines.append(f"{name}: a mesh of {s['faces_steady_median']:,} faces over the steady iterations "

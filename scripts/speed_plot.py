@@ -1,6 +1,6 @@
 """Where one asset's time goes, before and after each change (issue 15): reports/speed/*.json → a PNG.
 
-  python3 scripts/speed_plot.py [--paper | --steady] OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
+  python3 scripts/speed_plot.py [--paper | --steady | --timeline] OUT.png LABEL=SPEED.json [LABEL=SPEED.json ...]
 
 --paper: runs at the paper's counts (textual inversion 3,000 steps, coarse 5,000 + fine 5,000
 iterations), with the issue's targets drawn (≤ 2 min of textual inversion + ≤ 5 min for the rest)
@@ -12,7 +12,9 @@ scopes (render, backward, guidance, the rest), from runs made with `--profile`; 
 show their ms per iteration as one bar. With --paper the right panel is instead each run's steady
 ms per iteration (the loop's second half, past compiling) of the coarse and fine stages, with the
 hash grid and rasteriser each ran on. --steady: that right panel for runs of any length (an A/B of
-short runs), the left panel each run's wall seconds at its own counts.
+short runs), the left panel each run's wall seconds at its own counts. --timeline: each stage's ms
+per iteration over the run, between its marks (every 25 steps; speed.json from session 26 on), on
+a log scale, each run's steady pace dashed: where a loop's first iterations spend their seconds.
 """
 from __future__ import annotations
 
@@ -66,8 +68,48 @@ def missing_stages(run: dict) -> list[str]:
     return [s for s in STAGES if s not in run.get("stages", {})]
 
 
+def pace(marks: list) -> tuple[list[int], list[float]]:
+    """Steps and ms per iteration between consecutive [step, seconds] marks (each at its later mark)."""
+    steps, ms = [], []
+    for (a, ta), (b, tb) in zip(marks, marks[1:]):
+        if b > a:
+            steps.append(int(b))
+            ms.append(1000 * (float(tb) - float(ta)) / (b - a))
+    return steps, ms
+
+
+def timeline(out: Path, runs: list) -> int:
+    """--timeline: a panel per stage that some run marked, each run's pace over its steps."""
+    stages = [s for s in STAGES if any(len(r.get("stages", {}).get(s, {}).get("marks") or []) > 1 for _, r in runs)]
+    if not stages:
+        print("no stage with marks in these runs (speed.json before session 26 kept none)")
+        return 1
+    fig, axes = plt.subplots(1, len(stages), figsize=(6.5 * len(stages), 4.5), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for k, (label, r) in enumerate(runs):
+            st = r.get("stages", {}).get(stage, {})
+            steps, ms = pace(st.get("marks") or [])
+            if not steps:
+                continue
+            above = st.get("above_steady_s")
+            ax.plot(steps, ms, color=f"C{k}", lw=1,
+                    label=label + (f" ({above:.0f} s above its steady pace)" if above is not None else ""))
+            if st.get("ms_per_iter_steady"):
+                ax.axhline(st["ms_per_iter_steady"], color=f"C{k}", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(stage.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel("ms per iteration (between marks 25 steps apart)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(out)
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    mode = argv[0] if argv and argv[0] in ("--paper", "--steady") else ""
+    mode = argv[0] if argv and argv[0] in ("--paper", "--steady", "--timeline") else ""
     paper = mode == "--paper"
     argv = argv[1:] if mode else argv
     if len(argv) < 2:
@@ -77,6 +119,8 @@ def main(argv: list[str]) -> int:
     for arg in argv[1:]:
         label, _, path = arg.partition("=")
         runs.append((label, json.loads(Path(path).read_text())))
+    if mode == "--timeline":
+        return timeline(out, runs)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.8 * len(runs) + 2.0), sharey=True)
     y = range(len(runs))
     labels = [label for label, _ in runs]

@@ -348,3 +348,22 @@ def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it(
 
     save_events(events, tmp_path / "e.npz")
     assert gpu_idle(load_events(tmp_path / "e.npz"), steps=2) == text
+
+
+def test_a_stages_timing_keeps_its_marks_and_the_seconds_above_its_steady_pace():
+    """bench speed's per-stage figures: the steady ms between the marks from `from_step` on, the loop's
+    seconds beyond that pace (what the first iterations cost: compiling, captures), and the marks
+    themselves for speed_plot.py --timeline; without two marks no steady figure and nothing above it."""
+    from flows.bench_asset import format_asset_table, timing
+
+    marks = [[25, 9.0], [50, 9.9], [75, 10.8], [100, 11.7]]  # 36 ms an iteration once warm
+    t = timing(12.6, 125, marks, 50)
+    assert t["ms_per_iter"] == 100.8 and t["ms_per_iter_steady"] == 36.0
+    assert t["above_steady_s"] == round(12.6 - 125 * 0.036, 1) == 8.1
+    assert t["marks"] == marks
+    assert timing(1.0, 10, [[0, 0.1]], 0) == {"ms_per_iter": 100.0, "ms_per_iter_steady": None,
+                                              "above_steady_s": None, "marks": [[0, 0.1]]}
+    r = {"gpu": "cpu", "device": "cpu", "torch": "x", "method": "magic123", "models": "tiny",
+         "backends": {"hash_grid": "torch", "rasteriser": "torch"},
+         "stages": {"coarse": {"iters": 125, "wall_s": 14.0, "outside_loop_s": 1.4, **t}}}
+    assert "coarse: the loop took 8.1 s above its steady pace" in format_asset_table(r)

@@ -78,6 +78,14 @@ def test_speed_plot_splits_a_coarse_iteration_by_scope(tmp_path):
            "stages": {"coarse": {"ms_per_iter_steady": 75.0}, "fine": {"ms_per_iter_steady": 82.5}}}
     assert sp.steady(ext) == {"coarse": 75.0, "fine": 82.5, "backends": "tcnn / nvdiffrast"}
     assert sp.steady(profiled) == {"coarse": 0.0, "fine": 0.0, "backends": "? / ?"}
+    # --timeline: the pace between marks, per stage; runs without marks (before session 26) say so
+    assert sp.pace([[0, 1.0], [25, 3.0], [50, 3.5], [50, 3.5]]) == ([25, 50], [80.0, 20.0])
+    marked = {"stages": {"coarse": {"marks": [[0, 1.0], [25, 3.0], [50, 3.5]], "ms_per_iter_steady": 20.0,
+                                    "above_steady_s": 1.5}}}
+    (tmp_path / "m.json").write_text(json.dumps(marked))
+    assert sp.main(["--timeline", str(tmp_path / "t.png"), f"m={tmp_path / 'm.json'}"]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    assert sp.main(["--timeline", str(tmp_path / "none.png"), f"p={tmp_path / 'p.json'}"]) == 1
     # --steady: that panel for short runs side by side (an A/B), the figure written
     (tmp_path / "e.json").write_text(json.dumps(ext))
     assert sp.main(["--steady", str(tmp_path / "ab.png"), f"e={tmp_path / 'e.json'}", runs[0]]) == 0

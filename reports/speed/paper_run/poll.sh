@@ -9,7 +9,7 @@
 T0=$(date +%s); LIMIT=$1; STOP=$2; D=${D:-/tmp/s12}; R=$D/run
 [ -f $D/events ] || { echo "NO CHAIN HERE: $D/events is missing (a fresh machine)"; exit 3; }
 progress() { tr '\r' '\n' < "$1" | grep -E '(it/s|s/it)(, [^]]*)?\]$'; }
-last() { for f in coarse fine textual_inversion; do [ -f $D/$f.log ] && echo "$f: $(progress $D/$f.log | tail -1 | cut -c1-150)"; done; }
+last() { for f in coarse fine textual_inversion stages; do [ -f $D/$f.log ] && echo "$f: $(progress $D/$f.log | tail -1 | cut -c1-150)"; done; }
 n=0
 while :; do
   grep -q "^$STOP" $D/events && break
@@ -20,7 +20,7 @@ while :; do
 done
 cp $R/speed.json $OUT/ 2>/dev/null
 { echo "=== events"; cat $D/events
-  for f in build_tinycudann build_nvdiffrast coarse slim fine textual_inversion; do [ -f $D/$f.log ] || continue; echo "=== $f"
+  for f in build_tinycudann build_nvdiffrast coarse slim fine textual_inversion stages; do [ -f $D/$f.log ] || continue; echo "=== $f"
     tr '\r' '\n' < $D/$f.log | grep -v '^\s*$' | grep -v -E '(it/s|s/it)(, [^]]*)?\]$' | tail -60
     echo "--- $f progress (every 20th report)"; progress $D/$f.log | awk 'NR%20==1' | tail -60; done
 } > $OUT/logs.txt
