@@ -186,23 +186,27 @@ def timing(loop_s: float, iters: int, marks: list, from_step: int) -> dict[str, 
             "marks": [[int(a), round(float(b), 3)] for a, b in marks]}
 
 
-def trace_faces(trace: Path, from_step: int) -> dict[str, int]:
-    """The fine mesh's face count from a stage's trace.csv: the median over the rows at or after
-    `from_step` (the rows ms_per_iter_steady covers) and the last row's. A fine figure is quoted with
-    its mesh: its iteration most likely grows with it (reports/speed session 17).
-    Empty for a stage without faces (the coarse stage) or without a trace."""
+def trace_workload(trace: Path, from_step: int) -> dict[str, int]:
+    """A stage's workload from its trace.csv: the fine mesh's face count and the coarse renders'
+    evaluated samples, each the median over the rows at or after `from_step` (the rows
+    ms_per_iter_steady covers) and the last row's. A figure is quoted with its workload: a fine
+    iteration most likely grows with its mesh (reports/speed session 17), a coarse one with its
+    samples. Empty for a trace without either column, or without a trace."""
     import pandas as pd
 
     try:
         rows = pd.read_csv(trace)
     except (OSError, ValueError):  # no trace yet, or an empty one
         return {}
-    if "faces" not in rows or rows["faces"].dropna().empty:
-        return {}
-    faces = rows.dropna(subset=["faces"])
-    steady = faces[faces["step"] >= from_step]["faces"]
-    return {"faces_steady_median": int((steady if len(steady) else faces["faces"]).median()),
-            "faces_last": int(faces["faces"].iloc[-1])}
+    out: dict[str, int] = {}
+    for col in ("faces", "samples"):
+        if col not in rows or rows[col].dropna().empty:
+            continue
+        have = rows.dropna(subset=[col])
+        steady = have[have["step"] >= from_step][col]
+        out[f"{col}_steady_median"] = int((steady if len(steady) else have[col]).median())
+        out[f"{col}_last"] = int(have[col].iloc[-1])
+    return out
 
 
 STAGES = ("textual_inversion", "coarse", "fine")
@@ -371,7 +375,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib,
                                   # of which writing the stage's outputs (renders; the fine stage's export)
                                   "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2),
-                                  **trace_faces(out / name / "trace.csv", max(warmup, steps // 2))}
+                                  **trace_workload(out / name / "trace.csv", max(warmup, steps // 2))}
         if metrics_callback:  # every iteration's metrics reached the callback
             result["stages"][name]["callback_iterations"] = len(seen)
         save()
@@ -447,6 +451,9 @@ def format_asset_table(r: dict[str, Any]) -> str:
         if s.get("faces_steady_median") is not None:
             lines.append(f"{name}: a mesh of {s['faces_steady_median']:,} faces over the steady iterations "
                          f"(median; {s['faces_last']:,} at the end)")
+        if s.get("samples_steady_median") is not None:
+            lines.append(f"{name}: {s['samples_steady_median']:,} samples evaluated a render over the steady "
+                         f"iterations (median; {s['samples_last']:,} at the end)")
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))

@@ -88,6 +88,10 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     traced = pd.read_csv(tmp_path / "fine" / "trace.csv")["faces"]
     assert fine["faces_last"] == int(traced.iloc[-1]) > 0 and "faces_last" not in saved["stages"]["coarse"]
     assert f"fine: a mesh of {fine['faces_steady_median']:,} faces" in format_asset_table(r)
+    # the coarse figure carries the samples its renders evaluated (trace.csv's samples), none for fine
+    coarse_samples = pd.read_csv(tmp_path / "coarse" / "trace.csv")["samples"]
+    assert saved["stages"]["coarse"]["samples_last"] == int(coarse_samples.iloc[-1]) > 0
+    assert "samples_last" not in fine and "samples evaluated a render" in format_asset_table(r)
     ti = saved["stages"]["textual_inversion"]  # the loop's time apart from loading the model
     assert 0 < ti["loop_s"] < ti["wall_s"] and ti["outside_loop_s"] > 0
     assert abs(2 * ti["ms_per_iter"] / 1000 - ti["loop_s"]) <= 0.006  # loop_s is rounded to 10 ms
@@ -295,18 +299,22 @@ def test_compile_cache_carries_compiled_code_to_a_fresh_cache(tmp_path, monkeypa
     torch._dynamo.reset()
 
 
-def test_trace_faces_is_the_steady_rows_median_and_the_last_row(tmp_path):
-    """bench speed's face count of a fine stage: the median over the trace rows that the steady ms
-    per iteration covers, and the last row's; nothing for a trace without faces or no trace."""
-    from flows.bench_asset import trace_faces
+def test_trace_workload_is_the_steady_rows_median_and_the_last_row(tmp_path):
+    """bench speed's workload of a stage: the fine mesh's faces or the coarse renders' samples, the
+    median over the trace rows that the steady ms per iteration covers and the last row's; nothing
+    for a trace without either, or no trace."""
+    from flows.bench_asset import trace_workload
 
     pd.DataFrame({"step": [0, 100, 200, 300, 400], "loss": 1.0,
                   "faces": [10, 1000, 3000, 2000, 2500]}).to_csv(tmp_path / "t.csv", index=False)
-    assert trace_faces(tmp_path / "t.csv", 200) == {"faces_steady_median": 2500, "faces_last": 2500}
-    assert trace_faces(tmp_path / "t.csv", 0) == {"faces_steady_median": 2000, "faces_last": 2500}
-    assert trace_faces(tmp_path / "t.csv", 900)["faces_steady_median"] == 2000  # past the trace: all rows
+    assert trace_workload(tmp_path / "t.csv", 200) == {"faces_steady_median": 2500, "faces_last": 2500}
+    assert trace_workload(tmp_path / "t.csv", 0) == {"faces_steady_median": 2000, "faces_last": 2500}
+    assert trace_workload(tmp_path / "t.csv", 900)["faces_steady_median"] == 2000  # past the trace: all rows
     pd.DataFrame({"step": [0, 1], "occupied": [0.1, 0.2]}).to_csv(tmp_path / "c.csv", index=False)
-    assert trace_faces(tmp_path / "c.csv", 0) == {} and trace_faces(tmp_path / "none.csv", 0) == {}
+    assert trace_workload(tmp_path / "c.csv", 0) == {} and trace_workload(tmp_path / "none.csv", 0) == {}
+    pd.DataFrame({"step": [0, 100, 200], "occupied": 0.1,
+                  "samples": [900, 400, 600]}).to_csv(tmp_path / "s.csv", index=False)
+    assert trace_workload(tmp_path / "s.csv", 100) == {"samples_steady_median": 500, "samples_last": 600}
 
 
 def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it(tmp_path):

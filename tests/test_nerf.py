@@ -54,6 +54,10 @@ def test_occupancy_grid_skips_empty_space_and_gradients_flow():
     skip = render(f, cams, 16, samples_per_ray=48, occupancy=occ, need_normals=False)
     # skipping empty cells (and the tighter sampling box) changes the image only a little
     assert (full.opacity - skip.opacity).abs().max() < 0.1
+    # each render says how many samples the field evaluated (at most 16² × 48; early termination
+    # behind the blob drops some), fewer where the grid's empty cells are skipped
+    assert 0 < full.active_samples <= 16 * 16 * 48 and isinstance(full.active_samples, int)
+    assert 0 < skip.active_samples < full.active_samples  # the grid's empty cells cost nothing
     out = render(f, cams, 16, samples_per_ray=32, occupancy=occ, perturb=True,
                  generator=torch.Generator().manual_seed(1), shading="lambertian")
     (out.rgb.mean() + out.normal.mean()).backward()

@@ -36,3 +36,6 @@ class RenderBatch:
     # density, no background; Magic123 nerf/renderer.py:1160-1162), for eq. 3 in its released form
     normal_sg: Optional[torch.Tensor] = None  # (B, 3, H, W)
     background: Optional[torch.Tensor] = None  # (B, 3) the colour behind the object; None: white
+    # NeRF: the samples the field evaluated (after the occupancy grid and early termination): the
+    # render's workload, known on the host from the compaction (no wait of its own); None elsewhere
+    active_samples: Optional[int] = None

@@ -544,7 +544,7 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
         normal=img(normal_img, 3) if normal_img is not None else None, albedo=img(albedo_img, 3),
         cameras=cameras, shading=shading, light_dir=light_dir, ambient=ambient, diffuse=diffuse,
         sample_weights=ws, sample_normals=nrm, sample_dirs=ds,
-        normal_sg=img(normal_sg, 3) if normal_sg is not None else None,
+        normal_sg=img(normal_sg, 3) if normal_sg is not None else None, active_samples=int(idx.numel()),
     )
 
 
