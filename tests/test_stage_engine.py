@@ -385,9 +385,10 @@ def test_a_fresh_start_clears_the_earlier_outputs(tmp_path):
 
 
 def test_the_loop_marks_its_clock_every_25_steps_across_a_resume(tmp_path):
-    """result.json's `marks`: [step, elapsed s] at steps 25, 50, …, the one before a kill kept over
-    the resume (the checkpoint holds them), elapsed increasing; bench speed reads its steady ms/iter
-    from them."""
+    """result.json's `marks`: [step, elapsed s] where each run of the loop starts (step 0 at 0 s; a
+    resumed run at its checkpoint's step and clock) and at steps 25, 50, …, those before a kill kept
+    over the resume (the checkpoint holds them), elapsed increasing; bench speed reads its steady
+    ms/iter from them, speed_plot.py --timeline the pace of the first iterations too."""
     from core.stages.coarse import run_coarse
     from flows.bench_asset import steady_ms_per_iter
 
@@ -396,9 +397,9 @@ def test_the_loop_marks_its_clock_every_25_steps_across_a_resume(tmp_path):
     run_coarse(p, ref, tmp_path / "c", progress=False, stop_after=30)  # killed after step 30 (saved at 30)
     record = run_coarse(p, ref, tmp_path / "c", progress=False).record
     marks = record["marks"]
-    assert [m[0] for m in marks] == [25, 50]
-    assert 0 < marks[0][1] < marks[1][1] <= record["seconds"] + 1e-3  # result.json rounds to ms
-    assert steady_ms_per_iter(marks, 25) == pytest.approx(1000 * (marks[1][1] - marks[0][1]) / 25, abs=0.06)
+    assert [m[0] for m in marks] == [0, 25, 30, 50]
+    assert marks[0][1] == 0 < marks[1][1] < marks[2][1] < marks[3][1] <= record["seconds"] + 1e-3  # ms rounding
+    assert steady_ms_per_iter(marks, 25) == pytest.approx(1000 * (marks[3][1] - marks[1][1]) / 25, abs=0.06)
 
 
 def test_steady_ms_per_iter_by_hand():

@@ -142,7 +142,7 @@ class StageState:
     token: Optional[dict] = None  # {token: embedding}: what the 2D prior guides with
     upstream: Optional[dict] = None  # the checkpoint this stage started from
     trace: list = field(default_factory=list)  # trace.csv's rows so far
-    marks: list = field(default_factory=list)  # [step, elapsed seconds] every 25 steps (steady-state speed)
+    marks: list = field(default_factory=list)  # [step, elapsed seconds] at the loop's start and every 25 steps
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -656,6 +656,8 @@ class Stage:
         reset_peak_memory(self.device)  # the stage's own peak (GPU; a CPU's max RSS is the process's)
         bar = tqdm(total=iters, initial=self.state.step, desc=self.spec.name, disable=not progress, dynamic_ncols=True)
         t0, base = time.perf_counter(), self.state.elapsed
+        if not self.state.marks or self.state.marks[-1][0] != self.state.step:  # where this run starts
+            self.state.marks.append([self.state.step, round(base, 4)])
         # a callback marked `metrics = False` (bench speed's profiler) is called every iteration with
         # no metrics and reads nothing; others get every iteration's, two iterations late on a GPU
         step_only = callback is not None and getattr(callback, "metrics", True) is False
