@@ -17,11 +17,16 @@ def _unique_rows(a, decimals=5):
     return np.unique(np.round(a, decimals), axis=0)
 
 
-def test_obj_and_glb_round_trip(tmp_path):
+def test_obj_and_glb_round_trip(tmp_path, caplog):
     dm = DMTet(16, 1.0)
     dm.init_from_sdf(lambda x: 0.5 - (x / torch.tensor([1.0, 0.8, 0.6])).norm(dim=-1))
     mesh = dm.extract().detach()
-    files = export_textured_mesh(mesh, _colour, tmp_path, texture_size=128, turntable_frames=4, turntable_resolution=48)
+    with caplog.at_level("INFO", logger="core.export.textured"):
+        files = export_textured_mesh(mesh, _colour, tmp_path, texture_size=128, turntable_frames=4,
+                                     turntable_resolution=48)
+    # a line per part says how long it took: the atlas, the bake, the files (reports/speed session 26)
+    said = caplog.text
+    assert "export: atlas " in said and "128² texture baked in " in said and "the files " in said
     for k in ("obj", "mtl", "texture", "glb", "turntable"):
         assert (tmp_path / files[k]).is_file()
     want = _unique_rows(mesh.verts.numpy())
