@@ -391,6 +391,53 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     return result
 
 
+def run_assets_in_process(n: int, params, device: torch.device, out: Path, **kw) -> list[dict[str, Any]]:
+    """`run_asset_bench` `n` times in this process, into OUT, OUT/asset_2, …, OUT/asset_N, as a worker
+    that generates many assets runs them (`generate-many`, one Dask worker a GPU): the second and later
+    assets find the priors loaded and compiled (core.models.cache) and the kernels built, so their figures
+    are what each further asset costs. OUT/speed.json (the first asset's) gains `assets_in_process`, each
+    asset's stage figures; the results are returned in order."""
+    from core.errors import InputError
+
+    if n < 1:
+        raise InputError(f"bench speed --assets: {n} (at least 1)")
+    stages = tuple(kw.get("stages", STAGES))
+    if n > 1 and "fine" in stages and "coarse" not in stages:
+        raise InputError("bench speed --assets N: each further asset starts from nothing, so its --stages "
+                         "need the coarse stage before the fine one")
+    results = [run_asset_bench(params, device, out if k == 1 else out / f"asset_{k}", **kw) for k in range(1, n + 1)]
+    if n > 1:
+        from core.io import atomic_write_text
+
+        keep = ("wall_s", "loop_s", "ms_per_iter_steady", "above_steady_s", "outside_loop_s", "peak_gib")
+        first = json.loads((out / "speed.json").read_text())
+        first["assets_in_process"] = [
+            {"dir": str(out if k == 1 else out / f"asset_{k}"), "asset_seconds": r.get("asset_seconds"),
+             "stages": {name: {x: st.get(x) for x in keep} for name, st in r["stages"].items()}}
+            for k, r in enumerate(results, 1)]
+        atomic_write_text(out / "speed.json", json.dumps(first, indent=1))
+        results[0] = first
+    return results
+
+
+def format_assets_in_process(first: dict[str, Any]) -> str:
+    """A line per asset of `run_assets_in_process`: each stage's wall seconds and the seconds its
+    loop spent above its steady pace ('' for a single asset)."""
+    rows = first.get("assets_in_process") or []
+    if len(rows) < 2:
+        return ""
+
+    def stage(name: str, st: dict) -> str:
+        above = st.get("above_steady_s")
+        return f"{name} {st['wall_s']:.1f} s" + (f" ({above:.1f} above its pace)" if above is not None else "")
+
+    lines = [f"{len(rows)} assets in one process (the priors loaded and compiled once):"]
+    for k, row in enumerate(rows, 1):
+        total = sum(st["wall_s"] for st in row["stages"].values())
+        lines.append(f"  asset {k}: {total:.1f} s — " + ", ".join(stage(n, st) for n, st in row["stages"].items()))
+    return "\n".join(lines)
+
+
 def _load_compile_cache(path: Path) -> bool:
     if not path.is_file():
         return False

@@ -250,25 +250,29 @@ def cli_bench_speed(args) -> int:
                           "(use --tiny to check the code path on the CPU)")
     out = Path(args.out)
     if args.stage == "asset":  # run_asset_bench checks --stages before it makes OUT
-        from flows.bench_asset import format_asset_table, run_asset_bench
+        from flows.bench_asset import STAGES, format_asset_table, format_assets_in_process, run_assets_in_process
 
         if tiny:
             from core.params import apply_overrides
 
             params = apply_overrides(params, ["models.tiny=true"])
         models = getattr(args, "models_dir", None)
-        r = run_asset_bench(params, device, out, models_dir=Path(models) if models else None,
-                            image=Path(args.image) if getattr(args, "image", None) else None,
-                            depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
-                            profile_steps=getattr(args, "profile", 0) or 0,
-                            profile_after=getattr(args, "profile_after", 0) or 0,
-                            sync_audit=bool(getattr(args, "sync_audit", False)),
-                            metrics_callback=bool(getattr(args, "metrics_callback", False)),
-                            stages=tuple(x.strip() for x in (getattr(args, "stages", None) or
-                                                             "textual_inversion,coarse,fine").split(",") if x.strip()),
-                            compile_cache=Path(args.compile_cache) if getattr(args, "compile_cache", None) else None)
-        print(format_asset_table(r))
-        print(f"wrote {out / 'speed.json'}")
+        stages = tuple(x.strip() for x in (getattr(args, "stages", None) or ",".join(STAGES)).split(",") if x.strip())
+        cache = getattr(args, "compile_cache", None)
+        rs = run_assets_in_process(int(getattr(args, "assets", 1)), params, device, out,
+                                   models_dir=Path(models) if models else None,
+                                   image=Path(args.image) if getattr(args, "image", None) else None,
+                                   depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
+                                   profile_steps=getattr(args, "profile", 0) or 0,
+                                   profile_after=getattr(args, "profile_after", 0) or 0,
+                                   sync_audit=bool(getattr(args, "sync_audit", False)),
+                                   metrics_callback=bool(getattr(args, "metrics_callback", False)),
+                                   stages=stages, compile_cache=Path(cache) if cache else None)
+        for r in rs:
+            print(format_asset_table(r))
+        if len(rs) > 1:
+            print(format_assets_in_process(rs[0]))
+        print(f"wrote {out / 'speed.json'}" + (f" (and asset_2 … asset_{len(rs)}/speed.json)" if len(rs) > 1 else ""))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     modes = tuple(m for m in (getattr(args, "compile", "") or "").split(",") if m)

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(("textual_inversion", "coarse", "fine")), metavar="LIST",
                    help="--stage asset: the stages to run now, e.g. 'fine' to continue a run split across calls or "
                         "machines in the same OUT (the others' records are kept; a cut stage resumes)")
+    p.add_argument("--assets", type=int, default=1, metavar="N",
+                   help="--stage asset: the asset N times in this process (OUT, OUT/asset_2, …), as a worker that "
+                        "generates many: the later ones find the priors loaded and compiled (what each further "
+                        "asset costs)")
     p.add_argument("--compile-cache", type=Path, default=None, metavar="FILE",
                    help="--stage asset: torch.compile's artifacts read from FILE first (when it exists) and "
                         "written to it after, for a run on another machine of the same GPU and software")

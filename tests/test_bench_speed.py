@@ -375,3 +375,32 @@ def test_a_stages_timing_keeps_its_marks_and_the_seconds_above_its_steady_pace()
          "backends": {"hash_grid": "torch", "rasteriser": "torch"},
          "stages": {"coarse": {"iters": 125, "wall_s": 14.0, "outside_loop_s": 1.4, **t}}}
     assert "coarse: the loop took 8.1 s above its steady pace" in format_asset_table(r)
+
+
+def test_assets_in_one_process_each_get_their_own_record(tmp_path, monkeypatch, capsys):
+    """bench speed --assets 2: the asset twice in one process (OUT, OUT/asset_2), as a worker that
+    generates many runs them; each keeps its speed.json and OUT/speed.json lists both assets' stage
+    figures; a line per asset ends the output. --assets 0, or a fine stage without the coarse one
+    for a further asset, is a one-line error before anything runs."""
+    from flows.cli import main
+
+    monkeypatch.setenv("LIFT3D_TINY_DIR", str(Path(tiny_models()["sd"]).parent))
+    sets = [a for kv in ("coarse.iters=2", "coarse.checkpoint_every=2", "coarse.resolution=32")
+            for a in ("--set", kv)]
+    out = tmp_path / "b"
+    assert main(["bench", "speed", "--tiny", "--preset", "smoke", "--out", str(out), "--stages", "coarse",
+                 "--assets", "2", "--models-dir", str(tmp_path / "models"), *sets]) == 0
+    first = json.loads((out / "speed.json").read_text())
+    second = json.loads((out / "asset_2" / "speed.json").read_text())
+    rows = first["assets_in_process"]
+    assert [r["dir"] for r in rows] == [str(out), str(out / "asset_2")]
+    assert rows[1]["stages"]["coarse"]["wall_s"] == second["stages"]["coarse"]["wall_s"] > 0
+    assert rows[0]["stages"]["coarse"]["loop_s"] == first["stages"]["coarse"]["loop_s"]
+    assert (out / "asset_2" / "coarse" / "checkpoint.pt").is_file()
+    printed = capsys.readouterr().out
+    assert "2 assets in one process" in printed and "  asset 2: " in printed
+    for argv, msg in ((["--assets", "0", "--stages", "coarse"], "at least 1"),
+                      (["--assets", "2", "--stages", "fine"], "need the coarse")):
+        assert main(["bench", "speed", "--tiny", "--preset", "smoke", "--out", str(tmp_path / "x"), *argv, *sets]) != 0
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
