@@ -8,7 +8,7 @@
 # for a fine stage on another machine (slim.py), PRESET / MODELS / EXTRA (extra lift3d options).
 # TOGETHER (default 1 unless BEFORE_FINE or PACK is set): the stages in one process, as the pipeline runs
 # an asset (its Prefect tasks share one process; the fine stage reuses the coarse stage's loaded and
-# compiled priors); one event "stages … rc N" then (poll.sh … stages). TOGETHER=0: a process a stage
+# compiled priors); one event "stages … rc N" then (poll.sh … "chain done"). TOGETHER=0: a process a stage
 # (sessions 12–22), each loading and warming the priors again.
 D=${D:-/tmp/s12}; R=$D/run; mkdir -p $R
 # SPEED_JSON=FILE: the other stages' records from earlier runs (the textual inversion's, session 13:
