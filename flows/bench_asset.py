@@ -179,7 +179,8 @@ def above_steady_s(loop_s: float, iters: int, steady_ms: Optional[float]) -> Opt
 
 def timing(loop_s: float, iters: int, marks: list, from_step: int) -> dict[str, Any]:
     """A stage's ms per iteration (mean and steady), the seconds above the steady pace, and its
-    [step, seconds] marks (every 25 steps: the run's speed over time, for speed_plot.py --timeline)."""
+    [step, seconds] marks (the loop's start and every 25 steps: the run's speed over time, for
+    speed_plot.py --timeline)."""
     steady = steady_ms_per_iter(marks, from_step)
     return {"ms_per_iter": round(1000 * loop_s / max(iters, 1), 1), "ms_per_iter_steady": steady,
             "above_steady_s": above_steady_s(loop_s, iters, steady),
@@ -413,7 +414,8 @@ def run_assets_in_process(n: int, params, device: torch.device, out: Path, **kw)
         first = json.loads((out / "speed.json").read_text())
         first["assets_in_process"] = [
             {"dir": str(out if k == 1 else out / f"asset_{k}"), "asset_seconds": r.get("asset_seconds"),
-             "stages": {name: {x: st.get(x) for x in keep} for name, st in r["stages"].items()}}
+             "stages": {name: {x: st.get(x) for x in keep} for name, st in r["stages"].items()
+                        if name in (r.get("stages_this_run") or r["stages"])}}  # not an earlier run's record
             for k, r in enumerate(results, 1)]
         atomic_write_text(out / "speed.json", json.dumps(first, indent=1))
         results[0] = first

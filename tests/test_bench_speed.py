@@ -388,6 +388,10 @@ def test_assets_in_one_process_each_get_their_own_record(tmp_path, monkeypatch, 
     sets = [a for kv in ("coarse.iters=2", "coarse.checkpoint_every=2", "coarse.resolution=32")
             for a in ("--set", kv)]
     out = tmp_path / "b"
+    out.mkdir()  # an earlier run's record of another stage (chain.sh's SPEED_JSON): kept, not an asset's here
+    (out / "speed.json").write_text(json.dumps({"stages": {"textual_inversion": {
+        "wall_s": 5.0, "iters": 2, "loop_s": 4.0, "ms_per_iter": 2000.0, "ms_per_iter_steady": None,
+        "outside_loop_s": 1.0, "peak_gib": None}}}))
     assert main(["bench", "speed", "--tiny", "--preset", "smoke", "--out", str(out), "--stages", "coarse",
                  "--assets", "2", "--models-dir", str(tmp_path / "models"), *sets]) == 0
     first = json.loads((out / "speed.json").read_text())
@@ -396,6 +400,8 @@ def test_assets_in_one_process_each_get_their_own_record(tmp_path, monkeypatch, 
     assert [r["dir"] for r in rows] == [str(out), str(out / "asset_2")]
     assert rows[1]["stages"]["coarse"]["wall_s"] == second["stages"]["coarse"]["wall_s"] > 0
     assert rows[0]["stages"]["coarse"]["loop_s"] == first["stages"]["coarse"]["loop_s"]
+    assert "textual_inversion" in first["stages"]  # the earlier record stays in OUT's speed.json …
+    assert [list(r["stages"]) for r in rows] == [["coarse"], ["coarse"]]  # … but each row is what ran here
     assert (out / "asset_2" / "coarse" / "checkpoint.pt").is_file()
     printed = capsys.readouterr().out
     assert "2 assets in one process" in printed and "  asset 2: " in printed
