@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -64,6 +65,7 @@ class NeRFRepresentation:
     def __init__(self, params, device: torch.device):
         c = params.coarse
         self.c, self.device = c, device
+        self.last_samples: Optional[int] = None  # the samples the last training render evaluated
         self.field = NeRFField.from_params(params, device=device)
         self.occupancy = OccupancyGrid(c.occupancy_resolution, c.bound, c.occupancy_threshold,
                                        decay=c.occupancy_decay, device=device, rule=c.occupancy_rule,
@@ -103,9 +105,11 @@ class NeRFRepresentation:
 
     def render(self, cameras: Cameras, resolution: int, *, shading: str, light_dir, ambient: float,
                diffuse: float, generator, ray_offsets=None) -> RenderBatch:
-        return render(self.field, cameras, resolution, shading=shading, light_dir=light_dir, perturb=True,
-                      generator=generator, need_normals=self.needs_normals(shading), ambient=ambient,
-                      diffuse=diffuse, ray_offsets=ray_offsets, compiled=self.compiled, **self._render_kw())
+        out = render(self.field, cameras, resolution, shading=shading, light_dir=light_dir, perturb=True,
+                     generator=generator, need_normals=self.needs_normals(shading), ambient=ambient,
+                     diffuse=diffuse, ray_offsets=ray_offsets, compiled=self.compiled, **self._render_kw())
+        self.last_samples = out.active_samples  # the step's workload, for progress()
+        return out
 
     def render_views(self, cameras: Cameras, resolution: int) -> RenderBatch:
         """Albedo renders without gradients (the detector's views, the outputs)."""
@@ -137,8 +141,13 @@ class NeRFRepresentation:
             regs["normal_smooth_tv"] = (w.normal_smooth_tv, l_tv)
         return regs
 
-    def progress(self) -> dict[str, torch.Tensor]:
-        return {"occupied": self.occupancy.fraction()}
+    def progress(self) -> dict[str, Any]:
+        """The occupancy grid's occupied fraction and the samples the last training render evaluated
+        (a host integer from its compaction: no wait)."""
+        out: dict[str, Any] = {"occupied": self.occupancy.fraction()}
+        if self.last_samples is not None:
+            out["samples"] = self.last_samples
+        return out
 
     def train(self, mode: bool = True):
         return self.field.train(mode)

@@ -503,9 +503,7 @@ class Stage:
             self._check_finite(step, loss, terms)
         self._detector_check(step)
         self.state.step += 1
-        progress = self.rep.progress()  # the coarse field's occupancy, the fine mesh's face count
-        if out.active_samples is not None:  # the NeRF's workload this step (a host int: no wait)
-            progress = {**progress, "samples": out.active_samples}
+        progress = self.rep.progress()  # the coarse field's occupancy and samples, the fine mesh's face count
         if step % spec.trace_every == 0 or step == total - 1:
             self._trace(step, {"loss": loss, **terms, **progress, **diag})
         return {"loss": loss, **terms, **progress, "reference": float(is_ref), "shading": shading, **diag}
