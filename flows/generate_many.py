@@ -19,7 +19,7 @@ cached). `--limit N` runs at most N of the assets still to do; `--shard i/n` tak
 talking to each other (each writes manifest-shard-i-of-n.csv; every manifest in DIR counts as done).
 
 Scale-out is the benchmark's: `--workers N` local Dask worker processes (CPU), `--gpus N` one dask-cuda
-worker per GPU, `--scheduler ADDRESS` an existing Dask cluster; each worker loads the priors once and
+worker per GPU (`--per-gpu K`: K worker processes on each), `--scheduler ADDRESS` an existing Dask cluster; each worker loads the priors once and
 reuses them for every asset it runs (core.models.cache). One failed photo is recorded while the
 others finish; the command then exits 1 with one line per failed asset.
 """
@@ -321,7 +321,10 @@ def plan(specs: list[str], out: Path, shard: Optional[str] = None, limit: int = 
 
 
 def cli_generate_many(args) -> int:
+    from flows.benchmark import task_runner
+
     out = Path(args.out)
+    runner = task_runner(args.gpus, args.scheduler, args.workers, args.per_gpu)  # bad options fail here, at once
     todo, kept, stem, total = plan([str(p) for p in args.photos], out, args.shard, args.limit)
     done = sum(1 for r in kept if r["status"] == "ok")
     print(f"generate-many: {total} photo(s); this shard {len(todo) + len(kept)}: {done} done before (skipped), "
@@ -331,12 +334,10 @@ def cli_generate_many(args) -> int:
         written = write_manifest(out, stem, kept)
         print(f"nothing to run; manifest: {written['csv']}")
         return 0
-    from flows.benchmark import task_runner
     from flows.server import start_reaped_ephemeral_server
 
     start_reaped_ephemeral_server()  # a killed run leaves no Prefect server behind
     params = load_params(args.preset, args.overrides, args.params)
-    runner = task_runner(args.gpus, args.scheduler, args.workers)
     result = generate_many_flow.with_options(task_runner=runner)(
         todo, str(out), params, kept, stem, args.preset, args.step_timeout or None)
     s = result["summary"]

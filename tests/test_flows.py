@@ -232,6 +232,36 @@ def test_local_workers_share_the_cores_out(monkeypatch):
     assert threads == 4  # not distributed's default of 1, nor every core
 
 
+def test_several_workers_a_gpu_each_see_their_own_gpu(monkeypatch):
+    """`--gpus 2 --per-gpu 2`: four worker processes of a distributed.SpecCluster, worker i seeing GPU
+    i mod 2 alone as its cuda:0, each on its share of the cores; started here for real (no GPU is
+    needed to start them: only the variable each worker process is given is checked)."""
+    from dask.distributed import Client, SpecCluster
+
+    from core.errors import InputError
+    from flows.benchmark import gpu_worker_specs, task_runner
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    runner = task_runner(2, None, None, per_gpu=2)
+    monkeypatch.undo()
+    assert runner.cluster_class == "distributed.SpecCluster"
+    assert sorted(runner.cluster_kwargs["workers"]) == ["gpu0-0", "gpu0-1", "gpu1-0", "gpu1-1"]
+    assert [s["options"]["env"]["CUDA_VISIBLE_DEVICES"] for s in gpu_worker_specs(3, 2).values()] == list("012012")
+    for bad, why in (((None, None, None, 2), "needs --gpus"), ((2, None, None, 0), "at least 1")):
+        with pytest.raises(InputError, match=why):
+            task_runner(*bad[:3], per_gpu=bad[3])
+
+    def seen() -> tuple[str, str]:  # nested: pickled by value for the worker
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES", ""), os.environ.get("OMP_NUM_THREADS", "")
+
+    with SpecCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        client.wait_for_workers(4, timeout=120)
+        got = sorted(client.run(seen).values())
+    assert got == [("0", "2"), ("0", "2"), ("1", "2"), ("1", "2")]  # 8 cores ÷ 4 workers
+
+
 @pytest.mark.slow
 def test_a_killed_generate_leaves_no_prefect_server_behind(tmp_path):
     """kill -9 of `lift3d generate` mid-run: its temporary Prefect server goes with it."""
