@@ -6,6 +6,7 @@ file system), so a killed run leaves either the old file or the new one, never a
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +38,59 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: Path | str) -> Path:
     return atomic_write(path, lambda t: torch.save(obj, t))
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to the host into storage of its own (the original's later
+    in-place updates, on any device, do not reach the copy) and its dicts, lists and tuples rebuilt,
+    so that another thread can write it while this one goes on training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [host_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [host_copy(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
+class BackgroundWriter:
+    """File writes on a thread, one at a time and in order: `submit` first waits for the write before
+    it, `wait` for the last one. A write's error is raised by the next `submit` or `wait`. torch.save
+    leaves Python's lock while it writes, so the thread that submitted goes on meanwhile (a 160 MB
+    checkpoint: 0.35 s alone, and a Python loop beside it ran at its own speed on this project's CPU)."""
+
+    def __init__(self, name: str = "lift3d-writer"):
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[..., Any], *args: Any) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write(*args)
+            except BaseException as e:  # noqa: BLE001 -- handed to the submitting thread
+                self._error = e
+
+        # not a daemon: a process that ends normally still finishes the file
+        self._thread = threading.Thread(target=run, name=self.name, daemon=False)
+        self._thread.start()
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the last write is done; raise its error (or, with raise_error=False, drop it:
+        for a caller already on its way out with an error of its own)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None and raise_error:
+            raise err
 
 
 def atomic_save_image(path: Path | str, arr: np.ndarray) -> Path:

@@ -513,6 +513,9 @@ class Params(_Section):
     # cuDNN times a convolution's algorithms on each shape's first call (configure_cudnn): no faster
     # on an H200 for the textual inversion, coarse or fine stage, and more memory (reports/speed s22)
     cudnn_benchmark: bool = False
+    # the coarse and fine stages' checkpoints written on a thread while the loop goes on (the same file;
+    # a checkpoint in line cost the H200 runs' loops 0.2–0.6 s, reports/speed session 27; not yet timed on a GPU)
+    checkpoint_background: bool = True
     camera: CameraParams = CameraParams()
     coarse: CoarseParams = CoarseParams()
     fine: FineParams = FineParams()
@@ -552,9 +555,9 @@ STEP_READS: dict[str, tuple[str, ...]] = {
     "prepare": ("segment", "depth", "models", "device", "cpu_threads", "cudnn_benchmark"),
     "textual_inversion": ("textual_inversion", "sd", "segment", "models", "seed", "device", "cpu_threads", "cudnn_benchmark"),
     # the stages render the novel views that evaluation scores: their number is a stage input too
-    "coarse": ("method", "seed", "device", "cpu_threads", "cudnn_benchmark", "camera", "coarse", "fine.iters", "optimizer", "guidance", "sd",
+    "coarse": ("method", "seed", "device", "cpu_threads", "cudnn_benchmark", "checkpoint_background", "camera", "coarse", "fine.iters", "optimizer", "guidance", "sd",
                "zero123", "prompt", "textual_inversion", "detector", "models", "segment", "evaluate.novel_views"),
-    "fine": ("method", "seed", "device", "cpu_threads", "cudnn_benchmark", "camera", "coarse", "fine", "optimizer", "guidance", "sd", "zero123",
+    "fine": ("method", "seed", "device", "cpu_threads", "cudnn_benchmark", "checkpoint_background", "camera", "coarse", "fine", "optimizer", "guidance", "sd", "zero123",
              "prompt", "textual_inversion", "models", "segment", "evaluate.novel_views"),
     "evaluate": ("evaluate", "models", "method", "device", "cpu_threads", "cudnn_benchmark"),
 }
@@ -571,7 +574,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
-    "cudnn_benchmark",
+    "cudnn_benchmark", "checkpoint_background",
 )
 
 

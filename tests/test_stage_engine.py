@@ -402,6 +402,67 @@ def test_the_loop_marks_its_clock_every_25_steps_across_a_resume(tmp_path):
     assert steady_ms_per_iter(marks, 25) == pytest.approx(1000 * (marks[3][1] - marks[1][1]) / 25, abs=0.06)
 
 
+def test_a_checkpoint_written_on_a_thread_is_the_one_written_in_line(tmp_path, monkeypatch):
+    """params.checkpoint_background (default on): the coarse stage's checkpoints are written on the
+    writer's thread, and a run stopped after step 30 leaves the same state, tensor for tensor, as
+    one that wrote them in line; the write is finished when run_coarse returns."""
+    import threading
+
+    import core.stages.engine as engine
+    from core.stages.coarse import run_coarse
+
+    writers: list[str] = []
+    save = engine.atomic_torch_save
+
+    def spy(obj, path):  # the real writer, noting the thread it ran on
+        writers.append(threading.current_thread().name)
+        return save(obj, path)
+
+    monkeypatch.setattr(engine, "atomic_torch_save", spy)
+    states = {}
+    for background in (True, False):
+        p = load_params("tiny", {**TINY_NERF, "coarse.iters": 40, "coarse.checkpoint_every": 10,
+                                 "checkpoint_background": background})
+        run_coarse(p, _oracle_ref(p), tmp_path / str(background), progress=False, stop_after=30)
+        states[background] = read_state(tmp_path / str(background) / "checkpoint.pt")
+    assert writers == ["lift3d-coarse-checkpoint"] * 3 + [threading.current_thread().name] * 3
+    assert states[True].step == states[False].step == 30
+    assert _same_tensors(states[True], states[False])
+    assert [m[0] for m in states[True].marks] == [m[0] for m in states[False].marks] == [0, 25]
+
+
+def test_the_background_writer_copies_first_writes_in_order_and_hands_its_error_back(tmp_path):
+    """core.io: host_copy's tensors keep the values of the moment they were copied (a later in-place
+    update of the original does not reach the file); writes run one at a time in order; a write's
+    error comes back at the next wait (and is dropped when the caller is failing already)."""
+    from core.io import BackgroundWriter, host_copy
+
+    live = {"w": torch.zeros(3), "opt": [torch.ones(2), (torch.full((1,), 5.0), "x")]}
+    copied = host_copy(live)
+    live["w"].add_(1.0)
+    live["opt"][0].mul_(0.0)
+    assert copied["w"].tolist() == [0.0, 0.0, 0.0] and copied["opt"][0].tolist() == [1.0, 1.0]
+    assert copied["opt"][1][1] == "x" and copied["opt"][1][0].tolist() == [5.0]
+
+    order: list[int] = []
+    w = BackgroundWriter()
+    for k in range(3):
+        w.submit(lambda k=k: (torch.save({"k": k}, tmp_path / "f.pt"), order.append(k)))
+    w.wait()
+    assert order == [0, 1, 2] and torch.load(tmp_path / "f.pt")["k"] == 2
+
+    def fail():
+        raise OSError("disk full")
+
+    w.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        w.wait()
+    w.wait()  # handed back once
+    w.submit(fail)
+    w.wait(raise_error=False)
+    w.wait()
+
+
 def test_steady_ms_per_iter_by_hand():
     from flows.bench_asset import steady_ms_per_iter
 
