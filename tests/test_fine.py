@@ -275,3 +275,31 @@ def test_unnormalised_laplacian_without_unique_is_the_unique_edges_sum_to_the_bi
             got.append((loss.detach(), v.grad))
         assert float(got[0][0]) > 0 and torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
     assert float(mesh_laplacian_loss_unnormalised(torch.zeros(3, 3), torch.zeros(0, 3, dtype=torch.long))) == 0.0
+
+
+def test_the_regularisers_share_one_edge_sort_and_compute_what_each_computes_alone():
+    """The fine stage sorts the faces' edge keys once for both mesh regularisers
+    (core.stages.losses.sorted_edge_keys): each given the shared sort returns its own value and
+    gradient bit for bit, and the face of each sorted edge (its position mod F) is the face
+    face_edges listed it for (the normal-consistency pairs as arange(F).repeat(3)[order] made them)."""
+    import trimesh
+
+    from core.ops import edge_keys, face_edges
+    from core.stages.losses import mesh_laplacian_loss_unnormalised, sorted_edge_keys
+
+    gen = torch.Generator().manual_seed(1)
+    s = trimesh.creation.icosphere(subdivisions=3)
+    v0 = torch.tensor(s.vertices, dtype=torch.float32) + 0.02 * torch.randn(len(s.vertices), 3, generator=gen)
+    f = torch.tensor(s.faces)
+    ks, order = sorted_edge_keys(f, len(v0))
+    key = edge_keys(face_edges(f), len(v0))
+    assert torch.equal(key[order], ks) and bool((ks[1:] >= ks[:-1]).all())
+    assert torch.equal(torch.remainder(order, len(f)), torch.arange(len(f)).repeat(3)[order])
+    for fn in (mesh_normal_consistency, mesh_laplacian_loss_unnormalised):
+        got = []
+        for edges in (None, (ks, order)):
+            v = v0.clone().requires_grad_(True)
+            loss = fn(v, f, edges)
+            loss.backward()
+            got.append((loss.detach(), v.grad))
+        assert float(got[0][0]) > 0 and torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

@@ -30,7 +30,8 @@ from core.rendering.raster import make_rasterizer
 from core.representations.dmtet import DMTet, ColourField, Mesh
 from core.stages.coarse import active_levels
 from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, write_views, scope
-from core.stages.losses import mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency
+from core.stages.losses import (mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency,
+                                 sorted_edge_keys)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,16 @@ class DMTetRepresentation:
 
     def regularisers(self, out: RenderBatch) -> dict[str, tuple[float, torch.Tensor]]:
         w, mesh, zero = self.f.losses, self.mesh, out.rgb.new_zeros(())
-        l_nc = mesh_normal_consistency(mesh.verts, mesh.faces) if (w.normal_consistency > 0 and mesh.num_faces) else zero
-        lap = mesh_laplacian_loss_unnormalised if self.f.laplacian_form == "unnormalised" else mesh_laplacian_loss
-        l_lap = lap(mesh.verts, mesh.faces) if (w.laplacian > 0 and mesh.num_faces) else zero
+        nc, unnormalised = w.normal_consistency > 0 and mesh.num_faces, self.f.laplacian_form == "unnormalised"
+        lap_on = w.laplacian > 0 and mesh.num_faces
+        # the faces' edges sorted once for both (they share the mesh's topology)
+        edges = sorted_edge_keys(mesh.faces, mesh.verts.shape[0]) if (nc or (lap_on and unnormalised)) else None
+        l_nc = mesh_normal_consistency(mesh.verts, mesh.faces, edges) if nc else zero
+        if lap_on:
+            l_lap = (mesh_laplacian_loss_unnormalised(mesh.verts, mesh.faces, edges) if unnormalised
+                     else mesh_laplacian_loss(mesh.verts, mesh.faces))
+        else:
+            l_lap = zero
         return {"normal_consistency": (w.normal_consistency, l_nc), "laplacian": (w.laplacian, l_lap)}
 
     def progress(self) -> dict[str, float]:

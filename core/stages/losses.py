@@ -128,16 +128,23 @@ def coarse_objective(l_rec, l_guidance, l_depth, l_normal, lambda_depth: float, 
 # ------------------------------------------------------------------ fine stage (DMTet) mesh regularisers
 # DESIGN.md's table (the authors' released scripts; the paper's §3.2 names no mesh regulariser): mesh
 # normal consistency 0.1 and Laplacian smoothing 0.1 in the fine stage.
-def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+def sorted_edge_keys(faces: torch.Tensor, n_verts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The faces' 3F undirected edge keys (core.ops.edge_keys of face_edges) sorted, and the order that
+    sorts them (entry k: the position of the k-th key in face_edges' list). One sort serves both mesh
+    regularisers of a fine iteration (they share the mesh's topology)."""
+    ks, order = torch.sort(edge_keys(face_edges(faces), max(1, n_verts)))
+    return ks, order
+
+
+def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor,
+                            edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean of 1 − cos(n_i, n_j) over pairs of faces sharing an edge (edges of exactly two faces).
-    No host sync: the pairs are a mask over the faces' edges in key order, not a compacted list."""
+    No host sync: the pairs are a mask over the faces' edges in key order, not a compacted list.
+    `edges`: sorted_edge_keys(faces, len(verts)) when the caller has it already."""
     v = gather_rows(verts, faces)
     fn = F.normalize(torch.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0], dim=-1), dim=-1, eps=1e-12)
-    e = face_edges(faces)
-    fid = torch.arange(faces.shape[0], device=faces.device).repeat(3)
-    key = edge_keys(e, max(1, verts.shape[0]))
-    order = torch.argsort(key)
-    ks, fs = key[order], fid[order]
+    ks, order = edges if edges is not None else sorted_edge_keys(faces, verts.shape[0])
+    fs = torch.remainder(order, faces.shape[0])  # face_edges lists the faces' three edges face by face, thrice
     pair = (ks[1:] == ks[:-1]).to(fn.dtype)  # entry k: edges k and k+1 of the sorted list are one edge
     cos = (gather_rows(fn, fs[:-1]) * gather_rows(fn, fs[1:])).sum(-1)
     return ((1.0 - cos) * pair).sum() / pair.sum().clamp_min(1.0)  # 0 without pairs
@@ -149,18 +156,20 @@ def _directed_edges(faces: torch.Tensor, n_verts: int) -> tuple[torch.Tensor, to
     return torch.cat([e[:, 0], e[:, 1]]), torch.cat([e[:, 1], e[:, 0]])
 
 
-def mesh_laplacian_loss_unnormalised(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+def mesh_laplacian_loss_unnormalised(verts: torch.Tensor, faces: torch.Tensor,
+                                     edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The released code's uniform Laplacian loss (Magic123 nerf/renderer.py:594-627, Consistent123
     the same): L = D − A over the mesh's edges, loss = mean over all vertices of ‖(L v)_i‖ =
     ‖Σ_{j∈N(i)} (v_i − v_j)‖ (not divided by the degree).
 
     The unique edges without a compaction (no host sync, where torch.unique waits for its count):
     the faces' 3F edge keys sorted, each edge's first occurrence kept by a 0/1 weight, the repeats
-    adding exact zeros between the same terms in the same order, so the sum is unique's to the bit."""
+    adding exact zeros between the same terms in the same order, so the sum is unique's to the bit.
+    `edges`: sorted_edge_keys(faces, len(verts)) when the caller has it already."""
     n = verts.shape[0]
     if faces.shape[0] == 0:
         return verts.new_zeros(())
-    ks = torch.sort(edge_keys(face_edges(faces), n)).values
+    ks = (edges if edges is not None else sorted_edge_keys(faces, n))[0]
     first = torch.cat([ks.new_ones(1, dtype=torch.bool), ks[1:] != ks[:-1]]).to(verts.dtype)[:, None]
     lo, hi = torch.div(ks, n, rounding_mode="floor"), ks % n
     src, dst, keep = torch.cat([lo, hi]), torch.cat([hi, lo]), torch.cat([first, first])
