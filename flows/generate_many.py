@@ -19,8 +19,8 @@ cached). `--limit N` runs at most N of the assets still to do; `--shard i/n` tak
 talking to each other (each writes manifest-shard-i-of-n.csv; every manifest in DIR counts as done).
 
 Scale-out is the benchmark's: `--workers N` local Dask worker processes (CPU), `--gpus N` one dask-cuda
-worker per GPU (`--per-gpu K`: K worker processes on each), `--scheduler ADDRESS` an existing Dask cluster; each worker loads the priors once and
-reuses them for every asset it runs (core.models.cache). One failed photo is recorded while the
+worker per GPU (`--per-gpu K`: K worker processes on each), `--scheduler ADDRESS` an existing Dask
+cluster; each worker loads the priors once and reuses them for every asset it runs (core.models.cache). One failed photo is recorded while the
 others finish; the command then exits 1 with one line per failed asset.
 """
 from __future__ import annotations

@@ -119,16 +119,16 @@ class DMTetRepresentation:
 
     def regularisers(self, out: RenderBatch) -> dict[str, tuple[float, torch.Tensor]]:
         w, mesh, zero = self.f.losses, self.mesh, out.rgb.new_zeros(())
-        nc, unnormalised = w.normal_consistency > 0 and mesh.num_faces, self.f.laplacian_form == "unnormalised"
-        lap_on = w.laplacian > 0 and mesh.num_faces
-        # the faces' edges sorted once for both (they share the mesh's topology)
-        edges = sorted_edge_keys(mesh.faces, mesh.verts.shape[0]) if (nc or (lap_on and unnormalised)) else None
-        l_nc = mesh_normal_consistency(mesh.verts, mesh.faces, edges) if nc else zero
-        if lap_on:
-            l_lap = (mesh_laplacian_loss_unnormalised(mesh.verts, mesh.faces, edges) if unnormalised
-                     else mesh_laplacian_loss(mesh.verts, mesh.faces))
-        else:
+        v, f = mesh.verts, mesh.faces
+        nc_on, lap_on = w.normal_consistency > 0 and mesh.num_faces, w.laplacian > 0 and mesh.num_faces
+        edges = sorted_edge_keys(f, v.shape[0]) if (nc_on or lap_on) else None  # once for both: one topology
+        l_nc = mesh_normal_consistency(v, f, edges) if nc_on else zero
+        if not lap_on:
             l_lap = zero
+        elif self.f.laplacian_form == "unnormalised":
+            l_lap = mesh_laplacian_loss_unnormalised(v, f, edges)
+        else:
+            l_lap = mesh_laplacian_loss(v, f)
         return {"normal_consistency": (w.normal_consistency, l_nc), "laplacian": (w.laplacian, l_lap)}
 
     def progress(self) -> dict[str, float]:
