@@ -27,6 +27,28 @@ def test_speed_bench_writes_speed_json(tmp_path, monkeypatch):
     assert "coarse iteration, both priors (eager)" in format_table(r)
 
 
+def test_fullsize_weights_are_seeded_and_leave_the_callers_rng_alone():
+    """Every copy of the full-size random priors holds the same weights (session 28: three unseeded
+    copies grew meshes of 105k, 246k and 1.13M faces from one photo, and the stages' paces followed):
+    seeded_module builds from its own seed and gives the caller's RNG back as it found it."""
+    from diffusers import AutoencoderKL
+
+    from core.testmodels.fullsize_priors import seeded_module
+
+    cfg = dict(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
+               latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = (seeded_module(lambda: AutoencoderKL(**cfg), s, torch.device("cpu"), torch.float16) for s in (0, 0, 1))
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream went on as if nothing had been drawn
+    sa, sb, sc = (m.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    assert sa["encoder.conv_in.weight"].dtype == torch.float16 and not any(p.requires_grad for p in a.parameters())
+    assert not a.training
+
+
 def test_fullsize_configs_are_the_real_architectures():
     """The configs build SD 1.5's 860M-parameter UNet shape (checked on the meta device: no memory)."""
     from diffusers import UNet2DConditionModel
@@ -219,7 +241,7 @@ def test_the_detectors_clip_at_full_size_loads_through_the_real_loader(tmp_path)
     import open_clip
 
     from core.evaluation.clip import load_clip
-    from core.testmodels.fullsize_priors import fullsize_judge_overrides, write_fullsize_clip
+    from core.testmodels.fullsize_priors import VERSION, fullsize_judge_overrides, write_fullsize_clip
     from core.testmodels.judges import TINY_CLIP_CONFIG, TINY_CLIP_NAME
 
     cfg = tmp_path / f"{TINY_CLIP_NAME}.json"
@@ -228,7 +250,7 @@ def test_the_detectors_clip_at_full_size_loads_through_the_real_loader(tmp_path)
     assert fullsize_judge_overrides(load_params("magic123"), tmp_path) == []  # no detector, nothing written
     c123 = load_params("consistent123", [f"detector.clip_model={TINY_CLIP_NAME}"])
     (override,) = fullsize_judge_overrides(c123, tmp_path)
-    path = tmp_path / f"fullsize-clip-{TINY_CLIP_NAME}-1.pt"
+    path = tmp_path / f"fullsize-clip-{TINY_CLIP_NAME}-{VERSION}.pt"
     assert override == f"detector.clip_pretrained={path}" and path.is_file()
     mtime = path.stat().st_mtime_ns
     assert write_fullsize_clip(tmp_path, TINY_CLIP_NAME) == path and path.stat().st_mtime_ns == mtime  # once

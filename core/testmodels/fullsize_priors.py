@@ -16,7 +16,10 @@ from typing import Callable
 import torch
 
 FULLSIZE = Path(__file__).resolve().parent / "fullsize"
-VERSION = "1"
+# "2": the weights seeded (session 28). Version 1's were drawn from an unseeded RNG, so every folder
+# written held other weights: three processes with their own folders grew meshes of 105k, 246k and
+# 1.13M faces from one photo and one seed, and their stages' paces differed with them.
+VERSION = "2"
 # the Stable Diffusion architectures the presets name: SD 1.5 (Magic123) and SD 2.1 base
 # (Consistent123: an OpenCLIP ViT-H text tower, 1024-wide cross-attention, linear projections)
 SD_ARCHS = ("sd15", "sd21base")
@@ -31,9 +34,24 @@ def _cfg(name: str) -> dict:
     return json.loads((FULLSIZE / name).read_text())
 
 
+def seeded_module(fn: Callable[[], torch.nn.Module], seed: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.nn.Module:
+    """fn()'s module built on `device` (much faster than on the CPU) from the RNG seeded with `seed`,
+    in `dtype`, frozen, for inference: the same weights every time on one kind of device and torch
+    build, so that runs that write their own copies of the priors load the same ones. The caller's
+    RNG state is left as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            m = fn()
+    return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def build_fullsize_parts(device: torch.device, dtype: torch.dtype, sd_arch: str = "sd15"):
     """(StableDiffusionParts, Zero123Parts) of SD (1.5 or 2.1 base) and Zero-1-to-3 at full size,
-    random weights (Zero-1-to-3 XL has Zero-1-to-3's architecture)."""
+    random weights, seeded (seeded_module: each part its own seed, in the order below; Zero-1-to-3 XL
+    has Zero-1-to-3's architecture)."""
     if sd_arch not in SD_ARCHS:
         raise ValueError(f"sd_arch must be one of {SD_ARCHS}, not {sd_arch!r}")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -48,10 +66,10 @@ def build_fullsize_parts(device: torch.device, dtype: torch.dtype, sd_arch: str 
     write_tiny_clip_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
 
+    seeds = iter(range(1000))
+
     def make(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        with torch.device(device):  # initialise on the device: much faster than on the CPU
-            m = fn()
-        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return seeded_module(fn, next(seeds), device, dtype)
 
     sd = StableDiffusionParts(
         tokenizer=tokenizer,
