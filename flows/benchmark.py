@@ -156,12 +156,12 @@ def task_runner(gpus: Optional[int], scheduler: Optional[str], workers: Optional
     (dask-cuda's, or `dask worker` on another host) has OMP_NUM_THREADS=1, so its PyTorch CPU work runs
     on one thread. Each worker keeps the priors it loaded for the next asset it runs (core.models.cache).
 
-    Several workers on one GPU: a stage's loop leaves its GPU idle about a third of each iteration
-    while the host queues ~1,200 small operators (reports/speed, session 25), and another process's
-    kernels fill some of those gaps; the export and the prior loads are host work. Session 27 measured
-    two short assets (coarse 300 + fine 200) on one H200 at once in 116 s against 90 s each alone (1.55×
-    the assets an hour), and in the loops' steady iterations 1.12× (coarse) and 1.36× (fine) one
-    worker's; each worker holds its own priors (~9–12 GiB at the peak of a stage)."""
+    Several workers on one GPU overlap one worker's compiling, exports and prior loads (host work) with
+    another's loops: two short assets (coarse 300 + fine 200) on one H200 at once took 116 s against
+    90 s each alone (session 27), two cold paper-length assets 954 s against 624 s (session 28). The
+    loops themselves gain ~nothing: one worker keeps an H200 85–94% busy in them, and a pair did
+    1.02–1.03× its steady iterations (session 28). Each worker holds its own priors (~9–12 GiB at the
+    peak of a stage), so the default stays one worker a GPU."""
     if per_gpu < 1:
         raise InputError(f"--per-gpu {per_gpu}: at least 1")
     if per_gpu > 1 and not gpus:

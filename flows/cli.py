@@ -34,8 +34,8 @@ def _add_scale_out(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", type=int, default=None, help="one dask-cuda worker per GPU, N GPUs (the gpu extra)")
     g.add_argument("--per-gpu", type=int, default=1, metavar="K",
                    help="with --gpus N: K worker processes on each GPU, each with its own priors (default 1, dask-cuda's; "
-                        "2 on an H200: 1.55× the short assets an hour, 1.1–1.4× in the loops' steady iterations; "
-                        "reports/speed session 27)")
+                        "2 on an H200 overlaps compiling and exports, up to 1.3–1.7× the cold or short assets an hour, "
+                        "but ~1.0× at the paper's counts: one worker keeps the card ~88%% busy; reports/speed session 28)")
     g.add_argument("--workers", type=int, default=None, help="N local Dask worker processes of one thread (CPU)")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="an existing Dask scheduler, e.g. tcp://host:8786 (workers on several hosts)")

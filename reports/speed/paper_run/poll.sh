@@ -7,6 +7,9 @@
 # A call that must find the machine warm again has to follow a call that returned only small files:
 # session 12's first call brought back 30 MB and the machine (30 s idle release) was gone.
 T0=$(date +%s); LIMIT=$1; STOP=$2; D=${D:-/tmp/s12}; R=$D/run
+# a chain started just before writes its events file within a second or two (session 28's first poll
+# looked too early and returned at once)
+for _ in $(seq 30); do [ -f $D/events ] && break; sleep 1; done
 [ -f $D/events ] || { echo "NO CHAIN HERE: $D/events is missing (a fresh machine)"; exit 3; }
 progress() { tr '\r' '\n' < "$1" | grep -E '(it/s|s/it)(, [^]]*)?\]$'; }
 last() { for f in coarse fine textual_inversion stages; do [ -f $D/$f.log ] && echo "$f: $(progress $D/$f.log | tail -1 | cut -c1-150)"; done; }
