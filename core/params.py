@@ -514,7 +514,7 @@ class Params(_Section):
     # on an H200 for the textual inversion, coarse or fine stage, and more memory (reports/speed s22)
     cudnn_benchmark: bool = False
     # the coarse and fine stages' checkpoints written on a thread while the loop goes on (the same file;
-    # a checkpoint in line cost the H200 runs' loops 0.2–0.6 s, reports/speed session 27; not yet timed on a GPU)
+    # each cost an H200 loop 0.3–0.65 s in line, 0.1–0.25 s so: reports/speed sessions 27–28)
     checkpoint_background: bool = True
     camera: CameraParams = CameraParams()
     coarse: CoarseParams = CoarseParams()

@@ -121,14 +121,14 @@ class DMTetRepresentation:
         w, mesh, zero = self.f.losses, self.mesh, out.rgb.new_zeros(())
         v, f = mesh.verts, mesh.faces
         nc_on, lap_on = w.normal_consistency > 0 and mesh.num_faces, w.laplacian > 0 and mesh.num_faces
-        edges = sorted_edge_keys(f, v.shape[0]) if (nc_on or lap_on) else None  # once for both: one topology
+        released_lap = lap_on and self.f.laplacian_form == "unnormalised"  # the form that reads the sorted edges
+        # one sort for both: one topology
+        edges = sorted_edge_keys(f, v.shape[0]) if (nc_on or released_lap) else None
         l_nc = mesh_normal_consistency(v, f, edges) if nc_on else zero
-        if not lap_on:
-            l_lap = zero
-        elif self.f.laplacian_form == "unnormalised":
+        if released_lap:
             l_lap = mesh_laplacian_loss_unnormalised(v, f, edges)
         else:
-            l_lap = mesh_laplacian_loss(v, f)
+            l_lap = mesh_laplacian_loss(v, f) if lap_on else zero
         return {"normal_consistency": (w.normal_consistency, l_nc), "laplacian": (w.laplacian, l_lap)}
 
     def progress(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ goes through a small stand-in tokenizer (token ids only; the cost is the text en
 """
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -66,7 +67,7 @@ def build_fullsize_parts(device: torch.device, dtype: torch.dtype, sd_arch: str 
     write_tiny_clip_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
 
-    seeds = iter(range(1000))
+    seeds = itertools.count()
 
     def make(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return seeded_module(fn, next(seeds), device, dtype)
