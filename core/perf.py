@@ -229,9 +229,10 @@ class scope:
         return False
 
 
-def profile_table(fn, device: torch.device, rows: int = 30) -> str:
+def profile_table(fn, device: torch.device, rows: int = 30, events: Optional[list] = None) -> str:
     """torch.profiler's table for running `fn()` once on `device`: operators and kernels by their own
-    device time (CPU time off a GPU), the `rows` largest, with the scopes above as ranges."""
+    device time (CPU time off a GPU), the `rows` largest, with the scopes above as ranges. `events`:
+    a list the profiler's events are appended to (for `kernel_ms_by_scope`, `gpu_idle`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
@@ -239,6 +240,8 @@ def profile_table(fn, device: torch.device, rows: int = 30) -> str:
         fn()
         if cuda:
             torch.cuda.synchronize(device)
+    if events is not None:
+        events.extend(prof.events())
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
@@ -289,6 +292,33 @@ def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
     return "\n".join(lines)
 
 
+def kernel_ms_by_scope(events, steps: int, prefix: str = "lift3d.") -> dict:
+    """The device's kernel time a step (ms) by the innermost `prefix` scope open on the host when the
+    kernel's launching event began (as `ops_by_scope` places operators: the backward's, launched by
+    the autograd engine's thread, fall in the scope around `backward()`), from torch.profiler's live
+    `events()`: each kernel is tied to the one host event that launched it (an aten operator, or a
+    compiled graph's Triton launch), so none is counted twice. Kernels on other streams count too
+    (where several streams run at once the sum can exceed the step). {scope: ms}, largest first."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.name.startswith(prefix) and e.device_type == DeviceType.CPU), key=lambda s: (s[0], -s[1]))
+
+    def where(t: float) -> str:
+        inner = [s for s in spans if s[0] <= t <= s[1]]
+        return min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
+
+    us: Counter = Counter()
+    for e in events:
+        ks = getattr(e, "kernels", None) or []
+        if e.device_type == DeviceType.CPU and ks:
+            us[where(e.time_range.start)] += sum(float(k.duration) for k in ks)
+    steps = max(int(steps), 1)
+    return {k: round(v / 1000.0 / steps, 2) for k, v in us.most_common()}
+
+
 def _merged(intervals: list) -> list:
     """Sorted, disjoint union of (start, end) intervals."""
     out: list = []
@@ -323,9 +353,13 @@ def gpu_idle(events, steps: int, prefix: str = "lift3d.", top: int = 12) -> str:
     host_names = {e.name for e in host}
 
     def works(e) -> bool:  # a kernel, copy or set; not the host's ranges mirrored on the device
-        # (ProfilerStep#, the scopes: user annotations) nor the device's side of a synchronisation
+        # (ProfilerStep#, the scopes: user annotations) nor the device's side of a synchronisation.
+        # A compiled graph's Triton kernel has a host range of its own name (Inductor's launcher):
+        # it is work (until session 29 it was taken for a mirrored range, and a compiled step's
+        # busy time came out short); were its mirror counted too, it covers the same span
         return (e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start
-                and e.name not in host_names and "Sync" not in e.name and "Wait" not in e.name
+                and (e.name not in host_names or e.name.startswith("triton_"))
+                and "Sync" not in e.name and "Wait" not in e.name
                 and getattr(e, "activity_type", None) not in ("gpu_user_annotation", "cuda_sync"))
 
     busy = _merged([(e.time_range.start, e.time_range.end) for e in events if works(e)])

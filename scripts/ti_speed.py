@@ -20,6 +20,7 @@ slower, 318 against 272 ms).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -40,6 +41,29 @@ DEFAULT_VARIANTS = {  # each names its switches, whatever params.yaml's defaults
 }
 
 
+@contextlib.contextmanager
+def fixed_views(on: bool):
+    """While on: ReleasedAugment gives each batch size's first views again (its seed is drawn as
+    usual, so the rest of the random stream is too). For measuring what the augmentation costs a step."""
+    from core.guidance.textual_inversion import ReleasedAugment
+
+    if not on:
+        yield
+        return
+    original, cache = ReleasedAugment.views, {}
+
+    def views(self, n, seed):
+        if n not in cache:
+            cache[n] = original(self, n, seed)
+        return cache[n]
+
+    ReleasedAugment.views = views
+    try:
+        yield
+    finally:
+        ReleasedAugment.views = original
+
+
 def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, device: torch.device,
                  profile: int = 0, profile_path: Path | None = None) -> dict:
     from core import perf
@@ -50,6 +74,10 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
 
     torch._dynamo.reset()
     PRIORS.clear()
+    # a diagnostic, not a setting: `ti_speed.fixed_views=true` reuses each batch size's first views (the
+    # random stream drawn as usual), so a step costs what it would if the augmentation were free
+    fixed = "ti_speed.fixed_views=true" in sets
+    sets = [s for s in sets if not s.startswith("ti_speed.")]
     rgb = torch.ones(3, 512, 512)
     rgb[:, 128:384, 160:352] = torch.tensor([0.7, 0.3, 0.2])[:, None, None]
     mask = torch.zeros(1, 512, 512)
@@ -61,28 +89,38 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    learn_token_from_params(parts, rgb, mask, p, progress=False, callback=lambda s, loss: stamps.append(time.perf_counter()))
+    with fixed_views(fixed):
+        learn_token_from_params(parts, rgb, mask, p, progress=False,
+                                callback=lambda s, loss: stamps.append(time.perf_counter()))
     first_s = time.perf_counter() - t0
     per_step = [1000 * (b - a) for a, b in zip(stamps[steps // 2:], stamps[steps // 2 + 1:])]
-    rec = {"sets": sets, "steps": steps, "seconds": round(first_s, 1),
+    rec = {"sets": sets + (["ti_speed.fixed_views=true"] if fixed else []), "steps": steps, "seconds": round(first_s, 1),
            "ms_per_step_steady": round(statistics.median(per_step), 1),
            "ms_per_step_mean_2nd_half": round(statistics.fmean(per_step), 1),
            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None}
     perf.SCOPE_TIMES = {}
     try:
         short = apply_overrides(p, [f"textual_inversion.steps={scoped_steps}"])
-        learn_token_from_params(stable_diffusion_parts(short, device), rgb, mask, short, progress=False)
+        with fixed_views(fixed):
+            learn_token_from_params(stable_diffusion_parts(short, device), rgb, mask, short, progress=False)
         rec["scopes_ms_per_step"] = {k.removeprefix("lift3d.ti."): round(1000 * t / n, 1)
                                      for k, (n, t) in perf.SCOPE_TIMES.items()}
     finally:
         perf.SCOPE_TIMES = None
     if profile > 0 and profile_path is not None:  # after the runs above: compiled code is warm
         short = apply_overrides(p, [f"textual_inversion.steps={profile}"])
-        table = perf.profile_table(lambda: learn_token_from_params(stable_diffusion_parts(short, device), rgb, mask,
-                                                                   short, progress=False), device)
+        events: list = []
+        with fixed_views(fixed):
+            table = perf.profile_table(lambda: learn_token_from_params(stable_diffusion_parts(short, device), rgb, mask,
+                                                                       short, progress=False), device, rows=50,
+                                       events=events)
+        by_scope = perf.kernel_ms_by_scope(events, profile)
         profile_path.parent.mkdir(parents=True, exist_ok=True)
-        profile_path.write_text(f"ti_speed: {profile} steps, {' '.join(sets) or 'defaults'}\n{table}\n")
+        profile_path.write_text(f"ti_speed: {profile} steps, {' '.join(sets) or 'defaults'}\n{table}\n\n"
+                                f"kernel ms a step by scope (every stream): {json.dumps(by_scope)}\n\n"
+                                f"{perf.gpu_idle(events, profile)}\n\n{perf.ops_by_scope(events, profile)}\n")
         rec["profile"] = str(profile_path)
+        rec["kernel_ms_by_scope"] = {k.removeprefix("lift3d.ti."): v for k, v in by_scope.items()}
     return rec
 
 

@@ -360,6 +360,11 @@ def test_gpu_idle_charges_each_gap_to_the_scope_and_the_host_operator_during_it(
               ev("lift3d.a", 0, 1000, DeviceType.CUDA), ev("ProfilerStep#3", 0, 2000, DeviceType.CUDA),
               ev("ProfilerStep#3", 0, 2000), ev("Stream Sync", 600, 1500, DeviceType.CUDA)]
     text = gpu_idle(events, steps=2)
+    # a compiled graph's Triton kernel has a host range of its name: the kernel is work all the same
+    launcher = [ev("triton_poi_fused_add_0", 1490, 1495), ev("triton_poi_fused_add_0", 1500, 1510, DeviceType.CUDA)]
+    assert gpu_idle(events + launcher, steps=2).startswith("device busy 0.35 ms a step")
+    alone = gpu_idle([events[3]] + launcher, steps=2)  # k1 (0-100 µs) and the Triton kernel (1,500-1,510 µs)
+    assert alone.startswith("device busy 0.06 ms a step, idle 0.70 ms"), alone
     sections, rows = {}, None
     for ln in text.splitlines()[1:]:
         if "ms/step" in ln:
@@ -432,3 +437,24 @@ def test_assets_in_one_process_each_get_their_own_record(tmp_path, monkeypatch, 
         assert main(["bench", "speed", "--tiny", "--preset", "smoke", "--out", str(tmp_path / "x"), *argv, *sets]) != 0
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_kernel_time_is_charged_once_to_the_scope_open_when_its_launcher_began():
+    """kernel_ms_by_scope: each host event's own kernels (not its children's) summed under the innermost
+    scope open at the event's start; an event outside every scope is charged apart; per step."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from core.perf import kernel_ms_by_scope
+
+    def ev(name, a, b, kernels=(), dev=DeviceType.CPU):
+        return NS(name=name, time_range=NS(start=a, end=b), device_type=dev,
+                  kernels=[NS(duration=d) for d in kernels])
+
+    events = [ev("lift3d.a", 0, 1000), ev("lift3d.inner", 200, 300), ev("lift3d.b", 1000, 2000),
+              ev("aten::conv", 10, 50, [400, 600]), ev("aten::cudnn_conv", 12, 40),  # the launcher's own only
+              ev("triton_poi_fused", 250, 260, [1000]), ev("aten::mm", 1500, 1600, [2000]),
+              ev("aten::copy_", 2500, 2600, [100]), ev("k", 0, 5000, [], DeviceType.CUDA)]
+    assert kernel_ms_by_scope(events, steps=2) == {"lift3d.b": 1.0, "lift3d.inner": 0.5, "lift3d.a": 0.5,
+                                                   "(outside the scopes)": 0.05}

@@ -397,6 +397,19 @@ def test_overlapped_textual_inversion_learns_the_same_token():
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
 
 
+def test_views_made_ahead_on_a_thread_learn_the_same_token():
+    """textual_inversion.prefetch (the next batch's views made on a thread, on the side stream, while
+    the step is queued in TF32) against the overlapped loop alone: the same draws and kernels, so the
+    same losses and row; a wait on the whole side stream instead of the batch's own event, or a TF32
+    switch flipped under the other thread, would show as a stall or a moved loss, not here."""
+    (la, ea), (lb, eb) = _learned_tokens(
+        [{"textual_inversion.prefetch": False}, {"textual_inversion.prefetch": True}],
+        {"textual_inversion.steps": 12, "textual_inversion.batch_size": 4, "sd.resolution": 256,
+         "textual_inversion.overlap": True, "textual_inversion.tf32": True, "textual_inversion.compile": "none"})
+    assert ((la - lb).abs() / la.abs()).max() < 1e-4, (la, lb)
+    assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
+
+
 def test_released_augmentation_on_the_gpu_is_the_cpu_one():
     """Textual inversion's augmentation runs on the GPU (issue 15): the same random draws (they come
     from the CPU stream), so the same views up to the interpolation's rounding."""

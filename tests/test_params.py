@@ -137,6 +137,7 @@ def test_speed_and_saving_settings_leave_the_step_digests_alone():
     assert all(_pick(tree, key) is not None for key in HOW_NOT_WHAT)
     other = load_params("magic123", {"sd.compile": "none", "sd.channels_last": True, "sd.vae_compile": "default",
                                      "zero123.compile": "reduce-overhead", "textual_inversion.overlap": False,
+                                     "textual_inversion.prefetch": False,
                                      "textual_inversion.checkpoint_every": 250, "coarse.grid.backend": "torch",
                                      "coarse.checkpoint_every": 7, "fine.rasterizer": "torch",
                                      "coarse.normals_recompute": True})

@@ -190,3 +190,42 @@ def test_tf32_matmuls_holds_only_inside_its_block():
         assert flag.allow_tf32 is True
     finally:
         flag.allow_tf32 = before
+
+
+def test_views_made_ahead_on_a_thread_learn_the_same_row(tmp_path):
+    """textual_inversion.prefetch: the next batch's views made on a thread while the step runs, their
+    seed drawn where the plain loop draws it, so the same losses and row to the bit; across
+    accumulation, the epoch's short batch, checkpoints (no views drawn ahead of one) and a resume."""
+    rgb, mask = torch.ones(3, 48, 48), torch.zeros(1, 48, 48)
+    rgb[:, 12:36, 16:32] = torch.tensor([0.8, 0.2, 0.1])[:, None, None]
+    mask[:, 12:36, 16:32] = 1
+    kw = dict(token="<e>", initializer="object", steps=5, lr=5e-2, batch_size=2, repeats=3, resolution=64, seed=0,
+              progress=False, gradient_accumulation=2, checkpoint_every=2, digest="abc")
+
+    def run(prefetch, **more):
+        seen = []
+        parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+        row = learn_token(parts, rgb, mask, prefetch=prefetch, callback=lambda s, l: seen.append((s, l)),
+                          **{**kw, **more})["<e>"]
+        return row, seen
+
+    plain, plain_losses = run(False, checkpoint=tmp_path / "a.pt")
+    ahead, ahead_losses = run(True, checkpoint=tmp_path / "b.pt")
+    assert [s for s, _ in plain_losses] == list(range(5)) and ahead_losses == plain_losses
+    assert torch.equal(ahead, plain)
+    # the checkpoints hold the same random stream (no seed drawn ahead of one)
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.equal(a["generator"], b["generator"]) and a["micro"] == b["micro"] == 10
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
+    with pytest.raises(Killed):
+        learn_token(parts, rgb, mask, prefetch=True, checkpoint=tmp_path / "c.pt", callback=kill_at_3, **kw)
+    resumed, _ = run(True, checkpoint=tmp_path / "c.pt")
+    assert torch.equal(resumed, plain)

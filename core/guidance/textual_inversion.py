@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -160,8 +161,12 @@ def _rotation(degrees: float, fill: float):
     fill[mask]`: two `nonzero`s a view, each a wait for the GPU). Session 21's audit: 24 syncs a
     step of 16 views. Here the matrix is scaled on the host (the same IEEE division) and sent without
     waiting (core.perf.to_device), the base grid is made once, the fill is `torch.where`; the grid's
-    matmul runs in full fp32 whatever the caller's TF32 setting (a TF32 grid moves nearest samples by
-    up to ~0.2 px at 640²; the example's augmentation is PIL's, on the CPU, exact)."""
+    matmul never runs in TF32 (a TF32 grid moves nearest samples by up to ~0.2 px at 640²; the
+    example's augmentation is PIL's, on the CPU, exact): on the CPU it is torchvision's fp32 matmul,
+    on a GPU an fp64 one rounded to fp32 once (the base grid's half-integers times fp32 numbers:
+    exact in fp64 but for extreme angles), which flips no process-wide TF32 switch, so the views can
+    be made on a thread of their own while the step's text encoder runs in TF32
+    (textual_inversion.prefetch)."""
     import torchvision.transforms.functional as TF
     from torchvision import transforms as T
 
@@ -176,8 +181,13 @@ def _rotation(degrees: float, fill: float):
             h, w = img.shape[-2:]
             theta = torch.tensor(matrix, dtype=img.dtype).reshape(1, 2, 3)
             theta = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=img.dtype)
-            with exact_matmuls():
-                grid = _base_grid(h, w, img.dtype, img.device).bmm(to_device(theta, img.device)).view(1, h, w, 2)
+            if img.is_cuda:  # in fp64, rounded to fp32 once: no TF32 setting (the step's, read by the
+                # prefetch thread too) reaches it, and no process-wide switch is flipped here
+                grid = _base_grid(h, w, torch.float64, img.device).bmm(
+                    to_device(theta, img.device, torch.float64)).to(img.dtype).view(1, h, w, 2)
+            else:
+                with exact_matmuls():
+                    grid = _base_grid(h, w, img.dtype, img.device).bmm(theta).view(1, h, w, 2)
             batch = img if img.dim() == 4 else img[None]
             with_ones = torch.cat([batch, torch.ones_like(batch[:, :1])], 1)
             out = F.grid_sample(with_ones, grid.expand(batch.shape[0], h, w, 2), mode="nearest",
@@ -229,8 +239,16 @@ class ReleasedAugment:
         fixed, self.drawn = released_pipeline(size)
         self.base = fixed(rgb.float().to(device if device is not None else rgb.device))
 
+    @staticmethod
+    def draw_seed(generator: torch.Generator) -> int:
+        """The one number a call draws from `generator`: the seed of its views."""
+        return int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+
     def __call__(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+        return self.views(n, self.draw_seed(generator))
+
+    def views(self, n: int, seed: int) -> torch.Tensor:
+        """The n views of `seed` (torchvision's global stream seeded with it, then restored)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             views = [self.drawn(self.base) for _ in range(n)]
@@ -325,7 +343,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                 augmentation: str = "released", background: str = "black", vae_input: str = "unit",
-                compile: str = "none", overlap: bool = False, tf32: bool = False, progress: bool = True,
+                compile: str = "none", overlap: bool = False, tf32: bool = False, prefetch: bool = False,
+                progress: bool = True,
                 checkpoint: Optional[Path | str] = None,
                 checkpoint_every: int = 500, digest: str = "", stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Learn a token for the object in `rgb` (3, H, W) on white. `parts` is a StableDiffusionParts
@@ -337,6 +356,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     `overlap` (GPU): the host queues a step while the GPU runs the one before (the same numbers).
     `tf32` (GPU): the fp32 text encoder's matmuls, forward and backward, on the tensor cores in TF32
     (10-bit mantissas, fp32 range and sums); the process's setting is restored after the loop.
+    `prefetch` (augmentation 'released'): the next batch's views are made on a thread of their own
+    while this step is queued (its seed drawn when the plain loop draws it: the same numbers), so
+    their ~3,500 small operators a batch of 16 leave the host's path; not across a checkpoint.
 
     `checkpoint`: a file the state is written to every `checkpoint_every` steps and at the end (the
     new row, its AdamW moments and step count, the random stream; a few kB) and resumed from when it
@@ -397,7 +419,35 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     if side is not None:  # the side stream reads the fixed part made on this one
         side.wait_stream(torch.cuda.current_stream(device))
 
+    # prefetch: one thread makes the next micro-batch's views (on the side stream on a GPU) while
+    # this thread queues the step; `ahead` holds (n, the future of (views, their end on the side
+    # stream)). The seed is drawn from `gen` right after this batch's last draw, where the next
+    # batch's own call would draw it, so the stream of draws is the plain loop's
+    pool = (ThreadPoolExecutor(1, thread_name_prefix="lift3d-ti-views")
+            if prefetch and released is not None else None)
+    ahead: Optional[tuple[int, Future]] = None
+
+    def make(n: int, seed: int):
+        with scope("lift3d.ti.augment"):
+            if side is None:
+                return released.views(n, seed), None
+            with torch.cuda.stream(side):
+                images = released.views(n, seed)
+                done = torch.cuda.Event()
+                done.record(side)
+            return images, done
+
     def augmented(n: int) -> torch.Tensor:
+        nonlocal ahead
+        if ahead is not None:
+            (n_ahead, future), ahead = ahead, None
+            images, done = future.result()
+            assert n_ahead == n, (n_ahead, n)
+            if done is not None:  # wait for these views only, not for the next batch's
+                main = torch.cuda.current_stream(device)
+                main.wait_event(done)
+                images.record_stream(main)
+            return images
         if released is None:
             return augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0).to(device)
         if side is None:
@@ -409,12 +459,12 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         images.record_stream(main)
         return images
 
-    def one_step() -> torch.Tensor:
+    def one_step(step: int) -> torch.Tensor:
         """Queue one optimiser step; its loss (a device scalar, the mean over accumulation)."""
-        nonlocal micro
+        nonlocal micro, ahead
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for _ in range(gradient_accumulation):
+        for k in range(gradient_accumulation):
             n = batch_size_at(micro, batch_size, repeats)
             micro += 1
             with scope("lift3d.ti.augment"):
@@ -429,6 +479,10 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             noisy = sched.add_noise(latents, noise, t)
             prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
                        for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (n,), generator=gen)]
+            # the next batch's views, unless a checkpoint (which saves the stream) or the end comes first
+            if pool is not None and (k + 1 < gradient_accumulation or (step + 1 < steps and not due(step))):
+                n_next = batch_size_at(micro, batch_size, repeats)
+                ahead = (n_next, pool.submit(make, n_next, ReleasedAugment.draw_seed(gen)))
             with scope("lift3d.ti.text_encoder"):
                 ids = to_device(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                                     return_tensors="pt").input_ids, device)
@@ -466,7 +520,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     try:
         for step in range(start, steps):
             with tf32_matmuls(tf32 and device.type == "cuda"):
-                loss = one_step()
+                loss = one_step(step)
             if pending is not None:  # overlap: the step before, read now that this one is queued
                 finish(*pending)
             pending = (step, loss)
@@ -477,6 +531,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             finish(*pending)
     finally:
         bar.close()
+        if pool is not None:  # a step that failed may leave views being made: let them finish
+            pool.shutdown(wait=True)
     if stats is not None:
         stats.update(steps_run=max(0, steps - start), resumed_from=start, loop_seconds_before=before,
                      loop_seconds=elapsed)
@@ -493,12 +549,15 @@ def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.
                             out: Optional[Path | str] = None, callback=None, progress: bool = True,
                             checkpoint: Optional[Path | str] = None, digest: str = "",
                             stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """learn_token with every setting of params.textual_inversion (and the SD resolution and seed)."""
+    """learn_token with every setting of params.textual_inversion (and the SD resolution and seed);
+    `prefetch` on a GPU only (on a CPU the thread would share the step's cores)."""
     ti = params.textual_inversion
     return learn_token(parts, rgb, mask, token=ti.placeholder, initializer=ti.initializer, steps=ti.steps, lr=ti.lr,
                        batch_size=ti.batch_size, resolution=params.sd.resolution, seed=params.seed, out=out,
                        callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
                        repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
                        adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
-                       vae_input=ti.vae_input, compile=ti.compile, overlap=ti.overlap, tf32=ti.tf32, progress=progress, checkpoint=checkpoint,
+                       vae_input=ti.vae_input, compile=ti.compile, overlap=ti.overlap, tf32=ti.tf32,
+                       prefetch=ti.prefetch and next(parts.unet.parameters()).is_cuda,  # GPU only
+                       progress=progress, checkpoint=checkpoint,
                        checkpoint_every=ti.checkpoint_every, digest=digest, stats=stats)
