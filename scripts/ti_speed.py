@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # noqa: F401 - ti_speed.force_layout_opt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,6 +78,9 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     # a diagnostic, not a setting: `ti_speed.fixed_views=true` reuses each batch size's first views (the
     # random stream drawn as usual), so a step costs what it would if the augmentation were free
     fixed = "ti_speed.fixed_views=true" in sets
+    # another diagnostic: `ti_speed.force_layout_opt=true` has Inductor lay the compiled graphs out
+    # channels-last whatever its heuristics say (torch._inductor.config.force_layout_optimization)
+    torch._inductor.config.force_layout_optimization = "ti_speed.force_layout_opt=true" in sets
     sets = [s for s in sets if not s.startswith("ti_speed.")]
     rgb = torch.ones(3, 512, 512)
     rgb[:, 128:384, 160:352] = torch.tensor([0.7, 0.3, 0.2])[:, None, None]
@@ -94,7 +98,9 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
                                 callback=lambda s, loss: stamps.append(time.perf_counter()))
     first_s = time.perf_counter() - t0
     per_step = [1000 * (b - a) for a, b in zip(stamps[steps // 2:], stamps[steps // 2 + 1:])]
-    rec = {"sets": sets + (["ti_speed.fixed_views=true"] if fixed else []), "steps": steps, "seconds": round(first_s, 1),
+    diag = ["ti_speed.fixed_views=true"] * fixed + ["ti_speed.force_layout_opt=true"] * bool(
+        torch._inductor.config.force_layout_optimization)
+    rec = {"sets": sets + diag, "steps": steps, "seconds": round(first_s, 1),
            "ms_per_step_steady": round(statistics.median(per_step), 1),
            "ms_per_step_mean_2nd_half": round(statistics.fmean(per_step), 1),
            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None}
@@ -171,31 +177,39 @@ PARTS = ("augment", "vae_encode", "text_encoder", "unet", "backward", "optimizer
 
 
 def plot(result: dict, png: Path) -> Path:
-    """Stacked bars: each variant's step split into its parts (synchronised), with the free-running
-    steady step as a black tick."""
+    """Stacked bars: each variant's step split into its parts, with the free-running steady step as a
+    black tick. Left: each part timed with the device synchronised around it (the host's and the
+    device's time together; parts made on a thread of their own overlap the others there). Right,
+    where the variant was profiled: the device's kernel time a step by part (perf.kernel_ms_by_scope)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in result["variants"].items() if "scopes_ms_per_step" in v}
-    fig, ax = plt.subplots(figsize=(3.6 + 1.9 * len(runs), 4.2))
-    for i, (name, v) in enumerate(runs.items()):
-        bottom = 0.0
-        for j, part in enumerate(PARTS):
-            ms = float(v["scopes_ms_per_step"].get(part, 0.0))
-            ax.bar(i, ms, bottom=bottom, color=f"C{j}", label=part if i == 0 else None, width=0.6)
-            bottom += ms
-        ax.plot([i - 0.35, i + 0.35], [v["ms_per_step_steady"]] * 2, color="black", lw=2,
-                label="step, free-running (median)" if i == 0 else None)
+    panels = [("scopes_ms_per_step", "device synchronised around each part")]
+    if any("kernel_ms_by_scope" in v for v in runs.values()):
+        panels.append(("kernel_ms_by_scope", "the device's kernel time by part (profiled)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + (1.9 * len(runs) + 1.2) * len(panels), 4.4),
+                             sharey=True, squeeze=False)
     floor = result.get("flops", {}).get("floor_ms", {}).get("step")
-    if floor:
-        ax.axhline(floor, color="grey", ls="--", lw=1,
-                   label=f"floor: the step's FLOPs at {result['flops']['matmul_tflops']:.0f} TFLOP/s")
-    ax.set_xticks(range(len(runs)), [n.replace("+", "+\n") for n in runs], fontsize=8)
-    ax.set_ylabel("ms per step (batch 16, 512²)")
-    ax.set_title(f"textual inversion's step by variant — {result.get('gpu', '')}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, (name, v) in enumerate(runs.items()):
+            bottom = 0.0
+            for j, part in enumerate(PARTS):
+                ms = float(v.get(key, {}).get(part, 0.0))
+                ax.bar(i, ms, bottom=bottom, color=f"C{j}", label=part if i == 0 else None, width=0.6)
+                bottom += ms
+            ax.plot([i - 0.35, i + 0.35], [v["ms_per_step_steady"]] * 2, color="black", lw=2,
+                    label="step, free-running (median)" if i == 0 else None)
+        if floor:
+            ax.axhline(floor, color="grey", ls="--", lw=1,
+                       label=f"floor: the step's FLOPs at {result['flops']['matmul_tflops']:.0f} TFLOP/s")
+        ax.set_xticks(range(len(runs)), [n.replace("+", "+\n") for n in runs], fontsize=8)
+        ax.set_title(title, fontsize=8)
+    axes[0][0].set_ylabel("ms per step (batch 16, 512²)")
+    fig.suptitle(f"textual inversion's step by variant — {result.get('gpu', '')}", fontsize=9)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
