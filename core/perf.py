@@ -133,12 +133,6 @@ def tf32_matmuls(on: bool = True):
     return _tf32_setting(bool(on) or torch.backends.cuda.matmul.allow_tf32)
 
 
-def exact_matmuls():
-    """fp32 matmuls in full fp32 inside the block (TF32 off), the caller's setting again after it:
-    for arithmetic that must not change with a surrounding `tf32_matmuls` (geometry, not learning)."""
-    return _tf32_setting(False)
-
-
 def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`t` on `device` (and `dtype`). A host tensor going to a GPU is copied with non_blocking: the
     copy of a few numbers need not wait for the GPU's queue (pageable memory is staged at once, so
@@ -254,6 +248,21 @@ def _top_level(e) -> bool:
     return parent is None
 
 
+def _scope_at(events, prefix: str):
+    """A function of a time: the innermost `prefix` scope open on the host then (on any thread), or
+    "(outside the scopes)". The profiler also mirrors the scopes on the device's timeline: not those."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.name.startswith(prefix) and e.device_type == DeviceType.CPU), key=lambda s: (s[0], -s[1]))
+
+    def where(t: float) -> str:
+        inner = [s for s in spans if s[0] <= t <= s[1]]
+        return min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
+
+    return where
+
+
 def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
     """How many operators each scope dispatched a step, from torch.profiler's `events()`: every aten
     operator called from outside another aten operator (what the host dispatched), and every GPU
@@ -263,22 +272,12 @@ def ops_by_scope(events, steps: int, prefix: str = "lift3d.") -> str:
     made faster by fewer of these, not by faster kernels."""
     from collections import Counter
 
-    from torch.autograd import DeviceType
-
-    # the host's scopes (the profiler also mirrors them on the device's timeline, later: not those)
-    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
-                    if e.name.startswith(prefix) and e.device_type == DeviceType.CPU), key=lambda s: (s[0], -s[1]))
-
-    def where(e) -> str:
-        t = e.time_range.start
-        inner = [s for s in spans if s[0] <= t <= s[1]]
-        return min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
-
+    where = _scope_at(events, prefix)
     ops, kernels, names = Counter(), Counter(), {}
     for e in events:
         if not e.name.startswith("aten::"):
             continue
-        w = where(e)
+        w = where(e.time_range.start)
         kernels[w] += len(getattr(e, "kernels", []) or [])  # a kernel is tied to the innermost operator
         if not _top_level(e):  # called by another aten operator: not a dispatch of the loop's own
             continue
@@ -303,13 +302,7 @@ def kernel_ms_by_scope(events, steps: int, prefix: str = "lift3d.") -> dict:
 
     from torch.autograd import DeviceType
 
-    spans = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events
-                    if e.name.startswith(prefix) and e.device_type == DeviceType.CPU), key=lambda s: (s[0], -s[1]))
-
-    def where(t: float) -> str:
-        inner = [s for s in spans if s[0] <= t <= s[1]]
-        return min(inner, key=lambda s: s[1] - s[0])[2] if inner else "(outside the scopes)"
-
+    where = _scope_at(events, prefix)
     us: Counter = Counter()
     for e in events:
         ks = getattr(e, "kernels", None) or []

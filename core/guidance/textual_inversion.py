@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.io import atomic_torch_save
-from core.perf import exact_matmuls, scope, tf32_matmuls, to_device
+from core.perf import scope, tf32_matmuls, to_device
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,8 @@ def _rotation(degrees: float, fill: float):
                 # prefetch thread too) reaches it, and no process-wide switch is flipped here
                 grid = _base_grid(h, w, torch.float64, img.device).bmm(
                     to_device(theta, img.device, torch.float64)).to(img.dtype).view(1, h, w, 2)
-            else:
-                with exact_matmuls():
-                    grid = _base_grid(h, w, img.dtype, img.device).bmm(theta).view(1, h, w, 2)
+            else:  # torchvision's fp32 matmul (no TF32 setting reaches a CPU's)
+                grid = _base_grid(h, w, img.dtype, img.device).bmm(theta).view(1, h, w, 2)
             batch = img if img.dim() == 4 else img[None]
             with_ones = torch.cat([batch, torch.ones_like(batch[:, :1])], 1)
             out = F.grid_sample(with_ones, grid.expand(batch.shape[0], h, w, 2), mode="nearest",
@@ -428,35 +427,33 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     ahead: Optional[tuple[int, Future]] = None
 
     def make(n: int, seed: int):
+        """The views of `seed` (on the side stream when there is one) and the event they end with."""
+        if side is None:
+            return released.views(n, seed), None
+        with torch.cuda.stream(side):
+            images = released.views(n, seed)
+            done = torch.cuda.Event()
+            done.record(side)
+        return images, done
+
+    def made_ahead(n: int, seed: int):
         with scope("lift3d.ti.augment"):
-            if side is None:
-                return released.views(n, seed), None
-            with torch.cuda.stream(side):
-                images = released.views(n, seed)
-                done = torch.cuda.Event()
-                done.record(side)
-            return images, done
+            return make(n, seed)
 
     def augmented(n: int) -> torch.Tensor:
         nonlocal ahead
-        if ahead is not None:
-            (n_ahead, future), ahead = ahead, None
-            images, done = future.result()
-            assert n_ahead == n, (n_ahead, n)
-            if done is not None:  # wait for these views only, not for the next batch's
-                main = torch.cuda.current_stream(device)
-                main.wait_event(done)
-                images.record_stream(main)
-            return images
         if released is None:
             return augment_views(rgb, mask, n, resolution, gen, fill=0.0 if background == "black" else 1.0).to(device)
-        if side is None:
-            return released(n, gen)
-        with torch.cuda.stream(side):
-            images = released(n, gen)
-        main = torch.cuda.current_stream(device)
-        main.wait_stream(side)
-        images.record_stream(main)
+        if ahead is not None:
+            (n_ahead, future), ahead = ahead, None
+            assert n_ahead == n, (n_ahead, n)
+            images, done = future.result()
+        else:
+            images, done = make(n, released.draw_seed(gen))
+        if done is not None:  # wait for these views only (not for a next batch's on the side stream)
+            main = torch.cuda.current_stream(device)
+            main.wait_event(done)
+            images.record_stream(main)
         return images
 
     def one_step(step: int) -> torch.Tensor:
@@ -482,7 +479,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             # the next batch's views, unless a checkpoint (which saves the stream) or the end comes first
             if pool is not None and (k + 1 < gradient_accumulation or (step + 1 < steps and not due(step))):
                 n_next = batch_size_at(micro, batch_size, repeats)
-                ahead = (n_next, pool.submit(make, n_next, ReleasedAugment.draw_seed(gen)))
+                ahead = (n_next, pool.submit(made_ahead, n_next, released.draw_seed(gen)))
             with scope("lift3d.ti.text_encoder"):
                 ids = to_device(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                                     return_tensors="pt").input_ids, device)
