@@ -423,8 +423,11 @@ class TextualInversionParams(_Section):
     initializer: str = "object"  # released: a word per object, given on the command line
     # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU, for the full
     # batch (the epoch's short last batch runs eagerly: one shape to compile); no effect on a CPU.
-    # H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, 80–150 s of compiling
-    compile: Literal["none", "default"] = "default"
+    # H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, 80–150 s of compiling.
+    # graphs: the same kernels, each batch size's micro-batch (forward and backward) replayed as one
+    # CUDA graph (the same numbers, tests/test_gpu_backends.py); the host then queues a step in a few
+    # copies and one launch
+    compile: Literal["none", "default", "graphs"] = "default"
     # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
     # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%
     # less a step on an H200 (reports/speed, session 13); no effect on a CPU

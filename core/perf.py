@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -51,43 +52,51 @@ def compiled_twin(fn, on: bool, dynamic: Optional[bool] = None):
 
 
 class GraphedCall:
-    """`fn(*tensors) -> tensor(s)` without gradients, replayed as one CUDA graph per input signature
-    (shapes, dtypes, devices): the first call of a signature runs `fn` a few times on a side stream
-    (its compiling, autotuning and cuBLAS's workspaces happen there), then captures one call; every
-    call copies its inputs into the graph's and replays it, so the host issues a few copies and one
-    launch for all of `fn`'s kernels, with no Python, Dynamo guard or allocator work in between.
+    """`fn(*tensors) -> tensor(s)` replayed as one CUDA graph per input signature (shapes, dtypes,
+    devices): the first call of a signature runs `fn` a few times on a side stream (its compiling,
+    autotuning and cuBLAS's workspaces happen there), then captures one call; every call copies its
+    inputs into the graph's and replays it, so the host issues a few copies and one launch for all
+    of `fn`'s kernels, with no Python, Dynamo guard or allocator work in between.
     `fn` must be capturable: no host sync, no host → device copy, no randomness of its own.
+    Without gradients unless `grad` (then `fn` may run a backward inside, torch.autograd.grad: the
+    gradients it returns are outputs like any other). Other threads may use the GPU meanwhile (the
+    capture checks this thread's calls only).
     The outputs live in the graph's memory and the next replay overwrites them: use them (or clone
     them) before the next call. GPU only; on the CPU it calls `fn`."""
 
-    def __init__(self, fn, warmup: int = 3):
-        self.fn, self.warmup = fn, int(warmup)
+    def __init__(self, fn, warmup: int = 3, grad: bool = False):
+        self.fn, self.warmup, self.grad = fn, int(warmup), bool(grad)
         self.graphs: dict = {}
 
-    @torch.no_grad()
     def __call__(self, *args: torch.Tensor):
-        if not args[0].is_cuda:
-            return self.fn(*args)
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        with torch.cuda.device(args[0].device):  # capture and replay on the inputs' GPU
-            entry = self.graphs.get(key)
-            if entry is None:
-                static = [a.detach().clone() for a in args]
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup):
-                        self.fn(*static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = self.fn(*static)
-                entry = self.graphs[key] = (graph, static, out)
-            graph, static, out = entry
-            for buf, a in zip(static, args):
-                buf.copy_(a)
-            graph.replay()
-        return out
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            if not args[0].is_cuda:
+                return self.fn(*args)
+            key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+            with torch.cuda.device(args[0].device):  # capture and replay on the inputs' GPU
+                entry = self.graphs.get(key)
+                if entry is None:  # its warm-ups and capture are no step's time (SCOPE_TIMES)
+                    with untimed():
+                        entry = self.graphs[key] = self._capture(args)
+                graph, static, out = entry
+                for buf, a in zip(static, args):
+                    buf.copy_(a)
+                graph.replay()
+            return out
+
+    def _capture(self, args):
+        """Warm `fn` up on a side stream with copies of `args`, then capture it: (graph, inputs, outputs)."""
+        static = [a.detach().clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = self.fn(*static)
+        return graph, static, out
 
 
 def inductor_missing(have_triton: Optional[bool] = None, have_cc: Optional[bool] = None) -> str:
@@ -202,6 +211,20 @@ class Timer:
 SCOPE_TIMES: Optional[dict] = None
 
 
+_UNTIMED = threading.local()
+
+
+@contextlib.contextmanager
+def untimed():
+    """This thread's scopes inside the block are profiler ranges only, never in SCOPE_TIMES."""
+    before = getattr(_UNTIMED, "on", False)
+    _UNTIMED.on = True
+    try:
+        yield
+    finally:
+        _UNTIMED.on = before
+
+
 class scope:
     def __init__(self, name: str):
         self.name = name
@@ -209,13 +232,16 @@ class scope:
     def __enter__(self):
         self.rf = torch.profiler.record_function(self.name)
         self.rf.__enter__()
-        if SCOPE_TIMES is not None:
+        # not timed while a CUDA graph is captured: nothing runs then (and a sync would end the capture);
+        # nor in a graph's warm-ups (`untimed`): they are not a step's time
+        self.timed = SCOPE_TIMES is not None and not getattr(_UNTIMED, "on", False) and not _capturing()
+        if self.timed:
             _device_sync()
             self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if SCOPE_TIMES is not None:
+        if self.timed and SCOPE_TIMES is not None:
             _device_sync()
             n, t = SCOPE_TIMES.get(self.name, (0, 0.0))
             SCOPE_TIMES[self.name] = (n + 1, t + time.perf_counter() - self.t0)
@@ -491,6 +517,11 @@ def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 20) -> 
     if cuda:
         torch.cuda.synchronize(device)
     return float(f"{2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e12:.4g}")
+
+
+def _capturing() -> bool:
+    """Whether this thread's current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _device_sync() -> None:

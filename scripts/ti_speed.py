@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -91,6 +92,8 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     parts = stable_diffusion_parts(p, device)
     stamps: list[float] = []
     if device.type == "cuda":
+        gc.collect()  # the variant before's graphs and cached blocks, out of this one's reserved peak
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with fixed_views(fixed):
@@ -103,7 +106,10 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     rec = {"sets": sets + diag, "steps": steps, "seconds": round(first_s, 1),
            "ms_per_step_steady": round(statistics.median(per_step), 1),
            "ms_per_step_mean_2nd_half": round(statistics.fmean(per_step), 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None}
+           "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
+           # what the allocator held at most: CUDA graphs keep their pools reserved between replays
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 2)
+           if device.type == "cuda" else None}
     perf.SCOPE_TIMES = {}
     try:
         short = apply_overrides(p, [f"textual_inversion.steps={scoped_steps}"])
@@ -173,7 +179,8 @@ def step_flops(folder: str, device: torch.device, batch: int = 16, resolution: i
             "matmul_tflops": tflops, "floor_ms": floor}
 
 
-PARTS = ("augment", "vae_encode", "text_encoder", "unet", "backward", "optimizer")
+# "graph": textual_inversion.compile=graphs's replays (encoder to backward in one CUDA graph)
+PARTS = ("augment", "vae_encode", "text_encoder", "unet", "backward", "graph", "optimizer")
 
 
 def plot(result: dict, png: Path) -> Path:

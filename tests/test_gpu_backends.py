@@ -196,6 +196,29 @@ def test_graphed_call_replays_with_each_calls_inputs():
     assert len(g.graphs) == 2
 
 
+def test_graphed_call_with_gradients_replays_each_calls_backward():
+    """GraphedCall(grad=True): a forward and torch.autograd.grad inside the graph; each call's gradient
+    is its own inputs' (a replay of the captured inputs would repeat the first), while a parameter
+    changed in place between calls is read afresh, as an optimiser's step changes it."""
+    from core.perf import GraphedCall
+
+    w = torch.randn(4, 4, device=DEVICE, requires_grad=True)
+
+    def fn(x):
+        loss = (x @ w).tanh().square().mean()
+        (g,) = torch.autograd.grad(loss, w)
+        return loss.detach(), g
+
+    graphed = GraphedCall(fn, warmup=2, grad=True)
+    for k in range(4):
+        x = torch.randn(8, 4, device=DEVICE)
+        (la, ga), (lb, gb) = graphed(x), fn(x)
+        assert torch.allclose(la, lb) and torch.allclose(ga, gb, atol=1e-6), k
+        with torch.no_grad():
+            w.sub_(0.1 * gb)
+    assert len(graphed.graphs) == 1 and w.grad is None
+
+
 def test_compiled_vae_encoders_give_the_eager_sds_gradients(tmp_path):
     """sd/zero123.vae_compile=default (the VAE encoder that SDS differentiates through, eq. 5, under
     Inductor forward and backward) against the eager encoder, both fp16 with eager UNets, over the
@@ -406,6 +429,24 @@ def test_views_made_ahead_on_a_thread_learn_the_same_token():
         [{"textual_inversion.prefetch": False}, {"textual_inversion.prefetch": True}],
         {"textual_inversion.steps": 12, "textual_inversion.batch_size": 4, "sd.resolution": 256,
          "textual_inversion.overlap": True, "textual_inversion.tf32": True, "textual_inversion.compile": "none"})
+    assert ((la - lb).abs() / la.abs()).max() < 1e-4, (la, lb)
+    assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_graphed_textual_inversion_learns_the_compiled_token(accumulation):
+    """textual_inversion.compile=graphs (each batch size's micro-batch, forward and backward, replayed
+    as one CUDA graph with its draws copied in) against default (the same compiled kernels, queued by
+    the host): the same losses and row. A replay of stale inputs (views, posterior sample, noise,
+    timesteps, prompts), a gradient overwritten by the next micro-batch's replay before it is summed,
+    or the epoch's short batch (of 2, every third batch: a second graph) given the full batch's graph
+    would move both. With the views made ahead on their thread, the overlapped loop and TF32."""
+    (la, ea), (lb, eb) = _learned_tokens(
+        [{"textual_inversion.compile": "default"}, {"textual_inversion.compile": "graphs"}],
+        {"textual_inversion.steps": 8, "textual_inversion.batch_size": 3, "textual_inversion.repeats": 5,
+         "textual_inversion.gradient_accumulation": accumulation, "textual_inversion.overlap": True,
+         "textual_inversion.prefetch": True, "textual_inversion.tf32": True}, mask=True)
+    assert len(la) == 8 and torch.isfinite(la).all()
     assert ((la - lb).abs() / la.abs()).max() < 1e-4, (la, lb)
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
 

@@ -293,3 +293,21 @@ def test_graphed_call_off_a_gpu_is_the_function_itself():
     g = GraphedCall(lambda x, y: x * 2 + y)
     x, y = torch.arange(4.0), torch.ones(4)
     assert torch.equal(g(x, y), x * 2 + y) and not g.graphs
+
+
+def test_untimed_scopes_are_ranges_only_in_their_own_thread(monkeypatch):
+    """core.perf.untimed (a CUDA graph's warm-ups and capture): the scopes inside it stay out of
+    SCOPE_TIMES, while another thread's scopes meanwhile (the textual inversion's views) are timed."""
+    import threading
+
+    from core import perf
+
+    monkeypatch.setattr(perf, "SCOPE_TIMES", {})
+    with perf.untimed():
+        with perf.scope("inside"):
+            other = threading.Thread(target=lambda: perf.scope("other").__enter__().__exit__(None, None, None))
+            other.start()
+            other.join()
+    with perf.scope("after"):
+        pass
+    assert set(perf.SCOPE_TIMES) == {"other", "after"}

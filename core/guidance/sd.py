@@ -262,12 +262,21 @@ def encoder_moments(prior_params, device):
     return graph_vae_moments(moments, device) if prior_params.vae_graphs else moments
 
 
+def latent_shape(vae, n: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of `vae`'s latents for `n` images of height × width (each down block but the last halves them)."""
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    return n, vae.config.latent_channels, height // f, width // f
+
+
 def encode_images(vae, images: torch.Tensor, generator: Optional[torch.Generator] = None,
-                  moments=vae_moments) -> torch.Tensor:
+                  moments=vae_moments, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Images in [0, 1] → scaled VAE latents, differentiable (the ∂z/∂I of eq. 5). `moments` is
-    vae_moments or a compiled copy of it."""
+    vae_moments or a compiled copy of it. The posterior's sample takes `noise` (a standard normal
+    draw of latent_shape) or draws it from `generator` (on the host, so seeded)."""
     mean, std = moments(vae, images)
-    z = mean + std * to_device(torch.randn(mean.shape, generator=generator), mean.device, mean.dtype)  # .sample(), seeded
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator)
+    z = mean + std * to_device(noise, mean.device, mean.dtype)  # .sample(), seeded
     return z.float() * vae.config.scaling_factor
 
 

@@ -16,6 +16,7 @@ Files are the benchmark folders' format: a `torch.save`d dict `{token: float32 t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from core.errors import InputError
 from core.io import atomic_torch_save
-from core.perf import scope, tf32_matmuls, to_device
+from core.perf import GraphedCall, scope, tf32_matmuls, to_device
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,10 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     `out` (learned_embeds.bin) when given. The defaults are the released recipe
     (params.textual_inversion; `learn_token_from_params` passes them all); a tqdm bar shows the
     steps unless `progress` is False. `compile` 'default' runs the VAE encoder and the UNet (forward
-    and backward) under torch.compile on a GPU (two shapes: the full batch and the epoch's last).
+    and backward) under torch.compile on a GPU for the full batch (the epoch's short last batch runs
+    eagerly); 'graphs' also replays each batch size's whole micro-batch (encoder, noising, text
+    encoder, UNet, loss and backward: the same kernels) as one CUDA graph, so the host queues it with
+    a few copies and one launch; the optimiser's step stays outside.
     `overlap` (GPU): the host queues a step while the GPU runs the one before (the same numbers).
     `tf32` (GPU): the fp32 text encoder's matmuls, forward and backward, on the tensor cores in TF32
     (10-bit mantissas, fp32 range and sums); the process's setting is restored after the loop.
@@ -366,15 +370,15 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     loop_seconds (over every run of this checkpoint)."""
     from tqdm import tqdm
 
-    from core.guidance.sd import compile_vae_moments, encode_images, vae_moments
+    from core.guidance.sd import compile_vae_moments, encode_images, latent_shape, vae_moments
     from core.guidance.sds import sample_timesteps
 
     if augmentation not in ("released", "crop"):
         raise ValueError(f"textual inversion: unknown augmentation {augmentation!r} (released, crop)")
     if vae_input not in ("unit", "signed"):
         raise ValueError(f"textual inversion: unknown vae_input {vae_input!r} (unit, signed)")
-    if compile not in ("none", "default"):
-        raise ValueError(f"textual inversion: unknown compile {compile!r} (none, default)")
+    if compile not in ("none", "default", "graphs"):
+        raise ValueError(f"textual inversion: unknown compile {compile!r} (none, default, graphs)")
 
     tok, te, vae, unet, sched = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.scheduler
     device = next(unet.parameters()).device
@@ -398,9 +402,10 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     udtype = next(unet.parameters()).dtype
     # compiled for the full batch only: the epoch's short last batch (100 mod 16 = 4 images, one step
     # in seven) runs eagerly, so one shape is compiled instead of two (session 11: ~230 s for both)
-    moments, unet_step = compile_vae_moments(compile, device), unet
-    if compile != "none" and device.type == "cuda":
-        unet_step = torch.compile(unet, mode=compile, dynamic=False)
+    inductor = "none" if compile == "none" else "default"  # 'graphs' replays Inductor's kernels
+    moments, unet_step = compile_vae_moments(inductor, device), unet
+    if inductor != "none" and device.type == "cuda":
+        unet_step = torch.compile(unet, mode=inductor, dynamic=False)
     te.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,
                dynamic_ncols=True)
@@ -456,41 +461,61 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             images.record_stream(main)
         return images
 
+    def micro_batch(images: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's loss and the new row's gradient (of the loss / gradient_accumulation),
+        from the host's draws already on the device: no host work, so capturable as a CUDA graph."""
+        n = images.shape[0]
+        moments_n, unet_n = (moments, unet_step) if n == batch_size else (vae_moments, unet)
+        if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
+            images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
+        with torch.no_grad(), scope("lift3d.ti.vae_encode"):
+            latents = encode_images(vae, images, moments=moments_n, noise=eps)
+        noisy = sched.add_noise(latents, noise, t)
+        with scope("lift3d.ti.text_encoder"):
+            states = te(ids)[0].to(udtype)
+        with scope("lift3d.ti.unet"):
+            pred = unet_n(noisy.to(udtype), t, encoder_hidden_states=states).sample
+            loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
+        with scope("lift3d.ti.backward"):  # accelerate's accumulation: the mean
+            (grad,) = torch.autograd.grad(loss / gradient_accumulation, emb_weight)
+        return loss.detach(), grad
+
+    # compile 'graphs': each batch size's micro-batch replayed as one CUDA graph (its draws copied in)
+    graphed = compile == "graphs" and device.type == "cuda"
+    micro_step = GraphedCall(micro_batch, warmup=2, grad=True) if graphed else micro_batch
+    vdtype = next(vae.parameters()).dtype
+
     def one_step(step: int) -> torch.Tensor:
         """Queue one optimiser step; its loss (a device scalar, the mean over accumulation)."""
         nonlocal micro, ahead
         opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
+        total, grad = torch.zeros((), device=device), None
         for k in range(gradient_accumulation):
             n = batch_size_at(micro, batch_size, repeats)
             micro += 1
             with scope("lift3d.ti.augment"):
                 images = augmented(n)
-            if vae_input == "unit":  # the released effect: [0, 1] images taken as [-1, 1] ones
-                images = (images + 1.0) / 2.0  # encode_images maps x → 2x − 1, so the VAE sees the [0, 1] image
-            moments_n, unet_n = (moments, unet_step) if n == batch_size else (vae_moments, unet)
-            with torch.no_grad(), scope("lift3d.ti.vae_encode"):
-                latents = encode_images(vae, images, gen, moments=moments_n)
-            noise = to_device(torch.randn(latents.shape, generator=gen), device)
+            # the host's draws in the released loop's order: the posterior's sample, the noise, the
+            # timesteps, the prompts (then the next batch's views' seed)
+            eps = to_device(torch.randn(latent_shape(vae, n, *images.shape[-2:]), generator=gen), device, vdtype)
+            noise = to_device(torch.randn(eps.shape, generator=gen), device)
             t = to_device(sample_timesteps(n, sched.config.num_train_timesteps, (0.0, 0.999), gen), device)
-            noisy = sched.add_noise(latents, noise, t)
             prompts = [IMAGENET_TEMPLATES_SMALL[int(i)].format(token)
                        for i in torch.randint(len(IMAGENET_TEMPLATES_SMALL), (n,), generator=gen)]
             # the next batch's views, unless a checkpoint (which saves the stream) or the end comes first
             if pool is not None and (k + 1 < gradient_accumulation or (step + 1 < steps and not due(step))):
                 n_next = batch_size_at(micro, batch_size, repeats)
                 ahead = (n_next, pool.submit(made_ahead, n_next, released.draw_seed(gen)))
-            with scope("lift3d.ti.text_encoder"):
-                ids = to_device(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                                    return_tensors="pt").input_ids, device)
-                states = te(ids)[0].to(udtype)
-            with scope("lift3d.ti.unet"):
-                pred = unet_n(noisy.to(udtype), t, encoder_hidden_states=states).sample
-                loss = F.mse_loss(pred.float(), noise.float())  # ε-prediction MSE
-            with scope("lift3d.ti.backward"):
-                (loss / gradient_accumulation).backward()  # accelerate's accumulation: the mean
-            total += loss.detach() / gradient_accumulation
+            ids = to_device(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids, device)
+            with scope("lift3d.ti.graph") if graphed else contextlib.nullcontext():  # the scopes inside ran at its capture
+                loss, g = micro_step(images, eps, noise, t, ids)
+            total += loss / gradient_accumulation
+            # summed as the engine accumulates .grad; a graph's gradient is overwritten by its next replay
+            grad = (g.clone() if k + 1 < gradient_accumulation else g) if grad is None else grad + g
         with scope("lift3d.ti.optimizer"):
+            emb_weight.grad = grad
             opt.step()
             with torch.no_grad():  # only the new row changes: every other row back as it was
                 row = emb_weight[token_id].clone()
