@@ -428,6 +428,10 @@ class TextualInversionParams(_Section):
     # CUDA graph (the same numbers, tests/test_gpu_backends.py); the host then queues a step in a few
     # copies and one launch
     compile: Literal["none", "default", "graphs"] = "default"
+    # the compiled graphs' layout: Inductor's choice (NCHW here, each convolution's input converted to
+    # NHWC and back by cuDNN) or channels-last throughout (the same arithmetic); no effect uncompiled.
+    # H200 (reports/speed, session 29): ~13 ms less of kernels a step, 1.2 GiB more
+    layout: Literal["auto", "channels_last"] = "auto"
     # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
     # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%
     # less a step on an H200 (reports/speed, session 13); no effect on a CPU
@@ -578,7 +582,7 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 HOW_NOT_WHAT: tuple[str, ...] = (
     "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
-    "textual_inversion.compile", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
+    "textual_inversion.compile", "textual_inversion.layout", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",

@@ -451,6 +451,19 @@ def test_graphed_textual_inversion_learns_the_compiled_token(accumulation):
     assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.99999
 
 
+def test_channels_last_compiled_textual_inversion_learns_the_same_token():
+    """textual_inversion.layout=channels_last (Inductor's graphs laid out NHWC throughout, where its
+    heuristics leave them NCHW) against auto, both graphed: the same convolutions in another memory
+    order, so the same losses and row up to fp16 kernels' rounding."""
+    (la, ea), (lb, eb) = _learned_tokens(
+        [{"textual_inversion.layout": "auto"}, {"textual_inversion.layout": "channels_last"}],
+        {"textual_inversion.steps": 8, "textual_inversion.batch_size": 3, "textual_inversion.repeats": 5,
+         "textual_inversion.compile": "graphs"}, mask=True)
+    assert len(la) == 8 and torch.isfinite(la).all()
+    assert ((la - lb).abs() / la.abs()).max() < 0.02, (la, lb)
+    assert float(torch.nn.functional.cosine_similarity(ea, eb, dim=0)) > 0.999
+
+
 def test_released_augmentation_on_the_gpu_is_the_cpu_one():
     """Textual inversion's augmentation runs on the GPU (issue 15): the same random draws (they come
     from the CPU stream), so the same views up to the interpolation's rounding."""

@@ -112,7 +112,7 @@ def test_only_the_full_batch_goes_through_the_compiled_encoder(monkeypatch):
 
     seen = []
 
-    def spy_compile(mode, device):  # stands in for torch.compile: records the batches it is handed
+    def spy_compile(mode, device, **kw):  # stands in for torch.compile: records the batches it is handed
         def compiled(vae, images):
             seen.append(int(images.shape[0]))
             return sd.vae_moments(vae, images)

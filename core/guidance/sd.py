@@ -188,18 +188,29 @@ def vae_compile_mode(mode: str, device) -> str:
     return "none" if torch.device(device).type != "cuda" else mode
 
 
-def compile_vae_moments(mode: str, device):
+def inductor_kwargs(mode: str, channels_last: bool = False) -> dict:
+    """torch.compile's keywords for `mode`; `channels_last` (mode 'default' only) has Inductor lay the
+    graph out channels-last whatever its heuristics say (its force_layout_optimization, for this
+    graph alone: torch.compile takes either a mode or options)."""
+    if not channels_last:
+        return {"mode": mode}
+    if mode != "default":
+        raise ValueError(f"Inductor's channels-last layout needs compile mode 'default', not {mode!r}")
+    return {"options": {"force_layout_optimization": True}}
+
+
+def compile_vae_moments(mode: str, device, channels_last: bool = False):
     """`vae_moments` under torch.compile (forward and backward) on a GPU for mode 'default', itself
     for 'none' and anywhere off a GPU. In SDS the render's gradient flows back through the encoder
     (the ∂z/∂I of eq. 5), so the encoder runs forward and backward at every guided iteration; eagerly
     its GroupNorm and SiLU are separate memory-bound kernels, which Inductor fuses (the textual
     inversion's encoder: 89 → 47 ms a batch of 16, reports/speed session 11). One compiled shape
-    per prior (batch 1 at its resolution)."""
+    per prior (batch 1 at its resolution). `channels_last`: see inductor_kwargs."""
     mode = vae_compile_mode(mode, device)
     if mode == "none":
         return vae_moments
-    log.info("VAE encoder: torch.compile(mode=%r)", mode)
-    return torch.compile(vae_moments, mode=mode, dynamic=False)
+    log.info("VAE encoder: torch.compile(mode=%r%s)", mode, ", channels-last" if channels_last else "")
+    return torch.compile(vae_moments, dynamic=False, **inductor_kwargs(mode, channels_last))
 
 
 def vae_graphs_run_on(device) -> bool:

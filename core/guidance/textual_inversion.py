@@ -343,7 +343,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 callback=None, scale_lr: bool = False, gradient_accumulation: int = 1, repeats: Optional[int] = 100,
                 weight_decay: float = 1e-2, adam_betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
                 augmentation: str = "released", background: str = "black", vae_input: str = "unit",
-                compile: str = "none", overlap: bool = False, tf32: bool = False, prefetch: bool = False,
+                compile: str = "none", layout: str = "auto", overlap: bool = False, tf32: bool = False,
+                prefetch: bool = False,
                 progress: bool = True,
                 checkpoint: Optional[Path | str] = None,
                 checkpoint_every: int = 500, digest: str = "", stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
@@ -355,7 +356,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     and backward) under torch.compile on a GPU for the full batch (the epoch's short last batch runs
     eagerly); 'graphs' also replays each batch size's whole micro-batch (encoder, noising, text
     encoder, UNet, loss and backward: the same kernels) as one CUDA graph, so the host queues it with
-    a few copies and one launch; the optimiser's step stays outside.
+    a few copies and one launch; the optimiser's step stays outside. `layout` 'channels_last' has
+    Inductor lay both compiled graphs out channels-last (its heuristics leave them NCHW, and cuDNN
+    converts every convolution's input and output: session 29).
     `overlap` (GPU): the host queues a step while the GPU runs the one before (the same numbers).
     `tf32` (GPU): the fp32 text encoder's matmuls, forward and backward, on the tensor cores in TF32
     (10-bit mantissas, fp32 range and sums); the process's setting is restored after the loop.
@@ -370,7 +373,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     loop_seconds (over every run of this checkpoint)."""
     from tqdm import tqdm
 
-    from core.guidance.sd import compile_vae_moments, encode_images, latent_shape, vae_moments
+    from core.guidance.sd import compile_vae_moments, encode_images, inductor_kwargs, latent_shape, vae_moments
     from core.guidance.sds import sample_timesteps
 
     if augmentation not in ("released", "crop"):
@@ -403,9 +406,12 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     # compiled for the full batch only: the epoch's short last batch (100 mod 16 = 4 images, one step
     # in seven) runs eagerly, so one shape is compiled instead of two (session 11: ~230 s for both)
     inductor = "none" if compile == "none" else "default"  # 'graphs' replays Inductor's kernels
-    moments, unet_step = compile_vae_moments(inductor, device), unet
+    if layout not in ("auto", "channels_last"):
+        raise ValueError(f"textual inversion: unknown layout {layout!r} (auto, channels_last)")
+    cl = layout == "channels_last" and inductor != "none"
+    moments, unet_step = compile_vae_moments(inductor, device, channels_last=cl), unet
     if inductor != "none" and device.type == "cuda":
-        unet_step = torch.compile(unet, mode=inductor, dynamic=False)
+        unet_step = torch.compile(unet, dynamic=False, **inductor_kwargs(inductor, cl))
     te.train()
     bar = tqdm(total=steps, initial=min(start, steps), desc="textual inversion", disable=not progress,
                dynamic_ncols=True)
@@ -579,7 +585,7 @@ def learn_token_from_params(parts: Any, rgb: torch.Tensor, mask: Optional[torch.
                        callback=callback, scale_lr=ti.scale_lr, gradient_accumulation=ti.gradient_accumulation,
                        repeats=ti.repeats, weight_decay=ti.weight_decay, adam_betas=tuple(ti.adam_betas),
                        adam_eps=ti.adam_eps, augmentation=ti.augmentation, background=ti.background,
-                       vae_input=ti.vae_input, compile=ti.compile, overlap=ti.overlap, tf32=ti.tf32,
+                       vae_input=ti.vae_input, compile=ti.compile, layout=ti.layout, overlap=ti.overlap, tf32=ti.tf32,
                        prefetch=ti.prefetch and next(parts.unet.parameters()).is_cuda,  # GPU only
                        progress=progress, checkpoint=checkpoint,
                        checkpoint_every=ti.checkpoint_every, digest=digest, stats=stats)
