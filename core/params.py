@@ -427,7 +427,7 @@ class TextualInversionParams(_Section):
     # graphs: the same kernels, each batch size's micro-batch (forward and backward) replayed as one
     # CUDA graph (the same numbers, tests/test_gpu_backends.py); the host then queues a step in a few
     # copies and one launch
-    compile: Literal["none", "default", "graphs"] = "default"
+    compile: Literal["none", "default", "graphs"] = "graphs"
     # the compiled graphs' layout: Inductor's choice (NCHW here, each convolution's input converted to
     # NHWC and back by cuDNN) or channels-last throughout (the same arithmetic); no effect uncompiled.
     # H200 (reports/speed, session 29): ~13 ms less of kernels a step, 1.2 GiB more

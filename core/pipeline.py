@@ -47,7 +47,8 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
                             stats=stats)
     # the loop's seconds over every run of this stage's checkpoint (a resumed run adds to them)
     summ = summary(device, stats["loop_seconds"], params.textual_inversion.steps, wall_seconds=wall.seconds,
-                   resumed_from=stats["resumed_from"], seconds_before_resume=stats["loop_seconds_before"])
+                   resumed_from=stats["resumed_from"], seconds_before_resume=stats["loop_seconds_before"],
+                   **{k: stats[k] for k in ("views_seconds", "views_wait_seconds") if k in stats})
     atomic_write_text(out / "result.json", json.dumps({"stage": "textual_inversion", "steps": summ["iterations"],
                                                        "token": "learned_embeds.bin", "summary": summ}, indent=2))
     this_run = f"this run {wall.seconds:.1f} s with model loading"  # the summary's seconds span every resumed run

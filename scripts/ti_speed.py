@@ -96,8 +96,9 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    stats: dict = {}
     with fixed_views(fixed):
-        learn_token_from_params(parts, rgb, mask, p, progress=False,
+        learn_token_from_params(parts, rgb, mask, p, progress=False, stats=stats,
                                 callback=lambda s, loss: stamps.append(time.perf_counter()))
     first_s = time.perf_counter() - t0
     per_step = [1000 * (b - a) for a, b in zip(stamps[steps // 2:], stamps[steps // 2 + 1:])]
@@ -110,6 +111,9 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
            # what the allocator held at most: CUDA graphs keep their pools reserved between replays
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 2)
            if device.type == "cuda" else None}
+    if "views_seconds" in stats:  # prefetch: the views' thread per batch made, the loop's wait for them per step
+        rec["views_ms_per_batch"] = round(1000 * stats["views_seconds"] / max(1, steps - 1), 1)
+        rec["views_wait_ms_per_step"] = round(1000 * stats["views_wait_seconds"] / max(1, steps - 1), 1)
     perf.SCOPE_TIMES = {}
     try:
         short = apply_overrides(p, [f"textual_inversion.steps={scoped_steps}"])

@@ -202,15 +202,19 @@ def test_views_made_ahead_on_a_thread_learn_the_same_row(tmp_path):
     kw = dict(token="<e>", initializer="object", steps=5, lr=5e-2, batch_size=2, repeats=3, resolution=64, seed=0,
               progress=False, gradient_accumulation=2, checkpoint_every=2, digest="abc")
 
-    def run(prefetch, **more):
+    def run(prefetch, stats=None, **more):
         seen = []
         parts = load_stable_diffusion(tiny_models()["sd"], "cpu", torch.float32)
         row = learn_token(parts, rgb, mask, prefetch=prefetch, callback=lambda s, l: seen.append((s, l)),
-                          **{**kw, **more})["<e>"]
+                          stats=stats, **{**kw, **more})["<e>"]
         return row, seen
 
-    plain, plain_losses = run(False, checkpoint=tmp_path / "a.pt")
-    ahead, ahead_losses = run(True, checkpoint=tmp_path / "b.pt")
+    plain_stats, ahead_stats = {}, {}
+    plain, plain_losses = run(False, plain_stats, checkpoint=tmp_path / "a.pt")
+    ahead, ahead_losses = run(True, ahead_stats, checkpoint=tmp_path / "b.pt")
+    # only the thread's run reports its views' seconds (views are made ahead for most micro-batches)
+    assert "views_seconds" not in plain_stats and ahead_stats["views_seconds"] > 0
+    assert 0 <= ahead_stats["views_wait_seconds"] < ahead_stats["loop_seconds"]
     assert [s for s, _ in plain_losses] == list(range(5)) and ahead_losses == plain_losses
     assert torch.equal(ahead, plain)
     # the checkpoints hold the same random stream (no seed drawn ahead of one)

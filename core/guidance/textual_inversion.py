@@ -370,7 +370,8 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     new row, its AdamW moments and step count, the random stream; a few kB) and resumed from when it
     holds the same `digest` (of the settings) and token: a run stopped and started again ends with
     the row an uninterrupted one learns. `stats`, when given, gets steps_run, resumed_from and
-    loop_seconds (over every run of this checkpoint)."""
+    loop_seconds (over every run of this checkpoint), and with `prefetch` views_seconds (the thread's
+    making them) and views_wait_seconds (the loop's waiting for them), this run's."""
     from tqdm import tqdm
 
     from core.guidance.sd import compile_vae_moments, encode_images, inductor_kwargs, latent_shape, vae_moments
@@ -447,9 +448,16 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             done.record(side)
         return images, done
 
+    # prefetch: the thread's seconds making views (its host's, the interpreter's lock included) and
+    # this thread's seconds waiting for them: a step held up by its views shows here (stats)
+    views_clock = {"views_seconds": 0.0, "views_wait_seconds": 0.0}
+
     def made_ahead(n: int, seed: int):
+        t0 = time.perf_counter()
         with scope("lift3d.ti.augment"):
-            return make(n, seed)
+            made = make(n, seed)
+        views_clock["views_seconds"] += time.perf_counter() - t0
+        return made
 
     def augmented(n: int) -> torch.Tensor:
         nonlocal ahead
@@ -458,7 +466,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
         if ahead is not None:
             (n_ahead, future), ahead = ahead, None
             assert n_ahead == n, (n_ahead, n)
+            t0 = time.perf_counter()
             images, done = future.result()
+            views_clock["views_wait_seconds"] += time.perf_counter() - t0
         else:
             images, done = make(n, released.draw_seed(gen))
         if done is not None:  # wait for these views only (not for a next batch's on the side stream)
@@ -563,7 +573,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
             pool.shutdown(wait=True)
     if stats is not None:
         stats.update(steps_run=max(0, steps - start), resumed_from=start, loop_seconds_before=before,
-                     loop_seconds=elapsed)
+                     loop_seconds=elapsed, **(views_clock if pool is not None else {}))
     emb_weight.requires_grad_(False)
     te.eval()
     learned = {token: emb_weight[token_id].detach().float().cpu().clone()}
