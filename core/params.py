@@ -426,11 +426,14 @@ class TextualInversionParams(_Section):
     # H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, 80–150 s of compiling.
     # graphs: the same kernels, each batch size's micro-batch (forward and backward) replayed as one
     # CUDA graph (the same numbers, tests/test_gpu_backends.py); the host then queues a step in a few
-    # copies and one launch
-    compile: Literal["none", "default", "graphs"] = "graphs"
+    # copies and one launch. H200 (session 30): 40-step runs 151.7 → 141.1 ms a step, but the 3,000
+    # steps' steady step 146.7 ms (session 29 without: 147.4), the card at its power cap; 4 GiB more
+    # held by the graphs' pools: opt-in
+    compile: Literal["none", "default", "graphs"] = "default"
     # the compiled graphs' layout: Inductor's choice (NCHW here, each convolution's input converted to
     # NHWC and back by cuDNN) or channels-last throughout (the same arithmetic); no effect uncompiled.
-    # H200 (reports/speed, session 29): ~13 ms less of kernels a step, 1.2 GiB more
+    # H200 (reports/speed, sessions 29–30): ~13 ms less of kernels a step (profiled), 1.2 GiB more, and
+    # no faster a step graphed or not (154.9 against 155.0 ms): opt-in
     layout: Literal["auto", "channels_last"] = "auto"
     # GPU: the host queues a step while the GPU runs the one before (the augmentation on a stream of
     # its own, the loss read back a step late); the same numbers (tests/test_gpu_backends.py), 3–9%

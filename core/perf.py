@@ -72,7 +72,7 @@ class GraphedCall:
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             if not args[0].is_cuda:
                 return self.fn(*args)
-            key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+            key = self._key(args)
             with torch.cuda.device(args[0].device):  # capture and replay on the inputs' GPU
                 entry = self.graphs.get(key)
                 if entry is None:  # its warm-ups and capture are no step's time (SCOPE_TIMES)
@@ -83,6 +83,14 @@ class GraphedCall:
                     buf.copy_(a)
                 graph.replay()
             return out
+
+    def ready(self, *args: torch.Tensor) -> bool:
+        """Whether a call with `args` replays a graph captured before (no warm-ups, no capture)."""
+        return self._key(args) in self.graphs
+
+    @staticmethod
+    def _key(args) -> tuple:
+        return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
 
     def _capture(self, args):
         """Warm `fn` up on a side stream with copies of `args`, then capture it: (graph, inputs, outputs)."""

@@ -212,6 +212,7 @@ def test_graphed_call_with_gradients_replays_each_calls_backward():
     graphed = GraphedCall(fn, warmup=2, grad=True)
     for k in range(4):
         x = torch.randn(8, 4, device=DEVICE)
+        assert graphed.ready(x) == (k > 0)
         (la, ga), (lb, gb) = graphed(x), fn(x)
         assert torch.allclose(la, lb) and torch.allclose(ga, gb, atol=1e-6), k
         with torch.no_grad():

@@ -525,7 +525,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
                 ahead = (n_next, pool.submit(made_ahead, n_next, released.draw_seed(gen)))
             ids = to_device(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                                 return_tensors="pt").input_ids, device)
-            with scope("lift3d.ti.graph") if graphed else contextlib.nullcontext():  # the scopes inside ran at its capture
+            # a replay is one scope (those inside ran at its capture); a capture is no step's time
+            replay = graphed and micro_step.ready(images, eps, noise, t, ids)
+            with scope("lift3d.ti.graph") if replay else contextlib.nullcontext():
                 loss, g = micro_step(images, eps, noise, t, ids)
             total += loss / gradient_accumulation
             # summed as the engine accumulates .grad; a graph's gradient is overwritten by its next replay
