@@ -349,22 +349,18 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also torch.profiler's table of N steps of each variant, to OUT_profile_NAME.txt")
     a = ap.parse_args(argv)
-    if a.plot:
-        src, png = a.plot
+    drawn = ((a.plot, lambda src, png: plot(json.loads(src.read_text()), png)) if a.plot
+             else (a.plot_clocks, plot_clocks) if a.plot_clocks else None)
+    if drawn is not None:  # only a drawing of a saved result or clock log
+        (src, png), draw = drawn
         if not src.is_file():
             print(f"ti_speed.py: {src} not found", file=sys.stderr)
             return 2
-        print(f"wrote {plot(json.loads(src.read_text()), png)}")
-        return 0
-    if a.plot_clocks:
-        src, png = a.plot_clocks
-        if not src.is_file():
-            print(f"ti_speed.py: {src} not found", file=sys.stderr)
-            return 2
-        print(f"wrote {plot_clocks(src, png)}")
+        print(f"wrote {draw(src, png)}")
         return 0
     if a.models_dir is None or a.out is None:
-        print("ti_speed.py: --models-dir and --out are needed (or --plot FILE.json OUT.png)", file=sys.stderr)
+        print("ti_speed.py: --models-dir and --out are needed (or --plot FILE.json OUT.png, --plot-clocks CSV OUT.png)",
+              file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("ti_speed.py: needs a CUDA device", file=sys.stderr)

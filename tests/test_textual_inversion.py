@@ -61,7 +61,9 @@ def test_learn_token_trains_only_its_row_and_saves_the_benchmark_format(tmp_path
     learned = learn_token(parts, rgb, mask, token="<e>", initializer="object", steps=3, lr=5e-2, batch_size=2,
                           resolution=64, seed=0, out=out, callback=lambda s, l: losses.append(l))
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    after = parts.text_encoder.get_input_embeddings().weight.detach()
+    weight = parts.text_encoder.get_input_embeddings().weight
+    assert weight.grad is None and not weight.requires_grad  # no gradient kept for the stages after it
+    after = weight.detach()
     tid = parts.tokenizer.convert_tokens_to_ids("<e>")
     assert tid == before.shape[0]  # a new row
     assert torch.equal(after[:tid], before)  # every other row is unchanged

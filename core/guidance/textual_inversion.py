@@ -576,6 +576,9 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     if stats is not None:
         stats.update(steps_run=max(0, steps - start), resumed_from=start, loop_seconds_before=before,
                      loop_seconds=elapsed, **(views_clock if pool is not None else {}))
+    # the last step's gradient (the vocabulary's rows: 152 MB at SD's size, in a graph's pool when graphed)
+    # is not kept through the stages after this one
+    emb_weight.grad = None
     emb_weight.requires_grad_(False)
     te.eval()
     learned = {token: emb_weight[token_id].detach().float().cpu().clone()}
