@@ -213,6 +213,120 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
+# The card's clocks while a stage runs (issue 15, session 30: the textual inversion's step held by the
+# H200's power cap, not by its host): nvidia-smi's samples, read back as rows and summed up.
+SMI_QUERY = "timestamp,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active"
+SW_POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap: the clocks held down to keep to the power limit
+
+
+def smi_id(device) -> Optional[str]:
+    """nvidia-smi's name ('GPU-' and the UUID) of a CUDA device, whatever CUDA_VISIBLE_DEVICES makes of
+    its index; None off a GPU."""
+    import uuid
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return f"GPU-{uuid.UUID(bytes=bytes(torch.cuda.get_device_properties(device).uuid.bytes))}"
+
+
+class GpuClocks:
+    """nvidia-smi's SM clock, power draw, utilisation and clock-event reasons of `device`, every
+    `every_ms`, while the block runs (a process of its own: no Python of this one's); after it
+    `rows` (read_smi) and `summary` (clock_summary), both None off a GPU, without nvidia-smi, or
+    when it gave nothing (an older driver, which names the reasons otherwise). The CSV is kept at
+    `path` when given."""
+
+    def __init__(self, device, path: Optional[Path] = None, every_ms: int = 250):
+        self.device, self.path, self.every_ms = torch.device(device), path, int(every_ms)
+        self.rows: Optional[list] = None
+        self.summary: Optional[dict] = None
+        self._proc = None
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+        import tempfile
+
+        gpu = smi_id(self.device)
+        exe = shutil.which("nvidia-smi")
+        if gpu is None or exe is None:
+            return self
+        if self.path is None:
+            self._tmp = tempfile.NamedTemporaryFile(prefix="lift3d-clocks-", suffix=".csv", delete=False)
+            self._tmp.close()
+            self.path = Path(self._tmp.name)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = self.path.open("w")
+        try:
+            self._proc = subprocess.Popen([exe, f"--query-gpu={SMI_QUERY}", "--format=csv", f"-lms={self.every_ms}",
+                                           "-i", gpu], stdout=self._out, stderr=subprocess.DEVNULL)
+        except OSError:
+            self._out.close()
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return False
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - a sampler that will not stop must not fail the stage
+            self._proc.kill()
+        self._out.close()
+        try:
+            self.rows = read_smi(self.path)
+        except (OSError, ValueError, StopIteration):  # nothing, or not the query's columns
+            self.rows = None
+        self.summary = clock_summary(self.rows) if self.rows else None
+        if getattr(self, "_tmp", None) is not None:
+            self.path.unlink(missing_ok=True)
+        return False
+
+
+def read_smi(path: Path) -> list[dict]:
+    """nvidia-smi's --format=csv log → rows of t (s from the first), sm_mhz, power_w, util (%), reasons
+    (the clock-event bits), by the header's names (any other columns are ignored)."""
+    import csv
+    from datetime import datetime
+
+    def number(v: str) -> float:
+        return float(v.strip().split()[0])
+
+    with Path(path).open() as f:
+        rows = [[c.strip() for c in r] for r in csv.reader(f) if r]
+    if not rows:
+        return []
+    head, rows = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
+    col = {name: next(i for i, h in enumerate(head) if h.split(" [")[0] in names)
+           for name, names in (("t", ("timestamp",)), ("sm_mhz", ("clocks.current.sm", "clocks.sm")),
+                               ("power_w", ("power.draw",)), ("util", ("utilization.gpu",)),
+                               ("reasons", ("clocks_event_reasons.active", "clocks_throttle_reasons.active")))}
+    out = []
+    for r in rows:
+        t = datetime.strptime(r[col["t"]], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        out.append({"t": t, "sm_mhz": number(r[col["sm_mhz"]]), "power_w": number(r[col["power_w"]]),
+                    "util": number(r[col["util"]]), "reasons": int(r[col["reasons"]], 16)})
+    t0 = out[0]["t"] if out else 0.0
+    for o in out:
+        o["t"] = round(o["t"] - t0, 3)
+    return out
+
+
+def clock_summary(rows: list[dict], busy: float = 50.0) -> dict:
+    """What the card did while busy (utilisation ≥ `busy` %): samples, the median SM clock, power and
+    utilisation, and the share of those samples with the power cap holding the clocks down."""
+    import statistics
+
+    on = [r for r in rows if r["util"] >= busy]
+    if not on:
+        return {"busy_samples": 0}
+    return {"busy_samples": len(on), "sm_mhz_median": statistics.median(r["sm_mhz"] for r in on),
+            "power_w_median": round(statistics.median(r["power_w"] for r in on), 1),
+            "util_median": statistics.median(r["util"] for r in on),
+            "power_capped_share": round(sum(bool(r["reasons"] & SW_POWER_CAP) for r in on) / len(on), 3)}
+
+
 # Where a step's time goes. Each part of a step runs in a named scope: a torch.profiler range, and
 # when SCOPE_TIMES is a dict (bench speed --profile sets it), also timed with the device synchronised
 # around it, so that a run's seconds per part add up without the profiler's overhead.

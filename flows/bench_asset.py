@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from core.io import atomic_write_text
-from core.perf import SyncAudit
+from core.perf import GpuClocks, SyncAudit
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
@@ -49,15 +49,17 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
 
 
 class _Stage:
-    """Wall time and peak GPU memory of one stage."""
+    """Wall time, peak GPU memory and the card's clocks (core.perf.GpuClocks) of one stage."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.clocks = GpuClocks(device)
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.clocks.__enter__()
         self.t0 = time.perf_counter()
         return self
 
@@ -68,7 +70,12 @@ class _Stage:
         else:
             self.peak_gib = None
         self.wall_s = round(time.perf_counter() - self.t0, 2)
+        self.clocks.__exit__(*exc)
         return False
+
+    def record(self) -> dict[str, Any]:
+        """What the stage's record takes from here besides its times: the clocks' summary, where sampled."""
+        return {"clocks": self.clocks.summary} if self.clocks.summary else {}
 
 
 class _Profile:
@@ -344,7 +351,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                                  # steady: the second half, past any compiling
                                                  **timing(loop_s, n, marks, max(resumed_from, n // 2)),
                                                  "outside_loop_s": round(st.wall_s - this_loop, 2),
-                                                 "peak_gib": st.peak_gib}
+                                                 "peak_gib": st.peak_gib, **st.record()}
         if resumed_from:
             result["stages"]["textual_inversion"]["resumed_from"] = resumed_from
         if profile_steps:
@@ -376,7 +383,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                   "outside_loop_s": round(st.wall_s - loop_s, 2), "peak_gib": st.peak_gib,
                                   # of which writing the stage's outputs (renders; the fine stage's export)
                                   "outputs_s": round(float(record.get("outputs_seconds") or 0.0), 2),
-                                  **trace_workload(out / name / "trace.csv", max(warmup, steps // 2))}
+                                  **trace_workload(out / name / "trace.csv", max(warmup, steps // 2)),
+                                  **st.record()}
         if metrics_callback:  # every iteration's metrics reached the callback
             result["stages"][name]["callback_iterations"] = len(seen)
         save()
@@ -503,6 +511,12 @@ def format_asset_table(r: dict[str, Any]) -> str:
         if s.get("samples_steady_median") is not None:
             lines.append(f"{name}: {s['samples_steady_median']:,} samples evaluated a render over the steady "
                          f"iterations (median; {s['samples_last']:,} at the end)")
+    for name, s in r["stages"].items():
+        c = s.get("clocks") or {}
+        if c.get("busy_samples"):
+            lines.append(f"{name}: while the GPU was busy, SM {c['sm_mhz_median']:.0f} MHz and {c['power_w_median']:.0f} W "
+                         f"(medians), the power cap holding the clocks in {100 * c['power_capped_share']:.0f}% of "
+                         f"{c['busy_samples']} samples")
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))

@@ -6,13 +6,13 @@ optimiser; timed with the device synchronised around each part), and peak memory
         [--variant NAME=KEY=VALUE,KEY=VALUE ...]
     python scripts/ti_speed.py --plot FILE.json OUT.png   # the parts of a step by variant, as bars
     python scripts/ti_speed.py --models-dir DIR --out FILE.json --flops --variant …   # + the floor
-    python scripts/ti_speed.py --models-dir DIR --out FILE.json --clocks --variant …  # + the card's clocks
+    python scripts/ti_speed.py --models-dir DIR --out FILE.json --clocks --variant …  # + the clocks' log
     python scripts/ti_speed.py --plot-clocks CLOCKS.csv OUT.png   # a --clocks log over time
 
-`--clocks` samples nvidia-smi (SM clock, power draw, utilisation, clock-event reasons) every 250 ms
-while each variant's steps run, to OUT_clocks_NAME.csv, and records what it saw while the GPU was
-busy: the median SM clock and power, and the share of samples the driver held the clocks down for
-the power cap. A step that no host-side change moves is the card's (session 30: 93–100% busy at
+Each variant's record has the card's clocks while its steps ran (core.perf.GpuClocks: nvidia-smi's SM
+clock, power draw, utilisation and clock-event reasons every 250 ms; while the GPU was busy, the
+median clock and power and the share of samples the driver held the clocks down for the power cap);
+`--clocks` keeps the samples, OUT_clocks_NAME.csv. A step that no host-side change moves is the card's (session 30: 93–100% busy at
 its 700 W cap, the SM clock 1770–1965 of 1980 MHz).
 
 `--flops` also counts the step's floating-point work part by part (torch.utils.flop_counter: the
@@ -74,76 +74,14 @@ def fixed_views(on: bool):
         ReleasedAugment.views = original
 
 
-SMI_QUERY = "timestamp,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active"
-SW_POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap: the clocks held down to keep to the power limit
-
-
-@contextlib.contextmanager
-def smi_samples(path: Path | None, every_ms: int = 250):
-    """nvidia-smi's samples of SMI_QUERY every `every_ms` into `path` (its CSV) while the block runs;
-    nothing where `path` is None or nvidia-smi is missing."""
-    import shutil
-    import subprocess
-
-    if path is None or shutil.which("nvidia-smi") is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv", f"-lms={every_ms}"],
-                                stdout=f, stderr=subprocess.DEVNULL)
-        try:
-            yield
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
-def read_smi(path: Path) -> list[dict]:
-    """nvidia-smi's --format=csv log → rows of t (s from the first), sm_mhz, power_w, util (%), reasons
-    (the clock-event bits), by the header's names (any other columns are ignored)."""
-    import csv
-    from datetime import datetime
-
-    def number(v: str) -> float:
-        return float(v.strip().split()[0])
-
-    with path.open() as f:
-        rows = [[c.strip() for c in r] for r in csv.reader(f) if r]
-    head, rows = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]
-    col = {name: next(i for i, h in enumerate(head) if h.split(" [")[0] in names)
-           for name, names in (("t", ("timestamp",)), ("sm_mhz", ("clocks.current.sm", "clocks.sm")),
-                               ("power_w", ("power.draw",)), ("util", ("utilization.gpu",)),
-                               ("reasons", ("clocks_event_reasons.active", "clocks_throttle_reasons.active")))}
-    out = []
-    for r in rows:
-        t = datetime.strptime(r[col["t"]], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-        out.append({"t": t, "sm_mhz": number(r[col["sm_mhz"]]), "power_w": number(r[col["power_w"]]),
-                    "util": number(r[col["util"]]), "reasons": int(r[col["reasons"]], 16)})
-    t0 = out[0]["t"] if out else 0.0
-    for o in out:
-        o["t"] = round(o["t"] - t0, 3)
-    return out
-
-
-def clock_summary(rows: list[dict], busy: float = 50.0) -> dict:
-    """What the card did while busy (utilisation ≥ `busy` %): samples, the median SM clock, power and
-    utilisation, and the share of those samples with the power cap holding the clocks down."""
-    on = [r for r in rows if r["util"] >= busy]
-    if not on:
-        return {"busy_samples": 0}
-    return {"busy_samples": len(on), "sm_mhz_median": statistics.median(r["sm_mhz"] for r in on),
-            "power_w_median": round(statistics.median(r["power_w"] for r in on), 1),
-            "util_median": statistics.median(r["util"] for r in on),
-            "power_capped_share": round(sum(bool(r["reasons"] & SW_POWER_CAP) for r in on) / len(on), 3)}
-
-
 def plot_clocks(csv_path: Path, png: Path) -> Path:
     """The SM clock, power draw and utilisation over a --clocks log, the power cap's samples marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from core.perf import SW_POWER_CAP, clock_summary, read_smi
 
     rows = read_smi(csv_path)
     t = [r["t"] for r in rows]
@@ -197,7 +135,7 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     stats: dict = {}
-    with fixed_views(fixed), smi_samples(clocks_path):
+    with fixed_views(fixed), perf.GpuClocks(device, clocks_path) as clocks:
         learn_token_from_params(parts, rgb, mask, p, progress=False, stats=stats,
                                 callback=lambda s, loss: stamps.append(time.perf_counter()))
     first_s = time.perf_counter() - t0
@@ -211,8 +149,8 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
            # what the allocator held at most: CUDA graphs keep their pools reserved between replays
            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 2)
            if device.type == "cuda" else None}
-    if clocks_path is not None and clocks_path.is_file():
-        rec["clocks"] = {"csv": str(clocks_path), **clock_summary(read_smi(clocks_path))}
+    if clocks.summary is not None:  # the card's clocks while it ran (the CSV kept with --clocks)
+        rec["clocks"] = {**({"csv": str(clocks_path)} if clocks_path is not None else {}), **clocks.summary}
     if "views_seconds" in stats:  # prefetch: the views' thread per batch made, the loop's wait for them per step
         rec["views_ms_per_batch"] = round(1000 * stats["views_seconds"] / max(1, steps - 1), 1)
         rec["views_wait_ms_per_step"] = round(1000 * stats["views_wait_seconds"] / max(1, steps - 1), 1)
@@ -339,7 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-clocks", nargs=2, type=Path, metavar=("CLOCKS.csv", "OUT.png"),
                     help="only draw a --clocks log (nvidia-smi's CSV) into OUT.png")
     ap.add_argument("--clocks", action="store_true",
-                    help="also sample nvidia-smi while each variant runs, to OUT_clocks_NAME.csv")
+                    help="keep nvidia-smi's samples of each variant's run, to OUT_clocks_NAME.csv")
     ap.add_argument("--models-dir", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--steps", type=int, default=40)

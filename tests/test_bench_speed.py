@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -136,6 +137,13 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
     assert (tmp_path / "textual_inversion" / "learned_embeds.bin").is_file()
     assert any((tmp_path / "fine").glob("*.glb"))
     assert "whole asset:" in format_asset_table(r)
+    # the card's clocks: none sampled off a GPU; a GPU's stage record (core.perf.GpuClocks) gets a line
+    assert not any("clocks" in s for s in saved["stages"].values()) and "power cap" not in format_asset_table(r)
+    clocked = {**r, "stages": {**r["stages"], "textual_inversion": {**ti, "clocks": {
+        "busy_samples": 54, "sm_mhz_median": 1912.5, "power_w_median": 647.0, "util_median": 95.0,
+        "power_capped_share": 0.944}}}}
+    assert ("textual_inversion: while the GPU was busy, SM 1912 MHz and 647 W (medians), the power cap holding the "
+            "clocks in 94% of 54 samples") in format_asset_table(clocked)
     with pytest.raises(InputError, match="--metrics-callback and --profile go apart"):
         run_asset_bench(p, torch.device("cpu"), tmp_path / "both", tiny=True, progress=False, profile_steps=2,
                         metrics_callback=True)
@@ -458,3 +466,66 @@ def test_kernel_time_is_charged_once_to_the_scope_open_when_its_launcher_began()
               ev("aten::copy_", 2500, 2600, [100]), ev("k", 0, 5000, [], DeviceType.CUDA)]
     assert kernel_ms_by_scope(events, steps=2) == {"lift3d.b": 1.0, "lift3d.inner": 0.5, "lift3d.a": 0.5,
                                                    "(outside the scopes)": 0.05}
+
+
+def _smi_csv(path, reasons_header="clocks_event_reasons.active"):
+    """A log in nvidia-smi's --format=csv: units in the values, the clock-event reasons in hex."""
+    rows = [("05:02:11.188", 345, 78.9, 0, 0x1), ("05:02:11.438", 1980, 120.5, 60, 0x0),
+            ("05:02:11.688", 1800, 650.0, 100, 0x4), ("05:02:11.938", 1830, 655.0, 99, 0x4),
+            ("05:02:12.188", 1980, 300.0, 95, 0x0), ("05:02:12.438", 345, 80.0, 0, 0x1)]
+    path.write_text(f"timestamp, clocks.current.sm [MHz], power.draw [W], utilization.gpu [%], {reasons_header}\n" +
+                    "".join(f"2026/12/01 {t}, {mhz} MHz, {w:.2f} W, {u} %, 0x{r:016x}\n" for t, mhz, w, u, r in rows))
+    return path
+
+
+def test_clock_logs_are_read_by_their_header_and_summed_over_the_busy_samples(tmp_path):
+    """core.perf.read_smi / clock_summary: columns found by name (the older driver's name for the
+    reasons too); only the busy samples count, and the power cap's bit (0x4) gives the share of them
+    it held the clocks down. Session 30's H200 log: the textual inversion's 80 steps power-capped."""
+    from core.perf import clock_summary, read_smi
+
+    for name in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
+        read = read_smi(_smi_csv(tmp_path / "log.csv", name))
+        assert [r["t"] for r in read] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25] and read[2]["reasons"] == 4
+        assert clock_summary(read) == {"busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0,
+                                       "util_median": 97.0, "power_capped_share": 0.5}
+    assert clock_summary(read, busy=101) == {"busy_samples": 0}
+    h200 = clock_summary(read_smi(Path(__file__).parent.parent / "reports" / "speed" / "h200_ti_s30_clocks.csv"))
+    assert h200["power_capped_share"] > 0.9 and 1700 < h200["sm_mhz_median"] < 1980
+
+
+def test_gpu_clocks_samples_its_device_by_uuid_and_gives_nothing_without_a_gpu(tmp_path, monkeypatch):
+    """core.perf.GpuClocks runs nvidia-smi for its device's UUID (whatever CUDA_VISIBLE_DEVICES makes of
+    the index) with the query read_smi reads, and sums up what it wrote; off a GPU it starts nothing.
+    Here a stand-in nvidia-smi on PATH writes a log and the arguments it was given."""
+    import stat
+
+    from core import perf
+
+    args = tmp_path / "args.txt"
+    log = _smi_csv(tmp_path / "canned.csv")
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {args}\ncat {log}\nexec sleep 30\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+
+    with perf.GpuClocks("cpu") as off:
+        pass
+    assert off.rows is None and off.summary is None and not args.exists()
+
+    monkeypatch.setattr(perf, "smi_id", lambda device: "GPU-0c2a")
+    with perf.GpuClocks("cpu", tmp_path / "kept.csv", every_ms=100) as on:
+        for _ in range(100):  # until the stand-in has written its log
+            if (tmp_path / "kept.csv").exists() and (tmp_path / "kept.csv").read_text().count("\n") >= 7:
+                break
+            time.sleep(0.05)
+    assert args.read_text().split() == [f"--query-gpu={perf.SMI_QUERY}", "--format=csv", "-lms=100", "-i", "GPU-0c2a"]
+    assert on.summary == {"busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0, "util_median": 97.0,
+                          "power_capped_share": 0.5}
+    with perf.GpuClocks("cpu") as temporary:  # no path: a temporary log, removed afterwards
+        for _ in range(100):
+            if temporary.path is not None and temporary.path.exists() and temporary.path.read_text().count("\n") >= 7:
+                break
+            time.sleep(0.05)
+    assert temporary.summary is not None and not temporary.path.exists()

@@ -227,28 +227,19 @@ def test_ti_speed_plots_its_variants_and_says_what_is_missing(tmp_path):
     assert run()[0] == 2 and not (tmp_path / "x.png").exists()
 
 
-def test_ti_speed_reads_nvidia_smis_clock_log_and_plots_it(tmp_path):
-    """ti_speed.read_smi / clock_summary / --plot-clocks on a log in nvidia-smi's --format=csv (units in
-    the values, the clock-event reasons in hex; the older header's name for them too): only the busy
-    samples count, and the power cap's bit (0x4) gives the share of them it held the clocks down."""
+def test_ti_speed_plots_a_clock_log(tmp_path):
+    """scripts/ti_speed.py --plot-clocks: nvidia-smi's CSV (core.perf.GpuClocks's, session 30's) → a PNG;
+    a missing log is one line, exit 2."""
     import subprocess
 
-    ti_speed = load("ti_speed")
-    rows = [("05:02:11.188", 345, 78.9, 0, 0x1), ("05:02:11.438", 1980, 120.5, 60, 0x0),
-            ("05:02:11.688", 1800, 650.0, 100, 0x4), ("05:02:11.938", 1830, 655.0, 99, 0x4),
-            ("05:02:12.188", 1980, 300.0, 95, 0x0), ("05:02:12.438", 345, 80.0, 0, 0x1)]
-    for name, reasons in (("new", "clocks_event_reasons.active"), ("old", "clocks_throttle_reasons.active")):
-        log = tmp_path / f"{name}.csv"
-        log.write_text(f"timestamp, clocks.current.sm [MHz], power.draw [W], utilization.gpu [%], {reasons}\n" + "".join(
-            f"2026/12/01 {t}, {mhz} MHz, {w:.2f} W, {u} %, 0x{r:016x}\n" for t, mhz, w, u, r in rows))
-        read = ti_speed.read_smi(log)
-        assert [r["t"] for r in read] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25] and read[2]["reasons"] == 4
-        assert ti_speed.clock_summary(read) == {"busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0,
-                                                "util_median": 97.0, "power_capped_share": 0.5}
-    assert ti_speed.clock_summary(read, busy=101) == {"busy_samples": 0}
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ti_speed.py"), "--plot-clocks", str(log),
-                        str(tmp_path / "clocks.png")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and (tmp_path / "clocks.png").stat().st_size > 5000
+    def run(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ti_speed.py"), "--plot-clocks", *map(str, args)],
+                           capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    assert run(ROOT / "reports" / "speed" / "h200_ti_s30_clocks.csv", tmp_path / "c.png")[0] == 0
+    assert (tmp_path / "c.png").stat().st_size > 5000
+    assert run(tmp_path / "none.csv", tmp_path / "x.png") == (2, [f"ti_speed.py: {tmp_path / 'none.csv'} not found"])
 
 
 def test_vae_bench_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
