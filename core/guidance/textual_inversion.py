@@ -206,10 +206,11 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """torchvision's `_hsv2rgb` (its `adjust_hue`'s way back to RGB) to the bit, but for its last step:
     each pixel's sextant i picks its (r, g, b) from six candidates, which torchvision writes as an
     einsum of the one-hot sextant mask with the candidates. On a GPU that einsum is a batched
-    matrix-vector product, a 1 × 6 by 6 × 3 product a pixel (cuBLAS's `gemv2N`): ~45 launches and
-    3.5–4.7 ms of the card a batch of 16 views at 512² (reports/speed, session 30). Here it is the
-    gather it amounts to. The einsum's sum adds ±0s to the picked value,
-    which is exact, and leaves a picked −0 as +0, as the `+ 0.0` does here: the same bits."""
+    matrix-vector product, a 1 × 6 by 6 × 3 product a pixel (cuBLAS's `gemv2N`; most likely the ~45
+    launches and 3.5–4.7 ms of the card a batch of 16 views at 512² in session 29's profiles:
+    reports/speed, session 30). Here it is the gather it amounts to. The einsum's sum adds ±0s to
+    the picked value, which is exact, and leaves a picked −0 as +0, as the `+ 0.0` does here: the
+    same bits."""
     h, s, v = hsv.unbind(dim=-3)
     sector = torch.floor(h * 6.0)
     frac = (h * 6.0) - sector
