@@ -241,9 +241,10 @@ class GpuClocks:
         self.device, self.path, self.every_ms = torch.device(device), path, int(every_ms)
         self.rows: Optional[list] = None
         self.summary: Optional[dict] = None
-        self._proc = None
+        self._proc, self._temporary = None, path is None
 
     def __enter__(self):
+        import os
         import shutil
         import subprocess
         import tempfile
@@ -252,10 +253,10 @@ class GpuClocks:
         exe = shutil.which("nvidia-smi")
         if gpu is None or exe is None:
             return self
-        if self.path is None:
-            self._tmp = tempfile.NamedTemporaryFile(prefix="lift3d-clocks-", suffix=".csv", delete=False)
-            self._tmp.close()
-            self.path = Path(self._tmp.name)
+        if self._temporary:
+            fd, name = tempfile.mkstemp(prefix="lift3d-clocks-", suffix=".csv")
+            os.close(fd)
+            self.path = Path(name)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._out = self.path.open("w")
         try:
@@ -279,7 +280,7 @@ class GpuClocks:
         except (OSError, ValueError, StopIteration):  # nothing, or not the query's columns
             self.rows = None
         self.summary = clock_summary(self.rows) if self.rows else None
-        if getattr(self, "_tmp", None) is not None:
+        if self._temporary:
             self.path.unlink(missing_ok=True)
         return False
 
@@ -354,9 +355,9 @@ class scope:
     def __enter__(self):
         self.rf = torch.profiler.record_function(self.name)
         self.rf.__enter__()
-        # not timed while a CUDA graph is captured: nothing runs then (and a sync would end the capture);
-        # nor in a graph's warm-ups (`untimed`): they are not a step's time
-        self.timed = SCOPE_TIMES is not None and not getattr(_UNTIMED, "on", False) and not _capturing()
+        # not timed in a CUDA graph's warm-ups and capture (`untimed`): they are no step's time, and a
+        # sync would end the capture
+        self.timed = SCOPE_TIMES is not None and not getattr(_UNTIMED, "on", False)
         if self.timed:
             _device_sync()
             self.t0 = time.perf_counter()
@@ -639,11 +640,6 @@ def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 20) -> 
     if cuda:
         torch.cuda.synchronize(device)
     return float(f"{2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e12:.4g}")
-
-
-def _capturing() -> bool:
-    """Whether this thread's current CUDA stream is being captured into a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _device_sync() -> None:

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch._inductor.config  # noqa: F401 - ti_speed.force_layout_opt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -117,9 +116,7 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     # a diagnostic, not a setting: `ti_speed.fixed_views=true` reuses each batch size's first views (the
     # random stream drawn as usual), so a step costs what it would if the augmentation were free
     fixed = "ti_speed.fixed_views=true" in sets
-    # another diagnostic: `ti_speed.force_layout_opt=true` has Inductor lay the compiled graphs out
-    # channels-last whatever its heuristics say (torch._inductor.config.force_layout_optimization)
-    torch._inductor.config.force_layout_optimization = "ti_speed.force_layout_opt=true" in sets
+    # (session 29's `ti_speed.force_layout_opt` diagnostic is now the setting textual_inversion.layout)
     sets = [s for s in sets if not s.startswith("ti_speed.")]
     rgb = torch.ones(3, 512, 512)
     rgb[:, 128:384, 160:352] = torch.tensor([0.7, 0.3, 0.2])[:, None, None]
@@ -140,8 +137,7 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
                                 callback=lambda s, loss: stamps.append(time.perf_counter()))
     first_s = time.perf_counter() - t0
     per_step = [1000 * (b - a) for a, b in zip(stamps[steps // 2:], stamps[steps // 2 + 1:])]
-    diag = ["ti_speed.fixed_views=true"] * fixed + ["ti_speed.force_layout_opt=true"] * bool(
-        torch._inductor.config.force_layout_optimization)
+    diag = ["ti_speed.fixed_views=true"] * fixed
     rec = {"sets": sets + diag, "steps": steps, "seconds": round(first_s, 1),
            "ms_per_step_steady": round(statistics.median(per_step), 1),
            "ms_per_step_mean_2nd_half": round(statistics.fmean(per_step), 1),

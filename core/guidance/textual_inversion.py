@@ -563,8 +563,7 @@ def learn_token(parts: Any, rgb: torch.Tensor, mask: Optional[torch.Tensor] = No
     def one_step(step: int) -> torch.Tensor:
         """Queue one optimiser step; its loss (a device scalar, the mean over accumulation)."""
         nonlocal micro, ahead
-        opt.zero_grad(set_to_none=True)
-        total, grad = torch.zeros((), device=device), None
+        total, grad = torch.zeros((), device=device), None  # the row's gradient, set on it for the step
         for k in range(gradient_accumulation):
             n = batch_size_at(micro, batch_size, repeats)
             micro += 1
