@@ -245,3 +245,27 @@ def test_the_hue_without_its_einsum_is_torchvisions_to_the_bit():
     with Products():
         TF.adjust_hue(img, 0.04)
     assert Products.n > 0  # torchvision's runs one: the check above can see it
+
+
+def test_rotation_grid_by_multiply_adds_is_the_fp64_product():
+    """The GPU's rotation grid (core.guidance.textual_inversion._grid_fp64: two multiply-adds over
+    the pixels in place of an fp64 matrix product) rounds to the fp32 grid the product gives, at the
+    released sizes (640² before the crop, the views' 512²) and angles across RandomRotation's ±10°,
+    tiny ones included (where the two products' sum stops being exact in fp64)."""
+    import torchvision.transforms.functional as TF
+
+    from core.guidance.textual_inversion import _base_grid, _grid_fp64
+
+    gen = torch.Generator().manual_seed(0)
+    angles = [0.0, 1e-9, -3e-7, 1e-4, 10.0, -10.0] + (torch.rand(24, generator=gen) * 20 - 10).tolist()
+    fp32_differs = 0  # the check can fail: an fp32 product of the same grid differs at most angles
+    for h, w in [(640, 640), (512, 512), (48, 40)]:
+        base = _base_grid(h, w, torch.float64, torch.device("cpu"))
+        for angle in angles:
+            matrix = TF._get_inverse_affine_matrix([0.0, 0.0], -angle, [0.0, 0.0], 1.0, [0.0, 0.0])
+            theta = torch.tensor(matrix, dtype=torch.float32).reshape(1, 2, 3).transpose(1, 2)
+            theta = (theta / torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)).double()
+            by_product = base.bmm(theta).float()
+            assert torch.equal(_grid_fp64(base, theta).float(), by_product), (h, w, angle)
+            fp32_differs += not torch.equal(by_product, base.float().bmm(theta.float()))
+    assert fp32_differs > len(angles)

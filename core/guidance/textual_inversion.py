@@ -153,6 +153,19 @@ def _base_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torc
     return _BASE_GRIDS[key]
 
 
+def _grid_fp64(base: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """`base.bmm(theta)` for the base grid (1, h·w, 3) and a (1, 3, 2) matrix, both fp64, as two
+    multiply-adds over the pixels: x·θ₀ + y·θ₁ + θ₂. cuBLAS runs the fp64 product (inner size 3,
+    outer 2) as a general matrix product, ~1 ms of a 16-view step in session 29's profiles; this is
+    two element-wise passes. The same numbers: each product of a half-integer pixel centre (≤ 11
+    bits) and an fp32 entry (24 bits) is exact in fp64, and so is their sum unless the two products'
+    magnitudes lie ~2¹⁸ apart (angles near 0), where the sum's last fp64 bit may differ, and then
+    the grid rounded to fp32 almost never does (tests/test_fidelity_textual_inversion.py: equal to
+    the product after that rounding, tiny angles included)."""
+    t = theta[0]
+    return torch.addcmul(t[2], base[0, :, :1], t[0]).addcmul_(base[0, :, 1:2], t[1])[None]
+
+
 def _rotation(degrees: float, fill: float):
     """torchvision's RandomRotation(degrees, fill=fill) for image tensors: the same draw of the angle
     and the same pixels, without its host syncs. torchvision makes the rotation's 2×3 matrix and the
@@ -184,8 +197,8 @@ def _rotation(degrees: float, fill: float):
             theta = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=img.dtype)
             if img.is_cuda:  # in fp64, rounded to fp32 once: no TF32 setting (the step's, read by the
                 # prefetch thread too) reaches it, and no process-wide switch is flipped here
-                grid = _base_grid(h, w, torch.float64, img.device).bmm(
-                    to_device(theta, img.device, torch.float64)).to(img.dtype).view(1, h, w, 2)
+                grid = _grid_fp64(_base_grid(h, w, torch.float64, img.device),
+                                  to_device(theta, img.device, torch.float64)).to(img.dtype).view(1, h, w, 2)
             else:  # torchvision's fp32 matmul (no TF32 setting reaches a CPU's)
                 grid = _base_grid(h, w, img.dtype, img.device).bmm(theta).view(1, h, w, 2)
             batch = img if img.dim() == 4 else img[None]
