@@ -421,15 +421,16 @@ class TextualInversionParams(_Section):
     vae_input: Literal["unit", "signed"] = "unit"
     placeholder: str = "<e>"
     initializer: str = "object"  # released: a word per object, given on the command line
-    # torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU, for the full
-    # batch (the epoch's short last batch runs eagerly: one shape to compile); no effect on a CPU.
-    # H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, 80–150 s of compiling.
+    # default: torch.compile of the step's VAE encoder and UNet (forward and backward) on a GPU, for
+    # the full batch (the epoch's short last batch runs eagerly: one shape to compile); no effect on a
+    # CPU. H200 (reports/speed, session 18): 214.6 → 163.2 ms a step on average, 80–150 s of compiling.
     # graphs: the same kernels, each batch size's micro-batch (forward and backward) replayed as one
     # CUDA graph (the same numbers, tests/test_gpu_backends.py); the host then queues a step in a few
-    # copies and one launch. H200 (session 30): 40-step runs 151.7 → 141.1 ms a step, but the 3,000
-    # steps' steady step 146.7 ms (session 29 without: 147.4), the card at its power cap; 4 GiB more
-    # held by the graphs' pools: opt-in
-    compile: Literal["none", "default", "graphs"] = "default"
+    # copies and one launch, and the short batch is graphed too. H200, one machine, default and graphs
+    # alternated 4 × 200 steps (session 31): 148.1 / 148.6 → 139.0 / 139.2 ms a step on average (the
+    # median step 153.6 → 151.9: the gain is mostly the short batch); ~4 GiB more held by the graphs'
+    # pools (18.8 GiB reserved at most, under the issue's 24 GB)
+    compile: Literal["none", "default", "graphs"] = "graphs"
     # the compiled graphs' layout: Inductor's choice (NCHW here, each convolution's input converted to
     # NHWC and back by cuDNN) or channels-last throughout (the same arithmetic); no effect uncompiled.
     # H200 (reports/speed, sessions 29–30): ~13 ms less of kernels a step (profiled), 1.2 GiB more, and

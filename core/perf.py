@@ -315,14 +315,16 @@ def read_smi(path: Path) -> list[dict]:
 
 
 def clock_summary(rows: list[dict], busy: float = 50.0) -> dict:
-    """What the card did while busy (utilisation ≥ `busy` %): samples, the median SM clock, power and
-    utilisation, and the share of those samples with the power cap holding the clocks down."""
+    """What the card did while busy (utilisation ≥ `busy` %): all the samples and the busy ones, the
+    median SM clock, power and utilisation, and the share of those samples with the power cap holding
+    the clocks down. A stage whose GPU never reached `busy` (tiny priors: the host holds it) has only
+    the counts."""
     import statistics
 
     on = [r for r in rows if r["util"] >= busy]
     if not on:
-        return {"busy_samples": 0}
-    return {"busy_samples": len(on), "sm_mhz_median": statistics.median(r["sm_mhz"] for r in on),
+        return {"samples": len(rows), "busy_samples": 0}
+    return {"samples": len(rows), "busy_samples": len(on), "sm_mhz_median": statistics.median(r["sm_mhz"] for r in on),
             "power_w_median": round(statistics.median(r["power_w"] for r in on), 1),
             "util_median": statistics.median(r["util"] for r in on),
             "power_capped_share": round(sum(bool(r["reasons"] & SW_POWER_CAP) for r in on) / len(on), 3)}

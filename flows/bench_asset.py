@@ -517,6 +517,8 @@ def format_asset_table(r: dict[str, Any]) -> str:
             lines.append(f"{name}: while the GPU was busy, SM {c['sm_mhz_median']:.0f} MHz and {c['power_w_median']:.0f} W "
                          f"(medians), the power cap holding the clocks in {100 * c['power_capped_share']:.0f}% of "
                          f"{c['busy_samples']} samples")
+        elif c.get("samples"):
+            lines.append(f"{name}: the GPU under 50% busy in all {c['samples']} samples of its clocks (the host held it)")
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))

@@ -144,6 +144,8 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
         "power_capped_share": 0.944}}}}
     assert ("textual_inversion: while the GPU was busy, SM 1912 MHz and 647 W (medians), the power cap holding the "
             "clocks in 94% of 54 samples") in format_asset_table(clocked)
+    idle = {**r, "stages": {**r["stages"], "coarse": {**r["stages"]["coarse"], "clocks": {"samples": 140, "busy_samples": 0}}}}
+    assert "coarse: the GPU under 50% busy in all 140 samples of its clocks" in format_asset_table(idle)
     with pytest.raises(InputError, match="--metrics-callback and --profile go apart"):
         run_asset_bench(p, torch.device("cpu"), tmp_path / "both", tiny=True, progress=False, profile_steps=2,
                         metrics_callback=True)
@@ -487,9 +489,9 @@ def test_clock_logs_are_read_by_their_header_and_summed_over_the_busy_samples(tm
     for name in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):
         read = read_smi(_smi_csv(tmp_path / "log.csv", name))
         assert [r["t"] for r in read] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25] and read[2]["reasons"] == 4
-        assert clock_summary(read) == {"busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0,
+        assert clock_summary(read) == {"samples": 6, "busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0,
                                        "util_median": 97.0, "power_capped_share": 0.5}
-    assert clock_summary(read, busy=101) == {"busy_samples": 0}
+    assert clock_summary(read, busy=101) == {"samples": 6, "busy_samples": 0}
     h200 = clock_summary(read_smi(Path(__file__).parent.parent / "reports" / "speed" / "h200_ti_s30_clocks.csv"))
     assert h200["power_capped_share"] > 0.9 and 1700 < h200["sm_mhz_median"] < 1980
 
@@ -521,7 +523,7 @@ def test_gpu_clocks_samples_its_device_by_uuid_and_gives_nothing_without_a_gpu(t
                 break
             time.sleep(0.05)
     assert args.read_text().split() == [f"--query-gpu={perf.SMI_QUERY}", "--format=csv", "-lms=100", "-i", "GPU-0c2a"]
-    assert on.summary == {"busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0, "util_median": 97.0,
+    assert on.summary == {"samples": 6, "busy_samples": 4, "sm_mhz_median": 1905.0, "power_w_median": 475.0, "util_median": 97.0,
                           "power_capped_share": 0.5}
     with perf.GpuClocks("cpu") as temporary:  # no path: a temporary log, removed afterwards
         for _ in range(100):
