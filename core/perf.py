@@ -317,7 +317,7 @@ def read_smi(path: Path) -> list[dict]:
 def clock_summary(rows: list[dict], busy: float = 50.0) -> dict:
     """What the card did while busy (utilisation ≥ `busy` %): all the samples and the busy ones, the
     median SM clock, power and utilisation, and the share of those samples with the power cap holding
-    the clocks down. A stage whose GPU never reached `busy` (tiny priors: the host holds it) has only
+    the clocks down. A stage whose GPU never reached `busy` (tiny priors, for one) has only
     the counts."""
     import statistics
 

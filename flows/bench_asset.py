@@ -518,7 +518,7 @@ def format_asset_table(r: dict[str, Any]) -> str:
                          f"(medians), the power cap holding the clocks in {100 * c['power_capped_share']:.0f}% of "
                          f"{c['busy_samples']} samples")
         elif c.get("samples"):
-            lines.append(f"{name}: the GPU under 50% busy in all {c['samples']} samples of its clocks (the host held it)")
+            lines.append(f"{name}: the GPU under 50% busy in all {c['samples']} samples of its clocks")
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))
