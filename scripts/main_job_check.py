@@ -10,7 +10,7 @@ white). The same numbers are given for the coarse stage (its marching-cubes mesh
 render) to tell which stage a miss comes from. Components: trimesh's split of the mesh with its
 vertices merged by position (the OBJ's texture seams do not cut it).
 
-Writes OUT/NAME.json (the numbers, the bars, pass/fail) and OUT/NAME.png (the photo, both stages'
+Writes OUT/NAME.json (the numbers, the bars, pass/fail, the run's package versions) and OUT/NAME.png (the photo, both stages'
 reference renders, the fine mesh from four sides); exit 0 when both bars are met, 1 otherwise.
 """
 from __future__ import annotations
@@ -124,6 +124,9 @@ def main() -> int:
     rec = check(a.run)
     a.out.mkdir(parents=True, exist_ok=True)
     rec["picture"] = str(picture(a.run, a.out / f"{a.name}.png"))
+    from tasks.common import read_step_records  # the packages the run's worker had (its fine step's record)
+
+    rec["versions"] = (read_step_records(a.run).get("fine") or {}).get("versions")
     (a.out / f"{a.name}.json").write_text(json.dumps(rec, indent=2) + "\n")
     f, c = rec["fine"], rec["coarse"]
     for s, part in (("coarse", c), ("fine", f)):

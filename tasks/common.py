@@ -1,6 +1,7 @@
 """What every task shares: the stale-output check, the step marker, the retry condition, the time limit."""
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,32 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# the packages whose versions can change a run's numbers (session 31: the README's main job drew another
+# picture, with this repository's code unchanged, after a fresh environment's install)
+RECORDED_PACKAGES = ("lift3d", "torch", "torchvision", "numpy", "scipy", "scikit-image", "pillow", "diffusers",
+                     "transformers", "open_clip_torch", "rembg", "onnxruntime", "trimesh", "xatlas", "triton")
+
+
+@functools.cache
+def package_versions() -> dict[str, Optional[str]]:
+    """{package: installed version or None} of RECORDED_PACKAGES and Python, in this worker; an
+    imported module's own `__version__` where it has one (torch's carries its build: `+cu130`, `+cpu`)."""
+    import importlib.metadata as md
+    import platform
+    import sys
+
+    def version(name: str) -> Optional[str]:
+        own = getattr(sys.modules.get(name.replace("-", "_")), "__version__", None)
+        if isinstance(own, str):
+            return own
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{n: version(n) for n in RECORDED_PACKAGES}}
+
+
 def _cuda_in_use():
     """torch.cuda when this process has started CUDA (never starts it), else None."""
     import sys
@@ -90,7 +117,8 @@ def _cuda_in_use():
 def recorded_step(asset_dir: str | Path, step: str) -> Iterator[None]:
     """Around a step's work: RUN/steps/STEP.json says which worker ran it (and its GPU, with the
     step's peak of torch's GPU memory), for how long, in which flow run, and how many priors it loaded (core.models.cache: loads here, reuses of models already
-    loaded by this worker, and the worker's loads so far). Written also when the step fails. Not in a
+    loaded by this worker, and the worker's loads so far), and the versions of the packages that can
+    change its numbers (package_versions). Written also when the step fails. Not in a
     stage folder: no step's cache key hashes these records."""
     import json
     import os
@@ -123,7 +151,8 @@ def recorded_step(asset_dir: str | Path, step: str) -> Iterator[None]:
                   "attempt": attempt, "prior_loads": after["loads"] - before["loads"],
                   "prior_reuses": after["reuses"] - before["reuses"], "worker_prior_loads": after["loads"],
                   "worker_prior_load_seconds": after["load_seconds"],
-                  "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_peak_gib": None}
+                  "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_peak_gib": None,
+                  "versions": package_versions()}
         cuda = _cuda_in_use()
         if cuda is not None:  # the step's peak of this worker's GPU memory (torch's allocations)
             record["gpu_peak_gib"] = round(cuda.max_memory_allocated() / 2 ** 30, 3)

@@ -51,6 +51,14 @@ def test_generate_runs_end_to_end_then_caches(harness):
     for f in ("inputs/rgba.png", "inputs/depth.png", "textual_inversion/learned_embeds.bin",
               "coarse/checkpoint.pt", "coarse/result.json", "fine/result.json"):
         assert (out / f).is_file(), f
+    # each step's record names the packages that can change its numbers, as this process has them
+    from tasks.common import read_step_records
+
+    records = read_step_records(out)
+    assert {"coarse", "fine", "evaluate"} <= set(records)
+    versions = records["fine"]["versions"]
+    assert versions["torch"] == torch.__version__ and versions["python"] == __import__("platform").python_version()
+    assert versions["diffusers"] == __import__("diffusers").__version__ and versions["lift3d"] is not None
     runs = _runs(root)
     stages = sorted(r.data.tags.get("stage") for r in runs)
     assert stages == ["coarse", "evaluate", "fine"]
