@@ -116,7 +116,6 @@ def time_variant(sets: list[str], folder: str, steps: int, scoped_steps: int, de
     # a diagnostic, not a setting: `ti_speed.fixed_views=true` reuses each batch size's first views (the
     # random stream drawn as usual), so a step costs what it would if the augmentation were free
     fixed = "ti_speed.fixed_views=true" in sets
-    # (session 29's `ti_speed.force_layout_opt` diagnostic is now the setting textual_inversion.layout)
     sets = [s for s in sets if not s.startswith("ti_speed.")]
     rgb = torch.ones(3, 512, 512)
     rgb[:, 128:384, 160:352] = torch.tensor([0.7, 0.3, 0.2])[:, None, None]

@@ -177,8 +177,8 @@ def _rotation(degrees: float, fill: float):
     waiting (core.perf.to_device), the base grid is made once, the fill is `torch.where`; the grid's
     matmul never runs in TF32 (a TF32 grid moves nearest samples by up to ~0.2 px at 640²; the
     example's augmentation is PIL's, on the CPU, exact): on the CPU it is torchvision's fp32 matmul,
-    on a GPU an fp64 one rounded to fp32 once (the base grid's half-integers times fp32 numbers:
-    exact in fp64 but for extreme angles), which flips no process-wide TF32 switch, so the views can
+    on a GPU the same product in fp64 as multiply-adds (`_grid_fp64`) rounded to fp32 once, which
+    flips no process-wide TF32 switch, so the views can
     be made on a thread of their own while the step's text encoder runs in TF32
     (textual_inversion.prefetch)."""
     import torchvision.transforms.functional as TF
