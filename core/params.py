@@ -387,6 +387,13 @@ class GuidanceParams(_Section):
     sds_gradient_scale: Literal["loss_scale_schedule", "none"] = "loss_scale_schedule"
     loss_scale: LossScaleParams = LossScaleParams()
     oracle_object: Optional[str] = None
+    # Where both priors run in one iteration, Zero-1-to-3's SDS (its encode, prediction and, in the
+    # backward, its encoder's gradient) on a CUDA stream of its own beside Stable Diffusion's: 'two';
+    # one after the other: 'one'; 'auto' = two on a GPU unless a prior's UNet is compiled
+    # 'reduce-overhead', whose CUDA graphs share one memory pool and must not replay at once (two
+    # asks for it and is refused then). The same kernels on the same inputs: the same numbers up to
+    # atomics' order. Off a GPU always one (core.guidance.priors.prior_streams)
+    streams: Literal["auto", "one", "two"] = "auto"
 
 
 class PromptParams(_Section):
@@ -549,6 +556,18 @@ class Params(_Section):
     models: ModelsParams = ModelsParams()
     reproduce: ReproduceParams = ReproduceParams()
 
+    @model_validator(mode="after")
+    def _two_streams_without_graph_trees(self):
+        """guidance.streams 'two' with a prior compiled 'reduce-overhead' (or 'auto', which is that on a
+        GPU) is refused here, before any model loads (core.guidance.priors.prior_streams says why)."""
+        trees = [f"{k}.compile={getattr(self, k).compile}" for k in ("sd", "zero123")
+                 if getattr(self, k).compile in ("auto", "reduce-overhead")]
+        if self.guidance.streams == "two" and trees:
+            raise ValueError(f"guidance.streams: two replays the priors' CUDA graphs at once, which "
+                             f"reduce-overhead's share one memory pool ({', '.join(trees)}): set sd.compile "
+                             f"and zero123.compile to graphs (or default, or none)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -585,6 +604,7 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 # under another. The run's params.json still records them.
 HOW_NOT_WHAT: tuple[str, ...] = (
     "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
+    "guidance.streams",
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "textual_inversion.compile", "textual_inversion.layout", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
@@ -684,8 +704,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in e["loc"])
+        if not key:  # a rule across sections (Params' own validators): its message names the keys
+            lines.append(f"params: {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"params: unknown key '{key}'")
         else:
             lines.append(f"params: '{key}': {e['msg']} (got {e.get('input')!r})")

@@ -23,6 +23,7 @@ from core.perf import GpuClocks, SyncAudit
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
+    from core.guidance.factory import guidance_streams
     from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
     from core.perf import compile_kind
     from core.rendering.raster import nvdiffrast_available
@@ -45,7 +46,9 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
                             "zero123": vae_compile_mode(params.zero123.vae_compile, device)},
             "vae_kernels": {"sd": vae_kernels_mode(params.sd.vae_kernels, device),
                             "zero123": vae_kernels_mode(params.zero123.vae_kernels, device)},
-            "vae_graphs": {k: getattr(params, k).vae_graphs and vae_graphs_run_on(device) for k in ("sd", "zero123")}}
+            "vae_graphs": {k: getattr(params, k).vae_graphs and vae_graphs_run_on(device) for k in ("sd", "zero123")},
+            # the two priors one after the other or on two CUDA streams at once (guidance.streams)
+            "guidance_streams": guidance_streams(params, device)}
 
 
 class _Stage:
@@ -491,7 +494,8 @@ def format_asset_table(r: dict[str, Any]) -> str:
              f"{' (compiled)' if r['backends'].get('rasteriser_compile', 'none') != 'none' else ''}, UNets "
              f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
              f"{_compiled(r['backends'].get('vae_compile', {}))} on {_compiled(r['backends'].get('vae_kernels', {}))} "
-             f"kernels{_graphed(r['backends'].get('vae_graphs', {}))}; {r['models']}",
+             f"kernels{_graphed(r['backends'].get('vae_graphs', {}))}"
+             f"{', the priors on two streams' if r['backends'].get('guidance_streams') == 'two' else ''}; {r['models']}",
              "", f"{'stage':18s} {'iters':>6s} {'wall s':>8s} {'ms/iter':>8s} {'steady':>7s} {'outside loop s':>15s} "
              f"{'(outputs s)':>12s} {'peak GiB':>9s}"]
     for name, s in r["stages"].items():

@@ -125,8 +125,10 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
                                  "unet_compile": {"sd": "none", "zero123": "none"},
                                  "vae_compile": {"sd": "none", "zero123": "none"},
                                  "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"},
-                                 "vae_graphs": {"sd": False, "zero123": False}}
+                                 "vae_graphs": {"sd": False, "zero123": False}, "guidance_streams": "one"}
     assert "UNets eager, VAE encoders eager on diffusers kernels;" in format_asset_table(r)
+    beside = {**r, "backends": {**r["backends"], "guidance_streams": "two"}}
+    assert "on diffusers kernels, the priors on two streams;" in format_asset_table(beside)
     graphed = {**r, "backends": {**r["backends"], "vae_graphs": {"sd": True, "zero123": False}}}
     assert "on diffusers kernels, replayed as CUDA graphs (sd);" in format_asset_table(graphed)
     rendered = {**r, "backends": {**r["backends"], "volume_render_compile": "default"}}

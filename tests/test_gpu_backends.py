@@ -175,6 +175,25 @@ def test_graphed_predictions_give_the_eager_sds_gradients(tmp_path):
     _agree(eager, graphs, cos_min=0.99, norm_rel=0.02)
 
 
+def test_two_streams_give_the_one_stream_sds_gradients(tmp_path):
+    """guidance.streams two (Zero-1-to-3's SDS on a CUDA stream of its own beside Stable Diffusion's,
+    forward and backward) against one, both on the fast path (UNets `graphs`, VAE encoders graphed on
+    lift3d's kernels), over 32 guided calls: the same kernels on the same inputs, so the gradients agree
+    to the atomics' order. A prior that read the render before it was drawn, a graph whose buffers the
+    other prior's replay overwrote, or a loss read before the side stream ended would not."""
+    from core.guidance.factory import guidance_streams
+
+    fast = {f"{k}.{o}": v for k in ("sd", "zero123")
+            for o, v in (("compile", "graphs"), ("vae_kernels", "auto"), ("vae_graphs", True))}
+    p = load_params("smoke", {"device": DEVICE, **fast, "guidance.streams": "two"})
+    assert guidance_streams(p, DEVICE) == "two"
+    one = _guided_calls(tmp_path, {**fast, "guidance.streams": "one"})
+    two = _guided_calls(tmp_path, {**fast, "guidance.streams": "two"})
+    worst = _agree(one, two, cos_min=0.99999, norm_rel=1e-4)
+    for x, y in zip(one, two):
+        assert torch.allclose(x["grad"], y["grad"], rtol=1e-3, atol=1e-6 * float(x["grad"].abs().max())), worst
+
+
 def test_graphed_call_replays_with_each_calls_inputs():
     """core.perf.GraphedCall: one capture per input signature; every call's own inputs, the captured
     kernels' results; a new shape captures a second graph."""

@@ -86,6 +86,88 @@ def test_dynamic_prior_stage1_then_eq8_from_the_switch():
     assert restored.weights(60, 110) == prior.weights(60, 110)
 
 
+class _RecordingStreams:
+    """core.guidance.priors.PriorStreams' interface off a GPU (there are no CUDA streams here): it
+    records where the priors' calls fall. The GPU test runs the real one
+    (tests/test_gpu_backends.py::test_two_streams_give_the_one_stream_sds_gradients)."""
+
+    def __init__(self, events: list):
+        self.events = events
+
+    @__import__("contextlib").contextmanager
+    def split(self, batch):
+        self.events.append("split")
+        yield
+        self.events.append("join")
+
+    @__import__("contextlib").contextmanager
+    def beside(self):
+        self.events.append("side")
+        yield
+        self.events.append("back")
+
+
+class _NamedPrior(FakePrior):
+    def __init__(self, scale: float, name: str, events: list):
+        super().__init__(scale)
+        self.name, self.events = name, events
+
+    def __call__(self, batch):
+        self.events.append(self.name)
+        return super().__call__(batch)
+
+
+def test_two_streams_run_the_second_prior_beside_and_join_before_the_loss():
+    """guidance.streams two: the joint prior runs Zero-1-to-3 beside Stable Diffusion, the dynamic prior
+    (stage 2) Stable Diffusion beside Zero-1-to-3; the streams join before the loss is formed, the loss
+    is the one-stream loss, and a single prior (an ablation, stage 1) splits nothing."""
+    s = 0.5 * 48
+    ev: list = []
+    out = JointPrior(_NamedPrior(2.0, "sd", ev), _NamedPrior(3.0, "zero123", ev), 1.0, 40.0,
+                     streams=_RecordingStreams(ev))(_batch())
+    assert ev == ["split", "sd", "side", "zero123", "back", "join"]
+    assert float(out.loss) == pytest.approx(1.0 * 2.0 * s + 40.0 * 3.0 * s)
+    ev.clear()
+    JointPrior(_NamedPrior(2.0, "sd", ev), _NamedPrior(3.0, "zero123", ev), 0.0, 40.0, streams=_RecordingStreams(ev))(_batch())
+    assert ev == ["zero123"]
+    ev.clear()
+    prior = DynamicPrior(_NamedPrior(2.0, "sd", ev), _NamedPrior(3.0, "zero123", ev), 1.0, 40.0,
+                         streams=_RecordingStreams(ev))
+    prior(_batch(step=10, total=110))
+    assert ev == ["zero123"]  # stage 1: the 3D prior alone
+    ev.clear()
+    prior.start_stage2(10)
+    out = prior(_batch(step=60, total=110))
+    assert ev == ["split", "zero123", "side", "sd", "back", "join"]
+    w3, w2 = math.exp(-0.5), 1 - math.exp(-0.5)
+    assert float(out.loss) == pytest.approx(40 * w3 * 3.0 * s + 1.0 * w2 * 2.0 * s)
+
+
+def test_two_streams_only_on_a_gpu_and_never_beside_graph_trees():
+    """guidance.streams: 'one' off a GPU whatever is asked; on a GPU 'auto' is two unless a prior's UNet
+    compiles to reduce-overhead (Inductor's graph trees share one memory pool), where 'two' is refused:
+    by load_params, before any model loads, with a one-line message naming the keys."""
+    from core.guidance.factory import guidance_streams
+    from core.guidance.priors import prior_streams
+    from core.params import ParamsError
+
+    graphs = {"sd": "graphs", "zero123": "graphs"}
+    assert load_params("magic123").guidance.streams == "auto"
+    assert prior_streams("two", "cpu", graphs) == prior_streams("auto", "cpu", graphs) == "one"
+    assert prior_streams("auto", "cuda", graphs) == prior_streams("two", "cuda", graphs) == "two"
+    assert prior_streams("one", "cuda", graphs) == "one"
+    trees = {"sd": "graphs", "zero123": "reduce-overhead"}
+    assert prior_streams("auto", "cuda", trees) == "one"
+    with pytest.raises(ParamsError, match="zero123.compile=graphs"):
+        prior_streams("two", "cuda", trees)
+    with pytest.raises(ParamsError) as e:
+        load_params("magic123", {"guidance.streams": "two", "sd.compile": "graphs"})
+    assert "zero123.compile=auto" in str(e.value) and "\n" not in str(e.value) and "got" not in str(e.value)
+    p = _tiny_params("magic123", **{"guidance.streams": "two", "sd.compile": "graphs", "zero123.compile": "graphs"})
+    assert guidance_streams(p, "cpu") == "one"
+    assert build_guidance(p, torch.rand(3, 64, 64), "coarse", "cpu").streams is None
+
+
 def _tiny_params(preset, **over):
     import os
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from core.rendering.cameras import reference_cameras
-from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, SDSGradientScale
+from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, PriorStreams, SDSGradientScale, prior_streams
 from core.models.cache import PRIORS
 from core.models.sources import prior_model
 
@@ -159,6 +159,14 @@ def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"
                            graphed=compile_mode(params.zero123.compile, device) == "graphs")
 
 
+def guidance_streams(params, device) -> str:
+    """What params.guidance.streams comes to on `device` ('one' | 'two'; core.guidance.priors.prior_streams)."""
+    from core.guidance.sd import compile_mode
+
+    return prior_streams(params.guidance.streams, device,
+                         {k: compile_mode(getattr(params, k).compile, device) for k in ("sd", "zero123")})
+
+
 def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", token: Optional[dict] = None):
     """The guidance of `stage` ('coarse' | 'fine') for params.guidance.kind.
 
@@ -186,14 +194,18 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
         ls = params.guidance.loss_scale
         log.info("guidance: SDS gradient × 1/loss scale as released (%g, ×%g every %d iterations)",
                  ls.init_scale, ls.growth_factor, ls.growth_interval)
+    streams = guidance_streams(params, device)
+    streams = PriorStreams(device) if streams == "two" and sd is not None and z123 is not None else None
+    if streams is not None:
+        log.info("guidance: the two priors on two CUDA streams (guidance.streams)")
     if kind == "joint":
         log.info("guidance: joint prior (Magic123 eq. 7), %s stage: λ_2D=%g%s, λ_3D=%g%s", stage, l2,
                  "" if sd else " (not loaded)", l3, "" if z123 else " (not loaded)")
-        prior = JointPrior(sd, z123, l2, l3, sds_scale=balance)
+        prior = JointPrior(sd, z123, l2, l3, sds_scale=balance, streams=streams)
     elif kind == "dynamic":
         # the stage-2 switch comes from the detector (coarse) or the coarse stage's state (fine)
         prior = DynamicPrior(sd, z123, l2, l3, schedule=params.guidance.dynamic_schedule,
-                             reading=params.guidance.dynamic_reading, sds_scale=balance)
+                             reading=params.guidance.dynamic_reading, sds_scale=balance, streams=streams)
         log.info("guidance: dynamic prior (Consistent123 eq. 8/9, %s), %s stage", prior.schedule, stage)
     else:
         raise ValueError(f"unknown guidance kind {kind!r}")

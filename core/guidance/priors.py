@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -145,6 +146,64 @@ def _run(prior, batch: RenderBatch, name: str, diag: Diagnostics) -> torch.Tenso
     return out.loss
 
 
+def prior_streams(mode: str, device, unet_compile: dict[str, str]) -> str:
+    """What guidance.streams ('auto' | 'one' | 'two') comes to: 'one' off a GPU; 'two' on a GPU
+    unless a prior's UNet compiles to 'reduce-overhead' (`unet_compile`: prior → its resolved
+    compile mode), where 'auto' comes to 'one' and 'two' is refused: Inductor's CUDA-graph trees
+    record every graph of a device into one memory pool, a later graph's buffers reusing an
+    earlier one's, so two of them must not replay at once."""
+    if torch.device(device).type != "cuda" or mode == "one":
+        return "one"
+    trees = sorted(k for k, v in unet_compile.items() if v == "reduce-overhead")
+    if not trees:
+        return "two"
+    if mode == "two":
+        from core.params import ParamsError
+
+        raise ParamsError(f"guidance.streams: two needs the priors' UNets off 'reduce-overhead' (here: "
+                          f"{', '.join(trees)}), whose CUDA graphs share one memory pool; set "
+                          f"{', '.join(k + '.compile=graphs' for k in trees)}")
+    return "one"
+
+
+class PriorStreams:
+    """guidance.streams 'two': the second prior of an iteration on a CUDA stream of its own.
+
+    `split(batch)` marks where the render ends on the caller's stream (the side stream waits for
+    that point only, not for the first prior queued after it); `beside()` runs a block on the side
+    stream; leaving `split` makes the caller's stream wait for the side one, so the loss and
+    diagnostics are read after both priors. Autograd runs each backward operator on its forward's
+    stream and joins the streams at the end of `backward()` (PyTorch's stream semantics of backward
+    passes), so the two priors' encoder gradients overlap too and the render's backward sees both.
+    The same kernels on the same inputs, each prior drawing from its own generator: the order of
+    the host's calls changes no draw."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.side = torch.cuda.Stream(self.device)
+
+    @contextlib.contextmanager
+    def split(self, batch: RenderBatch):
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)  # the render is queued: the side prior starts after it, not after the first prior
+        batch.rgb.record_stream(self.side)  # its memory not reused before the side stream's reads
+        try:
+            yield
+        finally:
+            main.wait_stream(self.side)
+
+    def beside(self):
+        return torch.cuda.stream(self.side)
+
+
+def _split(streams: Optional[PriorStreams], batch: RenderBatch, both: bool):
+    """(the context of both priors' calls, the context of the second prior's): streams' when both
+    priors run and there are streams, else none."""
+    if streams is None or not both:
+        return contextlib.nullcontext(), contextlib.nullcontext
+    return streams.split(batch), streams.beside
+
+
 def _generators(prior) -> dict[str, torch.Generator]:
     """The random streams of a prior's parts (SDS timesteps and noise), by part name."""
     return {name: part.generator for name, part in (("sd", prior.sd), ("zero123", prior.zero123))
@@ -155,20 +214,25 @@ class JointPrior:
     """Magic123's joint 2D + 3D prior (eqs. 7–8). `sd` / `zero123` may be None when their λ is 0."""
 
     def __init__(self, sd, zero123, lambda_2d: float, lambda_3d: float,
-                 sds_scale: Optional[SDSGradientScale] = None):
+                 sds_scale: Optional[SDSGradientScale] = None, streams: Optional[PriorStreams] = None):
         if (sd is None or lambda_2d == 0) and (zero123 is None or lambda_3d == 0):
             raise ValueError("joint prior: both priors are off (λ_2D = λ_3D = 0)")
         self.sd, self.zero123 = sd, zero123
         self.lambda_2d, self.lambda_3d = float(lambda_2d), float(lambda_3d)
         self.sds_scale = sds_scale  # None: face value (the paper's λ's)
+        self.streams = streams  # guidance.streams 'two': Zero-1-to-3 beside Stable Diffusion
 
     def generators(self) -> dict[str, torch.Generator]:
         return _generators(self)
 
     def __call__(self, batch: RenderBatch) -> GuidanceOutput:
         diag: Diagnostics = {"lambda_2d": self.lambda_2d, "lambda_3d": self.lambda_3d}
-        l2 = _run(self.sd, batch, "sd", diag) if self.sd is not None and self.lambda_2d else None
-        l3 = _run(self.zero123, batch, "zero123", diag) if self.zero123 is not None and self.lambda_3d else None
+        run_2d, run_3d = self.sd is not None and self.lambda_2d, self.zero123 is not None and self.lambda_3d
+        both, beside = _split(self.streams, batch, run_2d and run_3d)
+        with both:
+            l2 = _run(self.sd, batch, "sd", diag) if run_2d else None
+            with beside():
+                l3 = _run(self.zero123, batch, "zero123", diag) if run_3d else None
         loss = _scaled(joint_prior_loss(l2, l3, self.lambda_2d, self.lambda_3d), batch, self.sds_scale, diag)
         diag["loss"] = loss.detach()
         return GuidanceOutput(loss=loss, diagnostics=diag)
@@ -179,7 +243,7 @@ class DynamicPrior:
 
     def __init__(self, sd, zero123, lambda_2d: float, lambda_3d: float, schedule: str = "exp",
                  span: Optional[int] = None, switch_step: Optional[int] = None, reading: str = "released",
-                 sds_scale: Optional[SDSGradientScale] = None):
+                 sds_scale: Optional[SDSGradientScale] = None, streams: Optional[PriorStreams] = None):
         if zero123 is None:
             raise ValueError("dynamic prior: the 3D prior (Zero-1-to-3) is required for stage 1")
         dynamic_prior_weights(0, 1, schedule, reading)  # validate the names now
@@ -190,6 +254,7 @@ class DynamicPrior:
         self.span = span  # T; default: the iterations left in the stage after the switch
         self.switch_step: Optional[int] = switch_step
         self.sds_scale = sds_scale  # None: face value (as the Consistent123 code optimises)
+        self.streams = streams  # guidance.streams 'two': Stable Diffusion beside Zero-1-to-3 in stage 2
 
     @property
     def in_stage2(self) -> bool:
@@ -222,10 +287,16 @@ class DynamicPrior:
         w3, w2 = self.weights(batch.step, batch.total_steps)
         diag: Diagnostics = {"w_3d": w3, "w_2d": w2, "in_stage2": float(self.in_stage2)}
         loss = None
-        if w3 != 0.0 and self.lambda_3d:
-            loss = self.lambda_3d * w3 * _run(self.zero123, batch, "zero123", diag)
-        if w2 != 0.0 and self.lambda_2d and self.sd is not None:
-            l2 = self.lambda_2d * w2 * _run(self.sd, batch, "sd", diag)
+        run_3d, run_2d = w3 != 0.0 and self.lambda_3d, w2 != 0.0 and self.lambda_2d and self.sd is not None
+        both, beside = _split(self.streams, batch, run_3d and run_2d)
+        with both:
+            l3 = _run(self.zero123, batch, "zero123", diag) if run_3d else None
+            with beside():
+                l2 = _run(self.sd, batch, "sd", diag) if run_2d else None
+        if l3 is not None:
+            loss = self.lambda_3d * w3 * l3
+        if l2 is not None:
+            l2 = self.lambda_2d * w2 * l2
             loss = l2 if loss is None else loss + l2
         if loss is None:
             loss = batch.rgb.sum() * 0.0
