@@ -392,7 +392,8 @@ class GuidanceParams(_Section):
     # one after the other: 'one'; 'auto' = two on a GPU unless a prior's UNet is compiled
     # 'reduce-overhead', whose CUDA graphs share one memory pool and must not replay at once (two
     # asks for it and is refused then). The same kernels on the same inputs: the same numbers up to
-    # atomics' order. Off a GPU always one (core.guidance.priors.prior_streams)
+    # atomics' order. Off a GPU always one (core.guidance.priors.prior_streams). H200, compile 'graphs',
+    # 300 coarse iterations A B A B: 43.6 → 43.0 ms an iteration (reports/speed session 32)
     streams: Literal["auto", "one", "two"] = "auto"
 
 
