@@ -127,14 +127,15 @@ def _guided_calls(tmp_path, sets: dict, calls: int = 32) -> list[dict]:
     gen, res, out = torch.Generator().manual_seed(1), p.coarse.resolution, []
     for k in range(calls):
         blob = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=gen), size=(res, res), mode="bilinear")
-        rgb = blob.to(DEVICE).requires_grad_(True)
+        leaf = blob.to(DEVICE).requires_grad_(True)
+        rgb = leaf * 1.0  # a render is no leaf: its gradient gathers in the engine's buffer, on its own stream
         # azimuths never the reference's 0°, where Zero-1-to-3's angle weight (and gradient) is 0
         cams = Cameras.make(60.0 + 10 * (k % 4), -173.0 + 360.0 * k / calls, 2.0, 40.0, device=DEVICE)
         r = g(RenderBatch(rgb=rgb, opacity=torch.ones_like(rgb[:, :1]), depth=torch.ones_like(rgb[:, :1]), normal=None,
                           cameras=cams, step=200 + k, total_steps=1000))
         r.loss.backward()
         # the diagnostics are read here, as the engine reads them when it logs (0-d device tensors)
-        out.append({"grad": rgb.grad.detach().double().cpu().flatten(), **{k: float(v) for k, v in r.diagnostics.items()}})
+        out.append({"grad": leaf.grad.detach().double().cpu().flatten(), **{k: float(v) for k, v in r.diagnostics.items()}})
     return out
 
 
