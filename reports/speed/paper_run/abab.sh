@@ -4,6 +4,9 @@
 # places); each run's speed.json comes back as $OUT/abab_rN_{a,b}.json and the steady figures print.
 #   bash reports/speed/paper_run/abab.sh "A options" "B options" [ITERS] [STAGE]
 # e.g. abab.sh "--set coarse.samples=torch" "--set coarse.samples=triton" 200 coarse   (~5 min on an H200)
+# LIMIT (default 200 s a run) must cover each side's cold compile: the first run of a side compiles unless
+# the cache already holds that side's artifacts, and a run cut off by the limit saves none (session 32's
+# call 6: `reduce-overhead` against a cache of `graphs` runs, 75 s, both A runs cut off, nothing measured).
 A=${1:-}; B=${2:-}; N=${3:-200}; STAGE=${4:-coarse}
 D=${D:-/tmp/abab}; mkdir -p $D
 export PYTHONUNBUFFERED=1
