@@ -605,8 +605,8 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 # under another. The run's params.json still records them.
 HOW_NOT_WHAT: tuple[str, ...] = (
     "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
-    "guidance.streams",
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
+    "guidance.streams",
     "textual_inversion.compile", "textual_inversion.layout", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",

@@ -194,8 +194,8 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
         ls = params.guidance.loss_scale
         log.info("guidance: SDS gradient × 1/loss scale as released (%g, ×%g every %d iterations)",
                  ls.init_scale, ls.growth_factor, ls.growth_interval)
-    streams = guidance_streams(params, device)
-    streams = PriorStreams(device) if streams == "two" and sd is not None and z123 is not None else None
+    two = guidance_streams(params, device) == "two" and sd is not None and z123 is not None
+    streams = PriorStreams(device) if two else None
     if streams is not None:
         log.info("guidance: the two priors on two CUDA streams (guidance.streams)")
     if kind == "joint":

@@ -147,23 +147,14 @@ def _run(prior, batch: RenderBatch, name: str, diag: Diagnostics) -> torch.Tenso
 
 
 def prior_streams(mode: str, device, unet_compile: dict[str, str]) -> str:
-    """What guidance.streams ('auto' | 'one' | 'two') comes to: 'one' off a GPU; 'two' on a GPU
-    unless a prior's UNet compiles to 'reduce-overhead' (`unet_compile`: prior → its resolved
-    compile mode), where 'auto' comes to 'one' and 'two' is refused: Inductor's CUDA-graph trees
-    record every graph of a device into one memory pool, a later graph's buffers reusing an
-    earlier one's, so two of them must not replay at once."""
+    """What guidance.streams ('auto' | 'one' | 'two') comes to: 'one' off a GPU, and where a prior's
+    UNet compiles to 'reduce-overhead' (`unet_compile`: prior → its resolved compile mode): Inductor's
+    CUDA-graph trees record every graph of a device into one memory pool, a later graph's buffers
+    reusing an earlier one's, so two of them must not replay at once ('two' beside them is refused
+    when the params load: core.params). Else 'two' unless 'one' is asked."""
     if torch.device(device).type != "cuda" or mode == "one":
         return "one"
-    trees = sorted(k for k, v in unet_compile.items() if v == "reduce-overhead")
-    if not trees:
-        return "two"
-    if mode == "two":
-        from core.params import ParamsError
-
-        raise ParamsError(f"guidance.streams: two needs the priors' UNets off 'reduce-overhead' (here: "
-                          f"{', '.join(trees)}), whose CUDA graphs share one memory pool; set "
-                          f"{', '.join(k + '.compile=graphs' for k in trees)}")
-    return "one"
+    return "one" if "reduce-overhead" in unet_compile.values() else "two"
 
 
 class PriorStreams:
