@@ -85,6 +85,10 @@ class HashGridParams(_Section):
     # imports on CUDA, else torch; the log and checkpoints (hash_grid_backend) say which ran. One
     # table layout for all three: checkpoints load across backends.
     backend: Literal["auto", "torch", "tcnn", "triton"] = "auto"
+    # triton backend, the backward's atomic adds into the table gradient: pairs = a row's two
+    # features in one fp32×2 reduction (sm_90 and later, 2 features a level), scalar = one a
+    # feature; auto = pairs where they run. The same fp32 adds (hashgrid_triton.py).
+    atomics: Literal["auto", "scalar", "pairs"] = "auto"
     # torch backend: keep only the positions for the backward and recompute the corner rows and
     # weights there (12 bytes a point instead of ~1 KB at 16 levels; the same gradient, bit for
     # bit; a little more arithmetic). Off: the forward's rows and weights are kept.
@@ -608,7 +612,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "guidance.streams",
     "textual_inversion.compile", "textual_inversion.layout", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
-    "coarse.grid.backend", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
+    "coarse.grid.backend", "coarse.grid.atomics", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
     "cudnn_benchmark", "checkpoint_background",

@@ -5,7 +5,11 @@
 magic123's grid (16 levels × 2 features, table 2^19, resolution 16 → 2048) on 2^22 random points:
 the largest absolute difference of the encodings and of the table gradients (a random output
 gradient), then per backend the forward + backward time (CUDA events after a warm-up, median of
-20) and the peak memory above what was allocated before the step. Prints and writes one JSON.
+20) and the peak memory above what was allocated before the step. Then the triton backward's
+atomic adds (coarse.grid.atomics) scalar against pairs, the table gradient alone (`table_grad`),
+on those random points and on as many points laid out as the renderer lays them out (rays of a
+128² view, each ray's samples inside a ball one after another): the difference of the two
+gradients and each one's median time. Prints and writes one JSON.
 """
 from __future__ import annotations
 
@@ -52,6 +56,48 @@ def timed(grid: HashGrid, x: torch.Tensor, up: torch.Tensor, reps: int = 20) -> 
             "peak_mib_above_base": round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)}
 
 
+def ray_points(n: int, dev: torch.device, g: torch.Generator) -> torch.Tensor:
+    """~n points as the volume renderer hands them to the field: 128² rays from a camera at distance
+    1.8, 128 samples each between t = 0.8 and 2.8, kept where they fall in a ball of radius 0.6 (an
+    object); each ray's samples one after another, rays in pixel order, then repeated to n."""
+    side, s = 128, 128
+    ij = torch.stack(torch.meshgrid(torch.linspace(-0.35, 0.35, side, device=dev),
+                                    torch.linspace(-0.35, 0.35, side, device=dev), indexing="ij"), -1).reshape(-1, 2)
+    d = torch.nn.functional.normalize(torch.cat([ij, -torch.ones(len(ij), 1, device=dev)], 1), dim=1)
+    o = torch.tensor([0.0, 0.0, 1.8], device=dev)
+    t = 0.8 + 2.0 * (torch.arange(s, device=dev) + torch.rand(len(d), s, device=dev, generator=g)) / s
+    pts = o + d[:, None, :] * t[..., None]
+    pts = pts[pts.norm(dim=-1) < 0.6]
+    return pts.repeat(-(-n // len(pts)), 1)[:n].contiguous()
+
+
+def backward_times(grid: HashGrid, x: torch.Tensor, up: torch.Tensor, reps: int = 20) -> dict:
+    """The triton table gradient alone, scalar against paired atomics: max |difference| and median ms."""
+    from core.representations import hashgrid_triton as ht
+
+    u = grid.normalize(x).contiguous()
+    out, grads = {}, {}
+    for setting in ("scalar", "pairs"):
+        grid.atomics = setting
+        for _ in range(3):
+            grads[setting] = ht.table_grad(u, up, grid)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            ht.table_grad(u, up, grid)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        out[setting] = {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3)}
+    grid.atomics = "auto"
+    out["max_abs_diff"] = float((grads["scalar"] - grads["pairs"]).abs().max())
+    out["max_abs"] = float(grads["scalar"].abs().max())
+    out["speedup"] = round(out["scalar"]["ms_median"] / out["pairs"]["ms_median"], 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -86,6 +132,12 @@ def main() -> int:
     for name, grid in (("torch", a), ("triton", b)):
         res[name] = timed(grid, x, up)
         print(name, res[name], flush=True)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        res["atomics_random_points"] = backward_times(b, x, up)
+        print("atomics, random points", res["atomics_random_points"], flush=True)
+        xr = ray_points(n, dev, g)
+        res["atomics_ray_points"] = backward_times(b, xr, up)
+        print("atomics, points along rays", res["atomics_ray_points"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

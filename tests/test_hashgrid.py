@@ -322,3 +322,35 @@ def test_triton_backend_choice(monkeypatch):
     f = NeRFField(**small, backend="torch", hidden=8, layers=2)
     g = NeRFField.from_state(dict(f.config, backend="triton"), f.state_dict())
     assert g.encoding.backend == "torch"
+
+
+def test_paired_atomics_are_chosen_only_where_they_run(monkeypatch):
+    """coarse.grid.atomics: 'auto' pairs a row's two features in one fp32×2 reduction only with 2
+    features a level, on CUDA of compute capability ≥ 9.0, outside Triton's interpreter; 'pairs'
+    elsewhere is refused in one line; the params reach the field's grid."""
+    ht = pytest.importorskip("core.representations.hashgrid_triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ht.resolve_atomics("auto", 2, cuda) == "pairs"
+    assert ht.resolve_atomics("auto", 4, cuda) == "scalar"
+    assert ht.resolve_atomics("scalar", 2, cuda) == "scalar"
+    assert ht.resolve_atomics("auto", 2, torch.device("cpu")) == "scalar"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert ht.resolve_atomics("auto", 2, cuda) == "scalar"
+    for features, device, why in ((2, cuda, "capability 8.0"), (1, cuda, "1 features"),
+                                  (2, torch.device("cpu"), "a cpu device")):
+        with pytest.raises(RuntimeError, match=why) as err:
+            ht.resolve_atomics("pairs", features, device)
+        assert "\n" not in str(err.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ht.resolve_atomics("auto", 2, cuda) == "scalar"
+    with pytest.raises(ValueError, match="'both'"):
+        ht.resolve_atomics("both", 2, cuda)
+
+    from core.params import load_params
+    from core.representations.nerf import NeRFField
+
+    p = load_params("smoke", {"coarse.grid.atomics": "scalar", "coarse.grid.backend": "torch"})
+    assert NeRFField.from_params(p).encoding.atomics == "scalar"
