@@ -87,8 +87,9 @@ class HashGridParams(_Section):
     backend: Literal["auto", "torch", "tcnn", "triton"] = "auto"
     # triton backend, the backward's atomic adds into the table gradient: pairs = a row's two
     # features in one fp32×2 reduction (sm_90 and later, 2 features a level), scalar = one a
-    # feature; auto = pairs where they run. The same fp32 adds (hashgrid_triton.py).
-    atomics: Literal["auto", "scalar", "pairs"] = "auto"
+    # feature, runs = on the dense levels a run of consecutive points in one cell summed first and
+    # added once; auto = pairs where they run. The same sums up to float order (hashgrid_triton.py).
+    atomics: Literal["auto", "scalar", "pairs", "runs"] = "auto"
     # torch backend: keep only the positions for the backward and recompute the corner rows and
     # weights there (12 bytes a point instead of ~1 KB at 16 levels; the same gradient, bit for
     # bit; a little more arithmetic). Off: the forward's rows and weights are kept.

@@ -644,9 +644,9 @@ def test_opposite_vertices_do_not_wait_for_the_gpu():
     assert torch.equal(opposite_vertices(on_gpu, n).cpu(), opposite_vertices(faces, n))
 
 
-def test_paired_atomics_give_the_scalar_table_gradient():
-    """coarse.grid.atomics: the triton backward's paired fp32×2 reductions (auto on this card when its
-    compute capability is ≥ 9.0) against one reduction a feature, on magic123's grid at points laid
+def test_paired_atomics_and_runs_give_the_scalar_table_gradient():
+    """coarse.grid.atomics: the triton backward's paired fp32×2 reductions (compute capability ≥ 9.0),
+    and runs of points in one cell summed before their adds, against one reduction a feature, on magic123's grid at points laid
     out as the renderer lays them out (each ray's samples one after another, so that neighbouring
     points share corners at the coarse levels): the same table gradient up to the order of the adds."""
     pytest.importorskip("triton")
@@ -668,9 +668,10 @@ def test_paired_atomics_give_the_scalar_table_gradient():
     u = grid.normalize(ray_points(1 << 20, dev, g)).contiguous()
     up = torch.randn(u.shape[0], grid.output_dim, device=dev, generator=g)
     out = {}
-    for setting in ("scalar", "pairs"):
+    for setting in ("scalar", "pairs", "runs"):
         grid.atomics = setting
         out[setting] = ht.table_grad(u, up, grid)
     scale = float(out["scalar"].abs().max())
     assert scale > 1.0 and int((out["scalar"] != 0).sum()) > 1000
-    torch.testing.assert_close(out["pairs"], out["scalar"], rtol=1e-4, atol=1e-5 * scale)
+    for setting in ("pairs", "runs"):
+        torch.testing.assert_close(out[setting], out["scalar"], rtol=1e-4, atol=1e-5 * scale)

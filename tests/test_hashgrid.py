@@ -235,6 +235,14 @@ def points(g, n):
     return u * 2 * g.bound - g.bound
 
 
+def rays(g, n_rays=6, n_samples=64):
+    # points as the renderer hands them over: each ray's samples one after another, 0.8/64 apart,
+    # so that runs of them share a cell at the coarse levels (coarse.grid.atomics 'runs')
+    o = (torch.rand(n_rays, 3, generator=gen) - 0.5) * g.bound
+    d = torch.nn.functional.normalize(torch.randn(n_rays, 3, generator=gen), dim=1)
+    return (o[:, None] + d[:, None] * torch.linspace(0, 0.8 * g.bound, n_samples)[None, :, None]).reshape(-1, 3)
+
+
 res = {}
 for name, cfg in configs.items():
     a, b = pair(cfg)
@@ -248,6 +256,14 @@ for name, cfg in configs.items():
     res[name] = dict(backend=b.backend, n_dense=a.n_dense, levels=a.levels, grad_fn=type(yb.grad_fn).__name__,
                      y_torch=ya.detach(), y_triton=yb.detach(), y_triton_nograd=y_nograd,
                      g_torch=a.table.grad, g_triton=b.table.grad)
+    xr = rays(a)
+    upr = torch.randn(xr.shape[0], a.output_dim, generator=gen)
+    a.table.grad = b.table.grad = None
+    (a(xr) * upr).sum().backward()
+    b.atomics = "runs"
+    (b(xr) * upr).sum().backward()
+    b.atomics = "auto"
+    res[name].update(g_torch_rays=a.table.grad, g_runs_rays=b.table.grad)
 
 # positions that need gradients (analytic normals: a double backward): the torch code, same table
 a, b = pair(configs["small"])
@@ -295,6 +311,15 @@ def test_triton_table_gradient_equals_torch(triton_run, name):
     torch.testing.assert_close(r["g_triton"], r["g_torch"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(TRITON_CONFIGS))
+def test_runs_of_points_in_one_cell_add_the_table_gradient_once(triton_run, name):
+    """coarse.grid.atomics 'runs': on the dense levels a run of consecutive points in one cell sums its
+    gradient before its one atomic add a corner; the table gradient is the torch backend's."""
+    r = triton_run[name]
+    assert r["g_torch_rays"].abs().sum() > 0
+    torch.testing.assert_close(r["g_runs_rays"], r["g_torch_rays"], rtol=1e-5, atol=1e-5)
+
+
 def test_triton_falls_back_to_torch_for_positions_that_need_gradients(triton_run):
     a, b = triton_run["fallback"]["torch"], triton_run["fallback"]["triton"]
     assert b["grad_fn"] != "TritonLookupBackward"
@@ -335,6 +360,7 @@ def test_paired_atomics_are_chosen_only_where_they_run(monkeypatch):
     assert ht.resolve_atomics("auto", 2, cuda) == "pairs"
     assert ht.resolve_atomics("auto", 4, cuda) == "scalar"
     assert ht.resolve_atomics("scalar", 2, cuda) == "scalar"
+    assert ht.resolve_atomics("runs", 4, torch.device("cpu")) == "runs"  # runs wherever triton runs
     assert ht.resolve_atomics("auto", 2, torch.device("cpu")) == "scalar"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert ht.resolve_atomics("auto", 2, cuda) == "scalar"

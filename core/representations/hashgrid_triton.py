@@ -111,15 +111,40 @@ def _forward_kernel(u_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, entries_ptr,
 @triton.jit
 def _backward_kernel(u_ptr, grad_ptr, grad_table_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
                      n_points, n_dense, hash_mask,
-                     LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
+                     LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr,
+                     RUNS: tl.constexpr):
     """The forward's corners recomputed; w · d out added into the table gradient atomically (points
-    share corners, within a block and across blocks)."""
+    share corners, within a block and across blocks). RUNS (atomics 'runs'), on the dense levels: a
+    run of consecutive points in one cell (a ray's samples at the coarse levels) sums its w · d out
+    first (a segmented scan) and adds once a corner, from its last point."""
     lvl, pts, feat, fm, res, entries, offset, dense, cx, cy, cz, fx, fy, fz = _program_cells(
         u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense, F, FP, BLOCK)
     g = tl.load(grad_ptr + pts[:, None] * (LEVELS * F) + lvl * F + feat[None, :], mask=fm, other=0.0)
-    for k in tl.static_range(8):
-        row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
-        tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm, sem="relaxed")
+    if RUNS and dense:
+        scale = tl.load(scales_ptr + lvl)
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        last = tl.minimum(first + BLOCK, n_points) - 1
+        px, py, pz, _, _, _ = _level_cell(u_ptr, pts - 1, (pts > first) & (pts <= last), scale)
+        nx, ny, nz, _, _, _ = _level_cell(u_ptr, pts + 1, pts < last, scale)
+        head = (pts == first) | (px != cx) | (py != cy) | (pz != cz)
+        tail = (pts >= last) | (nx != cx) | (ny != cy) | (nz != cz)
+        flags = tl.broadcast_to(head[:, None].to(tl.int32), (BLOCK, FP))
+        for k in tl.static_range(8):
+            row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+            _, total = tl.associative_scan((flags, w[:, None] * g), 0, _segment_sum)
+            tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], total, mask=fm & tail[:, None],
+                          sem="relaxed")
+    else:
+        for k in tl.static_range(8):
+            row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+            tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm,
+                          sem="relaxed")
+
+
+@triton.jit
+def _segment_sum(f1, a1, f2, a2):
+    """The segmented sum's combine: a head flag (f2) starts a new run."""
+    return f1 | f2, tl.where(f2 != 0, a2, a1 + a2)
 
 
 @triton.jit
@@ -148,7 +173,7 @@ def _backward_pairs_kernel(u_ptr, grad_ptr, grad_table_ptr, scales_ptr, res_ptr,
         _red_add_pair(grad_table_ptr + row * 2, w * g0, w * g1, m)
 
 
-ATOMICS = ("auto", "scalar", "pairs")
+ATOMICS = ("auto", "scalar", "pairs", "runs")
 
 
 def resolve_atomics(setting: str, features: int, device: torch.device) -> str:
@@ -156,8 +181,8 @@ def resolve_atomics(setting: str, features: int, device: torch.device) -> str:
     Triton's interpreter), else 'scalar'; 'pairs' where it cannot run: a one-line RuntimeError."""
     if setting not in ATOMICS:
         raise ValueError(f"hash grid atomics: {setting!r} is not one of {', '.join(ATOMICS)}")
-    if setting == "scalar":
-        return "scalar"
+    if setting in ("scalar", "runs"):
+        return setting
     import os
 
     why = None
@@ -176,12 +201,12 @@ def resolve_atomics(setting: str, features: int, device: torch.device) -> str:
     return "scalar"
 
 
-def _launch(kernel, u: torch.Tensor, data: torch.Tensor, out: torch.Tensor, grid) -> None:
+def _launch(kernel, u: torch.Tensor, data: torch.Tensor, out: torch.Tensor, grid, **flags) -> None:
     n = u.shape[0]
     f = grid.features_per_level
     kernel[(triton.cdiv(n, BLOCK), grid.levels)](
         u, data, out, grid.scales, grid.resolutions, grid.entries, grid.offsets, n, grid.n_dense, grid.hash_mask,
-        LEVELS=grid.levels, F=f, FP=triton.next_power_of_2(f), BLOCK=BLOCK, num_warps=4,
+        LEVELS=grid.levels, F=f, FP=triton.next_power_of_2(f), BLOCK=BLOCK, num_warps=4, **flags,
         # p = scale·u + 0.5 rounded as a multiply then an add, like the torch backend: a fused
         # multiply-add can move p across a cell boundary at the finest levels (one ulp of p)
         enable_fp_fusion=False)
@@ -199,8 +224,11 @@ def table_grad(u: torch.Tensor, grad: torch.Tensor, grid) -> torch.Tensor:
     """∂/∂table of Σ (out · grad): (entries, F) fp32."""
     gt = torch.zeros(grid.n_entries, grid.features_per_level, device=u.device, dtype=torch.float32)
     if u.shape[0]:
-        pairs = resolve_atomics(getattr(grid, "atomics", "auto"), grid.features_per_level, u.device) == "pairs"
-        _launch(_backward_pairs_kernel if pairs else _backward_kernel, u, grad.float().contiguous(), gt, grid)
+        how = resolve_atomics(getattr(grid, "atomics", "auto"), grid.features_per_level, u.device)
+        if how == "pairs":
+            _launch(_backward_pairs_kernel, u, grad.float().contiguous(), gt, grid)
+        else:
+            _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid, RUNS=how == "runs")
     return gt
 
 
