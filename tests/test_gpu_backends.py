@@ -644,14 +644,12 @@ def test_opposite_vertices_do_not_wait_for_the_gpu():
     assert torch.equal(opposite_vertices(on_gpu, n).cpu(), opposite_vertices(faces, n))
 
 
-def test_paired_atomics_and_runs_give_the_scalar_table_gradient():
-    """coarse.grid.atomics: the triton backward's paired fp32×2 reductions (compute capability ≥ 9.0),
-    and runs of points in one cell summed before their adds, against one reduction a feature, on magic123's grid at points laid
-    out as the renderer lays them out (each ray's samples one after another, so that neighbouring
-    points share corners at the coarse levels): the same table gradient up to the order of the adds."""
+def test_runs_give_the_scalar_table_gradient():
+    """coarse.grid.atomics 'runs' (the default): the triton backward's runs of points in one cell summed
+    before their atomic adds against each point's own adds, on magic123's grid at points laid out as
+    the renderer lays them out (each ray's samples one after another, so that runs of them share a
+    cell at the coarse levels): the same table gradient up to the order of the adds."""
     pytest.importorskip("triton")
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("paired fp32 reductions need compute capability 9.0")
     import sys
     from pathlib import Path
 
@@ -663,15 +661,13 @@ def test_paired_atomics_and_runs_give_the_scalar_table_gradient():
 
     dev = torch.device("cuda")
     grid = HashGrid(**CONFIG, backend="triton", device=dev)
-    assert ht.resolve_atomics("auto", 2, dev) == "pairs"
     g = torch.Generator(device=dev).manual_seed(0)
     u = grid.normalize(ray_points(1 << 20, dev, g)).contiguous()
     up = torch.randn(u.shape[0], grid.output_dim, device=dev, generator=g)
     out = {}
-    for setting in ("scalar", "pairs", "runs"):
+    for setting in ("scalar", "runs"):
         grid.atomics = setting
         out[setting] = ht.table_grad(u, up, grid)
     scale = float(out["scalar"].abs().max())
     assert scale > 1.0 and int((out["scalar"] != 0).sum()) > 1000
-    for setting in ("pairs", "runs"):
-        torch.testing.assert_close(out[setting], out["scalar"], rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(out["runs"], out["scalar"], rtol=1e-4, atol=1e-5 * scale)

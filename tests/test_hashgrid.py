@@ -246,6 +246,7 @@ def rays(g, n_rays=6, n_samples=64):
 res = {}
 for name, cfg in configs.items():
     a, b = pair(cfg)
+    b.atomics = "scalar"  # each point's own adds here; the runs on the rays below
     x = points(a, 256)
     up = torch.randn(x.shape[0], a.output_dim, generator=gen)
     ya, yb = a(x), b(x)
@@ -260,9 +261,8 @@ for name, cfg in configs.items():
     upr = torch.randn(xr.shape[0], a.output_dim, generator=gen)
     a.table.grad = b.table.grad = None
     (a(xr) * upr).sum().backward()
-    b.atomics = "runs"
+    b.atomics = "auto"  # = runs
     (b(xr) * upr).sum().backward()
-    b.atomics = "auto"
     res[name].update(g_torch_rays=a.table.grad, g_runs_rays=b.table.grad)
 
 # positions that need gradients (analytic normals: a double backward): the torch code, same table
@@ -349,34 +349,19 @@ def test_triton_backend_choice(monkeypatch):
     assert g.encoding.backend == "torch"
 
 
-def test_paired_atomics_are_chosen_only_where_they_run(monkeypatch):
-    """coarse.grid.atomics: 'auto' pairs a row's two features in one fp32×2 reduction only with 2
-    features a level, on CUDA of compute capability ≥ 9.0, outside Triton's interpreter; 'pairs'
-    elsewhere is refused in one line; the params reach the field's grid."""
-    ht = pytest.importorskip("core.representations.hashgrid_triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert ht.resolve_atomics("auto", 2, cuda) == "pairs"
-    assert ht.resolve_atomics("auto", 4, cuda) == "scalar"
-    assert ht.resolve_atomics("scalar", 2, cuda) == "scalar"
-    assert ht.resolve_atomics("runs", 4, torch.device("cpu")) == "runs"  # runs wherever triton runs
-    assert ht.resolve_atomics("auto", 2, torch.device("cpu")) == "scalar"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert ht.resolve_atomics("auto", 2, cuda) == "scalar"
-    for features, device, why in ((2, cuda, "capability 8.0"), (1, cuda, "1 features"),
-                                  (2, torch.device("cpu"), "a cpu device")):
-        with pytest.raises(RuntimeError, match=why) as err:
-            ht.resolve_atomics("pairs", features, device)
-        assert "\n" not in str(err.value)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert ht.resolve_atomics("auto", 2, cuda) == "scalar"
-    with pytest.raises(ValueError, match="'both'"):
-        ht.resolve_atomics("both", 2, cuda)
-
+def test_the_atomics_setting_reaches_the_coarse_and_fine_grids():
+    """coarse.grid.atomics reaches the coarse field's hash grid and, through the fine stage's colour
+    field loaded from it, the fine stage's; a value outside auto | scalar | runs is refused."""
     from core.params import load_params
     from core.representations.nerf import NeRFField
+    from core.stages.fine import DMTetRepresentation
 
-    p = load_params("smoke", {"coarse.grid.atomics": "scalar", "coarse.grid.backend": "torch"})
-    assert NeRFField.from_params(p).encoding.atomics == "scalar"
+    p = load_params("smoke", {"coarse.grid.atomics": "scalar"})
+    field = NeRFField.from_params(p)
+    assert field.encoding.atomics == "scalar"
+    loaded = NeRFField.from_state(field.config, field.state_dict())
+    assert loaded.encoding.atomics == "auto"
+    rep = DMTetRepresentation(p, loaded, torch.device("cpu"))
+    assert rep.colour.field.encoding.atomics == "scalar"
+    with pytest.raises(Exception, match="atomics"):
+        load_params("smoke", {"coarse.grid.atomics": "pairs"})

@@ -172,7 +172,7 @@ class HashGrid(nn.Module):
         self.hash_mask = (1 << self.log2_table_size) - 1
         self.recompute_backward = True  # torch backend: see _RecomputedLookup
         self.chunk = 1 << 20  # torch backend (and triton's torch fallback): points per evaluation (0: all at once)
-        self.atomics = "auto"  # triton backend: the backward's atomic adds (set_atomics)
+        self.atomics = "auto"  # triton backend: the backward's atomic adds (coarse.grid.atomics: auto | scalar | runs)
         log.info("hash grid: %s backend (%d levels × %d features, table 2^%d, resolution %d→%d, b=%.4f)",
                  self.backend, self.levels, self.features_per_level, self.log2_table_size,
                  self.base_resolution, self.max_resolution, self.per_level_scale)
@@ -193,15 +193,6 @@ class HashGrid(nn.Module):
     def flat_params(self) -> torch.Tensor:
         """The parameters as tiny-cuda-nn holds them: one flat vector."""
         return self.tcnn_encoding.params if self.backend == "tcnn" else self.table.view(-1)
-
-    def set_atomics(self, setting: str) -> None:
-        """The triton backend's atomic adds in its backward (coarse.grid.atomics: auto | scalar |
-        pairs, hashgrid_triton.py); 'pairs' where they cannot run fails here, in one line."""
-        if self.backend == "triton":
-            from . import hashgrid_triton
-
-            hashgrid_triton.resolve_atomics(setting, self.features_per_level, self.table.device)
-        self.atomics = setting
 
     # ------------------------------------------------------------------------------------ encoding
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,15 @@ same float32 level scales (`level_layout`), the same corner order k = (k&1, k>>1
 that need gradients take the torch path (`HashGrid.forward`).
 
 The backward's atomic adds (`HashGrid.atomics`, params `coarse.grid.atomics`): 'scalar' adds each
-feature with its own fp32 reduction (`tl.atomic_add`: Triton emits one `red.add.f32` an element,
-it does not pair fp32 atomics); 'pairs' adds a row's two features (F = 2, the paper's grid) with one
-`red.global.add.v2.f32` (PTX 8.1, sm_90: Hopper and later), written as inline PTX. The same fp32
-adds into the same addresses, half as many reduction instructions at the L2: the same gradient up
-to the order of the atomic adds, which neither path fixes. 'auto' takes 'pairs' where it runs (F = 2
-on a CUDA device of compute capability 9.0 or later, not under Triton's interpreter, which runs no
-inline PTX), 'scalar' elsewhere.
+point's w · d out at each corner; 'runs' (and 'auto'), on the dense levels, first sums a run of
+consecutive points in one cell (a segmented scan over the block: the renderer hands each ray's
+samples over one after another, and at the coarse levels several fall in one cell) and adds the sum
+once a corner from the run's last point. The same sums up to the order of the float adds, which the
+atomics leave open anyway. On an H200, 2^22 points laid out as the renderer's (hashgrid_check.py):
+10.30 → 6.01 ms the table gradient; on random points, which make no runs, 7.02 → 7.21 ms. Adding a
+row's two features with one paired fp32×2 reduction (`red.global.add.v2.f32`, sm_90, inline PTX)
+was tried in session 33 and gained nothing (10.22 → 9.96 and 6.94 → 7.21 ms): the L2 counts the
+adds, not the instructions.
 
 This module imports triton at its top: `hashgrid.py` imports it only when the 'triton' backend runs.
 With TRITON_INTERPRET=1 in the environment before triton is imported (triton reads it when it
@@ -147,58 +149,7 @@ def _segment_sum(f1, a1, f2, a2):
     return f1 | f2, tl.where(f2 != 0, a2, a1 + a2)
 
 
-@triton.jit
-def _red_add_pair(ptr, a, b, m):
-    """table[row, 0] += a and table[row, 1] += b in one fp32×2 reduction (`red…add.v2.f32`, sm_90)
-    where m; `ptr` points at the row's first feature (8-byte aligned: rows of two fp32)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $4, 0; @p red.relaxed.gpu.global.add.v2.f32 [$1], {$2, $3}; mov.u32 $0, 0; }",
-        "=r,l,f,f,r", [ptr.to(tl.int64, bitcast=True), a, b, m.to(tl.int32)],
-        dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _backward_pairs_kernel(u_ptr, grad_ptr, grad_table_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
-                           n_points, n_dense, hash_mask,
-                           LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
-    """`_backward_kernel` for F = 2: each corner's two features added by one paired reduction."""
-    lvl, pts, feat, fm, res, entries, offset, dense, cx, cy, cz, fx, fy, fz = _program_cells(
-        u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense, F, FP, BLOCK)
-    m = pts < n_points
-    g_row = grad_ptr + pts * (LEVELS * 2) + lvl * 2
-    g0 = tl.load(g_row, mask=m, other=0.0)
-    g1 = tl.load(g_row + 1, mask=m, other=0.0)
-    for k in tl.static_range(8):
-        row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
-        _red_add_pair(grad_table_ptr + row * 2, w * g0, w * g1, m)
-
-
-ATOMICS = ("auto", "scalar", "pairs", "runs")
-
-
-def resolve_atomics(setting: str, features: int, device: torch.device) -> str:
-    """'auto' → 'pairs' where the paired reduction runs (F = 2, CUDA compute capability ≥ 9.0, not
-    Triton's interpreter), else 'scalar'; 'pairs' where it cannot run: a one-line RuntimeError."""
-    if setting not in ATOMICS:
-        raise ValueError(f"hash grid atomics: {setting!r} is not one of {', '.join(ATOMICS)}")
-    if setting in ("scalar", "runs"):
-        return setting
-    import os
-
-    why = None
-    if features != 2:
-        why = f"{features} features a level (pairs need 2)"
-    elif device.type != "cuda":
-        why = f"a {device.type} device"
-    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        why = "Triton's interpreter (no inline PTX)"
-    elif torch.cuda.get_device_capability(device) < (9, 0):
-        why = "compute capability %d.%d (red.add.v2.f32 needs 9.0)" % torch.cuda.get_device_capability(device)
-    if why is None:
-        return "pairs"
-    if setting == "pairs":
-        raise RuntimeError(f"hash grid atomics 'pairs' cannot run with {why}; use 'auto' or 'scalar'")
-    return "scalar"
+ATOMICS = ("auto", "scalar", "runs")
 
 
 def _launch(kernel, u: torch.Tensor, data: torch.Tensor, out: torch.Tensor, grid, **flags) -> None:
@@ -224,11 +175,7 @@ def table_grad(u: torch.Tensor, grad: torch.Tensor, grid) -> torch.Tensor:
     """∂/∂table of Σ (out · grad): (entries, F) fp32."""
     gt = torch.zeros(grid.n_entries, grid.features_per_level, device=u.device, dtype=torch.float32)
     if u.shape[0]:
-        how = resolve_atomics(getattr(grid, "atomics", "auto"), grid.features_per_level, u.device)
-        if how == "pairs":
-            _launch(_backward_pairs_kernel, u, grad.float().contiguous(), gt, grid)
-        else:
-            _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid, RUNS=how == "runs")
+        _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid, RUNS=grid.atomics != "scalar")
     return gt
 
 

@@ -147,7 +147,7 @@ class NeRFField(nn.Module):
                    seed=params.seed, blob_kind=c.density_blob)
         field.encoding.recompute_backward = c.grid.recompute_backward
         field.encoding.chunk = c.grid.chunk
-        field.encoding.set_atomics(c.grid.atomics)
+        field.encoding.atomics = c.grid.atomics
         field.normals_recompute = c.normals_recompute
         field.mlp_precision = c.mlp.precision
         return field

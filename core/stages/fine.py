@@ -82,8 +82,8 @@ class DMTetRepresentation:
         if hasattr(self.colour.field, "level_mask"):  # a NeRFField: every level to start with (fine.level_mask)
             self.colour.field.active_levels = None
         enc = getattr(self.colour.field, "encoding", None)
-        if hasattr(enc, "set_atomics"):  # the coarse field's hash grid, loaded: coarse.grid.atomics again
-            enc.set_atomics(c.grid.atomics)
+        if hasattr(enc, "atomics"):  # the coarse field's hash grid, loaded: coarse.grid.atomics again
+            enc.atomics = c.grid.atomics
         self.field_config = dict(getattr(coarse_field, "config", {}))
         self.rasterizer = make_rasterizer(f.rasterizer, device, f.coverage, f.compile)
         self.backend = self.rasterizer.backend
