@@ -671,3 +671,19 @@ def test_runs_give_the_scalar_table_gradient():
     scale = float(out["scalar"].abs().max())
     assert scale > 1.0 and int((out["scalar"] != 0).sum()) > 1000
     torch.testing.assert_close(out["runs"], out["scalar"], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_the_renders_compaction_waits_for_the_gpu_once():
+    """The volume renderer's compaction of its active samples and of those that get normals: one
+    host sync for both sizes (two nonzeros waited twice), and the CPU's indices."""
+    from core.representations.nerf import _compaction
+
+    g = torch.Generator().manual_seed(0)
+    active = torch.rand(16384, 128, generator=g) < 0.2
+    w0 = torch.rand(16384 * 128, generator=g) * 2e-4
+    on = active.cuda(), w0.cuda()
+    _compaction(*on, 1e-4)
+    torch.cuda.synchronize()
+    assert _syncs(lambda: _compaction(*on, 1e-4)) == 1
+    for x, y in zip(_compaction(*on, 1e-4), _compaction(active, w0, 1e-4)):
+        assert torch.equal(x.cpu(), y)

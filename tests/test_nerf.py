@@ -343,3 +343,24 @@ def test_positive_cumprod_is_torchs_cumprod_forward_and_backward_bit_for_bit(mon
         (out.rgb.square().sum() + out.depth.sum() + out.opacity.sum()).backward()
         res.append([q.grad.clone() for q in f.parameters()])
     assert all(torch.equal(p, q) for p, q in zip(*res))
+
+
+def test_compaction_gives_the_nonzeros_indices():
+    """The render's compaction (both sizes read in one wait for the device): the active samples'
+    indices and, within them, the positions of those of weight ≥ the normals' threshold, as two
+    nonzeros give them; with no weights, no positions."""
+    from core.representations.nerf import _compaction
+
+    g = torch.Generator().manual_seed(0)
+    for p_active in (0.0, 0.3, 1.0):
+        active = torch.rand(64, 48, generator=g) < p_active
+        w0 = torch.rand(64 * 48, generator=g) * 2e-4
+        idx, nsel = _compaction(active, w0, 1e-4)
+        ref = active.reshape(-1).nonzero(as_tuple=True)[0]
+        assert torch.equal(idx, ref)
+        assert torch.equal(nsel, (w0[ref] >= 1e-4).nonzero(as_tuple=True)[0])
+        assert idx.dtype == nsel.dtype == torch.long
+        if p_active == 0.3:
+            assert 0 < len(nsel) < len(idx)
+        idx2, none = _compaction(active, None, 1e-4)
+        assert torch.equal(idx2, ref) and none is None

@@ -404,6 +404,23 @@ def _images(ws: torch.Tensor, ray_of: torch.Tensor, alb: torch.Tensor, col: torc
     return rgb, albedo_img, normal_img, normal_sg
 
 
+def _compaction(active: torch.Tensor, w0: Optional[torch.Tensor], min_weight: float
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The active samples' flat indices `idx` (ascending) and, given the gradient-free pass's weights
+    w0, the positions within idx of the active samples of weight ≥ min_weight (those that get normals;
+    None without w0). Both sizes come to the host in one wait for the device: a nonzero each would
+    wait twice (the render's field pass, twice a guided coarse iteration). The same indices as
+    `active.nonzero()` and `(w0[idx] >= min_weight).nonzero()`."""
+    flat = active.reshape(-1)
+    if w0 is None:
+        return flat.nonzero(as_tuple=True)[0], None
+    sel = flat & (w0 >= min_weight)
+    n_idx, n_sel = torch.stack([flat.sum(), sel.sum()]).tolist()  # the one wait
+    idx = torch.nonzero_static(flat, size=n_idx).squeeze(1)
+    position = torch.cumsum(flat, 0) - 1  # each active sample's place in idx
+    return idx, position[torch.nonzero_static(sel, size=n_sel).squeeze(1)]
+
+
 def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int] = None, *,
            samples_per_ray: int = 64, occupancy: Optional[OccupancyGrid] = None, shading: str = "albedo",
            light_dir: Optional[torch.Tensor] = None, ambient: float = 0.1, diffuse: float = 0.9,
@@ -495,11 +512,11 @@ def render(field: NeRFField, cameras: Cameras, height: int, width: Optional[int]
                 active = active & (t0 > early_stop)
             w0 = (a0 * t0).reshape(-1)
     with scope("lift3d.render.field"):
-        idx = active.reshape(-1).nonzero(as_tuple=True)[0]
+        # the active samples' flat indices, and the positions `nsel` within them of the samples
+        # that carry normals
+        idx, nsel = _compaction(active, w0 if gate else None, normal_min_weight)
         grad_on = torch.is_grad_enabled()
         x_all = pts.reshape(-1, 3)[idx]
-        # the samples that carry normals: positions `nsel` within idx
-        nsel = (w0[idx] >= normal_min_weight).nonzero(as_tuple=True)[0] if gate else None
         nrm = None
         empty = (torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev))
         if analytic:
