@@ -398,7 +398,8 @@ class GuidanceParams(_Section):
     # 'reduce-overhead', whose CUDA graphs share one memory pool and must not replay at once (two
     # asks for it and is refused then). The same kernels on the same inputs: the same numbers up to
     # atomics' order. Off a GPU always one (core.guidance.priors.prior_streams). H200, compile 'graphs',
-    # 300 coarse iterations A B A B: 43.6 → 43.0 ms an iteration (reports/speed session 32)
+    # 300 coarse iterations A B A B: 43.6 → 43.0 ms an iteration (reports/speed session 32); graphs + two
+    # against the defaults (reduce-overhead, one): 43.9 → 42.5 ms (session 33)
     streams: Literal["auto", "one", "two"] = "auto"
 
 
