@@ -632,8 +632,10 @@ def test_released_augmentation_neither_waits_for_the_gpu_nor_follows_tf32():
 
 def test_marching_tets_waits_for_the_gpu_only_for_its_sizes():
     """Marching tetrahedra each fine iteration compacts three times and takes one unique (the mesh's
-    size is the data's): at most five syncs (torch's unique may read its size twice), not session
-    20's eleven (tables copied per call, boolean masks indexed twice). The mesh is the CPU's."""
+    size is the data's): the crossed tetrahedra's nonzero, one read of the two later compactions'
+    sizes, the unique: at most four syncs (torch's unique may read its size twice), not session
+    20's eleven (tables copied per call, boolean masks indexed twice) or session 32's five. The mesh
+    is the CPU's."""
     from core.representations.dmtet import DMTet, marching_tets
 
     net = DMTet(resolution=16)
@@ -644,7 +646,7 @@ def test_marching_tets_waits_for_the_gpu_only_for_its_sizes():
     marching_tets(pos, sdf, tets)  # the constants copied once
     torch.cuda.synchronize()
     n = _syncs(lambda: marching_tets(pos, sdf, tets))
-    assert 4 <= n <= 5, n
+    assert 3 <= n <= 4, n
     gpu = marching_tets(pos, sdf, tets)
     assert torch.equal(gpu.faces.cpu(), cpu.faces)
     assert torch.allclose(gpu.verts.cpu(), cpu.verts, atol=1e-6)

@@ -95,10 +95,12 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
     device = pos.device
     tets = tets.long()
     with torch.no_grad():
-        # compactions by index (one nonzero each) and the tables as kept device constants: a boolean
-        # mask index is a nonzero, a table made from numpy each call a copy, each a wait for the GPU
-        # (eleven a call before session 21, four now: three nonzeros and the unique); the same
-        # elements in the same order as the masks gave
+        # compactions by index and the tables as kept device constants: a boolean mask index is a
+        # nonzero, a table made from numpy each call a copy, each a wait for the GPU (eleven a call
+        # before session 21, four in sessions 21–32, three now: the crossed tetrahedra's nonzero,
+        # one read of the crossing edges' and the two-triangle tetrahedra's counts for both
+        # compactions after it (nonzero_static, no wait), and the unique); the same elements in the
+        # same order as the masks gave
         occ = sdf > 0
         occ_t = occ[tets]  # (T, 4)
         n_in = occ_t.sum(1)
@@ -108,18 +110,19 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         tv, occ_v = tets.index_select(0, rows), occ_t.index_select(0, rows)
         edges = tv[:, device_constant(_TET_EDGES_ROWS, torch.long, device)]  # (Tv, 6, 2)
         edges = sort_pairs(edges)
-        crossing = occ[edges[..., 0]] != occ[edges[..., 1]]  # (Tv, 6)
+        crossing = (occ[edges[..., 0]] != occ[edges[..., 1]]).reshape(-1)  # (Tv·6,)
+        code = (occ_v.long() * device_constant((1, 2, 4, 8), torch.long, device)).sum(1)
+        ntri = device_constant(_NUM_TRIANGLES_ROW, torch.long, device)[code]  # (Tv,)
+        n_cut, n_two = torch.stack([crossing.sum(), (ntri == 2).sum()]).tolist()  # one wait for both
         n_vert = pos.shape[0]
-        cut = torch.nonzero(crossing.reshape(-1)).squeeze(1)
+        cut = torch.nonzero_static(crossing, size=n_cut).squeeze(1)
         uniq, inv = torch.unique(edge_keys(edges, n_vert).reshape(-1).index_select(0, cut), return_inverse=True)
-        edge_to_vert = torch.full(crossing.shape, -1, dtype=torch.long, device=device)
+        edge_to_vert = torch.full((rows.shape[0], 6), -1, dtype=torch.long, device=device)
         edge_to_vert.view(-1)[cut] = inv
         a, b = uniq // n_vert, uniq % n_vert
-        code = (occ_v.long() * device_constant((1, 2, 4, 8), torch.long, device)).sum(1)
         table = device_constant(_TRIANGLE_ROWS, torch.long, device).view(16, 2, 3)[code]
-        ntri = device_constant(_NUM_TRIANGLES_ROW, torch.long, device)[code]  # (Tv,)
         first = torch.gather(edge_to_vert, 1, table[:, 0])  # (Tv, 3)
-        two = torch.nonzero(ntri == 2).squeeze(1)
+        two = torch.nonzero_static(ntri == 2, size=n_two).squeeze(1)
         second = torch.gather(edge_to_vert.index_select(0, two), 1, table.index_select(0, two)[:, 1])
         faces = torch.cat([first, second], 0)
     # gathers with a fixed-order backward (core.ops): a grid vertex is the end of many crossing edges
