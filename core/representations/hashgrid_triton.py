@@ -149,9 +149,6 @@ def _segment_sum(f1, a1, f2, a2):
     return f1 | f2, tl.where(f2 != 0, a2, a1 + a2)
 
 
-ATOMICS = ("auto", "scalar", "runs")
-
-
 def _launch(kernel, u: torch.Tensor, data: torch.Tensor, out: torch.Tensor, grid, **flags) -> None:
     n = u.shape[0]
     f = grid.features_per_level
