@@ -1,6 +1,7 @@
 """GPU check of the hash grid's Triton backend (issue 15) against the PyTorch one, at equal parameters.
 
-  python3 scripts/hashgrid_check.py --out DIR/hashgrid_check.json [--log2-points 22]
+  python3 scripts/hashgrid_check.py --out DIR/hashgrid_check.json [--log2-points 22]   # and its .png
+  python3 scripts/hashgrid_check.py --plot DIR/hashgrid_check.json   # only draw the .png of a saved result
 
 magic123's grid (16 levels × 2 features, table 2^19, resolution 16 → 2048) on 2^22 random points:
 the largest absolute difference of the encodings and of the table gradients (a random output
@@ -99,14 +100,52 @@ def backward_times(grid: HashGrid, x: torch.Tensor, up: torch.Tensor, reps: int 
     return out
 
 
+def plot(path: Path) -> Path:
+    """The table gradient's median ms under each atomics setting the JSON at `path` holds, on random
+    points and on points laid out as the renderer's: a PNG beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(path.read_text())
+    groups = [("random points", res["atomics_random_points"]), ("points laid out as the renderer's", res["atomics_ray_points"])]
+    settings = [k for k in ("scalar", "pairs", "runs") if k in groups[0][1]]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(groups) * len(settings)))
+    y, labels = 0, []
+    for gi, (name, r) in enumerate(groups):
+        for si, k in enumerate(settings):
+            ms = r[k]["ms_median"]
+            ax.barh(y, ms, color=f"C{si}")
+            ax.text(ms, y, f" {ms:.2f} ms", va="center", fontsize=8)
+            labels.append((y, f"{name}: {k}"))
+            y += 1
+        y += 0.6
+    ax.set_yticks([t for t, _ in labels], [lab for _, lab in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"the table gradient of {res['points']:,} points, median ms ({res['device']})")
+    ax.set_xlim(0, 1.2 * max(r[k]["ms_median"] for _, r in groups for k in settings))
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="JSON file to write (and its .png)")
+    ap.add_argument("--plot", type=Path, help="only draw the .png of a JSON this script wrote")
     ap.add_argument("--log2-points", type=int, default=22)
     args = ap.parse_args()
+    if args.plot:
+        print(f"wrote {plot(args.plot)}")
+        return 0
+    if args.out is None:
+        ap.error("--out is required (or --plot JSON)")
     if not torch.cuda.is_available():
-        print("needs CUDA", file=sys.stderr)
-        return 1
+        print("hashgrid_check: needs a CUDA device", file=sys.stderr)
+        return 2
     import triton
 
     dev = torch.device("cuda")
@@ -141,6 +180,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
+    print(f"wrote {args.out} and {plot(args.out)}")
     return 0
 
 

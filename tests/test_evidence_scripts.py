@@ -367,3 +367,27 @@ def test_step_bench_times_each_stages_optimiser_and_the_field_by_precision(tmp_p
     if not torch.cuda.is_available():
         rc, err = run("--out", tmp_path / "x.json")
         assert rc == 2 and err == ["step_bench: needs a CUDA device (it times GPU kernels)"] and not (tmp_path / "x.json").exists()
+
+
+def test_hashgrid_check_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
+    """scripts/hashgrid_check.py --plot: a saved result (session 33's H200 run, its atomics settings)
+    → a PNG beside it; timing without --out, or without a CUDA device, is one line and exit 2."""
+    import json
+    import shutil
+    import subprocess
+
+    src = tmp_path / "hc.json"
+    shutil.copy(ROOT / "reports" / "speed" / "h200_hashgrid_atomics_s33_final.json", src)
+    assert {"scalar", "runs"} <= set(json.loads(src.read_text())["atomics_ray_points"])
+
+    def run(*args):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "hashgrid_check.py"), *map(str, args)],
+                           capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stderr.strip().splitlines()
+
+    assert run("--plot", src)[0] == 0 and src.with_suffix(".png").stat().st_size > 5000
+    rc, err = run()
+    assert rc == 2 and "--out is required" in err[-1]
+    if not __import__("torch").cuda.is_available():
+        rc, err = run("--out", tmp_path / "x.json")
+        assert rc == 2 and err == ["hashgrid_check: needs a CUDA device"] and not (tmp_path / "x.json").exists()
