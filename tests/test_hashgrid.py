@@ -57,12 +57,17 @@ def test_torch_encoding_equals_hand_computation():
     g = HashGrid(levels=6, features_per_level=2, log2_table_size=10, base_resolution=4, max_resolution=200,
                  bound=1.0, backend="torch")
     assert 0 < g.n_dense < g.levels  # both dense and hashed levels are exercised
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        g.table.uniform_(-1, 1)
-    x = torch.rand(40, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        g.table.copy_(torch.rand(g.table.shape, generator=gen) * 2 - 1)
+    x = torch.rand(40, 3, generator=gen) * 2 - 1
     x[0] = torch.tensor([1.0, 1.0, 1.0])  # the far corner wraps around in dense levels, as in tcnn
     x[1] = torch.tensor([-1.0, -1.0, -1.0])
-    assert torch.allclose(g(x), naive_encode(g, x), atol=1e-5)
+    # the reference works in float64, the grid in float32: at the finest level (scale ≈ 200) one
+    # float32 ulp of the cell position is 1.5e-5, which moves a weight, and so a feature made of
+    # table values in [−1, 1], by up to ~3e-5 (session 33: the table drawn from the global stream
+    # put the largest difference anywhere in 5e-6 … 1.3e-5 against the old 1e-5 bound, 1 run in ~15)
+    assert torch.allclose(g(x), naive_encode(g, x), atol=5e-5, rtol=0)
 
 
 def test_hash_of_a_known_corner():
