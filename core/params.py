@@ -85,11 +85,11 @@ class HashGridParams(_Section):
     # imports on CUDA, else torch; the log and checkpoints (hash_grid_backend) say which ran. One
     # table layout for all three: checkpoints load across backends.
     backend: Literal["auto", "torch", "tcnn", "triton"] = "auto"
-    # triton backend, the backward's atomic adds into the table gradient: runs (= auto) = on the
+    # triton backend, the backward's atomic adds into the table gradient: runs = on the
     # dense levels a run of consecutive points in one cell (a ray's samples) summed first, then
     # added once a corner; scalar = each point's own adds. The same sums up to float order. H200,
     # 2^22 points laid out as the renderer's: 10.30 → 6.01 ms (hashgrid_triton.py, reports/speed s33)
-    atomics: Literal["auto", "scalar", "runs"] = "auto"
+    atomics: Literal["runs", "scalar"] = "runs"
     # torch backend: keep only the positions for the backward and recompute the corner rows and
     # weights there (12 bytes a point instead of ~1 KB at 16 levels; the same gradient, bit for
     # bit; a little more arithmetic). Off: the forward's rows and weights are kept.

@@ -242,20 +242,14 @@ def test_ti_speed_plots_a_clock_log(tmp_path):
     assert run(tmp_path / "none.csv", tmp_path / "x.png") == (2, [f"ti_speed.py: {tmp_path / 'none.csv'} not found"])
 
 
-def test_vae_bench_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
-    """scripts/vae_bench.py --plot: a saved result → a PNG beside it; timing without --out or
-    without a CUDA device is one line and exit 2."""
-    import json
+def _plots_and_needs_a_gpu(script: str, src: Path, tmp_path: Path) -> None:
+    """scripts/SCRIPT.py --plot SRC draws the PNG beside SRC; without --out, or (on a machine without
+    CUDA) with it, the script says what is wrong in one line, exits 2 and writes nothing."""
     import subprocess
 
-    src = tmp_path / "vae.json"
-    src.write_text(json.dumps({"gpu": "test", "rows": [
-        {"resolution": res, "kernels": k, "ms": ms} for res, k, ms in
-        ((512, "diffusers", 23.4), (512, "lift3d", 13.3), (256, "diffusers", 11.0), (256, "lift3d", 15.5))]}))
-
     def run(*args):
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "vae_bench.py"), *map(str, args)], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *map(str, args)],
+                           capture_output=True, text=True, timeout=120)
         return r.returncode, r.stderr.strip().splitlines()
 
     assert run("--plot", src)[0] == 0 and src.with_suffix(".png").stat().st_size > 5000
@@ -263,7 +257,20 @@ def test_vae_bench_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
     assert rc == 2 and "--out is required" in err[-1]
     if not __import__("torch").cuda.is_available():
         rc, err = run("--out", tmp_path / "x.json")
-        assert rc == 2 and err == ["vae_bench: needs a CUDA device"] and not (tmp_path / "x.json").exists()
+        assert rc == 2 and err == [f"{script}: needs a CUDA device"] and not (tmp_path / "x.json").exists()
+
+
+def test_vae_bench_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
+    """scripts/vae_bench.py --plot: a saved result → a PNG beside it; timing without --out or
+    without a CUDA device is one line and exit 2."""
+    import json
+
+    src = tmp_path / "vae.json"
+    src.write_text(json.dumps({"gpu": "test", "rows": [
+        {"resolution": res, "kernels": k, "ms": ms} for res, k, ms in
+        ((512, "diffusers", 23.4), (512, "lift3d", 13.3), (256, "diffusers", 11.0), (256, "lift3d", 15.5))]}))
+
+    _plots_and_needs_a_gpu("vae_bench", src, tmp_path)
 
 
 def test_ti_speed_counts_the_steps_flops_part_by_part():
@@ -374,20 +381,9 @@ def test_hashgrid_check_plots_a_saved_result_and_needs_a_gpu_to_time(tmp_path):
     → a PNG beside it; timing without --out, or without a CUDA device, is one line and exit 2."""
     import json
     import shutil
-    import subprocess
 
     src = tmp_path / "hc.json"
     shutil.copy(ROOT / "reports" / "speed" / "h200_hashgrid_atomics_s33_final.json", src)
     assert {"scalar", "runs"} <= set(json.loads(src.read_text())["atomics_ray_points"])
 
-    def run(*args):
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "hashgrid_check.py"), *map(str, args)],
-                           capture_output=True, text=True, timeout=120)
-        return r.returncode, r.stderr.strip().splitlines()
-
-    assert run("--plot", src)[0] == 0 and src.with_suffix(".png").stat().st_size > 5000
-    rc, err = run()
-    assert rc == 2 and "--out is required" in err[-1]
-    if not __import__("torch").cuda.is_available():
-        rc, err = run("--out", tmp_path / "x.json")
-        assert rc == 2 and err == ["hashgrid_check: needs a CUDA device"] and not (tmp_path / "x.json").exists()
+    _plots_and_needs_a_gpu("hashgrid_check", src, tmp_path)

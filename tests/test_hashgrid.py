@@ -266,7 +266,7 @@ for name, cfg in configs.items():
     upr = torch.randn(xr.shape[0], a.output_dim, generator=gen)
     a.table.grad = b.table.grad = None
     (a(xr) * upr).sum().backward()
-    b.atomics = "auto"  # = runs
+    b.atomics = "runs"
     (b(xr) * upr).sum().backward()
     res[name].update(g_torch_rays=a.table.grad, g_runs_rays=b.table.grad)
 
@@ -356,7 +356,7 @@ def test_triton_backend_choice(monkeypatch):
 
 def test_the_atomics_setting_reaches_the_coarse_and_fine_grids():
     """coarse.grid.atomics reaches the coarse field's hash grid and, through the fine stage's colour
-    field loaded from it, the fine stage's; a value outside auto | scalar | runs is refused."""
+    field loaded from it, the fine stage's; a value outside runs | scalar is refused."""
     from core.params import load_params
     from core.representations.nerf import NeRFField
     from core.stages.fine import DMTetRepresentation
@@ -365,7 +365,7 @@ def test_the_atomics_setting_reaches_the_coarse_and_fine_grids():
     field = NeRFField.from_params(p)
     assert field.encoding.atomics == "scalar"
     loaded = NeRFField.from_state(field.config, field.state_dict())
-    assert loaded.encoding.atomics == "auto"
+    assert loaded.encoding.atomics == "runs"
     rep = DMTetRepresentation(p, loaded, torch.device("cpu"))
     assert rep.colour.field.encoding.atomics == "scalar"
     with pytest.raises(Exception, match="atomics"):

@@ -172,7 +172,7 @@ class HashGrid(nn.Module):
         self.hash_mask = (1 << self.log2_table_size) - 1
         self.recompute_backward = True  # torch backend: see _RecomputedLookup
         self.chunk = 1 << 20  # torch backend (and triton's torch fallback): points per evaluation (0: all at once)
-        self.atomics = "auto"  # triton backend: the backward's atomic adds (coarse.grid.atomics: auto | scalar | runs)
+        self.atomics = "runs"  # triton backend: the backward's atomic adds (coarse.grid.atomics: runs | scalar)
         log.info("hash grid: %s backend (%d levels × %d features, table 2^%d, resolution %d→%d, b=%.4f)",
                  self.backend, self.levels, self.features_per_level, self.log2_table_size,
                  self.base_resolution, self.max_resolution, self.per_level_scale)

@@ -14,7 +14,7 @@ same float32 level scales (`level_layout`), the same corner order k = (k&1, k>>1
 that need gradients take the torch path (`HashGrid.forward`).
 
 The backward's atomic adds (`HashGrid.atomics`, params `coarse.grid.atomics`): 'scalar' adds each
-point's w · d out at each corner; 'runs' (and 'auto'), on the dense levels, first sums a run of
+point's w · d out at each corner; 'runs', on the dense levels, first sums a run of
 consecutive points in one cell (a segmented scan over the block: the renderer hands each ray's
 samples over one after another, and at the coarse levels several fall in one cell) and adds the sum
 once a corner from the run's last point. The same sums up to the order of the float adds, which the
@@ -172,7 +172,7 @@ def table_grad(u: torch.Tensor, grad: torch.Tensor, grid) -> torch.Tensor:
     """∂/∂table of Σ (out · grad): (entries, F) fp32."""
     gt = torch.zeros(grid.n_entries, grid.features_per_level, device=u.device, dtype=torch.float32)
     if u.shape[0]:
-        _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid, RUNS=grid.atomics != "scalar")
+        _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid, RUNS=grid.atomics == "runs")
     return gt
 
 
