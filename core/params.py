@@ -305,9 +305,9 @@ class StableDiffusionParams(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 512
     fp16: bool = True
-    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
-    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere;
-    # 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA graph of lift3d's
+    # torch.compile of the UNet on a GPU ('reduce-overhead': Inductor's CUDA graphs; reports/speed has the
+    # figures); 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA
+    # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm. The SDS
@@ -343,9 +343,9 @@ class Zero123Params(_Section):
     t_range: tuple[float, float] = (0.2, 0.6)
     resolution: int = 256
     fp16: bool = True
-    # torch.compile of the UNet on a GPU ('reduce-overhead': CUDA graphs; reports/speed has the figures);
-    # 'auto': reduce-overhead where it can build (CUDA, Triton, a C compiler), eager elsewhere;
-    # 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA graph of lift3d's
+    # torch.compile of the UNet on a GPU ('reduce-overhead': Inductor's CUDA graphs; reports/speed has the
+    # figures); 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA
+    # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile
@@ -399,7 +399,8 @@ class GuidanceParams(_Section):
     # asks for it and is refused then). The same kernels on the same inputs: the same numbers up to
     # atomics' order. Off a GPU always one (core.guidance.priors.prior_streams). H200, compile 'graphs',
     # 300 coarse iterations A B A B: 43.6 → 43.0 ms an iteration (reports/speed session 32); graphs + two
-    # against the defaults (reduce-overhead, one): 43.9 → 42.5 ms (session 33)
+    # against reduce-overhead + one: 43.9 → 42.5 ms (session 33), coarse 42.9 → 41.2, fine 42.6 → 42.0
+    # (session 34), since then the defaults (compile auto = graphs)
     streams: Literal["auto", "one", "two"] = "auto"
 
 
@@ -565,10 +566,10 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _two_streams_without_graph_trees(self):
-        """guidance.streams 'two' with a prior compiled 'reduce-overhead' (or 'auto', which is that on a
-        GPU) is refused here, before any model loads (core.guidance.priors.prior_streams says why)."""
+        """guidance.streams 'two' with a prior compiled 'reduce-overhead' is refused here, before any
+        model loads (core.guidance.priors.prior_streams says why). 'auto' compiles to 'graphs' or none."""
         trees = [f"{k}.compile={getattr(self, k).compile}" for k in ("sd", "zero123")
-                 if getattr(self, k).compile in ("auto", "reduce-overhead")]
+                 if getattr(self, k).compile == "reduce-overhead"]
         if self.guidance.streams == "two" and trees:
             raise ValueError(f"guidance.streams: two replays the priors' CUDA graphs at once, which "
                              f"reduce-overhead's share one memory pool ({', '.join(trees)}): set sd.compile "

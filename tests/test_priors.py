@@ -147,7 +147,8 @@ def test_two_streams_run_the_second_prior_beside_and_join_before_the_loss():
 def test_two_streams_only_on_a_gpu_and_never_beside_graph_trees():
     """guidance.streams: 'one' off a GPU whatever is asked; on a GPU 'auto' is two unless a prior's UNet
     compiles to reduce-overhead (Inductor's graph trees share one memory pool), where 'two' is refused:
-    by load_params, before any model loads, with a one-line message naming the keys."""
+    by load_params, before any model loads, with a one-line message naming the keys. The defaults
+    (compile auto, which is graphs on a GPU) take two."""
     from core.guidance.factory import guidance_streams
     from core.guidance.priors import prior_streams
     from core.params import ParamsError
@@ -160,8 +161,14 @@ def test_two_streams_only_on_a_gpu_and_never_beside_graph_trees():
     trees = {"sd": "graphs", "zero123": "reduce-overhead"}
     assert prior_streams("auto", "cuda", trees) == prior_streams("two", "cuda", trees) == "one"
     with pytest.raises(ParamsError) as e:
-        load_params("magic123", {"guidance.streams": "two", "sd.compile": "graphs"})
-    assert "zero123.compile=auto" in str(e.value) and "\n" not in str(e.value) and "got" not in str(e.value)
+        load_params("magic123", {"guidance.streams": "two", "sd.compile": "graphs", "zero123.compile": "reduce-overhead"})
+    assert "(zero123.compile=reduce-overhead)" in str(e.value)  # the key at fault, alone
+    assert "\n" not in str(e.value) and "got" not in str(e.value)
+    assert load_params("magic123", {"guidance.streams": "two"}).guidance.streams == "two"  # auto compiles to graphs
+    defaults = load_params("magic123")
+    from core.guidance.sd import compile_mode
+    resolved = {k: compile_mode(getattr(defaults, k).compile, "cuda", have_triton=True, have_cc=True) for k in ("sd", "zero123")}
+    assert prior_streams(defaults.guidance.streams, "cuda", resolved) == "two"  # the defaults on a GPU
     p = _tiny_params("magic123", **{"guidance.streams": "two", "sd.compile": "graphs", "zero123.compile": "graphs"})
     assert guidance_streams(p, "cpu") == "one"
     assert build_guidance(p, torch.rand(3, 64, 64), "coarse", "cpu").streams is None
@@ -235,8 +242,9 @@ def test_reference_is_reread_at_the_prior_resolution():
 
 
 def test_unet_compile_is_gpu_only_and_auto_by_default():
-    """compile: auto (the default) is CUDA graphs on a GPU where Inductor can build (Triton and a C
-    compiler) and eager where it cannot; any mode is eager on the CPU."""
+    """compile: auto (the default) is 'graphs' (Inductor's kernels, each SDS step one CUDA graph of
+    lift3d's) on a GPU where Inductor can build (Triton and a C compiler) and eager where it cannot;
+    any mode is eager on the CPU."""
     from core.guidance.sd import compile_mode, compile_unet
 
     p = load_params("magic123")
@@ -245,7 +253,7 @@ def test_unet_compile_is_gpu_only_and_auto_by_default():
     assert compile_unet(unet, "reduce-overhead", "cpu") is unet
     assert compile_unet(unet, "auto", "cpu") is unet
     assert compile_unet(unet, "none", "cuda") is unet
-    assert compile_mode("auto", "cuda", have_triton=True, have_cc=True) == "reduce-overhead"
+    assert compile_mode("auto", "cuda", have_triton=True, have_cc=True) == "graphs"  # reduce-overhead until session 34
     assert compile_mode("auto", "cuda", have_triton=False, have_cc=True) == "none"
     assert compile_mode("auto", "cuda", have_triton=True, have_cc=False) == "none"
     assert compile_mode("auto", "cpu", have_triton=True, have_cc=True) == "none"

@@ -41,12 +41,14 @@ def weights_dtype(device: torch.device | str, fp16: bool) -> torch.dtype:
 
 
 def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc: Optional[bool] = None) -> str:
-    """The torch.compile mode `mode` ('none' | 'auto' | 'default' | 'reduce-overhead') comes to on
-    `device`: 'none' off a GPU; 'auto' is 'reduce-overhead' where Inductor can build its kernels
+    """The torch.compile mode `mode` ('none' | 'auto' | 'default' | 'reduce-overhead' | 'graphs')
+    comes to on `device`: 'none' off a GPU; 'auto' is 'graphs' where Inductor can build its kernels
     (Triton importable, a C compiler for Triton's launchers) and 'none' where it cannot, so that a
     plain `pip install` on a machine without a compiler gets the eager UNet, not an error mid-run.
     The compiled UNets give the eager SDS gradients (tests/test_gpu_backends.py) and save ~25% of a
-    guided iteration after a ~90 s compile (reports/speed/README.md, sessions 9 and 12–13)."""
+    guided iteration after a ~90 s compile (reports/speed/README.md, sessions 9 and 12–13); 'graphs'
+    (with guidance.streams 'two', which it allows) saved 1.7 ms a coarse iteration and 0.6 ms a fine
+    one against 'reduce-overhead' on one H200 (session 34; 'auto' was 'reduce-overhead' until then)."""
     if mode == "none" or torch.device(device).type != "cuda":
         return "none"
     if mode != "auto":
@@ -55,7 +57,7 @@ def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc:
     if why:
         log.info("UNet: eager (compile=auto: %s)", why)
         return "none"
-    return "reduce-overhead"
+    return "graphs"
 
 
 def compile_unet(unet, mode: str, device):

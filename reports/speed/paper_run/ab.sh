@@ -11,6 +11,8 @@
 #   git archive 21cf978 | (mkdir -p .diag/old && tar x -C .diag/old)   # here; carry .diag/old to the GPU machine
 #   B_DIR=.diag/old bash reports/speed/paper_run/ab.sh "" "" 200 150   # A: this tree, B: 21cf978's
 # (python3 -m puts the run's own tree first on sys.path, ahead of a PYTHONPATH naming this one)
+# PRIORS: options both sides get first (default none: the priors' defaults, compile auto = graphs on a GPU with
+# two streams; before session 34 this script set sd/zero123.compile=reduce-overhead, the default then)
 A=${1:-}; B=${2:-}; C=${3:-400}; F=${4:-300}
 D=${D:-/tmp/ab}; mkdir -p $D
 export PYTHONUNBUFFERED=1
@@ -18,8 +20,7 @@ run() {  # run OUT STAGE OPTIONS…
   local out=$1 stage=$2 dir=${A_DIR:-.}; shift 2
   [ "${out##*/}" = a ] || dir=${B_DIR:-.}
   (cd $dir && timeout ${LIMIT:-280} python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
-    --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead \
-    --set coarse.iters=$C --set fine.iters=$F ${EXTRA:-} --compile-cache $D/cc.bin "$@" \
+    ${PRIORS:-} --set coarse.iters=$C --set fine.iters=$F ${EXTRA:-} --compile-cache $D/cc.bin "$@" \
     --stages $stage --out $out) > $D/${out##*/}_$stage.log 2>&1
   local rc=$?  # before anything else runs: a command substitution would reset $?
   echo "${out##*/} $stage rc $rc"

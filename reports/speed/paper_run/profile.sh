@@ -9,12 +9,13 @@
 #   bash reports/speed/paper_run/profile.sh [N] [EXTRA lift3d options…]
 # Coarse 300 iterations (99 reference-only, the UNets' compile at the 100th) and fine 200: ~6 min
 # on an H200 with the full-size random-weight priors written first (/tmp/models).
+# PRIORS: options both sides get first (default none: the priors' defaults, compile auto = graphs on a GPU with
+# two streams; before session 34 this script set sd/zero123.compile=reduce-overhead, the default then)
 N=${1:-10}; shift
 D=${D:-/tmp/prof}; mkdir -p $D
 export PYTHONUNBUFFERED=1
 timeout ${LIMIT:-560} python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
-  --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead \
-  --set coarse.iters=${COARSE:-300} --set fine.iters=${FINE:-200} "$@" \
+  ${PRIORS:-} --set coarse.iters=${COARSE:-300} --set fine.iters=${FINE:-200} "$@" \
   --stages coarse,fine --profile $N --out $D/run > $D/profile.log 2>&1
 echo "bench rc $?"
 cp $D/run/speed.json $D/run/profile_*.txt $OUT/ 2>/dev/null
