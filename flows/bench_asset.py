@@ -223,6 +223,25 @@ def trace_workload(trace: Path, from_step: int) -> dict[str, int]:
 STAGES = ("textual_inversion", "coarse", "fine")
 
 
+def _profile_window_misses(params, stages, steps: int, after: int) -> list[tuple[str, int, int]]:
+    """(stage, its iterations, the iterations `_Profile`'s window needs) for each stage of `stages`
+    too short for it: the reference-only warm-up (coarse, fine), `after`, 5 + 1 and `steps`."""
+    from core.pipeline import needs_textual_inversion
+
+    misses = []
+    for name in stages:
+        if name == "textual_inversion":
+            if not needs_textual_inversion(params):
+                continue
+            n, skip = params.textual_inversion.steps, 0
+        else:
+            n, skip = getattr(params, name).iters, getattr(params, name).ref_warmup
+        need = skip + after + 5 + 1 + steps
+        if n < need:
+            misses.append((name, n, need))
+    return misses
+
+
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
                     progress: bool = True, profile_steps: int = 0, profile_after: int = 0, sync_audit: bool = False,
@@ -262,6 +281,13 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     if metrics_callback and profile_steps:
         raise InputError("bench speed: --metrics-callback and --profile go apart (the profiler steps through a "
                          "callback that reads no metrics)")
+    if profile_steps:  # before any model loads: a window past a stage's end draws no table (session 34 lost a call so)
+        short = [f"{name}.iters={n} < {need}" for name, n, need in _profile_window_misses(params, stages, profile_steps,
+                                                                                            profile_after)]
+        if short:
+            raise InputError(f"bench speed --profile {profile_steps} --profile-after {profile_after}: the profiler's "
+                             f"window ends past the stage ({', '.join(short)}: its reference-only warm-up + "
+                             f"--profile-after + 6 + --profile iterations); raise the iterations or lower --profile-after")
     if "fine" in stages and "coarse" not in stages and not (out / "coarse" / "checkpoint.pt").is_file():
         raise InputError(f"bench speed --stages fine: no coarse checkpoint at {out / 'coarse' / 'checkpoint.pt'} "
                          f"(run the coarse stage into {out} first)")

@@ -246,6 +246,31 @@ def test_a_profile_window_the_stage_never_reached_says_how_many_iterations_it_ne
     assert "no profiler table: the stage ran 7 iterations; the profile needs 11" in text
 
 
+def test_a_profile_window_past_a_stages_end_is_refused_before_anything_loads(tmp_path):
+    """bench speed --profile N --profile-after K on a stage shorter than its window (reference-only
+    warm-up + K + 5 + 1 + N) is a one-line error naming each short stage and the count it needs,
+    before a model loads or OUT is made; the stages not run and a textual inversion that is not
+    needed are not counted."""
+    import torch
+
+    from core.errors import InputError
+    from flows.bench_asset import _profile_window_misses, run_asset_bench
+
+    p = load_params("magic123", {"coarse.iters": 300, "fine.iters": 200})
+    assert p.fine.ref_warmup == 99 and p.textual_inversion.steps == 3000
+    assert _profile_window_misses(p, ("fine",), 10, 150) == [("fine", 200, 265)]  # session 34's call 5
+    assert _profile_window_misses(p, ("coarse",), 10, 150) == []  # 300 ≥ 265
+    assert _profile_window_misses(p, ("textual_inversion", "coarse", "fine"), 10, 190) == [
+        ("coarse", 300, 305), ("fine", 200, 305)]
+    assert _profile_window_misses(p, ("textual_inversion",), 10, 2990) == [("textual_inversion", 3000, 3006)]
+    assert _profile_window_misses(p.with_inputs(text="a teapot"), ("textual_inversion",), 10, 2990) == []
+    with pytest.raises(InputError) as e:
+        run_asset_bench(p, torch.device("cpu"), tmp_path / "out", tiny=True, progress=False, profile_steps=10,
+                        profile_after=150, stages=("coarse", "fine"))
+    assert "fine.iters=200 < 265" in str(e.value) and "coarse" not in str(e.value).split(":")[1]
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
 def test_the_detectors_clip_at_full_size_loads_through_the_real_loader(tmp_path):
     """bench speed --preset consistent123 on a machine without the real weights: the detector's CLIP
     is written once with random weights (here the tiny architecture; ViT-B-32 on the GPU machine) and
