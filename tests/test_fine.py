@@ -277,15 +277,50 @@ def test_unnormalised_laplacian_without_unique_is_the_unique_edges_sum_to_the_bi
     assert float(mesh_laplacian_loss_unnormalised(torch.zeros(3, 3), torch.zeros(0, 3, dtype=torch.long))) == 0.0
 
 
+def test_a_fine_step_sorts_its_meshs_edges_once(monkeypatch):
+    """The torch rasteriser's antialias (its neighbours across each edge, opposite_vertices) and both
+    mesh regularisers read one sort of the step's 3F edge keys, kept by that step's mesh
+    (Mesh.edge_sort): one sort a step, where there were two until session 34, and of the step's own
+    mesh (a sort kept past its step would change the losses: they equal a sort for every reader)."""
+    import core.ops
+    import core.representations.dmtet as dmtet
+    from core.stages.fine import make_fine_stage
+
+    obj = make_object("torus")
+    p = _params(**{"fine.iters": 4, "fine.tet_resolution": 16, "fine.resolution": 32})
+    calls = []
+
+    def counted(faces, n):
+        calls.append(int(faces.shape[0]))
+        return core.ops.sorted_edge_keys(faces, n)
+
+    def losses(per_reader: bool) -> list[float]:
+        torch.manual_seed(0)
+        stage = make_fine_stage(p, fine_reference(obj, p), StandInField(obj), guidance=OracleGuidance(obj, p))
+        assert stage.rep.rasterizer.backend == "torch"
+        out = []
+        for _ in range(3):
+            before = len(calls)
+            out.append(float(stage.step()["loss"].detach()))
+            assert len(calls) - before == (2 if per_reader else 1), calls
+            assert calls[-1] == stage.rep.mesh.num_faces > 0
+        return out
+
+    monkeypatch.setattr(dmtet, "sorted_edge_keys", counted)
+    shared = losses(per_reader=False)
+    monkeypatch.setattr(dmtet.Mesh, "edge_sort", lambda self: counted(self.faces, self.verts.shape[0]))  # kept by none
+    assert losses(per_reader=True) == shared
+
+
 def test_the_regularisers_share_one_edge_sort_and_compute_what_each_computes_alone():
     """The fine stage sorts the faces' edge keys once for both mesh regularisers
-    (core.stages.losses.sorted_edge_keys): each given the shared sort returns its own value and
+    (core.ops.sorted_edge_keys): each given the shared sort returns its own value and
     gradient bit for bit, and the face of each sorted edge (its position mod F) is the face
     face_edges listed it for (the normal-consistency pairs as arange(F).repeat(3)[order] made them)."""
     import trimesh
 
-    from core.ops import edge_keys, face_edges
-    from core.stages.losses import mesh_laplacian_loss_unnormalised, sorted_edge_keys
+    from core.ops import edge_keys, face_edges, sorted_edge_keys
+    from core.stages.losses import mesh_laplacian_loss_unnormalised
 
     gen = torch.Generator().manual_seed(1)
     s = trimesh.creation.icosphere(subdivisions=3)

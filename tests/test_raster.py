@@ -302,8 +302,11 @@ def _opposite_by_dict(tri: torch.Tensor) -> torch.Tensor:
 def test_opposite_vertices_without_compaction_are_the_dicts():
     """Issue 15, session 21: the neighbours across each edge found without a compaction (no host
     sync), against a dict of edges on meshes with boundaries, non-manifold edges (three triangles on
-    one) and repeated triangles; with and without the vertex count given."""
+    one) and repeated triangles; with and without the vertex count given, and from the mesh's shared
+    edge sort (core.ops.sorted_edge_keys, which the fine stage's regularisers read: session 34)."""
     import trimesh
+
+    from core.ops import sorted_edge_keys
 
     m = trimesh.creation.icosphere(subdivisions=2)
     sphere = torch.tensor(m.faces)
@@ -315,6 +318,8 @@ def test_opposite_vertices_without_compaction_are_the_dicts():
         expected = _opposite_by_dict(tri)
         assert torch.equal(opposite_vertices(tri), expected)
         assert torch.equal(opposite_vertices(tri, int(tri.max()) + 5), expected)
+        n = int(tri.max()) + 1
+        assert torch.equal(opposite_vertices(tri, n, sorted_edge_keys(tri, n)), expected)
     assert opposite_vertices(torch.zeros((0, 3), dtype=torch.long)).shape == (0, 3)
 
 

@@ -158,10 +158,11 @@ def turntable(mesh: Mesh, colour_fn, path: Path, rasterizer: Rasterizer | None =
     rasterizer = rasterizer or make_rasterizer("auto", dev)
     cams = orbit_cameras(frames, polar=polar, radius=radius, fovy=fovy, device=dev)
     imgs = []
+    mesh = mesh.detach()  # once: its edge sort (the torch antialias') is made at the first frame and kept
     for i in tqdm(range(frames), desc="turntable", disable=not progress, dynamic_ncols=True, leave=False):
         cam = cams[i]
         light = torch.nn.functional.normalize(cam.centers, dim=-1)
-        r = render_mesh(mesh.detach(), colour_fn, cam, resolution, rasterizer, shading=shading, light_dir=light)
+        r = render_mesh(mesh, colour_fn, cam, resolution, rasterizer, shading=shading, light_dir=light)
         imgs.append((r.rgb[0].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8))
     path = Path(path)
     return atomic_write(path, lambda t: imageio.mimsave(t, imgs, duration=1.0 / 12, loop=0), suffix=".gif")

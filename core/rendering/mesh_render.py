@@ -93,7 +93,9 @@ def render_mesh(
     # antialias the composite on white together with the mask, so silhouettes blend into the
     # background and their gradients reach the vertex positions (core/rendering/raster.py)
     with scope("lift3d.render.antialias"):
-        both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri)
+        # the torch backend's edge sort is the mesh's, which its regularisers read too (Mesh.edge_sort)
+        edges = mesh.edge_sort() if rasterizer.backend != "nvdiffrast" and hasattr(mesh, "edge_sort") else None
+        both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri, edges=edges)
         colour, opacity = both[..., :3], both[..., 3:]
     # rasterisers put row 0 at NDC y = −1; images have row 0 at the top
     to_img = lambda t: torch.flip(t, dims=[1]).permute(0, 3, 1, 2).contiguous()  # noqa: E731

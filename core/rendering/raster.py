@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from core.ops import gather_rows
+from core.ops import gather_rows, sorted_edge_keys
 from core.perf import compile_kind, compiled_twin, device_constant
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,15 @@ class Rasterizer:
             return dr.interpolate(attr.float().contiguous(), rast, tri.int().contiguous())[0]
         return torch_interpolate(attr, rast, tri, compiled=self.compiled)
 
-    def antialias(self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    def antialias(self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+                  edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """`edges`: the torch backend's sorted edge keys of `tri` (core.ops.sorted_edge_keys) where
+        the caller has them; nvdiffrast finds its own."""
         if self.backend == "nvdiffrast":
             import nvdiffrast.torch as dr
 
             return dr.antialias(color.float().contiguous(), rast, pos.float().contiguous(), tri.int().contiguous())
-        return torch_antialias(color, rast, pos, tri, compiled=self.compiled)
+        return torch_antialias(color, rast, pos, tri, compiled=self.compiled, edges=edges)
 
 
 def coverage_kind(coverage: str, device) -> str:
@@ -312,32 +315,35 @@ def _blend_corners(a: torch.Tensor, rast: torch.Tensor, tid: torch.Tensor) -> to
     return torch.where((tid >= 0)[..., None], val, torch.zeros_like(val))
 
 
-def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> torch.Tensor:
+def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None,
+                      edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """(F, 3): for edge i of each triangle (the edge opposite its vertex i), the vertex of the
     neighbouring triangle across that edge that is not on the edge; −1 for boundary or non-manifold.
     `n_vertices`: any bound above the largest index (the vertex count; read from `tri` if not given,
-    which waits for the device).
+    which waits for the device). `edges`: core.ops.sorted_edge_keys(tri, n_vertices) where the caller
+    has it (the fine stage's mesh keeps the one sort its regularisers use: Mesh.edge_sort).
 
     The triangles' 3F edges sorted by key; an edge shared by exactly two triangles is a run of two
     equal keys, found by comparing neighbours, and each of the two gets the other's opposite vertex
     by a scatter (the positions not in a pair write to one spare slot, dropped). No compaction, so
-    no wait for the GPU (session 20: a unique_consecutive and a nonzero, two syncs an iteration)."""
+    no wait for the GPU (session 20: a unique_consecutive and a nonzero, two syncs an iteration).
+    The order of equal keys changes nothing: a pair's two edges each take the other's vertex."""
     tri = tri.long()
     F = tri.shape[0]
     if F == 0:
         return torch.full((0, 3), -1, dtype=torch.long, device=tri.device)
-    a = torch.stack([tri[:, 1], tri[:, 2], tri[:, 0]], 1).reshape(-1)
-    b = torch.stack([tri[:, 2], tri[:, 0], tri[:, 1]], 1).reshape(-1)
-    opp = tri.reshape(-1)  # vertex i is opposite edge i
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    n = int(n_vertices) if n_vertices is not None else int(tri.max()) + 1
-    key = lo * n + hi
-    order = torch.argsort(key)
-    ks = key[order]
+    if edges is None:
+        edges = sorted_edge_keys(tri, int(n_vertices) if n_vertices is not None else int(tri.max()) + 1)
+    ks, order = edges
+    # face_edges lists every face's (0,1) edges, then (1,2), then (2,0): block b is the edge opposite
+    # vertex (b + 2) mod 3, so sorted entry k is slot 3f + i of the (F, 3) answer
+    block = torch.div(order, F, rounding_mode="floor")
+    slot = (order - block * F) * 3 + torch.remainder(block + 2, 3)
+    opp = tri.reshape(-1)  # slot 3f + i holds vertex i of face f, the one opposite edge i
     same = ks[1:] == ks[:-1]  # sorted position j and j + 1 are one edge
     no = same.new_zeros(1)
     pair = same & ~torch.cat([no, same[:-1]]) & ~torch.cat([same[1:], no])  # a run of exactly two from j
-    first, second = order[:-1], order[1:]
+    first, second = slot[:-1], slot[1:]
     spare = torch.full_like(first, F * 3)
     out = torch.full((F * 3 + 1,), -1, dtype=torch.long, device=tri.device)
     out.scatter_(0, torch.where(pair, first, spare), opp[second])
@@ -346,13 +352,14 @@ def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None) -> to
 
 
 def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
-                    compiled: bool = False) -> torch.Tensor:
+                    compiled: bool = False, edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """The silhouette blending of the module's docstring; `compiled`: the pixel pairs' arithmetic
-    (_pair_edges, _blend_pairs) under torch.compile, for any count of pairs."""
+    (_pair_edges, _blend_pairs) under torch.compile, for any count of pairs; `edges`: the mesh's
+    sorted edge keys where the caller has them (opposite_vertices)."""
     tri = tri.long()
     tid = rast[..., 3].detach().long() - 1
     zw = rast[..., 2].detach()
-    opp = opposite_vertices(tri, pos.shape[1])
+    opp = opposite_vertices(tri, pos.shape[1], edges)
     # the pixel pairs whose triangles differ, horizontal (right neighbour: d = 0) then vertical (lower
     # neighbour: d = 1), in one compaction and one pass (one host sync for both directions, each
     # kernel launched once, not twice): the same pairs in the same order as a pass per direction,

@@ -19,14 +19,15 @@ grid + albedo MLP); the copy is trained, the NeRF is left as it was.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from core.export.mesh import surface_level
-from core.ops import edge_keys, face_edges, gather_rows, sort_pairs, unique_edges
+from core.ops import edge_keys, face_edges, gather_rows, sort_pairs, sorted_edge_keys, unique_edges
 from core.perf import device_constant
 from core.representations.tets import grid_vertices, voxel_tet_offsets
 
@@ -81,13 +82,24 @@ _NUM_TRIANGLES_ROW = NUM_TRIANGLES.tolist()
 class Mesh:
     verts: torch.Tensor  # (N, 3)
     faces: torch.Tensor  # (F, 3) int64
+    _edge_sort: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_faces(self) -> int:
         return int(self.faces.shape[0])
 
+    def edge_sort(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """core.ops.sorted_edge_keys of the faces, made on first use and kept: a fine iteration's mesh
+        regularisers and its torch antialias (opposite_vertices) read one sort of the 3F edge keys
+        (they sorted one each until session 34). The faces must not change in place after."""
+        if self._edge_sort is None:
+            self._edge_sort = sorted_edge_keys(self.faces, self.verts.shape[0])
+        return self._edge_sort
+
     def detach(self) -> "Mesh":
-        return Mesh(self.verts.detach(), self.faces)
+        out = Mesh(self.verts.detach(), self.faces)
+        out._edge_sort = self._edge_sort  # the same faces
+        return out
 
 
 def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> Mesh:

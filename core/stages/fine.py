@@ -30,8 +30,7 @@ from core.rendering.raster import make_rasterizer
 from core.representations.dmtet import DMTet, ColourField, Mesh
 from core.stages.coarse import active_levels
 from core.stages.engine import CHECKPOINT, RESULT, Stage, StageSpec, StageState, clear_outputs, write_views, scope
-from core.stages.losses import (mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency,
-                                 sorted_edge_keys)
+from core.stages.losses import mesh_laplacian_loss, mesh_laplacian_loss_unnormalised, mesh_normal_consistency
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +124,8 @@ class DMTetRepresentation:
         v, f = mesh.verts, mesh.faces
         nc_on, lap_on = w.normal_consistency > 0 and mesh.num_faces, w.laplacian > 0 and mesh.num_faces
         released_lap = lap_on and self.f.laplacian_form == "unnormalised"  # the form that reads the sorted edges
-        # one sort for both: one topology
-        edges = sorted_edge_keys(f, v.shape[0]) if (nc_on or released_lap) else None
+        # one sort for both and for the torch antialias before them: one topology (Mesh.edge_sort)
+        edges = mesh.edge_sort() if (nc_on or released_lap) else None
         l_nc = mesh_normal_consistency(v, f, edges) if nc_on else zero
         if released_lap:
             l_lap = mesh_laplacian_loss_unnormalised(v, f, edges)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.ops import edge_keys, face_edges, gather_rows, unique_edges
+from core.ops import face_edges, gather_rows, sorted_edge_keys, unique_edges
 
 
 def reference_rgb_loss(rgb: torch.Tensor, ref_rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -128,14 +128,6 @@ def coarse_objective(l_rec, l_guidance, l_depth, l_normal, lambda_depth: float, 
 # ------------------------------------------------------------------ fine stage (DMTet) mesh regularisers
 # DESIGN.md's table (the authors' released scripts; the paper's §3.2 names no mesh regulariser): mesh
 # normal consistency 0.1 and Laplacian smoothing 0.1 in the fine stage.
-def sorted_edge_keys(faces: torch.Tensor, n_verts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The faces' 3F undirected edge keys (core.ops.edge_keys of face_edges) sorted, and the order that
-    sorts them (entry k: the position of the k-th key in face_edges' list). One sort serves both mesh
-    regularisers of a fine iteration (they share the mesh's topology)."""
-    ks, order = torch.sort(edge_keys(face_edges(faces), max(1, n_verts)))
-    return ks, order
-
-
 def mesh_normal_consistency(verts: torch.Tensor, faces: torch.Tensor,
                             edges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean of 1 − cos(n_i, n_j) over pairs of faces sharing an edge (edges of exactly two faces).
