@@ -95,7 +95,19 @@ class _Profile:
         self.skip, self.after = int(skip), int(after)
         self.times: dict = {}
         self.iterations = 0  # the stage's iterations seen by the callback
-        self.wait, self.warmup = self.skip + self.after + 5, 1  # the schedule's iterations before the active ones
+        self.wait, self.warmup = self.waits(self.skip, self.after), self.WARMUP  # the schedule's iterations before the active ones
+
+    WARMUP = 1
+
+    @staticmethod
+    def waits(skip: int, after: int) -> int:
+        """The profiler schedule's wait: the reference-only warm-up, --profile-after and 5 more."""
+        return skip + after + 5
+
+    @classmethod
+    def needs(cls, steps: int, skip: int = 0, after: int = 0) -> int:
+        """The iterations a stage must run for the window to close: the wait, the warm-up and `steps`."""
+        return cls.waits(skip, after) + cls.WARMUP + steps
 
     def __enter__(self):
         if self.steps > 0:
@@ -142,7 +154,7 @@ class _Profile:
         lines += [f"{k:24s} {v['calls']:6d} {v['seconds']:9.2f} {v['ms_per_call']:9.2f}" for k, v in self.summary().items()]
         text = "\n".join(lines)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        needed = self.wait + self.warmup + self.steps
+        needed = self.needs(self.steps, self.skip, self.after)
         if self.iterations < needed:
             after = f" + {self.after} more (--profile-after)" if self.after else ""
             text += (f"\n\nno profiler table: the stage ran {self.iterations} iterations; the profile "
@@ -224,8 +236,8 @@ STAGES = ("textual_inversion", "coarse", "fine")
 
 
 def _profile_window_misses(params, stages, steps: int, after: int) -> list[tuple[str, int, int]]:
-    """(stage, its iterations, the iterations `_Profile`'s window needs) for each stage of `stages`
-    too short for it: the reference-only warm-up (coarse, fine), `after`, 5 + 1 and `steps`."""
+    """(the stage's count key, its value, the iterations `_Profile`'s window needs) for each stage of
+    `stages` too short for it (coarse and fine skip their reference-only warm-up first)."""
     from core.pipeline import needs_textual_inversion
 
     misses = []
@@ -233,12 +245,12 @@ def _profile_window_misses(params, stages, steps: int, after: int) -> list[tuple
         if name == "textual_inversion":
             if not needs_textual_inversion(params):
                 continue
-            n, skip = params.textual_inversion.steps, 0
+            key, n, skip = "textual_inversion.steps", params.textual_inversion.steps, 0
         else:
-            n, skip = getattr(params, name).iters, getattr(params, name).ref_warmup
-        need = skip + after + 5 + 1 + steps
+            key, n, skip = f"{name}.iters", getattr(params, name).iters, getattr(params, name).ref_warmup
+        need = _Profile.needs(steps, skip, after)
         if n < need:
-            misses.append((name, n, need))
+            misses.append((key, n, need))
     return misses
 
 
@@ -282,8 +294,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         raise InputError("bench speed: --metrics-callback and --profile go apart (the profiler steps through a "
                          "callback that reads no metrics)")
     if profile_steps:  # before any model loads: a window past a stage's end draws no table (session 34 lost a call so)
-        short = [f"{name}.iters={n} < {need}" for name, n, need in _profile_window_misses(params, stages, profile_steps,
-                                                                                            profile_after)]
+        short = [f"{key}={n} < {need}" for key, n, need in _profile_window_misses(params, stages, profile_steps,
+                                                                                    profile_after)]
         if short:
             raise InputError(f"bench speed --profile {profile_steps} --profile-after {profile_after}: the profiler's "
                              f"window ends past the stage ({', '.join(short)}: its reference-only warm-up + "

@@ -258,11 +258,11 @@ def test_a_profile_window_past_a_stages_end_is_refused_before_anything_loads(tmp
 
     p = load_params("magic123", {"coarse.iters": 300, "fine.iters": 200})
     assert p.fine.ref_warmup == 99 and p.textual_inversion.steps == 3000
-    assert _profile_window_misses(p, ("fine",), 10, 150) == [("fine", 200, 265)]  # session 34's call 5
+    assert _profile_window_misses(p, ("fine",), 10, 150) == [("fine.iters", 200, 265)]  # session 34's call 5
     assert _profile_window_misses(p, ("coarse",), 10, 150) == []  # 300 ≥ 265
     assert _profile_window_misses(p, ("textual_inversion", "coarse", "fine"), 10, 190) == [
-        ("coarse", 300, 305), ("fine", 200, 305)]
-    assert _profile_window_misses(p, ("textual_inversion",), 10, 2990) == [("textual_inversion", 3000, 3006)]
+        ("coarse.iters", 300, 305), ("fine.iters", 200, 305)]
+    assert _profile_window_misses(p, ("textual_inversion",), 10, 2990) == [("textual_inversion.steps", 3000, 3006)]
     assert _profile_window_misses(p.with_inputs(text="a teapot"), ("textual_inversion",), 10, 2990) == []
     with pytest.raises(InputError) as e:
         run_asset_bench(p, torch.device("cpu"), tmp_path / "out", tiny=True, progress=False, profile_steps=10,

@@ -94,7 +94,7 @@ def render_mesh(
     # background and their gradients reach the vertex positions (core/rendering/raster.py)
     with scope("lift3d.render.antialias"):
         # the torch backend's edge sort is the mesh's, which its regularisers read too (Mesh.edge_sort)
-        edges = mesh.edge_sort() if rasterizer.backend != "nvdiffrast" and hasattr(mesh, "edge_sort") else None
+        edges = mesh.edge_sort() if rasterizer.backend != "nvdiffrast" else None
         both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri, edges=edges)
         colour, opacity = both[..., :3], both[..., 3:]
     # rasterisers put row 0 at NDC y = −1; images have row 0 at the top
