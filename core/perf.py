@@ -374,21 +374,49 @@ class scope:
         return False
 
 
-def profile_table(fn, device: torch.device, rows: int = 30, events: Optional[list] = None) -> str:
-    """torch.profiler's table for running `fn()` once on `device`: operators and kernels by their own
-    device time (CPU time off a GPU), the `rows` largest, with the scopes above as ranges. `events`:
-    a list the profiler's events are appended to (for `kernel_ms_by_scope`, `gpu_idle`)."""
+PROFILE_GROUPS = ("op", "shape", "stack")
+
+
+def profiler_options(group: tuple[str, ...]) -> dict:
+    """torch.profiler's keywords for the tables `group` asks for (profile_tables): input shapes for
+    'shape', Python stacks for 'stack' (both cost the host time, so a window that records them does
+    not run at the loop's pace)."""
+    unknown = [g for g in group if g not in PROFILE_GROUPS]
+    if unknown or not group:
+        raise ValueError(f"profile tables: {', '.join(unknown) or 'none given'} (choose from {', '.join(PROFILE_GROUPS)})")
+    return {"record_shapes": "shape" in group, "with_stack": "stack" in group}
+
+
+def profile_tables(prof, group: tuple[str, ...], key: str, rows: int = 30, steps: int = 1) -> str:
+    """A finished profiler's tables, one after another: 'op' (operators and kernels by name), 'shape'
+    (an operator by its inputs' shapes) and 'stack' (kernel_ms_by_call_site: by the lines of the
+    project that called it): which call of an operator costs the time. Sorted by `key` (e.g.
+    self_cuda_time_total; the 'stack' table by the device's time, the host's off a GPU, a step of
+    `steps`)."""
+    how = {"op": {}, "shape": {"group_by_input_shape": True}}
+    return "\n\n".join((f"by {g}:\n" if len(group) > 1 else "")
+                       + (kernel_ms_by_call_site(prof.events(), steps, rows=rows) if g == "stack" else
+                          prof.key_averages(**how[g]).table(sort_by=key, row_limit=rows, max_name_column_width=60,
+                                                            max_shapes_column_width=90)) for g in group)
+
+
+def profile_table(fn, device: torch.device, rows: int = 30, events: Optional[list] = None,
+                  group: tuple[str, ...] = ("op",), steps: int = 1) -> str:
+    """torch.profiler's tables (profile_tables, `group`) for running `fn()` once on `device`: operators
+    and kernels by their own device time (CPU time off a GPU), the `rows` largest, with the scopes
+    above as ranges. `events`: a list the profiler's events are appended to (for `kernel_ms_by_scope`,
+    `gpu_idle`). `steps`: the iterations `fn` runs (the 'stack' table's times are a step's)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 **profiler_options(group)) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize(device)
     if events is not None:
         events.extend(prof.events())
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    return profile_tables(prof, group, "self_cuda_time_total" if cuda else "self_cpu_time_total", rows, steps)
 
 
 def _top_level(e) -> bool:
@@ -461,6 +489,88 @@ def kernel_ms_by_scope(events, steps: int, prefix: str = "lift3d.") -> dict:
             us[where(e.time_range.start)] += sum(float(k.duration) for k in ks)
     steps = max(int(steps), 1)
     return {k: round(v / 1000.0 / steps, 2) for k, v in us.most_common()}
+
+
+def _own_frame(name: str) -> bool:
+    """A Python frame ("path/file.py(line): function") of the project's, not torch's nor a library's."""
+    if ".py(" not in name or "): " not in name:
+        return False
+    path = name.split("(", 1)[0]
+    return not any(part in path for part in ("torch/", "site-packages/", "contextlib.py", "threading.py"))
+
+
+def _frames(node, depth: int) -> list:
+    """The innermost `depth` Python frames of the project's that called profiler event `node`, as
+    "file.py(line): function": from the event's own stack where torch.profiler records one there
+    (torch 2.11 on the GPU machine), else from the Python function events above it (the tracer's
+    tree, torch 2.14)."""
+    stack = [f for f in (getattr(node, "stack", None) or []) if _own_frame(f)]
+    if stack:
+        return [f.rsplit("/", 1)[-1] for f in stack[:depth]]
+    frames = []
+    while node is not None and len(frames) < depth:
+        if _own_frame(node.name):
+            frames.append(node.name.rsplit("/", 1)[-1])
+        node = node.cpu_parent
+    return frames
+
+
+def _call_site(e, depth: int, forward: dict) -> tuple[str, str]:
+    """The outermost aten operator above (or at) profiler event `e`, and where it was called: the
+    innermost `depth` Python frames of the project (_frames, innermost first, joined by " < "); for
+    an operator of the backward (on a GPU the autograd engine's thread, with no Python above it),
+    "backward of " the forward operator and its place (`forward`: (thread, sequence number) → the
+    forward's event; the engine's node carries the forward's numbers), else "(the autograd engine)"."""
+    op, node, fwd = None, e, None
+    while node is not None:
+        if node.name.startswith("aten::"):
+            op = node.name
+        elif fwd is None and getattr(node, "sequence_nr", -1) >= 0 and not node.name.startswith("autograd::"):
+            fwd = forward.get((getattr(node, "fwd_thread", None), node.sequence_nr))
+        node = node.cpu_parent
+    if fwd is not None:
+        return op or e.name, f"backward of {fwd.name.removeprefix('aten::')} at " + (" < ".join(_frames(fwd, depth)) or "?")
+    frames = _frames(e, depth)
+    return op or e.name, " < ".join(frames) if frames else "(the autograd engine)"
+
+
+def kernel_ms_by_call_site(events, steps: int, depth: int = 3, rows: int = 30) -> str:
+    """The device's kernel time a step by the operator the host dispatched and the project's lines
+    that called it (`_call_site`, from torch.profiler's `events()` recorded with_stack: the Python
+    frames are the events above an operator). Each kernel is tied to the event that launched it, so
+    none counts twice; a CPU-only profile has no kernels, and the operators' own host time counts
+    instead. Where one operator is called from many places (index_select's gathers, say), this says
+    which of them costs the time."""
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    us: Counter = Counter()
+    launches: Counter = Counter()
+    any_kernels = any(getattr(e, "kernels", None) for e in events)
+    forward = {(e.thread, e.sequence_nr): e for e in events  # the forward operators autograd numbered
+               if e.name.startswith("aten::") and getattr(e, "sequence_nr", -1) >= 0 and _top_level(e)}
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        ks = getattr(e, "kernels", None) or []
+        if any_kernels:
+            if not ks:
+                continue
+            t = sum(float(k.duration) for k in ks)
+        else:  # off a GPU: each operator's own host time, where the operators are
+            if not e.name.startswith("aten::"):
+                continue
+            t = float(e.self_cpu_time_total)
+        key = _call_site(e, depth, forward)
+        us[key] += t
+        launches[key] += len(ks) if any_kernels else int(_top_level(e))
+    steps = max(int(steps), 1)
+    unit, count = ("device", "kernels/step") if any_kernels else ("host", "calls/step")
+    lines = [f"{unit + ' ms/step':>14s} {count:>12s}  {'operator':34s} called from (innermost first)"]
+    for (op, site), t in us.most_common(rows):
+        lines.append(f"{t / 1000.0 / steps:14.3f} {launches[(op, site)] / steps:12.1f}  {op[:34]:34s} {site}")
+    return "\n".join(lines)
 
 
 def _merged(intervals: list) -> list:
@@ -587,10 +697,12 @@ def save_events(events, path: Path) -> None:
     row = {id(e): i for i, e in enumerate(events)}
     names: dict = {}
     name_of = [names.setdefault(e.name, len(names)) for e in events]
+    threads: dict = {}  # each thread by a small number: the Python tracer's ids (with_stack) pass int64's range
+    thread_of = [threads.setdefault(int(getattr(e, "thread", 0) or 0), len(threads)) for e in events]
     np.savez_compressed(
         path, names=np.array(list(names), dtype=object).astype(str), name=np.array(name_of, dtype=np.int32),
         cpu=np.array([e.device_type == DeviceType.CPU for e in events]),
-        thread=np.array([int(getattr(e, "thread", 0) or 0) for e in events], dtype=np.int64),
+        thread=np.array(thread_of, dtype=np.int64),
         start=np.array([e.time_range.start for e in events], dtype=np.float64),
         end=np.array([e.time_range.end for e in events], dtype=np.float64),
         parent=np.array([row.get(id(e.cpu_parent), -1) if e.cpu_parent is not None else -1 for e in events],

@@ -90,8 +90,9 @@ class _Profile:
     `after` more (`bench speed --profile-after`: past the first guided iterations' compiling and
     graph captures) and 5 + 1 more. Both written to `path`."""
 
-    def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0, after: int = 0):
-        self.path, self.steps, self.device, self.prof = path, steps, device, None
+    def __init__(self, path: Path, steps: int, device: torch.device, skip: int = 0, after: int = 0,
+                 group: tuple[str, ...] = ("op",)):
+        self.path, self.steps, self.device, self.prof, self.group = path, steps, device, None, tuple(group)
         self.skip, self.after = int(skip), int(after)
         self.times: dict = {}
         self.iterations = 0  # the stage's iterations seen by the callback
@@ -118,7 +119,8 @@ class _Profile:
             perf.SCOPE_TIMES = self.times
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=acts,
-                                schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.steps, repeat=1))
+                                schedule=schedule(wait=self.wait, warmup=self.warmup, active=self.steps, repeat=1),
+                                **perf.profiler_options(self.group))
             self.prof.__enter__()
         return self
 
@@ -166,11 +168,11 @@ class _Profile:
 
     def _table(self, key: str) -> str:
         try:
-            from core.perf import gpu_idle, ops_by_scope, save_events
+            from core.perf import gpu_idle, ops_by_scope, profile_tables, save_events
 
             events = self.prof.events()
             save_events(events, self.path.with_name(self.path.stem + "_events.npz"))  # to read again offline
-            table = self.prof.key_averages().table(sort_by=key, row_limit=30)
+            table = profile_tables(self.prof, self.group, key, steps=self.steps)
             text = (f"\n\ntorch.profiler, {self.steps} iterations:\n{table}\n\noperators the host dispatched, by "
                     f"scope:\n{ops_by_scope(events, self.steps)}")
             if self.device.type == "cuda":
@@ -256,7 +258,8 @@ def _profile_window_misses(params, stages, steps: int, after: int) -> list[tuple
 
 def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Optional[Path] = None,
                     image: Optional[Path] = None, depth: Optional[Path] = None, tiny: bool = False,
-                    progress: bool = True, profile_steps: int = 0, profile_after: int = 0, sync_audit: bool = False,
+                    progress: bool = True, profile_steps: int = 0, profile_after: int = 0,
+                    profile_by: tuple[str, ...] = ("op",), sync_audit: bool = False,
                     stages: tuple[str, ...] = STAGES, compile_cache: Optional[Path] = None,
                     metrics_callback: bool = False) -> dict[str, Any]:
     """Time a whole asset; `params` as the user's run would have them (the prior folders are set here).
@@ -274,7 +277,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     `profile_steps=N`: torch.profiler over N iterations of each stage (after its reference-only
     warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (the scopes are timed
     with the device synchronised around each outside the profiler's window, so those runs' timings
-    are not the bench's figures).
+    are not the bench's figures). `profile_by`: its tables (core.perf.profile_tables: by operator, by input
+    shape, by the Python lines that called it).
 
     `metrics_callback=True`: the coarse and fine stages run with a callback that takes every
     iteration's metrics, as a real run's Prefect tasks attach one (MLflow's per-step logging, the
@@ -294,6 +298,12 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         raise InputError("bench speed: --metrics-callback and --profile go apart (the profiler steps through a "
                          "callback that reads no metrics)")
     if profile_steps:  # before any model loads: a window past a stage's end draws no table (session 34 lost a call so)
+        from core.perf import profiler_options
+
+        try:
+            profiler_options(tuple(profile_by))
+        except ValueError as e:
+            raise InputError(f"bench speed --profile-by: {e}") from None
         short = [f"{key}={n} < {need}" for key, n, need in _profile_window_misses(params, stages, profile_steps,
                                                                                     profile_after)]
         if short:
@@ -377,7 +387,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                 prof.callback(step, metrics)
 
         with _Stage(device) as st, _Profile(out / "profile_textual_inversion.txt", profile_steps, device,
-                                            after=profile_after) as prof, \
+                                            after=profile_after, group=profile_by) as prof, \
                 SyncAudit(sync_audit) as audit:
             embeds = textual_inversion_stage(image, out / "textual_inversion", params, progress=progress,
                                              callback=ti_callback)
@@ -411,7 +421,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
         warmup = getattr(params, name).ref_warmup  # profile guided steps, not the reference-only ones
         seen: list = []
         with _Stage(device) as st, _Profile(out / f"profile_{name}.txt", profile_steps, device, skip=warmup,
-                                            after=profile_after) as prof, \
+                                            after=profile_after, group=profile_by) as prof, \
                 SyncAudit(sync_audit) as audit:
             record = run((lambda s, m: seen.append(len(m))) if metrics_callback else prof.callback)
         loop_s, steps = float(record.get("seconds", 0.0)), int(record.get("steps", 0))

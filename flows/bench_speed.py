@@ -265,6 +265,7 @@ def cli_bench_speed(args) -> int:
                                    depth=Path(args.depth) if getattr(args, "depth", None) else None, tiny=tiny,
                                    profile_steps=getattr(args, "profile", 0) or 0,
                                    profile_after=getattr(args, "profile_after", 0) or 0,
+                                   profile_by=tuple(x.strip() for x in (getattr(args, "profile_by", None) or "op").split(",")),
                                    sync_audit=bool(getattr(args, "sync_audit", False)),
                                    metrics_callback=bool(getattr(args, "metrics_callback", False)),
                                    stages=stages, compile_cache=Path(cache) if cache else None)

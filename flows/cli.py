@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-after", type=int, default=0, metavar="K",
                    help="--profile: start each stage's window K iterations later (past the first guided "
                         "iterations' compiling and CUDA-graph captures: a steady window)")
+    p.add_argument("--profile-by", default="op", metavar="op,shape,stack",
+                   help="--profile: its tables, by operator, by its inputs' shapes, by the Python lines that called "
+                        "it (comma-separated; shapes and stacks slow the window's host; default: %(default)s)")
     p.add_argument("--sync-audit", action="store_true",
                    help="--stage asset: count every host-device synchronisation by the line that caused it "
                         "→ OUT/sync_audit.txt (GPU; slows the run)")

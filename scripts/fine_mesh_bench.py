@@ -335,6 +335,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions first (default: %(default)s)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also torch.profiler's table of N iterations at each face count, to OUT_profile_FACES.txt")
+    ap.add_argument("--profile-by", default="op", metavar="op,shape,stack",
+                    help="the profile's tables: by operator, by its inputs' shapes, by the Python lines that "
+                         "called it (comma-separated; default: %(default)s)")
+    ap.add_argument("--profile-rows", type=int, default=40, help="rows of each profile table (default: %(default)s)")
     a = ap.parse_args(argv)
     if a.plot:
         print(f"wrote {plot(a.plot)}")
@@ -405,7 +409,8 @@ def main(argv=None) -> int:
         gib, kind = peak_memory(dev)
         faces_after = rep.mesh.num_faces
         if a.profile > 0:
-            table = profile_table(lambda: bench_iteration(rep, optimizer, cams, res, ref, params, clock, a.profile, 0), dev)
+            table = profile_table(lambda: bench_iteration(rep, optimizer, cams, res, ref, params, clock, a.profile, 0), dev,
+                                  rows=a.profile_rows, group=tuple(a.profile_by.split(",")), steps=a.profile)
             where = a.out.with_name(f"{a.out.stem}_profile_{faces}.txt")
             where.parent.mkdir(parents=True, exist_ok=True)
             where.write_text(f"fine_mesh_bench: {a.profile} iterations at {faces:,} faces, {res}², {dev}\n{table}\n")

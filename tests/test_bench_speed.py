@@ -200,6 +200,81 @@ def test_profile_after_moves_the_window_past_the_first_guided_iterations(tmp_pat
     assert (args.profile, args.profile_after) == (10, 300)
 
 
+def _two_sized_sums():
+    """Two calls of one operator, one a hundred times the other's size (test_the_profile_by_...)."""
+    import torch
+
+    torch.ones(1000, 100).sum(1)
+    torch.ones(10, 100).sum(1)
+
+
+def test_the_profile_by_shape_and_by_stack_tells_which_call_of_an_operator_costs(tmp_path):
+    """bench speed --profile N --profile-by op,shape,stack: after the operators' table, one by their
+    inputs' shapes (the two sizes of one sum apart) and one by the Python lines that called them (this
+    file's helper named); an unknown table is refused before anything loads, in one line."""
+    import torch
+
+    from core.errors import InputError
+    from core.perf import profile_table
+    from flows.bench_asset import _Profile, run_asset_bench
+    from flows.cli import build_parser
+
+    with _Profile(tmp_path / "p.txt", 2, torch.device("cpu"), skip=0, group=("op", "shape", "stack")) as prof:
+        for i in range(8):
+            _two_sized_sums()
+            prof.callback(i, {})
+    text = (tmp_path / "p.txt").read_text()
+    assert "by shape:\n" in text, text[-600:]
+    by_op, rest = text.split("by shape:\n")
+    by_shape, by_stack = rest.split("by stack:\n")
+    assert "aten::sum" in by_op and "[1000, 100]" not in by_op
+    sums = [ln for ln in by_shape.splitlines() if ln.split()[:1] == ["aten::sum"]]
+    assert any("[1000, 100]" in ln for ln in sums) and any("[10, 100]" in ln for ln in sums), sums
+    assert "test_bench_speed.py" in by_stack and "_two_sized_sums" in by_stack
+    # the same tables from a function profiled once (scripts/fine_mesh_bench.py --profile-by)
+    once = profile_table(_two_sized_sums, torch.device("cpu"), group=("shape",))
+    assert "[1000, 100]" in once and "by shape" not in once
+    args = build_parser().parse_args(["bench", "speed", "--out", str(tmp_path), "--profile", "2",
+                                      "--profile-by", "op,stack"])
+    assert args.profile_by == "op,stack"
+    p = load_params(preset="smoke")
+    with pytest.raises(InputError, match="--profile-by: .*flame"):
+        run_asset_bench(p, torch.device("cpu"), tmp_path / "bad", tiny=True, progress=False, profile_steps=2,
+                        profile_by=("op", "flame"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_call_site_table_reads_an_operators_own_stack_and_its_backwards_forward():
+    """kernel_ms_by_call_site on events as torch 2.11's profiler gives them on a GPU: each operator
+    carries its own Python stack (innermost first, torch's frames among them) and the backward's run
+    on the autograd engine's thread with none; their kernels' time goes to the project's lines, the
+    backward's to its forward's ("backward of")."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from core.perf import kernel_ms_by_call_site
+
+    cpu = DeviceType.CPU
+    stack = ["torch/nn/functional.py(10): f", "core/ops.py(17): gather_rows", "core/rendering/raster.py(237): _gather_at",
+             "scripts/x.py(5): main"]
+    fwd = E(name="aten::index_select", device_type=cpu, thread=1, sequence_nr=7, stack=stack, cpu_parent=None,
+            kernels=[E(duration=300.0)])
+    node = E(name="IndexSelectBackward0", device_type=cpu, thread=2, sequence_nr=7, fwd_thread=1, stack=[],
+             cpu_parent=None, kernels=[])
+    bwd = E(name="aten::index_add_", device_type=cpu, thread=2, sequence_nr=-1, stack=[], cpu_parent=node,
+            kernels=[E(duration=500.0), E(duration=100.0)])
+    lone = E(name="aten::mul", device_type=cpu, thread=2, sequence_nr=-1, stack=[], cpu_parent=None,
+             kernels=[E(duration=50.0)])
+    table = kernel_ms_by_call_site([fwd, node, bwd, lone], steps=2, depth=2).splitlines()
+    assert "kernels/step" in table[0]
+    assert table[1].split()[:3] == ["0.300", "1.0", "aten::index_add_"]
+    assert table[1].endswith("backward of index_select at ops.py(17): gather_rows < raster.py(237): _gather_at")
+    assert table[2].split()[:3] == ["0.150", "0.5", "aten::index_select"]
+    assert table[2].endswith("ops.py(17): gather_rows < raster.py(237): _gather_at")
+    assert table[3].endswith("(the autograd engine)")
+
+
 def test_the_profile_counts_the_operators_each_scope_dispatched(tmp_path):
     """bench speed --profile N also writes, per scope, the operators the host dispatched a step:
     those called from outside another operator (linear's own addmm is not one), counted where they

@@ -12,12 +12,16 @@
 #   B_DIR=.diag/old bash reports/speed/paper_run/abab.sh "" "" 300 coarse   # A: this tree, B: 0da2157's
 # PRIORS: options both sides get first (default none: the priors' defaults, compile auto = graphs on a GPU with
 # two streams; before session 34 this script set sd/zero123.compile=reduce-overhead, the default then)
+# FROM: a `bench speed --out` folder with a finished coarse stage (a paper-length run's, ~1.1M faces in its fine
+# mesh): each run starts on a fresh copy of it, so STAGE fine refines that mesh, e.g.
+#   FROM=/tmp/paper B_DIR=.diag/old bash reports/speed/paper_run/abab.sh "" "" 300 fine
 A=${1:-}; B=${2:-}; N=${3:-200}; STAGE=${4:-coarse}
 D=${D:-/tmp/abab}; mkdir -p $D
 export PYTHONUNBUFFERED=1
 i=0
 for side in a b a b; do
   i=$((i + 1)); opts=$A; dir=${A_DIR:-.}; [ $side = b ] && opts=$B && dir=${B_DIR:-.}
+  rm -rf $D/r$i; [ -n "${FROM:-}" ] && cp -r "$FROM" $D/r$i
   (cd $dir && timeout ${LIMIT:-200} python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
     ${PRIORS:-} --set $STAGE.iters=$N ${EXTRA:-} \
     --compile-cache $D/cc.bin $opts --stages $STAGE --out $D/r$i) > $D/r$i.log 2>&1
