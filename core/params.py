@@ -90,6 +90,14 @@ class HashGridParams(_Section):
     # added once a corner; scalar = each point's own adds. The same sums up to float order. H200,
     # 2^22 points laid out as the renderer's: 10.30 → 6.01 ms (hashgrid_triton.py, reports/speed s33)
     atomics: Literal["runs", "scalar"] = "runs"
+    # on a GPU, the field's points (a ray's samples one after another; the fine stage's pixels in
+    # order) handed to the grid in a fixed stride permutation and put back after
+    # (core.representations.nerf.NeRFField.raw): always, which the torch and tcnn backends' atomic
+    # adds want (a warp of one ray's samples serialises on one coarse cell's entries); off = in the
+    # renderer's order, which triton's 'runs' wants (it sums each run of consecutive points in one cell
+    # once: spread, there are no runs), never, or auto = never for triton with atomics 'runs', else always. The
+    # same values and gradients up to the atomics' float order (session 35)
+    spread: Literal["auto", "always", "never"] = "auto"
     # torch backend: keep only the positions for the backward and recompute the corner rows and
     # weights there (12 bytes a point instead of ~1 KB at 16 levels; the same gradient, bit for
     # bit; a little more arithmetic). Off: the forward's rows and weights are kept.
@@ -262,6 +270,12 @@ class FineParams(_Section):
     # barycentrics, interpolate, antialias), forward and backward: auto = on a GPU where Inductor
     # builds (core.perf.compile_kind) | none | default
     compile: Literal["auto", "none", "default"] = "auto"
+    # the colour field's hash grid at the mesh's surface points, whose gradient reaches the vertices
+    # (the colour loss moves the geometry, as the released gridencoder's input gradient does): auto =
+    # the Triton kernels' first-order position gradient where the grid runs on Triton
+    # (core.representations.hashgrid_triton) | torch (the tensors' path, as before session 35) |
+    # triton. The same gradients up to float rounding
+    grid_position_grads: Literal["auto", "torch", "triton"] = "auto"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
     # the baked albedo texture's side and xatlas's chart-growing iterations: both released code
@@ -615,7 +629,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "guidance.streams",
     "textual_inversion.compile", "textual_inversion.layout", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
-    "coarse.grid.backend", "coarse.grid.atomics", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
+    "coarse.grid.backend", "coarse.grid.atomics", "coarse.grid.spread", "fine.grid_position_grads", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
     "cudnn_benchmark", "checkpoint_background",

@@ -124,7 +124,6 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    import core.representations.nerf as nerf
     from core.stages.coarse import make_coarse_stage
     from core.oracle.guidance import OracleGuidance
     from core.oracle.objects import make_object
@@ -142,13 +141,15 @@ def profile(out: Path, preset: str, obj_name: str, overrides: list[str], steps: 
         tr.step()
     sync()
     rates = {}
-    for spread in (False, True):  # core.representations.nerf.SPREAD_SAMPLES_ON_CUDA off and on
-        nerf.SPREAD_SAMPLES_ON_CUDA = spread
+    setting = tr.rep.field.spread
+    for spread in ("never", "always"):  # coarse.grid.spread never and always (core.representations.nerf.NeRFField.spreads)
+        tr.rep.field.spread = spread
         t = time.perf_counter()
         for _ in range(steps):
             tr.step()
         sync()
         rates[f"spread_{spread}"] = round((time.perf_counter() - t) / steps * 1e3, 2)
+    tr.rep.field.spread = setting  # the params' (auto: off for the Triton grid's 'runs') for the profile
     with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             tr.step()

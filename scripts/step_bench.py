@@ -1,10 +1,11 @@
 """Two parts of a guided iteration timed alone on one GPU, by variant: the optimiser's step over each
 stage's parameters (foreach Adam against torch's fused Adam, `optimizer.fused`) and the coarse
 field's evaluation, forward and backward, at a stage's sample counts (the MLP in fp32, in TF32, or
-under bf16 autocast, `coarse.mlp.precision`).
+under bf16 autocast, `coarse.mlp.precision`), and the same with its points spread by the stride
+permutation or not (`spread`, coarse.grid.spread), laid out as the renderer's and at random.
 
     python scripts/step_bench.py --out FILE.json [--preset magic123] [--samples 524288,2097152] \
-        [--parts optimizer,field,cameras,coverage,check] [--faces 300000]
+        [--parts optimizer,field,spread,cameras,coverage,check] [--faces 300000]
     python scripts/step_bench.py --plot FILE.json OUT.png
 
 Three more parts time session 23's changes to the host's share of an iteration, each against what it
@@ -127,6 +128,41 @@ def field_rows(params, device, samples: list[int], iters: int, warmup: int) -> l
     return rows
 
 
+def spread_rows(params, device, samples: list[int], iters: int, warmup: int) -> list[dict]:
+    """The field's forward + backward (`raw`, as the coarse render calls it) with its points spread by
+    the stride permutation and not (coarse.grid.spread always / never), on points laid out as the renderer
+    hands them over (a ray's samples one after another: scripts/hashgrid_check.py's ray_points) and
+    on random ones, with the preset's grid (the Triton backend, 'runs' atomics, where it imports)."""
+    import torch
+
+    from core.representations.nerf import NeRFField
+    from scripts.hashgrid_check import ray_points
+
+    rows = []
+    torch.manual_seed(0)
+    field = NeRFField.from_params(params, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for n in samples:
+        layouts = {"renderer's order": ray_points(n, device, g),
+                   "random": (torch.rand(n, 3, device=device) * 2 - 1) * params.coarse.bound * 0.5}
+        up = torch.randn(n, device=device), torch.randn(n, 3, device=device)
+        for layout, x in layouts.items():
+            for variant in ("never", "always"):
+                field.spread = variant
+
+                def call():
+                    raw, logits = field.raw(x)
+                    torch.autograd.backward((raw, logits), up)
+
+                row = _time(call, iters, warmup, device)
+                field.zero_grad(set_to_none=True)
+                rows.append({"part": "spread", "samples": n, "layout": layout, "variant": f"spread {variant}",
+                             "grid": f"{field.encoding.backend}, atomics {getattr(field.encoding, 'atomics', '-')}", **row})
+                print(f"spread {n:>9,} samples, {layout}, spread {variant}: {_ms(row)}", flush=True)
+    field.spread = params.coarse.grid.spread
+    return rows
+
+
 def camera_rows(params, device, iters: int, warmup: int) -> list[dict]:
     import torch
 
@@ -203,7 +239,7 @@ def check_rows(params, device, iters: int, warmup: int) -> list[dict]:
     return rows
 
 
-PARTS = ("optimizer", "field", "cameras", "coverage", "check")
+PARTS = ("optimizer", "field", "spread", "cameras", "coverage", "check")
 
 
 def plot(src: Path, out: Path) -> Path:
@@ -215,6 +251,7 @@ def plot(src: Path, out: Path) -> Path:
     data = json.loads(src.read_text())
     labels = {"optimizer": lambda r: f"{r['stage']} step, {r['variant']}",
               "field": lambda r: f"{r['samples'] / 2**20:g}M samples, {r['variant']}",
+              "spread": lambda r: f"{r['samples'] / 2**20:g}M, {r['layout']}, {r['variant']}",
               "cameras": lambda r: r["variant"], "coverage": lambda r: f"{r['faces'] / 1e3:.0f}k faces, {r['variant']}",
               "check": lambda r: r["variant"]}
     parts = [(k, labels[k]) for k in PARTS if any(r["part"] == k for r in data["rows"])]
@@ -235,6 +272,7 @@ def plot(src: Path, out: Path) -> Path:
         ax.set_xlabel("ms")
         ax.set_title({"optimizer": "Adam's step (optimizer.fused)",
                       "field": "coarse field forward + backward (coarse.mlp.precision)",
+                      "spread": "coarse field forward + backward (coarse.grid.spread)",
                       "cameras": "a camera's mvp + c2w", "coverage": "the fine coverage pass",
                       "check": "finiteness check + Adam's step"}[part])
         ax.legend(loc="lower right")
@@ -281,6 +319,7 @@ def main(argv=None) -> int:
     params = load_params(a.preset, {"device": "cuda"})
     timed = {"optimizer": lambda: optimiser_rows(params, device, a.iters, a.warmup),
              "field": lambda: field_rows(params, device, samples, a.iters, a.warmup),
+             "spread": lambda: spread_rows(params, device, samples, a.iters, a.warmup),
              "cameras": lambda: camera_rows(params, device, a.iters, a.warmup),
              "coverage": lambda: coverage_rows(params, device, a.faces, a.iters, a.warmup),
              "check": lambda: check_rows(params, device, a.iters, a.warmup)}

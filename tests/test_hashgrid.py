@@ -269,6 +269,22 @@ for name, cfg in configs.items():
     b.atomics = "runs"
     (b(xr) * upr).sum().backward()
     res[name].update(g_torch_rays=a.table.grad, g_runs_rays=b.table.grad)
+    # positions whose gradient is wanted once (fine.grid_position_grads 'triton'): the kernels'
+    # position gradient against autograd's through the torch code, on the same points
+    b.position_grads = "triton"
+    a.table.grad = b.table.grad = None
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya2, yb2 = a(xa), b(xb)
+    (ya2 * up).sum().backward()
+    (yb2 * up).sum().backward()
+    res[name].update(pos_grad_fn=type(yb2.grad_fn).__name__, y_pos=yb2.detach(), gx_torch=xa.grad, gx_triton=xb.grad,
+                     gt_pos_torch=a.table.grad, gt_pos_triton=b.table.grad)
+    b.table.requires_grad_(False)  # the positions alone (a frozen table)
+    xc = x.clone().requires_grad_(True)
+    (b(xc) * up).sum().backward()
+    res[name].update(gx_frozen_table=xc.grad)
+    b.table.requires_grad_(True)
+    b.position_grads = "torch"
 
 # positions that need gradients (analytic normals: a double backward): the torch code, same table
 a, b = pair(configs["small"])
@@ -325,6 +341,22 @@ def test_runs_of_points_in_one_cell_add_the_table_gradient_once(triton_run, name
     torch.testing.assert_close(r["g_runs_rays"], r["g_torch_rays"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(TRITON_CONFIGS))
+def test_triton_position_gradients_equal_torch(triton_run, name):
+    """fine.grid_position_grads 'triton': positions that need their gradient once (the fine stage's
+    surface points) stay in the kernels, whose backward gives the position gradient autograd gives
+    through the torch code (points on cell boundaries and at the cube's faces among them), and the
+    same table gradient; with the table frozen, the positions' alone."""
+    r = triton_run[name]
+    assert r["pos_grad_fn"] == "TritonLookupBackward"  # the kernels ran, not the torch fallback
+    torch.testing.assert_close(r["y_pos"], r["y_torch"], rtol=1e-6, atol=1e-6)
+    assert r["gx_torch"].abs().sum() > 0
+    scale = float(r["gx_torch"].abs().max())
+    torch.testing.assert_close(r["gx_triton"], r["gx_torch"], rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(r["gx_frozen_table"], r["gx_torch"], rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(r["gt_pos_triton"], r["gt_pos_torch"], rtol=1e-5, atol=1e-5)
+
+
 def test_triton_falls_back_to_torch_for_positions_that_need_gradients(triton_run):
     a, b = triton_run["fallback"]["torch"], triton_run["fallback"]["triton"]
     assert b["grad_fn"] != "TritonLookupBackward"
@@ -370,3 +402,27 @@ def test_the_atomics_setting_reaches_the_coarse_and_fine_grids():
     assert rep.colour.field.encoding.atomics == "scalar"
     with pytest.raises(Exception, match="atomics"):
         load_params("smoke", {"coarse.grid.atomics": "pairs"})
+
+
+def test_the_fine_colour_grid_differentiates_its_points_where_the_params_say():
+    """fine.grid_position_grads: 'auto' has the Triton kernels differentiate the fine stage's surface
+    points where the colour field's grid runs on them, and the torch code elsewhere (here, a CPU);
+    'triton' on another backend is refused in one line; the coarse field's grid keeps the torch code
+    for positions (its analytic normals differentiate twice)."""
+    from core.params import ParamsError, load_params
+    from core.representations.nerf import NeRFField
+    from core.stages.fine import DMTetRepresentation, grid_position_grads
+
+    assert load_params("magic123").fine.grid_position_grads == "auto"
+    assert grid_position_grads("auto", "triton") == "triton" and grid_position_grads("auto", "torch") == "torch"
+    assert grid_position_grads("torch", "triton") == "torch" and grid_position_grads("auto", "tcnn") == "torch"
+    with pytest.raises(ParamsError, match="fine.grid_position_grads is 'triton' but the hash grid runs on torch") as err:
+        grid_position_grads("triton", "torch")
+    assert "\n" not in str(err.value)
+    p = load_params("smoke")
+    field = NeRFField.from_params(p)
+    assert field.encoding.position_grads == "torch"
+    rep = DMTetRepresentation(p, field, torch.device("cpu"))
+    assert rep.colour.field.encoding.position_grads == "torch"
+    with pytest.raises(ParamsError, match="grid_position_grads"):
+        DMTetRepresentation(load_params("smoke", ["fine.grid_position_grads=triton"]), field, torch.device("cpu"))

@@ -192,6 +192,28 @@ def test_rand_on_cpu_is_the_generator_stream():
     assert torch.equal(a, b)
 
 
+def test_the_points_are_spread_unless_the_triton_grid_sums_their_runs():
+    """coarse.grid.spread: 'auto' (the default) evaluates the points in the renderer's order for the
+    Triton grid's 'runs' atomics (spread, a ray's samples no longer make runs) and spread for the
+    other backends' per-point atomics; 'always' and 'never' as said. The fine stage's colour field (a copy
+    of the coarse field) takes the setting again from the params, as it does the atomics; off a GPU,
+    or without gradients, nothing is spread."""
+    from core.representations.nerf import spread_wanted
+
+    assert load_params("magic123").coarse.grid.spread == "auto"
+    assert not spread_wanted("auto", "triton", "runs")
+    assert spread_wanted("auto", "triton", "scalar") and spread_wanted("auto", "torch", "runs")
+    assert spread_wanted("auto", "tcnn", None)
+    assert spread_wanted("always", "triton", "runs") and not spread_wanted("never", "torch", "runs")
+    field = NeRFField.from_params(load_params("smoke", ["coarse.grid.spread=always"]))
+    assert field.spread == "always" and not field.spreads(torch.rand(8, 3))  # a CPU tensor
+    from core.stages.fine import DMTetRepresentation
+
+    p = load_params("smoke", ["coarse.grid.spread=never"])
+    rep = DMTetRepresentation(p, NeRFField.from_params(load_params("smoke")), torch.device("cpu"))
+    assert rep.colour.field.spread == "never"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda(monkeypatch):
     import core.representations.nerf as nerf

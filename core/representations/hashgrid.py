@@ -173,6 +173,9 @@ class HashGrid(nn.Module):
         self.recompute_backward = True  # torch backend: see _RecomputedLookup
         self.chunk = 1 << 20  # torch backend (and triton's torch fallback): points per evaluation (0: all at once)
         self.atomics = "runs"  # triton backend: the backward's atomic adds (coarse.grid.atomics: runs | scalar)
+        # triton backend, positions that need gradients: 'torch' (any order, double backward included)
+        # | 'triton' (the kernels, first order only: fine.grid_position_grads)
+        self.position_grads = "torch"
         log.info("hash grid: %s backend (%d levels × %d features, table 2^%d, resolution %d→%d, b=%.4f)",
                  self.backend, self.levels, self.features_per_level, self.log2_table_size,
                  self.base_resolution, self.max_resolution, self.per_level_scale)
@@ -202,10 +205,13 @@ class HashGrid(nn.Module):
         u = self.normalize(x.reshape(-1, 3).float())
         if self.backend == "tcnn":
             return self.tcnn_encoding(u.contiguous()).float()
-        if self.backend == "triton" and not u.requires_grad and self.table.dtype == torch.float32:
-            # fused kernels, no (N, L, 8) temporaries: no chunks. Positions that need gradients
-            # (analytic normals: a double backward) fall through to the torch code below, which
-            # reads the same `self.table` (the kernels differentiate the table only)
+        if (self.backend == "triton" and (not u.requires_grad or self.position_grads == "triton")
+                and self.table.dtype == torch.float32):
+            # fused kernels, no (N, L, 8) temporaries: no chunks. Positions that need gradients fall
+            # through to the torch code below, which reads the same `self.table` and differentiates
+            # again (analytic normals: a double backward), unless the grid is told their gradient is
+            # wanted once (position_grads 'triton': the fine stage's colour field, whose points are
+            # the mesh's); the kernels differentiate them then, first order only
             from . import hashgrid_triton
 
             return hashgrid_triton.encode(self.table, u, self)

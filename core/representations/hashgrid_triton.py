@@ -10,8 +10,13 @@ modulo the table size), tiny-cuda-nn's `grid.h` layout (scale_l = 2^(l·log2 b)�
 p = scale_l·u + 0.5, dense indexing c_x + c_y·res + c_z·res² on the coarse levels, one flat table
 level after level, F features per entry). Everything here follows `HashGrid.corner_indices`: the
 same float32 level scales (`level_layout`), the same corner order k = (k&1, k>>1&1, k>>2&1) in
-(x, y, z), the same weight products, fp32 throughout. Only the table is differentiated: positions
-that need gradients take the torch path (`HashGrid.forward`).
+(x, y, z), the same weight products, fp32 throughout. The table is differentiated, and the positions
+too where the grid is asked to (`HashGrid.position_grads`, the fine stage's colour field: its points
+are the mesh's, so the colour loss reaches the vertices through them); first-order only, so positions
+whose gradient is differentiated again (analytic normals) take the torch path (`HashGrid.forward`):
+  d out[n, l·F + f] / d u_d = scale_l · Σ_k ∂w_k/∂frac_d · table[row_k, f],   ∂w_k/∂frac_d = ±Π_{e≠d} w_k,e
+(+ where the corner's bit on axis d is 1, − where it is 0), as torch differentiates frac = p − floor(p).
+Each level writes its share into a (L, N, 3) buffer summed after, in a fixed order (no atomics).
 
 The backward's atomic adds (`HashGrid.atomics`, params `coarse.grid.atomics`): 'scalar' adds each
 point's w · d out at each corner; 'runs', on the dense levels, first sums a run of
@@ -77,6 +82,21 @@ def _corner(cx, cy, cz, fx, fy, fz, K: tl.constexpr, dense, res, entries, offset
 
 
 @triton.jit
+def _corner_slopes(fx, fy, fz, K: tl.constexpr):
+    """∂w/∂frac on each axis of corner K's trilinear weight w = wx·wy·wz (_corner): ±wy·wz, ±wx·wz, ±wx·wy."""
+    BX: tl.constexpr = K & 1
+    BY: tl.constexpr = (K >> 1) & 1
+    BZ: tl.constexpr = (K >> 2) & 1
+    wx = fx if BX else 1.0 - fx
+    wy = fy if BY else 1.0 - fy
+    wz = fz if BZ else 1.0 - fz
+    sx = wz * wy if BX else -(wz * wy)
+    sy = wz * wx if BY else -(wz * wx)
+    sz = wy * wx if BZ else -(wy * wx)
+    return sx, sy, sz
+
+
+@triton.jit
 def _program_cells(u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense,
                    F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr):
     """What both kernels start from: program (i, l)'s points, their feature mask, level l's layout
@@ -111,36 +131,56 @@ def _forward_kernel(u_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, entries_ptr,
 
 
 @triton.jit
-def _backward_kernel(u_ptr, grad_ptr, grad_table_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr,
-                     n_points, n_dense, hash_mask,
+def _backward_kernel(u_ptr, grad_ptr, grad_table_ptr, table_ptr, grad_u_ptr, scales_ptr, res_ptr, entries_ptr,
+                     offsets_ptr, n_points, n_dense, hash_mask,
                      LEVELS: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr,
-                     RUNS: tl.constexpr):
-    """The forward's corners recomputed; w · d out added into the table gradient atomically (points
-    share corners, within a block and across blocks). RUNS (atomics 'runs'), on the dense levels: a
-    run of consecutive points in one cell (a ray's samples at the coarse levels) sums its w · d out
-    first (a segmented scan) and adds once a corner, from its last point."""
+                     RUNS: tl.constexpr, TABLE: tl.constexpr, POSITIONS: tl.constexpr):
+    """The forward's corners recomputed. TABLE: w · d out added into the table gradient atomically
+    (points share corners, within a block and across blocks); RUNS (atomics 'runs'), on the dense
+    levels: a run of consecutive points in one cell (a ray's samples at the coarse levels) sums its
+    w · d out first (a segmented scan) and adds once a corner, from its last point. POSITIONS: the
+    level's share of each point's d/du (the module docstring) stored at grad_u[l, n, :]."""
     lvl, pts, feat, fm, res, entries, offset, dense, cx, cy, cz, fx, fy, fz = _program_cells(
         u_ptr, scales_ptr, res_ptr, entries_ptr, offsets_ptr, n_points, n_dense, F, FP, BLOCK)
     g = tl.load(grad_ptr + pts[:, None] * (LEVELS * F) + lvl * F + feat[None, :], mask=fm, other=0.0)
-    if RUNS and dense:
+    if POSITIONS:
+        dx = tl.zeros((BLOCK,), dtype=tl.float32)
+        dy = tl.zeros((BLOCK,), dtype=tl.float32)
+        dz = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(8):
+            row, w_unused = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+            v = tl.load(table_ptr + row[:, None] * F + feat[None, :], mask=fm, other=0.0)
+            gv = tl.sum(v * g, axis=1)  # d out · table row, over the level's features
+            sx, sy, sz = _corner_slopes(fx, fy, fz, k)
+            dx += gv * sx
+            dy += gv * sy
+            dz += gv * sz
         scale = tl.load(scales_ptr + lvl)
-        first = tl.program_id(0).to(tl.int64) * BLOCK
-        last = tl.minimum(first + BLOCK, n_points) - 1
-        px, py, pz, _, _, _ = _level_cell(u_ptr, pts - 1, (pts > first) & (pts <= last), scale)
-        nx, ny, nz, _, _, _ = _level_cell(u_ptr, pts + 1, pts < last, scale)
-        head = (pts == first) | (px != cx) | (py != cy) | (pz != cz)
-        tail = (pts >= last) | (nx != cx) | (ny != cy) | (nz != cz)
-        flags = tl.broadcast_to(head[:, None].to(tl.int32), (BLOCK, FP))
-        for k in tl.static_range(8):
-            row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
-            _, total = tl.associative_scan((flags, w[:, None] * g), 0, _segment_sum)
-            tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], total, mask=fm & tail[:, None],
-                          sem="relaxed")
-    else:
-        for k in tl.static_range(8):
-            row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
-            tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm,
-                          sem="relaxed")
+        at = grad_u_ptr + (lvl.to(tl.int64) * n_points + pts) * 3
+        m = pts < n_points
+        tl.store(at + 0, dx * scale, mask=m)
+        tl.store(at + 1, dy * scale, mask=m)
+        tl.store(at + 2, dz * scale, mask=m)
+    if TABLE:
+        if RUNS and dense:
+            scale = tl.load(scales_ptr + lvl)
+            first = tl.program_id(0).to(tl.int64) * BLOCK
+            last = tl.minimum(first + BLOCK, n_points) - 1
+            px, py, pz, _, _, _ = _level_cell(u_ptr, pts - 1, (pts > first) & (pts <= last), scale)
+            nx, ny, nz, _, _, _ = _level_cell(u_ptr, pts + 1, pts < last, scale)
+            head = (pts == first) | (px != cx) | (py != cy) | (pz != cz)
+            tail = (pts >= last) | (nx != cx) | (ny != cy) | (nz != cz)
+            flags = tl.broadcast_to(head[:, None].to(tl.int32), (BLOCK, FP))
+            for k in tl.static_range(8):
+                row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+                _, total = tl.associative_scan((flags, w[:, None] * g), 0, _segment_sum)
+                tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], total, mask=fm & tail[:, None],
+                              sem="relaxed")
+        else:
+            for k in tl.static_range(8):
+                row, w = _corner(cx, cy, cz, fx, fy, fz, k, dense, res, entries, offset, hash_mask)
+                tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm,
+                              sem="relaxed")
 
 
 @triton.jit
@@ -168,33 +208,54 @@ def encode_forward(table: torch.Tensor, u: torch.Tensor, grid) -> torch.Tensor:
     return out
 
 
+def grads(u: torch.Tensor, grad: torch.Tensor, grid, table: torch.Tensor | None = None,
+          of_table: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """∂/∂table (entries, F) fp32 of Σ (out · grad) where `of_table`, and ∂/∂u (N, 3) fp32 where the
+    `table` values are given (None otherwise), in one launch."""
+    n, dev = u.shape[0], u.device
+    gt = torch.zeros(grid.n_entries, grid.features_per_level, device=dev, dtype=torch.float32) if of_table else None
+    gu = torch.empty(grid.levels, n, 3, device=dev, dtype=torch.float32) if table is not None else None
+    if n and (of_table or table is not None):
+        f = grid.features_per_level
+        keep = torch.empty(0, device=dev, dtype=torch.float32)  # stands for a pointer not read
+        _backward_kernel[(triton.cdiv(n, BLOCK), grid.levels)](
+            u, grad.float().contiguous(), gt if of_table else keep,
+            table.detach().float().contiguous() if table is not None else keep, gu if gu is not None else keep,
+            grid.scales, grid.resolutions, grid.entries, grid.offsets, n, grid.n_dense, grid.hash_mask,
+            LEVELS=grid.levels, F=f, FP=triton.next_power_of_2(f), BLOCK=BLOCK, num_warps=4,
+            RUNS=grid.atomics == "runs", TABLE=of_table, POSITIONS=table is not None, enable_fp_fusion=False)
+    # the levels' shares summed in a fixed order: the same bits every run
+    return gt, (gu.sum(0) if gu is not None else None)
+
+
 def table_grad(u: torch.Tensor, grad: torch.Tensor, grid) -> torch.Tensor:
     """∂/∂table of Σ (out · grad): (entries, F) fp32."""
-    gt = torch.zeros(grid.n_entries, grid.features_per_level, device=u.device, dtype=torch.float32)
-    if u.shape[0]:
-        _launch(_backward_kernel, u, grad.float().contiguous(), gt, grid, RUNS=grid.atomics == "runs")
-    return gt
+    return grads(u, grad, grid)[0]
 
 
 class TritonLookup(torch.autograd.Function):
-    """The table lookup, differentiable in the table only; saves only the positions (12 bytes a point)."""
+    """The table lookup, differentiable in the table and, where u requires it, in the positions
+    (first order: once_differentiable); saves only the positions (12 bytes a point) and the table."""
 
     @staticmethod
     def forward(ctx, table, u, grid):
-        ctx.save_for_backward(u)
+        ctx.save_for_backward(u, table)
         ctx.grid = grid
-        return encode_forward(table, u, grid)
+        return encode_forward(table.detach().float().contiguous(), u.detach(), grid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (u,) = ctx.saved_tensors
-        return table_grad(u, grad, ctx.grid).to(ctx.grid.table.dtype), None, None
+        u, table = ctx.saved_tensors
+        need_table, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gt, gu = grads(u, grad, ctx.grid, table if need_u else None, of_table=need_table)
+        return (gt.to(table.dtype) if gt is not None else None), gu, None
 
 
 def encode(table: torch.Tensor, u: torch.Tensor, grid) -> torch.Tensor:
-    """The 'triton' backend's encoding of constant positions u (N, 3) in [0, 1]."""
-    u = u.detach().float().contiguous()
-    if torch.is_grad_enabled() and table.requires_grad:
+    """The 'triton' backend's encoding of positions u (N, 3) in [0, 1]: constants, or positions whose
+    gradient is wanted once (HashGrid.position_grads 'triton')."""
+    u = (u if u.requires_grad else u.detach()).float().contiguous()
+    if torch.is_grad_enabled() and (table.requires_grad or u.requires_grad):
         return TritonLookup.apply(table, u, grid)
     return encode_forward(table.detach().float().contiguous(), u, grid)

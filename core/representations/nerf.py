@@ -94,8 +94,18 @@ def rand_on(shape, generator: Optional[torch.Generator], device) -> torch.Tensor
 # GPU: the hash grid's backward pass adds into the table with atomics, and consecutive samples (one
 # ray's, or one sample's finite-difference offsets) share their coarse-level cells, so a warp of
 # them serialises on the same entries. A fixed stride permutation (no randomness) breaks that up.
+# Where (coarse.grid.spread, NeRFField.spreads): the Triton grid's 'runs' atomics sum those runs
+# first instead, and spreading would take them apart. False here: never (tests, scripts/gpu_coarse.py)
 SPREAD_SAMPLES_ON_CUDA = True
 _SPREAD_STRIDES = (1_000_003, 999_983)
+
+
+def spread_wanted(setting: str, backend, atomics) -> bool:
+    """coarse.grid.spread for a grid of `backend` with `atomics` (triton's): 'always', 'never', or 'auto' =
+    spread unless the grid is Triton's summing runs of consecutive points, which spreading takes apart."""
+    if setting == "auto":
+        return not (backend == "triton" and atomics == "runs")
+    return setting == "always"
 
 
 def _spread_permutation(n: int, device) -> torch.Tensor:
@@ -148,6 +158,7 @@ class NeRFField(nn.Module):
         field.encoding.recompute_backward = c.grid.recompute_backward
         field.encoding.chunk = c.grid.chunk
         field.encoding.atomics = c.grid.atomics
+        field.spread = c.grid.spread
         field.normals_recompute = c.normals_recompute
         field.mlp_precision = c.mlp.precision
         return field
@@ -199,13 +210,23 @@ class NeRFField(nn.Module):
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-activation density (blob included) (N,) and albedo logits (N, 3)."""
         n = x.shape[0]
-        if SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and n > 1:
+        if self.spreads(x):
             perm = _spread_permutation(n, x.device)
             h = self._mlp(self._encode(x.index_select(0, perm)))
             h = torch.zeros_like(h).index_copy(0, perm, h)  # back in order; its backward is a gather
         else:
             h = self._mlp(self._encode(x))
         return h[:, 0].float() + self.density_blob(x), h[:, 1:].float()
+
+    spread = "auto"  # coarse.grid.spread (from_params)
+
+    def spreads(self, x: torch.Tensor) -> bool:
+        """Whether `raw` evaluates the points `x` in the spread order (SPREAD_SAMPLES_ON_CUDA, above): on
+        a GPU, with gradients, by coarse.grid.spread: 'auto' spreads them unless the grid is the Triton
+        backend summing runs of consecutive points ('runs' atomics), which spreading would take apart."""
+        if not (SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and x.shape[0] > 1):
+            return False
+        return spread_wanted(self.spread, getattr(self.encoding, "backend", None), getattr(self.encoding, "atomics", None))
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP, in bf16 autocast when mlp_precision is 'bf16' (weights and the encoding stay fp32;

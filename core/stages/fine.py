@@ -63,6 +63,20 @@ def sdf_level(params, coarse: StageState | None) -> float:
     return min(m, tau) if m is not None else tau
 
 
+def grid_position_grads(setting: str, backend: str) -> str:
+    """fine.grid_position_grads for a colour-field grid of `backend`: who differentiates the surface
+    points, 'triton' (the kernels, first order) or 'torch'; 'auto' is the kernels where the grid runs
+    on them. 'triton' on another backend is an error."""
+    if setting == "auto":
+        return "triton" if backend == "triton" else "torch"
+    if setting == "triton" and backend != "triton":
+        from core.params import ParamsError
+
+        raise ParamsError(f"fine.grid_position_grads is 'triton' but the hash grid runs on {backend}; "
+                          f"use fine.grid_position_grads=auto or torch")
+    return setting
+
+
 class DMTetRepresentation:
     """The fine stage's mesh as the stage loop sees it (core.stages.engine.Representation)."""
 
@@ -83,6 +97,13 @@ class DMTetRepresentation:
         enc = getattr(self.colour.field, "encoding", None)
         if hasattr(enc, "atomics"):  # the coarse field's hash grid, loaded: coarse.grid.atomics again
             enc.atomics = c.grid.atomics
+        if hasattr(self.colour.field, "spreads"):  # and coarse.grid.spread
+            self.colour.field.spread = c.grid.spread
+        if hasattr(enc, "position_grads"):  # the surface points' gradient in the grid (fine.grid_position_grads)
+            enc.position_grads = grid_position_grads(f.grid_position_grads, enc.backend)
+            if enc.position_grads == "triton":
+                log.info("fine stage: the colour grid differentiates the surface points in its Triton kernels "
+                         "(fine.grid_position_grads=%s)", f.grid_position_grads)
         self.field_config = dict(getattr(coarse_field, "config", {}))
         self.rasterizer = make_rasterizer(f.rasterizer, device, f.coverage, f.compile)
         self.backend = self.rasterizer.backend
