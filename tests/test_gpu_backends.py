@@ -697,6 +697,95 @@ def test_runs_give_the_scalar_table_gradient():
     torch.testing.assert_close(out["runs"], out["scalar"], rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_points_in_the_renderers_order_give_the_spread_field_and_gradients():
+    """coarse.grid.spread 'never' (what 'auto' is for the Triton grid with 'runs' atomics: the default
+    on a GPU) against 'always' (before session 35): magic123's field evaluated, forward and backward,
+    at points laid out as the renderer's: the same densities and albedo logits, and the same gradients
+    of the table and the MLP up to the order of the atomic adds."""
+    pytest.importorskip("triton")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from hashgrid_check import ray_points
+
+    from core.representations.nerf import NeRFField
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    field = NeRFField.from_params(load_params("magic123", {"device": "cuda", "coarse.grid.backend": "triton"}), device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = ray_points(1 << 18, dev, g)
+    up = torch.randn(x.shape[0], device=dev, generator=g), torch.randn(x.shape[0], 3, device=dev, generator=g)
+    assert not field.spreads(x)  # auto, for triton's runs
+    out = {}
+    for setting in ("always", "never"):
+        field.spread = setting
+        field.zero_grad(set_to_none=True)
+        raw, logits = field.raw(x)
+        torch.autograd.backward((raw, logits), up)
+        out[setting] = [raw.detach(), logits.detach()] + [q.grad.clone() for q in field.parameters() if q.grad is not None]
+    for a, b in zip(out["always"], out["never"]):
+        scale = float(a.abs().max())
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_triton_position_gradients_give_the_torch_codes_on_the_gpu():
+    """fine.grid_position_grads 'triton' (the default where the grid runs on Triton): the compiled
+    kernels' gradient of magic123's grid at 2^18 surface-like points (a ray's samples one after
+    another) in the points and in the table, against autograd through the torch code."""
+    pytest.importorskip("triton")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from hashgrid_check import CONFIG, ray_points
+
+    from core.representations.hashgrid import HashGrid, copy_hashgrid_params
+
+    dev = torch.device("cuda")
+    a, b = HashGrid(**CONFIG, backend="torch", device=dev), HashGrid(**CONFIG, backend="triton", device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        a.table.copy_(torch.rand(a.table.shape, device=dev, generator=g) * 2 - 1)
+    copy_hashgrid_params(a, b)
+    b.position_grads = "triton"
+    x = ray_points(1 << 18, dev, g)
+    up = torch.randn(x.shape[0], a.output_dim, device=dev, generator=g)
+    out = {}
+    for key, grid in (("torch", a), ("triton", b)):
+        xx = x.clone().requires_grad_(True)
+        y = grid(xx)
+        (y * up).sum().backward()
+        out[key] = (y.detach(), xx.grad, grid.table.grad, type(y.grad_fn).__name__)
+    assert out["triton"][3] == "TritonLookupBackward"
+    for i in range(3):
+        ref = out["torch"][i]
+        torch.testing.assert_close(out["triton"][i], ref, rtol=1e-4, atol=1e-5 * max(float(ref.abs().max()), 1.0))
+
+
+def test_gather_rows_takes_16_byte_rows_element_by_element_with_index_selects_numbers():
+    """core.ops.gather_rows on a GPU: rows of 16 to 64 bytes (clip-space corners (V, 4) fp32, tetrahedra
+    (T, 4) int64) by gather_flat, which CUDA's vectorised index_select copies a thread block a row: the
+    same rows, and the same gradient up to the order of the atomic adds."""
+    from core.ops import _slow_rows, gather_rows
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    pos = torch.randn(50_000, 4, device=dev, generator=g)
+    tets = torch.randint(0, 1000, (20_000, 4), device=dev, generator=g)
+    assert _slow_rows(pos) and _slow_rows(tets) and not _slow_rows(pos[:, :3].contiguous())
+    idx = torch.randint(0, 50_000, (300_000,), device=dev, generator=g)
+    assert torch.equal(gather_rows(tets, idx[:5000] % 20_000), tets.index_select(0, idx[:5000] % 20_000))
+    a, b = pos.clone().requires_grad_(True), pos.clone().requires_grad_(True)
+    up = torch.randn(300_000, 4, device=dev, generator=g)
+    ya, yb = gather_rows(a, idx), b.index_select(0, idx)
+    assert torch.equal(ya, yb)
+    ya.backward(up)
+    yb.backward(up)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_the_renders_compaction_waits_for_the_gpu_once():
     """The volume renderer's compaction of its active samples and of those that get normals: one
     host sync for both sizes (two nonzeros waited twice), and the CPU's indices."""

@@ -369,3 +369,26 @@ def test_pixel_barycentrics_stay_finite_on_a_zero_area_pixel():
     # the stand-in triangle's pixel: the barycentrics of its centre, as without the sliver beside it
     alone = _pixel_rast(torch.tensor(_STAND_IN).expand(1, H, W, 3, 4), tid, torch.tensor(_STAND_IN))
     assert torch.equal(r[0, 2, 1], alone[0, 2, 1]) and r[0, 2, 1, 3] == 1.0
+
+
+def test_rows_taken_element_by_element_give_index_selects_values_and_gradients_bit_for_bit():
+    """core.ops.gather_flat (gather_rows on a GPU for rows of 16 to 64 bytes, which CUDA's index_select
+    copies a thread block a row): the same rows as index_select, and the same gradient to the bit,
+    repeated indices included (its index_add adds each element's contributions in the index's order)."""
+    from core.ops import gather_flat, gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    for shape, dtype in (((500, 4), torch.float32), ((300, 2, 3), torch.float64), ((50, 4), torch.long)):
+        values = (torch.randn(shape, generator=g) * 100).to(dtype)
+        idx = torch.randint(0, shape[0], (4000,), generator=g)
+        assert torch.equal(gather_flat(values, idx), values.index_select(0, idx))
+        if dtype.is_floating_point:
+            a, b = values.clone().requires_grad_(True), values.clone().requires_grad_(True)
+            up = torch.randn(4000, *shape[1:], generator=g, dtype=dtype)
+            gather_flat(a, idx).backward(up)
+            b.index_select(0, idx).backward(up)
+            assert torch.equal(a.grad, b.grad)
+    # off a GPU gather_rows keeps index_select (the rows' path is the GPU's alone)
+    v = torch.randn(10, 4, requires_grad=True)
+    assert type(gather_rows(v, torch.tensor([[1, 2], [3, 3]])).grad_fn).__name__ == "ViewBackward0"
+    assert type(gather_rows(v, torch.tensor([1, 2])).grad_fn.next_functions[0][0]).__name__ == "IndexSelectBackward0"

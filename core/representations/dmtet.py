@@ -119,7 +119,7 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         rows = torch.nonzero((n_in > 0) & (n_in < 4)).squeeze(1)  # tetrahedra the surface passes through
         if rows.shape[0] == 0:
             return Mesh(pos.new_zeros((0, 3)), torch.zeros((0, 3), dtype=torch.long, device=device))
-        tv, occ_v = tets.index_select(0, rows), occ_t.index_select(0, rows)
+        tv, occ_v = gather_rows(tets, rows), occ_t.index_select(0, rows)
         edges = tv[:, device_constant(_TET_EDGES_ROWS, torch.long, device)]  # (Tv, 6, 2)
         edges = sort_pairs(edges)
         crossing = (occ[edges[..., 0]] != occ[edges[..., 1]]).reshape(-1)  # (Tv·6,)
@@ -135,7 +135,7 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> M
         table = device_constant(_TRIANGLE_ROWS, torch.long, device).view(16, 2, 3)[code]
         first = torch.gather(edge_to_vert, 1, table[:, 0])  # (Tv, 3)
         two = torch.nonzero_static(ntri == 2, size=n_two).squeeze(1)
-        second = torch.gather(edge_to_vert.index_select(0, two), 1, table.index_select(0, two)[:, 1])
+        second = torch.gather(gather_rows(edge_to_vert, two), 1, gather_rows(table, two)[:, 1])
         faces = torch.cat([first, second], 0)
     # gathers with a fixed-order backward (core.ops): a grid vertex is the end of many crossing edges
     s_a, s_b = gather_rows(sdf, a), gather_rows(sdf, b)
