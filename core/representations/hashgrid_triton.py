@@ -189,11 +189,12 @@ def _segment_sum(f1, a1, f2, a2):
     return f1 | f2, tl.where(f2 != 0, a2, a1 + a2)
 
 
-def _launch(kernel, u: torch.Tensor, data: torch.Tensor, out: torch.Tensor, grid, **flags) -> None:
+def _launch(kernel, u: torch.Tensor, *data: torch.Tensor, grid, **flags) -> None:
+    """`kernel` over (blocks of BLOCK points, levels), with its tensors `data` after the positions u."""
     n = u.shape[0]
     f = grid.features_per_level
     kernel[(triton.cdiv(n, BLOCK), grid.levels)](
-        u, data, out, grid.scales, grid.resolutions, grid.entries, grid.offsets, n, grid.n_dense, grid.hash_mask,
+        u, *data, grid.scales, grid.resolutions, grid.entries, grid.offsets, n, grid.n_dense, grid.hash_mask,
         LEVELS=grid.levels, F=f, FP=triton.next_power_of_2(f), BLOCK=BLOCK, num_warps=4, **flags,
         # p = scale·u + 0.5 rounded as a multiply then an add, like the torch backend: a fused
         # multiply-add can move p across a cell boundary at the finest levels (one ulp of p)
@@ -204,7 +205,7 @@ def encode_forward(table: torch.Tensor, u: torch.Tensor, grid) -> torch.Tensor:
     """u (N, 3) fp32 in [0, 1] → (N, L·F) fp32."""
     out = torch.empty(u.shape[0], grid.output_dim, device=u.device, dtype=torch.float32)
     if u.shape[0]:
-        _launch(_forward_kernel, u, table, out, grid)
+        _launch(_forward_kernel, u, table, out, grid=grid)
     return out
 
 
@@ -216,14 +217,10 @@ def grads(u: torch.Tensor, grad: torch.Tensor, grid, table: torch.Tensor | None 
     gt = torch.zeros(grid.n_entries, grid.features_per_level, device=dev, dtype=torch.float32) if of_table else None
     gu = torch.empty(grid.levels, n, 3, device=dev, dtype=torch.float32) if table is not None else None
     if n and (of_table or table is not None):
-        f = grid.features_per_level
         keep = torch.empty(0, device=dev, dtype=torch.float32)  # stands for a pointer not read
-        _backward_kernel[(triton.cdiv(n, BLOCK), grid.levels)](
-            u, grad.float().contiguous(), gt if of_table else keep,
-            table.detach().float().contiguous() if table is not None else keep, gu if gu is not None else keep,
-            grid.scales, grid.resolutions, grid.entries, grid.offsets, n, grid.n_dense, grid.hash_mask,
-            LEVELS=grid.levels, F=f, FP=triton.next_power_of_2(f), BLOCK=BLOCK, num_warps=4,
-            RUNS=grid.atomics == "runs", TABLE=of_table, POSITIONS=table is not None, enable_fp_fusion=False)
+        _launch(_backward_kernel, u, grad.float().contiguous(), gt if of_table else keep,
+                table.detach().float().contiguous() if table is not None else keep, gu if gu is not None else keep,
+                grid=grid, RUNS=grid.atomics == "runs", TABLE=of_table, POSITIONS=table is not None)
     # the levels' shares summed in a fixed order: the same bits every run
     return gt, (gu.sum(0) if gu is not None else None)
 
