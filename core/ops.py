@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from core.perf import device_constant
+
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """values[index] along dimension 0, index of any shape: (*index.shape, *values.shape[1:]), with a
@@ -40,8 +42,6 @@ def gather_flat(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """values.index_select(0, idx) (idx 1-D) as an index_select of single elements: every row's C
     elements by their flat positions. Its backward is index_add over those positions, which adds each
     element's contributions in the order of `idx`, as index_select's does (the same bits on a CPU)."""
-    from core.perf import device_constant
-
     c = math.prod(values.shape[1:])
     flat = (idx[:, None] * c + device_constant(tuple(range(c)), torch.long, idx.device)).reshape(-1)
     return values.reshape(-1).index_select(0, flat).view(idx.shape[0], *values.shape[1:])

@@ -215,14 +215,12 @@ def test_the_points_are_spread_unless_the_triton_grid_sums_their_runs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda(monkeypatch):
-    import core.representations.nerf as nerf
-
+def test_spread_evaluation_gives_the_same_field_and_gradients_on_cuda():
     field = NeRFField(levels=4, log2_table_size=12, max_resolution=64, device="cuda", backend="torch")
     x = torch.rand(5000, 3, device="cuda") * 2 - 1
     outs = []
-    for spread in (False, True):
-        monkeypatch.setattr(nerf, "SPREAD_SAMPLES_ON_CUDA", spread)
+    for spread in ("never", "always"):  # coarse.grid.spread
+        field.spread = spread
         field.zero_grad()
         raw, logits = field.raw(x)
         (raw.sum() + logits.square().sum()).backward()

@@ -252,7 +252,7 @@ class TritonLookup(torch.autograd.Function):
 def encode(table: torch.Tensor, u: torch.Tensor, grid) -> torch.Tensor:
     """The 'triton' backend's encoding of positions u (N, 3) in [0, 1]: constants, or positions whose
     gradient is wanted once (HashGrid.position_grads 'triton')."""
-    u = (u if u.requires_grad else u.detach()).float().contiguous()
+    u = u.float().contiguous()
     if torch.is_grad_enabled() and (table.requires_grad or u.requires_grad):
         return TritonLookup.apply(table, u, grid)
     return encode_forward(table.detach().float().contiguous(), u, grid)

@@ -94,9 +94,8 @@ def rand_on(shape, generator: Optional[torch.Generator], device) -> torch.Tensor
 # GPU: the hash grid's backward pass adds into the table with atomics, and consecutive samples (one
 # ray's, or one sample's finite-difference offsets) share their coarse-level cells, so a warp of
 # them serialises on the same entries. A fixed stride permutation (no randomness) breaks that up.
-# Where (coarse.grid.spread, NeRFField.spreads): the Triton grid's 'runs' atomics sum those runs
-# first instead, and spreading would take them apart. False here: never (tests, scripts/gpu_coarse.py)
-SPREAD_SAMPLES_ON_CUDA = True
+# Where: coarse.grid.spread (NeRFField.spreads): the Triton grid's 'runs' atomics sum those runs
+# first instead, and spreading would take them apart.
 _SPREAD_STRIDES = (1_000_003, 999_983)
 
 
@@ -145,6 +144,7 @@ class NeRFField(nn.Module):
         self.mlp = nn.Sequential(*mods).to(device)
         self.normals_recompute = False  # see coarse.normals_recompute
         self.mlp_precision = "fp32"  # see coarse.mlp.precision
+        self.spread = "auto"  # see coarse.grid.spread
 
     @classmethod
     def from_params(cls, params, device="cpu") -> "NeRFField":
@@ -218,13 +218,11 @@ class NeRFField(nn.Module):
             h = self._mlp(self._encode(x))
         return h[:, 0].float() + self.density_blob(x), h[:, 1:].float()
 
-    spread = "auto"  # coarse.grid.spread (from_params)
-
     def spreads(self, x: torch.Tensor) -> bool:
-        """Whether `raw` evaluates the points `x` in the spread order (SPREAD_SAMPLES_ON_CUDA, above): on
-        a GPU, with gradients, by coarse.grid.spread: 'auto' spreads them unless the grid is the Triton
+        """Whether `raw` evaluates the points `x` in the spread order (_spread_permutation, above): on a
+        GPU, with gradients, by coarse.grid.spread: 'auto' spreads them unless the grid is the Triton
         backend summing runs of consecutive points ('runs' atomics), which spreading would take apart."""
-        if not (SPREAD_SAMPLES_ON_CUDA and x.is_cuda and torch.is_grad_enabled() and x.shape[0] > 1):
+        if not (x.is_cuda and torch.is_grad_enabled() and x.shape[0] > 1):
             return False
         return spread_wanted(self.spread, getattr(self.encoding, "backend", None), getattr(self.encoding, "atomics", None))
 
