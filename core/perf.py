@@ -380,11 +380,19 @@ PROFILE_GROUPS = ("op", "shape", "stack")
 def profiler_options(group: tuple[str, ...]) -> dict:
     """torch.profiler's keywords for the tables `group` asks for (profile_tables): input shapes for
     'shape', Python stacks for 'stack' (both cost the host time, so a window that records them does
-    not run at the loop's pace)."""
+    not run at the loop's pace). With 'stack', the experimental config's `verbose` too: without it
+    torch.profiler keeps no operator's own stack (pytorch/pytorch#100253; session 36 found the GPU
+    machine's torch 2.11 gives no Python events above its operators either, so the call-site table
+    named none of the project's lines)."""
     unknown = [g for g in group if g not in PROFILE_GROUPS]
     if unknown or not group:
         raise ValueError(f"profile tables: {', '.join(unknown) or 'none given'} (choose from {', '.join(PROFILE_GROUPS)})")
-    return {"record_shapes": "shape" in group, "with_stack": "stack" in group}
+    options = {"record_shapes": "shape" in group, "with_stack": "stack" in group}
+    if "stack" in group:
+        from torch._C._profiler import _ExperimentalConfig
+
+        options["experimental_config"] = _ExperimentalConfig(verbose=True)
+    return options
 
 
 def profile_tables(prof, group: tuple[str, ...], key: str, rows: int = 30, steps: int = 1) -> str:

@@ -244,6 +244,25 @@ def test_the_profile_by_shape_and_by_stack_tells_which_call_of_an_operator_costs
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_stack_table_asks_torch_to_keep_each_operators_own_stack():
+    """profiler_options for 'stack' turn on the experimental config's `verbose`, without which
+    torch.profiler keeps no operator's own Python stack (pytorch/pytorch#100253): the GPU machine's
+    torch 2.11 gave none and no Python events either, so its call-site table named no line (session
+    36). Here a real profiler's sum carries a stack that names this file's helper."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from core.perf import profiler_options
+
+    assert "experimental_config" not in profiler_options(("op", "shape"))
+    with profile(activities=[ProfilerActivity.CPU], **profiler_options(("stack",))) as prof:
+        _two_sized_sums()
+    sums = [e for e in prof.events() if e.name == "aten::sum"]
+    assert len(sums) == 2
+    assert all(any("_two_sized_sums" in f and "test_bench_speed.py" in f for f in e.stack) for e in sums), \
+        [e.stack for e in sums]
+
+
 def test_the_call_site_table_reads_an_operators_own_stack_and_its_backwards_forward():
     """kernel_ms_by_call_site on events as torch 2.11's profiler gives them on a GPU: each operator
     carries its own Python stack (innermost first, torch's frames among them) and the backward's run
