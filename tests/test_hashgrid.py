@@ -426,3 +426,33 @@ def test_the_fine_colour_grid_differentiates_its_points_where_the_params_say():
     assert rep.colour.field.encoding.position_grads == "torch"
     with pytest.raises(ParamsError, match="grid_position_grads"):
         DMTetRepresentation(load_params("smoke", ["fine.grid_position_grads=triton"]), field, torch.device("cpu"))
+
+
+def test_the_fine_colour_mlp_takes_its_own_precision_or_the_coarse_ones():
+    """fine.mlp_precision: 'coarse' (the default) keeps coarse.mlp.precision for the colour field's
+    MLP; 'bf16' or 'fp32' set it for the fine stage alone, the coarse field untouched and the coarse
+    stage's digest the same (so a fine run can change it without the coarse stage running again);
+    bf16 really runs: the colours differ from fp32's within bf16's rounding."""
+    from core.params import load_params, step_digest
+    from core.representations.nerf import NeRFField
+    from core.stages.fine import DMTetRepresentation
+
+    cpu = torch.device("cpu")
+    base = load_params("smoke")
+    assert base.fine.mlp_precision == "coarse"
+    field = NeRFField.from_params(base)
+    assert DMTetRepresentation(base, field, cpu).colour.field.mlp_precision == "fp32"
+    coarse_bf16 = load_params("smoke", ["coarse.mlp.precision=bf16"])
+    field16 = NeRFField.from_params(coarse_bf16)
+    assert DMTetRepresentation(coarse_bf16, field16, cpu).colour.field.mlp_precision == "bf16"
+    back = load_params("smoke", ["coarse.mlp.precision=bf16", "fine.mlp_precision=fp32"])
+    assert DMTetRepresentation(back, field16, cpu).colour.field.mlp_precision == "fp32"
+    fine16 = load_params("smoke", ["fine.mlp_precision=bf16"])
+    assert step_digest(fine16, "coarse") == step_digest(base, "coarse")
+    assert step_digest(fine16, "fine") != step_digest(base, "fine")
+    rep32, rep16 = DMTetRepresentation(base, field, cpu), DMTetRepresentation(fine16, field, cpu)
+    assert rep16.colour.field.mlp_precision == "bf16" and field.mlp_precision == "fp32"
+    x = torch.rand(4096, 3, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    c32, c16 = rep32.colour(x).detach(), rep16.colour(x).detach()
+    assert c16.dtype == torch.float32 and not torch.equal(c32, c16)
+    assert (c32 - c16).abs().max() < 0.02

@@ -104,6 +104,9 @@ class DMTetRepresentation:
             if enc.position_grads == "triton":
                 log.info("fine stage: the colour grid differentiates the surface points in its Triton kernels "
                          "(fine.grid_position_grads=%s)", f.grid_position_grads)
+        if f.mlp_precision != "coarse" and hasattr(self.colour.field, "mlp_precision"):
+            self.colour.field.mlp_precision = f.mlp_precision  # fine.mlp_precision over coarse.mlp.precision
+            log.info("fine stage: the colour field's MLP in %s (fine.mlp_precision)", f.mlp_precision)
         self.field_config = dict(getattr(coarse_field, "config", {}))
         self.rasterizer = make_rasterizer(f.rasterizer, device, f.coverage, f.compile)
         self.backend = self.rasterizer.backend
