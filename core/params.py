@@ -93,9 +93,9 @@ class HashGridParams(_Section):
     # on a GPU, the field's points (a ray's samples one after another; the fine stage's pixels in
     # order) handed to the grid in a fixed stride permutation and put back after
     # (core.representations.nerf.NeRFField.raw): always, which the torch and tcnn backends' atomic
-    # adds want (a warp of one ray's samples serialises on one coarse cell's entries); off = in the
+    # adds want (a warp of one ray's samples serialises on one coarse cell's entries) | never: in the
     # renderer's order, which triton's 'runs' wants (it sums each run of consecutive points in one cell
-    # once: spread, there are no runs), never, or auto = never for triton with atomics 'runs', else always. The
+    # once: spread, there are no runs) | auto = never for triton with atomics 'runs', else always. The
     # same values and gradients up to the atomics' float order (session 35)
     spread: Literal["auto", "always", "never"] = "auto"
     # torch backend: keep only the positions for the backward and recompute the corner rows and

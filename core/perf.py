@@ -509,18 +509,9 @@ def _own_frame(name: str) -> bool:
 
 def _frames(node, depth: int) -> list:
     """The innermost `depth` Python frames of the project's that called profiler event `node`, as
-    "file.py(line): function": from the event's own stack where torch.profiler records one there
-    (torch 2.11 on the GPU machine), else from the Python function events above it (the tracer's
-    tree, torch 2.14)."""
+    "file.py(line): function", from the event's own stack (recorded with profiler_options' 'stack')."""
     stack = [f for f in (getattr(node, "stack", None) or []) if _own_frame(f)]
-    if stack:
-        return [f.rsplit("/", 1)[-1] for f in stack[:depth]]
-    frames = []
-    while node is not None and len(frames) < depth:
-        if _own_frame(node.name):
-            frames.append(node.name.rsplit("/", 1)[-1])
-        node = node.cpu_parent
-    return frames
+    return [f.rsplit("/", 1)[-1] for f in stack[:depth]]
 
 
 def _call_site(e, depth: int, forward: dict) -> tuple[str, str]:
@@ -544,8 +535,8 @@ def _call_site(e, depth: int, forward: dict) -> tuple[str, str]:
 
 def kernel_ms_by_call_site(events, steps: int, depth: int = 3, rows: int = 30) -> str:
     """The device's kernel time a step by the operator the host dispatched and the project's lines
-    that called it (`_call_site`, from torch.profiler's `events()` recorded with_stack: the Python
-    frames are the events above an operator). Each kernel is tied to the event that launched it, so
+    that called it (`_call_site`, from torch.profiler's `events()` recorded with profiler_options'
+    'stack': each operator's own Python stack). Each kernel is tied to the event that launched it, so
     none counts twice; a CPU-only profile has no kernels, and the operators' own host time counts
     instead. Where one operator is called from many places (index_select's gathers, say), this says
     which of them costs the time."""
