@@ -195,3 +195,29 @@ def test_surface_voxels_give_the_mesh_of_every_tetrahedron():
     w = torch.randn(fast.verts.shape, generator=g)
     grads = [torch.autograd.grad((m.verts * w).sum(), (dm.sdf, dm.deform)) for m in (fast, full)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_surface_voxels_are_those_whose_corners_differ_up_to_the_grids_far_faces():
+    """surface_tets' two max pools pick the voxels whose 8 corners are not all on one side, as the
+    corners' sum did, in the grid's order: on random signs, and where only a far corner vertex
+    (index r on an axis, beyond every voxel's (0,0,0) corner) is inside: then its one voxel only."""
+    r, n = 5, 6
+    dm = DMTet(r, 1.0)
+    g = torch.Generator().manual_seed(11)
+
+    def by_corners():
+        occ = (dm.sdf > 0).view(n, n, n).long()
+        corners = sum(occ[a:a + r, b:b + r, c:c + r] for a in (0, 1) for b in (0, 1) for c in (0, 1))
+        return dm._voxel_tets(torch.nonzero(((corners > 0) & (corners < 8)).reshape(-1)).squeeze(1))
+
+    for sdf in (torch.randn(n ** 3, generator=g), torch.ones(n ** 3), -torch.ones(n ** 3)):
+        with torch.no_grad():
+            dm.sdf.copy_(sdf)
+        assert torch.equal(dm.surface_tets(), by_corners())
+    for corner in ((r, r, r), (r, 0, r), (0, r, 0)):  # grid corners: each in one voxel
+        with torch.no_grad():
+            dm.sdf.fill_(-1.0)
+            dm.sdf.view(n, n, n)[corner] = 1.0
+        tets = dm.surface_tets()
+        assert tets.shape == (6, 4) and torch.equal(tets, by_corners())
+        assert (tets == (corner[0] * n + corner[1]) * n + corner[2]).any()  # the voxel has that corner

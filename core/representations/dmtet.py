@@ -210,11 +210,18 @@ class DMTet(nn.Module):
         the grid's order. A tetrahedron's corners are corners of its voxel, so the others cannot be
         cut: marching tetrahedra over these gives the mesh it gives over all 6 r³ (the same vertices
         and faces, in the same order), reading 8 bytes a voxel instead of 4 indices a tetrahedron."""
-        r, n = self.resolution, self.resolution + 1
-        occ = (self.sdf > 0).view(n, n, n).to(torch.uint8)
-        corners = sum(occ[a:a + r, b:b + r, c:c + r] for a in (0, 1) for b in (0, 1) for c in (0, 1))
-        voxels = torch.nonzero(((corners > 0) & (corners < 8)).reshape(-1)).squeeze(1)
-        return self._voxel_tets(voxels)
+        n = self.resolution + 1
+        # a voxel is cut where the largest of its 8 corners' inside flags exceeds the smallest: two
+        # 2×2×2 max pools, the second of the negated flags, give max − min per voxel (i, j, k); padded
+        # to the vertices' (n, n, n), its nonzeros' flat indices are the voxels' (0,0,0) corners
+        # ((i n + j) n + k), in the voxels' order. 16 operators from the host where the 8 corner
+        # slices' sum and the indices' arithmetic took 54: a fine iteration waits on its host
+        # (reports/speed, session 37)
+        occ = (self.sdf > 0).to(self.sdf.dtype).view(1, 1, n, n, n)
+        pool = torch.nn.functional.max_pool3d
+        spread = torch.nn.functional.pad(pool(occ, 2, stride=1) + pool(-occ, 2, stride=1), (0, 1, 0, 1, 0, 1))
+        base = torch.nonzero(spread.reshape(-1)).squeeze(1)
+        return (base[:, None, None] + self.tet_offsets[None]).reshape(-1, 4)
 
     def extract(self) -> Mesh:
         return marching_tets(self.vertices(), self.sdf, self.surface_tets())
