@@ -277,8 +277,9 @@ class FineParams(_Section):
     # triton. The same gradients up to float rounding
     grid_position_grads: Literal["auto", "torch", "triton"] = "auto"
     # the colour field's MLP in this stage: coarse (as coarse.mlp.precision) | fp32 | bf16 (under bf16
-    # autocast; the mesh path alone 20.0 / 22.0 → 17.5 / 17.9 ms at 994k faces, session 36). Apart from
-    # the coarse setting, so that the fine stage can change it without the coarse stage running again
+    # autocast; the mesh path alone 20.0 / 22.0 → 17.5 / 17.9 ms at 994k faces, session 36; the guided
+    # stage no faster, 37.7 / 39.5 → 40.2 / 39.1 ms, session 37). Apart from the coarse setting, so that
+    # the fine stage can change it without the coarse stage running again
     mlp_precision: Literal["coarse", "fp32", "bf16"] = "coarse"
     losses: FineLossWeights = FineLossWeights()
     checkpoint_every: int = Field(500, ge=1)
@@ -329,7 +330,8 @@ class StableDiffusionParams(_Section):
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm. The SDS
-    # VAE encoder on lift3d's kernels: 11.09 → 10.78 ms an encode at 512² (H200, reports/speed s22)
+    # VAE encoder on lift3d's kernels: 11.09 → 10.78 ms an encode at 512² (H200, reports/speed s22); a
+    # guided fine iteration 38.3 / 40.1 → 38.3 / 38.6 ms, inside the pairs' spread (s37)
     channels_last: bool = False
     # torch.compile of the VAE encoder, forward and backward, in SDS on a GPU (the render's gradient
     # goes through it: eq. 5); 'none' on a CPU. H200: 6.6 ms less a guided iteration for ~60 s of

@@ -652,6 +652,23 @@ def test_marching_tets_waits_for_the_gpu_only_for_its_sizes():
     assert torch.allclose(gpu.verts.cpu(), cpu.verts, atol=1e-6)
 
 
+def test_surface_voxels_on_the_gpu_are_the_cpus_with_one_wait():
+    """DMTet.surface_tets by max pools (session 37) on the GPU: the CPU's tetrahedra in the same order,
+    its nonzero the one sync."""
+    from core.representations.dmtet import DMTet
+
+    net = DMTet(resolution=24)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a sphere with noise: cut voxels inside the grid and on its far faces
+        net.sdf.copy_(0.9 - net.grid_verts.norm(dim=-1) + 0.2 * torch.rand(net.sdf.shape, generator=g))
+    cpu = net.surface_tets()
+    net = net.cuda()
+    net.surface_tets()
+    torch.cuda.synchronize()
+    assert _syncs(net.surface_tets) == 1
+    assert torch.equal(net.surface_tets().cpu(), cpu)
+
+
 def test_opposite_vertices_do_not_wait_for_the_gpu():
     """The antialias's neighbours across each edge (issue 15, session 21): no host sync on a GPU
     (session 20: a unique_consecutive and a nonzero each call), and the CPU's answer."""
