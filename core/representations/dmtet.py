@@ -215,8 +215,8 @@ class DMTet(nn.Module):
         # 2×2×2 max pools, the second of the negated flags, give max − min per voxel (i, j, k); padded
         # to the vertices' (n, n, n), its nonzeros' flat indices are the voxels' (0,0,0) corners
         # ((i n + j) n + k), in the voxels' order. 16 operators from the host where the 8 corner
-        # slices' sum and the indices' arithmetic took 54: a fine iteration waits on its host
-        # (reports/speed, session 37)
+        # slices' sum and the indices' arithmetic took 54 (the device idles while the host runs the mesh
+        # path: reports/speed, session 37)
         occ = (self.sdf > 0).to(self.sdf.dtype).view(1, 1, n, n, n)
         pool = torch.nn.functional.max_pool3d
         spread = torch.nn.functional.pad(pool(occ, 2, stride=1) + pool(-occ, 2, stride=1), (0, 1, 0, 1, 0, 1))
