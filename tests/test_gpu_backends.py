@@ -669,6 +669,33 @@ def test_surface_voxels_on_the_gpu_are_the_cpus_with_one_wait():
     assert torch.equal(net.surface_tets().cpu(), cpu)
 
 
+def test_the_mesh_render_waits_for_the_gpu_once():
+    """render_mesh with the torch rasteriser on a GPU (session 37): the covered pixels and the
+    antialias's pixel pairs read in one wait, the silhouette pairs not compacted: one sync a render
+    (three before: the shade's nonzero and the antialias's two), and the CPU's image."""
+    from core.rendering.cameras import orbit_cameras
+    from core.rendering.mesh_render import render_mesh
+    from core.rendering.raster import make_rasterizer
+    from core.representations.dmtet import DMTet
+
+    dm = DMTet(16, 1.0)
+    with torch.no_grad():
+        dm.sdf.copy_(0.6 - dm.grid_verts.norm(dim=-1))  # a sphere
+    mesh = dm.extract().detach()
+    colour = lambda x: torch.sigmoid(x * 3.0)  # noqa: E731
+
+    def render(device):
+        m = type(mesh)(mesh.verts.to(device), mesh.faces.to(device))
+        r = make_rasterizer("torch", device, coverage="auto", compile="none")
+        return lambda: render_mesh(m, colour, orbit_cameras(2, 70.0, 2.2, 40.0, device=device), 64, r).rgb
+
+    gpu = render("cuda")
+    gpu()  # the constants and kernels made once
+    torch.cuda.synchronize()
+    assert _syncs(gpu) == 1
+    assert (gpu().cpu() - render("cpu")()).abs().mean() < 1e-3  # the Triton coverage may round an edge pixel the other way
+
+
 def test_opposite_vertices_do_not_wait_for_the_gpu():
     """The antialias's neighbours across each edge (issue 15, session 21): no host sync on a GPU
     (session 20: a unique_consecutive and a nonzero each call), and the CPU's answer."""

@@ -392,3 +392,53 @@ def test_rows_taken_element_by_element_give_index_selects_values_and_gradients_b
     v = torch.randn(10, 4, requires_grad=True)
     assert type(gather_rows(v, torch.tensor([[1, 2], [3, 3]])).grad_fn).__name__ == "ViewBackward0"
     assert type(gather_rows(v, torch.tensor([1, 2])).grad_fn.next_functions[0][0]).__name__ == "IndexSelectBackward0"
+
+
+def test_antialias_without_its_second_compaction_blends_as_the_compacted_pairs_did():
+    """torch_antialias blends every pixel pair with a zero weight where it is no silhouette (session
+    37), where it blended only the compacted silhouette pairs (`keep`, a wait for the device): the
+    same image and the same gradients, bit for bit, on a noisy DMTet blob from three cameras; and the
+    pixel pairs handed in by Rasterizer.compactions (read in one wait with the covered pixels) are
+    the ones it finds itself."""
+    from core.rendering.cameras import orbit_cameras
+    from core.rendering.raster import _pair_edges, opposite_vertices, pixel_pairs, torch_antialias
+    from core.representations.dmtet import DMTet
+
+    dm = DMTet(12, 1.0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        dm.sdf.copy_(0.6 - dm.grid_verts.norm(dim=-1) + 0.25 * torch.rand(dm.sdf.shape, generator=g))
+    mesh = dm.extract().detach()
+    cams, H = orbit_cameras(3, 70.0, 2.2, 40.0), 48
+    r = make_rasterizer("torch")
+    rast = r.rasterize(clip_positions(mesh.verts, cams), mesh.faces, (H, H))
+    tri, tid = mesh.faces, rast[..., 3].long() - 1
+    covered = rast[..., 3] > 0
+    pix, pairs = r.compactions(covered, rast)
+    assert torch.equal(pix, torch.nonzero(covered.reshape(-1)).squeeze(1))
+    assert torch.equal(pairs, torch.nonzero(pixel_pairs(tid)).squeeze(1))
+    colour = torch.rand(3, H, H, 4, generator=g)
+
+    def compacted(color, pos):  # the blend of sessions 20–36: only the silhouette pairs, compacted
+        opp = opposite_vertices(tri, pos.shape[1])
+        blend, t_grad, pT, pO = _pair_edges(pairs, tid, rast[..., 2], pos, tri, opp)
+        keep = torch.nonzero(blend).squeeze(1)
+        flat_c = color.reshape(-1, 4)
+        tt, pTo, pOo = t_grad[keep].clamp(0.0, 1.0), pT[keep], pO[keep]
+        cT, cO = flat_c[pTo], flat_c[pOo]
+        alpha = (0.5 - tt)[:, None]
+        to_T = alpha.detach()[:, 0] > 0
+        delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
+        return flat_c.index_add(0, torch.where(to_T, pTo, pOo), delta).view(color.shape)
+
+    w = torch.rand(3, H, H, 4, generator=g)
+    results = []
+    for fn in (compacted, lambda c, p: torch_antialias(c, rast, p, tri, pairs=pairs),
+               lambda c, p: torch_antialias(c, rast, p, tri)):
+        c, p = colour.clone().requires_grad_(True), clip_positions(mesh.verts, cams).requires_grad_(True)
+        out = fn(c, p)
+        results.append((out.detach(), *torch.autograd.grad((out * w).sum(), (c, p))))
+    blended = (results[0][0] != colour).any(-1).sum()
+    assert blended > 20  # silhouette pixels moved
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -72,8 +72,8 @@ def render_mesh(
         # the covered pixels as flat indices into (B·H·W) rows: gathers by index_select (core.ops), whose
         # backward is an index_add, and the colours written back by index_copy. Indexing by the three
         # (b, y, x) tensors gave the same values, with an accumulating index_put (a sort on a GPU) in
-        # each gather's backward
-        pix = torch.nonzero(covered.reshape(-1)).squeeze(1)
+        # each gather's backward. The torch antialias's pixel pairs come in the same read of the device
+        pix, pairs = rasterizer.compactions(covered, rast)
         colour = torch.ones(B * H * W, 3, device=dev, dtype=verts.dtype)
         if pix.numel():
             n_pix = gather_rows(normal.reshape(-1, 3), pix)
@@ -95,7 +95,7 @@ def render_mesh(
     with scope("lift3d.render.antialias"):
         # the torch backend's edge sort is the mesh's, which its regularisers read too (Mesh.edge_sort)
         edges = mesh.edge_sort() if rasterizer.backend != "nvdiffrast" else None
-        both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri, edges=edges)
+        both = rasterizer.antialias(torch.cat([colour, mask], -1), rast, pos, tri, edges=edges, pairs=pairs)
         colour, opacity = both[..., :3], both[..., 3:]
     # rasterisers put row 0 at NDC y = −1; images have row 0 at the top
     to_img = lambda t: torch.flip(t, dims=[1]).permute(0, 3, 1, 2).contiguous()  # noqa: E731

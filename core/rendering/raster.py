@@ -81,14 +81,29 @@ class Rasterizer:
         return torch_interpolate(attr, rast, tri, compiled=self.compiled)
 
     def antialias(self, color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
-                  edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                  edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                  pairs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`edges`: the torch backend's sorted edge keys of `tri` (core.ops.sorted_edge_keys) where
-        the caller has them; nvdiffrast finds its own."""
+        the caller has them; nvdiffrast finds its own. `pairs`: the torch backend's pixel pairs of
+        `rast` where the caller has them (`compactions`)."""
         if self.backend == "nvdiffrast":
             import nvdiffrast.torch as dr
 
             return dr.antialias(color.float().contiguous(), rast, pos.float().contiguous(), tri.int().contiguous())
-        return torch_antialias(color, rast, pos, tri, compiled=self.compiled, edges=edges)
+        return torch_antialias(color, rast, pos, tri, compiled=self.compiled, edges=edges, pairs=pairs)
+
+    def compactions(self, covered: torch.Tensor, rast: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The covered pixels' flat indices (torch.nonzero of `covered` (B, H, W), flattened) and, for
+        the torch backend, its antialias's pixel pairs of `rast` (`pixel_pairs`; None for nvdiffrast):
+        both sizes read from the device in one wait, where two nonzeros waited once each (the second
+        after the colour field's forward had been queued, so the host could not run ahead of it)."""
+        flat = covered.reshape(-1)
+        if self.backend == "nvdiffrast":
+            return torch.nonzero(flat).squeeze(1), None
+        across = pixel_pairs(rast[..., 3].detach().long() - 1)
+        n_pix, n_pairs = torch.stack([flat.sum(), across.sum()]).tolist()
+        return (torch.nonzero_static(flat, size=n_pix).squeeze(1),
+                torch.nonzero_static(across, size=n_pairs).squeeze(1))
 
 
 def coverage_kind(coverage: str, device) -> str:
@@ -351,28 +366,33 @@ def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None,
     return out[:F * 3].view(F, 3)
 
 
+def pixel_pairs(tid: torch.Tensor) -> torch.Tensor:
+    """The pixel pairs whose triangle ids `tid` (B, H, W) differ, as one flat mask: the horizontal
+    pairs (right neighbour, (B, H, W−1)), then the vertical ones (lower neighbour, (B, H−1, W))."""
+    return torch.cat([(tid[:, :, :-1] != tid[:, :, 1:]).reshape(-1), (tid[:, :-1, :] != tid[:, 1:, :]).reshape(-1)])
+
+
 def torch_antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
-                    compiled: bool = False, edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                    compiled: bool = False, edges: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                    pairs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The silhouette blending of the module's docstring; `compiled`: the pixel pairs' arithmetic
     (_pair_edges, _blend_pairs) under torch.compile, for any count of pairs; `edges`: the mesh's
-    sorted edge keys where the caller has them (opposite_vertices)."""
+    sorted edge keys where the caller has them (opposite_vertices); `pairs`: the flat indices of
+    `pixel_pairs` of `rast` where the caller has them (Rasterizer.compactions), else found here."""
     tri = tri.long()
     tid = rast[..., 3].detach().long() - 1
     zw = rast[..., 2].detach()
     opp = opposite_vertices(tri, pos.shape[1], edges)
     # the pixel pairs whose triangles differ, horizontal (right neighbour: d = 0) then vertical (lower
-    # neighbour: d = 1), in one compaction and one pass (one host sync for both directions, each
-    # kernel launched once, not twice): the same pairs in the same order as a pass per direction,
-    # so the same colour sums
-    across_h = (tid[:, :, :-1] != tid[:, :, 1:]).reshape(-1)
-    at = torch.nonzero(torch.cat([across_h, (tid[:, :-1, :] != tid[:, 1:, :]).reshape(-1)])).squeeze(1)
+    # neighbour: d = 1), in one compaction and one pass (each kernel launched once, not twice): the
+    # same pairs in the same order as a pass per direction, so the same colour sums
+    at = pairs if pairs is not None else torch.nonzero(pixel_pairs(tid)).squeeze(1)
     if at.numel() == 0:
         return color
     blend, t_grad, pT, pO = compiled_twin(_pair_edges, compiled, dynamic=True)(at, tid, zw, pos, tri, opp)
-    keep = torch.nonzero(blend).squeeze(1)  # one sync
-    if keep.numel() == 0:
-        return color
-    return compiled_twin(_blend_pairs, compiled, dynamic=True)(color, keep, t_grad, pT, pO)
+    # every pair blended with its weight zeroed where it is no silhouette: the same sums as blending
+    # only those (x + 0 = x) without compacting them, which waited for the device (session 37)
+    return compiled_twin(_blend_pairs, compiled, dynamic=True)(color, blend, t_grad, pT, pO)
 
 
 def _pair_edges(at: torch.Tensor, tid: torch.Tensor, zw: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
@@ -448,17 +468,18 @@ def _pair_edges(at: torch.Tensor, tid: torch.Tensor, zw: torch.Tensor, pos: torc
     return found & silhouette & across & (t > -eps) & (t < 1 + eps), t_grad, pT, pO
 
 
-def _blend_pairs(color: torch.Tensor, keep: torch.Tensor, t_grad: torch.Tensor, pT: torch.Tensor,
+def _blend_pairs(color: torch.Tensor, blend: torch.Tensor, t_grad: torch.Tensor, pT: torch.Tensor,
                  pO: torch.Tensor) -> torch.Tensor:
-    """The blend of the pairs `keep` (torch_antialias): t < ½: T's pixel takes (½ − t) of the other's
-    colour; t > ½: the other takes (t − ½) of T's."""
+    """The blend of the pairs where `blend` (torch_antialias): t < ½: T's pixel takes (½ − t) of the
+    other's colour; t > ½: the other takes (t − ½) of T's. The other pairs add exact zeros (their t,
+    ±inf where no edge was crossed, clamped first: no inf or NaN reaches the sums or the gradient)."""
     B, H, W, C = color.shape
     flat_c = color.reshape(-1, C)
-    tt = t_grad[keep].clamp(0.0, 1.0)
-    pTo, pOo = pT[keep], pO[keep]
-    cT, cO = flat_c[pTo], flat_c[pOo]
+    tt = t_grad.clamp(0.0, 1.0)
+    cT, cO = flat_c[pT], flat_c[pO]
     alpha = (0.5 - tt)[:, None]
     to_T = alpha.detach()[:, 0] > 0
     delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
-    out = flat_c.index_add(0, torch.where(to_T, pTo, pOo), delta)
+    delta = torch.where(blend[:, None], delta, torch.zeros_like(delta))
+    out = flat_c.index_add(0, torch.where(to_T, pT, pO), delta)
     return out.view(B, H, W, C)
