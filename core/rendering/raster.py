@@ -100,7 +100,7 @@ class Rasterizer:
         flat = covered.reshape(-1)
         if self.backend == "nvdiffrast":
             return torch.nonzero(flat).squeeze(1), None
-        across = pixel_pairs(rast[..., 3].detach().long() - 1)
+        across = pixel_pairs(rast[..., 3].detach())  # triangle id + 1: differs where the id does
         n_pix, n_pairs = torch.stack([flat.sum(), across.sum()]).tolist()
         return (torch.nonzero_static(flat, size=n_pix).squeeze(1),
                 torch.nonzero_static(across, size=n_pairs).squeeze(1))
@@ -367,8 +367,9 @@ def opposite_vertices(tri: torch.Tensor, n_vertices: Optional[int] = None,
 
 
 def pixel_pairs(tid: torch.Tensor) -> torch.Tensor:
-    """The pixel pairs whose triangle ids `tid` (B, H, W) differ, as one flat mask: the horizontal
-    pairs (right neighbour, (B, H, W−1)), then the vertical ones (lower neighbour, (B, H−1, W))."""
+    """The pixel pairs whose triangle ids `tid` (B, H, W; or rast's id + 1) differ, as one flat mask:
+    the horizontal pairs (right neighbour, (B, H, W−1)), then the vertical ones (lower neighbour,
+    (B, H−1, W))."""
     return torch.cat([(tid[:, :, :-1] != tid[:, :, 1:]).reshape(-1), (tid[:, :-1, :] != tid[:, 1:, :]).reshape(-1)])
 
 
@@ -480,6 +481,6 @@ def _blend_pairs(color: torch.Tensor, blend: torch.Tensor, t_grad: torch.Tensor,
     alpha = (0.5 - tt)[:, None]
     to_T = alpha.detach()[:, 0] > 0
     delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
-    delta = torch.where(blend[:, None], delta, torch.zeros_like(delta))
+    delta = torch.where(blend[:, None], delta, 0.0)
     out = flat_c.index_add(0, torch.where(to_T, pT, pO), delta)
     return out.view(B, H, W, C)

@@ -201,7 +201,10 @@ class DMTet(nn.Module):
         r, n = self.resolution, self.resolution + 1
         i, rest = torch.div(voxels, r * r, rounding_mode="floor"), voxels % (r * r)
         j, k = torch.div(rest, r, rounding_mode="floor"), rest % r
-        base = (i * n + j) * n + k  # the voxel's (0,0,0) corner
+        return self._corner_tets((i * n + j) * n + k)
+
+    def _corner_tets(self, base: torch.Tensor) -> torch.Tensor:
+        """The 6 tetrahedra of the voxels whose (0,0,0) corners are the vertices `base`: (6 len(base), 4)."""
         return (base[:, None, None] + self.tet_offsets[None]).reshape(-1, 4)
 
     @torch.no_grad()
@@ -220,8 +223,7 @@ class DMTet(nn.Module):
         occ = (self.sdf > 0).to(self.sdf.dtype).view(1, 1, n, n, n)
         pool = torch.nn.functional.max_pool3d
         spread = torch.nn.functional.pad(pool(occ, 2, stride=1) + pool(-occ, 2, stride=1), (0, 1, 0, 1, 0, 1))
-        base = torch.nonzero(spread.reshape(-1)).squeeze(1)
-        return (base[:, None, None] + self.tet_offsets[None]).reshape(-1, 4)
+        return self._corner_tets(torch.nonzero(spread.reshape(-1)).squeeze(1))
 
     def extract(self) -> Mesh:
         return marching_tets(self.vertices(), self.sdf, self.surface_tets())
