@@ -178,15 +178,8 @@ def test_mesh_gradients_are_the_same_bits_run_to_run():
         torch.set_num_threads(threads)
 
 
-def _crossed_of_all(dm: DMTet) -> torch.Tensor:
-    """The grid's tetrahedra (all_tets) whose 4 corners are not all on one side, by listing them all."""
-    tets = dm.all_tets()
-    n_in = (dm.sdf > 0)[tets].sum(1)
-    return tets[(n_in > 0) & (n_in < 4)]
-
-
-def test_crossed_tets_give_the_mesh_of_every_tetrahedron():
-    """extract() marches only the tetrahedra the surface crosses (crossed_tets, crossed=True): the
+def test_surface_voxels_give_the_mesh_of_every_tetrahedron():
+    """extract() marches only the tetrahedra of voxels the surface passes through (surface_tets): the
     same vertices, faces and gradients, in the same order, as marching every tetrahedron of the grid."""
     dm = DMTet(14, 1.0)  # all_tets: the grid of tests/test_tets.py (orientation, conformity)
     assert dm.all_tets().shape == (dm.num_tets, 4) == (6 * 14 ** 3, 4)
@@ -195,37 +188,36 @@ def test_crossed_tets_give_the_mesh_of_every_tetrahedron():
         x = dm.grid_verts
         dm.sdf.copy_(0.5 - (x - 0.2).norm(dim=-1) + 0.3 * torch.rand(x.shape[0], generator=g) - 0.15)
         dm.deform.copy_(torch.randn(x.shape, generator=g))
-    sub = dm.crossed_tets()
-    assert 0 < sub.shape[0] < dm.num_tets and torch.equal(sub, _crossed_of_all(dm))
+    sub = dm.surface_tets()
+    assert 0 < sub.shape[0] < dm.num_tets and sub.shape[0] % 6 == 0
     fast, full = dm.extract(), marching_tets(dm.vertices(), dm.sdf, dm.all_tets())
     assert torch.equal(fast.faces, full.faces) and torch.equal(fast.verts, full.verts)
     w = torch.randn(fast.verts.shape, generator=g)
     grads = [torch.autograd.grad((m.verts * w).sum(), (dm.sdf, dm.deform)) for m in (fast, full)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
-    # told that the tetrahedra are all crossed, marching tets skips its search and gives the same mesh
-    told = marching_tets(dm.vertices(), dm.sdf, sub, crossed=True)
-    assert torch.equal(told.faces, full.faces) and torch.equal(told.verts, full.verts)
-    assert marching_tets(dm.vertices(), dm.sdf, sub[:0], crossed=True).faces.shape == (0, 3)
 
 
-def test_crossed_tets_are_those_whose_corners_differ_up_to_the_grids_far_faces():
-    """crossed_tets' one conv3d of the corners' signs picks the tetrahedra whose 4 corners are not all
-    on one side, as listing every tetrahedron does, in the grid's order: on random signs, all inside,
-    all outside, and where only one vertex on the grid's far faces (index r on an axis, beyond every
-    voxel's (0,0,0) corner) is inside: then only the tetrahedra of its one voxel that have it."""
+def test_surface_voxels_are_those_whose_corners_differ_up_to_the_grids_far_faces():
+    """surface_tets' two max pools pick the voxels whose 8 corners are not all on one side, as the
+    corners' sum did, in the grid's order: on random signs, and where only a far corner vertex
+    (index r on an axis, beyond every voxel's (0,0,0) corner) is inside: then its one voxel only."""
     r, n = 5, 6
     dm = DMTet(r, 1.0)
     g = torch.Generator().manual_seed(11)
-    for sdf in (torch.randn(n ** 3, generator=g), torch.ones(n ** 3), -torch.ones(n ** 3), torch.zeros(n ** 3)):
+
+    def by_corners():
+        occ = (dm.sdf > 0).view(n, n, n).long()
+        corners = sum(occ[a:a + r, b:b + r, c:c + r] for a in (0, 1) for b in (0, 1) for c in (0, 1))
+        return dm._voxel_tets(torch.nonzero(((corners > 0) & (corners < 8)).reshape(-1)).squeeze(1))
+
+    for sdf in (torch.randn(n ** 3, generator=g), torch.ones(n ** 3), -torch.ones(n ** 3)):
         with torch.no_grad():
             dm.sdf.copy_(sdf)
-        assert torch.equal(dm.crossed_tets(), _crossed_of_all(dm))
-    # (r, r, r) is corner (1,1,1) of its voxel, on all 6 tetrahedra's diagonal; (r, 0, r) and (0, r, 0)
-    # are corners x + z and y, each on the 2 tetrahedra whose walk takes those steps first
-    for corner, count in (((r, r, r), 6), ((r, 0, r), 2), ((0, r, 0), 2)):
+        assert torch.equal(dm.surface_tets(), by_corners())
+    for corner in ((r, r, r), (r, 0, r), (0, r, 0)):  # grid corners: each in one voxel
         with torch.no_grad():
             dm.sdf.fill_(-1.0)
             dm.sdf.view(n, n, n)[corner] = 1.0
-        tets = dm.crossed_tets()
-        assert tets.shape == (count, 4) and torch.equal(tets, _crossed_of_all(dm))
-        assert (tets == (corner[0] * n + corner[1]) * n + corner[2]).any(1).all()  # each has that vertex
+        tets = dm.surface_tets()
+        assert tets.shape == (6, 4) and torch.equal(tets, by_corners())
+        assert (tets == (corner[0] * n + corner[1]) * n + corner[2]).any()  # the voxel has that corner

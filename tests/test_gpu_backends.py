@@ -652,28 +652,21 @@ def test_marching_tets_waits_for_the_gpu_only_for_its_sizes():
     assert torch.allclose(gpu.verts.cpu(), cpu.verts, atol=1e-6)
 
 
-def test_crossed_tets_on_the_gpu_are_the_cpus_and_the_extract_waits_three_times():
-    """DMTet.crossed_tets by one conv3d (session 38) on the GPU: the CPU's tetrahedra in the same
-    order, its nonzero the one sync; extract() then marches them without a search of its own: the
-    crossed tetrahedra's nonzero, one read of two sizes and the unique, three syncs (torch's unique
-    may read its size twice), where the cut voxels' nonzero and marching's own made it four or five."""
+def test_surface_voxels_on_the_gpu_are_the_cpus_with_one_wait():
+    """DMTet.surface_tets by max pools (session 37) on the GPU: the CPU's tetrahedra in the same order,
+    its nonzero the one sync."""
     from core.representations.dmtet import DMTet
 
     net = DMTet(resolution=24)
     g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # a sphere with noise: crossed tetrahedra inside the grid and on its far faces
+    with torch.no_grad():  # a sphere with noise: cut voxels inside the grid and on its far faces
         net.sdf.copy_(0.9 - net.grid_verts.norm(dim=-1) + 0.2 * torch.rand(net.sdf.shape, generator=g))
-        net.deform.normal_(0, 0.3, generator=g)
-    cpu, cpu_mesh = net.crossed_tets(), net.extract()
+    cpu = net.surface_tets()
     net = net.cuda()
-    net.extract()
+    net.surface_tets()
     torch.cuda.synchronize()
-    assert _syncs(net.crossed_tets) == 1
-    assert torch.equal(net.crossed_tets().cpu(), cpu)
-    assert 3 <= _syncs(net.extract) <= 4
-    mesh = net.extract()
-    assert torch.equal(mesh.faces.cpu(), cpu_mesh.faces)
-    assert torch.allclose(mesh.verts.detach().cpu(), cpu_mesh.verts.detach(), atol=1e-6)
+    assert _syncs(net.surface_tets) == 1
+    assert torch.equal(net.surface_tets().cpu(), cpu)
 
 
 def test_the_mesh_render_waits_for_the_gpu_once():

@@ -29,7 +29,7 @@ from torch import nn
 from core.export.mesh import surface_level
 from core.ops import edge_keys, face_edges, gather_rows, sort_pairs, sorted_edge_keys, unique_edges
 from core.perf import device_constant
-from core.representations.tets import grid_vertices, voxel_tet_corners, voxel_tet_offsets
+from core.representations.tets import grid_vertices, voxel_tet_offsets
 
 # the 6 edges of a tetrahedron as pairs of local vertex indices
 TET_EDGES = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], dtype=np.int64)
@@ -102,30 +102,24 @@ class Mesh:
         return out
 
 
-def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor, crossed: bool = False) -> Mesh:
-    """Differentiable marching tetrahedra. pos (V, 3), sdf (V,) positive inside, tets (T, 4).
-    crossed: every one of `tets` is crossed by the surface (DMTet.crossed_tets), so the search for
-    them (a compaction, a wait for the GPU) is skipped; the mesh is the one the search gives."""
+def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor) -> Mesh:
+    """Differentiable marching tetrahedra. pos (V, 3), sdf (V,) positive inside, tets (T, 4)."""
     device = pos.device
     tets = tets.long()
     with torch.no_grad():
         # compactions by index and the tables as kept device constants: a boolean mask index is a
         # nonzero, a table made from numpy each call a copy, each a wait for the GPU (eleven a call
-        # before session 21, four in sessions 21–32, three since: the crossed tetrahedra's nonzero
-        # (DMTet.extract's own since session 38, `crossed`), one read of the crossing edges' and the
-        # two-triangle tetrahedra's counts for both compactions after it (nonzero_static, no wait),
-        # and the unique); the same elements in the same order as the masks gave
+        # before session 21, four in sessions 21–32, three now: the crossed tetrahedra's nonzero,
+        # one read of the crossing edges' and the two-triangle tetrahedra's counts for both
+        # compactions after it (nonzero_static, no wait), and the unique); the same elements in the
+        # same order as the masks gave
         occ = sdf > 0
-        if crossed:
-            tv = tets
-            occ_v = occ[tv]  # (Tv, 4)
-        else:
-            occ_t = occ[tets]  # (T, 4)
-            n_in = occ_t.sum(1)
-            rows = torch.nonzero((n_in > 0) & (n_in < 4)).squeeze(1)  # tetrahedra the surface passes through
-            tv, occ_v = gather_rows(tets, rows), occ_t.index_select(0, rows)
-        if tv.shape[0] == 0:
+        occ_t = occ[tets]  # (T, 4)
+        n_in = occ_t.sum(1)
+        rows = torch.nonzero((n_in > 0) & (n_in < 4)).squeeze(1)  # tetrahedra the surface passes through
+        if rows.shape[0] == 0:
             return Mesh(pos.new_zeros((0, 3)), torch.zeros((0, 3), dtype=torch.long, device=device))
+        tv, occ_v = gather_rows(tets, rows), occ_t.index_select(0, rows)
         edges = tv[:, device_constant(_TET_EDGES_ROWS, torch.long, device)]  # (Tv, 6, 2)
         edges = sort_pairs(edges)
         crossing = (occ[edges[..., 0]] != occ[edges[..., 1]]).reshape(-1)  # (Tv·6,)
@@ -135,7 +129,7 @@ def marching_tets(pos: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor, cros
         n_vert = pos.shape[0]
         cut = torch.nonzero_static(crossing, size=n_cut).squeeze(1)
         uniq, inv = torch.unique(edge_keys(edges, n_vert).reshape(-1).index_select(0, cut), return_inverse=True)
-        edge_to_vert = torch.full((tv.shape[0], 6), -1, dtype=torch.long, device=device)
+        edge_to_vert = torch.full((rows.shape[0], 6), -1, dtype=torch.long, device=device)
         edge_to_vert.view(-1)[cut] = inv
         a, b = uniq // n_vert, uniq % n_vert
         table = device_constant(_TRIANGLE_ROWS, torch.long, device).view(16, 2, 3)[code]
@@ -165,8 +159,6 @@ class DMTet(nn.Module):
         # corner's index + these offsets (core.representations.tets.voxel_tet_offsets)
         self.register_buffer("tet_offsets", torch.from_numpy(voxel_tet_offsets(resolution)).to(device),
                              persistent=False)
-        self.register_buffer("tet_corners", torch.from_numpy(voxel_tet_corners()).to(device).unsqueeze(1),
-                             persistent=False)  # (6, 1, 2, 2, 2): conv3d's kernel in crossed_tets
         self.sdf = nn.Parameter(torch.zeros(verts.shape[0], device=device))
         self.deform = nn.Parameter(torch.zeros(verts.shape[0], 3, device=device))  # initialised to zero
         self.register_buffer("scale", torch.ones(3, device=device))  # per-axis scale of the grid
@@ -209,30 +201,32 @@ class DMTet(nn.Module):
         r, n = self.resolution, self.resolution + 1
         i, rest = torch.div(voxels, r * r, rounding_mode="floor"), voxels % (r * r)
         j, k = torch.div(rest, r, rounding_mode="floor"), rest % r
-        base = (i * n + j) * n + k  # the voxels' (0,0,0) corner vertices
+        return self._corner_tets((i * n + j) * n + k)
+
+    def _corner_tets(self, base: torch.Tensor) -> torch.Tensor:
+        """The 6 tetrahedra of the voxels whose (0,0,0) corners are the vertices `base`: (6 len(base), 4)."""
         return (base[:, None, None] + self.tet_offsets[None]).reshape(-1, 4)
 
     @torch.no_grad()
-    def crossed_tets(self) -> torch.Tensor:
-        """The tetrahedra whose 4 corners are not all on one side (sdf > 0 or not), in the grid's
-        order (all_tets'): those marching tetrahedra cuts, found without listing the grid's 6 r³."""
+    def surface_tets(self) -> torch.Tensor:
+        """The tetrahedra of the voxels whose 8 corners are not all on one side (sdf > 0 or not), in
+        the grid's order. A tetrahedron's corners are corners of its voxel, so the others cannot be
+        cut: marching tetrahedra over these gives the mesh it gives over all 6 r³ (the same vertices
+        and faces, in the same order), reading 8 bytes a voxel instead of 4 indices a tetrahedron."""
         n = self.resolution + 1
-        # the sums of each tetrahedron's 4 corner signs (+1 inside, −1 outside), for every voxel's 6
-        # at once by one conv3d (its kernel: voxel_tet_corners), padded from the voxels' (6, r, r, r)
-        # to the vertices' (6, n, n, n) with a sum of 4 (not crossed) and laid out (n, n, n, 6): the
-        # nonzeros' flat indices are 6 × a voxel's (0,0,0) corner vertex + the tetrahedron's row in
-        # it, in the grid's order. A tetrahedron is crossed where its sum is −2, 0 or 2, not ±4; the
-        # bound at 3 holds whatever conv algorithm runs. One compaction (one wait for the GPU) where
-        # the cut voxels' and then their crossed tetrahedra's took two (sessions 37–38)
-        one = self.tet_corners.new_ones(())
-        sign = torch.where(self.sdf > 0, one, -one).view(1, 1, n, n, n)
-        total = torch.nn.functional.pad(torch.nn.functional.conv3d(sign, self.tet_corners)[0], (0, 1, 0, 1, 0, 1), value=4.0)
-        cut = (total.abs_() < 3.0).permute(1, 2, 3, 0).reshape(-1)
-        index = torch.nonzero(cut).squeeze(1)
-        return torch.div(index, 6, rounding_mode="floor")[:, None] + self.tet_offsets[index % 6]
+        # a voxel is cut where the largest of its 8 corners' inside flags exceeds the smallest: two
+        # 2×2×2 max pools, the second of the negated flags, give max − min per voxel (i, j, k); padded
+        # to the vertices' (n, n, n), its nonzeros' flat indices are the voxels' (0,0,0) corners
+        # ((i n + j) n + k), in the voxels' order. 16 operators from the host where the 8 corner
+        # slices' sum and the indices' arithmetic took 54 (the device idles while the host runs the mesh
+        # path: reports/speed, session 37)
+        occ = (self.sdf > 0).to(self.sdf.dtype).view(1, 1, n, n, n)
+        pool = torch.nn.functional.max_pool3d
+        spread = torch.nn.functional.pad(pool(occ, 2, stride=1) + pool(-occ, 2, stride=1), (0, 1, 0, 1, 0, 1))
+        return self._corner_tets(torch.nonzero(spread.reshape(-1)).squeeze(1))
 
     def extract(self) -> Mesh:
-        return marching_tets(self.vertices(), self.sdf, self.crossed_tets(), crossed=True)
+        return marching_tets(self.vertices(), self.sdf, self.surface_tets())
 
     @torch.no_grad()
     def init_from_density(self, density_fn, threshold: float, chunk: int = 262144, sdf_scale: str = "threshold") -> None:

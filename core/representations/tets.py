@@ -58,17 +58,6 @@ def voxel_tet_offsets(resolution: int) -> np.ndarray:
     return corner_offset[KUHN_TETS].astype(np.int64)
 
 
-def voxel_tet_corners() -> np.ndarray:
-    """(6, 2, 2, 2) float32: 1 at the voxel corners (di, dj, dk) of each of its 6 tetrahedra (the
-    rows of voxel_tet_offsets), else 0. As a conv3d kernel over the vertices' inside flags it counts
-    each tetrahedron's inside corners, for every voxel at once (DMTet.crossed_tets)."""
-    out = np.zeros((6, 2, 2, 2), dtype=np.float32)
-    for t, bits in enumerate(KUHN_TETS):
-        for b in bits:
-            out[t, b & 1, (b >> 1) & 1, (b >> 2) & 1] = 1.0  # x + 2y + 4z, x the slowest index as above
-    return out
-
-
 def tet_volumes(verts: np.ndarray, tets: np.ndarray) -> np.ndarray:
     """Signed volumes (T,): det[v1-v0, v2-v0, v3-v0] / 6."""
     v = verts[tets].astype(np.float64)
