@@ -442,3 +442,24 @@ def test_antialias_without_its_second_compaction_blends_as_the_compacted_pairs_d
     assert blended > 20  # silhouette pixels moved
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_pairs_left_unblended_reach_neither_the_image_nor_the_gradient():
+    """_blend_pairs zeroes a pair's weight before any arithmetic where it is no silhouette: its t
+    (±inf where no edge was crossed; NaN from a degenerate triangle) changes no pixel and no gradient,
+    as when such pairs were compacted away."""
+    from core.rendering.raster import _blend_pairs
+
+    g = torch.Generator().manual_seed(4)
+    color = torch.rand(1, 2, 3, 3, generator=g, requires_grad=True)
+    pT, pO = torch.tensor([0, 1, 3, 4]), torch.tensor([1, 2, 4, 5])
+    blend = torch.tensor([True, False, False, True])
+    t = torch.tensor([0.2, float("nan"), float("inf"), 0.7], requires_grad=True)
+    out = _blend_pairs(color, blend, t, pT, pO)
+    gc, gt = torch.autograd.grad(out.sum() + (out ** 2).sum(), (color, t))
+    assert torch.isfinite(gc).all() and torch.isfinite(gt).all()
+    assert gt[1] == 0 and gt[2] == 0 and gt[0] != 0 and gt[3] != 0
+    flat, moved = color.detach().reshape(-1, 3), out.detach().reshape(-1, 3)
+    # pair 0 moves T's pixel 0 (t < ½), pair 3 the other's, pixel 5 (t > ½); the unblended pairs' 1–4 stay
+    assert torch.equal(moved[1:5], flat[1:5])
+    assert not torch.equal(moved[0], flat[0]) and not torch.equal(moved[5], flat[5])

@@ -472,15 +472,15 @@ def _pair_edges(at: torch.Tensor, tid: torch.Tensor, zw: torch.Tensor, pos: torc
 def _blend_pairs(color: torch.Tensor, blend: torch.Tensor, t_grad: torch.Tensor, pT: torch.Tensor,
                  pO: torch.Tensor) -> torch.Tensor:
     """The blend of the pairs where `blend` (torch_antialias): t < ½: T's pixel takes (½ − t) of the
-    other's colour; t > ½: the other takes (t − ½) of T's. The other pairs add exact zeros (their t,
-    ±inf where no edge was crossed, clamped first: no inf or NaN reaches the sums or the gradient)."""
+    other's colour; t > ½: the other takes (t − ½) of T's. The other pairs take t = ½, a weight of
+    exactly zero, before any arithmetic: they add zeros, and their t (±inf where no edge was
+    crossed) reaches neither the sums nor the gradient."""
     B, H, W, C = color.shape
     flat_c = color.reshape(-1, C)
-    tt = t_grad.clamp(0.0, 1.0)
+    tt = torch.where(blend, t_grad, 0.5).clamp(0.0, 1.0)
     cT, cO = flat_c[pT], flat_c[pO]
     alpha = (0.5 - tt)[:, None]
     to_T = alpha.detach()[:, 0] > 0
     delta = torch.where(to_T[:, None], alpha * (cO - cT), (-alpha) * (cT - cO))
-    delta = torch.where(blend[:, None], delta, 0.0)
     out = flat_c.index_add(0, torch.where(to_T, pT, pO), delta)
     return out.view(B, H, W, C)
