@@ -334,9 +334,13 @@ class StableDiffusionParams(_Section):
     # guided fine iteration 38.3 / 40.1 → 38.3 / 38.6 ms, inside the pairs' spread (s37)
     channels_last: bool = False
     # torch.compile of the VAE encoder, forward and backward, in SDS on a GPU (the render's gradient
-    # goes through it: eq. 5); 'none' on a CPU. H200: 6.6 ms less a guided iteration for ~60 s of
-    # compiling a process (reports/speed session 15), so off unless a process runs several assets
-    vae_compile: Literal["none", "default"] = "none"
+    # goes through it: eq. 5), inside its CUDA graphs (vae_graphs); 'none' on a CPU. 'default': Inductor's
+    # layout; 'channels_last': its layout forced channels-last (no cuDNN conversion around each
+    # convolution); 'auto' = channels_last where Inductor builds (core.guidance.sd.vae_compile_mode).
+    # H200 (reports/speed session 39): an encode 11.1 → 8.0 ms at 512², 3.8 → 2.8 ms at 256²; a steady
+    # iteration 37.0 / 36.0 → 33.5 / 33.2 ms (coarse) and 38.4 / 38.0 → 34.2 / 35.9 ms (fine), A B A B;
+    # ~47 s more compiling in a process that starts without a compile cache, ~6 s with one
+    vae_compile: Literal["auto", "none", "default", "channels_last"] = "auto"
     # the VAE encoder's kernels: 'lift3d' = its GroupNorms as Triton kernels that spread each group
     # over the card (torch's runs one block a group: 32 at batch 1) and its attention as plain
     # matmuls (diffusers' AttnProcessor; the memory-efficient kernel's backward is slow at head
@@ -368,7 +372,7 @@ class Zero123Params(_Section):
     # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
     channels_last: bool = False  # as sd.channels_last
-    vae_compile: Literal["none", "default"] = "none"  # as sd.vae_compile
+    vae_compile: Literal["auto", "none", "default", "channels_last"] = "auto"  # as sd.vae_compile
     # as sd.vae_kernels. At 256² the eager encoder is bound by launching kernels and lift3d's are no
     # faster (9.2 against 10.5 ms an encode); replayed as CUDA graphs (vae_graphs) they are
     # (6.1 → 4.3 ms; H200, reports/speed session 17)

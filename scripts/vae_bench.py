@@ -3,11 +3,15 @@ gradient back through the encoder (the ∂z/∂I of Magic123 eq. 5), at Stable D
 Zero-1-to-3's 256², with diffusers' kernels and with lift3d's (`sd.vae_kernels` / `zero123.vae_kernels`:
 Triton GroupNorm, matmul attention), each part alone and both, and each kernel set replayed as CUDA
 graphs (`vae_graphs`), whose capture puts rows of at least group_norm_triton.GRAPH_MIN_ROW on the
-Triton GroupNorm (`lift3d+graphs`; `lift3d+graphs@N` with N instead, `--graph-min-rows`). Prints a table and writes JSON: ms
-per encode (CUDA events over `--iters` after `--warmup`), and how far each variant's latent mean and
-image gradient are from diffusers' (max |Δ| / max |reference|).
+Triton GroupNorm (`lift3d+graphs`; `lift3d+graphs@N` with N instead, `--graph-min-rows`). A '+compiled'
+variant runs the encode under torch.compile (`vae_compile: default`, core.guidance.sd.compile_vae_moments;
+'+compiled-cl' with Inductor's layout forced channels-last), alone or replayed as graphs: under torch.compile
+the GroupNorms are torch's, which Inductor fuses with their SiLUs. Prints a table and writes JSON: ms
+per encode (CUDA events over `--iters` after `--warmup`), the first call's seconds (a compile or a capture),
+and how far each variant's latent mean and image gradient are from diffusers' (max |Δ| / max |reference|).
 
     python scripts/vae_bench.py --out reports/speed/h200_vae_kernels_s16.json [--iters 50]
+    python scripts/vae_bench.py --kinds lift3d+graphs,lift3d+compiled+graphs --out /tmp/vae.json
     python scripts/vae_bench.py --plot reports/speed/h200_vae_kernels_s16_final.json   # → the .png beside it
 
 The full-size SD 1.5 VAE architecture (core.testmodels.fullsize_priors' config) with random weights:
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default=None,
                     help="comma-separated variants to time (default: all; e.g. lift3d+graphs,lift3d-cl+graphs). "
                          "Variants: diffusers, groupnorm, attention, lift3d, each with '-cl' (channels-last "
-                         "weights) and/or '+graphs' (replayed as CUDA graphs)")
+                         "weights), '+compiled' or '+compiled-cl' (torch.compile, its layout Inductor's or "
+                         "channels-last) and/or '+graphs' (replayed as CUDA graphs)")
     a = ap.parse_args(argv)
     if a.plot:
         print(f"wrote {plot(a.plot)}")
@@ -96,7 +101,9 @@ def main(argv=None) -> int:
 
     from core.guidance import group_norm_triton as gnt
     from core.guidance.group_norm_triton import MIN_ROW
-    from core.guidance.sd import graph_vae_moments, vae_moments
+    import time
+
+    from core.guidance.sd import compile_vae_moments, graph_vae_moments, vae_moments
     from core.testmodels.fullsize_priors import _cfg
 
     if not torch.cuda.is_available():
@@ -112,9 +119,26 @@ def main(argv=None) -> int:
     graph_min_row = {k: int(k.split("@")[1]) if "@" in k else gnt.GRAPH_MIN_ROW for k in kinds}
     vaes = {k: variant(copy.deepcopy(base), k.split("+")[0]) for k in kinds}
     # "+graphs": the encode replayed as CUDA graphs (`vae_graphs`), captured at its first call
-    fns = {k: graph_vae_moments(vae_moments, dev) if "+graphs" in k else vae_moments for k in kinds}
+    # "+compiled" / "+compiled-cl": under torch.compile (`vae_compile: default`), a compile of its own per
+    # variant and resolution (one static shape each, as in the stages)
+    def moments_of(kind):
+        mods = kind.split("+")[1:]
+        if "compiled" in mods or "compiled-cl" in mods:
+            return compile_vae_moments("default", dev, channels_last="compiled-cl" in mods)
+        return vae_moments
+
+    def fn_of(kind):
+        m = moments_of(kind)
+        return graph_vae_moments(m, dev) if "graphs" in kind.split("+")[1:] else m
+
+    fns = {k: fn_of(k) for k in kinds}
+    for name in ("recompile_limit", "cache_size_limit"):  # a compile per variant and resolution, one code object
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     rows = []
-    for res in (int(r) for r in a.resolutions.split(",")):
+    resolutions = [int(r) for r in a.resolutions.split(",")]
+    first = resolutions[0]
+    for res in resolutions:
         gen = torch.Generator(device=dev).manual_seed(res)
         img = torch.rand(1, 3, res, res, device=dev, generator=gen)
         up = torch.randn(1, 4, res // 8, res // 8, device=dev, generator=gen)
@@ -127,12 +151,15 @@ def main(argv=None) -> int:
 
         ref_mean, ref_grad = step(base, vae_moments)  # diffusers' kernels, NCHW
         for kind in kinds:
-            vae, fn = vaes[kind], fns[kind]
+            vae, fn = vaes[kind], (fns[kind] if res == first else fn_of(kind))
             default, gnt.GRAPH_MIN_ROW = gnt.GRAPH_MIN_ROW, graph_min_row[kind]  # read when a graph is captured
+            t0 = time.perf_counter()
             try:
-                mean, grad = step(vae, fn)  # a "+graphs" variant's capture
+                mean, grad = step(vae, fn)  # a "+graphs" variant's capture, a "+compiled" one's compile
             finally:
                 gnt.GRAPH_MIN_ROW = default
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
             for _ in range(a.warmup):
                 step(vae, fn)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,11 +170,11 @@ def main(argv=None) -> int:
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end) / a.iters
-            rows.append(dict(resolution=res, kernels=kind, ms=round(ms, 3),
+            rows.append(dict(resolution=res, kernels=kind, ms=round(ms, 3), first_call_s=round(first_s, 2),
                              mean_rel_diff=float((mean - ref_mean).abs().max() / ref_mean.abs().max()),
                              grad_rel_diff=float((grad - ref_grad).abs().max() / ref_grad.abs().max())))
             r = rows[-1]
-            print(f"{res:4d}²  {kind:10s} {r['ms']:8.3f} ms  Δmean {r['mean_rel_diff']:.2e}  Δgrad {r['grad_rel_diff']:.2e}",
+            print(f"{res:4d}²  {kind:22s} {r['ms']:8.3f} ms  first call {first_s:6.1f} s  Δmean {r['mean_rel_diff']:.2e}  Δgrad {r['grad_rel_diff']:.2e}",
                   flush=True)
     out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, iters=a.iters, warmup=a.warmup, min_row=MIN_ROW, graph_min_row=gnt.GRAPH_MIN_ROW,
                what="SD 1.5 VAE encoder, batch 1, fp16, forward + backward to the image (vae_moments)", rows=rows)

@@ -120,7 +120,8 @@ def _guided_calls(tmp_path, sets: dict, calls: int = 32, switch: int | None = No
 
     # eager, on diffusers' kernels, not graphed, unless a test asks (the defaults are the fast path)
     plain = {f"{k}.{o}": v for k in ("sd", "zero123")
-             for o, v in (("compile", "none"), ("vae_kernels", "diffusers"), ("vae_graphs", False))}
+             for o, v in (("compile", "none"), ("vae_compile", "none"), ("vae_kernels", "diffusers"),
+                          ("vae_graphs", False))}
     sets = {"device": DEVICE, "textual_inversion.enabled": False, "guidance.sds_gradient_scale": "none", **plain, **sets}
     p = load_params("smoke", sets).with_inputs(text="a torus")
     ref = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -262,12 +263,17 @@ def test_graphed_call_with_gradients_replays_each_calls_backward():
     assert len(graphed.graphs) == 1 and w.grad is None
 
 
-def test_compiled_vae_encoders_give_the_eager_sds_gradients(tmp_path):
-    """sd/zero123.vae_compile=default (the VAE encoder that SDS differentiates through, eq. 5, under
-    Inductor forward and backward) against the eager encoder, both fp16 with eager UNets, over the
-    same 32 calls: only the fused kernels' rounding differs."""
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("mode", ["default", "channels_last"])
+def test_compiled_vae_encoders_give_the_eager_sds_gradients(tmp_path, mode, graphs):
+    """sd/zero123.vae_compile=default and channels_last (the VAE encoder that SDS differentiates
+    through, eq. 5, under Inductor forward and backward; channels_last: its layout forced NHWC; the
+    default 'auto' is channels_last on a GPU) against the eager encoder, both fp16 with eager UNets,
+    over the same 32 calls, alone and replayed as graphs (vae_graphs, as they run by default): only
+    the fused kernels' rounding differs."""
     eager = _guided_calls(tmp_path, {})
-    fused = _guided_calls(tmp_path, {"sd.vae_compile": "default", "zero123.vae_compile": "default"})
+    fused = _guided_calls(tmp_path, {f"{k}.{o}": v for k in ("sd", "zero123")
+                                     for o, v in (("vae_compile", mode), ("vae_graphs", graphs))})
     _agree(eager, fused, cos_min=0.99, norm_rel=0.02)
 
 

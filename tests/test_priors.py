@@ -262,23 +262,31 @@ def test_unet_compile_is_gpu_only_and_auto_by_default():
         load_params("magic123", {"sd.compile": "fast"})
 
 
-def test_vae_compile_is_off_by_default_gpu_only_and_traces_the_encoder_whole(monkeypatch):
+def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
     """sd/zero123.vae_compile (torch.compile of the VAE encoder that SDS differentiates through,
-    eq. 5): off by default, eager on a CPU whatever is asked, and the guidances take the compiled
-    copy. The tiny real AutoencoderKL's `vae_moments` compiles as one graph forward and backward
+    eq. 5): 'auto' by default, which is 'channels_last' on a GPU where Inductor builds and eager
+    where it cannot; eager on a CPU whatever is asked, and the guidances take the compiled copy. The tiny real AutoencoderKL's `vae_moments` compiles as one graph forward and backward
     (fullgraph=True fails on any graph break) and gives the eager moments and input gradient; the
     same with Inductor's kernels is tests/test_gpu_backends.py's."""
     from diffusers import AutoencoderKL
 
-    from core.guidance.sd import compile_vae_moments, vae_moments
+    from core.guidance.sd import compile_vae_moments, vae_compile_mode, vae_moments
 
     p = load_params("magic123")
-    assert p.sd.vae_compile == "none" and p.zero123.vae_compile == "none"
-    assert compile_vae_moments("default", "cpu") is vae_moments
+    assert p.sd.vae_compile == "auto" and p.zero123.vae_compile == "auto"
+    assert vae_compile_mode("auto", "cuda", have_triton=True, have_cc=True) == "channels_last"
+    assert vae_compile_mode("auto", "cuda", have_triton=True, have_cc=False) == "none"  # no C compiler: eager
+    assert vae_compile_mode("auto", "cuda", have_triton=False, have_cc=True) == "none"
+    assert vae_compile_mode("default", "cuda", have_triton=False, have_cc=False) == "default"  # asked for: as asked
+    for mode in ("auto", "default", "channels_last"):
+        assert vae_compile_mode(mode, "cpu") == "none"
+        assert compile_vae_moments(mode, "cpu") is vae_moments
     assert compile_vae_moments("none", "cuda") is vae_moments
     with pytest.raises(Exception):
         load_params("magic123", {"zero123.vae_compile": "reduce-overhead"})
-    assert compile_vae_moments("default", "cuda") is not vae_moments  # torch.compile is lazy: no GPU needed here
+    # torch.compile is lazy: no GPU needed here
+    for mode in ("default", "channels_last"):
+        assert compile_vae_moments(mode, "cuda") is not vae_moments
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_compile": "default", "zero123.vae_compile": "default"}),
                        torch.rand(3, 64, 64), "coarse", "cpu")
     assert g.sd.moments is vae_moments and g.zero123.moments is vae_moments  # CPU: the eager function
@@ -299,9 +307,9 @@ def test_vae_compile_is_off_by_default_gpu_only_and_traces_the_encoder_whole(mon
 
     monkeypatch.setattr(sd_module, "compile_vae_moments", recording)
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_compile": "default"}), torch.rand(3, 64, 64), "coarse", "cpu")
-    assert sorted(asked) == ["default", "none"]
+    assert sorted(asked) == ["auto", "default"]  # SD's setting, Zero-1-to-3's default
     g(_batch(step=50, total=100))
-    assert sorted(calls) == [("default", 64), ("none", 64)]  # SD's encoder, Zero-1-to-3's, once each
+    assert sorted(calls) == [("auto", 64), ("default", 64)]  # SD's encoder, Zero-1-to-3's, once each
 
     vae = AutoencoderKL.from_pretrained(tiny_models()["sd"], subfolder="vae").eval().requires_grad_(False)
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -363,7 +371,10 @@ def test_vae_graphs_is_on_by_default_gpu_only_and_wraps_the_chosen_encode(monkey
 
     p = load_params("magic123")
     assert p.sd.vae_graphs is True and p.zero123.vae_graphs is True
-    on, off = p, load_params("magic123", {"sd.vae_graphs": False})
+    # the encoder eager (vae_compile none; its 'auto' compiles on a GPU where Inductor builds), so that
+    # what the graphs wrap is vae_moments itself
+    eager = {"sd.vae_compile": "none"}
+    on, off = load_params("magic123", eager), load_params("magic123", {**eager, "sd.vae_graphs": False})
     assert graph_vae_moments(vae_moments, "cpu") is vae_moments
     assert encoder_moments(on.sd, "cpu") is vae_moments and encoder_moments(off.sd, "cuda") is vae_moments
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_graphs": True, "zero123.vae_graphs": True}),
