@@ -49,15 +49,22 @@ def compile_mode(mode: str, device, have_triton: Optional[bool] = None, have_cc:
     guided iteration after a ~90 s compile (reports/speed/README.md, sessions 9 and 12–13); 'graphs'
     (with guidance.streams 'two', which it allows) saved 1.7 ms a coarse iteration and 0.6 ms a fine
     one against 'reduce-overhead' on one H200 (session 34; 'auto' was 'reduce-overhead' until then)."""
+    return _gpu_compile_mode(mode, device, "graphs", "UNet", "compile", have_triton, have_cc)
+
+
+def _gpu_compile_mode(mode: str, device, auto: str, what: str, key: str, have_triton: Optional[bool],
+                      have_cc: Optional[bool]) -> str:
+    """`what`'s compile setting `key` on `device`: 'none' off a GPU; 'auto' is `auto` where Inductor can
+    build its kernels (`inductor_missing`) and 'none' (logged) where it cannot; else as asked."""
     if mode == "none" or torch.device(device).type != "cuda":
         return "none"
     if mode != "auto":
         return mode
     why = inductor_missing(have_triton, have_cc)
     if why:
-        log.info("UNet: eager (compile=auto: %s)", why)
+        log.info("%s: eager (%s=auto: %s)", what, key, why)
         return "none"
-    return "graphs"
+    return auto
 
 
 def compile_unet(unet, mode: str, device):
@@ -190,16 +197,8 @@ def vae_compile_mode(mode: str, device, have_triton: Optional[bool] = None, have
     off a GPU; 'auto' is 'channels_last' where Inductor can build its kernels (`inductor_missing`) and
     'none' where it cannot. H200, session 39: the encode forward + backward 11.1 → 8.0 ms at 512², 3.8
     → 2.8 ms at 256² (replayed as graphs both); a steady iteration −3.2 ms in both stages, for
-    ~45 s of compiling in a process without a compile cache (reports/speed)."""
-    if mode == "none" or torch.device(device).type != "cuda":
-        return "none"
-    if mode != "auto":
-        return mode
-    why = inductor_missing(have_triton, have_cc)
-    if why:
-        log.info("VAE encoder: eager (vae_compile=auto: %s)", why)
-        return "none"
-    return "channels_last"
+    ~47 s of compiling in a process without a compile cache (reports/speed)."""
+    return _gpu_compile_mode(mode, device, "channels_last", "VAE encoder", "vae_compile", have_triton, have_cc)
 
 
 def inductor_kwargs(mode: str, channels_last: bool = False) -> dict:
