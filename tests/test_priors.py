@@ -287,6 +287,14 @@ def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
     # torch.compile is lazy: no GPU needed here
     for mode in ("default", "channels_last"):
         assert compile_vae_moments(mode, "cuda") is not vae_moments
+    # what torch.compile is asked for: Inductor's own layout, or its layout forced channels-last
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append((fn, kw)) or fn)
+    compile_vae_moments("default", "cuda")
+    compile_vae_moments("channels_last", "cuda")
+    assert seen == [(vae_moments, {"dynamic": False, "mode": "default"}),
+                    (vae_moments, {"dynamic": False, "options": {"force_layout_optimization": True}})]
+    monkeypatch.undo()
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_compile": "default", "zero123.vae_compile": "default"}),
                        torch.rand(3, 64, 64), "coarse", "cpu")
     assert g.sd.moments is vae_moments and g.zero123.moments is vae_moments  # CPU: the eager function
