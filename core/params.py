@@ -328,6 +328,11 @@ class StableDiffusionParams(_Section):
     # figures); 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA
     # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
+    # the compiled UNet's layout: Inductor's heuristics' (NCHW here: cuDNN converts each fp16
+    # convolution's input to NHWC and back) or forced channels-last throughout, as the VAE encoders'
+    # vae_compile: channels_last (−3.2 ms a guided iteration, session 39); compile default or graphs
+    # only. Not yet timed in the stages (reports/speed session 39's next step)
+    compile_layout: Literal["inductor", "channels_last"] = "inductor"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm. The SDS
     # VAE encoder on lift3d's kernels: 11.09 → 10.78 ms an encode at 512² (H200, reports/speed s22); a
@@ -371,6 +376,7 @@ class Zero123Params(_Section):
     # figures); 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA
     # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
+    compile_layout: Literal["inductor", "channels_last"] = "inductor"  # as sd.compile_layout
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["auto", "none", "default", "channels_last"] = "auto"  # as sd.vae_compile
     # as sd.vae_kernels. At 256² the eager encoder is bound by launching kernels and lift3d's are no
@@ -589,6 +595,17 @@ class Params(_Section):
     reproduce: ReproduceParams = ReproduceParams()
 
     @model_validator(mode="after")
+    def _forced_layout_without_graph_trees(self):
+        """A prior's compile_layout channels_last with its compile 'reduce-overhead' is refused here:
+        the layout is one of Inductor's options, which torch.compile takes only without a mode."""
+        for k in ("sd", "zero123"):
+            prior = getattr(self, k)
+            if prior.compile == "reduce-overhead" and prior.compile_layout == "channels_last":
+                raise ValueError(f"{k}.compile_layout: channels_last needs {k}.compile graphs or default "
+                                 f"(not reduce-overhead), or {k}.compile_layout inductor")
+        return self
+
+    @model_validator(mode="after")
     def _two_streams_without_graph_trees(self):
         """guidance.streams 'two' with a prior compiled 'reduce-overhead' is refused here, before any
         model loads (core.guidance.priors.prior_streams says why). 'auto' compiles to 'graphs' or none."""
@@ -635,8 +652,8 @@ STEP_READS: dict[str, tuple[str, ...]] = {
 # leave them out, so that a run started with one of them resumes, and a cached step is reused,
 # under another. The run's params.json still records them.
 HOW_NOT_WHAT: tuple[str, ...] = (
-    "sd.compile", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
-    "zero123.compile", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
+    "sd.compile", "sd.compile_layout", "sd.channels_last", "sd.vae_compile", "sd.vae_kernels", "sd.vae_graphs",
+    "zero123.compile", "zero123.compile_layout", "zero123.channels_last", "zero123.vae_compile", "zero123.vae_kernels", "zero123.vae_graphs",
     "guidance.streams",
     "textual_inversion.compile", "textual_inversion.layout", "textual_inversion.overlap", "textual_inversion.prefetch", "textual_inversion.tf32", "textual_inversion.checkpoint_every",
     "coarse.grid.backend", "coarse.grid.atomics", "coarse.grid.spread", "fine.grid_position_grads", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",

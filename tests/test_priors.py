@@ -262,6 +262,42 @@ def test_unet_compile_is_gpu_only_and_auto_by_default():
         load_params("magic123", {"sd.compile": "fast"})
 
 
+def test_unet_compile_layout_is_inductors_by_default_and_forced_channels_last_on_request(monkeypatch):
+    """sd/zero123.compile_layout: 'inductor' by default (torch.compile given the mode alone);
+    'channels_last' gives Inductor its forced layout (mode 'default', which 'graphs' compiles with) and
+    reaches each prior's UNet from the factory; with 'reduce-overhead' (a mode, no options) it is
+    refused when the params load. Eager on a CPU whatever is asked."""
+    import core.guidance.sd as sd_module
+    from core.guidance.sd import compile_unet
+
+    p = load_params("magic123")
+    assert p.sd.compile_layout == "inductor" and p.zero123.compile_layout == "inductor"
+    unet = torch.nn.Linear(2, 2)
+    assert compile_unet(unet, "graphs", "cpu", "channels_last") is unet
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    compile_unet(unet, "graphs", "cuda")
+    compile_unet(unet, "graphs", "cuda", "channels_last")
+    compile_unet(unet, "default", "cuda", "channels_last")
+    compile_unet(unet, "reduce-overhead", "cuda")
+    forced = {"dynamic": False, "options": {"force_layout_optimization": True}}
+    assert seen == [{"dynamic": False, "mode": "default"}, forced, forced, {"dynamic": False, "mode": "reduce-overhead"}]
+    monkeypatch.undo()
+    with pytest.raises(Exception, match="zero123.compile_layout"):
+        load_params("magic123", {"zero123.compile": "reduce-overhead", "zero123.compile_layout": "channels_last",
+                                 "guidance.streams": "one"})
+    assert load_params("magic123", {"sd.compile": "graphs", "sd.compile_layout": "channels_last"}).sd.compile_layout \
+        == "channels_last"
+
+    layouts = []
+    real = sd_module.compile_unet
+    monkeypatch.setattr(sd_module, "compile_unet", lambda unet, mode, device, layout="inductor":
+                        layouts.append(layout) or real(unet, mode, device, layout))
+    build_guidance(_tiny_params("magic123", **{"sd.compile_layout": "channels_last"}), torch.rand(3, 64, 64),
+                   "coarse", "cpu")
+    assert sorted(layouts) == ["channels_last", "inductor"]  # SD's, Zero-1-to-3's default
+
+
 def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
     """sd/zero123.vae_compile (torch.compile of the VAE encoder that SDS differentiates through,
     eq. 5): 'auto' by default, which is 'channels_last' on a GPU where Inductor builds and eager

@@ -135,7 +135,8 @@ def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = No
     embeds = resolve_token(params, parts, reference, token)
     prompt = compose_prompt(params.prompt.template, params.textual_inversion.placeholder,
                             next(iter(embeds)) if embeds else None, params.prompt.text)
-    parts.unet = compile_unet(parts.unet, params.sd.compile, device)  # after textual inversion (which needs grad)
+    # after textual inversion (which needs grad)
+    parts.unet = compile_unet(parts.unet, params.sd.compile, device, params.sd.compile_layout)
     guidance = StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
                                        t_range=stage_t_range(params.sd, stage), resolution=params.sd.resolution,
                                        seed=params.seed, view_dependent=params.sd.view_dependent_prompt,
@@ -150,7 +151,7 @@ def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"
     from core.guidance.zero123 import Zero123Guidance
 
     parts = zero123_parts(params, device)
-    parts.unet = compile_unet(parts.unet, params.zero123.compile, device)
+    parts.unet = compile_unet(parts.unet, params.zero123.compile, device, params.zero123.compile_layout)
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=stage_t_range(params.zero123, stage), resolution=params.zero123.resolution,

@@ -67,9 +67,10 @@ def _gpu_compile_mode(mode: str, device, auto: str, what: str, key: str, have_tr
     return auto
 
 
-def compile_unet(unet, mode: str, device):
+def compile_unet(unet, mode: str, device, layout: str = "inductor"):
     """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'
-    (`compile_mode`). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are
+    (`compile_mode`). `layout` (sd/zero123.compile_layout): 'inductor' (its heuristics' layout) or
+    'channels_last' (its layout forced NHWC, `inductor_kwargs`; 'default' and 'graphs' only). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are
     launch-bound eagerly. 'graphs': Inductor's kernels without its CUDA graphs (mode 'default'); the
     guidance then replays an SDS step's no-grad middle (the noising, the condition, the CFG batch,
     the UNet, the CFG sum, w(t)(ε̂ − ε)) as one CUDA graph of its own (core.perf.GraphedCall; the
@@ -78,9 +79,10 @@ def compile_unet(unet, mode: str, device):
     mode = compile_mode(mode, device)
     if mode == "none":
         return unet
-    log.info("UNet: torch.compile(mode=%r)%s", "default" if mode == "graphs" else mode,
+    inductor = "default" if mode == "graphs" else mode
+    log.info("UNet: torch.compile(mode=%r%s)%s", inductor, ", channels-last" if layout == "channels_last" else "",
              ", the SDS step replayed as one CUDA graph" if mode == "graphs" else "")
-    return torch.compile(unet, mode="default" if mode == "graphs" else mode, dynamic=False)
+    return torch.compile(unet, dynamic=False, **inductor_kwargs(inductor, layout == "channels_last"))
 
 
 def to_channels_last(parts):
