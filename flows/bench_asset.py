@@ -42,6 +42,9 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             "cudnn_benchmark": bool(params.cudnn_benchmark),
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
                              "zero123": compile_mode(params.zero123.compile, device)},
+            # the compiled UNets' layout (sd/zero123.compile_layout); 'inductor' where not compiled
+            "unet_layout": {k: getattr(params, k).compile_layout if compile_mode(getattr(params, k).compile, device) != "none"
+                            else "inductor" for k in ("sd", "zero123")},
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),
                             "zero123": vae_compile_mode(params.zero123.vae_compile, device)},
             "vae_kernels": {"sd": vae_kernels_mode(params.sd.vae_kernels, device),
@@ -533,6 +536,13 @@ def _graphed(on: dict[str, bool]) -> str:
     return f", replayed as CUDA graphs ({', '.join(names)})" if names else ""
 
 
+def _forced_layout(layouts: dict[str, str]) -> str:
+    """' channels-last (sd, zero123)' for the priors whose compiled UNets run Inductor's forced
+    channels-last layout (unet_layout), '' where none does (and in older speed.json)."""
+    forced = [k for k, v in layouts.items() if v == "channels_last"]
+    return f" channels-last ({', '.join(forced)})" if forced else ""
+
+
 def format_asset_table(r: dict[str, Any]) -> str:
     lines = [f"bench speed (asset) — {r['gpu']} ({r['device']}), torch {r['torch']}, {r['method']}",
              f"backends: hash grid {r['backends']['hash_grid']}"
@@ -540,7 +550,8 @@ def format_asset_table(r: dict[str, Any]) -> str:
              f"{' (samples on Triton)' if r['backends'].get('volume_render_samples') == 'triton' else ''}, "
              f"rasteriser {r['backends']['rasteriser']}"
              f"{' (compiled)' if r['backends'].get('rasteriser_compile', 'none') != 'none' else ''}, UNets "
-             f"{_compiled(r['backends'].get('unet_compile', {}))}, VAE encoders "
+             f"{_compiled(r['backends'].get('unet_compile', {}))}{_forced_layout(r['backends'].get('unet_layout', {}))}"
+             f", VAE encoders "
              f"{_compiled(r['backends'].get('vae_compile', {}))} on {_compiled(r['backends'].get('vae_kernels', {}))} "
              f"kernels{_graphed(r['backends'].get('vae_graphs', {}))}"
              f"{', the priors on two streams' if r['backends'].get('guidance_streams') == 'two' else ''}; {r['models']}",

@@ -123,10 +123,14 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
                                  "rasteriser_compile": "none", "volume_render_compile": "none",
                                  "volume_render_samples": "torch", "ti_tf32": False, "cudnn_benchmark": False,
                                  "unet_compile": {"sd": "none", "zero123": "none"},
+                                 "unet_layout": {"sd": "inductor", "zero123": "inductor"},
                                  "vae_compile": {"sd": "none", "zero123": "none"},
                                  "vae_kernels": {"sd": "diffusers", "zero123": "diffusers"},
                                  "vae_graphs": {"sd": False, "zero123": False}, "guidance_streams": "one"}
     assert "UNets eager, VAE encoders eager on diffusers kernels;" in format_asset_table(r)
+    forced = {**r, "backends": {**r["backends"], "unet_compile": {"sd": "graphs", "zero123": "graphs"},
+                                "unet_layout": {"sd": "channels_last", "zero123": "inductor"}}}
+    assert "UNets graphs channels-last (sd), VAE encoders" in format_asset_table(forced)
     beside = {**r, "backends": {**r["backends"], "guidance_streams": "two"}}
     assert "on diffusers kernels, the priors on two streams;" in format_asset_table(beside)
     graphed = {**r, "backends": {**r["backends"], "vae_graphs": {"sd": True, "zero123": False}}}
