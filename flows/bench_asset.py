@@ -43,8 +43,8 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
                              "zero123": compile_mode(params.zero123.compile, device)},
             # the compiled UNets' layout (sd/zero123.compile_layout); 'inductor' where not compiled
-            "unet_layout": {k: getattr(params, k).compile_layout if compile_mode(getattr(params, k).compile, device) != "none"
-                            else "inductor" for k in ("sd", "zero123")},
+            "unet_layout": {k: prior.compile_layout if compile_mode(prior.compile, device) != "none" else "inductor"
+                            for k, prior in (("sd", params.sd), ("zero123", params.zero123))},
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),
                             "zero123": vae_compile_mode(params.zero123.vae_compile, device)},
             "vae_kernels": {"sd": vae_kernels_mode(params.sd.vae_kernels, device),

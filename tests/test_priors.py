@@ -301,7 +301,8 @@ def test_unet_compile_layout_is_inductors_by_default_and_forced_channels_last_on
 def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
     """sd/zero123.vae_compile (torch.compile of the VAE encoder that SDS differentiates through,
     eq. 5): 'auto' by default, which is 'channels_last' on a GPU where Inductor builds and eager
-    where it cannot; eager on a CPU whatever is asked, and the guidances take the compiled copy. The tiny real AutoencoderKL's `vae_moments` compiles as one graph forward and backward
+    where it cannot; eager on a CPU whatever is asked, and the guidances take the compiled copy.
+    The tiny real AutoencoderKL's `vae_moments` compiles as one graph forward and backward
     (fullgraph=True fails on any graph break) and gives the eager moments and input gradient; the
     same with Inductor's kernels is tests/test_gpu_backends.py's."""
     from diffusers import AutoencoderKL

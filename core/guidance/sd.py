@@ -70,8 +70,8 @@ def _gpu_compile_mode(mode: str, device, auto: str, what: str, key: str, have_tr
 def compile_unet(unet, mode: str, device, layout: str = "inductor"):
     """torch.compile a UNet for SDS (fixed shapes, no grad) on a GPU; eager elsewhere or for 'none'
     (`compile_mode`). `layout` (sd/zero123.compile_layout): 'inductor' (its heuristics' layout) or
-    'channels_last' (its layout forced NHWC, `inductor_kwargs`; 'default' and 'graphs' only). 'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are
-    launch-bound eagerly. 'graphs': Inductor's kernels without its CUDA graphs (mode 'default'); the
+    'channels_last' (its layout forced NHWC, `inductor_kwargs`; 'default' and 'graphs' only).
+    'reduce-overhead' captures CUDA graphs: the UNet's many small kernels are launch-bound eagerly. 'graphs': Inductor's kernels without its CUDA graphs (mode 'default'); the
     guidance then replays an SDS step's no-grad middle (the noising, the condition, the CFG batch,
     the UNet, the CFG sum, w(t)(ε̂ − ε)) as one CUDA graph of its own (core.perf.GraphedCall; the
     guidance's `graphed`), without Dynamo's guards and cudagraph trees' Python at every call (~4 ms
