@@ -328,11 +328,12 @@ class StableDiffusionParams(_Section):
     # figures); 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA
     # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
-    # the compiled UNet's layout: Inductor's heuristics' (NCHW here: cuDNN converts each fp16
-    # convolution's input to NHWC and back) or forced channels-last throughout, as the VAE encoders'
-    # vae_compile: channels_last (−3.2 ms a guided iteration, session 39); compile default or graphs
-    # only. Not yet timed in the stages (reports/speed session 39's next step)
-    compile_layout: Literal["inductor", "channels_last"] = "inductor"
+    # the compiled UNet's layout: 'inductor' = its heuristics' (NCHW here: cuDNN converts each fp16
+    # convolution's input to NHWC and back); 'channels_last' = forced NHWC throughout, as the VAE
+    # encoders' vae_compile (compile default or graphs only); 'auto' = channels_last with those,
+    # inductor with reduce-overhead (core.guidance.sd.unet_layout). H200, A B A B (reports/speed
+    # session 40): a steady iteration coarse 34.8 / 35.3 → 33.7 / 33.6 ms, fine 37.4 / 35.6 → 36.0 / 35.1
+    compile_layout: Literal["auto", "inductor", "channels_last"] = "auto"
     # the UNet's and VAE's weights in channels-last layout (cuDNN's fp16 convolutions run NHWC: no
     # layout conversion around each one); the same numbers up to the convolution algorithm. The SDS
     # VAE encoder on lift3d's kernels: 11.09 → 10.78 ms an encode at 512² (H200, reports/speed s22); a
@@ -376,7 +377,7 @@ class Zero123Params(_Section):
     # figures); 'graphs': Inductor's kernels, the SDS step's noising, prediction and gradient one CUDA
     # graph of lift3d's; 'auto': graphs where it can build (CUDA, Triton, a C compiler), eager elsewhere
     compile: Literal["none", "auto", "default", "reduce-overhead", "graphs"] = "auto"
-    compile_layout: Literal["inductor", "channels_last"] = "inductor"  # as sd.compile_layout
+    compile_layout: Literal["auto", "inductor", "channels_last"] = "auto"  # as sd.compile_layout
     channels_last: bool = False  # as sd.channels_last
     vae_compile: Literal["auto", "none", "default", "channels_last"] = "auto"  # as sd.vae_compile
     # as sd.vae_kernels. At 256² the eager encoder is bound by launching kernels and lift3d's are no
@@ -597,7 +598,8 @@ class Params(_Section):
     @model_validator(mode="after")
     def _forced_layout_without_graph_trees(self):
         """A prior's compile_layout channels_last with its compile 'reduce-overhead' is refused here:
-        the layout is one of Inductor's options, which torch.compile takes only without a mode."""
+        the layout is one of Inductor's options, which torch.compile takes only without a mode ('auto'
+        comes to Inductor's own layout there)."""
         for k in ("sd", "zero123"):
             prior = getattr(self, k)
             if prior.compile == "reduce-overhead" and prior.compile_layout == "channels_last":

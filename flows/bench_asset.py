@@ -24,7 +24,7 @@ from core.perf import GpuClocks, SyncAudit
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
     from core.guidance.factory import guidance_streams
-    from core.guidance.sd import compile_mode, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
+    from core.guidance.sd import compile_mode, unet_layout, vae_compile_mode, vae_graphs_run_on, vae_kernels_mode
     from core.perf import compile_kind
     from core.rendering.raster import nvdiffrast_available
     from core.representations.hashgrid import choose_backend, triton_kind
@@ -43,7 +43,7 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
             "unet_compile": {"sd": compile_mode(params.sd.compile, device),
                              "zero123": compile_mode(params.zero123.compile, device)},
             # the compiled UNets' layout (sd/zero123.compile_layout); 'inductor' where not compiled
-            "unet_layout": {k: prior.compile_layout if compile_mode(prior.compile, device) != "none" else "inductor"
+            "unet_layout": {k: unet_layout(prior.compile, prior.compile_layout, device)
                             for k, prior in (("sd", params.sd), ("zero123", params.zero123))},
             "vae_compile": {"sd": vae_compile_mode(params.sd.vae_compile, device),
                             "zero123": vae_compile_mode(params.zero123.vae_compile, device)},

@@ -183,13 +183,15 @@ def test_graphed_predictions_give_the_eager_sds_gradients(tmp_path):
     _agree(eager, graphs, cos_min=0.99, norm_rel=0.02)
 
 
-def test_channels_last_compiled_priors_give_the_eager_sds_gradients(tmp_path):
-    """`compile: graphs` with `compile_layout: channels_last` (the UNets' Inductor layout forced NHWC)
-    against eager over 32 guided calls, as above: only the kernels' rounding differs."""
+@pytest.mark.parametrize("layout", ["channels_last", "inductor"])
+def test_compiled_priors_in_either_layout_give_the_eager_sds_gradients(tmp_path, layout):
+    """`compile: graphs` with `compile_layout` channels_last (the UNets' Inductor layout forced NHWC;
+    what 'auto' comes to with graphs since session 40) or inductor (its heuristics' layout) against
+    eager over 32 guided calls, as above: only the kernels' rounding differs."""
     eager = _guided_calls(tmp_path, {})
-    forced = _guided_calls(tmp_path, {f"{k}.{o}": v for k in ("sd", "zero123")
-                                      for o, v in (("compile", "graphs"), ("compile_layout", "channels_last"))})
-    _agree(eager, forced, cos_min=0.99, norm_rel=0.02)
+    compiled = _guided_calls(tmp_path, {f"{k}.{o}": v for k in ("sd", "zero123")
+                                        for o, v in (("compile", "graphs"), ("compile_layout", layout))})
+    _agree(eager, compiled, cos_min=0.99, norm_rel=0.02)
 
 
 def test_two_streams_give_the_one_stream_sds_gradients(tmp_path):

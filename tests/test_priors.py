@@ -262,40 +262,49 @@ def test_unet_compile_is_gpu_only_and_auto_by_default():
         load_params("magic123", {"sd.compile": "fast"})
 
 
-def test_unet_compile_layout_is_inductors_by_default_and_forced_channels_last_on_request(monkeypatch):
-    """sd/zero123.compile_layout: 'inductor' by default (torch.compile given the mode alone);
-    'channels_last' gives Inductor its forced layout (mode 'default', which 'graphs' compiles with) and
-    reaches each prior's UNet from the factory; with 'reduce-overhead' (a mode, no options) it is
+def test_unet_compile_layout_is_forced_channels_last_where_it_may_and_inductors_on_request(monkeypatch):
+    """sd/zero123.compile_layout: 'auto' by default, which forces Inductor's channels-last layout with
+    compile 'graphs' or 'default' (mode 'default' given the option) and leaves Inductor its own under
+    'reduce-overhead' (torch.compile takes a mode or options); 'inductor' gives the mode alone; an
+    explicit 'channels_last' reaches each prior's UNet from the factory and with 'reduce-overhead' is
     refused when the params load. Eager on a CPU whatever is asked."""
     import core.guidance.sd as sd_module
-    from core.guidance.sd import compile_unet
+    from core.guidance.sd import compile_unet, unet_layout
 
     p = load_params("magic123")
-    assert p.sd.compile_layout == "inductor" and p.zero123.compile_layout == "inductor"
+    assert p.sd.compile_layout == "auto" and p.zero123.compile_layout == "auto"
+    assert unet_layout("auto", "auto", "cuda", have_triton=True, have_cc=True) == "channels_last"
+    assert unet_layout("auto", "auto", "cuda", have_triton=False, have_cc=True) == "inductor"  # eager there
+    assert unet_layout("reduce-overhead", "auto", "cuda") == "inductor"
+    assert unet_layout("default", "auto", "cuda") == "channels_last"
+    assert unet_layout("graphs", "inductor", "cuda") == "inductor"
+    assert unet_layout("graphs", "channels_last", "cpu") == "inductor"  # not compiled off a GPU
     unet = torch.nn.Linear(2, 2)
     assert compile_unet(unet, "graphs", "cpu", "channels_last") is unet
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     compile_unet(unet, "graphs", "cuda")
-    compile_unet(unet, "graphs", "cuda", "channels_last")
+    compile_unet(unet, "graphs", "cuda", "inductor")
     compile_unet(unet, "default", "cuda", "channels_last")
     compile_unet(unet, "reduce-overhead", "cuda")
     forced = {"dynamic": False, "options": {"force_layout_optimization": True}}
-    assert seen == [{"dynamic": False, "mode": "default"}, forced, forced, {"dynamic": False, "mode": "reduce-overhead"}]
+    assert seen == [forced, {"dynamic": False, "mode": "default"}, forced, {"dynamic": False, "mode": "reduce-overhead"}]
     monkeypatch.undo()
     with pytest.raises(Exception, match="zero123.compile_layout"):
         load_params("magic123", {"zero123.compile": "reduce-overhead", "zero123.compile_layout": "channels_last",
                                  "guidance.streams": "one"})
+    assert load_params("magic123", {"zero123.compile": "reduce-overhead", "guidance.streams": "one"}) \
+        .zero123.compile_layout == "auto"  # the default stays valid with reduce-overhead
     assert load_params("magic123", {"sd.compile": "graphs", "sd.compile_layout": "channels_last"}).sd.compile_layout \
         == "channels_last"
 
     layouts = []
     real = sd_module.compile_unet
-    monkeypatch.setattr(sd_module, "compile_unet", lambda unet, mode, device, layout="inductor":
+    monkeypatch.setattr(sd_module, "compile_unet", lambda unet, mode, device, layout="auto":
                         layouts.append(layout) or real(unet, mode, device, layout))
-    build_guidance(_tiny_params("magic123", **{"sd.compile_layout": "channels_last"}), torch.rand(3, 64, 64),
+    build_guidance(_tiny_params("magic123", **{"sd.compile_layout": "inductor"}), torch.rand(3, 64, 64),
                    "coarse", "cpu")
-    assert sorted(layouts) == ["channels_last", "inductor"]  # SD's, Zero-1-to-3's default
+    assert sorted(layouts) == ["auto", "inductor"]  # Zero-1-to-3's default, SD's as asked
 
 
 def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
