@@ -561,6 +561,10 @@ class ModelsParams(_Section):
     cache_dir: Optional[str] = None  # a shared model cache (a hub cache folder)
     offline: bool = False  # also honoured: HF_HUB_OFFLINE=1
     tiny: bool = False  # build tiny random priors of the real classes (smoke preset)
+    # a file of torch.compile's portable artifacts (core.perf.load_compile_cache): read before each
+    # stage (once a process), rewritten after it with what the process compiled; for GPU machines that
+    # start with empty caches (fresh cloud machines, containers), shared by every worker. null: off
+    compile_cache: Optional[str] = None
 
 
 class Params(_Section):
@@ -661,7 +665,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "coarse.grid.backend", "coarse.grid.atomics", "coarse.grid.spread", "fine.grid_position_grads", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
-    "cudnn_benchmark", "checkpoint_background",
+    "cudnn_benchmark", "checkpoint_background", "models.compile_cache",
 )
 
 

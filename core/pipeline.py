@@ -29,7 +29,7 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     from core.inputs.images import load_reference
     from core.io import atomic_write_text
     from core.params import step_digest
-    from core.perf import Timer, reset_peak_memory, summary, summary_line
+    from core.perf import Timer, compile_cache, reset_peak_memory, summary, summary_line
 
     device = resolve_device(params)
     reset_peak_memory(device)
@@ -41,10 +41,11 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     out.mkdir(parents=True, exist_ok=True)
     target = out / "learned_embeds.bin"
     stats: dict = {}
-    learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,
-                            callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None,
-                            checkpoint=out / "checkpoint.pt", digest=step_digest(params, "textual_inversion"),
-                            stats=stats)
+    with compile_cache(params.models.compile_cache):
+        learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,
+                                callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None,
+                                checkpoint=out / "checkpoint.pt", digest=step_digest(params, "textual_inversion"),
+                                stats=stats)
     # the loop's seconds over every run of this stage's checkpoint (a resumed run adds to them)
     summ = summary(device, stats["loop_seconds"], params.textual_inversion.steps, wall_seconds=wall.seconds,
                    resumed_from=stats["resumed_from"], seconds_before_resume=stats["loop_seconds_before"],
@@ -111,8 +112,9 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
     `reference` may be given ready-made (the oracle bench); `stop_after=k` stops after iteration k
     as a kill would (tests). Returns result.json's record ({} when stopped early)."""
     from core.inputs.images import load_reference
-    from core.params import step_digest
     from core.io import writable_folder
+    from core.params import step_digest
+    from core.perf import compile_cache
     from core.stages.coarse import reference_resolution, run_coarse
     from core.stages.engine import CHECKPOINT
 
@@ -132,9 +134,10 @@ def coarse_stage(image: Path | str, out_dir: Path | str, params: Params, depth: 
         from core.stages.detector import ClipScorer, StageDetector
 
         detector = StageDetector(params.detector, ClipScorer.from_params(params, device))
-    stage = run_coarse(params, reference, out, guidance=guidance, detector=detector, device=device,
-                       params_digest=digest, resume=resume, callback=callback, stop_after=stop_after,
-                       progress=progress)
+    with compile_cache(params.models.compile_cache):
+        stage = run_coarse(params, reference, out, guidance=guidance, detector=detector, device=device,
+                           params_digest=digest, resume=resume, callback=callback, stop_after=stop_after,
+                           progress=progress)
     return stage.record or {}
 
 
@@ -150,6 +153,7 @@ def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Param
     `recenter=False` takes an image that is already framed."""
     from core.inputs.images import load_reference
     from core.params import step_digest
+    from core.perf import compile_cache
     from core.stages.coarse import load_coarse_field
     from core.stages.fine import run_fine
 
@@ -171,7 +175,8 @@ def fine_stage(coarse_checkpoint: Path | str, out_dir: Path | str, params: Param
     if guidance is None:
         guidance = _guidance(params, reference, "fine", device, token=coarse.token)
     coarse.upstream = {"checkpoint": str(coarse_checkpoint), "step": coarse.step, "stage": "coarse"}
-    stage = run_fine(params, reference, field, out, coarse=coarse, guidance=guidance, device=device,
-                     params_digest=digest, resume=resume, callback=callback, stop_after=stop_after,
-                     progress=progress, turntable_frames=turntable_frames)
+    with compile_cache(params.models.compile_cache):
+        stage = run_fine(params, reference, field, out, coarse=coarse, guidance=guidance, device=device,
+                         params_digest=digest, resume=resume, callback=callback, stop_after=stop_after,
+                         progress=progress, turntable_frames=turntable_frames)
     return stage.record or {}

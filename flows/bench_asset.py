@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from core.io import atomic_write_text
-from core.perf import GpuClocks, SyncAudit
+from core.perf import GpuClocks, SyncAudit, load_compile_cache, save_compile_cache
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
@@ -274,8 +274,9 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     checkpoint in DIR; the textual inversion's record then counts its loop seconds over every run.
 
     `compile_cache`: torch.compile's artifacts (torch.compiler's portable "mega-cache") read from this
-    file before the run when it is there, and written to it after: a run on another machine of the
-    same GPU and software compiles the UNets from it instead of from nothing.
+    file before the run when it is there, and written to it after (core.perf.load_compile_cache; the
+    pipeline's models.compile_cache is the same file format): a run on another machine of the same GPU
+    and software compiles the UNets from it instead of from nothing.
 
     `profile_steps=N`: torch.profiler over N iterations of each stage (after its reference-only
     warm-up, `profile_after` more and 5 + 1), written to DIR/profile_STAGE.txt (the scopes are timed
@@ -337,7 +338,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
     if tuple(stages) != STAGES:
         result["stages_this_run"] = list(stages)
     if compile_cache is not None:
-        result["compile_cache"] = {"file": str(compile_cache), "loaded": _load_compile_cache(compile_cache)}
+        result["compile_cache"] = {"file": str(compile_cache), "loaded": load_compile_cache(compile_cache)}
 
     def save() -> None:
         result["stages"] = {k: result["stages"][k] for k in STAGES if k in result["stages"]}
@@ -443,7 +444,7 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
             result["stages"][name]["callback_iterations"] = len(seen)
         save()
     if compile_cache is not None:
-        result["compile_cache"]["saved_bytes"] = _save_compile_cache(compile_cache)
+        result["compile_cache"]["saved_bytes"] = save_compile_cache(compile_cache)
     if tuple(stages) == STAGES:
         result["asset_seconds"] = round(time.perf_counter() - t_asset, 1)
     elif all(s in result["stages"] for s in STAGES if s != "textual_inversion" or ti_needed):
@@ -500,24 +501,6 @@ def format_assets_in_process(first: dict[str, Any]) -> str:
         total = sum(st["wall_s"] for st in row["stages"].values())
         lines.append(f"  asset {k}: {total:.1f} s — " + ", ".join(stage(n, st) for n, st in row["stages"].items()))
     return "\n".join(lines)
-
-
-def _load_compile_cache(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    torch.compiler.load_cache_artifacts(path.read_bytes())
-    return True
-
-
-def _save_compile_cache(path: Path) -> int:
-    """Write what this process compiled; the byte count (0: nothing was compiled)."""
-    from core.io import atomic_write_bytes
-
-    saved = torch.compiler.save_cache_artifacts()
-    if not saved or not saved[0]:
-        return 0
-    atomic_write_bytes(path, saved[0])
-    return len(saved[0])
 
 
 def _compiled(modes: dict[str, str]) -> str:

@@ -431,12 +431,19 @@ def test_asset_bench_split_across_runs_keeps_each_stages_record(tmp_path, monkey
     assert again["resumed_from"] == 2 and again["loop_s"] == ti["loop_s"]  # nothing left: no seconds added
 
 
-def test_compile_cache_carries_compiled_code_to_a_fresh_cache(tmp_path, monkeypatch):
-    """bench speed --compile-cache: what torch.compile built is written to one file; read into an
-    empty Inductor cache (as on another machine), the same function compiles from it (a cache hit)."""
+def test_compile_cache_carries_compiled_code_to_a_fresh_cache(tmp_path, monkeypatch, caplog):
+    """bench speed --compile-cache and models.compile_cache (core.perf): what torch.compile built is
+    written to one file, rewritten only with something new; carried to an empty Inductor cache (as on
+    another machine) and read there by a pipeline stage before it runs, the same function compiles from
+    it (a cache hit). A file torch cannot read is skipped with a warning, not an error."""
+    import logging
+    import shutil
+
     from torch._dynamo.utils import counters
 
-    from flows.bench_asset import _load_compile_cache, _save_compile_cache
+    from core.perf import load_compile_cache, save_compile_cache
+    from core.pipeline import coarse_stage
+    from tests.test_progress import TINY_NERF
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_a"))
     torch._dynamo.reset()
@@ -444,16 +451,29 @@ def test_compile_cache_carries_compiled_code_to_a_fresh_cache(tmp_path, monkeypa
     f = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
     want = f(x)
     path = tmp_path / "compile_cache.bin"
-    assert not _load_compile_cache(path)  # nothing there yet: nothing loaded
-    assert _save_compile_cache(path) > 0 and path.is_file()
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_b"))  # "another machine"
+    assert not load_compile_cache(path)  # nothing there yet: nothing loaded
+    assert save_compile_cache(path) > 0 and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert save_compile_cache(path) == 0 and path.stat().st_mtime_ns == stamp  # nothing new: not rewritten
+    carried = tmp_path / "carried" / "compile.bin"  # the file on "another machine"
+    carried.parent.mkdir()
+    shutil.copy(path, carried)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_b"))
     torch._dynamo.reset()
-    assert _load_compile_cache(path)
+    p = load_params("tiny", {**TINY_NERF, "coarse.iters": 2, "models.compile_cache": str(carried)})
+    bear = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "realfusion15" / "teddy_bear"
+    coarse_stage(bear / "rgba.png", tmp_path / "coarse", p, bear / "depth.png", progress=False)
     hits = counters["inductor"]["fxgraph_cache_hit"]
     g = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
     assert torch.equal(g(x), want)
-    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1
+    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1  # the stage had read the carried file
     torch._dynamo.reset()
+
+    torn = tmp_path / "torn.bin"
+    torn.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="core.perf"):
+        assert not load_compile_cache(torn)
+    assert "not loaded" in caplog.text
 
 
 def test_trace_workload_is_the_steady_rows_median_and_the_last_row(tmp_path):
