@@ -90,8 +90,8 @@ def compile_unet(unet, mode: str, device, layout: str = "auto"):
     the UNet, the CFG sum, w(t)(ε̂ − ε)) as one CUDA graph of its own (core.perf.GraphedCall; the
     guidance's `graphed`), without Dynamo's guards and cudagraph trees' Python at every call (~4 ms
     of host time a UNet call on an H200 with 'reduce-overhead': reports/speed session 25)."""
+    mode = compile_mode(mode, device)  # resolved once: 'auto' logs why where it comes to eager
     layout = unet_layout(mode, layout, device)
-    mode = compile_mode(mode, device)
     if mode == "none":
         return unet
     inductor = "default" if mode == "graphs" else mode
