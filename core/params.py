@@ -561,7 +561,7 @@ class ModelsParams(_Section):
     cache_dir: Optional[str] = None  # a shared model cache (a hub cache folder)
     offline: bool = False  # also honoured: HF_HUB_OFFLINE=1
     tiny: bool = False  # build tiny random priors of the real classes (smoke preset)
-    # a file of torch.compile's portable artifacts (core.perf.load_compile_cache): read before each
+    # a file of torch.compile's portable artifacts and the Triton kernels compiled (core.perf.load_compile_cache): read before each
     # stage (once a process), rewritten after it with what the process compiled; for GPU machines that
     # start with empty caches (fresh cloud machines, containers), shared by every worker. null: off
     compile_cache: Optional[str] = None

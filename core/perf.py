@@ -142,16 +142,113 @@ def _cache_key(path: Path | str) -> tuple[Path, str]:
     return p, str(p.resolve())
 
 
+# the compile cache file (models.compile_cache): a zip (stored, not compressed) of torch's portable artifacts
+# and the Triton kernels they and lift3d's own kernels compiled to; before session 41 the file was torch's
+# bytes alone, which load_compile_cache still reads
+_TORCH_MEMBER = "torch_cache_artifacts.bin"
+_TRITON_MEMBERS = "triton/"
+# lift3d's own Triton kernels (launched by lift3d, outside torch.compile: no torch cache carries them)
+_TRITON_MODULES = ("core.representations.hashgrid_triton", "core.representations.samples_triton",
+                   "core.rendering.coverage_triton", "core.guidance.group_norm_triton")
+
+
+def lift3d_kernel_names() -> set[str]:
+    """The names of lift3d's Triton kernels (their @triton.jit functions), empty without Triton."""
+    import importlib
+
+    names: set[str] = set()
+    for mod in _TRITON_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 — no Triton here: no kernels of ours either
+            continue
+        names.update(v.fn.__name__ for v in vars(m).values()
+                     if type(v).__name__ == "JITFunction" and hasattr(v, "fn"))
+    return names
+
+
+def _kernel_name(entry: Path) -> Optional[str]:
+    """The kernel a folder of Triton's cache holds (its metadata `NAME.json`), None for anything else."""
+    names = [f.stem for f in entry.glob("*.json") if not f.name.startswith("__grp__")]
+    return names[0] if len(names) == 1 else None
+
+
+def _carried_kernels() -> dict[str, Path]:
+    """Triton's cache folders worth carrying: Inductor's kernels (named triton_…) and lift3d's, by hash."""
+    ours = lift3d_kernel_names()
+    found: dict[str, Path] = {}
+    for d in triton_cache_dirs():
+        if not d.is_dir():
+            continue
+        for entry in sorted(d.iterdir()):
+            name = _kernel_name(entry) if entry.is_dir() else None
+            if name and (name.startswith("triton_") or name in ours):
+                found.setdefault(entry.name, entry)
+    return found
+
+
+def _triton_home() -> Path:
+    """Where carried kernels go: TRITON_CACHE_DIR, set first (to the folder Inductor would set it to) where
+    it is not, so that lift3d's kernels, Inductor's and Triton all look in one place."""
+    import os
+
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return Path(os.environ["TRITON_CACHE_DIR"])
+
+
+def _unpack_kernels(zf, home: Path) -> int:
+    """The carried kernels' folders written under `home` (those it lacks); each group file's paths, which
+    Triton writes absolute, pointed at the new folder. The kernels written."""
+    import json
+
+    written = 0
+    entries: dict[str, list] = {}
+    for info in zf.infolist():
+        if info.filename.startswith(_TRITON_MEMBERS) and not info.is_dir():
+            entry, _, name = info.filename[len(_TRITON_MEMBERS):].partition("/")
+            entries.setdefault(entry, []).append((name, info))
+    import shutil
+
+    for entry, files in entries.items():
+        target = home / entry
+        if target.exists() or entry in ("", ".", ".."):
+            continue
+        tmp = home / f".{entry}.part"  # the folder appears whole or not at all
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, info in files:
+                data = zf.read(info)
+                if name.startswith("__grp__"):
+                    grp = json.loads(data)
+                    grp["child_paths"] = {k: str(target / Path(v).name) for k, v in grp.get("child_paths", {}).items()}
+                    data = json.dumps(grp).encode()
+                (tmp / Path(name).name).write_bytes(data)
+            tmp.rename(target)
+            written += 1
+        except OSError:  # another process put it there first, or no room: Triton compiles it as without
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
 def load_compile_cache(path: Path | str) -> bool:
     """torch.compile's portable artifacts (torch.compiler's "mega-cache": Inductor's compiled graphs and
-    kernels, AOTAutograd's, the autotuner's) read from `path` into this process's compile caches, once a
-    process (models.compile_cache; `bench speed --compile-cache`). False where there is no such file yet.
-    A file this torch cannot read (another version's) is skipped with a warning: the run compiles as it
-    would without it. It carries the compiles to a machine whose own caches are empty, of the same GPU
-    and software: a cold process spends ~100–160 s of a stage compiling (reports/speed, e.g. the coarse
-    stage 159.4 s above its steady pace cold in session 39, 35.3 s with its caches warm in session 40)."""
+    kernels, AOTAutograd's, the autotuner's) read from `path` into this process's compile caches, and the
+    Triton kernels carried with them into Triton's cache (`_triton_home`), once a process
+    (models.compile_cache; `bench speed --compile-cache`). False where there is no such file yet. A file
+    this torch cannot read (another version's) is skipped with a warning: the run compiles as it would
+    without it. It carries the compiles to a machine whose own caches are empty, of the same GPU and
+    software: a cold process spends ~100–200 s of a stage compiling (reports/speed: the coarse stage
+    157.0 s above its steady pace cold in session 41, 35.3 s with its caches warm in session 40; torch's
+    artifacts alone took 17 s of it off)."""
     import hashlib
+    import io
     import logging
+    import zipfile
 
     p, key = _cache_key(path)
     if key in _COMPILE_CACHES:
@@ -159,37 +256,65 @@ def load_compile_cache(path: Path | str) -> bool:
     if not p.is_file():
         return False
     data = p.read_bytes()
+    kernels = 0
     try:
-        why = "" if torch.compiler.load_cache_artifacts(data) is not None else "not torch's format, or torn"
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                artifacts = zf.read(_TORCH_MEMBER)
+                if any(n.startswith(_TRITON_MEMBERS) for n in zf.namelist()):
+                    kernels = _unpack_kernels(zf, _triton_home())
+        else:
+            artifacts = data  # torch's bytes alone (the file before session 41)
+        why = "" if torch.compiler.load_cache_artifacts(artifacts) is not None else "not torch's format, or torn"
     except Exception as e:  # noqa: BLE001 — an unusable cache is a slower run, not a failed one
         why = f"{type(e).__name__}: {e}"
     if why:
         logging.getLogger(__name__).warning("compile cache %s not loaded (%s); compiling as without it", p, why)
         return False
     _COMPILE_CACHES[key] = hashlib.sha256(data).hexdigest()
-    logging.getLogger(__name__).info("compile cache: %s loaded (%.1f MB)", p, len(data) / 1e6)
+    logging.getLogger(__name__).info("compile cache: %s loaded (%.1f MB; %d Triton kernels new here)", p,
+                                     len(data) / 1e6, kernels)
     return True
 
 
+def _zip_member(zf, name: str, data: bytes) -> None:
+    import zipfile
+
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # the same bytes for the same contents
+    info.compress_type = zipfile.ZIP_STORED
+    zf.writestr(info, data)
+
+
 def save_compile_cache(path: Path | str) -> int:
-    """What this process compiled or found in its caches (torch.compiler.save_cache_artifacts) written to
-    `path` at once (core.io.atomic_write_bytes: workers that share the file never leave it torn); the
-    bytes written, 0 where nothing was compiled or the file already holds exactly this."""
+    """What this process compiled or found in its caches (torch.compiler.save_cache_artifacts), with the
+    Triton kernels in Triton's caches (`_carried_kernels`), written to `path` at once (core.io.atomic_write_bytes:
+    workers that share the file never leave it torn); the bytes written, 0 where nothing was compiled or
+    the file already holds exactly this."""
     import hashlib
+    import io
+    import zipfile
 
     from core.io import atomic_write_bytes
 
     saved = torch.compiler.save_cache_artifacts()
     if not saved or not saved[0]:
         return 0
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        _zip_member(zf, _TORCH_MEMBER, saved[0])
+        for entry_name, entry in sorted(_carried_kernels().items()):
+            for f in sorted(entry.iterdir()):
+                if f.is_file() and f.name != "lock":
+                    _zip_member(zf, f"{_TRITON_MEMBERS}{entry_name}/{f.name}", f.read_bytes())
+    data = buf.getvalue()
     p, key = _cache_key(path)
-    digest = hashlib.sha256(saved[0]).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
     if _COMPILE_CACHES.get(key) == digest:
         return 0
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(p, saved[0])
+    atomic_write_bytes(p, data)
     _COMPILE_CACHES[key] = digest
-    return len(saved[0])
+    return len(data)
 
 
 @contextlib.contextmanager
@@ -202,6 +327,117 @@ def compile_cache(path: Path | str | None):
     load_compile_cache(path)
     yield
     save_compile_cache(path)
+
+
+def triton_cache_dirs() -> list[Path]:
+    """The folders Triton's compiled kernels may go to in this process: TRITON_CACHE_DIR when set (Inductor
+    sets it to its own cache's triton/ the first time it loads a kernel of its own) and Triton's default
+    (~/.triton/cache, or what its knobs say). A kernel compiled is one new folder, named by its hash."""
+    import os
+
+    dirs = [os.environ.get("TRITON_CACHE_DIR")]
+    try:
+        from triton import knobs
+
+        dirs.append(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        dirs.append(str(Path.home() / ".triton" / "cache"))
+    return list(dict.fromkeys(Path(d) for d in dirs if d))
+
+
+def _cache_entries(dirs: list[Path]) -> set[str]:
+    import os
+
+    seen: set[str] = set()
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            seen.update(f"{d}/{name}" for name in os.listdir(d))
+    return seen
+
+
+# torch's compile counters a stage's record takes (torch._dynamo.utils.counters: group, key), and its
+# compile timers (compilation_time_metrics): Dynamo's compile of a frame (the forward's Inductor compile
+# inside it), the backward's compile (at a compiled function's first backward, outside the frame's), and
+# Inductor's share of both
+_COMPILE_COUNTERS = {
+    "frames": ("frames", "ok"), "graphs": ("stats", "unique_graphs"),
+    "inductor_cache_hit": ("inductor", "fxgraph_cache_hit"), "inductor_cache_miss": ("inductor", "fxgraph_cache_miss"),
+    "inductor_cache_bypass": ("inductor", "fxgraph_cache_bypass"),
+    "aot_cache_hit": ("aot_autograd", "autograd_cache_hit"), "aot_cache_miss": ("aot_autograd", "autograd_cache_miss"),
+    "aot_cache_bypass": ("aot_autograd", "autograd_cache_bypass"),
+}
+_COMPILE_TIMERS = {"dynamo_s": "_compile.compile_inner", "backward_s": "compile_fx.<locals>.bw_compiler",
+                   "inductor_s": "compile_fx_inner"}
+# the loggers that say why a graph could not be cached (at INFO: "Bypassing FX Graph Cache because …")
+_BYPASS_LOGGERS = ("torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache")
+
+
+class CompileLedger:
+    """What torch.compile and Triton did while the block ran: frames and graphs compiled, Inductor's and
+    AOTAutograd's cache hits, misses and bypasses (with the bypasses' reasons), the seconds Dynamo and
+    Inductor spent, and the Triton kernels compiled anew (new folders in Triton's caches: Inductor's
+    kernels and lift3d's own, which no torch cache carries). `record` after the block: only what
+    changed, {} where nothing compiled (a CPU run with compiling off, a warm process)."""
+
+    def __enter__(self):
+        import logging
+
+        from torch._dynamo.utils import compilation_time_metrics, counters
+
+        self._counters = {k: counters[g][c] for k, (g, c) in _COMPILE_COUNTERS.items()}
+        self._timers = {k: sum(compilation_time_metrics.get(m, ())) for k, m in _COMPILE_TIMERS.items()}
+        self._dirs = triton_cache_dirs()
+        self._kernels = _cache_entries(self._dirs)
+        self.reasons: dict[str, int] = {}
+        self._loggers = []
+        for name in _BYPASS_LOGGERS:  # INFO let through to this filter alone: the rest still see what they saw
+            lg = logging.getLogger(name)
+            self._loggers.append((lg, lg.level, self._filter(lg.getEffectiveLevel())))
+            lg.addFilter(self._loggers[-1][2])
+            lg.setLevel(min(lg.getEffectiveLevel(), logging.INFO))
+        self.record: dict = {}
+        return self
+
+    def _filter(self, level: int):
+        def keep(rec) -> bool:
+            msg = rec.getMessage()
+            if msg.startswith("Bypassing"):
+                self.reasons[msg[:200]] = self.reasons.get(msg[:200], 0) + 1
+            return rec.levelno >= level
+
+        return keep
+
+    def __exit__(self, *exc):
+        from torch._dynamo.utils import compilation_time_metrics, counters
+
+        for lg, level, keep in self._loggers:
+            lg.removeFilter(keep)
+            lg.setLevel(level)
+        rec = {k: counters[g][c] - self._counters[k] for k, (g, c) in _COMPILE_COUNTERS.items()}
+        rec = {k: v for k, v in rec.items() if v}
+        secs = {k: round(sum(compilation_time_metrics.get(m, ())) - self._timers[k], 1) for k, m in _COMPILE_TIMERS.items()}
+        rec.update({k: v for k, v in secs.items() if v > 0})
+        dirs = list(dict.fromkeys([*self._dirs, *triton_cache_dirs()]))
+        new = len(_cache_entries(dirs) - self._kernels)
+        if new:
+            rec["triton_kernels"] = new
+        if self.reasons:
+            rec["bypassed_because"] = self.reasons
+        self.record = rec
+        return False
+
+
+def compile_line(name: str, rec: dict) -> str:
+    """One line of what a stage compiled (CompileLedger.record), for a bench's table."""
+    secs = rec.get("dynamo_s", 0.0) + rec.get("backward_s", 0.0)
+    caches = [f"Inductor's cache {rec.get('inductor_cache_hit', 0)} hit / {rec.get('inductor_cache_miss', 0)} missed"
+              f" / {rec.get('inductor_cache_bypass', 0)} bypassed",
+              f"AOTAutograd's {rec.get('aot_cache_hit', 0)} / {rec.get('aot_cache_miss', 0)} / {rec.get('aot_cache_bypass', 0)}"]
+    line = (f"{name}: compiled {rec.get('graphs', 0)} graphs in {secs:.1f} s (Inductor {rec.get('inductor_s', 0.0):.1f} s"
+            f" of it; {', '.join(caches)}), {rec.get('triton_kernels', 0)} Triton kernels new to its caches")
+    for why, n in (rec.get("bypassed_because") or {}).items():
+        line += f"\n  {n}× {why}"
+    return line
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from core.io import atomic_write_text
-from core.perf import GpuClocks, SyncAudit, load_compile_cache, save_compile_cache
+from core.perf import CompileLedger, GpuClocks, SyncAudit, compile_line, load_compile_cache, save_compile_cache
 
 
 def _backends(params, device: torch.device) -> dict[str, Any]:
@@ -55,17 +55,20 @@ def _backends(params, device: torch.device) -> dict[str, Any]:
 
 
 class _Stage:
-    """Wall time, peak GPU memory and the card's clocks (core.perf.GpuClocks) of one stage."""
+    """Wall time, peak GPU memory, the card's clocks (core.perf.GpuClocks) and what compiled
+    (core.perf.CompileLedger) of one stage."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.clocks = GpuClocks(device)
+        self.compiles = CompileLedger()
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.clocks.__enter__()
+        self.compiles.__enter__()
         self.t0 = time.perf_counter()
         return self
 
@@ -76,12 +79,15 @@ class _Stage:
         else:
             self.peak_gib = None
         self.wall_s = round(time.perf_counter() - self.t0, 2)
+        self.compiles.__exit__(*exc)
         self.clocks.__exit__(*exc)
         return False
 
     def record(self) -> dict[str, Any]:
-        """What the stage's record takes from here besides its times: the clocks' summary, where sampled."""
-        return {"clocks": self.clocks.summary} if self.clocks.summary else {}
+        """What the stage's record takes from here besides its times: the clocks' summary, where sampled,
+        and what compiled, where anything did."""
+        return {**({"clocks": self.clocks.summary} if self.clocks.summary else {}),
+                **({"compiles": self.compiles.record} if self.compiles.record else {})}
 
 
 class _Profile:
@@ -565,6 +571,7 @@ def format_asset_table(r: dict[str, Any]) -> str:
                          f"{c['busy_samples']} samples")
         elif c.get("samples"):
             lines.append(f"{name}: the GPU under 50% busy in all {c['samples']} samples of its clocks")
+    lines += [compile_line(name, s["compiles"]) for name, s in r["stages"].items() if s.get("compiles")]
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))

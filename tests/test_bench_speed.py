@@ -431,49 +431,122 @@ def test_asset_bench_split_across_runs_keeps_each_stages_record(tmp_path, monkey
     assert again["resumed_from"] == 2 and again["loop_s"] == ti["loop_s"]  # nothing left: no seconds added
 
 
+def _offline_triton_kernel():
+    """lift3d's rasteriser coverage kernel compiled by Triton for an H100's architecture without a GPU
+    (its own ptxas), into TRITON_CACHE_DIR: a real kernel's entry in Triton's cache; None without Triton."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from core.rendering import coverage_triton
+    except ImportError:
+        return None
+    sig = {"pos_ptr": "*fp32", "tri_ptr": "*i32", "key_ptr": "*i64", "F": "i32", "V": "i32", "H": "i32",
+           "W": "i32", "BLOCK": "constexpr"}
+    try:
+        return triton.compile(ASTSource(coverage_triton._cover, sig, constexprs={"BLOCK": 128}),
+                              target=GPUTarget("cuda", 90, 64))
+    except Exception:  # noqa: BLE001 — a Triton without its CUDA backend's tools here
+        return None
+
+
 def test_compile_cache_carries_compiled_code_to_a_fresh_cache(tmp_path, monkeypatch, caplog):
-    """bench speed --compile-cache and models.compile_cache (core.perf): what torch.compile built is
-    written to one file, rewritten only with something new; carried to an empty Inductor cache (as on
-    another machine) and read there by a pipeline stage before it runs, the same function compiles from
-    it (a cache hit). A file torch cannot read is skipped with a warning, not an error."""
+    """bench speed --compile-cache and models.compile_cache (core.perf): what torch.compile built, and the
+    Triton kernels in Triton's cache (lift3d's own, which no torch cache carries), written to one file,
+    rewritten only with something new; carried to empty Inductor and Triton caches (as on another
+    machine) and read there by a pipeline stage before it runs: the same function compiles from it (a
+    cache hit, core.perf.CompileLedger), and Triton finds the kernel where it looks (its group file's
+    paths moved to the new folder), so it does not build it again. A file of torch's bytes alone (the
+    format before session 41) still loads; a file torch cannot read is skipped with a warning."""
     import logging
     import shutil
+    import zipfile
 
-    from torch._dynamo.utils import counters
-
-    from core.perf import load_compile_cache, save_compile_cache
+    from core.perf import CompileLedger, compile_line, load_compile_cache, save_compile_cache
     from core.pipeline import coarse_stage
     from tests.test_progress import TINY_NERF
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_a"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton_a"))
     torch._dynamo.reset()
     x = torch.arange(8.0)
-    f = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
-    want = f(x)
+    with CompileLedger() as ledger:
+        f = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
+        want = f(x)
+        kernel = _offline_triton_kernel()
+    assert ledger.record["graphs"] == 1 and ledger.record["inductor_cache_miss"] >= 1
+    assert ledger.record.get("inductor_cache_hit", 0) == 0 and ledger.record["dynamo_s"] > 0
+    assert ledger.record.get("triton_kernels", 0) == (kernel is not None)
+    assert "compiled 1 graphs" in compile_line("coarse", ledger.record)
     path = tmp_path / "compile_cache.bin"
     assert not load_compile_cache(path)  # nothing there yet: nothing loaded
     assert save_compile_cache(path) > 0 and path.is_file()
     stamp = path.stat().st_mtime_ns
     assert save_compile_cache(path) == 0 and path.stat().st_mtime_ns == stamp  # nothing new: not rewritten
+    with zipfile.ZipFile(path) as zf:
+        carried_kernels = {n.split("/")[1] for n in zf.namelist() if n.startswith("triton/")}
+    assert len(carried_kernels) == (kernel is not None)
     carried = tmp_path / "carried" / "compile.bin"  # the file on "another machine"
     carried.parent.mkdir()
     shutil.copy(path, carried)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_b"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton_b"))
     torch._dynamo.reset()
     p = load_params("tiny", {**TINY_NERF, "coarse.iters": 2, "models.compile_cache": str(carried)})
     bear = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "realfusion15" / "teddy_bear"
     coarse_stage(bear / "rgba.png", tmp_path / "coarse", p, bear / "depth.png", progress=False)
-    hits = counters["inductor"]["fxgraph_cache_hit"]
-    g = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
-    assert torch.equal(g(x), want)
-    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1  # the stage had read the carried file
+    with CompileLedger() as ledger:
+        g = torch.compile(lambda v: (v.sin() * 3 + 1).sum())
+        assert torch.equal(g(x), want)
+    assert ledger.record["inductor_cache_hit"] >= 1  # the stage had read the carried file
+    assert ledger.record.get("inductor_cache_miss", 0) == 0
     torch._dynamo.reset()
+    if kernel is not None:  # the kernel's folder in the new Triton cache, its group pointing there
+        from triton.runtime.cache import FileCacheManager
 
+        (entry,) = carried_kernels
+        group = FileCacheManager(entry).get_group("_cover.json")
+        assert group and all(Path(v).parent == tmp_path / "triton_b" / entry for v in group.values())
+        cubin = tmp_path / "triton_b" / entry / "_cover.cubin"
+        made = cubin.stat().st_mtime_ns
+        with CompileLedger() as ledger:
+            again = _offline_triton_kernel()
+        assert again.asm["cubin"] == kernel.asm["cubin"] and cubin.stat().st_mtime_ns == made  # found, not rebuilt
+        assert "triton_kernels" not in ledger.record
+
+    raw = tmp_path / "raw.bin"  # torch's bytes alone, as the file was before session 41
+    with zipfile.ZipFile(path) as zf:
+        raw.write_bytes(zf.read("torch_cache_artifacts.bin"))
+    assert load_compile_cache(raw)
     torn = tmp_path / "torn.bin"
     torn.write_bytes(path.read_bytes()[:100])
     with caplog.at_level(logging.WARNING, logger="core.perf"):
         assert not load_compile_cache(torn)
     assert "not loaded" in caplog.text
+
+
+def test_compile_ledger_names_why_a_graph_was_not_cached(tmp_path, monkeypatch, capsys):
+    """core.perf.CompileLedger: a graph Inductor may not cache (here a custom pass Inductor cannot hash)
+    is counted as bypassed with torch's reason, which its loggers give only at INFO; the loggers are as
+    they were after the block, and nothing of theirs reached the output."""
+    import logging
+
+    from core.perf import CompileLedger, compile_line
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    codecache = logging.getLogger("torch._inductor.codecache")
+    level, filters = codecache.level, list(codecache.filters)
+    with CompileLedger() as ledger, torch._inductor.config.patch(post_grad_custom_post_pass=lambda g: None):
+        torch.compile(lambda v: (v.cos() * 2).sum())(torch.arange(4.0))
+    torch._dynamo.reset()
+    rec = ledger.record
+    assert rec["inductor_cache_bypass"] == 1 and "inductor_cache_miss" not in rec
+    assert any("FX Graph Cache" in why and "custom pass" in why for why in rec["bypassed_because"])
+    assert (codecache.level, codecache.filters) == (level, filters)
+    assert "Bypassing" not in capsys.readouterr().err
+    assert "bypassed" in compile_line("fine", rec) and "custom pass" in compile_line("fine", rec)
 
 
 def test_trace_workload_is_the_steady_rows_median_and_the_last_row(tmp_path):

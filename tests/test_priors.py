@@ -262,6 +262,28 @@ def test_unet_compile_is_gpu_only_and_auto_by_default():
         load_params("magic123", {"sd.compile": "fast"})
 
 
+def test_the_bar_names_the_priors_compiling_at_the_first_guided_iteration_on_a_gpu(monkeypatch):
+    """core.guidance.factory.first_call_note: a GPU stage whose priors in use compile (any UNet or VAE
+    encoder setting not 'none'; 'auto' only where Inductor builds) says so on its bar at its first guided
+    iteration; nothing on a CPU, with compiling off, or for a prior the stage does not use."""
+    import core.perf
+    from core.guidance.factory import first_call_note
+
+    p = load_params("magic123")  # every compile setting 'auto'
+    monkeypatch.setattr(core.perf, "inductor_missing", lambda: "")
+    assert "compiling" in first_call_note(p, "cuda", True, True)
+    assert first_call_note(p, "cpu", True, True) == ""
+    monkeypatch.setattr(core.perf, "inductor_missing", lambda: "no triton")
+    assert first_call_note(p, "cuda", True, True) == ""  # auto comes to eager there
+    off = load_params("magic123", {"sd.compile": "none", "sd.vae_compile": "none", "zero123.compile": "none",
+                                   "zero123.vae_compile": "none"})
+    assert first_call_note(off, "cuda", True, True) == ""
+    only_sd = load_params("magic123", {"zero123.compile": "none", "zero123.vae_compile": "none",
+                                       "sd.compile": "default"})
+    assert "compiling" in first_call_note(only_sd, "cuda", True, True)  # asked for: compiles even without auto's checks
+    assert first_call_note(only_sd, "cuda", False, True) == ""  # Stable Diffusion not in this stage
+
+
 def test_unet_compile_layout_is_forced_channels_last_where_it_may_and_inductors_on_request(monkeypatch):
     """sd/zero123.compile_layout: 'auto' by default, which forces Inductor's channels-last layout with
     compile 'graphs' or 'default' (mode 'default' given the option) and leaves Inductor its own under

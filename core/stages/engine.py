@@ -675,6 +675,8 @@ class Stage:
         try:
             while self.state.step < iters:
                 self.rep.train(True)
+                if self.state.step == self.spec.ref_warmup and getattr(self.guidance, "first_call_note", ""):
+                    bar.set_postfix_str(self.guidance.first_call_note)  # the next 25th iteration's figures replace it
                 metrics = self.step()
                 s = self.state.step
                 if step_only:

@@ -15,9 +15,10 @@ D=${D:-/tmp/s12}; R=$D/run; mkdir -p $R
 # ../h200_magic123_paper_s13_ti_coarse.json), so that speed.json ends with the whole asset's total
 [ -f $R/speed.json ] || { [ -n "${SPEED_JSON:-}" ] && cp "$SPEED_JSON" $R/speed.json; }
 export PYTHONUNBUFFERED=1
-# the settings of the session-12 run (the textual inversion's checkpoint digest depends on them)
-SETS=(${EXTRA:-} --set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead
-      --set textual_inversion.checkpoint_every=250)
+# PRIORS: options every stage gets first (default none: the priors' defaults, compile auto = graphs on a GPU;
+# until session 41 this script forced session 12's sd/zero123.compile=reduce-overhead, as abab.sh did before
+# session 34: PRIORS="--set sd.compile=reduce-overhead --set zero123.compile=reduce-overhead" runs those again)
+SETS=(${PRIORS:-} ${EXTRA:-} --set textual_inversion.checkpoint_every=250)
 run() { python3 -m flows.cli bench speed --preset ${PRESET:-magic123} --models-dir ${MODELS:-/tmp/models} \
           "${SETS[@]}" --compile-cache $D/cc.bin --out $R "$@"; }
 ev() { echo "$* $(date +%s)" >> $D/events; }

@@ -31,4 +31,5 @@ for run in ("cold", "write", "read"):
     except (OSError, KeyError, ValueError):
         print(f"{run:6s} no record"); continue
     print(f"{run:6s} wall {st['wall_s']:7.1f} s  above the steady pace {st.get('above_steady_s')} s  steady {st.get('ms_per_iter_steady')} ms")
+    print(f"       compiles {st.get('compiles', {})}")  # core.perf.CompileLedger (since session 41)
 PY
