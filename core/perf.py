@@ -372,9 +372,17 @@ _COMPILE_TIMERS = {"dynamo_s": "_compile.compile_inner", "backward_s": "compile_
 _BYPASS_LOGGERS = ("torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache")
 
 
+def _guard_failures() -> dict:
+    """Dynamo's guard failures so far, by code object: why each recompile happened ({} where this torch keeps none)."""
+    from torch._dynamo import utils
+
+    return dict(getattr(utils, "guard_failures", {}))
+
+
 class CompileLedger:
     """What torch.compile and Triton did while the block ran: frames and graphs compiled, Inductor's and
-    AOTAutograd's cache hits, misses and bypasses (with the bypasses' reasons), the seconds Dynamo and
+    AOTAutograd's cache hits, misses and bypasses (with the bypasses' reasons), why a function already
+    compiled was compiled again (Dynamo's failed guards, by function), the seconds Dynamo and
     Inductor spent, and the Triton kernels compiled anew (new folders in Triton's caches: Inductor's
     kernels and lift3d's own, which no torch cache carries). `record` after the block: only what
     changed, {} where nothing compiled (a CPU run with compiling off, a warm process)."""
@@ -388,6 +396,7 @@ class CompileLedger:
         self._timers = {k: sum(compilation_time_metrics.get(m, ())) for k, m in _COMPILE_TIMERS.items()}
         self._dirs = triton_cache_dirs()
         self._kernels = _cache_entries(self._dirs)
+        self._failures = {code: len(r) for code, r in _guard_failures().items()}
         self.reasons: dict[str, int] = {}
         self._loggers = []
         for name in _BYPASS_LOGGERS:  # INFO let through to this filter alone: the rest still see what they saw
@@ -423,6 +432,13 @@ class CompileLedger:
             rec["triton_kernels"] = new
         if self.reasons:
             rec["bypassed_because"] = self.reasons
+        recompiles: dict[str, int] = {}
+        for code, reasons in _guard_failures().items():
+            for why in reasons[self._failures.get(code, 0):]:
+                what = f"{getattr(code, 'co_name', code)}: {str(why).splitlines()[0][:200]}"
+                recompiles[what] = recompiles.get(what, 0) + 1
+        if recompiles:
+            rec["recompiled_because"] = dict(sorted(recompiles.items(), key=lambda kv: -kv[1])[:12])
         self.record = rec
         return False
 
@@ -437,6 +453,8 @@ def compile_line(name: str, rec: dict) -> str:
             f" of it; {', '.join(caches)}), {rec.get('triton_kernels', 0)} Triton kernels new to its caches")
     for why, n in (rec.get("bypassed_because") or {}).items():
         line += f"\n  {n}× {why}"
+    for why, n in (rec.get("recompiled_because") or {}).items():
+        line += f"\n  {n}× recompiled, {why}"
     return line
 
 

@@ -549,6 +549,31 @@ def test_compile_ledger_names_why_a_graph_was_not_cached(tmp_path, monkeypatch, 
     assert "bypassed" in compile_line("fine", rec) and "custom pass" in compile_line("fine", rec)
 
 
+def test_compile_ledger_says_why_a_function_compiled_again():
+    """core.perf.CompileLedger: a compiled function called with an input its guards do not accept (here
+    another shape, with dynamic shapes off) compiles again; the ledger names the function and Dynamo's
+    reason, and a block that only reuses what compiled records nothing."""
+    from core.perf import CompileLedger, compile_line
+
+    torch._dynamo.reset()
+
+    def moments_like(v):
+        return (v * 2).sum()
+
+    f = torch.compile(moments_like, backend="eager", dynamic=False)
+    f(torch.ones(4))
+    with CompileLedger() as ledger:
+        f(torch.ones(4))
+    assert ledger.record == {}  # nothing new: nothing recorded
+    with CompileLedger() as ledger:
+        f(torch.ones(6))
+    torch._dynamo.reset()
+    (why, n), = ledger.record["recompiled_because"].items()
+    assert n == 1 and why.startswith("moments_like: ") and "size" in why
+    assert ledger.record["frames"] == 1
+    assert "recompiled, moments_like" in compile_line("fine", ledger.record)
+
+
 def test_trace_workload_is_the_steady_rows_median_and_the_last_row(tmp_path):
     """bench speed's workload of a stage: the fine mesh's faces or the coarse renders' samples, the
     median over the trace rows that the steady ms per iteration covers and the last row's; nothing
