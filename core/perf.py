@@ -203,6 +203,7 @@ def _unpack_kernels(zf, home: Path) -> int:
     """The carried kernels' folders written under `home` (those it lacks); each group file's paths, which
     Triton writes absolute, pointed at the new folder. The kernels written."""
     import json
+    import shutil
 
     written = 0
     entries: dict[str, list] = {}
@@ -210,8 +211,6 @@ def _unpack_kernels(zf, home: Path) -> int:
         if info.filename.startswith(_TRITON_MEMBERS) and not info.is_dir():
             entry, _, name = info.filename[len(_TRITON_MEMBERS):].partition("/")
             entries.setdefault(entry, []).append((name, info))
-    import shutil
-
     for entry, files in entries.items():
         target = home / entry
         if target.exists() or entry in ("", ".", ".."):
