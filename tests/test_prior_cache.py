@@ -60,6 +60,40 @@ def test_two_assets_share_the_priors_but_not_their_tokens():
     PRIORS.clear()
 
 
+def test_the_stages_of_a_process_run_one_compiled_unet_and_encoder_per_prior(monkeypatch):
+    """A coarse and a fine stage (or two assets) in one process: each prior's UNet is compiled, and its
+    encode function built, once (core.guidance.sd.per_prior), so that the fine stage neither traces
+    the UNets again nor captures new encoder graphs. Built for a GPU here (nothing runs: torch.compile
+    and the graphed encode are lazy): the same objects for the same settings, new ones for other
+    settings or a prior loaded afresh."""
+    import core.guidance.sd as sd_mod
+    from core.guidance.factory import build_guidance, sds_modules, stable_diffusion_parts, zero123_parts
+
+    PRIORS.clear()
+    p = load_params("tiny", ["prompt.text=a chair", "sd.compile=default", "sd.vae_compile=default"])
+    gpu = torch.device("cuda")
+    a_unet, a_enc = sds_modules(stable_diffusion_parts(p, "cpu"), p.sd, gpu)
+    b_unet, b_enc = sds_modules(stable_diffusion_parts(p, "cpu"), p.sd, gpu)
+    assert isinstance(a_unet, torch._dynamo.eval_frame.OptimizedModule) and a_enc is not sd_mod.vae_moments
+    assert b_unet is a_unet and b_enc is a_enc
+    z_unet, _ = sds_modules(zero123_parts(p, "cpu"), p.sd, gpu)  # another prior: its own
+    assert z_unet is not a_unet and z_unet._orig_mod is zero123_parts(p, "cpu").unet
+    other = p.model_copy(update={"sd": p.sd.model_copy(update={"compile_layout": "inductor"})})
+    assert sds_modules(stable_diffusion_parts(p, "cpu"), other.sd, gpu)[0] is not a_unet
+    monkeypatch.setenv("LIFT3D_PRIOR_CACHE", "0")  # loaded afresh: compiled afresh
+    assert sds_modules(stable_diffusion_parts(p, "cpu"), p.sd, gpu)[0] is not a_unet
+    monkeypatch.delenv("LIFT3D_PRIOR_CACHE")
+
+    compiled = []  # build_guidance goes through it: one compile per prior over a coarse and a fine stage
+    real = sd_mod.compile_unet
+    monkeypatch.setattr(sd_mod, "compile_unet", lambda unet, *a: compiled.append(unet) or real(unet, *a))
+    PRIORS.clear()
+    ref = torch.rand(3, 32, 32)
+    coarse, fine = build_guidance(p, ref, "coarse", "cpu"), build_guidance(p, ref, "fine", "cpu")
+    assert len(compiled) == 2 and fine.sd.moments is coarse.sd.moments and fine.zero123.moments is coarse.zero123.moments
+    PRIORS.clear()
+
+
 def test_channels_last_priors_are_their_own_cache_entry_and_guide_the_same():
     """sd/zero123.channels_last (issue 15): the UNets' and VAEs' 4-d weights channels-last, loaded
     as a cache entry of their own (the default-layout one is untouched), and the same SDS gradient

@@ -129,35 +129,48 @@ def zero123_parts(params, device, dtype: Optional[torch.dtype] = None):
 
 
 def build_sd_guidance(params, reference: Any, device, token: Optional[dict] = None, stage: str = "coarse"):
-    from core.guidance.sd import StableDiffusionGuidance, compile_mode, compile_unet, compose_prompt, encoder_moments
+    from core.guidance.sd import StableDiffusionGuidance, compile_mode, compose_prompt
 
     parts = stable_diffusion_parts(params, device)
     embeds = resolve_token(params, parts, reference, token)
     prompt = compose_prompt(params.prompt.template, params.textual_inversion.placeholder,
                             next(iter(embeds)) if embeds else None, params.prompt.text)
     # after textual inversion (which needs grad)
-    parts.unet = compile_unet(parts.unet, params.sd.compile, device, params.sd.compile_layout)
+    parts.unet, moments = sds_modules(parts, params.sd, device)
     guidance = StableDiffusionGuidance(parts, prompt, guidance_scale=params.sd.guidance_scale,
                                        t_range=stage_t_range(params.sd, stage), resolution=params.sd.resolution,
                                        seed=params.seed, view_dependent=params.sd.view_dependent_prompt,
-                                       reference_azimuth=params.camera.ref_azimuth,
-                                       moments=encoder_moments(params.sd, device),
+                                       reference_azimuth=params.camera.ref_azimuth, moments=moments,
                                        graphed=compile_mode(params.sd.compile, device) == "graphs")
     return guidance, embeds
 
 
 def build_zero123_guidance(params, reference: Any, device, stage: str = "coarse"):
-    from core.guidance.sd import compile_mode, compile_unet, encoder_moments
+    from core.guidance.sd import compile_mode
     from core.guidance.zero123 import Zero123Guidance
 
     parts = zero123_parts(params, device)
-    parts.unet = compile_unet(parts.unet, params.zero123.compile, device, params.zero123.compile_layout)
+    parts.unet, moments = sds_modules(parts, params.zero123, device)
     rgb, _ = _reference_rgb_mask(reference, params.zero123.resolution, params)
     return Zero123Guidance(parts, rgb, reference_cameras(params.camera), guidance_scale=params.zero123.guidance_scale,
                            t_range=stage_t_range(params.zero123, stage), resolution=params.zero123.resolution,
                            seed=params.seed, angle_weighting=params.zero123.angle_weighting,
-                           moments=encoder_moments(params.zero123, device),
-                           graphed=compile_mode(params.zero123.compile, device) == "graphs")
+                           moments=moments, graphed=compile_mode(params.zero123.compile, device) == "graphs")
+
+
+def sds_modules(parts, prior_params, device):
+    """(UNet, encode function) a prior's SDS runs: its UNet compiled per `compile` and
+    `compile_layout`, its VAE encode per `vae_compile` and `vae_graphs`, built once per loaded prior
+    and settings (core.guidance.sd.per_prior): each stage and asset of a process runs the same ones."""
+    from core.guidance.sd import compile_unet, encoder_moments, per_prior
+
+    device = torch.device(device)
+    p = prior_params
+    unet = per_prior(parts, ("unet", p.compile, p.compile_layout, str(device)),
+                     lambda: compile_unet(parts.unet, p.compile, device, p.compile_layout))
+    moments = per_prior(parts, ("moments", p.vae_compile, p.vae_graphs, str(device)),
+                        lambda: encoder_moments(p, device))
+    return unet, moments
 
 
 def guidance_streams(params, device) -> str:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,22 @@ class StableDiffusionParts:
     vae: Any
     unet: Any
     scheduler: Any
+    # what was built over these modules for SDS (the compiled UNet, the encode function and its
+    # graphs), shared by every parts object over them (dataclasses.replace passes it on): `per_prior`
+    compiled: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def per_prior(parts, key: tuple, make: Callable[[], Any]) -> Any:
+    """`make()`, built once for the loaded prior `parts` stands for (its `compiled` dict, which every
+    parts object over the same shared modules holds: core.guidance.factory) and `key`, then reused.
+    The coarse and fine stages of one process (and every later asset in it) then run one compiled
+    UNet and one graphed encoder per prior: a new torch.compile wrapper would trace again and a new
+    encode function capture its graphs again (session 41, one H200: the fine stage, after the coarse
+    stage in its process, stood ~54 s at its first guided iterations). A prior loaded afresh
+    (LIFT3D_PRIOR_CACHE=0) has a new dict, so it builds its own."""
+    if key not in parts.compiled:
+        parts.compiled[key] = make()
+    return parts.compiled[key]
 
 
 def load_stable_diffusion(name: str, device, dtype: torch.dtype, models_params=None, key: str = "sd.model",

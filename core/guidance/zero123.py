@@ -29,7 +29,7 @@ lyk412/Consistent123 guidance/zero123_utils.py:116-124, main.py:161.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -97,6 +97,7 @@ class Zero123Parts:
     unet: Any
     cc_projection: Any
     scheduler: Any
+    compiled: dict = field(default_factory=dict, repr=False, compare=False)  # core.guidance.sd.per_prior
 
 
 def load_zero123(name: str, device, dtype: torch.dtype, models_params=None, key: str = "zero123.model") -> Zero123Parts:
