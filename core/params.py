@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import Lift3DError
 
@@ -565,6 +565,16 @@ class ModelsParams(_Section):
     # stage (once a process), rewritten after it with what the process compiled; for GPU machines that
     # start with empty caches (fresh cloud machines, containers), shared by every worker. null: off
     compile_cache: Optional[str] = None
+    # the coarse stage's first guided iterations run in a side process while the textual inversion runs
+    # (core.stages.compile_ahead), so that the coarse stage finds its priors compiled in the machine's
+    # caches (session 41, one H200 with empty caches: ~3 min at its first guided iteration; ~35 s warm).
+    # auto: where the priors compile (a GPU where Inductor builds) on a card of 40 GiB or more | on | off
+    compile_ahead: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("compile_ahead", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:  # YAML reads a bare on / off as true / false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class Params(_Section):
@@ -665,7 +675,7 @@ HOW_NOT_WHAT: tuple[str, ...] = (
     "coarse.grid.backend", "coarse.grid.atomics", "coarse.grid.spread", "fine.grid_position_grads", "coarse.grid.recompute_backward", "coarse.grid.chunk", "coarse.normals_recompute",
     "coarse.compile", "coarse.samples",
     "coarse.checkpoint_every", "optimizer.fused", "fine.rasterizer", "fine.coverage", "fine.compile", "fine.checkpoint_every",
-    "cudnn_benchmark", "checkpoint_background", "models.compile_cache",
+    "cudnn_benchmark", "checkpoint_background", "models.compile_cache", "models.compile_ahead",
 )
 
 

@@ -22,6 +22,7 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     """Learn the token <e> for the reference image (Magic123 §2.2 'Textural inversion', diffusers'
     recipe) and write out_dir/learned_embeds.bin in the benchmark folders' format, with
     out_dir/result.json: the step's cost (core.perf: seconds, it/s, peak memory), also printed."""
+    import contextlib
     import json
 
     from core.guidance.factory import stable_diffusion_parts
@@ -30,6 +31,7 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     from core.io import atomic_write_text
     from core.params import step_digest
     from core.perf import Timer, compile_cache, reset_peak_memory, summary, summary_line
+    from core.stages.compile_ahead import maybe_start
 
     device = resolve_device(params)
     reset_peak_memory(device)
@@ -41,17 +43,21 @@ def textual_inversion_stage(rgba: Path | str, out_dir: Path | str, params: Param
     out.mkdir(parents=True, exist_ok=True)
     target = out / "learned_embeds.bin"
     stats: dict = {}
-    with compile_cache(params.models.compile_cache):
+    ahead = maybe_start(params, rgba, out, device)  # the coarse stage's compiling, beside this stage
+    with compile_cache(params.models.compile_cache), (ahead or contextlib.nullcontext()):
         learn_token_from_params(parts, ref.rgb, ref.mask, params, out=target, progress=progress,
                                 callback=(lambda s, loss: callback(s, {"ti_loss": loss})) if callback else None,
                                 checkpoint=out / "checkpoint.pt", digest=step_digest(params, "textual_inversion"),
                                 stats=stats)
+        side = ahead.finish() if ahead is not None else None
     # the loop's seconds over every run of this stage's checkpoint (a resumed run adds to them)
     summ = summary(device, stats["loop_seconds"], params.textual_inversion.steps, wall_seconds=wall.seconds,
                    resumed_from=stats["resumed_from"], seconds_before_resume=stats["loop_seconds_before"],
                    **{k: stats[k] for k in ("views_seconds", "views_wait_seconds") if k in stats})
-    atomic_write_text(out / "result.json", json.dumps({"stage": "textual_inversion", "steps": summ["iterations"],
-                                                       "token": "learned_embeds.bin", "summary": summ}, indent=2))
+    record = {"stage": "textual_inversion", "steps": summ["iterations"], "token": "learned_embeds.bin", "summary": summ}
+    if side is not None:
+        record["compile_ahead"] = side
+    atomic_write_text(out / "result.json", json.dumps(record, indent=2))
     this_run = f"this run {wall.seconds:.1f} s with model loading"  # the summary's seconds span every resumed run
     if stats["resumed_from"]:
         this_run += f", resumed from step {stats['resumed_from']}"

@@ -403,7 +403,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                              callback=ti_callback)
         n = params.textual_inversion.steps
         syncs("textual_inversion", audit, n)
-        summ = json.loads((out / "textual_inversion" / "result.json").read_text())["summary"]
+        ti_record = json.loads((out / "textual_inversion" / "result.json").read_text())
+        summ = ti_record["summary"]
         loop_s, resumed_from = float(summ["seconds"]), int(summ.get("resumed_from") or 0)
         earlier_loop = float(summ.get("seconds_before_resume") or 0.0)  # the checkpoint's, from earlier runs
         this_loop = loop_s - earlier_loop
@@ -415,6 +416,8 @@ def run_asset_bench(params, device: torch.device, out: Path, *, models_dir: Opti
                                                  "peak_gib": st.peak_gib, **st.record()}
         if resumed_from:
             result["stages"]["textual_inversion"]["resumed_from"] = resumed_from
+        if "compile_ahead" in ti_record:  # the coarse stage's first guided iterations, run beside it
+            result["stages"]["textual_inversion"]["compile_ahead"] = ti_record["compile_ahead"]
         if profile_steps:
             result.setdefault("scopes", {})["textual_inversion"] = prof.summary()
         params = params.with_inputs(learned_embeds=str(embeds))
@@ -572,6 +575,15 @@ def format_asset_table(r: dict[str, Any]) -> str:
         elif c.get("samples"):
             lines.append(f"{name}: the GPU under 50% busy in all {c['samples']} samples of its clocks")
     lines += [compile_line(name, s["compiles"]) for name, s in r["stages"].items() if s.get("compiles")]
+    ahead = (r["stages"].get("textual_inversion") or {}).get("compile_ahead")
+    if ahead and "error" in ahead:
+        lines.append(f"compile ahead (beside the textual inversion): failed, {ahead['error']}")
+    elif ahead:
+        lines.append(f"compile ahead (beside the textual inversion): the coarse stage's first {ahead['guided_iterations']} "
+                     f"guided iterations in {ahead['seconds']:.1f} s, peak {ahead['peak_gib']:.2f} GiB; the textual "
+                     f"inversion waited {ahead['waited_s']:.1f} s for it")
+        if ahead.get("compiles"):
+            lines.append(compile_line("  its compiles", ahead["compiles"]))
     if "asset_seconds" in r:
         lines.append(f"whole asset: {r['asset_seconds']:.1f} s" + (f" ({r['asset_seconds_note']})"
                                                                  if r.get("asset_seconds_note") else ""))

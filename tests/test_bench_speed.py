@@ -150,6 +150,15 @@ def test_asset_bench_times_every_stage_of_one_asset(tmp_path, monkeypatch):
         "power_capped_share": 0.944}}}}
     assert ("textual_inversion: while the GPU was busy, SM 1912 MHz and 647 W (medians), the power cap holding the "
             "clocks in 94% of 54 samples") in format_asset_table(clocked)
+    # models.compile_ahead: auto runs no side process on a CPU; on a GPU the table says what it did
+    assert "compile_ahead" not in ti and "compile ahead" not in format_asset_table(r)
+    ahead = {**r, "stages": {**r["stages"], "textual_inversion": {**ti, "compile_ahead": {
+        "seconds": 171.2, "guided_iterations": 4, "peak_gib": 9.1, "waited_s": 0.0, "compiles": {"graphs": 6}}}}}
+    assert ("compile ahead (beside the textual inversion): the coarse stage's first 4 guided iterations in 171.2 s, "
+            "peak 9.10 GiB; the textual inversion waited 0.0 s for it\n  its compiles: compiled 6 graphs") \
+        in format_asset_table(ahead)
+    failed = {**r, "stages": {**r["stages"], "textual_inversion": {**ti, "compile_ahead": {"error": "exit 1: boom"}}}}
+    assert "compile ahead (beside the textual inversion): failed, exit 1: boom" in format_asset_table(failed)
     idle = {**r, "stages": {**r["stages"], "coarse": {**r["stages"]["coarse"], "clocks": {"samples": 140, "busy_samples": 0}}}}
     assert "coarse: the GPU under 50% busy in all 140 samples of its clocks" in format_asset_table(idle)
     with pytest.raises(InputError, match="--metrics-callback and --profile go apart"):

@@ -1,0 +1,221 @@
+"""The coarse stage's first guided iterations, run in a side process while the textual inversion runs,
+so that the coarse stage finds its priors' compiled code in the machine's compile caches.
+
+On a machine whose compile caches are empty the coarse stage stood ~3 min at its first guided
+iteration while its priors' UNets and VAE encoders compiled (session 41, one H200: 208 s of its 354 s
+above its steady pace); with the caches warm from an earlier process the same stage spends ~35 s
+there (session 40). The textual inversion before it keeps the card busy for minutes while the host,
+its cores idle, waits on it. So the asset starts a second process beside the textual inversion that
+builds the coarse stage as the stage will (`make_coarse_stage`, `build_guidance`, the same params and
+reference, a stand-in token of the learned one's shape) and runs its first few guided iterations:
+Inductor's and AOTAutograd's caches and Triton's then hold what the stage compiles, and the stage
+itself only traces and loads (`models.compile_ahead`). The method is untouched: the side process's
+field, optimiser and token are thrown away; nothing it computes reaches the asset.
+
+The side process writes `compile_ahead.json` (what it ran and compiled: core.perf.CompileLedger) and
+its log beside the textual inversion's outputs; the textual inversion waits for it before it returns,
+so that the coarse stage starts on warm caches, and stops it if the textual inversion fails.
+
+    python -m core.stages.compile_ahead PARAMS.json RGBA.png OUT.json   (what `start` runs)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GUIDED_ITERATIONS = 4  # the priors' compiles, their graphs' captures (core.perf.GraphedCall: 3 warm-up calls)
+MIN_GIB = 40.0  # 'auto' needs a card this big: the textual inversion (12.7 GiB) beside a coarse stage (9.2 GiB)
+WAIT_S = 1800.0  # the longest the textual inversion waits for it (a cold coarse stage compiles in ~3 min)
+
+
+def priors_compile(params, device, sd: bool, zero123: bool) -> bool:
+    """Whether the priors in use (`sd`, `zero123`) compile on `device`: a UNet's or a VAE encoder's
+    compile setting not 'none' on a GPU where Inductor builds (core.perf.inductor_missing)."""
+    from core.perf import inductor_missing
+
+    if torch.device(device).type != "cuda":
+        return False
+    used = [p for p, on in ((params.sd, sd), (params.zero123, zero123)) if on]
+    modes = [m for p in used for m in (p.compile, p.vae_compile) if m != "none"]
+    return bool(modes) and not (all(m == "auto" for m in modes) and inductor_missing())
+
+
+def why_not(params, device) -> str:
+    """'' when `models.compile_ahead` comes to a side process on `device`, else why not (for the log).
+    'on' always (tests run it on a CPU); 'auto' where the coarse stage's priors compile (a GPU where
+    Inductor builds) and the card holds both processes (MIN_GIB); 'off' never."""
+    mode = params.models.compile_ahead
+    if mode == "on":
+        return ""
+    if mode == "off":
+        return "models.compile_ahead is off"
+    g, device = params.guidance, torch.device(device)
+    if g.kind not in ("joint", "dynamic"):
+        return f"guidance.kind is {g.kind!r}"
+    if not priors_compile(params, device, g.coarse.lambda_2d > 0, g.coarse.lambda_3d > 0):
+        return "the coarse stage's priors do not compile here"
+    gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    if gib < MIN_GIB:
+        return f"the card's {gib:.0f} GiB is under the {MIN_GIB:.0f} GiB both processes need"
+    return ""
+
+
+def _die_with_parent() -> None:  # Linux: the side process ends when the asset's process does
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class CompileAhead:
+    """The side process; `start` it, then `finish` (waits, returns its record) or leave the `with`
+    block (stops it where it still runs)."""
+
+    def __init__(self, params, rgba: Path | str, folder: Path | str):
+        self.params, self.rgba, self.folder = params, Path(rgba), Path(folder)
+        self.report, self.log_path = self.folder / "compile_ahead.json", self.folder / "compile_ahead.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self.started = 0.0
+
+    def start(self) -> "CompileAhead":
+        from core.io import atomic_write_text
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.report.unlink(missing_ok=True)
+        params_file = self.folder / "compile_ahead_params.json"
+        atomic_write_text(params_file, json.dumps(self.params.to_dict()))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        root = str(Path(__file__).resolve().parents[2])  # this checkout, as the asset's process imports it
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        with open(self.log_path, "w") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "core.stages.compile_ahead", str(params_file), str(self.rgba), str(self.report)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.started = time.perf_counter()
+        log.info("compile ahead: the coarse stage's first guided iterations in a side process (pid %d) while "
+                 "the textual inversion runs; its log: %s", self.proc.pid, self.log_path)
+        return self
+
+    def finish(self, timeout: float = WAIT_S) -> dict:
+        """Wait for the side process (at most `timeout` s; then it is stopped) and return its record:
+        compile_ahead.json's content with `waited_s`, or {"error": …} where it failed."""
+        if self.proc is None:
+            return {}
+        t0 = time.perf_counter()
+        if self.proc.poll() is None:
+            log.info("compile ahead: waiting for the side process to finish compiling (%.0f s since it started)",
+                     t0 - self.started)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            rc = None
+        waited = round(time.perf_counter() - t0, 1)
+        self.proc = None
+        try:
+            rec = json.loads(self.report.read_text())
+        except (OSError, ValueError):
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] if self.log_path.is_file() else []
+            why = f"stopped after {timeout:.0f} s" if rc is None else f"exit {rc}"
+            rec = {"error": f"{why}: {tail[0] if tail else 'no log'}"[:300]}
+            log.warning("compile ahead: the side process did not finish (%s); the coarse stage compiles itself "
+                        "(see %s)", rec["error"], self.log_path)
+        else:
+            log.info("compile ahead: done in %.1f s (%d guided iterations), the textual inversion waited %.1f s",
+                     rec.get("seconds", 0.0), rec.get("guided_iterations", 0), waited)
+        rec["waited_s"] = waited
+        return rec
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "CompileAhead":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.stop()
+        return False
+
+
+def maybe_start(params, rgba: Path | str, folder: Path | str, device) -> Optional[CompileAhead]:
+    """The side process started (`CompileAhead`), or None (logged why) where `why_not` says no."""
+    why = why_not(params, device)
+    if why:
+        log.info("compile ahead: no side process (%s)", why)
+        return None
+    return CompileAhead(params, rgba, folder).start()
+
+
+def first_guided_iterations(params, reference, device, guided: int = GUIDED_ITERATIONS) -> dict:
+    """Build the coarse stage as `core.pipeline.coarse_stage` does and run it from its first guided
+    iteration until `guided` guided iterations ran; returns what ran. The 2D prior guides with a
+    stand-in token of the learned embedding's shape (zeros) where the textual inversion learns one."""
+    from core.guidance.factory import build_guidance, stable_diffusion_parts
+    from core.pipeline import needs_textual_inversion
+    from core.stages.coarse import make_coarse_stage
+
+    token = None
+    if needs_textual_inversion(params):
+        width = stable_diffusion_parts(params, device).text_encoder.get_input_embeddings().weight.shape[1]
+        token = {params.textual_inversion.placeholder: torch.zeros(width)}
+    guidance = build_guidance(params, reference, "coarse", device, token)
+    stage = make_coarse_stage(params, reference, guidance=guidance, device=device)
+    stage.state.step = stage.spec.ref_warmup
+    steps = done = 0
+    cap = max(1, guided) * (params.camera.ref_every + 1) + 20  # reference iterations come between them
+    while done < guided and steps < cap and stage.state.step < stage.spec.iters:
+        done += not stage.step()["reference"]
+        steps += 1
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"iterations": steps, "guided_iterations": done, "from_iteration": stage.spec.ref_warmup}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from core.inputs.images import load_reference
+    from core.io import atomic_write_text
+    from core.params import Params, resolve_device
+    from core.perf import CompileLedger, Timer, peak_memory, reset_peak_memory
+    from core.stages.coarse import reference_resolution
+
+    params_file, rgba, out = (argv if argv is not None else sys.argv[1:])[:3]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    params = Params.model_validate(json.loads(Path(params_file).read_text()))
+    device = resolve_device(params)
+    reset_peak_memory(device)
+    wall = Timer()
+    reference = load_reference(rgba, None, size=reference_resolution(params), max_pixels=params.segment.max_input_pixels,
+                               object_scale=params.segment.object_scale, recenter=params.segment.recenter, params=params)
+    with CompileLedger() as ledger:
+        ran = first_guided_iterations(params, reference, device)
+    peak, _ = peak_memory(device)
+    rec = {"seconds": round(wall.seconds, 1), **ran, "device": str(device), "peak_gib": round(peak, 2),
+           "compiles": ledger.record, "pid": os.getpid()}
+    atomic_write_text(out, json.dumps(rec, indent=2))
+    log.info("compile ahead: %s", rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
