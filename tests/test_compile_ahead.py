@@ -40,7 +40,7 @@ def test_the_textual_inversion_runs_the_coarse_stage_ahead_in_a_side_process_and
 
     if not PHOTO.is_file():
         pytest.skip("../shared/benchmarks not present")
-    p = load_params("tiny", ["models.compile_ahead=on", "coarse.iters=40", "coarse.ref_warmup=3",
+    p = load_params("tiny", ["models.compile_ahead=on", "coarse.iters=40", "coarse.ref_warmup=3", "fine.iters=40",
                              "cpu_threads=1"])
     textual_inversion_stage(PHOTO, tmp_path / "ti", p, progress=False)
     rec = json.loads((tmp_path / "ti" / "result.json").read_text())
@@ -50,6 +50,9 @@ def test_the_textual_inversion_runs_the_coarse_stage_ahead_in_a_side_process_and
     assert side["from_iteration"] == 3 and side["guided_iterations"] == 4 and side["iterations"] >= 4
     assert side["pid"] != os.getpid() and side["device"] == "cpu" and side["waited_s"] >= 0
     assert side["seconds"] > 0 and side["compiles"] == {}  # nothing compiles on a CPU
+    # then the fine stage's, from that field
+    assert side["fine"] == {"iterations": side["fine"]["iterations"], "guided_iterations": 4,
+                            "from_iteration": p.fine.ref_warmup}, side
     assert "compile ahead" in (tmp_path / "ti" / "compile_ahead.log").read_text()
     assert (tmp_path / "ti" / "learned_embeds.bin").is_file()  # the asset's own output, as without it
 

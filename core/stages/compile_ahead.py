@@ -7,9 +7,9 @@ above its steady pace); with the caches warm from an earlier process the same st
 there (session 40). The textual inversion before it keeps the card busy for minutes while the host,
 its cores idle, waits on it. So the asset starts a second process beside the textual inversion that
 builds the coarse stage as the stage will (`make_coarse_stage`, `build_guidance`, the same params and
-reference, a stand-in token of the learned one's shape) and runs its first few guided iterations:
-Inductor's and AOTAutograd's caches and Triton's then hold what the stage compiles, and the stage
-itself only traces and loads (`models.compile_ahead`). The method is untouched: the side process's
+reference, a stand-in token of the learned one's shape) and runs its first few guided iterations, then
+the fine stage's from that field: Inductor's and AOTAutograd's caches and Triton's then hold what
+the stages compile, and the stages themselves only trace and load (`models.compile_ahead`). The method is untouched: the side process's
 field, optimiser and token are thrown away; nothing it computes reaches the asset.
 
 The side process writes `compile_ahead.json` (what it ran and compiled: core.perf.CompileLedger) and
@@ -167,36 +167,54 @@ def maybe_start(params, rgba: Path | str, folder: Path | str, device) -> Optiona
     return CompileAhead(params, rgba, folder).start()
 
 
-def first_guided_iterations(params, reference, device, guided: int = GUIDED_ITERATIONS) -> dict:
+def _guided(stage, guided: int, ref_every: int) -> dict:
+    """Run `stage` from its first guided iteration until `guided` guided iterations ran."""
+    stage.state.step = stage.spec.ref_warmup
+    steps = done = 0
+    cap = max(1, guided) * (ref_every + 1) + 20  # reference iterations come between them
+    while done < guided and steps < cap and stage.state.step < stage.spec.iters:
+        done += not stage.step()["reference"]
+        steps += 1
+    return {"iterations": steps, "guided_iterations": done, "from_iteration": stage.spec.ref_warmup}
+
+
+def first_guided_iterations(params, reference, device, guided: int = GUIDED_ITERATIONS, fine: bool = True) -> dict:
     """Build the coarse stage as `core.pipeline.coarse_stage` does and run it from its first guided
-    iteration until `guided` guided iterations ran; returns what ran. The 2D prior guides with a
-    stand-in token of the learned embedding's shape (zeros) where the textual inversion learns one."""
+    iteration until `guided` guided iterations ran; then (`fine`) the fine stage from that field as
+    `core.pipeline.fine_stage` builds it, the same way. Returns what ran: the coarse stage's counts,
+    and under "fine" the fine stage's (or {"error": …}: a mesh from a field this young may not be
+    one the fine stage takes; the coarse stage's compiling is the most of it). The 2D prior guides
+    with a stand-in token of the learned embedding's shape (zeros) where the textual inversion learns one."""
     from core.guidance.factory import build_guidance, stable_diffusion_parts
     from core.pipeline import needs_textual_inversion
     from core.stages.coarse import make_coarse_stage
+    from core.stages.fine import make_fine_stage
 
     token = None
     if needs_textual_inversion(params):
         width = stable_diffusion_parts(params, device).text_encoder.get_input_embeddings().weight.shape[1]
         token = {params.textual_inversion.placeholder: torch.zeros(width)}
-    guidance = build_guidance(params, reference, "coarse", device, token)
-    stage = make_coarse_stage(params, reference, guidance=guidance, device=device)
-    stage.state.step = stage.spec.ref_warmup
-    steps = done = 0
-    cap = max(1, guided) * (params.camera.ref_every + 1) + 20  # reference iterations come between them
-    while done < guided and steps < cap and stage.state.step < stage.spec.iters:
-        done += not stage.step()["reference"]
-        steps += 1
+    stage = make_coarse_stage(params, reference, guidance=build_guidance(params, reference, "coarse", device, token),
+                              device=device)
+    ran = _guided(stage, guided, params.camera.ref_every)
+    if fine and params.fine.iters > 0:
+        try:
+            nxt = make_fine_stage(params, reference, stage.rep.field, coarse=stage.state, device=device,
+                                  guidance=build_guidance(params, reference, "fine", device, token))
+            ran["fine"] = _guided(nxt, guided, params.camera.ref_every)
+        except Exception as e:  # noqa: BLE001 - reported; the asset's own fine stage is untouched
+            log.warning("compile ahead: the fine stage's first iterations failed here (%s: %s)", type(e).__name__, e)
+            ran["fine"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    return {"iterations": steps, "guided_iterations": done, "from_iteration": stage.spec.ref_warmup}
+    return ran
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from core.inputs.images import load_reference
     from core.io import atomic_write_text
     from core.params import Params, resolve_device
-    from core.perf import CompileLedger, Timer, peak_memory, reset_peak_memory
+    from core.perf import CompileLedger, Timer, load_compile_cache, peak_memory, reset_peak_memory
     from core.stages.coarse import reference_resolution
 
     params_file, rgba, out = (argv if argv is not None else sys.argv[1:])[:3]
@@ -207,6 +225,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     wall = Timer()
     reference = load_reference(rgba, None, size=reference_resolution(params), max_pixels=params.segment.max_input_pixels,
                                object_scale=params.segment.object_scale, recenter=params.segment.recenter, params=params)
+    if params.models.compile_cache:  # read, not written: the asset's stages write what they found
+        load_compile_cache(params.models.compile_cache)
     with CompileLedger() as ledger:
         ran = first_guided_iterations(params, reference, device)
     peak, _ = peak_memory(device)
