@@ -568,7 +568,7 @@ class ModelsParams(_Section):
     # the coarse stage's first guided iterations run in a side process while the textual inversion runs
     # (core.stages.compile_ahead), so that the coarse stage finds its priors compiled in the machine's
     # caches (session 41, one H200 with empty caches: ~3 min at its first guided iteration; ~35 s warm).
-    # auto: where the priors compile (a GPU where Inductor builds) on a card of 40 GiB or more | on | off
+    # auto: where the priors compile (a GPU where Inductor builds) on a card of 48 GiB or more | on | off
     compile_ahead: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("compile_ahead", mode="before")

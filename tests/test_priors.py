@@ -12,6 +12,7 @@ from core.guidance.base import GuidanceOutput, RenderBatch
 from core.guidance.factory import build_guidance
 from core.guidance.priors import DynamicPrior, JointPrior, NoGuidance, dynamic_prior_weights, joint_prior_loss
 from core.params import load_params
+from core.models.cache import PRIORS
 from _tiny_priors import tiny_models
 
 
@@ -322,6 +323,7 @@ def test_unet_compile_layout_is_forced_channels_last_where_it_may_and_inductors_
 
     layouts = []
     real = sd_module.compile_unet
+    PRIORS.clear()  # a prior's compiled UNet is built once per loaded prior (per_prior): load afresh
     monkeypatch.setattr(sd_module, "compile_unet", lambda unet, mode, device, layout="auto":
                         layouts.append(layout) or real(unet, mode, device, layout))
     build_guidance(_tiny_params("magic123", **{"sd.compile_layout": "inductor"}), torch.rand(3, 64, 64),
@@ -382,6 +384,7 @@ def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
         return moments
 
     monkeypatch.setattr(sd_module, "compile_vae_moments", recording)
+    PRIORS.clear()  # the encode function is built once per loaded prior (per_prior): load afresh
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_compile": "default"}), torch.rand(3, 64, 64), "coarse", "cpu")
     assert sorted(asked) == ["auto", "default"]  # SD's setting, Zero-1-to-3's default
     g(_batch(step=50, total=100))

@@ -230,11 +230,21 @@ def build_guidance(params, reference: Any, stage: str = "coarse", device="cpu", 
 
 def first_call_note(params, device, sd: bool, zero123: bool) -> str:
     """What a stage's progress bar says at its first guided iteration when the priors in use (`sd`,
-    `zero123`) compile there (core.stages.compile_ahead.priors_compile): the bar would otherwise stand
+    `zero123`) compile there (`priors_compile`): the bar would otherwise stand
     still for minutes without a word (session 41, one H200, empty compile caches: the coarse stage's
     first guided iteration took ~3 min); '' otherwise."""
-    from core.stages.compile_ahead import priors_compile
-
     if not priors_compile(params, device, sd, zero123):
         return ""
     return "the priors' first calls: compiling and capturing graphs (minutes where the compile caches are empty)"
+
+
+def priors_compile(params, device, sd: bool, zero123: bool) -> bool:
+    """Whether the priors in use (`sd`, `zero123`) compile on `device`: a UNet's or a VAE encoder's
+    compile setting not 'none' on a GPU where Inductor builds (core.perf.inductor_missing)."""
+    from core.perf import inductor_missing
+
+    if torch.device(device).type != "cuda":
+        return False
+    used = [p for p, on in ((params.sd, sd), (params.zero123, zero123)) if on]
+    modes = [m for p in used for m in (p.compile, p.vae_compile) if m != "none"]
+    return bool(modes) and not (all(m == "auto" for m in modes) and inductor_missing())
