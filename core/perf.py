@@ -457,22 +457,40 @@ def compile_line(name: str, rec: dict) -> str:
     return line
 
 
+def _allow_tf32(m) -> bool:
+    """The cuBLAS fp32 matmuls' TF32 setting, read through whichever API set it (torch refuses the old
+    flag's read once the new `fp32_precision` has set a different value)."""
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return getattr(m, "fp32_precision", "") == "tf32"
+
+
 @contextlib.contextmanager
 def _tf32_setting(allow: bool):
-    """torch.backends.cuda.matmul.allow_tf32 = `allow` inside the block, the setting before after it."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
+    """torch.backends.cuda.matmul.allow_tf32 = `allow` inside the block; after it the setting exactly as
+    before: the flag and, on a torch that has it (2.9+), `fp32_precision` too. Setting the flag back to
+    False alone leaves `fp32_precision` 'ieee' where it was 'none' (nothing had set it): the same
+    arithmetic, but a part of every Inductor FX-graph cache key, so that each graph compiled after the
+    block missed what a process that never entered it had compiled (session 42, one H200: every graph
+    of the coarse and fine stages after the textual inversion's TF32 steps, against the side process's
+    compiles of them)."""
+    m = torch.backends.cuda.matmul
+    before, precision = _allow_tf32(m), getattr(m, "fp32_precision", None)
+    m.allow_tf32 = allow
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        m.allow_tf32 = before
+        if precision is not None:
+            m.fp32_precision = precision
 
 
 def tf32_matmuls(on: bool = True):
     """fp32 matmuls on the tensor cores in TF32 inside the block (`on`; off, the process's setting
     stands), the process's setting again after it. Only what runs inside is affected: a step whose
     forward and backward both run in the block (the textual inversion's) has both in TF32."""
-    return _tf32_setting(bool(on) or torch.backends.cuda.matmul.allow_tf32)
+    return _tf32_setting(bool(on) or _allow_tf32(torch.backends.cuda.matmul))
 
 
 def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:

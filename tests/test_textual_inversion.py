@@ -194,6 +194,25 @@ def test_tf32_matmuls_holds_only_inside_its_block():
         flag.allow_tf32 = before
 
 
+def test_tf32_matmuls_leaves_the_matmul_precision_as_it_found_it():
+    """After the block torch's whole TF32 setting is as before, not only the old flag: in a process that
+    never set it, `fp32_precision` stays 'none' (the flag set back to False alone makes it 'ieee': the
+    same arithmetic, but another Inductor FX-graph cache key, so every graph compiled after the textual
+    inversion missed the compile cache; session 42). A fresh process: this one's setting has been used."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision (before 2.9)")
+    code = ("import torch; from core.perf import tf32_matmuls; m = torch.backends.cuda.matmul\n"
+            "before = m.fp32_precision\n"
+            "with tf32_matmuls(True): inside = (m.allow_tf32, m.fp32_precision)\n"
+            "print(before, inside, m.fp32_precision, m.allow_tf32)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["none", "(True,", "'tf32')", "none", "False"], out
+
+
 def test_views_made_ahead_on_a_thread_learn_the_same_row(tmp_path):
     """textual_inversion.prefetch: the next batch's views made on a thread while the step runs, their
     seed drawn where the plain loop draws it, so the same losses and row to the bit; across

@@ -17,8 +17,10 @@ first guided iterations in 202.6 s, well inside the textual inversion's 553 s, w
 (139.6 ms a step); but the asset's own stages still missed Inductor's and AOTAutograd's caches on
 every graph (Triton's kernels were found: 10 new in the coarse stage), so the coarse stage stood
 180 s above its pace against 208 s before. A second side process does hit the first one's entries
-(tiny priors, same GPU): what differs between the asset's process and this one is not yet found
-(reports/speed/paper_run/fx_keys/ logs both processes' cache keys to compare).
+(tiny priors, same GPU). Found after the device time: the textual inversion's TF32 block left torch's
+`fp32_precision` 'ieee' where it had been 'none' (the same arithmetic), a part of every Inductor key;
+core.perf.tf32_matmuls now restores it exactly (not yet measured on a GPU;
+reports/speed/paper_run/fx_keys/ logs both processes' cache keys to compare).
 
 The side process writes `compile_ahead.json` (what it ran and compiled: core.perf.CompileLedger) and
 its log beside the textual inversion's outputs; the textual inversion waits for it before it returns,
