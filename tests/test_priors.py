@@ -329,6 +329,7 @@ def test_unet_compile_layout_is_forced_channels_last_where_it_may_and_inductors_
     build_guidance(_tiny_params("magic123", **{"sd.compile_layout": "inductor"}), torch.rand(3, 64, 64),
                    "coarse", "cpu")
     assert sorted(layouts) == ["auto", "inductor"]  # Zero-1-to-3's default, SD's as asked
+    PRIORS.clear()
 
 
 def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
@@ -389,6 +390,7 @@ def test_vae_compile_is_auto_gpu_only_and_traces_the_encoder_whole(monkeypatch):
     assert sorted(asked) == ["auto", "default"]  # SD's setting, Zero-1-to-3's default
     g(_batch(step=50, total=100))
     assert sorted(calls) == [("auto", 64), ("default", 64)]  # SD's encoder, Zero-1-to-3's, once each
+    PRIORS.clear()  # the recording encode functions stay with the loaded priors: not for the next test
 
     vae = AutoencoderKL.from_pretrained(tiny_models()["sd"], subfolder="vae").eval().requires_grad_(False)
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -456,6 +458,7 @@ def test_vae_graphs_is_on_by_default_gpu_only_and_wraps_the_chosen_encode(monkey
     on, off = load_params("magic123", eager), load_params("magic123", {**eager, "sd.vae_graphs": False})
     assert graph_vae_moments(vae_moments, "cpu") is vae_moments
     assert encoder_moments(on.sd, "cpu") is vae_moments and encoder_moments(off.sd, "cuda") is vae_moments
+    PRIORS.clear()  # built afresh here, not as an earlier test left them
     g = build_guidance(_tiny_params("magic123", **{"sd.vae_graphs": True, "zero123.vae_graphs": True}),
                        torch.rand(3, 64, 64), "coarse", "cpu")
     assert g.sd.moments is vae_moments and g.zero123.moments is vae_moments
